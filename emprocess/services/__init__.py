@@ -1,0 +1,1 @@
+"""Thin Flask services: parse a request model, read through storage, call kernels, write."""

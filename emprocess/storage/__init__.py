@@ -1,0 +1,262 @@
+"""The one storage layer: objects and buckets on Google Cloud Storage or on local disk.
+
+URLs:
+    ``gs://BUCKET/KEY``: Google Cloud Storage, unless ``EMPROCESS_STORAGE_ROOT``
+    names a directory, in which case every bucket is a subdirectory of it (the
+    embedded default; the same run and conf work on a laptop and in the cloud).
+    ``file:///abs/path`` or a plain path: the local file system, anywhere.
+
+Byte ranges are half-open: ``start`` inclusive, ``end`` exclusive.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from emprocess.storage.local import LocalBackend, ObjectInfo
+from emprocess.storage.names import (
+    Location,
+    bucket_url,
+    check_bucket_name,
+    check_key,
+    join,
+    parse_url,
+)
+
+if TYPE_CHECKING:
+    from emprocess.storage.gcs import GCSBackend
+
+__all__ = [
+    "ROOT_ENV",
+    "Location",
+    "ObjectInfo",
+    "apply_lifecycle",
+    "backend_description",
+    "bucket_exists",
+    "bucket_settings",
+    "bucket_url",
+    "check_bucket_name",
+    "check_key",
+    "create_bucket",
+    "delete",
+    "delete_bucket",
+    "exists",
+    "join",
+    "kvstore_spec",
+    "list_keys",
+    "list_objects",
+    "local_root",
+    "make_public",
+    "parse_url",
+    "read_bytes",
+    "set_lifecycle_delete",
+    "set_storage_class",
+    "write_bytes",
+]
+
+log = logging.getLogger(__name__)
+
+ROOT_ENV = "EMPROCESS_STORAGE_ROOT"
+
+
+class Backend(Protocol):
+    name: str
+
+    def read(
+        self, bucket: str, key: str, start: int | None = None, end: int | None = None
+    ) -> bytes: ...
+    def write(
+        self, bucket: str, key: str, data: bytes, content_type: str | None = None
+    ) -> None: ...
+    def exists(self, bucket: str, key: str) -> bool: ...
+    def delete(self, bucket: str, key: str, missing_ok: bool = True) -> None: ...
+    def list(self, bucket: str, prefix: str = "") -> list[ObjectInfo]: ...
+    def bucket_exists(self, bucket: str) -> bool: ...
+    def delete_bucket(self, bucket: str, force: bool = False) -> None: ...
+    def set_lifecycle_delete(self, bucket: str, age_days: int) -> None: ...
+    def set_storage_class(self, bucket: str, storage_class: str) -> None: ...
+    def bucket_settings(self, bucket: str) -> dict: ...
+
+
+def local_root() -> Path | None:
+    """The local storage root from ``EMPROCESS_STORAGE_ROOT``, or None for GCS."""
+    root = os.environ.get(ROOT_ENV)
+    return Path(root).expanduser().resolve() if root else None
+
+
+def _gcs() -> GCSBackend:
+    from emprocess.storage.gcs import GCSBackend  # google-cloud-storage only when used
+
+    return GCSBackend()
+
+
+def _bucket_backend() -> LocalBackend | GCSBackend:
+    root = local_root()
+    return LocalBackend(root) if root else _gcs()
+
+
+def _resolve(url: str, *, allow_empty_key: bool = False) -> tuple[Backend, Location]:
+    loc = parse_url(url, allow_empty_key=allow_empty_key)
+    if loc.scheme == "file":
+        return LocalBackend(Path("/")), loc
+    return _bucket_backend(), loc
+
+
+def backend_description() -> str:
+    """Where ``gs://`` URLs and bucket names point now, for logs and reports."""
+    root = local_root()
+    return f"local storage root {root}" if root else "Google Cloud Storage"
+
+
+# -- objects -----------------------------------------------------------------
+
+
+def read_bytes(url: str, start: int | None = None, end: int | None = None) -> bytes:
+    """Read a whole object, or the byte range [start, end).
+
+    Raises:
+        ObjectNotFound / BucketNotFound: naming the bucket and key.
+    """
+    if (start is not None and start < 0) or (end is not None and end < 0):
+        raise ValueError(f"byte range must be non-negative, got start={start} end={end}")
+    backend, loc = _resolve(url)
+    return backend.read(loc.bucket, loc.key, start, end)
+
+
+def write_bytes(url: str, data: bytes, content_type: str | None = None) -> None:
+    """Write an object atomically (no reader sees half of it); repeating it is harmless."""
+    backend, loc = _resolve(url)
+    backend.write(loc.bucket, loc.key, data, content_type)
+
+
+def exists(url: str) -> bool:
+    """Whether the object exists (False also when its bucket does not)."""
+    backend, loc = _resolve(url)
+    if loc.bucket and not backend.bucket_exists(loc.bucket):
+        return False
+    return backend.exists(loc.bucket, loc.key)
+
+
+def delete(url: str, missing_ok: bool = True) -> None:
+    """Delete an object; a missing one is fine unless ``missing_ok`` is False."""
+    backend, loc = _resolve(url)
+    backend.delete(loc.bucket, loc.key, missing_ok)
+
+
+def list_objects(url_prefix: str) -> list[ObjectInfo]:
+    """Every object whose key starts with the URL's key (a string prefix, as on GCS).
+
+    Keys in the result are relative to the bucket (for file:// URLs: the full
+    path without its leading slash), sorted.
+    """
+    backend, loc = _resolve(url_prefix, allow_empty_key=True)
+    return backend.list(loc.bucket, loc.key)
+
+
+def list_keys(url_prefix: str) -> list[str]:
+    """The keys of :func:`list_objects`."""
+    return [info.key for info in list_objects(url_prefix)]
+
+
+# -- buckets -----------------------------------------------------------------
+
+
+def create_bucket(bucket: str, project: str | None = None, location: str | None = None) -> bool:
+    """Create a bucket; True if created, False if it already existed (not an error)."""
+    check_bucket_name(bucket)
+    backend = _bucket_backend()
+    if isinstance(backend, LocalBackend):
+        return backend.create_bucket(bucket)
+    return backend.create_bucket(bucket, project=project, location=location)
+
+
+def bucket_exists(bucket: str) -> bool:
+    check_bucket_name(bucket)
+    return _bucket_backend().bucket_exists(bucket)
+
+
+def delete_bucket(bucket: str, force: bool = False) -> None:
+    """Delete a bucket; ``force`` deletes its objects first."""
+    check_bucket_name(bucket)
+    _bucket_backend().delete_bucket(bucket, force)
+
+
+def set_lifecycle_delete(bucket: str, age_days: int) -> None:
+    """Have objects deleted ``age_days`` days after they were written.
+
+    GCS enforces the rule itself; locally it is recorded and
+    :func:`apply_lifecycle` enforces it.
+    """
+    check_bucket_name(bucket)
+    if not isinstance(age_days, int) or age_days < 0:
+        raise ValueError(f"age_days must be a whole number >= 0, got {age_days!r}")
+    _bucket_backend().set_lifecycle_delete(bucket, age_days)
+
+
+STORAGE_CLASSES = ("STANDARD", "NEARLINE", "COLDLINE", "ARCHIVE")
+
+
+def set_storage_class(bucket: str, storage_class: str) -> None:
+    """Change the bucket's default storage class (recorded only, locally)."""
+    check_bucket_name(bucket)
+    if storage_class not in STORAGE_CLASSES:
+        raise ValueError(f"storage class {storage_class!r} is not one of {STORAGE_CLASSES}")
+    _bucket_backend().set_storage_class(bucket, storage_class)
+
+
+def bucket_settings(bucket: str) -> dict:
+    """The settings this layer manages: lifecycle age, storage class (and CORS on GCS)."""
+    check_bucket_name(bucket)
+    return _bucket_backend().bucket_settings(bucket)
+
+
+def make_public(bucket: str) -> str:
+    """Make a bucket public-read with CORS for neuroglancer; returns what was done.
+
+    Locally this is a no-op (local files are served by ``emprocess view``).
+    """
+    check_bucket_name(bucket)
+    backend = _bucket_backend()
+    if isinstance(backend, LocalBackend):
+        if not backend.bucket_exists(bucket):
+            from emprocess.errors import BucketNotFound
+
+            raise BucketNotFound(bucket, f"local root {backend.root}")
+        msg = f"bucket {bucket!r} is local; public-read is a no-op (serve it with `emprocess view`)"
+        log.info(msg)
+        return msg
+    backend.make_public(bucket)
+    return f"bucket {bucket!r} is public-read with CORS for neuroglancer"
+
+
+def apply_lifecycle(now: float | None = None) -> int:
+    """Enforce the recorded lifecycle rules under the local root; returns objects deleted."""
+    root = local_root()
+    if root is None:
+        raise ValueError(f"{ROOT_ENV} is not set: GCS applies lifecycle rules itself")
+    return LocalBackend(root).apply_lifecycle(now)
+
+
+# -- tensorstore -------------------------------------------------------------
+
+
+def kvstore_spec(url: str) -> dict:
+    """The tensorstore kvstore spec of a storage URL (a folder), so volumes land there.
+
+    With ``STORAGE_EMULATOR_HOST`` set, also points tensorstore at the emulator
+    (``TENSORSTORE_GCS_HTTP_URL`` and a test token) unless those are set already;
+    tensorstore reads them once, so this must run before the first GCS open.
+    """
+    backend, loc = _resolve(url, allow_empty_key=True)
+    key = loc.key.rstrip("/")
+    if isinstance(backend, LocalBackend):
+        base = backend.root / loc.bucket if loc.bucket else backend.root
+        return {"driver": "file", "path": str(base / key) + "/"}
+    emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+    if emulator:
+        os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", emulator)
+        os.environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")
+    return {"driver": "gcs", "bucket": loc.bucket, "path": key + "/" if key else ""}

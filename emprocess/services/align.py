@@ -1,0 +1,88 @@
+"""The alignment service (fiji_cloudrun): POST / aligns slice z+1 onto slice z.
+
+Accepts ``{"pre": URL, "post": URL, "downsample": n, "params": {...}}`` and the
+legacy Fiji request (``command`` / ``input-map`` / ``input-str``), whose
+command and script are read for names only and never executed. Answers with
+:class:`emprocess.kernels.align.AlignResult` as JSON.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+from flask import Flask, jsonify
+
+from emprocess import storage
+from emprocess.errors import InvalidInput
+from emprocess.images import decode_image
+from emprocess.kernels.align import AlignParams, align_pair, downsample_image
+from emprocess.models import AlignRequest
+from emprocess.services.common import create_service_app, json_body, parse
+
+log = logging.getLogger(__name__)
+
+MAX_PIXELS_ENV = "EMPROCESS_ALIGN_MAX_PIXELS"
+DEFAULT_MAX_PIXELS = 16384 * 16384
+# Adjacent slices of one stack have (nearly) one size; beyond this ratio per axis
+# the request almost surely names the wrong files.
+MAX_SIZE_RATIO = 1.5
+
+
+def max_pixels() -> int:
+    return int(os.environ.get(MAX_PIXELS_ENV, DEFAULT_MAX_PIXELS))
+
+
+def read_image(url: str) -> np.ndarray:
+    """Read and decode one slice through the storage layer."""
+    return decode_image(storage.read_bytes(url), url, max_pixels())
+
+
+def check_sizes(pre: np.ndarray, post: np.ndarray, req: AlignRequest) -> None:
+    (h0, w0), (h1, w1) = pre.shape, post.shape
+    if max(w0, w1) > MAX_SIZE_RATIO * min(w0, w1) or max(h0, h1) > MAX_SIZE_RATIO * min(h0, h1):
+        raise InvalidInput(
+            f"pre {req.pre} is {w0}x{h0} but post {req.post} is {w1}x{h1}: "
+            f"sizes differ by more than {MAX_SIZE_RATIO}x"
+        )
+    smallest = min(w0, h0, w1, h1)
+    if smallest // req.downsample < 16:
+        raise InvalidInput(
+            f"downsample {req.downsample} leaves fewer than 16 pixels of a {smallest}-pixel side"
+        )
+
+
+def align_request(req: AlignRequest) -> dict[str, Any]:
+    """Run one alignment request; returns the JSON-ready result."""
+    params = parse(AlignParams, req.params)
+    with ThreadPoolExecutor(2) as pool:
+        pre, post = pool.map(read_image, (req.pre, req.post))
+    check_sizes(pre, post, req)
+    result = align_pair(
+        downsample_image(pre, req.downsample), downsample_image(post, req.downsample), params
+    )
+    log.info(
+        "aligned %s -> %s at 1/%d: affine %s (%d inliers), translation %s, %.2f s",
+        req.post,
+        req.pre,
+        req.downsample,
+        result.affine_found,
+        result.affine_inliers,
+        result.translation_found,
+        result.seconds,
+    )
+    return result.model_dump(mode="json")
+
+
+def create_app() -> Flask:
+    """The WSGI app (gunicorn: ``'emprocess.services.align:create_app()'``)."""
+    app = create_service_app("align")
+
+    @app.post("/")
+    def align() -> Any:
+        return jsonify(align_request(AlignRequest.from_payload(json_body())))
+
+    return app

@@ -1,0 +1,292 @@
+"""Neuroglancer precomputed ``info`` and the /ngshard cube plan, with one shard per cube.
+
+Volume layout: x and y are canvas pixels from 0; z is slice number, with the chunk grid
+starting at ``minz`` (``voxel_offset`` z). The volume is cut into cubes of ``cube``
+(1024) voxels per side at scale 0, z counted from ``minz``, and each /ngshard request
+writes one cube at every scale. Chunks never span two cubes (the chunk side is
+``min(chunk, cube >> scale)``) and the sharding bits are chosen so that every shard
+file holds chunks of exactly one cube (at most ``MAX_SHARD_PX`` per side, so a 1024^3
+cube at scale 0 is 8 shards of 512^3): no two requests ever write the same file.
+
+Why that works: a chunk id is the compressed Morton code of the chunk's grid position
+(neuroglancer volume.md): bit i of x, y, z in turn, for bit positions i from 0 up,
+skipping a dimension once ``2**i >= grid_size``. A cube spans ``2**k`` chunks per side,
+so the low bits i < k of every coordinate give the position inside the cube and all
+higher bits give the cube; the interleaving puts the former in the lowest
+``b = sum(min(k, bits_d))`` bits of the id. With ``preshift_bits + minishard_bits = b``
+and ``shard_bits = total_bits - b``, the shard number (bits [b, total) of the id under
+the identity hash) is a function of the cube alone, and different cubes get different
+shard numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from emprocess.errors import InvalidInput
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CUBE_PX = 1024
+DEFAULT_CHUNK_PX = 64
+DEFAULT_NUM_SCALES = 6
+# A shard holds at most this many voxels per side. A shard nested in a cube still
+# belongs to one request, and the writer commits one z-slab of shards at a time,
+# so a full 1024^3 cube never sits uncompressed in one tensorstore transaction.
+MAX_SHARD_PX = 512
+
+Encoding = Literal["jpeg", "raw"]
+
+
+def plan_cubes(
+    bbox_xy: tuple[int, int],
+    minz: int,
+    maxz: int,
+    cube: int = DEFAULT_CUBE_PX,
+) -> list[tuple[int, int, int]]:
+    """Every /ngshard request's ``start`` [x, y, z], in units of ``cube``.
+
+    Cube (cx, cy, cz) covers canvas x [cx * cube, (cx + 1) * cube), y likewise, and
+    slices ``minz + cz * cube`` .. ``minz + (cz + 1) * cube - 1`` (clipped to the volume),
+    so a ``minz`` that is not a multiple of ``cube`` still gives full cubes.
+
+    Args:
+        bbox_xy: canvas (width, height) in pixels.
+        minz: first slice, inclusive.
+        maxz: last slice, inclusive.
+        cube: cube side in scale-0 voxels.
+
+    Returns:
+        (cx, cy, cz) tuples, z slowest, then y, then x.
+    """
+    size_xyz = _size0_xyz(bbox_xy, minz, maxz)
+    _check_cube_chunk(cube, 1)
+    nx, ny, nz = (math.ceil(s / cube) for s in size_xyz)
+    return [(cx, cy, cz) for cz in range(nz) for cy in range(ny) for cx in range(nx)]
+
+
+def scale_size_xyz(size0_xyz: Sequence[int], scale: int) -> tuple[int, int, int]:
+    """Volume size in voxels at ``scale``: ceil(size0 / 2**scale) per axis."""
+    f = 1 << scale
+    sx, sy, sz = (-(-int(s) // f) for s in size0_xyz)
+    return sx, sy, sz
+
+
+def scale_chunk_px(scale: int, chunk: int = DEFAULT_CHUNK_PX, cube: int = DEFAULT_CUBE_PX) -> int:
+    """Chunk side at ``scale``: ``chunk``, shrunk so that a chunk never spans two cubes."""
+    return max(1, min(chunk, cube >> scale))
+
+
+def cube_bounds_xyz(
+    start: Sequence[int],
+    bbox_xy: tuple[int, int],
+    minz: int,
+    maxz: int,
+    scale: int,
+    cube: int = DEFAULT_CUBE_PX,
+) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """Voxel box [lo, hi) of cube ``start`` at ``scale``, in the scale's coordinates.
+
+    The coordinates include ``voxel_offset`` (so z starts at ``minz >> scale``), i.e.
+    they index the scale exactly as neuroglancer and tensorstore do.
+
+    Args:
+        start: the cube (cx, cy, cz) from ``plan_cubes``.
+        bbox_xy: canvas (width, height) in pixels.
+        minz: first slice, inclusive.
+        maxz: last slice, inclusive.
+        scale: pyramid level, 0 = full resolution.
+        cube: cube side in scale-0 voxels.
+
+    Returns:
+        (lo_xyz, hi_xyz), hi exclusive and clipped to the volume.
+    """
+    size_xyz = scale_size_xyz(_size0_xyz(bbox_xy, minz, maxz), scale)
+    side = cube >> scale
+    if side < 1:
+        raise InvalidInput(f"scale {scale} leaves less than one voxel per cube of {cube}")
+    offset = (0, 0, minz >> scale)
+    lo = [0, 0, 0]
+    hi = [0, 0, 0]
+    for d in range(3):
+        c = int(start[d])
+        if c < 0 or c * side >= size_xyz[d]:
+            raise InvalidInput(f"cube start {list(start)!r} is outside the volume {size_xyz}")
+        lo[d] = offset[d] + c * side
+        hi[d] = offset[d] + min(size_xyz[d], (c + 1) * side)
+    return (lo[0], lo[1], lo[2]), (hi[0], hi[1], hi[2])
+
+
+def compressed_morton_code(grid_xyz: Sequence[int], grid_size_xyz: Sequence[int]) -> int:
+    """Neuroglancer's compressed Morton code (chunk id) of one chunk grid position.
+
+    Bit i of x, y, z in that order for i = 0, 1, ..., where a dimension contributes
+    bit i only while ``2**i < grid_size`` (neuroglancer precomputed volume.md).
+    """
+    code = 0
+    j = 0
+    for i in range(max(_bits(g) for g in grid_size_xyz)):
+        for d in range(3):
+            if (1 << i) < grid_size_xyz[d]:
+                code |= ((int(grid_xyz[d]) >> i) & 1) << j
+                j += 1
+    return code
+
+
+def shard_number(chunk_id: int, sharding: dict[str, Any]) -> int:
+    """Shard that holds ``chunk_id`` under an identity-hash sharding spec."""
+    if sharding.get("hash") != "identity":
+        raise InvalidInput(f"only the identity hash is supported, got {sharding.get('hash')!r}")
+    hashed = chunk_id >> sharding["preshift_bits"]
+    return (hashed >> sharding["minishard_bits"]) & ((1 << sharding["shard_bits"]) - 1)
+
+
+def shard_filename(shard: int, shard_bits: int) -> str:
+    """``<shard>.shard``: lowercase hex zero-padded to ceil(shard_bits / 4) digits."""
+    digits = -(-shard_bits // 4)
+    return f"{shard:0{digits}x}.shard" if digits else f"{shard:x}.shard"
+
+
+def sharding_spec(
+    size_xyz: Sequence[int],
+    chunk_px: int,
+    cube_px: int,
+    data_encoding: Literal["raw", "gzip"],
+) -> dict[str, Any]:
+    """Sharding for one scale such that each shard holds exactly one cube's chunks.
+
+    Args:
+        size_xyz: the scale's size in voxels.
+        chunk_px: the scale's chunk side in voxels; divides ``cube_px``.
+        cube_px: the cube side at this scale in voxels (``cube >> scale``).
+        data_encoding: "raw" for already compressed chunks (JPEG), else "gzip".
+
+    Returns:
+        A ``neuroglancer_uint64_sharded_v1`` spec. Of the ``b`` within-cube bits (see
+        module doc), half (rounded down) index minishards and the rest are preshifted,
+        so runs of ``2**preshift_bits`` Morton-adjacent chunks share a minishard index.
+    """
+    _check_cube_chunk(cube_px, chunk_px)
+    k = _bits(cube_px // chunk_px)
+    grid = [math.ceil(int(s) / chunk_px) for s in size_xyz]
+    bits = [_bits(g) for g in grid]
+    within = sum(min(k, b) for b in bits)
+    minishard_bits = within // 2
+    return {
+        "@type": "neuroglancer_uint64_sharded_v1",
+        "hash": "identity",
+        "preshift_bits": within - minishard_bits,
+        "minishard_bits": minishard_bits,
+        "shard_bits": sum(bits) - within,
+        "minishard_index_encoding": "gzip",
+        "data_encoding": data_encoding,
+    }
+
+
+def build_info(
+    bbox_xy: tuple[int, int],
+    minz: int,
+    maxz: int,
+    resolution_nm: float,
+    encoding: Encoding = "jpeg",
+    num_scales: int = DEFAULT_NUM_SCALES,
+    chunk: int = DEFAULT_CHUNK_PX,
+    cube: int = DEFAULT_CUBE_PX,
+) -> dict[str, Any]:
+    """The precomputed ``info`` of the JPEG pyramid or of the lossless raw pyramid.
+
+    Scale s has ``size`` ceil(size0 / 2**s) with size0 = [width, height, maxz - minz + 1],
+    ``voxel_offset`` [0, 0, floor(minz / 2**s)], ``resolution`` resolution_nm * 2**s,
+    one chunk size ``scale_chunk_px(s)`` per axis and the sharding of ``sharding_spec``.
+    At coarse scales the floor puts the data up to one voxel (less than 2**s slices)
+    below its true z position when minz is not a multiple of 2**s: the pyramid is
+    built from cubes that start at minz, and voxel offsets must be integers.
+
+    The JPEG pyramid stores JPEG chunks as they are ("data_encoding": "raw"); the raw
+    pyramid stores exact voxels ("encoding": "raw") gzipped inside the shards, which
+    neuroglancer and tensorstore read at every scale. JPEG quality is not part of the
+    info format; the writer sets it.
+
+    Args:
+        bbox_xy: canvas (width, height) in pixels.
+        minz: first slice, inclusive (>= 0).
+        maxz: last slice, inclusive (>= minz).
+        resolution_nm: isotropic voxel size at scale 0 in nanometres.
+        encoding: "jpeg" (the viewed pyramid) or "raw" (lossless).
+        num_scales: number of scales, at most log2(cube) + 1.
+        chunk: largest chunk side in voxels, a power of two.
+        cube: side of the cube one /ngshard request writes, a power of two.
+
+    Returns:
+        The info as a JSON-ready dict with standard keys only.
+    """
+    size0 = _size0_xyz(bbox_xy, minz, maxz)
+    _check_cube_chunk(cube, chunk)
+    if encoding not in ("jpeg", "raw"):
+        raise InvalidInput(f"encoding must be 'jpeg' or 'raw', got {encoding!r}")
+    try:
+        res0 = float(resolution_nm)
+    except (TypeError, ValueError):
+        res0 = math.nan
+    if not (math.isfinite(res0) and res0 > 0):
+        raise InvalidInput(f"resolution must be a finite number of nm > 0, got {resolution_nm!r}")
+    max_scales = _bits(cube) + 1
+    if not 1 <= num_scales <= max_scales:
+        raise InvalidInput(
+            f"num_scales must be in [1, {max_scales}] for cube {cube}, got {num_scales}"
+        )
+
+    scales = []
+    for s in range(num_scales):
+        res = res0 * (1 << s)
+        res_out: float | int = int(res) if res.is_integer() else res
+        size = scale_size_xyz(size0, s)
+        chunk_px = scale_chunk_px(s, chunk, cube)
+        scales.append(
+            {
+                "key": f"{res_out}_{res_out}_{res_out}",
+                "size": list(size),
+                "voxel_offset": [0, 0, minz >> s],
+                "resolution": [res_out, res_out, res_out],
+                "chunk_sizes": [[chunk_px, chunk_px, chunk_px]],
+                "encoding": encoding,
+                "sharding": sharding_spec(
+                    size,
+                    chunk_px,
+                    min(cube >> s, MAX_SHARD_PX),
+                    "raw" if encoding == "jpeg" else "gzip",
+                ),
+            }
+        )
+    log.debug("built %s info for size %s with %d scales", encoding, size0, num_scales)
+    return {
+        "@type": "neuroglancer_multiscale_volume",
+        "type": "image",
+        "data_type": "uint8",
+        "num_channels": 1,
+        "scales": scales,
+    }
+
+
+def _bits(n: int) -> int:
+    """Bits needed for values 0 .. n-1 (0 for n <= 1)."""
+    return max(0, int(n) - 1).bit_length()
+
+
+def _size0_xyz(bbox_xy: Sequence[int], minz: int, maxz: int) -> tuple[int, int, int]:
+    if len(bbox_xy) != 2 or min(int(v) for v in bbox_xy) < 1:
+        raise InvalidInput(f"bbox must be [width, height] >= 1 px, got {bbox_xy!r}")
+    if minz < 0 or maxz < minz:
+        raise InvalidInput(f"need 0 <= minz <= maxz, got minz={minz}, maxz={maxz}")
+    return int(bbox_xy[0]), int(bbox_xy[1]), int(maxz) - int(minz) + 1
+
+
+def _check_cube_chunk(cube: int, chunk: int) -> None:
+    for name, v in (("cube", cube), ("chunk", chunk)):
+        if v < 1 or v & (v - 1):
+            raise InvalidInput(f"{name} must be a power of two >= 1, got {v}")
+    if chunk > cube:
+        raise InvalidInput(f"chunk {chunk} must not exceed cube {cube}")

@@ -101,7 +101,10 @@ def test_info_has_the_standard_shape() -> None:
         assert s["sharding"]["minishard_index_encoding"] == "gzip"
     raw = build_info((2500, 1100), 1000, 3100, 8, "raw")
     assert {s["encoding"] for s in raw["scales"]} == {"raw"}
-    assert {s["sharding"]["data_encoding"] for s in raw["scales"]} == {"gzip"}
+    assert {s["sharding"]["data_encoding"] for s in raw["scales"]} == {"raw"}
+    gz = build_info((2500, 1100), 1000, 3100, 8, "raw", raw_data_encoding="gzip")
+    assert {s["sharding"]["data_encoding"] for s in gz["scales"]} == {"gzip"}
+    assert build_info((2500, 1100), 1000, 3100, 8, "jpeg", raw_data_encoding="gzip") == info
     json.dumps(info)  # JSON-ready
 
 
@@ -283,6 +286,8 @@ def test_build_info_rejects_bad_input() -> None:
         build_info((10, 10), 0, 4, 0)
     with pytest.raises(InvalidInput, match="encoding"):
         build_info((10, 10), 0, 4, 8, "png")  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput, match="raw_data_encoding"):
+        build_info((10, 10), 0, 4, 8, "raw", raw_data_encoding="zstd")  # type: ignore[arg-type]
     with pytest.raises(InvalidInput, match="num_scales"):
         build_info((10, 10), 0, 4, 8, num_scales=12)
     with pytest.raises(InvalidInput, match="power of two"):

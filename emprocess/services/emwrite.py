@@ -1,0 +1,400 @@
+"""The emwrite service: aligned slices to tiles, tiles to neuroglancer pyramids.
+
+POST /alignedslice  warp one slice into the global canvas, CLAHE, thumbnail, tiles
+POST /ngmeta        write the ``info`` of neuroglancer/jpeg (and neuroglancer/raw)
+POST /ngshard       build one 1024^3 cube from the tiles and write its pyramid shards
+
+Memory stays bounded: a slice is processed in windows of at most
+``WINDOW_PX`` per side (plus one CLAHE tile of context), and a cube is read
+and written in z-slabs of ``SLAB_Z`` slices (one z-layer of scale-0 shards),
+each shard committed in its own tensorstore transaction so every shard file is
+written once, whole: a repeated request rewrites the same bytes, also over a
+shard that a failed request left truncated.
+
+Codecs, chosen by measurement (``python -m emprocess.bench_emwrite``): tiles in
+the tmp bucket are "raw" (no encode/decode CPU for 1.5x the bytes of PNG, in a
+bucket that a lifecycle rule empties), the JPEG pyramid uses tensorstore's JPEG
+(quality 75), and the lossless pyramid stores raw chunks without gzip
+(``ngmeta.RAW_DATA_ENCODING``): gzip cost 30-35 ns per voxel, five times the
+whole JPEG pyramid, for 0.82 of the bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import cv2
+import numpy as np
+from flask import Flask
+
+from emprocess import storage
+from emprocess.errors import InvalidInput, NotFound
+from emprocess.images import decode_image
+from emprocess.kernels import ngmeta, tiles
+from emprocess.kernels.clahe import clahe_source_region, clahe_window, plan_windows
+from emprocess.kernels.downsample import downsample_mean_2x
+from emprocess.kernels.warp import warp_window
+from emprocess.models import AlignedSliceRequest, NgMetaRequest, NgShardRequest
+from emprocess.services.common import create_service_app, json_body, parse
+
+log = logging.getLogger(__name__)
+
+TILE_PX = 1024
+CUBE_PX = 1024
+WINDOW_PX = int(os.environ.get("EMPROCESS_WINDOW_PX", 8192))
+SLAB_Z = ngmeta.MAX_SHARD_PX  # one z-layer of scale-0 shards
+THUMB_MAX_PX = 4096
+# A thumbnail is at least 2x smaller than the canvas: a full-size PNG of a small
+# canvas cost as much CPU as the warp, and the thumbnails are for looking at.
+THUMB_MIN_FACTOR = 2
+THUMB_PNG_PARAMS = [
+    cv2.IMWRITE_PNG_COMPRESSION,
+    1,
+    cv2.IMWRITE_PNG_FILTER,
+    cv2.IMWRITE_PNG_FILTER_UP,
+    cv2.IMWRITE_PNG_STRATEGY,
+    cv2.IMWRITE_PNG_STRATEGY_RLE,
+]
+NUM_SCALES = 6
+TILE_CODEC: tiles.Codec = "png" if os.environ.get("EMPROCESS_TILE_CODEC") == "png" else "raw"
+IO_THREADS = int(os.environ.get("EMPROCESS_IO_THREADS", 16))
+CPU_COUNT = (
+    len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+)
+MAX_PIXELS = int(os.environ.get("EMPROCESS_EMWRITE_MAX_PIXELS", 32768 * 32768))
+JPEG_PATH, RAW_PATH = "neuroglancer/jpeg", "neuroglancer/raw"
+
+
+def tiles_url(bucket: str, z: int) -> str:
+    """Where the tiled aligned slice z lives in the tmp bucket."""
+    return storage.bucket_url(bucket, f"aligned/{z:06d}.tiles")
+
+
+def thumbnail_url(req: AlignedSliceRequest) -> str:
+    """Where the thumbnail of the request's slice goes (DEST_process/RUN_ID/align/IMG)."""
+    return storage.bucket_url(f"{req.dest}_process", f"{req.run_id}/align/{req.img}")
+
+
+def _to_uint8(image: np.ndarray) -> np.ndarray:
+    """16-bit slices are scaled to 8 bits over the full range (the volume is uint8)."""
+    if image.dtype == np.uint8:
+        return image
+    return ((image.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+
+
+# -- /alignedslice -------------------------------------------------------------
+
+
+def thumbnail_factor(width: int, height: int) -> int:
+    """Power-of-two shrink factor of the thumbnail: >= THUMB_MIN_FACTOR, sides <= THUMB_MAX_PX."""
+    f = 1 << max(0, math.ceil(math.log2(max(width, height) / THUMB_MAX_PX)))
+    return max(f, THUMB_MIN_FACTOR)
+
+
+def aligned_slice(req: AlignedSliceRequest) -> dict[str, Any]:
+    """Warp, CLAHE and tile one slice; write the tiles object and the thumbnail.
+
+    Returns:
+        Seconds spent reading, computing and writing (also logged).
+    """
+    if req.shard_size != TILE_PX:
+        raise InvalidInput(f"shard-size must be {TILE_PX}, got {req.shard_size}")
+    t0 = time.perf_counter()
+    width, height = req.bbox
+    if width * height > MAX_PIXELS:
+        raise InvalidInput(f"bbox {req.bbox} has more than {MAX_PIXELS} pixels")
+    for bucket in (req.dest_tmp, f"{req.dest}_process"):
+        if not storage.bucket_exists(bucket):
+            raise InvalidInput(f"bucket {bucket!r} does not exist")
+    source_url = storage.bucket_url(req.dest, req.img)
+    image = _to_uint8(decode_image(storage.read_bytes(source_url), source_url, MAX_PIXELS))
+    t_read = time.perf_counter()
+
+    f = thumbnail_factor(width, height)
+    thumb = np.zeros((-(-height // f), -(-width // f)), np.uint8)
+    nx, ny = -(-width // TILE_PX), -(-height // TILE_PX)
+    payloads: list[bytes] = [b""] * (nx * ny)
+    with ThreadPoolExecutor(2) as pool:
+        for win in plan_windows(width, height, WINDOW_PX, TILE_PX):
+            x0, y0, w, h = win
+            region = clahe_source_region(win, (height, width)) if req.clip_limit > 0 else win
+            canvas = warp_window(image, req.transform, region)
+            out = clahe_window(
+                canvas, region[:2], (height, width), win, req.clip_limit, preserve_zero=True
+            )
+            del canvas
+            jobs = {}
+            for ty in range(y0 // TILE_PX, -(-(y0 + h) // TILE_PX)):
+                for tx in range(x0 // TILE_PX, -(-(x0 + w) // TILE_PX)):
+                    ox, oy = tx * TILE_PX - x0, ty * TILE_PX - y0
+                    tile = out[oy : oy + TILE_PX, ox : ox + TILE_PX]
+                    if TILE_CODEC == "raw":  # a copy: no thread needed
+                        payloads[ty * nx + tx] = tiles.encode_tile(tile, TILE_CODEC)
+                    else:
+                        jobs[ty * nx + tx] = pool.submit(tiles.encode_tile, tile, TILE_CODEC)
+            small = cv2.resize(out, (-(-w // f), -(-h // f)), interpolation=cv2.INTER_AREA)
+            thumb[y0 // f : y0 // f + small.shape[0], x0 // f : x0 // f + small.shape[1]] = small
+            for i, job in jobs.items():
+                payloads[i] = job.result()
+            del out
+    del image
+    header = tiles.build_header(width, height, TILE_PX, np.uint8, TILE_CODEC, payloads)
+    t_compute = time.perf_counter()
+    storage.write_bytes(tiles_url(req.dest_tmp, req.slice), b"".join([header, *payloads]))
+    ext = os.path.splitext(req.img)[1].lower()
+    if ext in (".tif", ".tiff"):
+        ok, thumb_bytes = cv2.imencode(ext, thumb)
+    else:
+        ok, thumb_bytes = cv2.imencode(".png", thumb, THUMB_PNG_PARAMS)
+    if not ok:
+        raise RuntimeError(f"could not encode the thumbnail of {req.img}")
+    storage.write_bytes(thumbnail_url(req), thumb_bytes.tobytes())
+    timings = {
+        "read_s": t_read - t0,
+        "compute_s": t_compute - t_read,
+        "write_s": time.perf_counter() - t_compute,
+    }
+    log.info("aligned slice %d (%s) %dx%d: %s", req.slice, req.img, width, height, timings)
+    return timings
+
+
+# -- /ngmeta -------------------------------------------------------------------
+
+
+def _info(req: NgMetaRequest | NgShardRequest, encoding: ngmeta.Encoding) -> dict[str, Any]:
+    return ngmeta.build_info(
+        (req.bbox[0], req.bbox[1]), req.minz, req.maxz, req.resolution, encoding, NUM_SCALES
+    )
+
+
+def volume_targets(req: NgMetaRequest | NgShardRequest) -> list[tuple[str, ngmeta.Encoding]]:
+    """(URL, encoding) of every volume the request writes."""
+    out: list[tuple[str, ngmeta.Encoding]] = [(storage.bucket_url(req.dest, JPEG_PATH), "jpeg")]
+    if req.write_raw:
+        assert req.dest_raw is not None  # checked by the model
+        out.append((storage.bucket_url(req.dest_raw, RAW_PATH), "raw"))
+    return out
+
+
+def _require_bucket(bucket: str, role: str) -> None:
+    if not storage.bucket_exists(bucket):
+        raise InvalidInput(f"{role} bucket {bucket!r} does not exist")
+
+
+def ng_meta(req: NgMetaRequest) -> None:
+    """Write the info files; the same request always writes the same bytes."""
+    for url, encoding in volume_targets(req):
+        _require_bucket(storage.parse_url(url).bucket, "destination")
+        info = json.dumps(_info(req, encoding), indent=1).encode()
+        storage.write_bytes(storage.join(url, "info"), info, "application/json")
+
+
+# -- /ngshard ------------------------------------------------------------------
+
+
+def read_cube_slab(
+    req: NgShardRequest, z_lo: int, z_hi: int, xy_box: tuple[int, int, int, int]
+) -> np.ndarray:
+    """Tiles (start x, start y) of slices z_lo..z_hi-1 as a (z, y, x) uint8 array.
+
+    Each slice costs two range reads, its header and then its tile (the tile's offset
+    is in the header); ``IO_THREADS`` slices are fetched at once, so on GCS the two
+    round trips overlap with other slices' reads.
+    """
+    width, height = req.bbox
+    cx, cy = req.start[0], req.start[1]
+    x0, y0, x1, y1 = xy_box
+    slab = np.empty((z_hi - z_lo, y1 - y0, x1 - x0), np.uint8)
+    head_len = tiles.header_nbytes(width, height, TILE_PX)
+
+    def fetch(z: int) -> None:
+        url = tiles_url(req.source, z)
+        try:
+            head = storage.read_bytes(url, 0, head_len)
+            index = tiles.parse_header(head, width, height, TILE_PX)
+            start, end = index.byte_range(cx, cy)
+            tile = tiles.decode_tile(index, cx, cy, storage.read_bytes(url, start, end))
+        except NotFound:
+            raise InvalidInput(
+                f"aligned slice {z} is missing ({url}); run /alignedslice first"
+            ) from None
+        except InvalidInput as e:
+            raise InvalidInput(f"aligned slice {z} ({url}) is unusable: {e}") from None
+        if tile.dtype != np.uint8:
+            raise InvalidInput(f"aligned slice {z} ({url}) is {tile.dtype}, expected uint8")
+        slab[z - z_lo] = tile
+
+    with ThreadPoolExecutor(IO_THREADS) as pool:
+        list(pool.map(fetch, range(z_lo, z_hi)))
+    return slab
+
+
+def _volume_geometry(info: Any) -> Any:
+    """The info without the chunks' data encoding, which writers may choose freely."""
+    if not isinstance(info, dict) or not isinstance(info.get("scales"), list):
+        return info
+    scales = [
+        {**s, "sharding": {k: v for k, v in s["sharding"].items() if k != "data_encoding"}}
+        if isinstance(s, dict) and isinstance(s.get("sharding"), dict)
+        else s
+        for s in info["scales"]
+    ]
+    return {**info, "scales": scales}
+
+
+def _check_info(url: str, expected: dict[str, Any]) -> None:
+    """The volume's info must exist and describe the request's volume."""
+    info_url = storage.join(url, "info")
+    try:
+        stored = json.loads(storage.read_bytes(info_url))
+    except NotFound:
+        raise InvalidInput(f"{info_url} does not exist; run /ngmeta first") from None
+    except ValueError:
+        raise InvalidInput(f"{info_url} is not JSON; run /ngmeta again") from None
+    if _volume_geometry(stored) != _volume_geometry(expected):
+        s0 = (stored.get("scales") or [{}])[0] if isinstance(stored, dict) else {}
+        e0 = expected["scales"][0]
+        raise InvalidInput(
+            f"{info_url} describes another volume (size {s0.get('size')}, voxel_offset "
+            f"{s0.get('voxel_offset')}, resolution {s0.get('resolution')}) than this request "
+            f"(size {e0['size']}, voxel_offset {e0['voxel_offset']}, resolution "
+            f"{e0['resolution']}); run /ngmeta with the same bbox, minz, maxz and resolution"
+        )
+
+
+def _ts_context() -> Any:
+    """One tensorstore context per request: bounded threads, no read cache (we only write)."""
+    import tensorstore as ts
+
+    return ts.Context(
+        {
+            "data_copy_concurrency": {"limit": CPU_COUNT},
+            "file_io_concurrency": {"limit": IO_THREADS},
+            "cache_pool": {"total_bytes_limit": 0},
+        }
+    )
+
+
+def _open_scales(url: str, context: Any) -> list[Any]:
+    import tensorstore as ts
+
+    spec = storage.kvstore_spec(url)
+    return [
+        ts.open(
+            {"driver": "neuroglancer_precomputed", "kvstore": spec, "scale_index": s},
+            open=True,
+            context=context,
+        ).result()
+        for s in range(NUM_SCALES)
+    ]
+
+
+def _write(store: Any, lo_xyz: tuple[int, int, int], data_zyx: np.ndarray, shard_px: int) -> None:
+    """Write a (z, y, x) block at lo, one transaction per shard.
+
+    ``lo`` lies on the scale's shard grid (blocks start at cube or slab corners), so
+    each transaction overwrites every chunk of exactly one shard: tensorstore then
+    writes the shard file whole, without reading what is there (a truncated file
+    left by a failed request is replaced), and holds one shard's chunks at a time
+    (128 MiB uncompressed at 512^3) rather than the block's.
+    """
+    import tensorstore as ts
+
+    nz, ny, nx = data_zyx.shape
+    x, y, z = lo_xyz
+    for dz in range(0, nz, shard_px):
+        for dy in range(0, ny, shard_px):
+            for dx in range(0, nx, shard_px):
+                part = data_zyx[dz : dz + shard_px, dy : dy + shard_px, dx : dx + shard_px]
+                pz, py, px = part.shape
+                txn = ts.Transaction()
+                view = store.with_transaction(txn)[
+                    x + dx : x + dx + px, y + dy : y + dy + py, z + dz : z + dz + pz, 0
+                ]
+                view.write(part.transpose(2, 1, 0)).result()
+                txn.commit_async().result()
+
+
+def ng_shard(req: NgShardRequest) -> dict[str, Any]:
+    """Build cube ``start`` from the tiles and write every scale of every volume.
+
+    Returns:
+        Seconds spent reading tiles, writing shards and downsampling (also logged).
+    """
+    t0 = time.perf_counter()
+    bbox = (req.bbox[0], req.bbox[1])
+    scale_boxes = [
+        ngmeta.cube_bounds_xyz(req.start, bbox, req.minz, req.maxz, s, CUBE_PX)
+        for s in range(NUM_SCALES)
+    ]
+    _require_bucket(req.source, "source")
+    targets = volume_targets(req)
+    for url, encoding in targets:
+        _require_bucket(storage.parse_url(url).bucket, "destination")
+        _check_info(url, _info(req, encoding))
+    context = _ts_context()
+    volumes = [_open_scales(url, context) for url, _ in targets]
+    shard_px = [min(CUBE_PX >> s, ngmeta.MAX_SHARD_PX) for s in range(NUM_SCALES)]
+    (lx, ly, lz), (hx, hy, hz) = scale_boxes[0]
+    timings = {"read_s": 0.0, "write_s": 0.0, "downsample_s": 0.0}
+    halves: list[np.ndarray] = []
+    # Scale 0 in z-slabs (bounded memory); scale 1 is collected slab by slab.
+    for z_lo in range(lz, hz, SLAB_Z):
+        z_hi = min(hz, z_lo + SLAB_Z)
+        t = time.perf_counter()
+        slab = read_cube_slab(req, z_lo, z_hi, (lx, ly, hx, hy))
+        timings["read_s"] += time.perf_counter() - t
+        t = time.perf_counter()
+        for stores in volumes:
+            _write(stores[0], (lx, ly, z_lo), slab, shard_px[0])
+        timings["write_s"] += time.perf_counter() - t
+        t = time.perf_counter()
+        halves.append(downsample_mean_2x(slab))
+        timings["downsample_s"] += time.perf_counter() - t
+        del slab
+    level = np.concatenate(halves) if len(halves) > 1 else halves[0]
+    del halves
+    for s in range(1, NUM_SCALES):
+        lo, hi = scale_boxes[s]
+        expected = (hi[2] - lo[2], hi[1] - lo[1], hi[0] - lo[0])
+        if level.shape != expected:
+            raise RuntimeError(f"scale {s} block is {level.shape}, expected {expected}")
+        t = time.perf_counter()
+        for stores in volumes:
+            _write(stores[s], lo, level, shard_px[s])
+        timings["write_s"] += time.perf_counter() - t
+        if s + 1 < NUM_SCALES:
+            t = time.perf_counter()
+            level = downsample_mean_2x(level)
+            timings["downsample_s"] += time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - t0
+    log.info("cube %s written: %s", req.start, {k: round(v, 3) for k, v in timings.items()})
+    return timings
+
+
+def create_app() -> Flask:
+    """The WSGI app (gunicorn: ``'emprocess.services.emwrite:create_app()'``)."""
+    app = create_service_app("emwrite")
+
+    @app.post("/alignedslice")
+    def alignedslice() -> Any:
+        aligned_slice(parse(AlignedSliceRequest, json_body()))
+        return "success", 200, {"Content-Type": "text/plain"}
+
+    @app.post("/ngmeta")
+    def ngmeta_route() -> Any:
+        ng_meta(parse(NgMetaRequest, json_body()))
+        return "success", 200, {"Content-Type": "text/plain"}
+
+    @app.post("/ngshard")
+    def ngshard() -> Any:
+        ng_shard(parse(NgShardRequest, json_body()))
+        return "success", 200, {"Content-Type": "text/plain"}
+
+    return app

@@ -1,0 +1,433 @@
+"""The one fan-out helper: a worker's share of a stage's mini-tasks, POSTed over threads.
+
+Every batch task of the DAG calls :func:`run_batch`. A stage is planned as a list of
+:class:`MiniTask` (index, name, endpoint, JSON payload); worker ``w`` of ``W`` owns the
+mini-tasks with ``index % W == w``. Each answer is cached as one JSON object under the
+stage's cache prefix in the process bucket, named after the mini-task and a digest of
+its request, so a retried or cleared task (or a re-triggered run with the same
+requests) skips finished work, found with one listing of the prefix.
+
+Requests always have a timeout. Connection errors, timeouts, 408, 429 and 5xx are
+retried with exponential backoff and jitter; any other 4xx is the caller's fault and
+fails at once with the service's message. ``threads=1`` runs inline, for debugging.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import requests
+
+from emprocess import storage
+from emprocess.errors import EmprocessError
+
+log = logging.getLogger(__name__)
+
+STAGGER_MIN_WIDTH = 32
+"""Batch tasks of DAGs at least this wide start staggered, so serverless services scale up."""
+
+TokenSource = Callable[[], str]
+
+
+class ServiceError(EmprocessError):
+    """A service answered with an error, or could not be reached; names the request."""
+
+    def __init__(self, message: str, *, retryable: bool, status: int | None = None) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+        self.status = status
+
+
+class BatchError(EmprocessError):
+    """Some mini-tasks of a batch failed; the message names them and why."""
+
+    def __init__(
+        self, stage: str, failures: list[tuple[str, str]], total: int, client_error: bool = False
+    ) -> None:
+        shown = "; ".join(f"{name}: {why}" for name, why in failures[:20])
+        more = f"; and {len(failures) - 20} more" if len(failures) > 20 else ""
+        super().__init__(f"{stage}: {len(failures)} of {total} mini-tasks failed: {shown}{more}")
+        self.failures = failures
+        self.client_error = client_error
+        """True when a service refused a request (4xx): retrying the task will not help."""
+
+
+@dataclass(frozen=True)
+class MiniTask:
+    """One request of a stage.
+
+    Attributes:
+        index: position in the stage's plan; worker ``index % width`` sends it.
+        name: readable id for logs, errors and the cache object, e.g. ``z000012``.
+        path: endpoint on the service, e.g. ``/alignedslice``.
+        payload: the JSON body.
+    """
+
+    index: int
+    name: str
+    path: str
+    payload: Mapping[str, Any]
+
+    def cache_key(self) -> str:
+        """``NAME.DIGEST.json``; the digest changes when the request does."""
+        body = json.dumps({"path": self.path, "payload": self.payload}, sort_keys=True)
+        return f"{self.name}.{hashlib.sha256(body.encode()).hexdigest()[:12]}.json"
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise EmprocessError(f"environment variable {name}={raw!r} is not a number") from None
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    """How requests are sent: threads, timeouts, retries and start stagger.
+
+    The read timeout defaults to Cloud Run's longest request (60 min): a /ngshard cube
+    can take many minutes, and giving up early would only make a retry redo it.
+
+    ``from_env`` reads ``EMPROCESS_HTTP_THREADS``, ``EMPROCESS_HTTP_ATTEMPTS``,
+    ``EMPROCESS_HTTP_BACKOFF_S``, ``EMPROCESS_HTTP_MAX_BACKOFF_S``,
+    ``EMPROCESS_HTTP_CONNECT_TIMEOUT_S``, ``EMPROCESS_HTTP_TIMEOUT_S`` and
+    ``EMPROCESS_STAGGER_STEP_S`` (tests make retries fast or turn them off with these).
+    """
+
+    threads: int = 8
+    attempts: int = 6
+    backoff_s: float = 2.0
+    max_backoff_s: float = 120.0
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 3600.0
+    stagger_step_s: float = 1.0
+    stagger_max_s: float = 60.0
+
+    @classmethod
+    def from_env(cls) -> HttpSettings:
+        d = cls()
+        return cls(
+            threads=max(1, int(_env_float("EMPROCESS_HTTP_THREADS", d.threads))),
+            attempts=max(1, int(_env_float("EMPROCESS_HTTP_ATTEMPTS", d.attempts))),
+            backoff_s=_env_float("EMPROCESS_HTTP_BACKOFF_S", d.backoff_s),
+            max_backoff_s=_env_float("EMPROCESS_HTTP_MAX_BACKOFF_S", d.max_backoff_s),
+            connect_timeout_s=_env_float("EMPROCESS_HTTP_CONNECT_TIMEOUT_S", d.connect_timeout_s),
+            read_timeout_s=_env_float("EMPROCESS_HTTP_TIMEOUT_S", d.read_timeout_s),
+            stagger_step_s=_env_float("EMPROCESS_STAGGER_STEP_S", d.stagger_step_s),
+            stagger_max_s=d.stagger_max_s,
+        )
+
+    def backoff(self, attempt: int, retry_after_s: float | None = None) -> float:
+        """Seconds to wait after failed ``attempt`` (1-based): doubling, jittered, capped."""
+        base = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1))
+        delay = base * random.uniform(0.5, 1.0)
+        if retry_after_s is not None:
+            delay = max(delay, min(retry_after_s, self.max_backoff_s))
+        return delay
+
+    def stagger_s(self, worker_id: int, width: int) -> float:
+        """Start delay of a worker: none below ``STAGGER_MIN_WIDTH``, else a ramp."""
+        if width < STAGGER_MIN_WIDTH:
+            return 0.0
+        return min(self.stagger_max_s, worker_id * self.stagger_step_s)
+
+
+@dataclass
+class BatchSummary:
+    """What one batch task did (returned through XCom, summed up in complete.json)."""
+
+    stage: str
+    worker_id: int
+    width: int
+    planned: int
+    cached: int = 0
+    sent: int = 0
+    attempts: int = 0
+    started: str = ""
+    finished: str = ""
+    elapsed_s: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def connection_base_url(
+    conn_type: str | None, host: str | None, port: int | None, schema: str | None
+) -> str:
+    """The base URL of an Airflow HTTP connection (``ALIGN_CLOUD_RUN``, ``IMG_WRITE``).
+
+    ``AIRFLOW_CONN_IMG_WRITE=http://127.0.0.1:8080`` gives type "http", host and port;
+    ``https://svc-xyz.a.run.app`` gives type "https". A host that already holds a
+    scheme is used as is; otherwise ``schema`` (where the http provider keeps it), then
+    the connection type, then "http" give the scheme.
+    """
+    if not host:
+        raise EmprocessError(
+            f"connection of type {conn_type!r} has no host; set it to the service URL"
+        )
+    if "://" in host:
+        return host.rstrip("/")
+    if schema in ("http", "https"):
+        scheme = schema
+    elif conn_type in ("http", "https"):
+        scheme = conn_type
+    else:
+        scheme = "http"
+    return f"{scheme}://{host}" + (f":{port}" if port else "")
+
+
+def select_worker(tasks: Sequence[MiniTask], worker_id: int, width: int) -> list[MiniTask]:
+    """The mini-tasks of worker ``worker_id`` of ``width``: those with index % width == worker_id."""
+    if width < 1 or not 0 <= worker_id < width:
+        raise EmprocessError(f"worker_id {worker_id} is outside 0..{width - 1} (width {width})")
+    return [t for t in tasks if t.index % width == worker_id]
+
+
+def cached_keys(cache_url: str) -> set[str]:
+    """Names (relative to ``cache_url``) of the cached answers, from one listing."""
+    prefix = storage.parse_url(cache_url.rstrip("/") + "/").key
+    return {k[len(prefix) :] for k in storage.list_keys(cache_url.rstrip("/") + "/")}
+
+
+def read_cached(tasks: Iterable[MiniTask], cache_url: str, threads: int = 16) -> dict[str, Any]:
+    """The cached answers (``response``) of ``tasks``, by mini-task name.
+
+    Raises:
+        ObjectNotFound: when one of them has not been answered yet.
+    """
+    tasks = list(tasks)
+
+    def read(task: MiniTask) -> tuple[str, Any]:
+        record = json.loads(storage.read_bytes(storage.join(cache_url, task.cache_key())))
+        return task.name, record["response"]
+
+    if threads <= 1 or len(tasks) <= 1:
+        return dict(read(t) for t in tasks)
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        return dict(pool.map(read, tasks))
+
+
+def _excerpt(response: requests.Response, limit: int = 500) -> str:
+    text = response.text or ""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and "error" in body:
+        text = json.dumps(body["error"]) if not isinstance(body["error"], str) else body["error"]
+    text = " ".join(text.split())
+    return text[:limit] + ("..." if len(text) > limit else "")
+
+
+def is_retryable_status(status: int) -> bool:
+    """408 (request timeout), 429 (slow down) and every 5xx are worth another try."""
+    return status in (408, 429) or status >= 500
+
+
+def _retry_after(response: requests.Response) -> float | None:
+    try:
+        return float(response.headers.get("Retry-After", ""))
+    except ValueError:
+        return None
+
+
+def post_json(
+    session: requests.Session,
+    url: str,
+    payload: Mapping[str, Any],
+    settings: HttpSettings,
+    token_source: TokenSource | None = None,
+    abort: threading.Event | None = None,
+) -> tuple[Any, int]:
+    """POST ``payload`` to ``url`` with retries; returns (parsed answer, attempts used).
+
+    The answer is the JSON body, or the text when it is not JSON.
+
+    Raises:
+        ServiceError: at once on a non-retryable 4xx, or when the attempts run out.
+    """
+    timeout = (settings.connect_timeout_s, settings.read_timeout_s)
+    for attempt in range(1, settings.attempts + 1):
+        headers = {"Authorization": f"Bearer {token_source()}"} if token_source else {}
+        retry_after = None
+        try:
+            response = session.post(url, json=payload, headers=headers, timeout=timeout)
+        except (requests.ConnectionError, requests.Timeout) as e:
+            error = ServiceError(f"POST {url} failed: {type(e).__name__}: {e}", retryable=True)
+        else:
+            if response.ok:
+                try:
+                    return response.json(), attempt
+                except ValueError:
+                    return response.text, attempt
+            retryable = is_retryable_status(response.status_code)
+            error = ServiceError(
+                f"POST {url} answered {response.status_code}: {_excerpt(response)}",
+                retryable=retryable,
+                status=response.status_code,
+            )
+            retry_after = _retry_after(response)
+        if not error.retryable or attempt == settings.attempts:
+            if error.retryable:
+                raise ServiceError(
+                    f"{error} (after {attempt} attempts)", retryable=True, status=error.status
+                )
+            raise error
+        delay = settings.backoff(attempt, retry_after)
+        log.warning("%s; retry %d/%d in %.1f s", error, attempt, settings.attempts - 1, delay)
+        if abort is None:
+            time.sleep(delay)
+        elif abort.wait(delay):
+            raise ServiceError(f"{error} (batch aborted)", retryable=False, status=error.status)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def run_batch(
+    tasks: Sequence[MiniTask],
+    *,
+    base_url: str,
+    cache_url: str,
+    worker_id: int = 0,
+    width: int = 1,
+    stage: str = "batch",
+    settings: HttpSettings | None = None,
+    token_source: TokenSource | None = None,
+) -> BatchSummary:
+    """Send this worker's mini-tasks to the service and cache every answer.
+
+    Args:
+        tasks: the stage's whole plan (every worker's mini-tasks).
+        base_url: the service, e.g. ``http://127.0.0.1:8080`` or a Cloud Run URL.
+        cache_url: the stage's cache prefix in the process bucket.
+        worker_id: this worker, 0 <= worker_id < width.
+        width: the number of workers of the stage.
+        stage: name for logs and errors.
+        settings: threads, timeouts and retries (default: :meth:`HttpSettings.from_env`).
+        token_source: gives a bearer token per request; default: a Google ID token for
+            ``https`` URLs (:func:`emprocess.workflow.auth.token_source_for`), none for http.
+
+    Raises:
+        BatchError: naming the mini-tasks that failed and why (after finishing or, on a
+            non-retryable 4xx, abandoning the others).
+    """
+    settings = settings or HttpSettings.from_env()
+    mine = select_worker(tasks, worker_id, width)
+    summary = BatchSummary(stage=stage, worker_id=worker_id, width=width, planned=len(mine))
+    summary.started = _now()
+    t0 = time.monotonic()
+    done = cached_keys(cache_url) if mine else set()
+    todo = [t for t in mine if t.cache_key() not in done]
+    summary.cached = len(mine) - len(todo)
+    log.info(
+        "%s worker %d/%d: %d mini-tasks, %d cached, %d to send to %s over %d threads",
+        stage,
+        worker_id,
+        width,
+        len(mine),
+        summary.cached,
+        len(todo),
+        base_url,
+        settings.threads,
+    )
+    if todo:
+        if token_source is None:
+            from emprocess.workflow.auth import token_source_for
+
+            token_source = token_source_for(base_url)
+        delay = settings.stagger_s(worker_id, width)
+        if delay:
+            log.info("%s worker %d: staggered start, waiting %.1f s", stage, worker_id, delay)
+            time.sleep(delay)
+        _send_all(todo, base_url, cache_url, stage, settings, token_source, summary)
+    summary.finished = _now()
+    summary.elapsed_s = round(time.monotonic() - t0, 3)
+    return summary
+
+
+def _send_all(
+    todo: list[MiniTask],
+    base_url: str,
+    cache_url: str,
+    stage: str,
+    settings: HttpSettings,
+    token_source: TokenSource | None,
+    summary: BatchSummary,
+) -> None:
+    abort = threading.Event()
+    local = threading.local()
+    lock = threading.Lock()
+    failures: list[tuple[str, str]] = []
+    client_error = threading.Event()
+    progress_every = max(1, len(todo) // 10)
+
+    def send(task: MiniTask) -> None:
+        if abort.is_set():
+            with lock:
+                failures.append((task.name, "not sent: batch aborted after a client error"))
+            return
+        session = getattr(local, "session", None)
+        if session is None:
+            session = local.session = requests.Session()
+        url = base_url.rstrip("/") + task.path
+        t_start = time.monotonic()
+        try:
+            answer, attempts = post_json(session, url, task.payload, settings, token_source, abort)
+            record = {
+                "name": task.name,
+                "path": task.path,
+                "request": task.payload,
+                "response": answer,
+                "attempts": attempts,
+                "elapsed_s": round(time.monotonic() - t_start, 3),
+                "finished": _now(),
+            }
+            storage.write_bytes(
+                storage.join(cache_url, task.cache_key()),
+                json.dumps(record, sort_keys=True).encode(),
+                content_type="application/json",
+            )
+        except ServiceError as e:
+            if not e.retryable:
+                client_error.set()
+                abort.set()
+            with lock:
+                failures.append((task.name, str(e)))
+            return
+        except Exception as e:  # a storage failure while caching: report it with the task
+            with lock:
+                failures.append((task.name, f"{type(e).__name__}: {e}"))
+            return
+        with lock:
+            summary.sent += 1
+            summary.attempts += attempts
+            if summary.sent % progress_every == 0:
+                log.info("%s: %d/%d mini-tasks done", stage, summary.sent, len(todo))
+
+    if settings.threads <= 1:
+        for task in todo:
+            send(task)
+    else:
+        with ThreadPoolExecutor(max_workers=settings.threads, thread_name_prefix=stage) as pool:
+            list(pool.map(send, todo))
+    if failures:
+        # Client errors first: they are the reason the rest was abandoned.
+        failures.sort(key=lambda f: f[1].startswith("not sent"))
+        raise BatchError(stage, failures, len(todo), client_error=client_error.is_set())

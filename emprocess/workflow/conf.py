@@ -1,0 +1,338 @@
+"""The run configuration (``dag_run.conf``) as one schema, and the Airflow Params derived from it.
+
+:class:`RunConf` is the source of truth: the DAGs build their trigger form from its
+JSON schema (:func:`param_specs`), the ``validate`` task parses the run's conf with
+it, and the CLI reuses it. Keys are CONTRACTS.md's; the legacy names ``project_id``
+(for ``project``) and ``rawPyramid`` (for ``createRawPyramid``) are accepted too.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from emprocess.errors import InvalidBucketName, InvalidInput, InvalidKey
+from emprocess.storage import check_bucket_name, check_key
+from emprocess.workflow import dag_id
+
+MAX_WIDTH = 1024
+MAX_DOWNSAMPLE = 64
+
+LEGACY_KEYS: dict[str, str] = {"project_id": "project", "rawPyramid": "createRawPyramid"}
+"""Legacy conf key -> the key it stands for."""
+
+# One printf conversion: "%%", or flags, width, precision, length and a conversion letter.
+_PRINTF_FIELD = re.compile(r"%%|%(?P<spec>[#0\- +]*\d*(?:\.\d*)?[hlL]?)(?P<conv>.?)")
+_INT_CONVERSIONS = "diu"
+
+
+class InvalidRunConf(InvalidInput):
+    """The run's conf breaks the schema; ``problems`` holds one line per bad key."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("invalid run conf: " + "; ".join(problems))
+        self.problems = problems
+
+
+def template_prefix(template: str) -> str:
+    """The literal text before the template's first field (a listing prefix), ``%%`` as ``%``."""
+    for m in _PRINTF_FIELD.finditer(template):
+        if m.group(0) != "%%":
+            return template[: m.start()].replace("%%", "%")
+    return template.replace("%%", "%")
+
+
+def check_template(template: str) -> str:
+    """Return ``template`` if it holds exactly one integer printf field, else raise ValueError.
+
+    Accepted fields are ``%d``, ``%i``, ``%u`` with optional flags and width, e.g.
+    ``%05d``; ``%%`` is a literal percent sign. Any other field (``%s``, ``%(z)d``) is refused.
+    """
+    ints = []
+    for m in _PRINTF_FIELD.finditer(template):
+        if m.group(0) == "%%":
+            continue
+        field = m.group(0)
+        if m.group("conv") and m.group("conv") in _INT_CONVERSIONS:
+            ints.append(field)
+        else:
+            raise ValueError(
+                f"image template {template!r} has field {field!r}; only one integer field "
+                "such as %05d or %d is allowed (write a literal % as %%)"
+            )
+    if len(ints) != 1:
+        raise ValueError(
+            f"image template {template!r} has {len(ints)} integer fields {ints}; it needs "
+            "exactly one, such as img.%05d.png"
+        )
+    return template
+
+
+class RunConf(BaseModel):
+    """The configuration of one run: the keys of ``dag_run.conf`` (CONTRACTS.md)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        populate_by_name=True,
+        frozen=True,
+        title="emprocess run configuration",
+    )
+
+    id: str = Field(
+        title="Run id",
+        description="Name of the run / dataset; part of the bucket names SOURCE_tmp_ID, "
+        "SOURCE_ng_ID and SOURCE_chunk_ID, so lowercase letters, digits, '-' and '_'.",
+        min_length=1,
+        max_length=63,
+    )
+    image: str = Field(
+        title="Slice name template",
+        description="printf template of the slice names in the source bucket, with exactly "
+        "one integer field, e.g. img.%05d.png.",
+        min_length=1,
+        max_length=1024,
+    )
+    minz: int = Field(title="First slice", description="First slice number, inclusive.", ge=0)
+    maxz: int = Field(
+        title="Last slice", description="Last slice number, inclusive (>= minz).", ge=0
+    )
+    source: str = Field(
+        title="Source bucket",
+        description="Bucket holding the slices; the run's buckets are named after it.",
+        min_length=3,
+        max_length=63,
+    )
+    project: str | None = Field(
+        default=None,
+        title="Cloud project",
+        description="Cloud project for the buckets the run creates (legacy key: project_id); "
+        "none uses the environment's default project.",
+    )
+    email: str | None = Field(
+        default=None,
+        title="Notify email",
+        description="Where to send a message when the run is complete (needs an Airflow "
+        "SMTP connection); none sends nothing.",
+    )
+    downsample_factor: int = Field(
+        default=1,
+        title="Alignment downsample factor",
+        description="Integer shrink factor applied to the slices before alignment only.",
+        ge=1,
+        le=MAX_DOWNSAMPLE,
+    )
+    skip_align: bool = Field(
+        default=False,
+        title="Skip alignment",
+        description="Use identity transforms and do not call the alignment service.",
+    )
+    clip_limit: float = Field(
+        default=0.02,
+        alias="clip-limit",
+        title="CLAHE clip limit",
+        description="CLAHE clip limit (0 to 1); 0 disables contrast adjustment.",
+        ge=0.0,
+        le=1.0,
+    )
+    create_raw_pyramid: bool = Field(
+        default=True,
+        alias="createRawPyramid",
+        title="Write the raw volume",
+        description="Also write the lossless raw volume to SOURCE_chunk_ID (legacy key: "
+        "rawPyramid).",
+    )
+    resolution: float = Field(
+        default=8.0,
+        title="Voxel size (nm)",
+        description="Isotropic voxel size in nanometres.",
+        gt=0.0,
+        le=1_000_000.0,
+    )
+    public: bool = Field(
+        default=False,
+        title="Public read",
+        description="Make the neuroglancer bucket SOURCE_ng_ID public-read when done; "
+        "private by default.",
+    )
+    width: int | None = Field(
+        default=None,
+        title="Width",
+        description=f"Concurrent batch workers per stage; only for the dynamic DAG "
+        f"{dag_id(None)}, the fixed DAGs take it from their id.",
+        ge=1,
+        le=MAX_WIDTH,
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _accept_legacy_keys(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping):
+            return data
+        data = dict(data)
+        for old, new in LEGACY_KEYS.items():
+            if old not in data:
+                continue
+            value = data.pop(old)
+            current = data.get(new)
+            if current is not None and current != value:
+                raise ValueError(
+                    f"{old!r} is the legacy name of {new!r}, and both are given with different "
+                    f"values ({value!r} and {current!r}); give only {new!r}"
+                )
+            data[new] = value
+        return data
+
+    @field_validator("source")
+    @classmethod
+    def _source_is_a_bucket(cls, value: str) -> str:
+        try:
+            return check_bucket_name(value)
+        except InvalidBucketName as e:
+            raise ValueError(str(e)) from None
+
+    @field_validator("image")
+    @classmethod
+    def _image_is_a_template(cls, value: str) -> str:
+        return check_template(value)
+
+    @model_validator(mode="after")
+    def _check_cross_fields(self) -> RunConf:
+        if self.minz > self.maxz:
+            raise ValueError(
+                f"minz {self.minz} is greater than maxz {self.maxz}; minz must be <= maxz"
+            )
+        for z in (self.minz, self.maxz):
+            name = self.image % z
+            try:
+                check_key(name)
+            except InvalidKey as e:
+                raise ValueError(f"image template {self.image!r} gives for z={z}: {e}") from None
+        for role, name in self.bucket_names().items():
+            if role == "source":
+                continue
+            try:
+                check_bucket_name(name)
+            except InvalidBucketName as e:
+                raise ValueError(
+                    f"source {self.source!r} and id {self.id!r} give the {role} bucket name "
+                    f"{name!r}, which is not valid: {e}"
+                ) from None
+        return self
+
+    # -- derived names -------------------------------------------------------
+
+    def bucket_names(self) -> dict[str, str]:
+        """The run's buckets by role: source, process, tmp, ng and (with the raw volume) chunk."""
+        names = {
+            "source": self.source,
+            "process": f"{self.source}_process",
+            "tmp": f"{self.source}_tmp_{self.id}",
+            "ng": f"{self.source}_ng_{self.id}",
+        }
+        if self.create_raw_pyramid:
+            names["chunk"] = f"{self.source}_chunk_{self.id}"
+        return names
+
+    @property
+    def chunk_bucket(self) -> str:
+        """SOURCE_chunk_ID, whether or not the raw volume is written (the services want a name)."""
+        return f"{self.source}_chunk_{self.id}"
+
+    def slice_name(self, z: int) -> str:
+        """The object key of slice ``z`` in the source bucket."""
+        return self.image % z
+
+    def slice_names(self) -> list[str]:
+        """Object keys of every slice from minz to maxz inclusive."""
+        return [self.image % z for z in range(self.minz, self.maxz + 1)]
+
+    def process_url(self, *parts: str) -> str:
+        """``gs://SOURCE_process/ID/<parts>``."""
+        tail = "/".join(p.strip("/") for p in parts if p)
+        return f"gs://{self.source}_process/{self.id}" + (f"/{tail}" if tail else "")
+
+    def neuroglancer_source(self) -> str:
+        """The neuroglancer layer source of the JPEG pyramid."""
+        return f"precomputed://gs://{self.source}_ng_{self.id}/neuroglancer/jpeg"
+
+    def to_json(self) -> dict[str, Any]:
+        """The conf with CONTRACTS.md's key names, numbers as numbers and booleans as booleans."""
+        return self.model_dump(by_alias=True, mode="json")
+
+
+def _describe(err: Mapping[str, Any]) -> str:
+    loc = ".".join(str(p) for p in err.get("loc", ()))
+    kind = err.get("type")
+    if kind == "missing":
+        return f"{loc}: required key is missing"
+    if kind == "extra_forbidden":
+        known = sorted([*conf_keys(), *LEGACY_KEYS])
+        return f"{loc}: unknown key (value {err.get('input')!r}); known keys are {known}"
+    msg = str(err.get("msg", "")).removeprefix("Value error, ")
+    if not loc:
+        return msg
+    return f"{loc}: {msg} (got {err.get('input')!r})"
+
+
+def parse_conf(data: Mapping[str, Any] | None) -> RunConf:
+    """Validate a run's conf; raise :class:`InvalidRunConf` naming every bad key."""
+    try:
+        return RunConf.model_validate(dict(data or {}))
+    except ValidationError as e:
+        raise InvalidRunConf([_describe(err) for err in e.errors()]) from None
+
+
+def conf_keys() -> list[str]:
+    """The conf keys as users write them (aliases), in schema order."""
+    return [f.alias or name for name, f in RunConf.model_fields.items()]
+
+
+# -- Airflow Params ------------------------------------------------------------
+
+
+def _flatten_optional(prop: dict[str, Any]) -> dict[str, Any]:
+    """Turn pydantic's ``anyOf: [{X}, {null}]`` into ``type: [X, "null"]`` for Airflow's form."""
+    any_of = prop.pop("anyOf", None)
+    if any_of is None:
+        return prop
+    types: list[str] = []
+    for option in any_of:
+        option = dict(option)
+        kind = option.pop("type")
+        types.append(kind)
+        prop.update(option)
+    prop["type"] = types
+    return prop
+
+
+@functools.cache
+def _json_schema() -> dict[str, Any]:
+    return RunConf.model_json_schema(by_alias=True, mode="validation")
+
+
+def param_specs(*, dynamic: bool, default_width: int) -> dict[str, dict[str, Any]]:
+    """Keyword arguments of ``airflow.sdk.Param`` for each conf key, from :class:`RunConf`.
+
+    Each spec holds ``description``, the JSON-schema ``type``, ranges, ``title`` and,
+    for keys that have one, ``default``; required keys have no default, so the
+    trigger form asks for them. The fixed-width DAGs get no ``width`` key.
+
+    Args:
+        dynamic: whether the spec is for the dynamic DAG (adds ``width``).
+        default_width: default of ``width`` in the dynamic DAG.
+    """
+    specs: dict[str, dict[str, Any]] = {}
+    for key, prop in copy.deepcopy(_json_schema())["properties"].items():
+        if key == "width" and not dynamic:
+            continue
+        spec = _flatten_optional(dict(prop))
+        if key == "width":
+            spec["default"] = default_width
+            spec["type"] = "integer"
+        specs[key] = spec
+    return specs

@@ -1,0 +1,117 @@
+"""The mini-tasks of every stage, built from the run's conf with the shared request models.
+
+``plan_*`` functions split a stage into :class:`~emprocess.workflow.batch.MiniTask`
+lists (index order = the order worker ids round-robin over); payloads come from
+:mod:`emprocess.models`, so the DAG sends exactly what the services parse: numbers as
+numbers, booleans as booleans, CONTRACTS.md's key spelling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from emprocess.models import AlignedSliceRequest, AlignRequest, NgMetaRequest, NgShardRequest
+from emprocess.workflow.batch import MiniTask
+from emprocess.workflow.conf import RunConf
+
+SHARD_SIZE = 1024
+"""Tile and cube edge in pixels (CONTRACTS.md's shard-size)."""
+
+AFFINE_CACHE = "align/affine_cache"
+WRITE_CACHE = "align/write_cache"
+NG_CACHE = "neuroglancer/cache"
+
+
+def plan_align_pairs(conf: RunConf) -> list[MiniTask]:
+    """One POST / per pair (z, z + 1), z from minz to maxz - 1; index = z - minz."""
+    source = conf.source
+    return [
+        MiniTask(
+            index=z - conf.minz,
+            name=f"z{z:06d}",
+            path="/",
+            payload=AlignRequest(
+                pre=f"gs://{source}/{conf.slice_name(z)}",
+                post=f"gs://{source}/{conf.slice_name(z + 1)}",
+                downsample=conf.downsample_factor,
+            ).payload(),
+        )
+        for z in range(conf.minz, conf.maxz)
+    ]
+
+
+def plan_aligned_slices(
+    conf: RunConf, transforms: Mapping[int, Sequence[float]], bbox_xy: Sequence[int]
+) -> list[MiniTask]:
+    """One POST /alignedslice per slice z from minz to maxz; index = z - minz.
+
+    Args:
+        conf: the run's conf.
+        transforms: z -> 6 numbers mapping slice z into the canvas.
+        bbox_xy: the canvas (width, height) in pixels.
+    """
+    buckets = conf.bucket_names()
+    return [
+        MiniTask(
+            index=z - conf.minz,
+            name=f"z{z:06d}",
+            path="/alignedslice",
+            payload=AlignedSliceRequest(
+                img=conf.slice_name(z),
+                transform=[float(v) for v in transforms[z]],
+                bbox=[int(bbox_xy[0]), int(bbox_xy[1])],
+                dest=conf.source,
+                dest_tmp=buckets["tmp"],
+                slice=z,
+                shard_size=SHARD_SIZE,
+                run_id=conf.id,
+                clip_limit=conf.clip_limit,
+            ).payload(),
+        )
+        for z in range(conf.minz, conf.maxz + 1)
+    ]
+
+
+def _volume_fields(conf: RunConf, bbox_xy: Sequence[int]) -> dict:
+    return {
+        "dest": conf.bucket_names()["ng"],
+        "dest_raw": conf.chunk_bucket if conf.create_raw_pyramid else None,
+        "minz": conf.minz,
+        "maxz": conf.maxz,
+        "bbox": [int(bbox_xy[0]), int(bbox_xy[1])],
+        "shard_size": SHARD_SIZE,
+        "write_raw": conf.create_raw_pyramid,
+        "resolution": conf.resolution,
+    }
+
+
+def ngmeta_task(conf: RunConf, bbox_xy: Sequence[int]) -> MiniTask:
+    """The single POST /ngmeta of the run."""
+    return MiniTask(
+        index=0,
+        name="ngmeta",
+        path="/ngmeta",
+        payload=NgMetaRequest(**_volume_fields(conf, bbox_xy)).payload(),
+    )
+
+
+def plan_cube_starts(bbox_xy: Sequence[int], minz: int, maxz: int) -> list[tuple[int, int, int]]:
+    """Cube starts (x, y, z) in units of 1024, z relative to minz: the kernels' plan."""
+    from emprocess.kernels.ngmeta import plan_cubes
+
+    return plan_cubes((int(bbox_xy[0]), int(bbox_xy[1])), minz, maxz, SHARD_SIZE)
+
+
+def plan_ng_shards(conf: RunConf, bbox_xy: Sequence[int]) -> list[MiniTask]:
+    """One POST /ngshard per 1024^3 cube of the volume, in :func:`plan_cube_starts` order."""
+    fields = _volume_fields(conf, bbox_xy)
+    tmp = conf.bucket_names()["tmp"]
+    return [
+        MiniTask(
+            index=i,
+            name=f"cube_{x}_{y}_{z}",
+            path="/ngshard",
+            payload=NgShardRequest(**fields, source=tmp, start=[x, y, z]).payload(),
+        )
+        for i, (x, y, z) in enumerate(plan_cube_starts(bbox_xy, conf.minz, conf.maxz))
+    ]

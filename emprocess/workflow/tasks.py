@@ -1,0 +1,283 @@
+"""The DAG's tasks: thin Airflow wrappers around :mod:`emprocess.workflow.stages`.
+
+Imported at parse time, so only ``airflow.sdk`` and the standard library are imported
+here at module level; each task imports what it needs when it runs. Tasks pass small
+JSON: ``validate`` returns the run info, ``align.collect`` the canvas; the others pull
+those by task id, which keeps the graph's edges exactly CONTRACTS.md's. Every task also
+pushes a ``timing`` XCom that ``write_status`` gathers into complete.json.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urlsplit
+
+from airflow.sdk import TriggerRule, get_current_context, task
+
+from emprocess.workflow import ALIGN_CONN_ID, EMWRITE_CONN_ID
+
+if TYPE_CHECKING:
+    from emprocess.workflow.stages import RunInfo
+
+log = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+VALIDATE = "validate"
+COLLECT = "align.collect"
+SMTP_CONN_ID = "smtp_default"
+
+
+def service_url(conn_id: str) -> str:
+    """Base URL of the service behind Airflow connection ``conn_id``."""
+    from airflow.sdk import BaseHook
+
+    from emprocess.workflow.batch import connection_base_url
+
+    conn = BaseHook.get_connection(conn_id)
+    url = connection_base_url(conn.conn_type, conn.host, conn.port, conn.schema)
+    log.info("connection %s -> %s", conn_id, urlsplit(url).netloc)
+    return url
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def timed(fn: F) -> F:
+    """Push ``{task_id, started, finished, batch}`` as XCom ``timing``; turn input errors fatal.
+
+    An :class:`~emprocess.errors.InvalidInput` (bad conf, missing slices) or a batch that
+    met a client error cannot succeed on retry, so it becomes ``AirflowFailException``.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from emprocess.errors import InvalidInput
+        from emprocess.workflow.batch import BatchError
+
+        ti = get_current_context()["ti"]
+        started = _now()
+        try:
+            result = fn(*args, **kwargs)
+        except InvalidInput as e:
+            raise AirflowFailException(str(e)) from e
+        except BatchError as e:
+            if e.client_error:
+                raise AirflowFailException(str(e)) from e
+            raise
+        record = {
+            "task_id": ti.task_id,
+            "map_index": ti.map_index,
+            "started": started,
+            "finished": _now(),
+            "batch": result if isinstance(result, dict) and "planned" in result else None,
+        }
+        ti.xcom_push(key="timing", value=record)
+        return result
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _info() -> RunInfo:
+    from emprocess.workflow.stages import RunInfo
+
+    data = get_current_context()["ti"].xcom_pull(task_ids=VALIDATE)
+    return RunInfo.model_validate(data)
+
+
+def _canvas() -> dict[str, Any]:
+    from airflow.sdk.exceptions import AirflowFailException
+
+    canvas: dict[str, Any] | None = get_current_context()["ti"].xcom_pull(task_ids=COLLECT)
+    if canvas is None:
+        raise AirflowFailException(f"alignment did not finish: {COLLECT} left no canvas")
+    return canvas
+
+
+def _airflow_run_id() -> str:
+    return str(get_current_context()["dag_run"].run_id)
+
+
+# -- tasks ------------------------------------------------------------------------
+
+
+@task(task_id="validate", retries=0)
+@timed
+def validate(dag_width: int | None) -> dict[str, Any]:
+    """Check the conf against the schema and the slices in the source bucket."""
+    from emprocess.workflow.stages import validate_run
+
+    ctx = get_current_context()
+    return validate_run(ctx["dag_run"].conf, dag_width, ctx["dag"].dag_id).to_json()
+
+
+@task(task_id="create_env")
+@timed
+def create_env() -> dict[str, Any]:
+    """Create the run's buckets and RUN_ID/init.json (idempotent)."""
+    from emprocess.workflow.stages import create_env as create
+
+    return create(_info(), _airflow_run_id())
+
+
+@task(task_id="start_align")
+@timed
+def start_align() -> list[int]:
+    """Open the align stage; returns the worker ids (the dynamic DAG maps over them)."""
+    info = _info()
+    log.info("%d pairs over %d workers", info.conf.maxz - info.conf.minz, info.width)
+    return list(range(info.width))
+
+
+@task(task_id="affine")
+@timed
+def affine(worker_id: int) -> dict[str, Any]:
+    """Align this worker's pairs z -> z+1 (POST / of the alignment service)."""
+    from emprocess.workflow.stages import align_pairs
+
+    info = _info()
+    url = "" if info.conf.skip_align else service_url(ALIGN_CONN_ID)
+    return align_pairs(info, worker_id, url)
+
+
+@task(task_id="collect")
+@timed
+def collect() -> dict[str, Any]:
+    """Compose the global transforms; returns the canvas ``{"bbox": [w, h], ...}``."""
+    from emprocess.workflow.stages import collect_alignment
+
+    return collect_alignment(_info())
+
+
+@task(task_id="write")
+@timed
+def write(worker_id: int) -> dict[str, Any]:
+    """Warp, CLAHE and tile this worker's slices (POST /alignedslice)."""
+    from emprocess.workflow.stages import write_slices
+
+    return write_slices(_info(), _canvas(), worker_id, service_url(EMWRITE_CONN_ID))
+
+
+@task(task_id="finish_align")
+@timed
+def finish_align() -> dict[str, Any]:
+    """Close the align stage: every slice must have been written."""
+    from emprocess.workflow.stages import check_slices_written
+
+    return check_slices_written(_info(), _canvas())
+
+
+@task(task_id="write_ngmeta")
+@timed
+def write_ngmeta() -> dict[str, Any]:
+    """Write the neuroglancer ``info`` files (POST /ngmeta)."""
+    from emprocess.workflow.stages import write_ngmeta as ngmeta
+
+    return ngmeta(_info(), _canvas(), service_url(EMWRITE_CONN_ID))
+
+
+@task(task_id="write_ng_shards")
+@timed
+def write_ng_shards(worker_id: int) -> dict[str, Any]:
+    """Build this worker's 1024^3 cubes (POST /ngshard)."""
+    from emprocess.workflow.stages import write_ng_shards as shards
+
+    return shards(_info(), _canvas(), worker_id, service_url(EMWRITE_CONN_ID))
+
+
+@task(task_id="finish_ngwrite")
+@timed
+def finish_ngwrite() -> dict[str, Any]:
+    """Close the ngingest stage with a count of the cubes."""
+    from emprocess.workflow.payloads import plan_ng_shards
+
+    info = _info()
+    cubes = len(plan_ng_shards(info.conf, _canvas()["bbox"]))
+    log.info("%d cubes requested", cubes)
+    return {"cubes": cubes}
+
+
+@task.short_circuit(task_id="iswritten", trigger_rule=TriggerRule.ALL_DONE, retries=0)
+@timed
+def iswritten() -> bool:
+    """Whether the volume is complete, judged by its outputs once ngingest is done either way.
+
+    Runs even when an ngingest task failed. A complete volume lets cleanup, public
+    read and the status record go ahead; an incomplete one fails this task, naming
+    what is missing, so the run ends failed (not "success" with skipped tasks) and the
+    tmp bucket keeps its tiles for a re-run.
+    """
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from emprocess.workflow.stages import check_written
+
+    ok, message = check_written(_info(), _canvas())
+    if not ok:
+        raise AirflowFailException(message)
+    log.info(message)
+    return True
+
+
+@task(task_id="cleanup_images")
+@timed
+def cleanup_images() -> str:
+    """Put a lifecycle delete rule on the tmp bucket."""
+    from emprocess.workflow.stages import cleanup_images as cleanup
+
+    return cleanup(_info())
+
+
+@task(task_id="set_public_read")
+@timed
+def set_public_read() -> str:
+    """Make the neuroglancer bucket public-read, only when conf ``public`` is true."""
+    from emprocess.workflow.stages import set_public_read as make_public
+
+    return make_public(_info())
+
+
+@task(task_id="write_status")
+@timed
+def write_status() -> dict[str, Any]:
+    """Write RUN_ID/complete.json and email the conf's address when SMTP is configured."""
+    from emprocess.workflow.stages import write_status as status
+
+    ctx = get_current_context()
+    records = ctx["ti"].xcom_pull(task_ids=list(ctx["dag"].task_ids), key="timing") or []
+    records = [r for r in records if r]
+    doc = status(_info(), _canvas(), records, _airflow_run_id())
+    email = doc["conf"].get("email")
+    doc["email"] = send_status_email(email, doc) if email else "no email in conf"
+    return {k: doc[k] for k in ("neuroglancer", "bbox", "elapsed_s", "email")}
+
+
+def send_status_email(to: str, doc: dict[str, Any]) -> str:
+    """Send the "run complete" message through Airflow's SMTP connection, if there is one."""
+    from airflow.sdk import BaseHook
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    from emprocess.workflow.stages import status_email
+
+    try:
+        BaseHook.get_connection(SMTP_CONN_ID)
+    except AirflowNotFoundException:
+        msg = f"no Airflow connection {SMTP_CONN_ID!r}; no email sent to {to}"
+        log.info(msg)
+        return msg
+    from airflow.providers.smtp.hooks.smtp import SmtpHook
+
+    subject, body = status_email(doc)
+    try:
+        with SmtpHook(smtp_conn_id=SMTP_CONN_ID) as hook:
+            hook.send_email_smtp(to=to, subject=subject, html_content=body)
+    except Exception as e:  # the volume is written; a mail failure must not fail the run
+        log.warning("could not email %s: %s", to, e)
+        return f"email to {to} failed: {e}"
+    return f"emailed {to}"

@@ -1,0 +1,186 @@
+"""The task bodies without Airflow, against small scripted services and real storage."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dags_conftest_helpers import (
+    Answer,
+    Request,
+    ScriptedServer,
+    fake_emwrite_respond,
+    write_slices,
+)
+
+from emprocess import affine, storage
+from emprocess.errors import EmprocessError
+from emprocess.workflow import stages
+from emprocess.workflow.batch import HttpSettings
+from emprocess.workflow.payloads import plan_ng_shards
+from emprocess.workflow.stages import RunInfo
+
+FAST = HttpSettings(threads=2, attempts=2, backoff_s=0.01, max_backoff_s=0.02)
+SHIFT_PX = {3: (2.0, -1.0), 4: (-3.0, 0.5)}  # pair (z, z+1): translation found at downsample 2
+
+
+@pytest.fixture
+def root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", str(tmp_path / "root"))
+    (tmp_path / "root").mkdir()
+    return tmp_path / "root"
+
+
+def run_info(source: str, **conf: Any) -> RunInfo:
+    write_slices(source, "img.%05d.png", range(3, 6), size_xy=(40, 30))
+    data = {"id": "r1", "image": "img.%05d.png", "minz": 3, "maxz": 5, "source": source, **conf}
+    return stages.validate_run(data, dag_width=2, dag_id="emprocess_width2_test")
+
+
+@pytest.fixture
+def emwrite() -> Iterator[ScriptedServer]:
+    with ScriptedServer(fake_emwrite_respond) as server:
+        yield server
+
+
+def fake_align(req: Request) -> Answer:
+    z = int(re.search(r"img\.(\d+)\.png$", req.body["pre"]).group(1))
+    dx, dy = SHIFT_PX[z]
+    return Answer(
+        200,
+        {
+            "width": 20,
+            "height": 15,
+            "width0": 20,
+            "height0": 15,
+            "affine": [1.0, 0.0, 0.0, 1.0, dx, dy],
+            "translation": affine.translation(dx, dy),
+            "affine_found": True,
+            "translation_found": True,
+            "affine_inliers": 40,
+            "translation_inliers": 44,
+            "affine_mean_residual_px": 0.3,
+            "translation_mean_residual_px": 0.4,
+        },
+    )
+
+
+def test_create_env_is_idempotent(root: Path) -> None:
+    storage.create_bucket("src")
+    info = run_info("src", createRawPyramid=False, project="proj")
+    first = stages.create_env(info, "manual__1")
+    assert first["buckets_created"] == {"src_process": True, "src_tmp_r1": True, "src_ng_r1": True}
+    init1 = json.loads(storage.read_bytes("gs://src_process/r1/init.json"))
+    second = stages.create_env(info, "manual__2")
+    assert set(second["buckets_created"].values()) == {False}
+    init2 = json.loads(storage.read_bytes("gs://src_process/r1/init.json"))
+    assert init2["first_started"] == init1["started"]
+    assert init2["airflow_run_id"] == "manual__2"
+    assert init2["conf"] == info.conf.to_json() and init2["slice_size_xy"] == [40, 30]
+    assert set(init2["versions"]) >= {"python", "clio-ingest", "pydantic"}
+    assert not storage.bucket_exists("src_chunk_r1")
+    assert "environ" not in json.dumps(init2).lower()
+
+
+def test_align_and_collect_compose_the_cached_answers(root: Path) -> None:
+    storage.create_bucket("src")
+    info = run_info("src", downsample_factor=2)
+    stages.create_env(info, "manual__1")
+    with ScriptedServer(fake_align) as server:
+        sent = [stages.align_pairs(info, w, server.url, FAST)["sent"] for w in (0, 1)]
+    assert sent == [1, 1]
+    assert sorted(r.body["downsample"] for r in server.requests) == [2, 2]
+    canvas = stages.collect_alignment(info)
+    # Full resolution pairs (4, -2) and (-6, 1): slices at (0, 0), (4, -2), (-2, -1);
+    # x spans -2..44, y spans -2..30.
+    assert canvas["bbox"] == [46, 32] and canvas["models"] == {"translation": 2}
+    transforms = stages.read_transforms(info.conf)
+    assert transforms == {
+        3: affine.translation(2, 2),
+        4: affine.translation(6, 0),
+        5: affine.translation(0, 1),
+    }
+    csv = storage.read_bytes("gs://src_process/r1/align/transforms.csv").decode().splitlines()
+    assert csv[0] == "slice,m00,m10,m01,m11,m02,m12" and csv[2] == "4,1.0,0.0,0.0,1.0,6.0,0.0"
+    qc = storage.read_bytes("gs://src_process/r1/align/qc.csv").decode().splitlines()
+    assert qc[1] == "3,4,translation,0.0,40,44,0.3,0.4"
+
+
+def test_skip_align_sends_nothing_and_writes_identity(root: Path, emwrite: ScriptedServer) -> None:
+    storage.create_bucket("src")
+    info = run_info("src", skip_align=True)
+    stages.create_env(info, "manual__1")
+    assert stages.align_pairs(info, 0, "http://127.0.0.1:9", FAST)["planned"] == 0
+    canvas = stages.collect_alignment(info)
+    assert canvas["bbox"] == [40, 30]
+    with pytest.raises(EmprocessError, match=r"3 of 3 slices have not been written: z000003"):
+        stages.check_slices_written(info, canvas)
+    for w in (0, 1):
+        stages.write_slices(info, canvas, w, emwrite.url, FAST)
+    assert stages.check_slices_written(info, canvas) == {"slices": 3}
+    bodies = sorted((r.body for r in emwrite.requests), key=lambda b: b["slice"])
+    assert [b["transform"] for b in bodies] == [list(affine.IDENTITY)] * 3
+    assert {json.dumps(b["bbox"]) for b in bodies} == {"[40, 30]"}
+
+
+def test_ngingest_written_check_and_status(root: Path, emwrite: ScriptedServer) -> None:
+    storage.create_bucket("src")
+    info = run_info("src", skip_align=True, public=True, email="a@b.org")
+    stages.create_env(info, "manual__1")
+    canvas = stages.collect_alignment(info)
+    ok, msg = stages.check_written(info, canvas)
+    assert not ok
+    assert msg == (
+        "volume incomplete: 2 of 2 requests unanswered: ngmeta, cube_0_0_0; "
+        "gs://src_ng_r1/neuroglancer/jpeg/info does not exist"
+    )
+    stages.write_ngmeta(info, canvas, emwrite.url, FAST)
+    stages.write_ng_shards(info, canvas, 0, emwrite.url, FAST)
+    assert stages.write_ng_shards(info, canvas, 1, emwrite.url, FAST)["planned"] == 0
+    assert stages.check_written(info, canvas) == (
+        True,
+        "volume complete: 1 cubes and gs://src_ng_r1/neuroglancer/jpeg/info",
+    )
+    assert "deleted 3 days after" in stages.cleanup_images(info)
+    assert storage.bucket_settings("src_tmp_r1")["lifecycle_delete_age_days"] == 3
+    assert "public-read is a no-op" in stages.set_public_read(info)
+    records = [
+        {"task_id": "validate", "started": "2026-01-01T00:00:00+00:00", "finished": "2026-01-01T00:00:02+00:00"},
+        {"task_id": "ngingest.write_ng_shards_0", "started": "2026-01-01T00:00:05+00:00",
+         "finished": "2026-01-01T00:00:09+00:00", "batch": {"planned": 1, "cached": 0, "sent": 1, "attempts": 2}},
+        {"task_id": "ngingest.write_ng_shards_1", "started": "2026-01-01T00:00:04+00:00",
+         "finished": "2026-01-01T00:00:06+00:00", "batch": {"planned": 0, "cached": 0, "sent": 0, "attempts": 0}},
+    ]  # fmt: skip
+    doc = stages.write_status(info, canvas, records, "manual__1")
+    assert json.loads(storage.read_bytes("gs://src_process/r1/complete.json")) == doc
+    assert doc["stages"] == {
+        "validate": {"tasks": 1, "started": records[0]["started"], "finished": records[0]["finished"], "elapsed_s": 2.0},
+        "ngingest.write_ng_shards": {"tasks": 2, "started": records[2]["started"], "finished": records[1]["finished"],
+                                     "elapsed_s": 5.0, "planned": 1, "cached": 0, "sent": 1, "attempts": 2},
+    }  # fmt: skip
+    assert doc["neuroglancer"] == "precomputed://gs://src_ng_r1/neuroglancer/jpeg"
+    assert doc["public"] is True and doc["slices"] == 3 and doc["elapsed_s"] >= 0
+    subject, body = stages.status_email(doc)
+    assert subject == "emprocess: r1 is ready (3 slices)"
+    assert "precomputed://gs://src_ng_r1/neuroglancer/jpeg" in body
+
+
+def test_private_by_default(root: Path) -> None:
+    storage.create_bucket("src")
+    info = run_info("src")
+    assert stages.set_public_read(info) == "bucket src_ng_r1 stays private (conf public is false)"
+
+
+def test_cube_plan_covers_the_volume_round_robin(root: Path) -> None:
+    storage.create_bucket("src")
+    conf = run_info("src").conf.model_copy(update={"minz": 5, "maxz": 1030})
+    tasks = plan_ng_shards(conf, [2500, 1100])
+    starts = [t.payload["start"] for t in tasks]
+    assert len(starts) == 3 * 2 * 2 and starts[0] == [0, 0, 0] and starts[-1] == [2, 1, 1]
+    assert [t.index for t in tasks] == list(range(12))
+    assert {t.payload["minz"] for t in tasks} == {5}
+    assert tasks[4].name == "cube_1_1_0"

@@ -764,7 +764,9 @@ def write_sample(
             raise RuntimeError(f"PNG encoding of slice {z} failed")
         storage.write_bytes(storage.join(dest, template % z), png.tobytes(), "image/png")
         if (z - first_z + 1) % log_every == 0 or z == truth["maxz"]:
-            logger.info("wrote slice %d (%d of %d)", z, z - first_z + 1, n_slices)
+            done = z - first_z + 1
+            if done == n_slices or done % max(1, n_slices // 10) == 0:
+                logger.info("wrote slice %d (%d of %d)", z, done, n_slices)
     data = json.dumps(truth, indent=1).encode()
     storage.write_bytes(storage.join(dest, TRUTH_NAME), data, "application/json")
     return truth

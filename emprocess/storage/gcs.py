@@ -18,7 +18,7 @@ from typing import TypeVar
 from google.api_core import exceptions as gexc
 from google.api_core.retry import Retry
 from google.auth.credentials import AnonymousCredentials
-from google.cloud import storage
+from google.cloud.storage import Blob, Bucket, Client
 from google.cloud.storage.retry import DEFAULT_RETRY
 
 from emprocess.errors import BucketNotFound, InvalidKey, ObjectNotFound, StorageError
@@ -40,22 +40,22 @@ NEUROGLANCER_CORS = [
     }
 ]
 
-_clients: dict[tuple[str | None, str | None], storage.Client] = {}
+_clients: dict[tuple[str | None, str | None], Client] = {}
 _clients_lock = threading.Lock()
 
 
-def client(project: str | None = None) -> storage.Client:
+def client(project: str | None = None) -> Client:
     """A cached client for this process (one per emulator host and project)."""
     emulator = os.environ.get("STORAGE_EMULATOR_HOST")
     cache_key = (emulator, project)
     with _clients_lock:
         if cache_key not in _clients:
             if emulator:
-                _clients[cache_key] = storage.Client(
+                _clients[cache_key] = Client(
                     project=project or "emulator", credentials=AnonymousCredentials()
                 )
             else:
-                _clients[cache_key] = storage.Client(project=project)
+                _clients[cache_key] = Client(project=project)
         return _clients[cache_key]
 
 
@@ -83,7 +83,7 @@ class GCSBackend:
             target = f"gs://{bucket}/{key}" if key is not None else f"bucket {bucket!r}"
             raise StorageError(f"GCS {what} {target} failed: {e.code} {e.message}") from e
 
-    def _blob(self, bucket: str, key: str) -> storage.Blob:
+    def _blob(self, bucket: str, key: str) -> Blob:
         if not key or key.endswith("/"):
             raise InvalidKey(f"object key {key!r} names a folder, not an object")
         return client().bucket(bucket).blob(key)
@@ -183,7 +183,7 @@ class GCSBackend:
                 ) from None
             raise
 
-    def _patch(self, bucket: str, what: str, change: Callable[[storage.Bucket], None]) -> None:
+    def _patch(self, bucket: str, what: str, change: Callable[[Bucket], None]) -> None:
         def run() -> None:
             b = client().get_bucket(bucket, timeout=TIMEOUT_S, retry=retry_policy())
             change(b)
@@ -192,14 +192,14 @@ class GCSBackend:
         self._call(what, bucket, None, run)
 
     def set_lifecycle_delete(self, bucket: str, age_days: int) -> None:
-        def change(b: storage.Bucket) -> None:
+        def change(b: Bucket) -> None:
             b.clear_lifecycle_rules()
             b.add_lifecycle_delete_rule(age=age_days)
 
         self._patch(bucket, "set lifecycle of", change)
 
     def set_storage_class(self, bucket: str, storage_class: str) -> None:
-        def change(b: storage.Bucket) -> None:
+        def change(b: Bucket) -> None:
             b.storage_class = storage_class
 
         self._patch(bucket, "set storage class of", change)

@@ -1,0 +1,343 @@
+"""Read one run's records from its process bucket (and nothing else) into a :class:`RunReport`.
+
+What is read, all under ``gs://SOURCE_process/RUN_ID/``: init.json (the conf: totals),
+align/transforms.json and align/qc.csv (canvas, QC), complete.json (finished), one
+listing per cache prefix (align/affine_cache/, align/write_cache/, neuroglancer/cache/):
+the creation time of each cache object is when its mini-task finished, and failures/
+(failure records, when the workflow writes them). With ``read_records`` each counted
+cache object is read too (attempts, request seconds, QC before collect): one read per
+mini-task, so it costs more on big runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from emprocess import storage
+from emprocess.errors import EmprocessError, InvalidBucketName, InvalidInput, NotFound
+from emprocess.report.model import (
+    FAILED,
+    FINISHED,
+    RUNNING,
+    STALLED,
+    FailureNote,
+    PairQC,
+    RunReport,
+    duration,
+    iso,
+)
+from emprocess.report.progress import (
+    Counted,
+    canvas_from_transforms,
+    count_answers,
+    plan_stages,
+    stage_progress,
+    task_name,
+)
+from emprocess.report.qc import qc_from_answers, qc_from_csv
+from emprocess.storage import ObjectInfo
+from emprocess.workflow.conf import RunConf, parse_conf
+from emprocess.workflow.payloads import AFFINE_CACHE, NG_CACHE, WRITE_CACHE
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MIN_INLIERS = 50
+DEFAULT_MAX_RESIDUAL_PX = 2.0
+DEFAULT_STALL_AFTER_S = 1800.0
+"""A run with no new record for this long (and no complete.json) is stalled."""
+
+FAILURES = "failures"
+"""Prefix of failure records: ``RUN_ID/failures/STAGE/NAME.json`` with at least ``error``."""
+
+AUTO_RECORDS_MAX = 5000
+"""``read_records=None`` reads the cache records only when there are at most this many."""
+
+FAILURES_SHOWN = 10
+"""Failure records read (for their message) per stage."""
+
+STAGES: tuple[tuple[str, str, str], ...] = (
+    ("affine", "align pairs", AFFINE_CACHE),
+    ("write", "aligned slices", WRITE_CACHE),
+    ("ngmeta", "ngmeta (info)", NG_CACHE),
+    ("ngshard", "ng shards", NG_CACHE),
+)
+"""(stage, label, cache prefix) in run order; stage names are the batch helper's."""
+
+T = TypeVar("T")
+
+
+class RunNotFound(NotFound):
+    """The process bucket has no init.json for the run."""
+
+
+def _bucket_of(source: str) -> str:
+    name = source.removeprefix("gs://").strip("/")
+    try:
+        return storage.check_bucket_name(name)
+    except InvalidBucketName as e:
+        raise InvalidInput(f"source {source!r} is not a bucket name: {e}") from None
+
+
+def _check_run_id(run_id: str) -> str:
+    if not run_id or "/" in run_id or run_id in {".", ".."}:
+        raise InvalidInput(f"run id {run_id!r} must be one non-empty path segment")
+    return run_id
+
+
+def _listed(url: str) -> ObjectInfo | None:
+    """The object at ``url`` with its time, from a listing (None when absent)."""
+    key = storage.parse_url(url).key
+    return next((info for info in storage.list_objects(url) if info.key == key), None)
+
+
+def _read_json(url: str) -> tuple[Any, ObjectInfo] | None:
+    info = _listed(url)
+    if info is None:
+        return None
+    return json.loads(storage.read_bytes(url)), info
+
+
+def _pmap(fn: Callable[[str], T], items: Sequence[str], threads: int) -> list[T]:
+    if threads <= 1 or len(items) <= 1:
+        return [fn(i) for i in items]
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        return list(pool.map(fn, items))
+
+
+def _failures(
+    process: str, done: Mapping[str, set[str]], threads: int
+) -> tuple[dict[str, int], list[FailureNote]]:
+    """Failure records of mini-tasks that still have no answer, per stage."""
+    prefix = storage.parse_url(f"{process}/{FAILURES}/").key
+    outstanding: dict[str, list[ObjectInfo]] = {}
+    for info in storage.list_objects(f"{process}/{FAILURES}/"):
+        stage, _, fn = info.key[len(prefix) :].partition("/")
+        name = fn.split(".")[0]
+        if stage in done and name and name not in done[stage]:
+            outstanding.setdefault(stage, []).append(info)
+    counts = {stage: len(infos) for stage, infos in outstanding.items()}
+    shown = [info for infos in outstanding.values() for info in infos[:FAILURES_SHOWN]]
+
+    def read(key: str) -> dict[str, Any]:
+        try:
+            doc = json.loads(storage.read_bytes(storage.bucket_url(bucket, key)))
+            return doc if isinstance(doc, dict) else {}
+        except (EmprocessError, ValueError):
+            return {}
+
+    bucket = storage.parse_url(process).bucket
+    docs = _pmap(read, [info.key for info in shown], threads)
+    notes = []
+    for info, doc in zip(shown, docs, strict=True):
+        stage, _, fn = info.key[len(prefix) :].partition("/")
+        error = str(doc.get("error", "(no message)"))
+        notes.append(FailureNote(stage, fn.split(".")[0], error[:500], info.updated))
+    return counts, notes
+
+
+def _read_cache_records(
+    bucket: str, counted: Mapping[str, Counted], threads: int
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Each counted cache object's JSON record, by stage and mini-task name."""
+
+    def read(key: str) -> dict[str, Any]:
+        try:
+            doc = json.loads(storage.read_bytes(storage.bucket_url(bucket, key)))
+        except (EmprocessError, ValueError) as e:
+            log.warning("cannot read cache record %s: %s", key, e)
+            return {}
+        return doc if isinstance(doc, dict) else {}
+
+    out = {}
+    for stage, c in counted.items():
+        names = sorted(c.objects)
+        docs = _pmap(read, [c.objects[n].key for n in names], threads)
+        out[stage] = dict(zip(names, docs, strict=True))
+    return out
+
+
+def _judge_state(
+    complete: Mapping[str, Any] | None,
+    last_activity: datetime,
+    now: datetime,
+    stall_after_s: float,
+    failure_counts: Mapping[str, int],
+) -> tuple[str, str]:
+    """(state, reason): finished with complete.json; stalled or failed after a long silence."""
+    idle_s = (now - last_activity).total_seconds()
+    if complete is not None:
+        return FINISHED, (
+            f"complete.json written; finished {complete.get('finished')} after "
+            f"{duration(complete.get('elapsed_s'))}"
+        )
+    if idle_s <= stall_after_s:
+        return RUNNING, f"last record {duration(max(0.0, idle_s))} ago"
+    reason = (
+        f"no new record for {duration(idle_s)} (last at {iso(last_activity)}): the run "
+        "failed or stalled; see its tasks in Airflow"
+    )
+    if failure_counts:
+        return (
+            FAILED,
+            reason + f"; unanswered mini-tasks with failure records: {dict(failure_counts)}",
+        )
+    return STALLED, reason
+
+
+def load_run(
+    source: str,
+    run_id: str,
+    *,
+    now: datetime | None = None,
+    min_inliers: int = DEFAULT_MIN_INLIERS,
+    max_residual_px: float = DEFAULT_MAX_RESIDUAL_PX,
+    stall_after_s: float = DEFAULT_STALL_AFTER_S,
+    read_records: bool | None = None,
+    threads: int = 16,
+) -> RunReport:
+    """Describe run ``run_id`` from ``SOURCE_process`` alone: progress, state and QC.
+
+    Args:
+        source: the run's source bucket (conf ``source``), with or without ``gs://``.
+        run_id: the run's id (conf ``id``).
+        now: the time to judge the state and ETAs against (default: now, UTC).
+        min_inliers: flag pairs whose model has fewer inlier matches.
+        max_residual_px: flag pairs whose mean inlier residual is larger (pixels as
+            matched, i.e. at 1/downsample_factor).
+        stall_after_s: with no new record for this long (and no complete.json) the run
+            counts as stalled.
+        read_records: also read every counted cache object (attempts, request seconds,
+            QC before collect): one read per mini-task. None (the default) reads them when
+            there are at most ``AUTO_RECORDS_MAX``.
+        threads: concurrent reads.
+
+    Raises:
+        RunNotFound: when the process bucket has no RUN_ID/init.json.
+        BucketNotFound: when SOURCE_process does not exist.
+        InvalidInput: for a source or run id that cannot name a bucket or folder.
+    """
+    bucket = _bucket_of(source)
+    run_id = _check_run_id(run_id)
+    now = now or datetime.now(UTC)
+    process = f"gs://{bucket}_process/{run_id}"
+    found = _read_json(f"{process}/init.json")
+    if found is None:
+        raise RunNotFound(
+            f"no {process}/init.json ({storage.backend_description()}): the run has not "
+            "passed create_env yet, or the source or run id is wrong"
+        )
+    init, init_info = found
+    conf: dict[str, Any] = dict(init.get("conf") or {})
+    if "minz" not in conf or "maxz" not in conf:
+        raise InvalidInput(f"{process}/init.json has no conf minz/maxz: {sorted(conf)}")
+    run_conf: RunConf | None
+    try:
+        run_conf = parse_conf(conf)
+    except InvalidInput as e:
+        log.warning("conf of %s does not parse with this code (%s); counting by name", run_id, e)
+        run_conf = None
+    times = [init_info.updated]
+
+    complete = None
+    if (doc := _read_json(f"{process}/complete.json")) is not None:
+        complete = doc[0]
+        times.append(doc[1].updated)
+    transforms = None
+    if (doc := _read_json(f"{process}/align/transforms.json")) is not None:
+        transforms = {int(z): [float(v) for v in t] for z, t in doc[0].items()}
+        times.append(doc[1].updated)
+    qc_text = None
+    if (qc_info := _listed(f"{process}/align/qc.csv")) is not None:
+        qc_text = storage.read_bytes(f"{process}/align/qc.csv").decode()
+        times.append(qc_info.updated)
+
+    bbox: tuple[int, int] | None = None
+    if complete and complete.get("bbox"):
+        bbox = (int(complete["bbox"][0]), int(complete["bbox"][1]))
+    elif transforms and init.get("slice_size_xy"):
+        bbox = canvas_from_transforms(transforms, init["slice_size_xy"])
+    plans = plan_stages(conf, run_conf, transforms, bbox)
+
+    listings: dict[str, list[ObjectInfo]] = {}  # ngmeta and ngshard share one prefix
+    counted: dict[str, Counted] = {}
+    for stage, _, prefix in STAGES:
+        url = f"{process}/{prefix}/"
+        if url not in listings:
+            listings[url] = storage.list_objects(url)
+        prefix_key = storage.parse_url(url).key
+        listing = listings[url]
+        if prefix == NG_CACHE:
+            is_meta = stage == "ngmeta"
+            listing = [
+                i for i in listing if (task_name(i.key[len(prefix_key) :]) == "ngmeta") == is_meta
+            ]
+        counted[stage] = count_answers(stage, listing, prefix_key, plans[stage])
+        times.extend(i.updated for i in counted[stage].objects.values())
+
+    failure_counts, failure_notes = _failures(
+        process, {s: set(c.objects) for s, c in counted.items()}, threads
+    )
+    times.extend(f.when for f in failure_notes)
+    last_activity = max(times)
+    answered = sum(len(c.objects) for c in counted.values())
+    if read_records is None:
+        read_records = answered <= AUTO_RECORDS_MAX
+        if not read_records:
+            log.info("%d cache records: not read (read_records=True reads them)", answered)
+    records = _read_cache_records(f"{bucket}_process", counted, threads) if read_records else {}
+    state, reason = _judge_state(complete, last_activity, now, stall_after_s, failure_counts)
+    stages = tuple(
+        stage_progress(
+            stage,
+            label,
+            f"{process}/{prefix}/",
+            counted[stage],
+            plans[stage],
+            running=state == RUNNING,
+            now=now,
+            failures=failure_counts.get(stage),
+            records=records.get(stage),
+            skipped=stage == "affine" and bool(conf.get("skip_align", False)),
+        )
+        for stage, label, prefix in STAGES
+    )
+
+    qc: list[PairQC] = []
+    qc_source = None
+    if qc_text is not None:
+        qc, qc_source = qc_from_csv(qc_text, min_inliers, max_residual_px), "qc.csv"
+    elif records.get("affine"):
+        answers = {
+            int(name[1:]): r["response"] for name, r in records["affine"].items() if "response" in r
+        }
+        qc, qc_source = qc_from_answers(answers, min_inliers, max_residual_px), "affine_cache"
+
+    report = RunReport(
+        source=bucket,
+        run_id=run_id,
+        process_url=process,
+        backend=storage.backend_description(),
+        generated=now,
+        state=state,
+        state_reason=reason,
+        last_activity=last_activity,
+        init=init,
+        complete=complete,
+        bbox_xy=bbox,
+        stages=stages,
+        qc=tuple(qc),
+        qc_source=qc_source,
+        min_inliers=min_inliers,
+        max_residual_px=max_residual_px,
+        failures=tuple(failure_notes),
+    )
+    log.info(
+        "run %s: %s; %s",
+        run_id, state, ", ".join(f"{s.name} {s.done}/{s.total}" for s in stages),
+    )  # fmt: skip
+    return report

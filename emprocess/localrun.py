@@ -1,0 +1,228 @@
+"""Run the workflow on one machine: both services under gunicorn, the DAG through real Airflow.
+
+``emprocess run`` and ``emprocess demo`` use this. The services are started as
+``emprocess serve`` subprocesses on free 127.0.0.1 ports; Airflow runs the
+repository's own DAG file with ``airflow dags test`` in a subprocess whose
+``AIRFLOW_HOME`` (metadata database, logs) lives in the working directory. While
+it runs, progress is read from the process bucket alone, the same way the
+monitoring report reads it, and everything started here is stopped by PID.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from emprocess import storage
+from emprocess.errors import EmprocessError, NotFound
+
+log = logging.getLogger(__name__)
+
+REPO_DAG_FILE = Path(__file__).resolve().parents[1] / "emprocess.py"
+
+
+class RunFailed(EmprocessError):
+    """The Airflow run ended without success."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_http(url: str, proc: subprocess.Popen, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise EmprocessError(f"the service for {url} exited with code {proc.returncode}")
+        try:
+            urllib.request.urlopen(url, timeout=1).close()
+            return
+        except (urllib.error.URLError, OSError):
+            if time.monotonic() > deadline:
+                raise EmprocessError(f"{url} did not answer within {timeout_s} s") from None
+            time.sleep(0.1)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@dataclass
+class Services:
+    """Base URLs of the running services."""
+
+    align: str
+    emwrite: str
+
+
+@contextmanager
+def local_services(log_dir: Path, env: dict[str, str] | None = None) -> Iterator[Services]:
+    """Start the alignment and emwrite services under gunicorn; stop them on exit."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    procs: list[subprocess.Popen] = []
+    urls = {}
+    try:
+        for name in ("align", "emwrite"):
+            port = free_port()
+            with open(log_dir / f"{name}.log", "ab") as out:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "emprocess.cli", "serve", name, "--port", str(port)],
+                    env={**os.environ, **(env or {})},
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
+            procs.append(proc)
+            urls[name] = f"http://127.0.0.1:{port}"
+            _wait_http(urls[name] + "/health", proc)
+            log.info("%s service on %s (pid %d)", name, urls[name], proc.pid)
+        yield Services(align=urls["align"], emwrite=urls["emwrite"])
+    finally:
+        for proc in procs:
+            _stop(proc)
+
+
+def airflow_env(
+    home: Path, services: Services, extra: dict[str, str] | None = None
+) -> dict[str, str]:
+    """Environment for an Airflow that sees only this repository's DAG file and package."""
+    dags = home / "dags"
+    dags.mkdir(parents=True, exist_ok=True)
+    # The layout users deploy: the DAG file beside the package. The package must be
+    # there because Airflow puts the DAG folder first on sys.path, where a lone
+    # emprocess.py would shadow the package; .airflowignore keeps the package's
+    # modules from being parsed as DAG files.
+    for name, target in (
+        ("emprocess.py", REPO_DAG_FILE),
+        ("emprocess", REPO_DAG_FILE.with_suffix("")),
+    ):
+        link = dags / name
+        if not link.is_symlink() or link.resolve() != target:
+            link.unlink(missing_ok=True)
+            link.symlink_to(target)
+    (dags / ".airflowignore").write_text("emprocess/\n")
+    env = {
+        **os.environ,
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+        "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(home / "logs"),
+        "AIRFLOW_CONN_ALIGN_CLOUD_RUN": services.align,
+        "AIRFLOW_CONN_IMG_WRITE": services.emwrite,
+        "PYTHONUNBUFFERED": "1",
+    }
+    env.update(extra or {})
+    return env
+
+
+def _airflow() -> str:
+    found = shutil.which("airflow", path=os.path.dirname(sys.executable)) or shutil.which("airflow")
+    if not found:
+        raise EmprocessError("the airflow command is not installed; install the [airflow] extra")
+    return found
+
+
+def ensure_airflow_db(env: dict[str, str], log_file: Path) -> None:
+    """Create or upgrade the metadata database (fast when it is current)."""
+    with open(log_file, "ab") as out:
+        done = subprocess.run(
+            [_airflow(), "db", "migrate"], env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    if done.returncode != 0:
+        raise EmprocessError(f"`airflow db migrate` failed; see {log_file}")
+
+
+# -- progress from the process bucket -------------------------------------------------
+
+
+def progress_line(source: str, run_id: str, width: int = 24) -> str:
+    """One line of per-stage bars, from the process bucket alone (as ``emprocess report``)."""
+    from emprocess.report import load_run
+
+    try:
+        report = load_run(source, run_id, read_records=False)
+    except NotFound:  # validate / create_env have not written the run's records yet
+        return "starting ..."
+    parts = []
+    for s in report.stages:
+        if s.skipped:
+            continue
+        if s.total:
+            filled = round(width * min(1.0, s.done / s.total))
+            parts.append(f"{s.label} [{'#' * filled}{'.' * (width - filled)}] {s.done}/{s.total}")
+        else:
+            parts.append(f"{s.label} {s.done}/?")
+    return "  ".join(parts)
+
+
+# -- the run --------------------------------------------------------------------------
+
+
+def run_dag(
+    conf: Any,
+    dag_id: str,
+    workdir: Path,
+    on_progress: Callable[[str], None] | None = None,
+    poll_s: float = 2.0,
+) -> dict[str, Any]:
+    """Run ``dag_id`` on ``conf`` with local services and real Airflow; return complete.json.
+
+    Args:
+        conf: a validated :class:`emprocess.workflow.conf.RunConf`.
+        dag_id: e.g. ``emprocess_width4_v0.2``.
+        workdir: holds ``airflow/`` (home, database, logs) and the service logs.
+        on_progress: called with a one-line progress summary whenever it changes.
+        poll_s: seconds between progress polls of the process bucket.
+
+    Raises:
+        RunFailed: Airflow reported failure; the message holds the log's tail.
+    """
+    home = workdir / "airflow"
+    home.mkdir(parents=True, exist_ok=True)
+    with local_services(workdir / "logs") as services:
+        env = airflow_env(home, services)
+        ensure_airflow_db(env, home / "db-migrate.log")
+        run_log = home / f"run-{conf.id}-{time.strftime('%Y%m%dT%H%M%S')}.log"
+        argv = [_airflow(), "dags", "test", dag_id, "--conf", json.dumps(conf.to_json())]
+        log.info("running %s; Airflow log: %s", dag_id, run_log)
+        with open(run_log, "wb") as out:
+            proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+            last = ""
+            try:
+                while proc.poll() is None:
+                    time.sleep(poll_s)
+                    line = progress_line(conf.source, conf.id)
+                    if on_progress and line != last:
+                        on_progress(line)
+                        last = line
+            finally:
+                _stop(proc)
+        if on_progress:
+            on_progress(progress_line(conf.source, conf.id))
+    complete_url = conf.process_url("complete.json")
+    text = run_log.read_text(errors="replace")
+    if proc.returncode != 0 or not storage.exists(complete_url) or "state=failed" in text.lower():
+        tail = "\n".join(text.splitlines()[-40:])
+        raise RunFailed(f"{dag_id} did not finish (exit {proc.returncode}); log {run_log}:\n{tail}")
+    return dict(json.loads(storage.read_bytes(complete_url)))

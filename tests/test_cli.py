@@ -1,0 +1,179 @@
+"""The emprocess command: sample, trigger (dry run and REST), bench wiring, help texts."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import cv2
+import pytest
+from typer.testing import CliRunner
+
+from emprocess.cli import app
+
+runner = CliRunner()
+TRIGGER = [
+    "trigger",
+    "src-bucket",
+    "--image",
+    "img.%05d.png",
+    "--minz",
+    "3",
+    "--maxz",
+    "40",
+    "--id",
+    "run_1",
+]
+
+
+def test_sample_writes_a_stack_with_truth(tmp_path: Path) -> None:
+    result = runner.invoke(
+        app, ["sample", str(tmp_path / "stack"), "-n", "3", "--size", "96", "80", "--first-z", "5"]
+    )
+    assert result.exit_code == 0, result.output
+    names = sorted(p.name for p in (tmp_path / "stack").iterdir())
+    assert names == ["img.00005.png", "img.00006.png", "img.00007.png", "truth.json"]
+    assert cv2.imread(str(tmp_path / "stack" / "img.00006.png"), cv2.IMREAD_UNCHANGED).shape == (
+        80,
+        96,
+    )
+    truth = json.loads((tmp_path / "stack" / "truth.json").read_text())
+    assert (truth["minz"], truth["maxz"], sorted(truth["pairs"])) == (5, 7, ["5", "6"])
+
+
+def test_sample_refuses_bad_sizes(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["sample", str(tmp_path / "s"), "-n", "2", "--size", "10", "10"])
+    assert result.exit_code != 0 and "10" in result.output
+
+
+def test_trigger_composer_dry_run_prints_the_gcloud_command() -> None:
+    result = runner.invoke(
+        app,
+        [
+            *TRIGGER,
+            "--composer-env",
+            "env1",
+            "--location",
+            "us-east4",
+            "--width",
+            "32",
+            "--dry-run",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    argv = shlex.split(result.output.strip())
+    assert argv[:10] == [
+        "gcloud",
+        "composer",
+        "environments",
+        "run",
+        "env1",
+        "--location",
+        "us-east4",
+        "dags",
+        "trigger",
+        "--",
+    ]
+    assert argv[10] == "emprocess_width32_v0.2" and argv[11:13] == ["--run-id", "run_1"]
+    conf = json.loads(argv[argv.index("--conf") + 1])
+    assert (
+        conf["id"] == "run_1"
+        and conf["minz"] == 3
+        and conf["maxz"] == 40
+        and conf["clip-limit"] == 0.02
+    )
+
+
+def test_trigger_other_widths_use_the_dynamic_dag() -> None:
+    result = runner.invoke(
+        app, [*TRIGGER, "--composer-env", "e", "--location", "l", "--width", "7", "--dry-run"]
+    )
+    argv = shlex.split(result.output.strip())
+    assert argv[10] == "emprocess_v0.2"
+    assert json.loads(argv[argv.index("--conf") + 1])["width"] == 7
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--maxz", "1"], "minz"),
+        (["--image", "img.png"], "image"),
+        (["--id", "Run_One"], "Run_One"),
+    ],
+)
+def test_trigger_validates_the_conf_before_sending(args: list[str], message: str) -> None:
+    argv = list(TRIGGER)
+    for flag, value in zip(args[::2], args[1::2], strict=True):
+        argv[argv.index(flag) + 1] = value
+    result = runner.invoke(app, [*argv, "--composer-env", "e", "--location", "l", "--dry-run"])
+    assert result.exit_code == 2
+    assert message in result.output
+
+
+def test_trigger_needs_exactly_one_target() -> None:
+    result = runner.invoke(app, [*TRIGGER, "--dry-run"])
+    assert result.exit_code == 2 and "either --composer-env" in result.output
+
+
+def test_trigger_rest_posts_the_dag_run(tmp_path: Path) -> None:
+    """A recording HTTP server stands in for Airflow's API: it checks what is sent."""
+    seen: list[tuple[str, dict, str | None]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append((self.path, body, self.headers.get("Authorization")))
+            status = 409 if body["dag_run_id"] == "taken" else 200
+            data = json.dumps({"dag_run_id": body["dag_run_id"], "state": "queued"}).encode()
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    api = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        result = runner.invoke(app, [*TRIGGER, "--api-url", api, "--token", "tok", "--width", "4"])
+        assert result.exit_code == 0, result.output
+        path, body, auth = seen[0]
+        assert path == "/api/v2/dags/emprocess_width4_v0.2/dagRuns" and auth == "Bearer tok"
+        assert body["dag_run_id"] == "run_1" and body["conf"]["source"] == "src-bucket"
+        taken = list(TRIGGER)
+        taken[taken.index("--id") + 1] = "taken"
+        result = runner.invoke(app, [*taken, "--api-url", api])
+        assert result.exit_code == 1 and "409" in result.output
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_run_takes_a_folder_as_root_and_bucket(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from emprocess.cli import _use_folder
+
+    monkeypatch.delenv("EMPROCESS_STORAGE_ROOT", raising=False)
+    (tmp_path / "my-stack").mkdir()
+    assert _use_folder(str(tmp_path / "my-stack")) == "my-stack"
+    import os
+
+    assert os.environ["EMPROCESS_STORAGE_ROOT"] == str(tmp_path)
+    assert _use_folder("plain-bucket") == "plain-bucket"
+    (tmp_path / "Bad_Name").mkdir()
+    from emprocess.errors import InvalidBucketName
+
+    with pytest.raises(InvalidBucketName, match="Bad_Name"):
+        _use_folder(str(tmp_path / "Bad_Name"))
+
+
+def test_every_command_has_help() -> None:
+    for command in ("sample", "serve", "run", "demo", "trigger", "bench"):
+        result = runner.invoke(app, [command, "--help"])
+        assert result.exit_code == 0 and "Usage" in result.output, command

@@ -125,3 +125,31 @@ cleanup_temp_paths() {
     fi
 }
 trap cleanup_temp_paths EXIT
+
+# Parse the options every bucket script takes (-h/--help, --dry-run, --) and
+# collect the positional arguments in the global array ARGS.
+parse_bucket_script_args() {
+    ARGS=()
+    while (($#)); do
+        case $1 in
+        -h | --help) usage; exit 0 ;;
+        --dry-run) DRY_RUN=1 ;;
+        --) shift; ARGS+=("$@"); break ;;
+        -*) die_usage "unknown option $(q "$1")" ;;
+        *) ARGS+=("$1") ;;
+        esac
+        shift
+    done
+    if ((DRY_RUN)); then
+        say "dry run: printing the commands, running none"
+    fi
+}
+
+# Replace the lifecycle rules of gs://BUCKET with RULE_JSON, saying WHAT it does.
+set_lifecycle_rules() {
+    local bucket=$1 rule=$2 what=$3
+    say "lifecycle rule for gs://$bucket: $what:"
+    printf '%s\n' "$rule"
+    temp_file "$rule"
+    run gcloud storage buckets update "gs://$bucket" --lifecycle-file="$TEMP_FILE"
+}

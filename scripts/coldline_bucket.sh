@@ -26,22 +26,12 @@ USAGE
 # shellcheck source-path=SCRIPTDIR source=_common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
-args=()
-while (($#)); do
-    case $1 in
-    -h | --help) usage; exit 0 ;;
-    --dry-run) DRY_RUN=1 ;;
-    --) shift; args+=("$@"); break ;;
-    -*) die_usage "unknown option $(q "$1")" ;;
-    *) args+=("$1") ;;
-    esac
-    shift
-done
-if ((${#args[@]} < 1 || ${#args[@]} > 2)); then
-    die_usage "expected BUCKET [DAYS], got ${#args[@]} arguments"
+parse_bucket_script_args "$@"
+if ((${#ARGS[@]} < 1 || ${#ARGS[@]} > 2)); then
+    die_usage "expected BUCKET [DAYS], got ${#ARGS[@]} arguments"
 fi
-bucket=$(bucket_arg "${args[0]}")
-days=$(days_arg "${args[1]:-$DEFAULT_DAYS}" 0)
+bucket=$(bucket_arg "${ARGS[0]}")
+days=$(days_arg "${ARGS[1]:-$DEFAULT_DAYS}" 0)
 
 rule=$(
     cat <<JSON
@@ -56,10 +46,4 @@ rule=$(
 JSON
 )
 
-if ((DRY_RUN)); then
-    say "dry run: printing the commands, running none"
-fi
-say "lifecycle rule for gs://$bucket: objects to COLDLINE $days days after they were written:"
-printf '%s\n' "$rule"
-temp_file "$rule"
-run gcloud storage buckets update "gs://$bucket" --lifecycle-file="$TEMP_FILE"
+set_lifecycle_rules "$bucket" "$rule" "objects to COLDLINE $days days after they were written"

@@ -35,25 +35,12 @@ CORS_JSON='[
   }
 ]'
 
-args=()
-while (($#)); do
-    case $1 in
-    -h | --help) usage; exit 0 ;;
-    --dry-run) DRY_RUN=1 ;;
-    --) shift; args+=("$@"); break ;;
-    -*) die_usage "unknown option $(q "$1")" ;;
-    *) args+=("$1") ;;
-    esac
-    shift
-done
-if ((${#args[@]} != 1)); then
-    die_usage "expected one BUCKET, got ${#args[@]} arguments"
+parse_bucket_script_args "$@"
+if ((${#ARGS[@]} != 1)); then
+    die_usage "expected one BUCKET, got ${#ARGS[@]} arguments"
 fi
-bucket=$(bucket_arg "${args[0]}")
+bucket=$(bucket_arg "${ARGS[0]}")
 
-if ((DRY_RUN)); then
-    say "dry run: printing the commands, running none"
-fi
 say "granting allUsers read access to gs://$bucket"
 run gcloud storage buckets add-iam-policy-binding "gs://$bucket" \
     --member=allUsers --role=roles/storage.objectViewer

@@ -446,6 +446,14 @@ def report(
     print(f"\nwrote report.html, report.json, progress.png and qc.png to {out}")
 
 
+@app.command("conf-reference")
+def conf_reference() -> None:
+    """Print the run configuration keys as a Markdown table, from the schema."""
+    from emprocess.workflow.conf import conf_reference_markdown
+
+    print(conf_reference_markdown(), end="")
+
+
 DEMO_SOURCE = "demo-stack"
 DEMO_RUN_ID = "demo"
 

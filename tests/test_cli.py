@@ -177,3 +177,16 @@ def test_every_command_has_help() -> None:
     for command in ("sample", "serve", "run", "demo", "trigger", "bench"):
         result = runner.invoke(app, [command, "--help"])
         assert result.exit_code == 0 and "Usage" in result.output, command
+
+
+def test_readme_conf_reference_is_the_schema() -> None:
+    result = runner.invoke(app, ["conf-reference"])
+    assert result.exit_code == 0
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    embedded = readme.split("<!-- conf-reference:start -->\n")[1].split(
+        "<!-- conf-reference:end -->"
+    )[0]
+    assert embedded == result.output, (
+        "README's conf table is stale: paste `emprocess conf-reference`"
+    )
+    assert "`clip-limit`" in embedded and "`createRawPyramid`" in embedded

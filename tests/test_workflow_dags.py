@@ -1,15 +1,16 @@
-"""The DAG file under real Airflow: DagBag loading, the contract's graph, Params, parse cost.
+"""The DAG file under real Airflow: DagBag loading, the contract's graph, Params, parse cost,
+and the width-1 run end to end.
 
-Airflow reads its configuration when first imported, so a session fixture points
-``AIRFLOW_HOME`` (config, SQLite DB, logs) and the dags folder at a temporary
-directory before any test imports it; nothing here touches ``~/airflow``.
+Airflow reads its configuration when first imported, so conftest.py's session fixture
+``airflow_home`` points ``AIRFLOW_HOME`` (config, SQLite DB, logs) and the dags folder at
+a temporary directory before any test imports it; nothing here touches ``~/airflow``.
+The other end-to-end runs (width 4, faults, the dynamic DAG) are in test_workflow_e2e.py.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,49 +18,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dags_conftest_helpers import ScriptedServer, SmtpSink, fake_emwrite_respond, write_slices
-from faultproxy import FaultProxy, fail_first
+from conftest import DAG_FILE, airflow_environ
+from dags_conftest_helpers import (
+    E2ERun,
+    ScriptedServer,
+    check_finished_run,
+    fake_emwrite_respond,
+    write_slices,
+)
 
 from emprocess.workflow import POOL, VERSION, WIDTHS, dag_id
 
-REPO = Path(__file__).resolve().parents[1]
-DAG_FILE = REPO / "emprocess.py"
 BATCH_STAGES = ("align.affine", "align.write", "ngingest.write_ng_shards")
 REQUIRED = {"id", "image", "minz", "maxz", "source"}
-
-
-def airflow_environ(home: Path) -> dict[str, str]:
-    """Environment that confines Airflow to ``home`` (config, SQLite DB, dags, logs)."""
-    return {
-        "AIRFLOW_HOME": str(home),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(home / "dags"),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
-        "AIRFLOW__CORE__UNIT_TEST_MODE": "True",
-        "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING",
-    }
-
-
-@pytest.fixture(scope="session")
-def airflow_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A throw-away AIRFLOW_HOME whose dags folder holds a copy of emprocess.py."""
-    home = tmp_path_factory.mktemp("airflow_home")
-    (home / "dags").mkdir()
-    shutil.copy(DAG_FILE, home / "dags" / "emprocess.py")
-    env = airflow_environ(home)
-    if "airflow" in sys.modules and os.environ.get("AIRFLOW_HOME") != str(home):
-        pytest.fail(
-            "airflow was imported before the airflow_home fixture configured it "
-            f"(AIRFLOW_HOME={os.environ.get('AIRFLOW_HOME')!r}); import it only inside tests"
-        )
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    yield home
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
@@ -87,10 +58,9 @@ def bench_process(airflow_home: Path) -> Iterator[subprocess.Popen]:
 
 
 @pytest.fixture(scope="module")
-def dagbag(airflow_home: Path, bench_process: subprocess.Popen) -> Any:
-    from airflow.dag_processing.dagbag import DagBag
-
-    return DagBag(dag_folder=str(airflow_home / "dags"), safe_mode=True)
+def dagbag(bench_process: subprocess.Popen, dag_bag: Any) -> Any:
+    """The session's DagBag of the dags folder (conftest.py), the benchmark started too."""
+    return dag_bag
 
 
 def contract_edges(width: int) -> set[tuple[str, str]]:
@@ -228,101 +198,54 @@ def test_parse_is_cheap_and_imports_nothing_heavy(bench_process: subprocess.Pope
 # -- end to end: dag.test() -------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def airflow_db(airflow_home: Path) -> Path:
-    """The SQLite metadata DB of AIRFLOW_HOME, created once per session."""
-    from airflow.utils import db
-
-    db.initdb()
-    return airflow_home
-
-
-@pytest.mark.parametrize("backend", ["local"], indirect=True)
 def test_width1_dag_aligns_and_writes_a_volume_with_the_real_services(
-    airflow_db: Path,
-    dagbag: Any,
-    bucket: str,
-    align_service: str,
-    emwrite_service: str,
-    monkeypatch: pytest.MonkeyPatch,
+    width1_run: E2ERun, dagbag: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """dag.test() of the width-1 DAG against both services under gunicorn, through a
-    recording proxy that also makes each service answer its first request with a 503."""
-    from emprocess import affine, storage
-    from emprocess.sample import write_sample
-    from emprocess.workflow.compose import compose_global
+    """dag.test() of the width-1 DAG on the local backend (the session's ``width1_run``)
+    against both services under gunicorn, through recording proxies that make each
+    service answer its first request with a 503: 12 slices aligned within 1 px."""
+    from emprocess import storage
 
-    truth = write_sample(f"gs://{bucket}/stack", 3, 384, 320, seed=3)
-    conf = {
-        "id": "e2e1",
-        "image": "stack/" + truth["image"],
-        "minz": truth["minz"],
-        "maxz": truth["maxz"],
-        "source": bucket,
-        "downsample_factor": 2,
-        "email": "someone@example.org",
-        "resolution": 8,
-    }
-    monkeypatch.setenv("EMPROCESS_HTTP_ATTEMPTS", "3")
-    monkeypatch.setenv("EMPROCESS_HTTP_BACKOFF_S", "0.05")
-    with (
-        FaultProxy(align_service) as align_proxy,
-        FaultProxy(emwrite_service) as emwrite_proxy,
-        SmtpSink() as smtp,
-    ):
-        monkeypatch.setenv(
-            "AIRFLOW_CONN_SMTP_DEFAULT",
-            f"smtp://127.0.0.1:{smtp.port}?disable_ssl=true&disable_tls=true"
-            "&from_email=emprocess%40example.org&retry_limit=0&timeout=10",
-        )
-        align_proxy.rules.append(fail_first(1, 503))
-        emwrite_proxy.rules.append(fail_first(1, 503, lambda r: r.path == "/alignedslice"))
-        monkeypatch.setenv("AIRFLOW_CONN_ALIGN_CLOUD_RUN", align_proxy.url)
-        monkeypatch.setenv("AIRFLOW_CONN_IMG_WRITE", emwrite_proxy.url)
-        dag = dagbag.dags[dag_id(1)]
-        run = dag.test(run_conf=conf)
-    states = {ti.task_id: ti.state for ti in run.get_task_instances()}
-    assert states == {t: "success" for t in dag.task_ids}, states
-    assert run.state == "success"
+    run = width1_run
+    assert run.root is not None
+    monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", str(run.root))
+    dag = dagbag.dags[dag_id(1)]
+    assert run.task_states == {t: "success" for t in dag.task_ids}, run.task_states
+    figures = check_finished_run(run)
+    print(figures.line(run))
 
-    # What the services were sent: 2 pairs (+1 retried 503), 3 slices (+1), meta, 1 cube.
-    align_bodies = [json.loads(r.body) for r in align_proxy.requests]
-    pairs_sent = sorted((b["pre"], b["post"]) for b in align_bodies)
-    assert len(pairs_sent) == 3  # one pair twice: its first answer was the injected 503
+    # What the services were sent: 11 pairs (+1 retried 503), 12 slices (+1), meta, 1 cube.
+    source = run.source
+    pairs_sent = [(b["pre"], b["post"]) for b in run.bodies("/")]
+    assert len(pairs_sent) == 12  # one pair twice: its first answer was the injected 503
     assert sorted(set(pairs_sent)) == [
-        (f"gs://{bucket}/stack/img.00000.png", f"gs://{bucket}/stack/img.00001.png"),
-        (f"gs://{bucket}/stack/img.00001.png", f"gs://{bucket}/stack/img.00002.png"),
+        (f"gs://{source}/stack/img.{z:05d}.png", f"gs://{source}/stack/img.{z + 1:05d}.png")
+        for z in range(11)
     ]
-    assert {b["downsample"] for b in align_bodies} == {2}
-    paths = [r.path for r in emwrite_proxy.requests]
-    assert paths == ["/alignedslice"] * 4 + ["/ngmeta", "/ngshard"]
-    shard = json.loads(emwrite_proxy.requests[-1].body)
+    assert {b["downsample"] for b in run.bodies("/")} == {1}
+    assert run.paths() == ["/alignedslice"] * 13 + ["/ngmeta", "/ngshard"]
+    assert sorted({b["slice"] for b in run.bodies("/alignedslice")}) == list(range(12))
+    shard = run.bodies("/ngshard")[0]
     assert shard["start"] == [0, 0, 0] and shard["writeRaw"] is True
-    assert shard["source"] == f"{bucket}_tmp_e2e1" and shard["dest_raw"] == f"{bucket}_chunk_e2e1"
+    assert shard["source"] == f"{source}_tmp_e2e1" and shard["dest_raw"] == f"{source}_chunk_e2e1"
 
-    # The composed transforms match the stack's known drift.
-    proc = f"gs://{bucket}_process/e2e1"
-    found = json.loads(storage.read_bytes(f"{proc}/align/transforms.json"))
-    pairs = {int(z): p for z, p in truth["pairs"].items()}
-    expected, bbox = compose_global(pairs, truth["minz"], truth["maxz"], (384, 320))
-    for z, transform in expected.items():
-        assert affine.mean_corner_error(found[str(z)], transform, 384, 320) < 2.0, z
+    proc = run.process
     complete = json.loads(storage.read_bytes(f"{proc}/complete.json"))
-    assert abs(complete["bbox"][0] - bbox[0]) <= 2 and abs(complete["bbox"][1] - bbox[1]) <= 2
-    assert complete["neuroglancer"] == f"precomputed://gs://{bucket}_ng_e2e1/neuroglancer/jpeg"
-    assert complete["stages"]["align.affine"]["sent"] == 2
-    assert complete["stages"]["align.affine"]["attempts"] == 3
-    assert "qc.csv" in " ".join(storage.list_keys(f"{proc}/align/"))
-
+    assert complete["stages"]["align.affine"]["sent"] == 11
+    assert complete["stages"]["align.affine"]["attempts"] == 12
+    assert complete["stages"]["align.write"]["attempts"] == 13
+    assert (
+        complete["models"] == json.loads(storage.read_bytes(f"{proc}/align/canvas.json"))["models"]
+    )
     # The volume: info of both pyramids and shard files of scale 0.
-    info = json.loads(storage.read_bytes(f"gs://{bucket}_ng_e2e1/neuroglancer/jpeg/info"))
-    assert info["scales"][0]["size"] == [*complete["bbox"], 3]
-    assert storage.list_keys(f"gs://{bucket}_ng_e2e1/neuroglancer/jpeg/{info['scales'][0]['key']}/")
-    assert storage.exists(f"gs://{bucket}_chunk_e2e1/neuroglancer/raw/info")
-    assert storage.bucket_settings(f"{bucket}_tmp_e2e1")["lifecycle_delete_age_days"] == 3
+    info = json.loads(storage.read_bytes(f"gs://{run.ng_bucket}/neuroglancer/jpeg/info"))
+    assert info["scales"][0]["size"] == [*complete["bbox"], 12]
+    assert storage.list_keys(f"gs://{run.ng_bucket}/neuroglancer/jpeg/{info['scales'][0]['key']}/")
+    assert storage.exists(f"gs://{run.chunk_bucket}/neuroglancer/raw/info")
+    assert storage.bucket_settings(f"{source}_tmp_e2e1")["lifecycle_delete_age_days"] == 3
     # The conf's address got the "ready" message through Airflow's SMTP connection.
-    assert [m["rcpt"] for m in smtp.messages] == [["<someone@example.org>"]]
-    assert "Subject: emprocess: e2e1 is ready (3 slices)" in smtp.messages[0]["data"]
+    assert [m["rcpt"] for m in run.smtp_messages] == [["<someone@example.org>"]]
+    assert "Subject: emprocess: e2e1 is ready (12 slices)" in run.smtp_messages[0]["data"]
 
 
 @pytest.fixture

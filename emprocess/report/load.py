@@ -1,10 +1,11 @@
 """Read one run's records from its process bucket (and nothing else) into a :class:`RunReport`.
 
 What is read, all under ``gs://SOURCE_process/RUN_ID/``: init.json (the conf: totals),
-align/transforms.json and align/qc.csv (canvas, QC), complete.json (finished), one
-listing per cache prefix (align/affine_cache/, align/write_cache/, neuroglancer/cache/):
-the creation time of each cache object is when its mini-task finished, and failures/
-(failure records, when the workflow writes them). With ``read_records`` each counted
+align/canvas.json (the canvas collect chose; for older runs recomputed from
+align/transforms.json), align/qc.csv (QC), complete.json (finished), one listing per
+cache prefix (align/affine_cache/, align/write_cache/, neuroglancer/cache/): the creation
+time of each cache object is when its mini-task finished, and failures/ (the batch
+helper's records of mini-tasks that finally failed). With ``read_records`` each counted
 cache object is read too (attempts, request seconds, QC before collect): one read per
 mini-task, so it costs more on big runs.
 """
@@ -43,6 +44,7 @@ from emprocess.report.qc import qc_from_answers, qc_from_csv
 from emprocess.storage import ObjectInfo
 from emprocess.workflow.conf import RunConf, parse_conf
 from emprocess.workflow.payloads import AFFINE_CACHE, NG_CACHE, WRITE_CACHE
+from emprocess.workflow.stages import CANVAS, FAILURES
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +52,6 @@ DEFAULT_MIN_INLIERS = 50
 DEFAULT_MAX_RESIDUAL_PX = 2.0
 DEFAULT_STALL_AFTER_S = 1800.0
 """A run with no new record for this long (and no complete.json) is stalled."""
-
-FAILURES = "failures"
-"""Prefix of failure records: ``RUN_ID/failures/STAGE/NAME.json`` with at least ``error``."""
 
 AUTO_RECORDS_MAX = 5000
 """``read_records=None`` reads the cache records only when there are at most this many."""
@@ -247,6 +246,10 @@ def load_run(
     if (doc := _read_json(f"{process}/complete.json")) is not None:
         complete = doc[0]
         times.append(doc[1].updated)
+    canvas = None
+    if (doc := _read_json(f"{process}/{CANVAS}")) is not None:
+        canvas = doc[0]
+        times.append(doc[1].updated)
     transforms = None
     if (doc := _read_json(f"{process}/align/transforms.json")) is not None:
         transforms = {int(z): [float(v) for v in t] for z, t in doc[0].items()}
@@ -257,7 +260,9 @@ def load_run(
         times.append(qc_info.updated)
 
     bbox: tuple[int, int] | None = None
-    if complete and complete.get("bbox"):
+    if isinstance(canvas, dict) and canvas.get("bbox"):
+        bbox = (int(canvas["bbox"][0]), int(canvas["bbox"][1]))
+    elif complete and complete.get("bbox"):
         bbox = (int(complete["bbox"][0]), int(complete["bbox"][1]))
     elif transforms and init.get("slice_size_xy"):
         bbox = canvas_from_transforms(transforms, init["slice_size_xy"])

@@ -200,7 +200,7 @@ class RunReport:
         last_activity: creation time of the newest record of the run.
         init: RUN_ID/init.json as written by create_env.
         complete: RUN_ID/complete.json, or None before write_status.
-        bbox_xy: canvas (width, height) in pixels, from complete.json or transforms.json.
+        bbox_xy: canvas (width, height) in pixels, from align/canvas.json, complete.json or transforms.json.
         stages: affine, write, ngmeta, ngshard, in run order.
         qc: one row per pair, ascending z; empty before any alignment answer.
         qc_source: "qc.csv", "affine_cache" (collect has not run yet) or None.

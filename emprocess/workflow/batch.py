@@ -7,6 +7,10 @@ stage's cache prefix in the process bucket, named after the mini-task and a dige
 its request, so a retried or cleared task (or a re-triggered run with the same
 requests) skips finished work, found with one listing of the prefix.
 
+A mini-task that finally fails leaves a failure record ``NAME.json`` under the stage's
+failure prefix (``RUN_ID/failures/STAGE/`` in the process bucket) for the monitoring
+report; its later success deletes the record.
+
 Requests always have a timeout. Connection errors, timeouts, 408, 429 and 5xx are
 retried with exponential backoff and jitter; any other 4xx is the caller's fault and
 fails at once with the service's message. ``threads=1`` runs inline, for debugging.
@@ -43,10 +47,14 @@ TokenSource = Callable[[], str]
 class ServiceError(EmprocessError):
     """A service answered with an error, or could not be reached; names the request."""
 
-    def __init__(self, message: str, *, retryable: bool, status: int | None = None) -> None:
+    def __init__(
+        self, message: str, *, retryable: bool, status: int | None = None, attempts: int = 1
+    ) -> None:
         super().__init__(message)
         self.retryable = retryable
         self.status = status
+        self.attempts = attempts
+        """Requests sent before giving up."""
 
 
 class BatchError(EmprocessError):
@@ -284,15 +292,21 @@ def post_json(
         if not error.retryable or attempt == settings.attempts:
             if error.retryable:
                 raise ServiceError(
-                    f"{error} (after {attempt} attempts)", retryable=True, status=error.status
+                    f"{error} (after {attempt} attempts)",
+                    retryable=True,
+                    status=error.status,
+                    attempts=attempt,
                 )
+            error.attempts = attempt
             raise error
         delay = settings.backoff(attempt, retry_after)
         log.warning("%s; retry %d/%d in %.1f s", error, attempt, settings.attempts - 1, delay)
         if abort is None:
             time.sleep(delay)
         elif abort.wait(delay):
-            raise ServiceError(f"{error} (batch aborted)", retryable=False, status=error.status)
+            raise ServiceError(
+                f"{error} (batch aborted)", retryable=False, status=error.status, attempts=attempt
+            )
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -310,6 +324,7 @@ def run_batch(
     stage: str = "batch",
     settings: HttpSettings | None = None,
     token_source: TokenSource | None = None,
+    failure_url: str | None = None,
 ) -> BatchSummary:
     """Send this worker's mini-tasks to the service and cache every answer.
 
@@ -323,6 +338,9 @@ def run_batch(
         settings: threads, timeouts and retries (default: :meth:`HttpSettings.from_env`).
         token_source: gives a bearer token per request; default: a Google ID token for
             ``https`` URLs (:func:`emprocess.workflow.auth.token_source_for`), none for http.
+        failure_url: the stage's failure prefix in the process bucket
+            (``RUN_ID/failures/STAGE``): a mini-task that finally fails writes ``NAME.json``
+            there, and its success (now or found cached) deletes it. None: no records.
 
     Raises:
         BatchError: naming the mini-tasks that failed and why (after finishing or, on a
@@ -336,6 +354,10 @@ def run_batch(
     done = cached_keys(cache_url) if mine else set()
     todo = [t for t in mine if t.cache_key() not in done]
     summary.cached = len(mine) - len(todo)
+    records = FailureRecords(failure_url if mine else None, stage)
+    for task in mine:
+        if task.cache_key() in done:
+            records.clear(task)
     log.info(
         "%s worker %d/%d: %d mini-tasks, %d cached, %d to send to %s over %d threads",
         stage,
@@ -356,10 +378,67 @@ def run_batch(
         if delay:
             log.info("%s worker %d: staggered start, waiting %.1f s", stage, worker_id, delay)
             time.sleep(delay)
-        _send_all(todo, base_url, cache_url, stage, settings, token_source, summary)
+        _send_all(todo, base_url, cache_url, stage, settings, token_source, summary, records)
     summary.finished = _now()
     summary.elapsed_s = round(time.monotonic() - t0, 3)
     return summary
+
+
+class FailureRecords:
+    """The failure records of one stage: ``NAME.json`` under the stage's failure prefix.
+
+    One listing at the start tells which mini-tasks have a record, so a success deletes
+    only records that exist. Records are for monitoring: failing to write or delete one
+    is logged, never raised, so it cannot hide the mini-task's own outcome.
+    """
+
+    def __init__(self, url: str | None, stage: str) -> None:
+        self.url = url.rstrip("/") if url else None
+        self.stage = stage
+        self._lock = threading.Lock()
+        self._present: set[str] = set()
+        if self.url is not None:
+            try:
+                self._present = {k.removesuffix(".json") for k in cached_keys(self.url)}
+            except EmprocessError as e:
+                log.warning("cannot list failure records %s: %s", self.url, e)
+
+    def write(self, task: MiniTask, error: str, status: int | None, attempts: int) -> None:
+        """Record that ``task`` finally failed (``attempts`` requests, last ``status``)."""
+        if self.url is None:
+            return
+        record = {
+            "name": task.name,
+            "stage": self.stage,
+            "path": task.path,
+            "request": task.payload,
+            "error": error,
+            "status": status,
+            "attempts": attempts,
+            "finished": _now(),
+        }
+        try:
+            storage.write_bytes(
+                storage.join(self.url, f"{task.name}.json"),
+                json.dumps(record, sort_keys=True).encode(),
+                content_type="application/json",
+            )
+        except Exception as e:  # monitoring only: keep the mini-task's own error
+            log.warning("cannot write the failure record of %s: %s", task.name, e)
+            return
+        with self._lock:
+            self._present.add(task.name)
+
+    def clear(self, task: MiniTask) -> None:
+        """Delete the failure record of ``task``, which has now been answered, if it has one."""
+        with self._lock:
+            if self.url is None or task.name not in self._present:
+                return
+            self._present.discard(task.name)
+        try:
+            storage.delete(storage.join(self.url, f"{task.name}.json"))
+        except Exception as e:  # monitoring only
+            log.warning("cannot delete the failure record of %s: %s", task.name, e)
 
 
 def _send_all(
@@ -370,6 +449,7 @@ def _send_all(
     settings: HttpSettings,
     token_source: TokenSource | None,
     summary: BatchSummary,
+    records: FailureRecords,
 ) -> None:
     abort = threading.Event()
     local = threading.local()
@@ -388,6 +468,7 @@ def _send_all(
             session = local.session = requests.Session()
         url = base_url.rstrip("/") + task.path
         t_start = time.monotonic()
+        attempts = 0
         try:
             answer, attempts = post_json(session, url, task.payload, settings, token_source, abort)
             record = {
@@ -410,11 +491,14 @@ def _send_all(
                 abort.set()
             with lock:
                 failures.append((task.name, str(e)))
+            records.write(task, str(e), e.status, e.attempts)
             return
         except Exception as e:  # a storage failure while caching: report it with the task
             with lock:
                 failures.append((task.name, f"{type(e).__name__}: {e}"))
+            records.write(task, f"{type(e).__name__}: {e}", None, attempts)
             return
+        records.clear(task)
         with lock:
             summary.sent += 1
             summary.attempts += attempts

@@ -52,6 +52,12 @@ PACKAGES = ("clio-ingest", "apache-airflow", "pydantic", "requests", "google-aut
 SHOWN = 10
 """How many names a problem message lists before "..."."""
 
+FAILURES = "failures"
+"""Failure records of mini-tasks: ``RUN_ID/failures/STAGE/NAME.json`` in the process bucket."""
+
+CANVAS = "align/canvas.json"
+"""What ``collect`` hands on (``{"bbox": [w, h], "models": {...}, "transforms": URL}``)."""
+
 
 class SliceProblems(InvalidInput):
     """The source slices do not match the conf: missing, unreadable or of different sizes."""
@@ -239,11 +245,12 @@ def align_pairs(
         width=info.width,
         stage="affine",
         settings=settings,
+        failure_url=conf.process_url(FAILURES, "affine"),
     ).to_json()
 
 
 def collect_alignment(info: RunInfo) -> dict[str, Any]:
-    """``collect``: compose global transforms, write transforms.json/.csv and qc.csv.
+    """``collect``: compose global transforms, write transforms.json/.csv, qc.csv, canvas.json.
 
     Returns:
         ``{"bbox": [width, height], "models": {model: pairs}, "transforms": URL}``.
@@ -277,7 +284,11 @@ def collect_alignment(info: RunInfo) -> dict[str, Any]:
     )
     models = dict(Counter(p.model for p in comp.pairs))
     log.info("canvas %dx%d; models used %s", comp.bbox_xy[0], comp.bbox_xy[1], models)
-    return {"bbox": list(comp.bbox_xy), "models": models, "transforms": transforms_url}
+    canvas = {"bbox": list(comp.bbox_xy), "models": models, "transforms": transforms_url}
+    storage.write_bytes(
+        conf.process_url(CANVAS), json.dumps(canvas).encode(), content_type="application/json"
+    )
+    return canvas
 
 
 def read_transforms(conf: RunConf) -> dict[int, list[float]]:
@@ -304,6 +315,7 @@ def write_slices(
         width=info.width,
         stage="write",
         settings=settings,
+        failure_url=conf.process_url(FAILURES, "write"),
     ).to_json()
 
 
@@ -338,6 +350,7 @@ def write_ngmeta(
         cache_url=conf.process_url(NG_CACHE),
         stage="ngmeta",
         settings=settings,
+        failure_url=conf.process_url(FAILURES, "ngmeta"),
     ).to_json()
 
 
@@ -358,6 +371,7 @@ def write_ng_shards(
         width=info.width,
         stage="ngshard",
         settings=settings,
+        failure_url=conf.process_url(FAILURES, "ngshard"),
     ).to_json()
 
 

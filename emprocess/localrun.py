@@ -39,30 +39,35 @@ class RunFailed(EmprocessError):
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
-def _wait_http(url: str, proc: subprocess.Popen, timeout_s: float = 60.0) -> None:
+def wait_http(url: str, timeout_s: float = 60.0, proc: subprocess.Popen | None = None) -> None:
+    """Poll ``url`` until it answers with any HTTP status; fail if ``proc`` exits first."""
     deadline = time.monotonic() + timeout_s
     while True:
-        if proc.poll() is not None:
-            raise EmprocessError(f"the service for {url} exited with code {proc.returncode}")
+        if proc is not None and proc.poll() is not None:
+            raise EmprocessError(f"the process serving {url} exited with code {proc.returncode}")
         try:
             urllib.request.urlopen(url, timeout=1).close()
             return
-        except (urllib.error.URLError, OSError):
+        except urllib.error.HTTPError:
+            return
+        except OSError:
             if time.monotonic() > deadline:
                 raise EmprocessError(f"{url} did not answer within {timeout_s} s") from None
-            time.sleep(0.1)
+            time.sleep(0.05)
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def stop_process(proc: subprocess.Popen, timeout_s: float = 15.0) -> None:
+    """Stop a process started here, by its PID: SIGTERM, then SIGKILL."""
     if proc.poll() is None:
         proc.terminate()
         try:
-            proc.wait(timeout=15)
+            proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
@@ -94,12 +99,12 @@ def local_services(log_dir: Path, env: dict[str, str] | None = None) -> Iterator
                 )
             procs.append(proc)
             urls[name] = f"http://127.0.0.1:{port}"
-            _wait_http(urls[name] + "/health", proc)
+            wait_http(urls[name] + "/health", proc=proc)
             log.info("%s service on %s (pid %d)", name, urls[name], proc.pid)
         yield Services(align=urls["align"], emwrite=urls["emwrite"])
     finally:
         for proc in procs:
-            _stop(proc)
+            stop_process(proc)
 
 
 def airflow_env(
@@ -217,7 +222,7 @@ def run_dag(
                         on_progress(line)
                         last = line
             finally:
-                _stop(proc)
+                stop_process(proc)
         if on_progress:
             on_progress(progress_line(conf.source, conf.id))
     complete_url = conf.process_url("complete.json")

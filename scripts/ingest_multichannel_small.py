@@ -35,7 +35,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ingest_multichannel_small")
 
-HEADER_BYTES = 65536
 DEFAULT_CHUNK_XYZ = (256, 256, 16)
 PNG_CHANNELS = {0: 1, 2: 3, 4: 2, 6: 4}  # PNG colour type -> channels (3, palette: decoded)
 
@@ -125,13 +124,18 @@ def choose_range(
 
 def read_slice_info(z: int, url: str) -> SliceInfo:
     """Size and (for PNG) channel count of one slice, from its first bytes."""
-    from emprocess.images import PNG_SIGNATURE, image_size_from_header
+    from emprocess.imageinfo import HEADER_BYTES, PNG_SIGNATURE, UnreadableHeader, image_size_xy
 
     try:
         header = storage.read_bytes(url, 0, HEADER_BYTES)
     except NotFound:
         raise NotFound(f"slice z={z} not found: {url}") from None
-    width, height = image_size_from_header(header, url)
+    try:
+        width, height = image_size_xy(
+            header, lambda start, end: storage.read_bytes(url, start, end)
+        )
+    except UnreadableHeader as e:
+        raise InvalidInput(f"slice {url}: {e}") from None
     channels = None
     if header.startswith(PNG_SIGNATURE):
         bit_depth, colour_type = header[24], header[25]

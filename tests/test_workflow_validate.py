@@ -14,8 +14,8 @@ from faultproxy import FaultProxy
 
 from emprocess import storage
 from emprocess.errors import InvalidInput
+from emprocess.imageinfo import HEADER_BYTES, UnreadableHeader, image_size_xy
 from emprocess.workflow.conf import parse_conf
-from emprocess.workflow.imageinfo import HEADER_BYTES, UnreadableHeader, image_size_xy
 from emprocess.workflow.stages import SliceProblems, check_slices, validate_run
 
 TEMPLATE = "stack/img.%05d.png"

@@ -21,6 +21,7 @@ from pydantic import BaseModel
 
 from emprocess import storage
 from emprocess.errors import BucketNotFound, EmprocessError, InvalidInput
+from emprocess.imageinfo import HEADER_BYTES, image_size_xy
 from emprocess.workflow import DEFAULT_DYNAMIC_WIDTH, VERSION
 from emprocess.workflow.batch import (
     BatchSummary,
@@ -30,7 +31,6 @@ from emprocess.workflow.batch import (
     run_batch,
 )
 from emprocess.workflow.conf import RunConf, parse_conf, template_prefix
-from emprocess.workflow.imageinfo import HEADER_BYTES, image_size_xy
 from emprocess.workflow.payloads import (
     AFFINE_CACHE,
     NG_CACHE,

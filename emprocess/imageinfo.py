@@ -1,6 +1,6 @@
 """Image width and height from the first bytes of a PNG, TIFF or JPEG file, without decoding it.
 
-``validate`` reads only a slice's header (one range read) to check that all slices
+The one header reader of the project. ``validate`` reads only a slice's header (one range read) to check that all slices
 have the same size; a TIFF whose first directory lies beyond those bytes costs one
 more range read at the directory's offset.
 """
@@ -18,7 +18,7 @@ HEADER_BYTES = 64 * 1024
 ReadRange = Callable[[int, int], bytes]
 """Reads the byte range [start, end) of the same file."""
 
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _TIFF_WIDTH, _TIFF_HEIGHT = 256, 257
 # TIFF field type -> (struct code, size in bytes) for the integer types a size may use.
 _TIFF_INT_TYPES = {1: ("B", 1), 3: ("H", 2), 4: ("I", 4), 16: ("Q", 8)}
@@ -42,7 +42,7 @@ def image_size_xy(header: bytes, read_range: ReadRange | None = None) -> tuple[i
     Raises:
         UnreadableHeader: naming what was found instead of a size.
     """
-    if header.startswith(_PNG_MAGIC):
+    if header.startswith(PNG_SIGNATURE):
         return _png_size(header)
     if header[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
         return _tiff_size(header, read_range)

@@ -41,11 +41,11 @@ MAX_SHARD_PX = 512
 Encoding = Literal["jpeg", "raw"]
 DataEncoding = Literal["raw", "gzip"]
 #: How the lossless pyramid stores its chunks inside the shards by default. Measured
-#: with tensorstore on EM data (``python -m emprocess.bench_emwrite``): gzip (its
-#: level is fixed) costs 30-35 ns of CPU per voxel for 0.82 of the bytes, five times
-#: the whole JPEG pyramid; PNG level 1 cost 27 ns for 0.84, PNG at the default level
-#: 47 ns for 0.64; uncompressed 1.4 ns. Neuroglancer, tensorstore and cloud-volume
-#: read all of them.
+#: with tensorstore on EM data (``python -m emprocess.bench_emwrite --codecs``): gzip
+#: (its level is fixed) costs 35 ns of CPU per voxel written for 0.81 of the bytes,
+#: seven times JPEG's 5 ns; PNG level 1 33 ns for 0.83, PNG at the default level 56 ns
+#: for 0.63; uncompressed 2 ns. Neuroglancer, tensorstore and cloud-volume read all
+#: of them.
 RAW_DATA_ENCODING: DataEncoding = "raw"
 
 
@@ -217,8 +217,8 @@ def build_info(
 
     The JPEG pyramid stores JPEG chunks as they are ("data_encoding": "raw"); the raw
     pyramid stores exact voxels ("encoding": "raw") inside the shards, uncompressed by
-    default (``RAW_DATA_ENCODING``: gzip cost five times the CPU of the whole JPEG
-    pyramid) or gzipped; neuroglancer and tensorstore read either at every scale.
+    default (``RAW_DATA_ENCODING``: gzip cost seven times the CPU of JPEG) or
+    gzipped; neuroglancer and tensorstore read either at every scale.
     JPEG quality is not part of the info format; the writer sets it.
 
     Args:

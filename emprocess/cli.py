@@ -84,6 +84,31 @@ def bench_align(
     print_align_benchmark(run_align_benchmark(tuple(sizes), tuple(downsamples), repeats))
 
 
+@bench_app.command("emwrite")
+def bench_emwrite(
+    slices: int = typer.Option(64, min=0, help="Slices of the synthetic stack (0: none)."),
+    size: int = typer.Option(2048, min=64, help="Side of each slice in px."),
+    raw: bool = typer.Option(True, help="Also /ngshard with the lossless pyramid."),
+    repeats: int = typer.Option(3, min=1, help="Fresh runs per phase; the fastest counts."),
+    slice_px: int = typer.Option(0, help="Also one /alignedslice of this side (peak RSS)."),
+    cube: bool = typer.Option(False, help="Also one full 1024^3 /ngshard cube (peak RSS)."),
+) -> None:
+    """MB/s per core and peak RSS of every emwrite endpoint, end to end."""
+    from emprocess.bench_emwrite import print_emwrite_benchmark, run_emwrite_benchmark
+
+    print_emwrite_benchmark(
+        run_emwrite_benchmark(slices, size, raw, repeats=repeats, slice_px=slice_px, cube=cube)
+    )
+
+
+@bench_app.command("parse")
+def bench_parse(repeats: int = typer.Option(5, min=1, help="Parses; the median counts.")) -> None:
+    """Seconds Airflow takes to parse emprocess.py (all DAGs); target under 1 s."""
+    from emprocess.workflow.bench import bench_parse as run
+
+    print(run(repeats=repeats).report())
+
+
 SERVICES = {
     "align": "emprocess.services.align:create_app()",
     "emwrite": "emprocess.services.emwrite:create_app()",

@@ -26,6 +26,7 @@ from emprocess.workflow import DEFAULT_DYNAMIC_WIDTH, VERSION
 from emprocess.workflow.batch import (
     BatchSummary,
     HttpSettings,
+    MiniTask,
     cached_keys,
     read_cached,
     run_batch,
@@ -229,6 +230,30 @@ def create_env(info: RunInfo, airflow_run_id: str) -> dict[str, Any]:
 # -- align ----------------------------------------------------------------------
 
 
+def _send(
+    info: RunInfo,
+    tasks: Sequence[MiniTask],
+    stage: str,
+    cache: str,
+    base_url: str,
+    settings: HttpSettings | None,
+    worker_id: int = 0,
+    width: int = 1,
+) -> dict[str, Any]:
+    """Run one batch task of ``stage``: its answers under ``cache``, its failures beside."""
+    conf = info.conf
+    return run_batch(
+        tasks,
+        base_url=base_url,
+        cache_url=conf.process_url(cache),
+        worker_id=worker_id,
+        width=width,
+        stage=stage,
+        settings=settings,
+        failure_url=conf.process_url(FAILURES, stage),
+    ).to_json()
+
+
 def align_pairs(
     info: RunInfo, worker_id: int, base_url: str, settings: HttpSettings | None = None
 ) -> dict[str, Any]:
@@ -237,16 +262,8 @@ def align_pairs(
     if conf.skip_align:
         log.info("skip_align: no alignment requests")
         return BatchSummary("affine", worker_id, info.width, 0).to_json()
-    return run_batch(
-        plan_align_pairs(conf),
-        base_url=base_url,
-        cache_url=conf.process_url(AFFINE_CACHE),
-        worker_id=worker_id,
-        width=info.width,
-        stage="affine",
-        settings=settings,
-        failure_url=conf.process_url(FAILURES, "affine"),
-    ).to_json()
+    tasks = plan_align_pairs(conf)
+    return _send(info, tasks, "affine", AFFINE_CACHE, base_url, settings, worker_id, info.width)
 
 
 def collect_alignment(info: RunInfo) -> dict[str, Any]:
@@ -307,16 +324,7 @@ def write_slices(
     """Batch task ``write_{i}``: /alignedslice for this worker's slices."""
     conf = info.conf
     tasks = plan_aligned_slices(conf, read_transforms(conf), canvas["bbox"])
-    return run_batch(
-        tasks,
-        base_url=base_url,
-        cache_url=conf.process_url(WRITE_CACHE),
-        worker_id=worker_id,
-        width=info.width,
-        stage="write",
-        settings=settings,
-        failure_url=conf.process_url(FAILURES, "write"),
-    ).to_json()
+    return _send(info, tasks, "write", WRITE_CACHE, base_url, settings, worker_id, info.width)
 
 
 def check_slices_written(info: RunInfo, canvas: Mapping[str, Any]) -> dict[str, Any]:
@@ -343,15 +351,8 @@ def write_ngmeta(
     info: RunInfo, canvas: Mapping[str, Any], base_url: str, settings: HttpSettings | None = None
 ) -> dict[str, Any]:
     """``write_ngmeta``: the one /ngmeta request, through the same batch helper."""
-    conf = info.conf
-    return run_batch(
-        [ngmeta_task(conf, canvas["bbox"])],
-        base_url=base_url,
-        cache_url=conf.process_url(NG_CACHE),
-        stage="ngmeta",
-        settings=settings,
-        failure_url=conf.process_url(FAILURES, "ngmeta"),
-    ).to_json()
+    tasks = [ngmeta_task(info.conf, canvas["bbox"])]
+    return _send(info, tasks, "ngmeta", NG_CACHE, base_url, settings)
 
 
 def write_ng_shards(
@@ -362,17 +363,8 @@ def write_ng_shards(
     settings: HttpSettings | None = None,
 ) -> dict[str, Any]:
     """Batch task ``write_ng_shards_{i}``: /ngshard for this worker's cubes."""
-    conf = info.conf
-    return run_batch(
-        plan_ng_shards(conf, canvas["bbox"]),
-        base_url=base_url,
-        cache_url=conf.process_url(NG_CACHE),
-        worker_id=worker_id,
-        width=info.width,
-        stage="ngshard",
-        settings=settings,
-        failure_url=conf.process_url(FAILURES, "ngshard"),
-    ).to_json()
+    tasks = plan_ng_shards(info.conf, canvas["bbox"])
+    return _send(info, tasks, "ngshard", NG_CACHE, base_url, settings, worker_id, info.width)
 
 
 def check_written(info: RunInfo, canvas: Mapping[str, Any]) -> tuple[bool, str]:

@@ -58,9 +58,15 @@ def bench_process(airflow_home: Path) -> Iterator[subprocess.Popen]:
 
 
 @pytest.fixture(scope="module")
-def dagbag(bench_process: subprocess.Popen, dag_bag: Any) -> Any:
-    """The session's DagBag of the dags folder (conftest.py), the benchmark started too."""
-    return dag_bag
+def dagbag(bench_process: subprocess.Popen, airflow_home: Path) -> Any:
+    """A DagBag of the dags folder of this module's own, the benchmark started too.
+
+    Not the session's ``dag_bag``: ``dag.test(run_conf=...)`` writes the conf into the
+    Params of the DAG it runs, and the tests here check the Params' defaults.
+    """
+    from airflow.dag_processing.dagbag import DagBag
+
+    return DagBag(dag_folder=str(airflow_home / "dags"), safe_mode=True)
 
 
 def contract_edges(width: int) -> set[tuple[str, str]]:

@@ -1,4 +1,4 @@
-"""downsample_mean_2x against a slow loop over output voxels."""
+"""downsample_mean_2x against a slow loop over output voxels; shrink_mean (thumbnails)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from emprocess.errors import InvalidInput
-from emprocess.kernels.downsample import downsample_mean_2x, downsampled_shape
+from emprocess.kernels.downsample import downsample_mean_2x, downsampled_shape, shrink_mean
 
 
 def slow_mean_2x(vol: np.ndarray, reduce_axes: tuple[bool, ...]) -> np.ndarray:
@@ -89,3 +89,31 @@ def test_rejects_bad_input() -> None:
         downsample_mean_2x(np.zeros((2, 2, 2, 2), np.uint8))
     with pytest.raises(InvalidInput, match="empty"):
         downsample_mean_2x(np.zeros((0, 2, 2), np.uint8))
+
+
+@pytest.mark.parametrize("factor", [1, 2, 4, 8])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (37, 53), (64, 64), (213, 170)])
+def test_shrink_mean_is_the_block_mean(factor: int, shape: tuple[int, int]) -> None:
+    img = np.random.default_rng(factor).integers(0, 256, shape, dtype=np.uint8)
+    got = shrink_mean(img, factor)
+    h, w = shape
+    assert got.shape == (-(-h // factor), -(-w // factor)) and got.dtype == np.uint8
+    padded = np.pad(
+        img.astype(np.float64), ((0, -h % factor), (0, -w % factor)), constant_values=np.nan
+    )
+    blocks = padded.reshape(got.shape[0], factor, got.shape[1], factor)
+    want = np.nanmean(blocks, axis=(1, 3))  # the last row and column: the pixels that exist
+    # Rounded to nearest (OpenCV may break ties either way).
+    assert np.abs(got - want).max() <= 0.5 + 1e-9
+
+
+def test_shrink_mean_of_pieces_is_the_shrink_of_the_whole() -> None:
+    """Windows that start on multiples of the factor give the same thumbnail pixels."""
+    img = np.random.default_rng(9).integers(0, 256, (70, 90), dtype=np.uint8)
+    whole = shrink_mean(img, 4)
+    left, right = shrink_mean(img[:, :48], 4), shrink_mean(img[:, 48:], 4)
+    np.testing.assert_array_equal(np.concatenate([left, right], axis=1), whole)
+    with pytest.raises(InvalidInput, match="factor"):
+        shrink_mean(img, 0)
+    with pytest.raises(InvalidInput, match="2-D"):
+        shrink_mean(img[None], 2)

@@ -338,8 +338,16 @@ def test_thumbnails_are_the_downsized_canvas(stack_run: StackRun) -> None:
         f = round(width / thumb.shape[1])
         assert f >= 1 and f & (f - 1) == 0
         assert thumb.shape == (math.ceil(height / f), math.ceil(width / f))
-        small = cv2.resize(run.reference[i], thumb.shape[::-1], interpolation=cv2.INTER_AREA)
-        assert np.abs(thumb.astype(np.int16) - small).mean() < 1.0
+        # The mean of each f x f block of the canvas (of the pixels that exist).
+        ref = np.pad(
+            run.reference[i].astype(np.float64),
+            ((0, -height % f), (0, -width % f)),
+            constant_values=np.nan,
+        )
+        small = np.nanmean(ref.reshape(thumb.shape[0], f, thumb.shape[1], f), axis=(1, 3))
+        assert f == emwrite.THUMB_MIN_FACTOR
+        diff = np.abs(thumb - np.floor(small + 0.5))  # ties and the warp's rare 1-level steps
+        assert diff.mean() < 0.05 and diff.max() <= 1
 
 
 def read_thumbnail(process_bucket: str, img: str) -> np.ndarray:
@@ -376,8 +384,8 @@ def test_large_slices_in_windows_give_the_same_tiles(
     tiles_of = [storage.read_bytes(emwrite.tiles_url(f"{src}_tmp_{RUN_ID}", z)) for z in (0, 1)]
     assert tiles_of[0] == tiles_of[1]
     windowed = read_thumbnail(f"{src}_process", "big.png")
-    assert windowed.shape == whole.shape == (650, 1250)
-    assert np.abs(windowed.astype(np.int16) - whole).max() <= 1
+    assert windowed.shape == whole.shape == (325, 625)
+    np.testing.assert_array_equal(windowed, whole)
     reference = reference_slice(image, body["transform"], (2500, 1300))
     diff = np.abs(tiles.decode_tiled_slice(tiles_of[1]).astype(np.int16) - reference)
     assert (diff > 0).mean() < 0.005

@@ -96,3 +96,40 @@ def _pair_sum(a: np.ndarray, axis: int, acc: np.dtype) -> np.ndarray:
     if n % 2:
         np.multiply(a[along(slice(n - 1, n))], 2, out=out[along(slice(m, m + 1))], dtype=acc)
     return out
+
+
+def shrink_mean(image: np.ndarray, factor: int) -> np.ndarray:
+    """Mean of each ``factor`` x ``factor`` block of a 2-D image (thumbnails).
+
+    Shape ``(ceil(h / factor), ceil(w / factor))``; the blocks of the last row and
+    column average the pixels that exist. Every piece goes through OpenCV's
+    ``INTER_AREA`` with an integer scale, its fast path: asked for the ceil size of
+    the whole image instead, OpenCV resamples at a slightly non-integer scale and was
+    7x slower (15.6 vs 2.2 ms for a 2168 x 2131 canvas at factor 2 and 4). Rounds as
+    OpenCV does (to nearest; ties may go either way).
+    """
+    import cv2
+
+    img = np.asarray(image)
+    if img.ndim != 2 or img.size == 0:
+        raise InvalidInput(f"image must be a non-empty 2-D array, got shape {img.shape}")
+    if factor < 1:
+        raise InvalidInput(f"factor must be >= 1, got {factor}")
+    h, w = img.shape
+    hf, wf = h // factor * factor, w // factor * factor
+    out = np.empty((-(-h // factor), -(-w // factor)), img.dtype)
+    for ys, oy in (
+        (slice(0, hf), slice(0, hf // factor)),
+        (slice(hf, h), slice(hf // factor, None)),
+    ):
+        for xs, ox in (
+            (slice(0, wf), slice(0, wf // factor)),
+            (slice(wf, w), slice(wf // factor, None)),
+        ):
+            piece = img[ys, xs]
+            if piece.size:
+                target = out[oy, ox]
+                target[...] = cv2.resize(
+                    piece, (target.shape[1], target.shape[0]), interpolation=cv2.INTER_AREA
+                )
+    return out

@@ -42,7 +42,7 @@ from emprocess.errors import InvalidInput, NotFound
 from emprocess.images import decode_image
 from emprocess.kernels import ngmeta, tiles
 from emprocess.kernels.clahe import clahe_source_region, clahe_window, plan_windows
-from emprocess.kernels.downsample import downsample_mean_2x
+from emprocess.kernels.downsample import downsample_mean_2x, shrink_mean
 from emprocess.kernels.warp import warp_window
 from emprocess.models import AlignedSliceRequest, NgMetaRequest, NgShardRequest
 from emprocess.services.common import create_service_app, json_body, parse
@@ -57,9 +57,10 @@ CUBE_PX = 1024
 WINDOW_PX = int(os.environ.get("EMPROCESS_WINDOW_PX", 12288))
 SLAB_Z = ngmeta.MAX_SHARD_PX  # one z-layer of scale-0 shards
 THUMB_MAX_PX = 4096
-# A thumbnail is at least 2x smaller than the canvas: a full-size PNG of a small
-# canvas cost as much CPU as the warp, and the thumbnails are for looking at.
-THUMB_MIN_FACTOR = 2
+# A thumbnail is at least 4x smaller than the canvas: they are for looking at, and
+# the PNG of a 2x thumbnail of a 2168 x 2131 canvas cost 21 ms against 5.6 ms at 4x
+# (a tenth of the whole /alignedslice).
+THUMB_MIN_FACTOR = 4
 THUMB_PNG_PARAMS = [
     cv2.IMWRITE_PNG_COMPRESSION,
     1,
@@ -152,7 +153,7 @@ def aligned_slice(req: AlignedSliceRequest) -> dict[str, Any]:
                         payloads[ty * nx + tx] = tiles.encode_tile(tile, TILE_CODEC)
                     else:
                         jobs[ty * nx + tx] = pool.submit(tiles.encode_tile, tile, TILE_CODEC)
-            small = cv2.resize(out, (-(-w // f), -(-h // f)), interpolation=cv2.INTER_AREA)
+            small = shrink_mean(out, f)  # windows start on multiples of f
             thumb[y0 // f : y0 // f + small.shape[0], x0 // f : x0 // f + small.shape[1]] = small
             for i, job in jobs.items():
                 payloads[i] = job.result()

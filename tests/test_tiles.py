@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import struct
+import zlib
 from pathlib import Path
 
 import cv2
+import google_crc32c
 import numpy as np
 import pytest
 
@@ -117,9 +120,37 @@ def test_a_payload_that_passes_the_crc_but_does_not_decode_raises() -> None:
 def test_header_layout_is_little_endian_and_documented() -> None:
     obj = encode_tiled_slice(np.zeros((3, 5), np.uint8), 4, codec="raw")
     magic, version, codec, dtype, tile, w, h = struct.unpack_from("<4sHBBIII", obj)
-    assert (magic, version, codec, dtype, tile, w, h) == (b"EMTS", 1, 0, 1, 4, 5, 3)
+    assert (magic, version, codec, dtype, tile, w, h) == (b"EMTS", 2, 0, 1, 4, 5, 3)
     offsets = struct.unpack_from("<3Q", obj, 20)
     assert offsets == (header_nbytes(5, 3, 4), header_nbytes(5, 3, 4) + 12, len(obj))
+    # Version 2 checksums are CRC-32C (google-crc32c), of each tile and of the header.
+    size = header_nbytes(5, 3, 4)
+    crcs = struct.unpack_from("<3I", obj, 20 + 24)
+    assert crcs == (
+        google_crc32c.value(obj[offsets[0] : offsets[1]]),
+        google_crc32c.value(obj[offsets[1] : offsets[2]]),
+        google_crc32c.value(obj[: size - 4]),
+    )
+
+
+def test_version_1_objects_with_zlib_crc32_still_read() -> None:
+    img = texture(70, 50, seed=6)
+    v2 = encode_tiled_slice(img, 32, codec="raw")
+    index = parse_header(v2)  # rebuilt below as a version 1 object
+    n = len(index.crcs)
+    head = bytearray(v2[: header_nbytes(70, 50, 32)])
+    struct.pack_into("<H", head, 4, 1)
+    payloads = [v2[a:b] for a, b in itertools.pairwise(index.offsets)]
+    struct.pack_into(f"<{n}I", head, 20 + 8 * (n + 1), *(zlib.crc32(p) for p in payloads))
+    struct.pack_into("<I", head, len(head) - 4, zlib.crc32(bytes(head[:-4])))
+    v1 = bytes(head) + v2[len(head) :]
+    assert parse_header(v1).version == 1
+    np.testing.assert_array_equal(decode_tiled_slice(v1), img)
+    # The version says the checksum: a version 2 header relabelled 1 is refused.
+    relabelled = bytearray(v2)
+    struct.pack_into("<H", relabelled, 4, 1)
+    with pytest.raises(InvalidInput, match="corrupt"):
+        parse_header(bytes(relabelled))
 
 
 def test_png_beats_raw_on_real_em_data(real_slices: tuple[Path, Path]) -> None:

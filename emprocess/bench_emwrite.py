@@ -30,6 +30,7 @@ Call the functions from a ``if __name__ == "__main__":`` block: the phases start
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -376,7 +377,7 @@ def _run_stack(
         bodies,
         cv_threads=cv_threads,
         repeats=repeats,
-        fresh=lambda: clear_buckets(*outputs),
+        fresh=functools.partial(clear_buckets, *outputs),
     )
     phases["alignedslice"] = _rates(row, input_mb, "input")
     variants = [("jpeg", False)] + ([("raw", True)] if write_raw else [])
@@ -389,7 +390,7 @@ def _run_stack(
             tmp,
             cv_threads=cv_threads,
             repeats=repeats,
-            fresh=lambda buckets=volumes: clear_buckets(*buckets),  # type: ignore[misc]
+            fresh=functools.partial(clear_buckets, *volumes),
         )
         phases[f"ngshard_{tag}"] = _rates(row, canvas_mb, "canvas")
     for tag, _ in variants:

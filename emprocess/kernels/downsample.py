@@ -1,7 +1,8 @@
-"""2x mean downsampling of (z, y, x) blocks, the step between pyramid scales."""
+"""2x mean downsampling of (z, y, x) blocks, the step between pyramid scales; thumbnails."""
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 
 from emprocess.errors import InvalidInput
@@ -108,8 +109,6 @@ def shrink_mean(image: np.ndarray, factor: int) -> np.ndarray:
     7x slower (15.6 vs 2.2 ms for a 2168 x 2131 canvas at factor 2 and 4). Rounds as
     OpenCV does (to nearest; ties may go either way).
     """
-    import cv2
-
     img = np.asarray(image)
     if img.ndim != 2 or img.size == 0:
         raise InvalidInput(f"image must be a non-empty 2-D array, got shape {img.shape}")

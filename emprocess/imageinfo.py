@@ -1,14 +1,18 @@
-"""Image width and height from the first bytes of a PNG, TIFF or JPEG file, without decoding it.
+"""Image size and pixel layout from the first bytes of a PNG, TIFF or JPEG file, without decoding.
 
-The one header reader of the project. ``validate`` reads only a slice's header (one range read) to check that all slices
+The one header reader of the project. The services size every image from its header
+(:func:`image_layout`: pixels, channels and bytes per sample as OpenCV will decode it)
+before decoding it, and refuse any other format by its header. ``validate`` reads only a slice's header (one range read) to check that all slices
 have the same size; a TIFF whose first directory lies beyond those bytes costs one
 more range read at the directory's offset.
 """
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Callable
+from typing import NamedTuple
 
 from emprocess.errors import InvalidInput
 
@@ -19,15 +23,37 @@ ReadRange = Callable[[int, int], bytes]
 """Reads the byte range [start, end) of the same file."""
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_TIFF_WIDTH, _TIFF_HEIGHT = 256, 257
+_TIFF_WIDTH, _TIFF_HEIGHT, _TIFF_BITS, _TIFF_PHOTOMETRIC, _TIFF_SAMPLES = 256, 257, 258, 262, 277
+_TIFF_TAGS = (_TIFF_WIDTH, _TIFF_HEIGHT, _TIFF_BITS, _TIFF_PHOTOMETRIC, _TIFF_SAMPLES)
 # TIFF field type -> (struct code, size in bytes) for the integer types a size may use.
 _TIFF_INT_TYPES = {1: ("B", 1), 3: ("H", 2), 4: ("I", 4), 16: ("Q", 8)}
+# A first directory with more entries than this is not a slice's (a real one has ~20).
+_TIFF_MAX_ENTRIES = 4096
+# PNG colour type -> channels OpenCV decodes (IMREAD_UNCHANGED): palette and grey+alpha
+# become BGR(A), so 4 is the bound; tRNS transparency adds an alpha channel.
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 4, 4: 4, 6: 4}
 # JPEG start-of-frame markers (baseline, progressive, lossless, ...); not DHT/JPG/DAC.
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
 class UnreadableHeader(InvalidInput):
     """The bytes are not a PNG, TIFF or JPEG header this module can read."""
+
+
+class ImageLayout(NamedTuple):
+    """What decoding an image costs: its size and how OpenCV lays out its pixels."""
+
+    width: int
+    height: int
+    channels: int
+    """Channels of the decoded array (an upper bound: palette and alpha become BGRA)."""
+    sample_bytes: int
+    """Bytes per channel of the decoded array (1, or 2 for 16-bit samples)."""
+
+    @property
+    def decoded_bytes(self) -> int:
+        """Bytes of the array the decoder allocates: pixels x channels x bytes per sample."""
+        return self.width * self.height * self.channels * self.sample_bytes
 
 
 def image_size_xy(header: bytes, read_range: ReadRange | None = None) -> tuple[int, int]:
@@ -42,23 +68,59 @@ def image_size_xy(header: bytes, read_range: ReadRange | None = None) -> tuple[i
     Raises:
         UnreadableHeader: naming what was found instead of a size.
     """
+    layout = image_layout(header, read_range)
+    return layout.width, layout.height
+
+
+def image_layout(header: bytes, read_range: ReadRange | None = None) -> ImageLayout:
+    """Size, channels and sample bytes of the image whose file starts with ``header``.
+
+    Arguments as :func:`image_size_xy`.
+
+    Raises:
+        UnreadableHeader: not a PNG, TIFF or JPEG file, or a header that does not hold.
+    """
     if header.startswith(PNG_SIGNATURE):
-        return _png_size(header)
+        return _png_layout(header)
     if header[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
-        return _tiff_size(header, read_range)
+        try:
+            return _tiff_layout(header, read_range)
+        except struct.error:
+            raise UnreadableHeader("TIFF whose first directory is cut short") from None
     if header.startswith(b"\xff\xd8"):
-        return _jpeg_size(header)
+        return _jpeg_layout(header)
     raise UnreadableHeader(f"not a PNG, TIFF or JPEG file (starts with {header[:8]!r})")
 
 
-def _png_size(data: bytes) -> tuple[int, int]:
+def _png_layout(data: bytes) -> ImageLayout:
     if len(data) < 24 or data[12:16] != b"IHDR":
         raise UnreadableHeader("PNG without an IHDR chunk in its first 24 bytes")
     width, height = struct.unpack(">II", data[16:24])
-    return int(width), int(height)
+    if len(data) < 26:  # the size alone: assume the costliest layout
+        return ImageLayout(int(width), int(height), 4, 2)
+    depth, colour = data[24], data[25]
+    if colour not in _PNG_CHANNELS or depth not in (1, 2, 4, 8, 16):
+        raise UnreadableHeader(f"PNG with colour type {colour} and bit depth {depth}")
+    channels = _PNG_CHANNELS[colour]
+    if channels < 4 and _png_has_trns(data):
+        channels = 4
+    return ImageLayout(int(width), int(height), channels, 2 if depth == 16 else 1)
 
 
-def _tiff_size(data: bytes, read_range: ReadRange | None) -> tuple[int, int]:
+def _png_has_trns(data: bytes) -> bool:
+    """Whether a tRNS chunk comes before the first IDAT (as far as ``data`` reaches)."""
+    i = 8
+    while i + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[i : i + 8])
+        if kind == b"tRNS":
+            return True
+        if kind == b"IDAT":
+            return False
+        i += 12 + length
+    return True  # not known: assume the worst
+
+
+def _tiff_layout(data: bytes, read_range: ReadRange | None) -> ImageLayout:
     order = "<" if data[:2] == b"II" else ">"
     big = data[2:4] in (b"+\x00", b"\x00+")
     if big:
@@ -76,26 +138,49 @@ def _tiff_size(data: bytes, read_range: ReadRange | None) -> tuple[int, int]:
                 f"TIFF whose first directory (bytes {start}..{end}) lies beyond the "
                 f"{len(data)} bytes read"
             )
-        return read_range(start, end)
+        got = read_range(start, end)
+        if len(got) < end - start:
+            raise UnreadableHeader(
+                f"TIFF whose first directory (bytes {start}..{end}) lies past the end of the file"
+            )
+        return got
 
     (count,) = struct.unpack(order + count_fmt, fetch(ifd, ifd + count_size))
+    if count > _TIFF_MAX_ENTRIES:
+        raise UnreadableHeader(f"TIFF whose first directory claims {count} entries")
     entries = fetch(ifd + count_size, ifd + count_size + count * entry_size)
     if len(entries) < count * entry_size:
         raise UnreadableHeader(f"TIFF whose first directory at byte {ifd} is truncated")
-    sizes: dict[int, int] = {}
+    head, inline = (12, 8) if big else (8, 4)
+    values: dict[int, list[int]] = {}
     for i in range(count):
         entry = entries[i * entry_size : (i + 1) * entry_size]
-        head = 12 if big else 8
         tag, kind = struct.unpack(order + "HH", entry[:4])
-        if tag in (_TIFF_WIDTH, _TIFF_HEIGHT) and kind in _TIFF_INT_TYPES:
-            code, size = _TIFF_INT_TYPES[kind]
-            (sizes[tag],) = struct.unpack(order + code, entry[head : head + size])
-    if _TIFF_WIDTH not in sizes or _TIFF_HEIGHT not in sizes:
+        if tag not in _TIFF_TAGS or kind not in _TIFF_INT_TYPES:
+            continue
+        (n,) = struct.unpack(order + ("Q" if big else "I"), entry[4:head])
+        code, size = _TIFF_INT_TYPES[kind]
+        n = min(int(n), 16)  # a per-sample list: more than 16 samples is refused below
+        raw = entry[head : head + n * size]
+        if n * size > inline:  # the values are stored at an offset
+            (at,) = struct.unpack(order + ("Q" if big else "I"), entry[head : head + inline])
+            raw = fetch(at, at + n * size)
+        values[tag] = list(struct.unpack(order + code * n, raw))
+    if not values.get(_TIFF_WIDTH) or not values.get(_TIFF_HEIGHT):
         raise UnreadableHeader("TIFF whose first directory has no ImageWidth/ImageLength")
-    return int(sizes[_TIFF_WIDTH]), int(sizes[_TIFF_HEIGHT])
+    samples = (values.get(_TIFF_SAMPLES) or [1])[0]
+    bits = max(values.get(_TIFF_BITS) or [1])
+    if not 1 <= samples <= 16 or not 1 <= bits <= 64:
+        raise UnreadableHeader(f"TIFF with {samples} samples of {bits} bits per pixel")
+    photometric = (values.get(_TIFF_PHOTOMETRIC) or [1])[0]
+    # OpenCV decodes every colour TIFF (RGB, palette, YCbCr, alpha) as BGR or BGRA.
+    channels = 1 if samples == 1 and photometric in (0, 1) else max(4, samples)
+    return ImageLayout(
+        int(values[_TIFF_WIDTH][0]), int(values[_TIFF_HEIGHT][0]), channels, math.ceil(bits / 8)
+    )
 
 
-def _jpeg_size(data: bytes) -> tuple[int, int]:
+def _jpeg_layout(data: bytes) -> ImageLayout:
     i = 2
     while i + 4 <= len(data):
         if data[i] != 0xFF:
@@ -109,9 +194,11 @@ def _jpeg_size(data: bytes) -> tuple[int, int]:
             continue
         (length,) = struct.unpack(">H", data[i + 2 : i + 4])
         if marker in _JPEG_SOF:
-            if i + 9 > len(data):
+            if i + 10 > len(data):
                 break
-            height, width = struct.unpack(">HH", data[i + 5 : i + 9])
-            return int(width), int(height)
+            precision, height, width, components = struct.unpack(">BHHB", data[i + 4 : i + 10])
+            return ImageLayout(
+                int(width), int(height), 1 if components == 1 else 3, 2 if precision > 8 else 1
+            )
         i += 2 + length
     raise UnreadableHeader("JPEG whose frame header is not within the bytes read")

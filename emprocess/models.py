@@ -1,10 +1,18 @@
 """Request models shared by the DAG (which sends them) and the services (which receive them).
 
-Fields are plain JSON: numbers as numbers, booleans as booleans. The original
-DAG sent some of them as strings (``"transform": "[1, 0, ...]"``,
-``"slice": "12"``, ``"writeRaw": "true"``); those legacy forms are accepted
-here, at the edge, and nowhere else. Keys keep CONTRACTS.md's spelling
-(``dest-tmp``, ``shard-size``, ``clip-limit``, ``writeRaw``) through aliases.
+Fields are plain JSON with strict types: numbers as numbers, booleans as booleans,
+nothing coerced (``true`` is not 1, ``"1"`` is not 1, ``1.0`` is not an integer).
+The original DAG sent some fields as strings (``"transform": "[1, 0, ...]"``,
+``"bbox": "[w, h]"``, ``"slice": "12"``, ``"shard-size": "1024"``,
+``"clip-limit": "0.02"``, ``"writeRaw": "true"``, ``"start": "[x, y, z]"``); exactly
+those legacy forms are accepted, here at the edge, and nowhere else. Keys keep
+CONTRACTS.md's spelling (``dest-tmp``, ``shard-size``, ``clip-limit``, ``writeRaw``)
+through aliases.
+
+Every field is bounded, so a request's cost is bounded before any work: storage
+URLs are ``gs://`` objects of the run's storage only, buckets and run ids follow
+the naming rules, and sizes, slice numbers and resolutions have ranges that keep
+every volume one that tensorstore and neuroglancer open.
 """
 
 from __future__ import annotations
@@ -15,9 +23,36 @@ import shlex
 from typing import Annotated, Any, TypeVar
 from urllib.parse import parse_qs
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from emprocess.errors import InvalidInput
+from emprocess.storage.names import (
+    check_bucket_name,
+    check_key,
+    check_run_id,
+    check_service_url,
+)
+
+MAX_CANVAS_PX = 65536
+"""Largest canvas side (width or height) in pixels."""
+MAX_Z = 99_999_999
+"""Largest slice number."""
+MAX_SLICES = 1_000_000
+"""Most slices in one volume (maxz - minz + 1)."""
+MAX_RESOLUTION_NM = 1_000_000.0
+"""Largest voxel size in nm (1 mm)."""
+# A transform maps slice pixels to canvas pixels: near-rigid for a real stack. Beyond
+# these its inverse (the warp samples through it) is degenerate or meaningless.
+MAX_TRANSFORM_ABS = 1e7
+MIN_TRANSFORM_DET, MAX_TRANSFORM_DET = 1e-3, 1e3
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -51,27 +86,73 @@ def _json_list(value: Any) -> Any:
     """Accept a list, or the legacy JSON string of one."""
     if isinstance(value, str):
         try:
-            return json.loads(value)
-        except json.JSONDecodeError:
-            raise ValueError(f"expected a JSON list, got the string {value!r}") from None
+            return json.loads(value[:1000])
+        except (json.JSONDecodeError, RecursionError):
+            raise ValueError(f"expected a JSON list, got the string {value[:100]!r}") from None
     return value
 
 
-Affine6 = Annotated[list[float], BeforeValidator(_json_list), Field(min_length=6, max_length=6)]
-PositiveSize2 = Annotated[
-    list[Annotated[int, Field(gt=0)]],
+def _legacy_int(value: Any) -> Any:
+    """Accept an integer, or the legacy string of one (digits only)."""
+    if isinstance(value, str) and re.fullmatch(r"[0-9]{1,12}", value):
+        return int(value)
+    return value
+
+
+def _legacy_float(value: Any) -> Any:
+    """Accept a number, or the legacy decimal string of one."""
+    if isinstance(value, str) and re.fullmatch(r"[0-9]{1,12}(\.[0-9]{0,12})?", value):
+        return float(value)
+    return value
+
+
+def _legacy_bool(value: Any) -> Any:
+    """Accept a boolean, or the legacy string "true"/"false" (Python's "True"/"False" too)."""
+    return (
+        {"true": True, "false": False}.get(value.lower(), value)
+        if isinstance(value, str)
+        else value
+    )
+
+
+def _pydantic_check(check: Any) -> Any:
+    """A naming check as a pydantic validator: its InvalidInput becomes a ValueError."""
+
+    def run(value: Any) -> Any:
+        try:
+            return check(value)
+        except InvalidInput as e:
+            raise ValueError(str(e)) from None
+
+    return AfterValidator(run)
+
+
+StorageURL = Annotated[str, Field(max_length=2048), _pydantic_check(check_service_url)]
+Bucket = Annotated[str, Field(max_length=222), _pydantic_check(check_bucket_name)]
+ObjectKey = Annotated[str, Field(max_length=1024), _pydantic_check(check_key)]
+RunId = Annotated[str, Field(max_length=63), _pydantic_check(check_run_id)]
+SliceZ = Annotated[int, BeforeValidator(_legacy_int), Field(ge=0, le=MAX_Z)]
+Affine6 = Annotated[
+    list[Annotated[float, Field(allow_inf_nan=False, ge=-MAX_TRANSFORM_ABS, le=MAX_TRANSFORM_ABS)]],
+    BeforeValidator(_json_list),
+    Field(min_length=6, max_length=6),
+]
+CanvasSize2 = Annotated[
+    list[Annotated[int, Field(gt=0, le=MAX_CANVAS_PX)]],
     BeforeValidator(_json_list),
     Field(min_length=2, max_length=2),
 ]
 Start3 = Annotated[
-    list[Annotated[int, Field(ge=0)]],
+    list[Annotated[int, Field(ge=0, le=MAX_SLICES)]],
     BeforeValidator(_json_list),
     Field(min_length=3, max_length=3),
 ]
+ShardSize = Annotated[int, BeforeValidator(_legacy_int)]
+Resolution = Annotated[float, Field(gt=0, le=MAX_RESOLUTION_NM, allow_inf_nan=False)]
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True, strict=True)
 
     def payload(self) -> dict[str, Any]:
         """The JSON body to send, with CONTRACTS.md's key spelling."""
@@ -84,8 +165,8 @@ class _Request(BaseModel):
 class AlignRequest(_Request):
     """POST / of the alignment service: align ``post`` (slice z+1) onto ``pre`` (slice z)."""
 
-    pre: str = Field(description="URL of slice z (gs://, file:// or a path).")
-    post: str = Field(description="URL of slice z+1.")
+    pre: StorageURL = Field(description="gs:// URL of slice z (the only form accepted).")
+    post: StorageURL = Field(description="gs:// URL of slice z+1.")
     downsample: int = Field(
         default=1,
         ge=1,
@@ -93,7 +174,9 @@ class AlignRequest(_Request):
         description="Shrink both images by this integer factor before matching.",
     )
     params: dict[str, Any] = Field(
-        default_factory=dict, description="Overrides of the matching recipe (AlignParams fields)."
+        default_factory=dict,
+        max_length=32,
+        description="Overrides of the matching recipe (AlignParams fields).",
     )
 
     @classmethod
@@ -170,54 +253,73 @@ def _split_downsample(url: str) -> tuple[str, int]:
 
 # -- emwrite -----------------------------------------------------------------
 
-ClipLimit = Annotated[float, Field(ge=0.0, le=1.0)]
+ClipLimit = Annotated[float, BeforeValidator(_legacy_float), Field(ge=0.0, le=1.0)]
 
 
 class AlignedSliceRequest(_Request):
     """POST /alignedslice: warp one slice into the global canvas, CLAHE, tile it."""
 
-    img: str = Field(description="Slice image name in the source bucket, e.g. img.00012.png.")
+    img: ObjectKey = Field(description="Slice image name in the source bucket, e.g. img.00012.png.")
     transform: Affine6 = Field(
         description="6 numbers (mpicbg order) mapping slice pixels into the canvas."
     )
-    bbox: PositiveSize2 = Field(description="Canvas size [width, height] in pixels.")
-    dest: str = Field(
+    bbox: CanvasSize2 = Field(description="Canvas size [width, height] in pixels.")
+    dest: Bucket = Field(
         description="Source bucket holding the slices; the thumbnail goes to DEST_process."
     )
-    dest_tmp: str = Field(alias="dest-tmp", description="Bucket for the tiled aligned slices.")
-    slice: int = Field(ge=0, description="Slice number z.")
-    shard_size: int = Field(
+    dest_tmp: Bucket = Field(alias="dest-tmp", description="Bucket for the tiled aligned slices.")
+    slice: SliceZ = Field(description="Slice number z.")
+    shard_size: ShardSize = Field(
         default=1024, alias="shard-size", description="Tile edge in pixels; must be 1024."
     )
-    run_id: str = Field(
-        min_length=1, description="Run id; the thumbnail goes to DEST_process/RUN_ID/align/IMG."
+    run_id: RunId = Field(
+        description="Run id; the thumbnail goes to DEST_process/RUN_ID/align/IMG."
     )
     clip_limit: ClipLimit = Field(
         default=0.02, alias="clip-limit", description="CLAHE clip limit (normalised, 0 disables)."
     )
 
+    @model_validator(mode="after")
+    def _check(self) -> AlignedSliceRequest:
+        m00, m10, m01, m11 = self.transform[:4]
+        det = m00 * m11 - m01 * m10
+        if not MIN_TRANSFORM_DET <= abs(det) <= MAX_TRANSFORM_DET:
+            raise ValueError(
+                f"transform {self.transform} is singular or degenerate: it scales areas by "
+                f"{det:.3g}; allowed {MIN_TRANSFORM_DET} to {MAX_TRANSFORM_DET} in magnitude"
+            )
+        if self.shard_size != 1024:
+            raise ValueError(f"shard-size must be 1024, got {self.shard_size}")
+        check_bucket_name(f"{self.dest}_process")  # where the thumbnail goes
+        return self
+
 
 class _VolumeRequest(_Request):
-    dest: str = Field(description="Bucket of the JPEG volume (written under neuroglancer/jpeg).")
-    dest_raw: str | None = Field(
+    dest: Bucket = Field(description="Bucket of the JPEG volume (written under neuroglancer/jpeg).")
+    dest_raw: Bucket | None = Field(
         default=None,
         description="Bucket of the lossless volume (neuroglancer/raw); needed when writeRaw.",
     )
-    minz: int = Field(ge=0, description="First slice number.")
-    maxz: int = Field(ge=0, description="Last slice number, inclusive.")
-    bbox: PositiveSize2 = Field(description="Canvas size [width, height] in pixels.")
-    shard_size: int = Field(
+    minz: int = Field(ge=0, le=MAX_Z, description="First slice number.")
+    maxz: int = Field(ge=0, le=MAX_Z, description="Last slice number, inclusive.")
+    bbox: CanvasSize2 = Field(description="Canvas size [width, height] in pixels.")
+    shard_size: ShardSize = Field(
         default=1024, alias="shard-size", description="Cube edge in voxels; must be 1024."
     )
-    write_raw: bool = Field(
+    write_raw: Annotated[bool, BeforeValidator(_legacy_bool)] = Field(
         default=True, alias="writeRaw", description="Also write the lossless pyramid."
     )
-    resolution: float = Field(default=8.0, gt=0, description="Isotropic voxel size in nm.")
+    resolution: Resolution = Field(default=8.0, description="Isotropic voxel size in nm.")
 
     @model_validator(mode="after")
     def _check(self) -> _VolumeRequest:
         if self.minz > self.maxz:
             raise ValueError(f"minz ({self.minz}) must be <= maxz ({self.maxz})")
+        if self.maxz - self.minz + 1 > MAX_SLICES:
+            raise ValueError(
+                f"minz {self.minz} to maxz {self.maxz} is {self.maxz - self.minz + 1} slices; "
+                f"at most {MAX_SLICES} are allowed"
+            )
         if self.write_raw and not self.dest_raw:
             raise ValueError("writeRaw is true but dest_raw names no bucket")
         if self.shard_size != 1024:
@@ -232,7 +334,7 @@ class NgMetaRequest(_VolumeRequest):
 class NgShardRequest(_VolumeRequest):
     """POST /ngshard: build one 1024^3 cube from the tiles and write its pyramid shards."""
 
-    source: str = Field(description="Bucket of the tiled aligned slices (the run's tmp bucket).")
+    source: Bucket = Field(description="Bucket of the tiled aligned slices (the run's tmp bucket).")
     start: Start3 = Field(
         description="Cube position [x, y, z] in units of 1024; z counts from minz."
     )

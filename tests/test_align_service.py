@@ -166,10 +166,12 @@ def test_internal_failure_is_a_short_500(monkeypatch: pytest.MonkeyPatch, tmp_pa
         raise RuntimeError("secret internal detail")
 
     monkeypatch.setattr(align_service_module, "align_pair", boom)
+    monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", str(tmp_path))
+    storage.create_bucket("src")
     img = np.random.default_rng(0).integers(0, 255, (100, 100), dtype=np.uint8)
     for name in ("a.png", "b.png"):
-        cv2.imwrite(str(tmp_path / name), img)
+        put_png(f"gs://src/{name}", img)
     client = align_service_module.create_app().test_client()
-    r = client.post("/", json={"pre": str(tmp_path / "a.png"), "post": str(tmp_path / "b.png")})
+    r = client.post("/", json={"pre": "gs://src/a.png", "post": "gs://src/b.png"})
     assert r.status_code == 500
     assert r.json == {"error": "internal error in align: RuntimeError"}

@@ -561,7 +561,7 @@ BAD_REQUESTS: list[tuple[str, str, Callable[[dict], Any], str]] = [
         "not an image",
         "/alignedslice",
         lambda e: {**e["slice"], "img": "notes.png"},
-        "not a PNG or TIFF",
+        "not a PNG, TIFF or JPEG",
     ),
     (
         "no such image",

@@ -48,14 +48,20 @@ class AlignParams(BaseModel):
 
     Fiji's defaults are kept; ``dense_max_size``, ``max_features`` and
     ``contrast_threshold`` have no Fiji counterpart and trade time for features.
+    Every knob that costs time has an upper bound, so that any accepted recipe
+    aligns a pair in a few seconds: the worst one (1024 px octaves, 2000 features,
+    1 to 6 steps, every retry, 10000 RANSAC hypotheses, no model found) took 4.5 s
+    on a 2048^2 pair on a shared core, against 0.2 s with the defaults. Types are
+    strict (no ``true`` for 1, no ``"4"`` for 4).
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     saturated_percent: float = Field(
         default=0.35,
         ge=0.0,
         lt=50.0,
+        allow_inf_nan=False,
         description="Contrast stretch as ImageJ's 'Enhance Contrast saturated=': percent of "
         "pixels clipped, half at each end; also how uint16 input is scaled to 8 bits.",
     )
@@ -67,11 +73,13 @@ class AlignParams(BaseModel):
     min_octave_size: int = Field(
         default=64,
         ge=16,
+        le=1024,
         description="Smallest octave (shorter image side, px) whose features are used.",
     )
     max_octave_size: int = Field(
         default=1024,
         ge=64,
+        le=1024,
         description="Largest octave (longer image side, px): larger images are matched after "
         "halving until they fit, like Fiji's maxOctaveSize.",
     )
@@ -79,12 +87,12 @@ class AlignParams(BaseModel):
         default=1.6, ge=0.5, le=6.0, description="Blur (px) of the first octave's base image."
     )
     steps: int = Field(
-        default=3, ge=1, le=10, description="Scale steps per octave of the first attempt."
+        default=3, ge=1, le=6, description="Scale steps per octave of the first attempt."
     )
     max_steps: int = Field(
         default=5,
         ge=1,
-        le=10,
+        le=6,
         description="While a model is missing, retry with one more step per octave up to this.",
     )
     retry_initial_sigma: float | None = Field(
@@ -96,15 +104,16 @@ class AlignParams(BaseModel):
     dense_max_size: int = Field(
         default=300,
         ge=0,
+        le=512,
         description="Images whose longer side (px, after max_octave_size halving) is at most "
         "this are matched with OpenCV's doubled first octave: more, better-placed features "
         "for small images at 4x the detection cost.",
     )
     max_features: int = Field(
         default=1000,
-        ge=0,
-        description="Keep only the strongest N features per image (0 keeps all); bounds the "
-        "matching time.",
+        ge=1,
+        le=2000,
+        description="Keep only the strongest N features per image; bounds the matching time.",
     )
     contrast_threshold: float = Field(
         default=0.04,
@@ -119,17 +128,23 @@ class AlignParams(BaseModel):
         description="Ratio test: keep a match when best / second-best descriptor distance is "
         "below this (Fiji's rod).",
     )
-    ransac_iterations: int = Field(default=1000, ge=1, le=100_000, description="RANSAC hypotheses.")
+    ransac_iterations: int = Field(default=1000, ge=1, le=10_000, description="RANSAC hypotheses.")
     max_epsilon_px: float = Field(
-        default=25.0, gt=0.0, description="RANSAC inlier distance (px of the matched images)."
+        default=25.0,
+        gt=0.0,
+        le=1000.0,
+        description="RANSAC inlier distance (px of the matched images).",
     )
     min_inlier_ratio: float = Field(
         default=0.05, ge=0.0, le=1.0, description="Minimum inliers / candidate matches for a model."
     )
-    min_num_inliers: int = Field(default=20, ge=3, description="Minimum inliers for a model.")
+    min_num_inliers: int = Field(
+        default=20, ge=3, le=2000, description="Minimum inliers for a model."
+    )
     max_trust: float = Field(
         default=3.0,
         gt=1.0,
+        le=100.0,
         description="After RANSAC, drop inliers whose residual exceeds max_trust times the "
         "median and refit, until none is dropped (mpicbg's filter).",
     )

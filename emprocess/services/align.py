@@ -30,6 +30,11 @@ DEFAULT_MAX_PIXELS = 16384 * 16384
 # Adjacent slices of one stack have (nearly) one size; beyond this ratio per axis
 # the request almost surely names the wrong files.
 MAX_SIZE_RATIO = 1.5
+# Bytes a decoded slice may take per pixel of the pixel limit: a 16-bit grey slice
+# at the limit, or 8-bit colour of two thirds of it (16-bit RGBA needs 8).
+DECODED_BYTES_PER_PIXEL = 2
+# A slice file is at most its decoded size plus this (an uncompressed TIFF's header).
+FILE_SLACK_BYTES = 1 << 20
 
 
 def max_pixels() -> int:
@@ -37,8 +42,10 @@ def max_pixels() -> int:
 
 
 def read_image(url: str) -> np.ndarray:
-    """Read and decode one slice through the storage layer."""
-    return decode_image(storage.read_bytes(url), url, max_pixels())
+    """Read and decode one slice through the storage layer, within the size limits."""
+    limit = max_pixels() * DECODED_BYTES_PER_PIXEL
+    data = storage.read_bytes(url, max_bytes=limit + FILE_SLACK_BYTES)
+    return decode_image(data, url, max_pixels(), limit)
 
 
 def check_sizes(pre: np.ndarray, post: np.ndarray, req: AlignRequest) -> None:

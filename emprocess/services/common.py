@@ -1,7 +1,8 @@
-"""What both Flask services share: JSON errors, /health, request parsing."""
+"""What both Flask services share: JSON errors, /health, request parsing and its limits."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -19,13 +20,51 @@ __all__ = ["create_service_app", "json_body", "parse"]
 
 log = logging.getLogger(__name__)
 
+MAX_BODY_BYTES = 1024 * 1024
+"""Largest request body; a real one is under 2 KB (a legacy one carries a short script)."""
+MAX_JSON_DEPTH = 16
+"""Deepest nesting of arrays and objects in a body; real ones nest 3 deep."""
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of a parsed JSON value, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
+
 
 def json_body() -> Any:
-    """The request's JSON body, or InvalidInput naming what is wrong with it."""
-    body = request.get_json(silent=True)
-    if body is None:
-        raise InvalidInput("request body must be JSON (Content-Type: application/json)")
+    """The request's JSON body, or InvalidInput naming what is wrong with it.
+
+    The body is at most ``MAX_BODY_BYTES`` (Flask answers 413 beyond) and nests at
+    most ``MAX_JSON_DEPTH`` levels; ``NaN`` and ``Infinity``, which are not JSON, are
+    refused.
+    """
+    data = request.get_data(cache=False)
+    try:
+        body = json.loads(data, parse_constant=_not_json)
+    except RecursionError:
+        raise InvalidInput(
+            f"request body nests deeper than {MAX_JSON_DEPTH} levels of arrays and objects"
+        ) from None
+    except ValueError as e:
+        raise InvalidInput(
+            f"request body must be JSON (Content-Type: application/json): {str(e)[:200]}"
+        ) from None
+    if _depth(body) > MAX_JSON_DEPTH:
+        raise InvalidInput(
+            f"request body nests deeper than {MAX_JSON_DEPTH} levels of arrays and objects"
+        )
     return body
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def create_service_app(name: str) -> Flask:
@@ -36,6 +75,7 @@ def create_service_app(name: str) -> Flask:
     it is logged here instead.
     """
     app = Flask(name)
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     started = time.time()
     logging.basicConfig(
         level=os.environ.get("EMPROCESS_LOG_LEVEL", "INFO"),

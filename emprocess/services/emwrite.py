@@ -39,6 +39,7 @@ from flask import Flask
 
 from emprocess import storage
 from emprocess.errors import InvalidInput, NotFound
+from emprocess.imageinfo import HEADER_BYTES, ImageLayout, UnreadableHeader, image_layout
 from emprocess.images import decode_image
 from emprocess.kernels import ngmeta, tiles
 from emprocess.kernels.clahe import clahe_source_region, clahe_window, plan_windows
@@ -78,6 +79,14 @@ CPU_COUNT = (
     len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 )
 MAX_PIXELS = int(os.environ.get("EMPROCESS_EMWRITE_MAX_PIXELS", 32768 * 32768))
+# A decoded slice (pixels x channels x bytes per sample) may take at most this: a
+# 32768^2 8-bit or a 23170^2 16-bit grey slice; a 16384^2 16-bit RGBA PNG needs 2 GiB.
+MAX_DECODED_BYTES = int(os.environ.get("EMPROCESS_EMWRITE_MAX_IMAGE_BYTES", 1 << 30))
+MAX_FILE_BYTES = MAX_DECODED_BYTES + (1 << 20)  # an uncompressed TIFF plus its header
+# The canvas holds every slice after its transform: a little larger than one slice
+# (drift, rotation). Each side may be at most this many times the slice's longer
+# side, plus one tile; the bound keeps a request's work in proportion to its input.
+MAX_CANVAS_RATIO = 4
 JPEG_PATH, RAW_PATH = "neuroglancer/jpeg", "neuroglancer/raw"
 
 
@@ -106,6 +115,14 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
 # -- /alignedslice -------------------------------------------------------------
 
 
+def _layout(data: bytes, url: str) -> ImageLayout:
+    """The slice's header; another format than PNG, TIFF or JPEG is refused here."""
+    try:
+        return image_layout(data[:HEADER_BYTES], lambda start, end: data[start:end])
+    except UnreadableHeader as e:
+        raise InvalidInput(f"{url} is not a PNG, TIFF or JPEG image: {e}") from None
+
+
 def thumbnail_factor(width: int, height: int) -> int:
     """Power-of-two shrink factor of the thumbnail: >= THUMB_MIN_FACTOR, sides <= THUMB_MAX_PX."""
     f = 1 << max(0, math.ceil(math.log2(max(width, height) / THUMB_MAX_PX)))
@@ -124,11 +141,22 @@ def aligned_slice(req: AlignedSliceRequest) -> dict[str, Any]:
     width, height = req.bbox
     if width * height > MAX_PIXELS:
         raise InvalidInput(f"bbox {req.bbox} has more than {MAX_PIXELS} pixels")
+    # Every name is built (and so checked) before the first read or write.
+    source_url = storage.bucket_url(req.dest, req.img)
+    outputs = (tiles_url(req.dest_tmp, req.slice), thumbnail_url(req))
     for bucket in (req.dest_tmp, f"{req.dest}_process"):
         if not storage.bucket_exists(bucket):
             raise InvalidInput(f"bucket {bucket!r} does not exist")
-    source_url = storage.bucket_url(req.dest, req.img)
-    image = _to_uint8(decode_image(storage.read_bytes(source_url), source_url, MAX_PIXELS))
+    data = storage.read_bytes(source_url, max_bytes=MAX_FILE_BYTES)
+    layout = _layout(data, source_url)
+    longest = max(layout.width, layout.height)
+    if max(width, height) > MAX_CANVAS_RATIO * longest + TILE_PX:
+        raise InvalidInput(
+            f"bbox {req.bbox} is more than {MAX_CANVAS_RATIO}x (+{TILE_PX} px) the "
+            f"{layout.width}x{layout.height} slice {req.img}"
+        )
+    image = _to_uint8(decode_image(data, source_url, MAX_PIXELS, MAX_DECODED_BYTES))
+    del data
     t_read = time.perf_counter()
 
     f = thumbnail_factor(width, height)
@@ -161,7 +189,7 @@ def aligned_slice(req: AlignedSliceRequest) -> dict[str, Any]:
     del image
     header = tiles.build_header(width, height, TILE_PX, np.uint8, TILE_CODEC, payloads)
     t_compute = time.perf_counter()
-    storage.write_bytes(tiles_url(req.dest_tmp, req.slice), b"".join([header, *payloads]))
+    storage.write_bytes(outputs[0], b"".join([header, *payloads]))
     ext = os.path.splitext(req.img)[1].lower()
     if ext in (".tif", ".tiff"):
         ok, thumb_bytes = cv2.imencode(ext, thumb)
@@ -169,7 +197,7 @@ def aligned_slice(req: AlignedSliceRequest) -> dict[str, Any]:
         ok, thumb_bytes = cv2.imencode(".png", thumb, THUMB_PNG_PARAMS)
     if not ok:
         raise RuntimeError(f"could not encode the thumbnail of {req.img}")
-    storage.write_bytes(thumbnail_url(req), thumb_bytes.tobytes())
+    storage.write_bytes(outputs[1], thumb_bytes.tobytes())
     timings = {
         "read_s": t_read - t0,
         "compute_s": t_compute - t_read,
@@ -202,12 +230,59 @@ def _require_bucket(bucket: str, role: str) -> None:
         raise InvalidInput(f"{role} bucket {bucket!r} does not exist")
 
 
+MAX_INFO_BYTES = 1 << 20  # an info of 6 scales is about 3 KB
+
+
+def _describe_geometry(info: Any) -> str:
+    """Scale 0's size, voxel offset and resolution, for messages."""
+    scales = info.get("scales") if isinstance(info, dict) else None
+    s0 = scales[0] if isinstance(scales, list) and scales and isinstance(scales[0], dict) else {}
+    return (
+        f"size {s0.get('size')}, voxel_offset {s0.get('voxel_offset')}, "
+        f"resolution {s0.get('resolution')}"
+    )
+
+
+def _check_no_other_volume(url: str, info: dict[str, Any]) -> None:
+    """Refuse to replace the info of a volume with another geometry that already has data.
+
+    An info alone (no chunk or shard written yet) may be replaced: nothing is lost.
+    """
+    info_url = storage.join(url, "info")
+    try:
+        stored: Any = json.loads(storage.read_bytes(info_url, max_bytes=MAX_INFO_BYTES))
+    except NotFound:
+        return
+    except ValueError:  # not JSON, or too large: not an info of ours
+        stored = None
+    if stored is not None and _volume_geometry(stored) == _volume_geometry(info):
+        return
+    # Keys sort digits before "info", so two listed keys show whether data exists.
+    folder = url.rstrip("/") + "/"
+    listed = storage.list_keys(folder, limit=2)
+    prefix = storage.parse_url(folder).key
+    if any(key != prefix + "info" for key in listed):
+        raise InvalidInput(
+            f"{info_url} describes another volume that already has data "
+            f"({_describe_geometry(stored)}) than this request ({_describe_geometry(info)}); "
+            "an existing volume is never replaced: use another run id, or delete it first"
+        )
+
+
 def ng_meta(req: NgMetaRequest) -> None:
-    """Write the info files; the same request always writes the same bytes."""
+    """Write the info files; the same request always writes the same bytes.
+
+    Everything is checked before the first write: the buckets, and that no info
+    of another volume with data would be replaced.
+    """
+    infos = []
     for url, encoding in volume_targets(req):
         _require_bucket(storage.parse_url(url).bucket, "destination")
-        info = json.dumps(_info(req, encoding), indent=1).encode()
-        storage.write_bytes(storage.join(url, "info"), info, "application/json")
+        info = _info(req, encoding)
+        _check_no_other_volume(url, info)
+        infos.append((url, json.dumps(info, indent=1).encode()))
+    for url, data in infos:
+        storage.write_bytes(storage.join(url, "info"), data, "application/json")
 
 
 # -- /ngshard ------------------------------------------------------------------

@@ -4,7 +4,10 @@ URLs:
     ``gs://BUCKET/KEY``: Google Cloud Storage, unless ``EMPROCESS_STORAGE_ROOT``
     names a directory, in which case every bucket is a subdirectory of it (the
     embedded default; the same run and conf work on a laptop and in the cloud).
-    ``file:///abs/path`` or a plain path: the local file system, anywhere.
+    ``file:///abs/path`` or a plain path: the local file system, anywhere. Only the
+    CLI and scripts use these, for the user's own files; the services' request models
+    take ``gs://`` URLs only (:func:`check_service_url`), and under the storage root
+    no link may lead out of its bucket.
 
 Byte ranges are half-open: ``start`` inclusive, ``end`` exclusive.
 """
@@ -16,12 +19,15 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from emprocess.storage.local import LocalBackend, ObjectInfo
+from emprocess.errors import InvalidInput
+from emprocess.storage.local import WHERE, LocalBackend, ObjectInfo
 from emprocess.storage.names import (
     Location,
     bucket_url,
     check_bucket_name,
     check_key,
+    check_run_id,
+    check_service_url,
     join,
     parse_url,
 )
@@ -33,6 +39,7 @@ __all__ = [
     "ROOT_ENV",
     "Location",
     "ObjectInfo",
+    "ObjectTooLarge",
     "apply_lifecycle",
     "backend_description",
     "bucket_exists",
@@ -40,6 +47,8 @@ __all__ = [
     "bucket_url",
     "check_bucket_name",
     "check_key",
+    "check_run_id",
+    "check_service_url",
     "create_bucket",
     "delete",
     "delete_bucket",
@@ -62,6 +71,10 @@ log = logging.getLogger(__name__)
 ROOT_ENV = "EMPROCESS_STORAGE_ROOT"
 
 
+class ObjectTooLarge(InvalidInput):
+    """An object is larger than the reader allows (a request's input: HTTP 400)."""
+
+
 class Backend(Protocol):
     name: str
 
@@ -73,7 +86,7 @@ class Backend(Protocol):
     ) -> None: ...
     def exists(self, bucket: str, key: str) -> bool: ...
     def delete(self, bucket: str, key: str, missing_ok: bool = True) -> None: ...
-    def list(self, bucket: str, prefix: str = "") -> list[ObjectInfo]: ...
+    def list(self, bucket: str, prefix: str = "", limit: int | None = None) -> list[ObjectInfo]: ...
     def bucket_exists(self, bucket: str) -> bool: ...
     def delete_bucket(self, bucket: str, force: bool = False) -> None: ...
     def set_lifecycle_delete(self, bucket: str, age_days: int) -> None: ...
@@ -114,16 +127,32 @@ def backend_description() -> str:
 # -- objects -----------------------------------------------------------------
 
 
-def read_bytes(url: str, start: int | None = None, end: int | None = None) -> bytes:
+def read_bytes(
+    url: str, start: int | None = None, end: int | None = None, *, max_bytes: int | None = None
+) -> bytes:
     """Read a whole object, or the byte range [start, end).
+
+    Args:
+        url: the object.
+        start: first byte, inclusive.
+        end: last byte, exclusive.
+        max_bytes: refuse an object (or range) longer than this; at most
+            ``max_bytes + 1`` bytes are ever transferred.
 
     Raises:
         ObjectNotFound / BucketNotFound: naming the bucket and key.
+        ObjectTooLarge: more than ``max_bytes``.
     """
     if (start is not None and start < 0) or (end is not None and end < 0):
         raise ValueError(f"byte range must be non-negative, got start={start} end={end}")
     backend, loc = _resolve(url)
-    return backend.read(loc.bucket, loc.key, start, end)
+    if max_bytes is None:
+        return backend.read(loc.bucket, loc.key, start, end)
+    limit = (start or 0) + max_bytes + 1
+    data = backend.read(loc.bucket, loc.key, start, limit if end is None else min(end, limit))
+    if len(data) > max_bytes:
+        raise ObjectTooLarge(f"{url} holds more than {max_bytes} bytes, the limit")
+    return data
 
 
 def write_bytes(url: str, data: bytes, content_type: str | None = None) -> None:
@@ -146,19 +175,20 @@ def delete(url: str, missing_ok: bool = True) -> None:
     backend.delete(loc.bucket, loc.key, missing_ok)
 
 
-def list_objects(url_prefix: str) -> list[ObjectInfo]:
+def list_objects(url_prefix: str, limit: int | None = None) -> list[ObjectInfo]:
     """Every object whose key starts with the URL's key (a string prefix, as on GCS).
 
     Keys in the result are relative to the bucket (for file:// URLs: the full
-    path without its leading slash), sorted.
+    path without its leading slash), sorted; ``limit`` keeps the first ones (on
+    GCS only those are fetched).
     """
     backend, loc = _resolve(url_prefix, allow_empty_key=True)
-    return backend.list(loc.bucket, loc.key)
+    return backend.list(loc.bucket, loc.key, limit)
 
 
-def list_keys(url_prefix: str) -> list[str]:
+def list_keys(url_prefix: str, limit: int | None = None) -> list[str]:
     """The keys of :func:`list_objects`."""
-    return [info.key for info in list_objects(url_prefix)]
+    return [info.key for info in list_objects(url_prefix, limit)]
 
 
 # -- buckets -----------------------------------------------------------------
@@ -224,7 +254,7 @@ def make_public(bucket: str) -> str:
         if not backend.bucket_exists(bucket):
             from emprocess.errors import BucketNotFound
 
-            raise BucketNotFound(bucket, f"local root {backend.root}")
+            raise BucketNotFound(bucket, WHERE)
         msg = f"bucket {bucket!r} is local; public-read is a no-op (serve it with `emprocess view`)"
         log.info(msg)
         return msg
@@ -254,7 +284,11 @@ def kvstore_spec(url: str) -> dict:
     key = loc.key.rstrip("/")
     if isinstance(backend, LocalBackend):
         base = backend.root / loc.bucket if loc.bucket else backend.root
-        return {"driver": "file", "path": str(base / key) + "/"}
+        path = base / key
+        if loc.bucket and (backend.root / loc.bucket).is_dir():
+            # tensorstore follows links: no folder of the volume may lead out of the bucket.
+            path = backend.resolve_inside(loc.bucket, key, path)
+        return {"driver": "file", "path": str(path) + "/"}
     emulator = os.environ.get("STORAGE_EMULATOR_HOST")
     if emulator:
         os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", emulator)

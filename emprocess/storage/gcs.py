@@ -135,10 +135,14 @@ class GCSBackend:
             if not missing_ok:
                 raise
 
-    def list(self, bucket: str, prefix: str = "") -> list[ObjectInfo]:
+    def list(self, bucket: str, prefix: str = "", limit: int | None = None) -> list[ObjectInfo]:
         def run() -> list[ObjectInfo]:
             blobs = client().list_blobs(
-                bucket, prefix=prefix or None, timeout=TIMEOUT_S, retry=retry_policy()
+                bucket,
+                prefix=prefix or None,
+                max_results=limit,
+                timeout=TIMEOUT_S,
+                retry=retry_policy(),
             )
             return [ObjectInfo(key=b.name, size=b.size or 0, updated=b.updated) for b in blobs]
 

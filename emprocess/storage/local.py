@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -19,12 +20,20 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from emprocess.errors import BucketNotFound, InvalidKey, ObjectNotFound, StorageError
+from emprocess.errors import (
+    BucketNotFound,
+    InvalidInput,
+    InvalidKey,
+    ObjectNotFound,
+    StorageError,
+)
 
 log = logging.getLogger(__name__)
 
 TMP_PREFIX = ".emprocess-tmp-"
 META_DIR = ".emprocess"
+# How errors name this backend: never the root's path, which is the server's business.
+WHERE = "local storage"
 
 
 @dataclass(frozen=True)
@@ -40,8 +49,13 @@ class LocalBackend:
     """Objects as files. ``root`` holds one directory per bucket.
 
     With ``bucket == ""`` a key is an absolute path below ``root`` (the file://
-    case, ``root`` being "/"); parents are then created on write. A named bucket
-    must exist before objects are written to it, as on GCS.
+    case, ``root`` being "/", for the CLI's own files); parents are then created on
+    write. A named bucket must exist before objects are written to it, as on GCS.
+
+    Objects of a named bucket are regular files whose real path lies inside the
+    bucket's folder: a symlink leading out of its bucket (or a bucket folder that
+    is a link) is refused for reading and writing, and so are devices, FIFOs and
+    sockets, which are opened without blocking and never read.
     """
 
     name = "local"
@@ -59,32 +73,65 @@ class LocalBackend:
 
     def _require_bucket(self, bucket: str) -> None:
         if bucket and not (self.root / bucket).is_dir():
-            raise BucketNotFound(bucket, f"local root {self.root}")
+            raise BucketNotFound(bucket, WHERE)
+
+    def resolve_inside(self, bucket: str, key: str, path: Path) -> Path:
+        """``path`` with every link resolved, refused when that leaves the bucket's folder.
+
+        The nearest existing ancestor is resolved when ``path`` does not exist yet
+        (a write), so no folder is created through a link either.
+        """
+        if not bucket:
+            return path
+        real_root = os.path.realpath(self.root)
+        base = os.path.realpath(self.root / bucket)
+        if not os.path.isdir(base):
+            raise BucketNotFound(bucket, WHERE)
+        if base != os.path.join(real_root, bucket):
+            raise InvalidKey(f"bucket {bucket!r} is a link leading out of the {WHERE} root")
+        probe = path
+        while not os.path.lexists(probe) and probe != probe.parent:
+            probe = probe.parent
+        real = os.path.realpath(probe)
+        if real != base and not real.startswith(base + os.sep):
+            raise InvalidKey(f"object {key!r} of bucket {bucket!r} is a link leading out of it")
+        return Path(real) / path.relative_to(probe) if probe != path else Path(real)
 
     def read(
         self, bucket: str, key: str, start: int | None = None, end: int | None = None
     ) -> bytes:
-        path = self._path(bucket, key)
+        path = self.resolve_inside(bucket, key, self._path(bucket, key))
         try:
-            with open(path, "rb") as f:
-                if start:
-                    f.seek(start)
-                if end is None:
-                    return f.read()
-                return f.read(max(0, end - (start or 0)))
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            # O_NONBLOCK: a FIFO must not block the open; it is refused just below.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
             self._require_bucket(bucket)
-            raise ObjectNotFound(bucket or "/", key, f"local root {self.root}") from None
+            raise ObjectNotFound(bucket or "/", key, WHERE) from None
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                if stat.S_ISDIR(os.fstat(fd).st_mode):
+                    raise ObjectNotFound(bucket or "/", key, WHERE)
+                raise InvalidInput(
+                    f"object {key!r} of bucket {bucket or '/'!r} is not a regular file"
+                )
+            if start:
+                f.seek(start)
+            if end is None:
+                return f.read()
+            return f.read(max(0, end - (start or 0)))
 
     def write(self, bucket: str, key: str, data: bytes, content_type: str | None = None) -> None:
         del content_type  # files carry no content type
         self._require_bucket(bucket)
-        path = self._path(bucket, key)
+        path = self.resolve_inside(bucket, key, self._path(bucket, key))
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
         except (NotADirectoryError, FileExistsError) as e:
-            raise StorageError(f"cannot write {path}: a parent is an object, not a folder") from e
+            raise StorageError(
+                f"cannot write {key!r} in bucket {bucket or '/'!r}: a parent is an object, "
+                "not a folder"
+            ) from e
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
@@ -95,7 +142,7 @@ class LocalBackend:
             raise
 
     def exists(self, bucket: str, key: str) -> bool:
-        return self._path(bucket, key).is_file()
+        return self.resolve_inside(bucket, key, self._path(bucket, key)).is_file()
 
     def delete(self, bucket: str, key: str, missing_ok: bool = True) -> None:
         try:
@@ -103,15 +150,15 @@ class LocalBackend:
         except FileNotFoundError:
             self._require_bucket(bucket)
             if not missing_ok:
-                raise ObjectNotFound(bucket or "/", key, f"local root {self.root}") from None
+                raise ObjectNotFound(bucket or "/", key, WHERE) from None
 
-    def list(self, bucket: str, prefix: str = "") -> list[ObjectInfo]:
+    def list(self, bucket: str, prefix: str = "", limit: int | None = None) -> list[ObjectInfo]:
         self._require_bucket(bucket)
         base = self._bucket_dir(bucket)
         # Walk only below the deepest folder the prefix names; filter the rest by string.
         folder = prefix.rpartition("/")[0]
         out = [info for info in self._walk(base, base / folder) if info.key.startswith(prefix)]
-        return sorted(out, key=lambda i: i.key)
+        return sorted(out, key=lambda i: i.key)[:limit]
 
     def _walk(self, base: Path, top: Path) -> Iterator[ObjectInfo]:
         if not top.is_dir():

@@ -13,12 +13,26 @@ from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import unquote, urlsplit
 
-from emprocess.errors import InvalidBucketName, InvalidKey, InvalidURL
+from emprocess.errors import InvalidBucketName, InvalidInput, InvalidKey, InvalidURL
 
 _BUCKET_CHARS = re.compile(r"^[a-z0-9][a-z0-9._-]*[a-z0-9]$")
 # "google" and close misspellings may not appear in a bucket name.
 _GOOGLE_LIKE = re.compile(r"g[o0][o0]g[l1]e")
 MAX_KEY_BYTES = 1024
+# A run id becomes part of bucket names and object keys, and is passed on command lines:
+# lowercase letters, digits, '-' and '_', starting and ending with a letter or digit.
+RUN_ID_RE = re.compile(r"^[a-z0-9](?:[a-z0-9_-]{0,61}[a-z0-9])?$")
+
+
+def check_run_id(run_id: object) -> str:
+    """Return ``run_id`` if it matches :data:`RUN_ID_RE` (at most 63 characters), else raise."""
+    if not isinstance(run_id, str) or not RUN_ID_RE.match(run_id):
+        shown = run_id[:80] if isinstance(run_id, str) else run_id
+        raise InvalidInput(
+            f"run id {shown!r} must be 1 to 63 lowercase letters, digits, '-' or '_', "
+            "starting and ending with a letter or digit"
+        )
+    return run_id
 
 
 def check_bucket_name(name: str) -> str:
@@ -136,6 +150,22 @@ def parse_url(url: str, *, allow_empty_key: bool = True) -> Location:
     key = key + trailing if key else ""
     check_key(key, allow_empty=True)
     return Location("file", "", key)
+
+
+def check_service_url(url: object) -> str:
+    """Return ``url`` if it is ``gs://BUCKET/KEY`` with a valid bucket and key, else raise.
+
+    What the services accept: an object of the run's storage (GCS, or a bucket
+    folder under the local storage root). ``file://``, plain, relative and ``~``
+    paths, other schemes and folder URLs (a key ending in ``/``) are refused.
+    """
+    if not isinstance(url, str) or not url.startswith("gs://"):
+        shown = url[:200] if isinstance(url, str) else url
+        raise InvalidURL(f"{shown!r} is not a gs://BUCKET/KEY URL (the only form accepted here)")
+    loc = parse_url(url, allow_empty_key=False)
+    if loc.key.endswith("/"):
+        raise InvalidURL(f"{url[:200]!r} names a folder, not an object")
+    return url
 
 
 def join(url: str, *parts: str) -> str:

@@ -109,6 +109,9 @@ def bench_parse(repeats: int = typer.Option(5, min=1, help="Parses; the median c
     print(run(repeats=repeats).report())
 
 
+SERVE_TIMEOUT_S = 900
+"""gunicorn's worker timeout, here and in the containers: a stuck worker is restarted."""
+
 SERVICES = {
     "align": "emprocess.services.align:create_app()",
     "emwrite": "emprocess.services.emwrite:create_app()",
@@ -122,7 +125,9 @@ def serve(
     port: int = typer.Option(8080, min=1, max=65535, help="Port to listen on."),
     workers: int = typer.Option(1, min=1, help="gunicorn worker processes."),
     threads: int = typer.Option(1, min=1, help="Threads per worker (Cloud Run: 1)."),
-    timeout: int = typer.Option(900, min=0, help="Seconds a request may take; 0 = no limit."),
+    timeout: int = typer.Option(
+        SERVE_TIMEOUT_S, min=0, help="Seconds a request may take; 0 = no limit."
+    ),
 ) -> None:
     """Run a service under gunicorn, as its container does (one worker, one request at a time)."""
     import os

@@ -384,8 +384,11 @@ class _DataHandler(BaseHTTPRequestHandler):
     def _resolve(self) -> Path | int:
         """The file a request path names, or the HTTP status to refuse it with."""
         raw_path = urllib.parse.urlsplit(self.path).path
-        parts = urllib.parse.unquote(raw_path).split("/")
-        if "\x00" in raw_path or any(p in ("..", ".") or "\\" in p for p in parts):
+        path = urllib.parse.unquote(raw_path)
+        if "\x00" in path:  # a NUL (raw or %00) names no file: a bad request
+            return 400
+        parts = path.split("/")
+        if any(p in ("..", ".") or "\\" in p for p in parts):
             return 403
         parts = [p for p in parts if p]
         for prefix, root in self.server.mounts:
@@ -412,7 +415,8 @@ class _DataHandler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         target = self._resolve()
         if isinstance(target, int):
-            self._plain(target, "forbidden" if target == 403 else "not found")
+            text = {400: "bad request", 403: "forbidden"}.get(target, "not found")
+            self._plain(target, text)
             return
         try:
             f = target.open("rb")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from emprocess.cli import SERVICES
+from emprocess.cli import SERVE_TIMEOUT_S, SERVICES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,6 +26,11 @@ def test_dockerfile_matches_the_project(folder: str, service: str) -> None:
     assert "airflow" not in " ".join(extras[service]), "a service must not need Airflow"
     assert f"'{SERVICES[service]}'" in dockerfile
     assert "--workers 1 --threads 1" in dockerfile and '":${PORT}"' in dockerfile
+    # The same worker timeout as `emprocess serve`, and not as root.
+    timeout = re.search(r"--timeout (\d+)", dockerfile)
+    assert timeout and int(timeout.group(1)) == SERVE_TIMEOUT_S > 0
+    users = re.findall(r"^USER (\S+)", dockerfile, re.MULTILINE)
+    assert users and users[-1] not in ("root", "0")
     cloudbuild = (ROOT / folder / "cloudbuild.yaml").read_text()
     assert f"{folder}/Dockerfile" in cloudbuild
 

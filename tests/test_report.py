@@ -658,3 +658,29 @@ def test_notebook_reports_the_finished_run(
     }
     assert {p["pre"]: tuple(p["flags"]) for p in doc["qc"]["flagged"]} == EXPECTED_FLAGS
     assert (tmp_path / "nb" / "report.html").is_file()
+
+
+@pytest.mark.parametrize(
+    ("complete", "message"),
+    [
+        (b"{not json", "complete.json is damaged: not JSON"),
+        (b"[1, 2]", "complete.json is damaged: a JSON list, not an object"),
+        (b'{"finished": "yesterday"}', "finished 'yesterday' is not an ISO 8601 time"),
+        (b'{"finished": 5}', "finished '5' is not an ISO 8601 time"),
+        (b'{"elapsed_s": "long"}', "elapsed_s 'long' is not a number"),
+        (b'{"bbox": [1]}', "bbox [1] is not [width, height]"),
+    ],
+)
+def test_a_damaged_complete_json_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, complete: bytes, message: str
+) -> None:
+    from emprocess.report.load import MalformedRecord
+
+    monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", str(tmp_path))
+    storage.create_bucket("src_process")
+    conf = {"id": "r1", "image": "img.%05d.png", "minz": 0, "maxz": 3, "source": "src"}
+    init = {"conf": conf, "started": "2024-01-01T00:00:00+00:00"}
+    storage.write_bytes("gs://src_process/r1/init.json", json.dumps(init).encode())
+    storage.write_bytes("gs://src_process/r1/complete.json", complete)
+    with pytest.raises(MalformedRecord, match=re.escape(message)):
+        load_run("src", "r1")

@@ -144,6 +144,16 @@ def test_head_and_unsatisfiable_range(served: tuple[DataServer, bytes, Path]) ->
     assert headers["access-control-allow-origin"] == "*"
 
 
+def test_a_raw_nul_in_the_path_is_a_bad_request(served: tuple[DataServer, bytes, Path]) -> None:
+    import socket
+
+    server, _, _ = served
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"GET /neuroglancer/jpeg/in\x00fo HTTP/1.1\r\nHost: x\r\n\r\n")
+        reply = sock.recv(4096)
+    assert reply.startswith(b"HTTP/1.0 400") or reply.startswith(b"HTTP/1.1 400"), reply[:80]
+
+
 @pytest.mark.parametrize(
     ("path", "status"),
     [
@@ -153,6 +163,7 @@ def test_head_and_unsatisfiable_range(served: tuple[DataServer, bytes, Path]) ->
         ("/secret.txt", 404),  # under no mount
         ("/neuroglancer/jpeg/8_8_8/1.shard", 404),
         ("/neuroglancer/jpeg/8_8_8", 404),  # folders are not listed
+        ("/neuroglancer/jpeg/info%00.png", 400),  # an embedded NUL names no file
     ],
 )
 def test_refuses_paths_outside_and_missing_files(

@@ -137,7 +137,6 @@ def test_good_templates_and_prefix() -> None:
     [
         ({"source": "My_Slices"}, "source: bucket name 'My_Slices' may only hold lowercase"),
         ({"source": "goog-data"}, "may not start with 'goog'"),
-        ({"id": "Run1"}, "the tmp bucket name 'my-slices_tmp_Run1', which is not valid"),
         (
             {"id": "x" * 50},
             "bucket name 'my-slices_tmp_" + "x" * 50 + "' has 64 characters; allowed 3 to 63",
@@ -161,6 +160,39 @@ def test_other_ranges() -> None:
     assert "resolution: " in problems(conf(resolution=0))
     assert "width: " in problems(conf(width=0))
     assert "skip_align: " in problems(conf(skip_align="maybe"))
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"id": "Run1"}, "id: run id 'Run1' must be 1 to 63 lowercase letters"),
+        ({"id": "-rf"}, "id: run id '-rf' must be"),
+        ({"id": "--help"}, "id: run id '--help' must be"),
+        ({"id": "a.b"}, "id: run id 'a.b' must be"),
+        ({"id": "run\n"}, "id: run id 'run\\n' must be"),
+        ({"maxz": 10**18}, "maxz: Input should be less than or equal to 99999999"),
+        ({"minz": 0, "maxz": 1_000_000}, "1000001 slices; at most 1000000 are allowed"),
+        ({"image": "img.%0999999999d.png"}, "its width and precision may be at most 20"),
+        ({"image": "img.%.999999999d.png"}, "its width and precision may be at most 20"),
+        ({"email": "a@b.org\r\nBcc: x@y.z"}, "email: 'a@b.org\\r\\nBcc: x@y.z' is not an email"),
+        ({"email": "a@b.org\n"}, "is not an email address"),
+        ({"email": "nobody"}, "'nobody' is not an email address"),
+        ({"minz": True}, "minz: Input should be a valid integer (got True)"),
+        ({"minz": 1.0}, "minz: Input should be a valid integer (got 1.0)"),
+        ({"downsample_factor": "1.5"}, "downsample_factor: Input should be a valid integer"),
+        ({"skip_align": 1}, "skip_align: Input should be a valid boolean (got 1)"),
+        ({"public": "yes"}, "public: Input should be a valid boolean (got 'yes')"),
+        ({"resolution": float("inf")}, "resolution: Input should be a finite number"),
+        ({"resolution": True}, "resolution: Input should be a valid number"),
+    ],
+)
+def test_strict_types_and_bounds(changes: dict[str, Any], expected: str) -> None:
+    assert expected in problems(conf(**changes))
+
+
+def test_legacy_strings_and_email_lists_are_accepted() -> None:
+    c = parse_conf(conf(resolution="4.5", public="False", email="a@b.org, c.d+e@f-g.co.uk"))
+    assert (c.resolution, c.public, c.email) == (4.5, False, "a@b.org, c.d+e@f-g.co.uk")
 
 
 def test_param_specs_follow_the_schema() -> None:

@@ -74,6 +74,10 @@ class RunNotFound(NotFound):
     """The process bucket has no init.json for the run."""
 
 
+class MalformedRecord(InvalidInput):
+    """A record of the run (init.json, complete.json, ...) is not what the workflow writes."""
+
+
 def _bucket_of(source: str) -> str:
     name = source.removeprefix("gs://").strip("/")
     try:
@@ -94,11 +98,47 @@ def _listed(url: str) -> ObjectInfo | None:
     return next((info for info in storage.list_objects(url) if info.key == key), None)
 
 
-def _read_json(url: str) -> tuple[Any, ObjectInfo] | None:
+MAX_RECORD_BYTES = 256 << 20  # transforms.json of a million slices is about 100 MB
+
+
+def _read_json(url: str) -> tuple[dict[str, Any], ObjectInfo] | None:
+    """A JSON-object record and its listing; None when absent, MalformedRecord when damaged."""
     info = _listed(url)
     if info is None:
         return None
-    return json.loads(storage.read_bytes(url)), info
+    try:
+        doc = json.loads(storage.read_bytes(url, max_bytes=MAX_RECORD_BYTES))
+    except (ValueError, RecursionError) as e:
+        raise MalformedRecord(f"{url} is damaged: not JSON ({str(e)[:200]})") from None
+    if not isinstance(doc, dict):
+        raise MalformedRecord(f"{url} is damaged: a JSON {type(doc).__name__}, not an object")
+    return doc, info
+
+
+def _check_times(doc: Mapping[str, Any], keys: Sequence[str], url: str) -> None:
+    """The record's times must be ISO 8601 strings where present, or MalformedRecord."""
+    for key in keys:
+        raw = doc.get(key)
+        if raw is None:
+            continue
+        try:
+            datetime.fromisoformat(raw)
+        except (TypeError, ValueError):
+            raise MalformedRecord(
+                f"{url} is damaged: {key} {str(raw)[:100]!r} is not an ISO 8601 time"
+            ) from None
+
+
+def _bbox_of(doc: Mapping[str, Any], url: str) -> tuple[int, int]:
+    """The record's bbox [width, height] (positive integers), or MalformedRecord."""
+    bbox = doc.get("bbox")
+    if (
+        not isinstance(bbox, list)
+        or len(bbox) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in bbox)
+    ):
+        raise MalformedRecord(f"{url} is damaged: bbox {bbox!r} is not [width, height]")
+    return bbox[0], bbox[1]
 
 
 def _pmap(fn: Callable[[str], T], items: Sequence[str], threads: int) -> list[T]:
@@ -242,9 +282,18 @@ def load_run(
         run_conf = None
     times = [init_info.updated]
 
+    _check_times(init, ("first_started", "started"), f"{process}/init.json")
     complete = None
     if (doc := _read_json(f"{process}/complete.json")) is not None:
         complete = doc[0]
+        _check_times(complete, ("finished",), f"{process}/complete.json")
+        elapsed = complete.get("elapsed_s")
+        if elapsed is not None and (
+            isinstance(elapsed, bool) or not isinstance(elapsed, int | float)
+        ):
+            raise MalformedRecord(
+                f"{process}/complete.json is damaged: elapsed_s {elapsed!r} is not a number"
+            )
         times.append(doc[1].updated)
     canvas = None
     if (doc := _read_json(f"{process}/{CANVAS}")) is not None:
@@ -252,7 +301,12 @@ def load_run(
         times.append(doc[1].updated)
     transforms = None
     if (doc := _read_json(f"{process}/align/transforms.json")) is not None:
-        transforms = {int(z): [float(v) for v in t] for z, t in doc[0].items()}
+        try:
+            transforms = {int(z): [float(v) for v in t] for z, t in doc[0].items()}
+        except (TypeError, ValueError):
+            raise MalformedRecord(
+                f"{process}/align/transforms.json is damaged: not {{slice: [6 numbers]}}"
+            ) from None
         times.append(doc[1].updated)
     qc_text = None
     if (qc_info := _listed(f"{process}/align/qc.csv")) is not None:
@@ -260,10 +314,10 @@ def load_run(
         times.append(qc_info.updated)
 
     bbox: tuple[int, int] | None = None
-    if isinstance(canvas, dict) and canvas.get("bbox"):
-        bbox = (int(canvas["bbox"][0]), int(canvas["bbox"][1]))
+    if canvas is not None and canvas.get("bbox"):
+        bbox = _bbox_of(canvas, f"{process}/{CANVAS}")
     elif complete and complete.get("bbox"):
-        bbox = (int(complete["bbox"][0]), int(complete["bbox"][1]))
+        bbox = _bbox_of(complete, f"{process}/complete.json")
     elif transforms and init.get("slice_size_xy"):
         bbox = canvas_from_transforms(transforms, init["slice_size_xy"])
     plans = plan_stages(conf, run_conf, transforms, bbox)

@@ -26,7 +26,7 @@ RUN_ID_RE = re.compile(r"^[a-z0-9](?:[a-z0-9_-]{0,61}[a-z0-9])?$")
 
 def check_run_id(run_id: object) -> str:
     """Return ``run_id`` if it matches :data:`RUN_ID_RE` (at most 63 characters), else raise."""
-    if not isinstance(run_id, str) or not RUN_ID_RE.match(run_id):
+    if not isinstance(run_id, str) or not RUN_ID_RE.fullmatch(run_id):
         shown = run_id[:80] if isinstance(run_id, str) else run_id
         raise InvalidInput(
             f"run id {shown!r} must be 1 to 63 lowercase letters, digits, '-' or '_', "
@@ -50,7 +50,7 @@ def check_bucket_name(name: str) -> str:
         raise InvalidBucketName(
             f"bucket name {name!r} has {len(name)} characters; allowed 3 to {limit}"
         )
-    if not _BUCKET_CHARS.match(name):
+    if not _BUCKET_CHARS.fullmatch(name):
         raise InvalidBucketName(
             f"bucket name {name!r} may only hold lowercase letters, digits, '-', '_' and "
             "'.', and must start and end with a letter or digit"

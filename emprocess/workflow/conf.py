@@ -4,6 +4,9 @@
 JSON schema (:func:`param_specs`), the ``validate`` task parses the run's conf with
 it, and the CLI reuses it. Keys are CONTRACTS.md's; the legacy names ``project_id``
 (for ``project``) and ``rawPyramid`` (for ``createRawPyramid``) are accepted too.
+Types are strict: the one legacy form accepted is a number or boolean written as a
+string (``"12"``, ``"0.5"``, ``"true"``); nothing else is coerced (``true`` is not 1,
+``1.5`` is not an integer, ``"yes"`` is not a boolean).
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from emprocess.errors import InvalidBucketName, InvalidInput, InvalidKey
-from emprocess.storage import check_bucket_name, check_key
+from emprocess.models import MAX_RESOLUTION_NM, MAX_SLICES, MAX_Z
+from emprocess.storage import check_bucket_name, check_key, check_run_id
 from emprocess.workflow import dag_id
 
 MAX_WIDTH = 1024
@@ -30,6 +34,19 @@ LEGACY_KEYS: dict[str, str] = {"project_id": "project", "rawPyramid": "createRaw
 # One printf conversion: "%%", or flags, width, precision, length and a conversion letter.
 _PRINTF_FIELD = re.compile(r"%%|%(?P<spec>[#0\- +]*\d*(?:\.\d*)?[hlL]?)(?P<conv>.?)")
 _INT_CONVERSIONS = "diu"
+# Field width and precision of the template's integer field: "%0999999999d" would
+# allocate a gigabyte per slice name before anything else could refuse it.
+MAX_FIELD_WIDTH = 20
+# One address: local part, "@", a domain of dot-separated labels. No spaces, commas,
+# angle brackets or line breaks, so nothing can be added to a mail header.
+_EMAIL = re.compile(
+    r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@"
+    r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$"
+)
+_LEGACY_NUMBER = {
+    int: re.compile(r"[0-9]{1,12}"),
+    float: re.compile(r"[0-9]{1,12}(\.[0-9]{0,12})?"),
+}
 
 
 class InvalidRunConf(InvalidInput):
@@ -60,6 +77,12 @@ def check_template(template: str) -> str:
             continue
         field = m.group(0)
         if m.group("conv") and m.group("conv") in _INT_CONVERSIONS:
+            sizes = [int(n) for n in re.findall(r"\d+", m.group("spec") or "")]
+            if any(n > MAX_FIELD_WIDTH for n in sizes):
+                raise ValueError(
+                    f"image template {template[:100]!r} has field {field!r}; its width and "
+                    f"precision may be at most {MAX_FIELD_WIDTH}"
+                )
             ints.append(field)
         else:
             raise ValueError(
@@ -81,13 +104,15 @@ class RunConf(BaseModel):
         extra="forbid",
         populate_by_name=True,
         frozen=True,
+        strict=True,
         title="emprocess run configuration",
     )
 
     id: str = Field(
         title="Run id",
         description="Name of the run / dataset; part of the bucket names SOURCE_tmp_ID, "
-        "SOURCE_ng_ID and SOURCE_chunk_ID, so lowercase letters, digits, '-' and '_'.",
+        "SOURCE_ng_ID and SOURCE_chunk_ID, so lowercase letters, digits, '-' and '_', "
+        "starting and ending with a letter or digit.",
         min_length=1,
         max_length=63,
     )
@@ -98,9 +123,14 @@ class RunConf(BaseModel):
         min_length=1,
         max_length=1024,
     )
-    minz: int = Field(title="First slice", description="First slice number, inclusive.", ge=0)
+    minz: int = Field(
+        title="First slice", description="First slice number, inclusive.", ge=0, le=MAX_Z
+    )
     maxz: int = Field(
-        title="Last slice", description="Last slice number, inclusive (>= minz).", ge=0
+        title="Last slice",
+        description=f"Last slice number, inclusive (>= minz; at most {MAX_SLICES} slices).",
+        ge=0,
+        le=MAX_Z,
     )
     source: str = Field(
         title="Source bucket",
@@ -118,7 +148,8 @@ class RunConf(BaseModel):
         default=None,
         title="Notify email",
         description="Where to send a message when the run is complete (needs an Airflow "
-        "SMTP connection); none sends nothing.",
+        "SMTP connection): one address, or several separated by commas; none sends nothing.",
+        max_length=1000,
     )
     downsample_factor: int = Field(
         default=1,
@@ -152,7 +183,8 @@ class RunConf(BaseModel):
         title="Voxel size (nm)",
         description="Isotropic voxel size in nanometres.",
         gt=0.0,
-        le=1_000_000.0,
+        le=MAX_RESOLUTION_NM,
+        allow_inf_nan=False,
     )
     public: bool = Field(
         default=False,
@@ -186,7 +218,29 @@ class RunConf(BaseModel):
                     f"values ({value!r} and {current!r}); give only {new!r}"
                 )
             data[new] = value
-        return data
+        return _accept_legacy_strings(data)
+
+    @field_validator("id")
+    @classmethod
+    def _id_is_a_name(cls, value: str) -> str:
+        try:
+            return check_run_id(value)
+        except InvalidInput as e:
+            raise ValueError(str(e)) from None
+
+    @field_validator("email")
+    @classmethod
+    def _email_addresses(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        for part in value.split(","):
+            address = part.strip(" ")
+            if not _EMAIL.fullmatch(address):
+                raise ValueError(
+                    f"{address[:100]!r} is not an email address (name@domain.tld; "
+                    "several are separated by commas)"
+                )
+        return value
 
     @field_validator("source")
     @classmethod
@@ -206,6 +260,11 @@ class RunConf(BaseModel):
         if self.minz > self.maxz:
             raise ValueError(
                 f"minz {self.minz} is greater than maxz {self.maxz}; minz must be <= maxz"
+            )
+        if self.maxz - self.minz + 1 > MAX_SLICES:
+            raise ValueError(
+                f"minz {self.minz} to maxz {self.maxz} is {self.maxz - self.minz + 1} slices; "
+                f"at most {MAX_SLICES} are allowed"
             )
         for z in (self.minz, self.maxz):
             name = self.image % z
@@ -264,6 +323,30 @@ class RunConf(BaseModel):
     def to_json(self) -> dict[str, Any]:
         """The conf with CONTRACTS.md's key names, numbers as numbers and booleans as booleans."""
         return self.model_dump(by_alias=True, mode="json")
+
+
+def _accept_legacy_strings(data: dict[str, Any]) -> dict[str, Any]:
+    """Numbers and booleans given as strings (the one legacy form) become numbers and booleans.
+
+    Only exact forms: digits for an integer, digits with an optional fraction for a
+    number, "true"/"false" (any case) for a boolean; anything else is left for the
+    strict schema to refuse.
+    """
+    by_key = {(f.alias or name): f for name, f in RunConf.model_fields.items()}
+    by_key.update(RunConf.model_fields)
+    out = dict(data)
+    for key, value in data.items():
+        field = by_key.get(key)
+        if field is None or not isinstance(value, str):
+            continue
+        kinds = {field.annotation, *getattr(field.annotation, "__args__", ())}
+        if bool in kinds and value.lower() in ("true", "false"):
+            out[key] = value.lower() == "true"
+        elif float in kinds and _LEGACY_NUMBER[float].fullmatch(value):
+            out[key] = float(value)
+        elif int in kinds and _LEGACY_NUMBER[int].fullmatch(value):
+            out[key] = int(value)
+    return out
 
 
 def _describe(err: Mapping[str, Any]) -> str:

@@ -380,6 +380,27 @@ def gen_uuid_cmd(
         raise typer.BadParameter(str(e), param_hint="NAME") from None
 
 
+@app.command("adopt-bucket")
+def adopt_bucket(
+    bucket: str = typer.Argument(..., help="An existing bucket (GCS, or under the storage root)."),
+) -> None:
+    """Mark an existing bucket as made by emprocess, so that runs write into it.
+
+    Runs mark the buckets they create (an object .emprocess-bucket) and refuse to
+    write into a bucket of the same name that holds data without it (one made by
+    hand or by the original system, e.g. an old SOURCE_process).
+    """
+    from emprocess import storage
+    from emprocess.errors import EmprocessError
+
+    try:
+        storage.adopt_bucket(bucket)
+    except EmprocessError as e:
+        print(f"adopt-bucket failed: {e}")
+        raise typer.Exit(1) from None
+    print(f"bucket {bucket!r} is marked as made by emprocess; runs will adopt it")
+
+
 @app.command()
 def symlinks(
     src: str = typer.Argument(..., help="Folder holding the images."),

@@ -18,6 +18,7 @@ from emprocess import storage
 from emprocess.errors import (
     BucketNotFound,
     InvalidBucketName,
+    InvalidInput,
     InvalidKey,
     InvalidURL,
     ObjectNotFound,
@@ -355,3 +356,70 @@ def test_gcs_make_public_sets_cors_and_all_users_reader(proxied: FaultProxy) -> 
     assert cors and cors[0][0]["origin"] == ["*"] and "Range" in cors[0][0]["responseHeader"]
     put = [json.loads(r.body) for r in proxied.requests if r.method == "PUT"]
     assert {"role": "roles/storage.objectViewer", "members": ["allUsers"]} in put[0]["bindings"]
+
+
+def test_an_existing_bucket_is_adopted_only_if_ours(backend: str, local_root: Path) -> None:
+    name = unique_bucket()
+    assert storage.create_bucket(name) is True
+    assert storage.create_bucket(name) is False  # ours: adopted, a retried run goes on
+    foreign = unique_bucket("foreign")
+    if backend == "local":
+        (local_root / foreign).mkdir()
+    else:
+        gcs_backend.client().create_bucket(foreign)
+    assert storage.create_bucket(foreign) is False  # empty: nothing to overwrite, adopted
+    storage.delete(f"gs://{foreign}/{storage.MARKER_KEY}")
+    storage.write_bytes(f"gs://{foreign}/data.bin", b"theirs")
+    with pytest.raises(storage.ForeignBucket, match=rf"'{foreign}' exists and holds data"):
+        storage.create_bucket(foreign)
+    storage.adopt_bucket(foreign)
+    assert storage.create_bucket(foreign) is False
+    assert storage.list_keys(f"gs://{foreign}/") == ["data.bin"]  # the marker is not listed
+
+
+def test_links_out_of_a_bucket_are_refused(
+    local_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", str(local_root))
+    name = unique_bucket()
+    storage.create_bucket(name)
+    outside = local_root.parent / f"outside-{name}"
+    outside.mkdir()
+    (outside / "secret.txt").write_bytes(b"secret")
+    (local_root / name / "file-link").symlink_to(outside / "secret.txt")
+    (local_root / name / "dir-link").symlink_to(outside)
+    (local_root / name / "inner").mkdir()
+    (local_root / name / "inner" / "a").write_bytes(b"a")
+    (local_root / name / "inner-link").symlink_to(local_root / name / "inner" / "a")
+    for key in ("file-link", "dir-link/secret.txt"):
+        with pytest.raises(InvalidKey, match="link leading out of it"):
+            storage.read_bytes(f"gs://{name}/{key}")
+    with pytest.raises(InvalidKey, match="link leading out of it"):
+        storage.write_bytes(f"gs://{name}/dir-link/new/x.bin", b"x")
+    assert not (outside / "new").exists()
+    assert storage.read_bytes(f"gs://{name}/inner-link") == b"a"  # a link inside is harmless
+    os.mkfifo(local_root / name / "fifo")
+    with pytest.raises(InvalidInput, match="not a regular file"):
+        storage.read_bytes(f"gs://{name}/fifo")  # a FIFO would block the open
+    linked = unique_bucket("linked")
+    (local_root / linked).symlink_to(outside)
+    with pytest.raises(InvalidKey, match="is a link leading out"):
+        storage.read_bytes(f"gs://{linked}/secret.txt")
+
+
+def test_reads_are_bounded(bucket: str) -> None:
+    url = f"gs://{bucket}/six.bin"
+    storage.write_bytes(url, b"123456")
+    assert storage.read_bytes(url, max_bytes=6) == b"123456"
+    assert storage.read_bytes(url, 2, max_bytes=4) == b"3456"
+    with pytest.raises(storage.ObjectTooLarge, match="holds more than 5 bytes"):
+        storage.read_bytes(url, max_bytes=5)
+
+
+@pytest.mark.parametrize(
+    "url", ["/etc/passwd", "file:///etc/passwd", "../x", "~/.bashrc", "gs://bucket/", "gs:/b/x"]
+)
+def test_services_take_gs_objects_only(url: str) -> None:
+    with pytest.raises(InvalidInput):
+        storage.check_service_url(url)
+    assert storage.check_service_url("gs://bucket/a/b.png") == "gs://bucket/a/b.png"

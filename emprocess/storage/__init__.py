@@ -19,8 +19,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from emprocess.errors import InvalidInput
-from emprocess.storage.local import WHERE, LocalBackend, ObjectInfo
+from emprocess.errors import BucketNotFound, InvalidInput, StorageError
+from emprocess.storage.local import MARKER_KEY, WHERE, LocalBackend, ObjectInfo
 from emprocess.storage.names import (
     Location,
     bucket_url,
@@ -36,10 +36,13 @@ if TYPE_CHECKING:
     from emprocess.storage.gcs import GCSBackend
 
 __all__ = [
+    "MARKER_KEY",
     "ROOT_ENV",
+    "ForeignBucket",
     "Location",
     "ObjectInfo",
     "ObjectTooLarge",
+    "adopt_bucket",
     "apply_lifecycle",
     "backend_description",
     "bucket_exists",
@@ -183,7 +186,10 @@ def list_objects(url_prefix: str, limit: int | None = None) -> list[ObjectInfo]:
     GCS only those are fetched).
     """
     backend, loc = _resolve(url_prefix, allow_empty_key=True)
-    return backend.list(loc.bucket, loc.key, limit)
+    if not loc.bucket or not MARKER_KEY.startswith(loc.key):
+        return backend.list(loc.bucket, loc.key, limit)
+    more = None if limit is None else limit + 1
+    return [i for i in backend.list(loc.bucket, loc.key, more) if i.key != MARKER_KEY][:limit]
 
 
 def list_keys(url_prefix: str, limit: int | None = None) -> list[str]:
@@ -194,13 +200,52 @@ def list_keys(url_prefix: str, limit: int | None = None) -> list[str]:
 # -- buckets -----------------------------------------------------------------
 
 
+# MARKER_KEY: the object this layer writes into every bucket it creates, the mark of a
+# bucket that is ours. Listings leave it out; deleting an otherwise empty bucket removes it.
+_MARKER = b'{"created_by": "emprocess"}\n'
+
+
+class ForeignBucket(StorageError):
+    """A bucket exists under a name we would create, holds data, and was not made by us."""
+
+
 def create_bucket(bucket: str, project: str | None = None, location: str | None = None) -> bool:
-    """Create a bucket; True if created, False if it already existed (not an error)."""
+    """Create a bucket and mark it as ours; True if created, False if adopted.
+
+    A bucket that exists already is adopted (not an error, so a retried run goes
+    on) only when it holds :data:`MARKER_KEY` (it was made here), or when it is
+    empty (nothing in it can be overwritten; e.g. a tmp bucket that its lifecycle
+    rule emptied, marker included); it is marked then. A bucket with data and
+    without the marker, made by hand or by another tool, raises ForeignBucket: a
+    run never writes into a bucket whose data it did not write. The rule is the
+    same on GCS and under a local root (GCS labels would do on GCS, but its
+    emulator drops them).
+    """
     check_bucket_name(bucket)
     backend = _bucket_backend()
     if isinstance(backend, LocalBackend):
-        return backend.create_bucket(bucket)
-    return backend.create_bucket(bucket, project=project, location=location)
+        created = backend.create_bucket(bucket)
+    else:
+        created = backend.create_bucket(bucket, project=project, location=location)
+    if created or not backend.exists(bucket, MARKER_KEY):
+        if not created and list_objects(f"gs://{bucket}/", limit=1):
+            raise ForeignBucket(
+                f"bucket {bucket!r} exists and holds data, but was not created by emprocess "
+                f"(no {MARKER_KEY} object); a run never writes into a bucket whose data it did "
+                "not write. Choose another run id or source, or, if the bucket is meant for "
+                f"this run, adopt it: emprocess adopt-bucket {bucket}"
+            )
+        backend.write(bucket, MARKER_KEY, _MARKER, "application/json")
+    return created
+
+
+def adopt_bucket(bucket: str) -> None:
+    """Mark an existing bucket as ours, so that runs write into it (``emprocess adopt-bucket``)."""
+    check_bucket_name(bucket)
+    backend = _bucket_backend()
+    if not backend.bucket_exists(bucket):
+        raise BucketNotFound(bucket, WHERE if isinstance(backend, LocalBackend) else "gcs")
+    backend.write(bucket, MARKER_KEY, _MARKER, "application/json")
 
 
 def bucket_exists(bucket: str) -> bool:
@@ -209,9 +254,12 @@ def bucket_exists(bucket: str) -> bool:
 
 
 def delete_bucket(bucket: str, force: bool = False) -> None:
-    """Delete a bucket; ``force`` deletes its objects first."""
+    """Delete a bucket; ``force`` deletes its objects first (the marker goes in any case)."""
     check_bucket_name(bucket)
-    _bucket_backend().delete_bucket(bucket, force)
+    backend = _bucket_backend()
+    if not force and backend.bucket_exists(bucket) and not list_objects(f"gs://{bucket}/", limit=1):
+        backend.delete(bucket, MARKER_KEY)
+    backend.delete_bucket(bucket, force)
 
 
 def set_lifecycle_delete(bucket: str, age_days: int) -> None:

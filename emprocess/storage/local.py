@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 
 TMP_PREFIX = ".emprocess-tmp-"
 META_DIR = ".emprocess"
+# The object that marks a bucket as made by emprocess (see storage.create_bucket); not
+# listed, so local lifecycle rules and listings never see it.
+MARKER_KEY = ".emprocess-bucket"
 # How errors name this backend: never the root's path, which is the server's business.
 WHERE = "local storage"
 
@@ -167,7 +170,7 @@ class LocalBackend:
             if Path(dirpath) == self.root:
                 dirnames[:] = [d for d in dirnames if d != META_DIR]
             for fn in filenames:
-                if fn.startswith(TMP_PREFIX):
+                if fn.startswith(TMP_PREFIX) or (fn == MARKER_KEY and Path(dirpath) == base):
                     continue
                 p = Path(dirpath) / fn
                 try:

@@ -204,9 +204,11 @@ def attack(
         headers = {"Content-Type": "application/json"}
         r = requests.post(service.url + path, data=data, headers=headers, timeout=60)
     elapsed = time.monotonic() - t0
-    growth_mb = (_status_kb(pid, "VmHWM") - before) / 1024
+    peak = _status_kb(pid, "VmHWM")
+    growth_mb = (peak - before) / 1024
     log.info(
-        "%s %s: %d in %.2f s, peak RSS +%.1f MB", path, what, r.status_code, elapsed, growth_mb
+        "%s %s: %d in %.2f s, worker peak RSS %.0f MB (+%.1f MB)",
+        *(path, what, r.status_code, elapsed, peak / 1024, growth_mb),
     )
     assert r.status_code == status, r.text[:500]
     message = r.json()["error"]

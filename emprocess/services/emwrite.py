@@ -302,8 +302,8 @@ def _range_result(future: Any, what: str) -> bytes | None:
     try:
         result = future.result()
     except ValueError as e:
-        if str(e).startswith("OUT_OF_RANGE"):
-            raise InvalidInput(f"{what} is cut short ({e})") from None
+        if str(e).startswith("OUT_OF_RANGE"):  # its text may name a local path: left out
+            raise InvalidInput(f"{what} is cut short") from None
         raise
     return bytes(result.value) if result.state == "value" else None
 

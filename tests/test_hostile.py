@@ -6,6 +6,12 @@ worker survived with its peak RSS (VmHWM, reset before each request through
 /proc/PID/clear_refs) bounded, and that /health answers afterwards. The bombs are
 real files: a 1,080-byte RLE BMP claiming 32767^2 px and a 2 MB 16-bit RGBA PNG of
 16384^2 px (2 GiB decoded), built without ever holding their pixels.
+
+The issue's cases that are not requests to a service are tested where their code is:
+the run conf's bounds and types (test_workflow_conf.py::test_strict_types_and_bounds),
+links and FIFOs in the storage root and bucket adoption (test_storage.py), a damaged
+complete.json (test_report.py), a NUL in a path of the view server
+(test_view_browser.py) and the containers' user and timeout (test_containers.py).
 """
 
 from __future__ import annotations

@@ -414,6 +414,8 @@ def test_reads_are_bounded(bucket: str) -> None:
     assert storage.read_bytes(url, 2, max_bytes=4) == b"3456"
     with pytest.raises(storage.ObjectTooLarge, match="holds more than 5 bytes"):
         storage.read_bytes(url, max_bytes=5)
+    storage.write_bytes(url, b"")
+    assert storage.read_bytes(url, max_bytes=5) == b""
 
 
 @pytest.mark.parametrize(

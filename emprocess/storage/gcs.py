@@ -96,14 +96,16 @@ class GCSBackend:
             return b""
         # google-cloud-storage's `end` is inclusive; ours is exclusive.
         last = None if end is None else end - 1
-        return self._call(
-            "read",
-            bucket,
-            key,
-            lambda: blob.download_as_bytes(
-                start=start, end=last, timeout=TIMEOUT_S, retry=retry_policy(), checksum=None
-            ),
-        )
+
+        def download() -> bytes:
+            try:
+                return blob.download_as_bytes(
+                    start=start, end=last, timeout=TIMEOUT_S, retry=retry_policy(), checksum=None
+                )
+            except gexc.RequestRangeNotSatisfiable:
+                return b""  # the range starts at or past the end (an empty object too)
+
+        return self._call("read", bucket, key, download)
 
     def write(self, bucket: str, key: str, data: bytes, content_type: str | None = None) -> None:
         blob = self._blob(bucket, key)

@@ -426,3 +426,17 @@ def test_deep_nesting_and_big_bodies(align: Service, emwrite: Service) -> None:
     assert b"Request Entity Too Large" in reply
     assert emwrite.worker_pid() == pid
     assert requests.get(emwrite.url + "/health", timeout=10).status_code == 200
+
+
+def test_ngshard_reads_no_tile_through_a_link(
+    emwrite: Service, env: dict, local_root: Path
+) -> None:
+    dest, tmp = unique_bucket("ngshard"), unique_bucket("tiles")
+    for bucket in (dest, tmp):
+        storage.create_bucket(bucket)
+    volume = {"dest": dest, "writeRaw": False, "minz": 0, "maxz": 0, "bbox": [64, 64]}
+    assert requests.post(emwrite.url + "/ngmeta", json=volume, timeout=60).status_code == 200
+    (local_root / tmp / "aligned").mkdir()
+    (local_root / tmp / "aligned" / "000000.tiles").symlink_to(env["outside"] / "secret.png")
+    body = {**volume, "source": tmp, "start": [0, 0, 0]}
+    attack(emwrite, "/ngshard", body, names=("aligned/000000.tiles", "link leading out"))

@@ -452,6 +452,10 @@ def ng_shard(req: NgShardRequest) -> dict[str, Any]:
         for s in range(NUM_SCALES)
     ]
     _require_bucket(req.source, "source")
+    # tensorstore follows links: no tiles object of the cube may lead out of its bucket.
+    (_, _, z_first), (_, _, z_end) = scale_boxes[0]
+    for z in range(z_first, z_end):
+        storage.check_inside(tiles_url(req.source, z))
     targets = volume_targets(req)
     for url, encoding in targets:
         _require_bucket(storage.parse_url(url).bucket, "destination")

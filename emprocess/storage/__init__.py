@@ -49,6 +49,7 @@ __all__ = [
     "bucket_settings",
     "bucket_url",
     "check_bucket_name",
+    "check_inside",
     "check_key",
     "check_run_id",
     "check_service_url",
@@ -156,6 +157,17 @@ def read_bytes(
     if len(data) > max_bytes:
         raise ObjectTooLarge(f"{url} holds more than {max_bytes} bytes, the limit")
     return data
+
+
+def check_inside(url: str) -> None:
+    """Refuse an object under the local root that is a link leading out of its bucket.
+
+    For readers that do not go through this layer (tensorstore follows links); on
+    GCS, and for an object that does not exist, there is nothing to check.
+    """
+    backend, loc = _resolve(url)
+    if isinstance(backend, LocalBackend) and loc.bucket:
+        backend.resolve_inside(loc.bucket, loc.key, backend.root / loc.bucket / loc.key)
 
 
 def write_bytes(url: str, data: bytes, content_type: str | None = None) -> None:

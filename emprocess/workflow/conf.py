@@ -3,7 +3,8 @@
 :class:`RunConf` is the source of truth: the DAGs build their trigger form from its
 JSON schema (:func:`param_specs`), the ``validate`` task parses the run's conf with
 it, and the CLI reuses it. Keys are CONTRACTS.md's; the legacy names ``project_id``
-(for ``project``) and ``rawPyramid`` (for ``createRawPyramid``) are accepted too.
+(for ``project``), ``rawPyramid`` (for ``createRawPyramid``) and ``mail`` (for
+``email``, the original DAG's spelling) are accepted too.
 """
 
 from __future__ import annotations
@@ -24,7 +25,11 @@ from emprocess.workflow import dag_id
 MAX_WIDTH = 1024
 MAX_DOWNSAMPLE = 64
 
-LEGACY_KEYS: dict[str, str] = {"project_id": "project", "rawPyramid": "createRawPyramid"}
+LEGACY_KEYS: dict[str, str] = {
+    "project_id": "project",
+    "rawPyramid": "createRawPyramid",
+    "mail": "email",
+}
 """Legacy conf key -> the key it stands for."""
 
 # One printf conversion: "%%", or flags, width, precision, length and a conversion letter.
@@ -118,7 +123,7 @@ class RunConf(BaseModel):
         default=None,
         title="Notify email",
         description="Where to send a message when the run is complete (needs an Airflow "
-        "SMTP connection); none sends nothing.",
+        "SMTP connection; legacy key: mail); none sends nothing.",
     )
     downsample_factor: int = Field(
         default=1,

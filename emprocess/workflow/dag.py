@@ -69,8 +69,8 @@ and `IMG_WRITE`.
 | --- | --- | --- |
 {rows}
 
-Legacy keys `project_id` (for `project`) and `rawPyramid` (for `createRawPyramid`)
-are accepted.
+Legacy keys `project_id` (for `project`), `rawPyramid` (for `createRawPyramid`) and
+`mail` (for `email`) are accepted.
 """
 
 

@@ -44,6 +44,23 @@ def test_sample_writes_a_stack_with_truth(tmp_path: Path) -> None:
     assert (truth["minz"], truth["maxz"], sorted(truth["pairs"])) == (5, 7, ["5", "6"])
 
 
+def test_sample_into_a_local_bucket_creates_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", str(tmp_path))
+    result = runner.invoke(app, ["sample", "gs://new-stack/sub", "-n", "2", "--size", "64", "64"])
+    assert result.exit_code == 0, result.output
+    from emprocess import storage
+
+    assert storage.bucket_exists("new-stack")
+    assert sorted(storage.list_keys("gs://new-stack/")) == [
+        "sub/img.00000.png", "sub/img.00001.png", "sub/truth.json",
+    ]  # fmt: skip
+    # Into a bucket that exists already, too (creating it again is no error).
+    result = runner.invoke(app, ["sample", "gs://new-stack", "-n", "2", "--size", "64", "64"])
+    assert result.exit_code == 0, result.output
+
+
 def test_sample_refuses_bad_sizes(tmp_path: Path) -> None:
     result = runner.invoke(app, ["sample", str(tmp_path / "s"), "-n", "2", "--size", "10", "10"])
     assert result.exit_code != 0 and "10" in result.output
@@ -140,15 +157,18 @@ def test_trigger_rest_posts_the_dag_run(tmp_path: Path) -> None:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     api = f"http://127.0.0.1:{server.server_address[1]}"
     try:
-        result = runner.invoke(app, [*TRIGGER, "--api-url", api, "--token", "tok", "--width", "4"])
+        result = runner.invoke(
+            app, [*TRIGGER, "--api-url", api, "--token", "tok", "--width", "4", "--no-check"]
+        )
         assert result.exit_code == 0, result.output
         path, body, auth = seen[0]
         assert path == "/api/v2/dags/emprocess_width4_v0.2/dagRuns" and auth == "Bearer tok"
         assert body["dag_run_id"] == "run_1" and body["conf"]["source"] == "src-bucket"
         taken = list(TRIGGER)
         taken[taken.index("--id") + 1] = "taken"
-        result = runner.invoke(app, [*taken, "--api-url", api])
-        assert result.exit_code == 1 and "409" in result.output
+        result = runner.invoke(app, [*taken, "--api-url", api, "--no-check"])
+        assert result.exit_code == 1, result.output
+        assert "already has a run with id 'taken'" in result.output
     finally:
         server.shutdown()
         server.server_close()

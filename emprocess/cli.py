@@ -202,6 +202,14 @@ def run(
     resolution: float = typer.Option(8.0, help=_conf_help("resolution")),
     width: int = typer.Option(4, min=1, help="Concurrent batch workers per stage (DAG width)."),
     workdir: str = typer.Option("work", help="Folder for Airflow's home, database and logs."),
+    scheduler: bool = typer.Option(
+        False,
+        help="Run it as Composer does: a real api-server, scheduler and dag-processor "
+        "(LocalExecutor), triggered through the REST API, instead of `airflow dags test`.",
+    ),
+    db_url: str = typer.Option(
+        None, "--db-url", help="With --scheduler: metadata database URL (default SQLite)."
+    ),
 ) -> None:
     """Run the whole workflow here: services under gunicorn, the DAG through real Airflow."""
     import time
@@ -219,9 +227,18 @@ def run(
     )  # fmt: skip
     t0 = time.monotonic()
     try:
-        doc = run_dag(
-            conf, dag, Path(workdir).resolve(), on_progress=lambda line: print(line, flush=True)
-        )
+        if scheduler:
+            from emprocess.airflowserver import run_with_scheduler
+
+            logging.getLogger("emprocess.report").setLevel(logging.WARNING)
+            doc = run_with_scheduler(
+                conf, dag, width, Path(workdir).resolve(), db_url=db_url,
+                on_progress=lambda line: print(line, flush=True),
+            )  # fmt: skip
+        else:
+            doc = run_dag(
+                conf, dag, Path(workdir).resolve(), on_progress=lambda line: print(line, flush=True)
+            )
     except EmprocessError as e:
         print(f"run failed: {e}")
         raise typer.Exit(1) from None
@@ -391,6 +408,7 @@ def _trigger_rest(
     if not wait:
         return
     print(f"following run {parsed.id} of {dag} ...", flush=True)
+    logging.getLogger("emprocess.report").setLevel(logging.WARNING)  # one line per poll
     outcome = trig.follow_run(
         api, dag, parsed.id, lambda: progress_line(parsed.source, parsed.id),
         on_line=lambda line: print(line, flush=True), poll_s=poll_s, timeout_s=timeout_s,

@@ -220,9 +220,13 @@ def follow_run(
         if timeout_s is not None and time.monotonic() - t0 > timeout_s:
             raise EmprocessError(f"run {run_id} of {dag_id} still {state} after {timeout_s} s")
         time.sleep(poll_s)
-    failed = [ti for ti in tis if ti.get("state") in ("failed", "upstream_failed")]
+    # The first task that failed holds the cause; later ones (iswritten) only follow from it.
+    failed = sorted(
+        (ti for ti in tis if ti.get("state") == "failed"),
+        key=lambda ti: str(ti.get("start_date") or ""),
+    )
     error = ""
-    first = next((ti for ti in failed if ti.get("state") == "failed"), None)
+    first = failed[0] if failed else None
     if first is not None:
         try:
             error = _error_of(api.task_log(dag_id, run_id, first))
@@ -232,7 +236,7 @@ def follow_run(
         state=state,
         seconds=time.monotonic() - t0,
         task_instances=tis,
-        failed=[_ti_name(ti) for ti in failed if ti.get("state") == "failed"],
+        failed=[_ti_name(ti) for ti in failed],
         error=error,
     )
 

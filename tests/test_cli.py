@@ -210,3 +210,23 @@ def test_readme_conf_reference_is_the_schema() -> None:
         "README's conf table is stale: paste `emprocess conf-reference`"
     )
     assert "`clip-limit`" in embedded and "`createRawPyramid`" in embedded
+
+
+def test_peak_concurrency_counts_overlapping_batch_tasks() -> None:
+    from emprocess.trigger import peak_concurrency
+
+    def ti(task_id: str, start: int, end: int | None) -> dict:
+        at = "2026-01-01T00:00:{:02d}+00:00"
+        return {
+            "task_id": task_id,
+            "start_date": at.format(start),
+            "end_date": at.format(end) if end is not None else None,
+        }
+
+    tis = [
+        ti("align.affine_0", 0, 10), ti("align.affine_1", 2, 5), ti("align.affine_2", 5, 8),
+        ti("align.write", 3, 4), ti("validate", 1, 9), ti("align.write", 20, None),
+    ]  # fmt: skip
+    # 0-10, 2-5 and 3-4 overlap (3); 5-8 starts as 2-5 ends; validate and unfinished ones do not count.
+    assert peak_concurrency(tis) == 3
+    assert peak_concurrency([]) == 0

@@ -230,3 +230,27 @@ def test_peak_concurrency_counts_overlapping_batch_tasks() -> None:
     # 0-10, 2-5 and 3-4 overlap (3); 5-8 starts as 2-5 ends; validate and unfinished ones do not count.
     assert peak_concurrency(tis) == 3
     assert peak_concurrency([]) == 0
+
+
+def test_trigger_sends_a_whole_conf_as_given(tmp_path: Path) -> None:
+    original = {"id": "orig_1", "image": "img.%05d.png", "minz": 0, "maxz": 9,
+                "source": "src-bucket", "mail": "lab@example.org", "rawPyramid": False}  # fmt: skip
+    (tmp_path / "conf.json").write_text(json.dumps(original))
+    result = runner.invoke(
+        app,
+        ["trigger", "--conf", f"@{tmp_path / 'conf.json'}", "--width", "4",
+         "--composer-env", "e", "--location", "l", "--dry-run"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    argv = shlex.split(result.output.strip())
+    assert argv[10] == "emprocess_width4_v0.2" and argv[11:13] == ["--run-id", "orig_1"]
+    assert json.loads(argv[argv.index("--conf") + 1]) == original  # legacy keys kept
+    bad = runner.invoke(
+        app, ["trigger", "--conf", '{"id": "x", "mail": 3}', "--api-url", "http://h", "--dry-run"]
+    )
+    assert bad.exit_code == 2 and "image: required key is missing" in bad.output
+    for text, message in (("[1]", "JSON object"), ("{nope", "not JSON")):
+        bad = runner.invoke(app, ["trigger", "--conf", text, "--api-url", "http://h"])
+        assert bad.exit_code == 2 and message in bad.output
+    missing = runner.invoke(app, ["trigger", "--api-url", "http://h", "--dry-run"])
+    assert missing.exit_code == 2 and "missing SOURCE, --image" in missing.output

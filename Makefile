@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv browser demo test lint clean
+.PHONY: venv browser postgres demo test lint clean
 
 $(BIN)/uv:
 	$(PYTHON) -m venv $(VENV)
@@ -23,13 +23,20 @@ browser:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
 	fi
 
+## Debian's PostgreSQL, the metadata database of the test that runs a real Airflow scheduler.
+postgres:
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+		echo "installing Debian postgresql (needs root)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	fi
+
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
 ## Install everything into .venv, lint, type-check and run the test suite.
-test: lint browser
+test: lint browser postgres
 	$(BIN)/pytest
 
 clean:

@@ -207,6 +207,14 @@ def run(
     resolution: float = typer.Option(8.0, help=_conf_help("resolution")),
     width: int = typer.Option(4, min=1, help="Concurrent batch workers per stage (DAG width)."),
     workdir: str = typer.Option("work", help="Folder for Airflow's home, database and logs."),
+    scheduler: bool = typer.Option(
+        False,
+        help="Run it as Composer does: a real api-server, scheduler and dag-processor "
+        "(LocalExecutor), triggered through the REST API, instead of `airflow dags test`.",
+    ),
+    db_url: str = typer.Option(
+        None, "--db-url", help="With --scheduler: metadata database URL (default SQLite)."
+    ),
 ) -> None:
     """Run the whole workflow here: services under gunicorn, the DAG through real Airflow."""
     import time
@@ -224,9 +232,18 @@ def run(
     )  # fmt: skip
     t0 = time.monotonic()
     try:
-        doc = run_dag(
-            conf, dag, Path(workdir).resolve(), on_progress=lambda line: print(line, flush=True)
-        )
+        if scheduler:
+            from emprocess.airflowserver import run_with_scheduler
+
+            logging.getLogger("emprocess.report").setLevel(logging.WARNING)
+            doc = run_with_scheduler(
+                conf, dag, width, Path(workdir).resolve(), db_url=db_url,
+                on_progress=lambda line: print(line, flush=True),
+            )  # fmt: skip
+        else:
+            doc = run_dag(
+                conf, dag, Path(workdir).resolve(), on_progress=lambda line: print(line, flush=True)
+            )
     except EmprocessError as e:
         print(f"run failed: {e}")
         raise typer.Exit(1) from None
@@ -235,11 +252,11 @@ def run(
 
 @app.command()
 def trigger(
-    source: str = typer.Argument(..., help=_conf_help("source")),
-    image: str = typer.Option(..., help=_conf_help("image")),
-    minz: int = typer.Option(..., help=_conf_help("minz")),
-    maxz: int = typer.Option(..., help=_conf_help("maxz")),
-    run_id: str = typer.Option(..., "--id", help=_conf_help("id")),
+    source: str = typer.Argument(None, help=_conf_help("source") + " (Or in --conf.)"),
+    image: str = typer.Option(None, help=_conf_help("image")),
+    minz: int = typer.Option(None, help=_conf_help("minz")),
+    maxz: int = typer.Option(None, help=_conf_help("maxz")),
+    run_id: str = typer.Option(None, "--id", help=_conf_help("id")),
     width: int = typer.Option(
         32, min=1, help="DAG width: a fixed DAG for 1, 4, 32, 64, 128, else the dynamic one."
     ),
@@ -251,6 +268,13 @@ def trigger(
     raw: bool = typer.Option(True, "--raw/--no-raw", help=_conf_help("create_raw_pyramid")),
     resolution: float = typer.Option(8.0, help=_conf_help("resolution")),
     public: bool = typer.Option(False, help=_conf_help("public")),
+    conf_json: str = typer.Option(
+        None,
+        "--conf",
+        help="Send this whole conf (JSON text, or @FILE) instead of building one from the "
+        "options, with its own keys (legacy ones such as mail too); checked by the schema "
+        "first. Only --width is taken from the options.",
+    ),
     composer_env: str = typer.Option(
         None, "--composer-env", help="Cloud Composer environment name."
     ),
@@ -259,6 +283,25 @@ def trigger(
         None, "--api-url", help="Airflow REST API base URL, instead of Composer."
     ),
     token: str = typer.Option(None, envvar="AIRFLOW_API_TOKEN", help="Bearer token for --api-url."),
+    username: str = typer.Option(
+        None, envvar="AIRFLOW_USERNAME", help="Get a token with POST /auth/token as this user."
+    ),
+    password: str = typer.Option(
+        None, envvar="AIRFLOW_PASSWORD", help="Password of --username.", show_default=False
+    ),
+    check: bool = typer.Option(
+        True,
+        help="Before sending, check that the DAG exists and is unpaused, the pool "
+        "http_requests has at least WIDTH slots and Airflow lets the DAG run WIDTH tasks.",
+    ),
+    unpause: bool = typer.Option(False, help="Unpause the DAG if it is paused."),
+    wait: bool = typer.Option(
+        False, help="Follow the run to its end with per-stage progress, then print its report."
+    ),
+    poll_s: float = typer.Option(2.0, "--poll-s", min=0.1, help="Seconds between polls (--wait)."),
+    timeout_s: float = typer.Option(
+        None, "--timeout-s", min=1, help="Give up waiting after this many seconds."
+    ),
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Print what would be sent; send nothing."
     ),
@@ -274,29 +317,128 @@ def trigger(
         raise typer.BadParameter("give either --composer-env with --location, or --api-url")
     if composer_env and not location:
         raise typer.BadParameter("--composer-env needs --location")
-    dag, conf_width = _dag_for(width)
-    conf = _build_conf(
-        id=run_id, image=image, minz=minz, maxz=maxz, source=source, project=project,
-        email=email, downsample_factor=downsample_factor, skip_align=skip_align,
-        **{"clip-limit": clip_limit}, createRawPyramid=raw, resolution=resolution,
-        public=public, width=conf_width,
-    ).to_json()  # fmt: skip
+    if wait and not api_url:
+        raise typer.BadParameter("--wait needs --api-url")
+    if conf_json:
+        conf = _read_conf_json(conf_json)
+        parsed = _build_conf(**conf)
+        dag, conf_width = _dag_for(parsed.width or width)
+        if conf_width is not None and "width" not in conf:
+            conf["width"] = conf_width
+    else:
+        missing = [name for name, v in (("SOURCE", source), ("--image", image), ("--minz", minz),
+                   ("--maxz", maxz), ("--id", run_id)) if v is None]  # fmt: skip
+        if missing:
+            raise typer.BadParameter(f"missing {', '.join(missing)} (or give --conf)")
+        dag, conf_width = _dag_for(width)
+        parsed = _build_conf(
+            id=run_id, image=image, minz=minz, maxz=maxz, source=source, project=project,
+            email=email, downsample_factor=downsample_factor, skip_align=skip_align,
+            **{"clip-limit": clip_limit}, createRawPyramid=raw, resolution=resolution,
+            public=public, width=conf_width,
+        )  # fmt: skip
+        conf = parsed.to_json()
+    run_width = parsed.width or width
     try:
         if composer_env:
-            command = trig.composer_command(composer_env, location, dag, run_id, conf)
+            command = trig.composer_command(composer_env, location, dag, parsed.id, conf)
             if dry_run:
                 print(shlex.join(command))
                 return
             print(trig.trigger_composer(command))
-        else:
-            url, body = trig.rest_request(api_url, dag, run_id, conf)
-            if dry_run:
-                print(f"POST {url}\n{json.dumps(body, indent=2)}")
-                return
-            print(json.dumps(trig.trigger_rest(api_url, token, dag, run_id, conf), indent=2))
+            return
+        url, body = trig.rest_request(api_url, dag, parsed.id, conf)
+        if dry_run:
+            print(f"POST {url}\n{json.dumps(body, indent=2)}")
+            return
+        _trigger_rest(
+            api_url, token, username, password, dag, parsed, conf, run_width,
+            check=check, unpause=unpause, wait=wait, poll_s=poll_s, timeout_s=timeout_s,
+        )  # fmt: skip
     except EmprocessError as e:
         print(f"trigger failed: {e}")
         raise typer.Exit(1) from None
+
+
+def _read_conf_json(text: str) -> dict:
+    import json
+    from pathlib import Path
+
+    if text.startswith("@"):
+        text = Path(text[1:]).read_text()
+    try:
+        conf = json.loads(text)
+    except ValueError as e:
+        raise typer.BadParameter(f"--conf is not JSON: {e}") from None
+    if not isinstance(conf, dict):
+        raise typer.BadParameter(f"--conf must be a JSON object, got {type(conf).__name__}")
+    return conf
+
+
+def _trigger_rest(
+    api_url: str,
+    token: str | None,
+    username: str | None,
+    password: str | None,
+    dag: str,
+    parsed: RunConf,
+    conf: dict,
+    width: int,
+    *,
+    check: bool,
+    unpause: bool,
+    wait: bool,
+    poll_s: float,
+    timeout_s: float | None,
+) -> None:
+    """``emprocess trigger --api-url``: check, send, and with ``wait`` follow the run."""
+    import json
+
+    from emprocess import trigger as trig
+    from emprocess.airflow_api import AirflowApi
+    from emprocess.localrun import progress_line
+
+    api = AirflowApi(api_url, token=token)
+    if username and not token:
+        if password is None:
+            raise typer.BadParameter("--username needs --password (or AIRFLOW_PASSWORD)")
+        api.login(username, password)
+    if check:
+        for note in trig.check_ready(api, dag, width, unpause=unpause):
+            print(note)
+    elif unpause:
+        api.set_paused(dag, False)
+    answer = trig.trigger_run(api, dag, parsed.id, conf)
+    print(json.dumps(answer, indent=2))
+    if not wait:
+        return
+    print(f"following run {parsed.id} of {dag} ...", flush=True)
+    logging.getLogger("emprocess.report").setLevel(logging.WARNING)  # one line per poll
+    outcome = trig.follow_run(
+        api, dag, parsed.id, lambda: progress_line(parsed.source, parsed.id),
+        on_line=lambda line: print(line, flush=True), poll_s=poll_s, timeout_s=timeout_s,
+    )  # fmt: skip
+    peak = trig.peak_concurrency(outcome.task_instances)
+    print(
+        f"\nrun {parsed.id} of {dag}: {outcome.state} after {outcome.seconds:.0f} s; "
+        f"batch tasks ran up to {peak} at once (width {width})"
+    )
+    _print_report_summary(parsed)
+    if outcome.state != "success":
+        print(f"failed tasks: {', '.join(outcome.failed) or 'none'}")
+        if outcome.error:
+            print(f"error: {outcome.error}")
+        raise typer.Exit(1)
+
+
+def _print_report_summary(conf: RunConf) -> None:
+    from emprocess.errors import EmprocessError
+    from emprocess.report import load_run
+
+    try:
+        print("\n" + load_run(conf.source, conf.id).summary_text())
+    except EmprocessError as e:
+        print(f"\nno report: {e}")
 
 
 @app.command()

@@ -746,10 +746,18 @@ def write_sample(
         n_slices, width, height, seed, first_z, drift: as for :func:`iter_slices`.
         template: printf pattern of the slice names.
 
+    A ``gs://`` bucket under a local storage root (``EMPROCESS_STORAGE_ROOT``) is created
+    when missing, as the local stand-in of a bucket a user would make; on GCS the
+    bucket must exist.
+
     Returns:
         The ground truth that was written as ``truth.json``.
     """
     from emprocess import storage  # the storage layer pulls in cloud clients: import late
+
+    where = storage.parse_url(dest, allow_empty_key=True)
+    if where.scheme == "gs" and storage.local_root() is not None:
+        storage.create_bucket(where.bucket)
 
     truth = ground_truth(
         n_slices, width, height, seed, first_z=first_z, template=template, drift=drift

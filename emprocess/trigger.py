@@ -2,7 +2,9 @@
 
 The conf is built and validated by the same schema as the DAG's Params
 (:class:`emprocess.workflow.conf.RunConf`), so a bad conf fails here, before
-anything is sent.
+anything is sent. Through the REST API, :func:`check_ready` first checks what would
+otherwise leave a run waiting forever (a paused DAG, a missing or small pool, a
+concurrency limit below the width), and :func:`follow_run` follows the run to its end.
 """
 
 from __future__ import annotations
@@ -11,15 +13,28 @@ import json
 import logging
 import shlex
 import subprocess
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-import requests
-
+from emprocess.airflow_api import AirflowApi, AirflowApiError
 from emprocess.errors import EmprocessError
+from emprocess.workflow import POOL, POOL_SLOTS
 
 log = logging.getLogger(__name__)
 
-TIMEOUT_S = 30.0
+FINAL_STATES = ("success", "failed")
+BATCH_PREFIXES = ("align.affine", "align.write", "ngingest.write_ng_shards")
+
+
+class NotReady(EmprocessError):
+    """Airflow is not set up to run the DAG at its width; the message says how to fix it."""
+
+
+class RunIdTaken(EmprocessError):
+    """The DAG already has a run with this run id."""
 
 
 def composer_command(
@@ -53,17 +68,197 @@ def trigger_composer(command: list[str]) -> str:
     return done.stdout
 
 
-def trigger_rest(
-    api_url: str, token: str | None, dag_id: str, run_id: str, conf: dict[str, Any]
-) -> dict:
-    """POST the dag run; returns Airflow's answer. A 409 means the run id is taken."""
-    url, body = rest_request(api_url, dag_id, run_id, conf)
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
+# -- the REST API ---------------------------------------------------------------------
+
+
+def check_ready(api: AirflowApi, dag_id: str, width: int, unpause: bool = False) -> list[str]:
+    """Check that Airflow will run ``dag_id`` at ``width`` now; return what was done or seen.
+
+    Checks: the DAG exists and is unpaused (``unpause`` unpauses it), its
+    ``max_active_tasks`` is at least ``width``, the pool exists with at least ``width``
+    slots and, when the api-server exposes its config, ``[core] parallelism`` >= width.
+
+    Raises:
+        NotReady: listing every problem with the command that fixes it.
+    """
+    notes: list[str] = []
+    dag = api.dag(dag_id)
+    if dag is None:
+        raise NotReady(
+            f"DAG {dag_id} is not in Airflow: copy emprocess.py and the emprocess/ package "
+            "(with an .airflowignore holding 'emprocess/') into the DAG folder and wait for "
+            "the dag-processor (`airflow dags list-import-errors` shows why a file failed)"
+        )
+    problems = []
+    if dag.get("is_paused"):
+        if unpause:
+            api.set_paused(dag_id, False)
+            notes.append(f"unpaused DAG {dag_id}")
+        else:
+            problems.append(
+                f"DAG {dag_id} is paused (Airflow pauses new DAGs), so the run would stay "
+                f"queued: pass --unpause, or `airflow dags unpause {dag_id}`"
+            )
+    max_tasks = int(dag.get("max_active_tasks") or 0)
+    if max_tasks < width:
+        problems.append(
+            f"DAG {dag_id} may run {max_tasks} tasks at once (max_active_tasks) but its width "
+            f"is {width}: deploy the DAG file of this version of emprocess"
+        )
+    pool = api.pool(POOL)
+    if pool is None:
+        problems.append(
+            f"pool {POOL} does not exist, so the batch tasks would wait in 'scheduled' "
+            f"forever: `airflow pools set {POOL} {POOL_SLOTS} 'emprocess batch tasks'`"
+        )
+    elif int(pool["slots"]) < width:
+        problems.append(
+            f"pool {POOL} has {pool['slots']} slots, fewer than the width {width}: "
+            f"`airflow pools set {POOL} {max(width, POOL_SLOTS)} 'emprocess batch tasks'`"
+        )
+    parallelism = api.config_option("core", "parallelism")
+    if parallelism is None:
+        notes.append("[core] parallelism not exposed by the api-server; not checked")
+    elif int(parallelism) < width:
+        problems.append(
+            f"Airflow's [core] parallelism is {parallelism}, below the width {width}: set "
+            f"AIRFLOW__CORE__PARALLELISM={max(width, POOL_SLOTS)} for the scheduler"
+        )
+    if problems:
+        raise NotReady("Airflow is not ready to run it:\n  - " + "\n  - ".join(problems))
+    return notes
+
+
+def trigger_run(api: AirflowApi, dag_id: str, run_id: str, conf: dict[str, Any]) -> dict:
+    """POST the dag run; returns Airflow's answer.
+
+    Raises:
+        RunIdTaken: the DAG already has a run ``run_id`` (Airflow answers 409).
+    """
     try:
-        r = requests.post(url, json=body, headers=headers, timeout=TIMEOUT_S)
-    except requests.RequestException as e:
-        raise EmprocessError(f"POST {url} failed: {e}") from None
-    if r.status_code >= 400:
-        raise EmprocessError(f"POST {url} answered {r.status_code}: {r.text[:500]}")
-    answer: dict = r.json()
-    return answer
+        return api.trigger(dag_id, run_id, conf)
+    except AirflowApiError as e:
+        if e.status != 409:
+            raise
+    try:
+        existing = api.dag_run(dag_id, run_id) or {}
+    except AirflowApiError:
+        existing = {}
+    raise RunIdTaken(
+        f"DAG {dag_id} already has a run with id {run_id!r} (state "
+        f"{existing.get('state', '?')}): trigger with another --id, or clear that run "
+        f"to redo it (`airflow tasks clear {dag_id} -r {run_id}`; finished work is cached)"
+    )
+
+
+def peak_concurrency(
+    task_instances: Iterable[Mapping[str, Any]], prefixes: tuple[str, ...] = BATCH_PREFIXES
+) -> int:
+    """Most task instances (of tasks starting with ``prefixes``) that ran at the same time.
+
+    From each instance's ``start_date`` and ``end_date``, as the REST API gives them.
+    """
+    events: list[tuple[datetime, int]] = []
+    for ti in task_instances:
+        if not str(ti["task_id"]).startswith(prefixes) or not ti.get("start_date"):
+            continue
+        if not ti.get("end_date"):
+            continue
+        events.append((datetime.fromisoformat(ti["start_date"]), 1))
+        events.append((datetime.fromisoformat(ti["end_date"]), -1))
+    peak = running = 0
+    for _, step in sorted(events):  # at equal times an end (-1) sorts before a start
+        running += step
+        peak = max(peak, running)
+    return peak
+
+
+@dataclass
+class RunOutcome:
+    """How a followed run ended."""
+
+    state: str
+    seconds: float
+    task_instances: list[dict[str, Any]]
+    failed: list[str]
+    error: str
+
+
+def follow_run(
+    api: AirflowApi,
+    dag_id: str,
+    run_id: str,
+    progress: Callable[[], str] | None = None,
+    on_line: Callable[[str], None] | None = None,
+    poll_s: float = 2.0,
+    timeout_s: float | None = None,
+) -> RunOutcome:
+    """Poll the run until it succeeds or fails, reporting ``progress()`` when it changes.
+
+    Args:
+        progress: a one-line per-stage progress (``emprocess run``'s, from the process
+            bucket); without it, counts of task states.
+        on_line: called with each new line.
+        timeout_s: give up (raise) after this long; None waits for ever.
+    """
+    t0 = time.monotonic()
+    last = ""
+    while True:
+        run = api.dag_run(dag_id, run_id)
+        if run is None:
+            raise EmprocessError(f"DAG {dag_id} has no run {run_id!r}")
+        state = str(run.get("state"))
+        done = state in FINAL_STATES
+        tis = api.task_instances(dag_id, run_id) if done or progress is None else []
+        line = progress() if progress else _state_counts(tis)
+        line = f"[{state}] {line}"
+        if on_line and line != last:
+            on_line(line)
+            last = line
+        if done:
+            break
+        if timeout_s is not None and time.monotonic() - t0 > timeout_s:
+            raise EmprocessError(f"run {run_id} of {dag_id} still {state} after {timeout_s} s")
+        time.sleep(poll_s)
+    # The first task that failed holds the cause; later ones (iswritten) only follow from it.
+    failed = sorted(
+        (ti for ti in tis if ti.get("state") == "failed"),
+        key=lambda ti: str(ti.get("start_date") or ""),
+    )
+    error = ""
+    first = failed[0] if failed else None
+    if first is not None:
+        try:
+            error = _error_of(api.task_log(dag_id, run_id, first))
+        except AirflowApiError as e:
+            error = f"(log not readable: {e})"
+    return RunOutcome(
+        state=state,
+        seconds=time.monotonic() - t0,
+        task_instances=tis,
+        failed=[_ti_name(ti) for ti in failed],
+        error=error,
+    )
+
+
+def _ti_name(ti: Mapping[str, Any]) -> str:
+    index = ti.get("map_index", -1)
+    return str(ti["task_id"]) + (f"[{index}]" if index is not None and index >= 0 else "")
+
+
+def _state_counts(tis: Iterable[Mapping[str, Any]]) -> str:
+    counts: dict[str, int] = {}
+    for ti in tis:
+        key = str(ti.get("state") or "none")
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no tasks yet"
+
+
+def _error_of(log_text: str) -> str:
+    """The error a task failed with: its log's exception line (AirflowFailException's text)."""
+    lines = [line for line in log_text.splitlines() if line.strip()]
+    for marker in ("AirflowFailException", "Exception", "Error"):
+        hits = [line for line in lines if marker in line]
+        if hits:
+            return hits[-1][:2000]
+    return "\n".join(lines[-3:])[:2000]

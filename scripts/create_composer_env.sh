@@ -3,7 +3,7 @@
 set -euo pipefail
 
 DEFAULT_IMAGE_VERSION="composer-3-airflow-3.1.7-build.13"
-DEFAULT_POOL_SLOTS=128
+DEFAULT_POOL_SLOTS=512
 
 usage() {
     cat <<USAGE
@@ -18,7 +18,9 @@ the emprocess DAGs (emprocess_width{W}_v{VERSION}):
   3. let the environment's service account invoke both services;
   4. extra PyPI packages, with --pypi-file (the DAG needs none beyond the
      Composer image: pydantic, requests, numpy, google-auth, google-cloud-storage);
-  5. the Airflow pool http_requests (every batch task runs in it);
+  5. the Airflow pool http_requests (every batch task runs in it), and the
+     Airflow setting core.parallelism (tasks running at once per scheduler;
+     Airflow's default, 32, would cap a width-128 run) set to the pool's slots;
   6. upload the DAG file emprocess.py, the emprocess/ package next to it, and
      an .airflowignore that keeps Airflow from parsing the package as DAGs
      (this replaces an .airflowignore already in the DAG folder).
@@ -39,7 +41,8 @@ Options:
   --run-region REGION    region of the Cloud Run services (default LOCATION)
   --align-name NAME      align service name (default emprocess-align)
   --emwrite-name NAME    emwrite service name (default emprocess-emwrite)
-  --pool-slots N         slots of the pool http_requests (default $DEFAULT_POOL_SLOTS)
+  --pool-slots N         slots of the pool http_requests, and core.parallelism
+                         (default $DEFAULT_POOL_SLOTS: four runs of width 128)
   --pypi-file FILE       requirements file of extra PyPI packages to install
   --skip-create          the environment exists; only configure it
   --dry-run              print the gcloud commands instead of running them
@@ -208,9 +211,12 @@ else
     say "4. no extra PyPI packages (--pypi-file not given)"
 fi
 
-say "5. pool $POOL with $pool_slots slots"
+say "5. pool $POOL with $pool_slots slots, and core.parallelism $pool_slots"
 run gcloud composer environments run "$env_name" "${env_flags[@]}" \
     pools set -- "$POOL" "$pool_slots" "$POOL_DESCRIPTION"
+# Each DAG sets max_active_tasks to its width itself; parallelism is the cluster-wide cap.
+run gcloud composer environments update "$env_name" "${env_flags[@]}" \
+    --update-airflow-configs="core-parallelism=$pool_slots"
 
 say "6. uploading emprocess.py and the emprocess/ package to the DAG folder"
 # Upload a clean copy: no __pycache__, no editor or test leftovers.

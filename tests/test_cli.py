@@ -44,6 +44,23 @@ def test_sample_writes_a_stack_with_truth(tmp_path: Path) -> None:
     assert (truth["minz"], truth["maxz"], sorted(truth["pairs"])) == (5, 7, ["5", "6"])
 
 
+def test_sample_into_a_local_bucket_creates_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", str(tmp_path))
+    result = runner.invoke(app, ["sample", "gs://new-stack/sub", "-n", "2", "--size", "64", "64"])
+    assert result.exit_code == 0, result.output
+    from emprocess import storage
+
+    assert storage.bucket_exists("new-stack")
+    assert sorted(storage.list_keys("gs://new-stack/")) == [
+        "sub/img.00000.png", "sub/img.00001.png", "sub/truth.json",
+    ]  # fmt: skip
+    # Into a bucket that exists already, too (creating it again is no error).
+    result = runner.invoke(app, ["sample", "gs://new-stack", "-n", "2", "--size", "64", "64"])
+    assert result.exit_code == 0, result.output
+
+
 def test_sample_refuses_bad_sizes(tmp_path: Path) -> None:
     result = runner.invoke(app, ["sample", str(tmp_path / "s"), "-n", "2", "--size", "10", "10"])
     assert result.exit_code != 0 and "10" in result.output
@@ -140,15 +157,18 @@ def test_trigger_rest_posts_the_dag_run(tmp_path: Path) -> None:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     api = f"http://127.0.0.1:{server.server_address[1]}"
     try:
-        result = runner.invoke(app, [*TRIGGER, "--api-url", api, "--token", "tok", "--width", "4"])
+        result = runner.invoke(
+            app, [*TRIGGER, "--api-url", api, "--token", "tok", "--width", "4", "--no-check"]
+        )
         assert result.exit_code == 0, result.output
         path, body, auth = seen[0]
         assert path == "/api/v2/dags/emprocess_width4_v0.2/dagRuns" and auth == "Bearer tok"
         assert body["dag_run_id"] == "run_1" and body["conf"]["source"] == "src-bucket"
         taken = list(TRIGGER)
         taken[taken.index("--id") + 1] = "taken"
-        result = runner.invoke(app, [*taken, "--api-url", api])
-        assert result.exit_code == 1 and "409" in result.output
+        result = runner.invoke(app, [*taken, "--api-url", api, "--no-check"])
+        assert result.exit_code == 1, result.output
+        assert "already has a run with id 'taken'" in result.output
     finally:
         server.shutdown()
         server.server_close()
@@ -190,3 +210,47 @@ def test_readme_conf_reference_is_the_schema() -> None:
         "README's conf table is stale: paste `emprocess conf-reference`"
     )
     assert "`clip-limit`" in embedded and "`createRawPyramid`" in embedded
+
+
+def test_peak_concurrency_counts_overlapping_batch_tasks() -> None:
+    from emprocess.trigger import peak_concurrency
+
+    def ti(task_id: str, start: int, end: int | None) -> dict:
+        at = "2026-01-01T00:00:{:02d}+00:00"
+        return {
+            "task_id": task_id,
+            "start_date": at.format(start),
+            "end_date": at.format(end) if end is not None else None,
+        }
+
+    tis = [
+        ti("align.affine_0", 0, 10), ti("align.affine_1", 2, 5), ti("align.affine_2", 5, 8),
+        ti("align.write", 3, 4), ti("validate", 1, 9), ti("align.write", 20, None),
+    ]  # fmt: skip
+    # 0-10, 2-5 and 3-4 overlap (3); 5-8 starts as 2-5 ends; validate and unfinished ones do not count.
+    assert peak_concurrency(tis) == 3
+    assert peak_concurrency([]) == 0
+
+
+def test_trigger_sends_a_whole_conf_as_given(tmp_path: Path) -> None:
+    original = {"id": "orig_1", "image": "img.%05d.png", "minz": 0, "maxz": 9,
+                "source": "src-bucket", "mail": "lab@example.org", "rawPyramid": False}  # fmt: skip
+    (tmp_path / "conf.json").write_text(json.dumps(original))
+    result = runner.invoke(
+        app,
+        ["trigger", "--conf", f"@{tmp_path / 'conf.json'}", "--width", "4",
+         "--composer-env", "e", "--location", "l", "--dry-run"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    argv = shlex.split(result.output.strip())
+    assert argv[10] == "emprocess_width4_v0.2" and argv[11:13] == ["--run-id", "orig_1"]
+    assert json.loads(argv[argv.index("--conf") + 1]) == original  # legacy keys kept
+    bad = runner.invoke(
+        app, ["trigger", "--conf", '{"id": "x", "mail": 3}', "--api-url", "http://h", "--dry-run"]
+    )
+    assert bad.exit_code == 2 and "image: required key is missing" in bad.output
+    for text, message in (("[1]", "JSON object"), ("{nope", "not JSON")):
+        bad = runner.invoke(app, ["trigger", "--conf", text, "--api-url", "http://h"])
+        assert bad.exit_code == 2 and message in bad.output
+    missing = runner.invoke(app, ["trigger", "--api-url", "http://h", "--dry-run"])
+    assert missing.exit_code == 2 and "missing SOURCE, --image" in missing.output

@@ -348,6 +348,10 @@ def test_create_composer_env_dry_run(failing_gcloud: dict[str, str]) -> None:
         f"gcloud composer environments run emenv {where} pools set -- http_requests 64 "
         "'emprocess batch tasks: each sends HTTP mini-tasks to the Cloud Run services'"
     ) in cmds
+    assert (
+        f"gcloud composer environments update emenv {where} "
+        "--update-airflow-configs=core-parallelism=64"
+    ) in cmds
     imports = [c for c in cmds if "storage dags import" in c]
     assert [c.rsplit("/", 1)[-1] for c in imports] == [
         "emprocess.py",

@@ -76,6 +76,11 @@ def test_legacy_aliases() -> None:
     assert parse_conf(conf(project="p2", project_id="p2")).project == "p2"
     msg = problems(conf(createRawPyramid=True, rawPyramid=False))
     assert "'rawPyramid' is the legacy name of 'createRawPyramid'" in msg
+    # The original DAG's conf spelled email "mail".
+    assert parse_conf(conf(mail="lab@example.org")).email == "lab@example.org"
+    assert parse_conf(conf(mail="a@b.org")).to_json()["email"] == "a@b.org"
+    msg = problems(conf(mail="a@b.org", email="c@d.org"))
+    assert "'mail' is the legacy name of 'email'" in msg
     # Legacy string forms of numbers and booleans are accepted at this edge.
     c = parse_conf(conf(minz="3", maxz="4", skip_align="true"))
     assert (c.minz, c.maxz, c.skip_align) == (3, 4, True)

@@ -174,6 +174,27 @@ def test_params_carry_defaults_and_descriptions(dagbag: Any, dynamic: bool) -> N
         params["minz"].resolve("ten")
 
 
+def test_every_dag_lets_its_width_run_at_once(dagbag: Any) -> None:
+    """Airflow's default of 16 tasks per run would cap width 32..128; the pool must fit too."""
+    from emprocess.workflow import POOL_SLOTS
+    from emprocess.workflow.conf import MAX_WIDTH
+
+    for width in [*WIDTHS, None]:
+        dag = dagbag.dags[dag_id(width)]
+        batch = [t for t in dag.tasks if t.task_id.startswith(BATCH_STAGES)]
+        # The largest number of batch tasks of one stage (the dynamic DAG: the widest conf).
+        peak = MAX_WIDTH if width is None else len(batch) // len(BATCH_STAGES)
+        assert peak == (width or MAX_WIDTH)
+        assert dag.max_active_tasks >= peak, dag.dag_id
+        assert 1 <= dag.max_active_runs <= 16, dag.dag_id
+        # Re-read as the scheduler reads it: the limit survives serialization.
+        from airflow.serialization.serialized_objects import DagSerialization
+
+        again = DagSerialization.deserialize_dag(DagSerialization.serialize_dag(dag))
+        assert again.max_active_tasks == dag.max_active_tasks
+    assert max(WIDTHS) * dagbag.dags[dag_id(max(WIDTHS))].max_active_runs <= POOL_SLOTS
+
+
 @pytest.mark.parametrize("width", [4, None])
 def test_dags_serialize_for_the_scheduler(dagbag: Any, width: int | None) -> None:
     from airflow.serialization.serialized_objects import DagSerialization

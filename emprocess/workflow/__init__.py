@@ -20,6 +20,12 @@ DEFAULT_DYNAMIC_WIDTH = 32
 POOL = "http_requests"
 """Airflow pool every batch task runs in."""
 
+POOL_SLOTS = 512
+"""Slots the pool should have (the original's figure): four runs of the widest fixed DAG."""
+
+AIRFLOW_DEFAULT_MAX_ACTIVE_TASKS = 16
+"""Airflow's ``[core] max_active_tasks_per_dag``; no DAG here allows fewer tasks per run."""
+
 ALIGN_CONN_ID = "ALIGN_CLOUD_RUN"
 EMWRITE_CONN_ID = "IMG_WRITE"
 

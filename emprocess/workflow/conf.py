@@ -3,7 +3,8 @@
 :class:`RunConf` is the source of truth: the DAGs build their trigger form from its
 JSON schema (:func:`param_specs`), the ``validate`` task parses the run's conf with
 it, and the CLI reuses it. Keys are CONTRACTS.md's; the legacy names ``project_id``
-(for ``project``) and ``rawPyramid`` (for ``createRawPyramid``) are accepted too.
+(for ``project``), ``rawPyramid`` (for ``createRawPyramid``) and ``mail`` (for
+``email``, the original DAG's spelling) are accepted too.
 Types are strict: the one legacy form accepted is a number or boolean written as a
 string (``"12"``, ``"0.5"``, ``"true"``); nothing else is coerced (``true`` is not 1,
 ``1.5`` is not an integer, ``"yes"`` is not a boolean).
@@ -28,7 +29,11 @@ from emprocess.workflow import dag_id
 MAX_WIDTH = 1024
 MAX_DOWNSAMPLE = 64
 
-LEGACY_KEYS: dict[str, str] = {"project_id": "project", "rawPyramid": "createRawPyramid"}
+LEGACY_KEYS: dict[str, str] = {
+    "project_id": "project",
+    "rawPyramid": "createRawPyramid",
+    "mail": "email",
+}
 """Legacy conf key -> the key it stands for."""
 
 # One printf conversion: "%%", or flags, width, precision, length and a conversion letter.
@@ -148,7 +153,8 @@ class RunConf(BaseModel):
         default=None,
         title="Notify email",
         description="Where to send a message when the run is complete (needs an Airflow "
-        "SMTP connection): one address, or several separated by commas; none sends nothing.",
+        "SMTP connection; legacy key: mail): one address, or several separated by commas; "
+        "none sends nothing.",
         max_length=1000,
     )
     downsample_factor: int = Field(

@@ -20,9 +20,16 @@ from typing import Any
 from airflow.sdk import DAG, Param, TaskGroup
 from airflow.sdk.definitions.param import ParamsDict
 
-from emprocess.workflow import DEFAULT_DYNAMIC_WIDTH, POOL, VERSION, WIDTHS, dag_id
+from emprocess.workflow import (
+    AIRFLOW_DEFAULT_MAX_ACTIVE_TASKS,
+    DEFAULT_DYNAMIC_WIDTH,
+    POOL,
+    VERSION,
+    WIDTHS,
+    dag_id,
+)
 from emprocess.workflow import tasks as t
-from emprocess.workflow.conf import param_specs
+from emprocess.workflow.conf import MAX_WIDTH, param_specs
 
 DEFAULT_ARGS: dict[str, Any] = {
     "owner": "emprocess",
@@ -32,6 +39,18 @@ DEFAULT_ARGS: dict[str, Any] = {
     "max_retry_delay": timedelta(minutes=10),
 }
 """Task retries; a retried batch task skips the mini-tasks it already cached."""
+
+MAX_ACTIVE_RUNS = 4
+"""Runs of one DAG at a time; with the widest DAG (128) they fill the pool's 512 slots."""
+
+
+def max_active_tasks(width: int | None) -> int:
+    """Tasks one run may have running or queued: its width (the dynamic DAG: the widest conf).
+
+    Airflow's default (16 per run) would cap a width-32 run at 16 concurrent batch tasks.
+    Outside the batch stages a run has one task at a time, so the width is the peak.
+    """
+    return max(width or MAX_WIDTH, AIRFLOW_DEFAULT_MAX_ACTIVE_TASKS)
 
 
 def params(dynamic: bool) -> dict[str, Param]:
@@ -54,6 +73,10 @@ def doc_md(width: int | None) -> str:
         )
     else:
         shape = f"Fixed width {width}: each batch stage has {width} workers."
+    shape += (
+        f" A run may have {max_active_tasks(width)} tasks running at once; Airflow's "
+        f"`[core] parallelism` and the pool `{POOL}` must allow as many."
+    )
     return f"""# {dag_id(width)}
 
 Aligns a stack of FIB-SEM slices and writes it as a neuroglancer volume
@@ -69,8 +92,8 @@ and `IMG_WRITE`.
 | --- | --- | --- |
 {rows}
 
-Legacy keys `project_id` (for `project`) and `rawPyramid` (for `createRawPyramid`)
-are accepted.
+Legacy keys `project_id` (for `project`), `rawPyramid` (for `createRawPyramid`) and
+`mail` (for `email`) are accepted.
 """
 
 
@@ -87,7 +110,8 @@ def build_dag(width: int | None) -> DAG:
         tags=tags,
         doc_md=doc_md(width),
         description="Align FIB-SEM slices and write a neuroglancer volume",
-        max_active_runs=4,
+        max_active_runs=MAX_ACTIVE_RUNS,
+        max_active_tasks=max_active_tasks(width),
     ) as dag:
         validate = t.validate(dag_width=width)
         create_env = t.create_env()

@@ -3,8 +3,13 @@
 Imported at parse time, so only ``airflow.sdk`` and the standard library are imported
 here at module level; each task imports what it needs when it runs. Tasks pass small
 JSON: ``validate`` returns the run info, ``align.collect`` the canvas; the others pull
-those by task id, which keeps the graph's edges exactly CONTRACTS.md's. Every task also
-pushes a ``timing`` XCom that ``write_status`` gathers into complete.json.
+those by task id, which keeps the graph's edges exactly CONTRACTS.md's.
+
+XComs go through the api-server, so they are few and small: a batch task writes one
+(its timing record with its batch summary, a few hundred bytes, as its return value);
+every other task writes its return value and a ``timing`` record. No task's result
+is split into one XCom per key (``multiple_outputs=False``; Airflow would infer True
+from a ``dict`` return type). ``write_status`` gathers the records into complete.json.
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 VALIDATE = "validate"
 COLLECT = "align.collect"
 SMTP_CONN_ID = "smtp_default"
+BATCH_TASKS = ("align.affine", "align.write", "ngingest.write_ng_shards")
+"""Task ids (before ``_{i}``) of the batch stages; their one XCom is their timing record."""
+TIMING = "timing"
 
 
 def service_url(conn_id: str) -> str:
@@ -48,11 +56,18 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
-def timed(fn: F) -> F:
-    """Push ``{task_id, started, finished, batch}`` as XCom ``timing``; turn input errors fatal.
+def is_batch_task(task_id: str) -> bool:
+    """Whether ``task_id`` is a batch task (``align.affine_3``, mapped ``align.write``, ...)."""
+    return task_id.rstrip("0123456789").rstrip("_") in BATCH_TASKS
 
-    An :class:`~emprocess.errors.InvalidInput` (bad conf, missing slices) or a batch that
-    met a client error cannot succeed on retry, so it becomes ``AirflowFailException``.
+
+def timed(fn: F) -> F:
+    """Record ``{task_id, map_index, started, finished, batch}``; turn input errors fatal.
+
+    A batch task returns that record (its batch summary inside) as its only XCom; any
+    other task pushes it as XCom ``timing`` beside its return value. An
+    :class:`~emprocess.errors.InvalidInput` (bad conf, missing slices) or a batch that met
+    a client error cannot succeed on retry, so it becomes ``AirflowFailException``.
     """
 
     @functools.wraps(fn)
@@ -79,16 +94,26 @@ def timed(fn: F) -> F:
             "finished": _now(),
             "batch": result if isinstance(result, dict) and "planned" in result else None,
         }
-        ti.xcom_push(key="timing", value=record)
+        if is_batch_task(ti.task_id):
+            return record
+        ti.xcom_push(key=TIMING, value=record)
         return result
 
     return wrapper  # type: ignore[return-value]
 
 
 def _info() -> RunInfo:
+    from airflow.sdk.exceptions import AirflowFailException
+
     from emprocess.workflow.stages import RunInfo
 
     data = get_current_context()["ti"].xcom_pull(task_ids=VALIDATE)
+    if data is None:
+        # Only tasks that run whatever happened upstream (iswritten) get here.
+        raise AirflowFailException(
+            f"{VALIDATE} did not succeed, so there is no run to check: see the log of "
+            f"{VALIDATE} for what is wrong with the run's conf or slices"
+        )
     return RunInfo.model_validate(data)
 
 
@@ -108,7 +133,7 @@ def _airflow_run_id() -> str:
 # -- tasks ------------------------------------------------------------------------
 
 
-@task(task_id="validate", retries=0)
+@task(task_id="validate", retries=0, multiple_outputs=False)
 @timed
 def validate(dag_width: int | None) -> dict[str, Any]:
     """Check the conf against the schema and the slices in the source bucket."""
@@ -118,7 +143,7 @@ def validate(dag_width: int | None) -> dict[str, Any]:
     return validate_run(ctx["dag_run"].conf, dag_width, ctx["dag"].dag_id).to_json()
 
 
-@task(task_id="create_env")
+@task(task_id="create_env", multiple_outputs=False)
 @timed
 def create_env() -> dict[str, Any]:
     """Create the run's buckets and RUN_ID/init.json (idempotent)."""
@@ -127,7 +152,7 @@ def create_env() -> dict[str, Any]:
     return create(_info(), _airflow_run_id())
 
 
-@task(task_id="start_align")
+@task(task_id="start_align", multiple_outputs=False)
 @timed
 def start_align() -> list[int]:
     """Open the align stage; returns the worker ids (the dynamic DAG maps over them)."""
@@ -136,7 +161,7 @@ def start_align() -> list[int]:
     return list(range(info.width))
 
 
-@task(task_id="affine")
+@task(task_id="affine", multiple_outputs=False)
 @timed
 def affine(worker_id: int) -> dict[str, Any]:
     """Align this worker's pairs z -> z+1 (POST / of the alignment service)."""
@@ -147,7 +172,7 @@ def affine(worker_id: int) -> dict[str, Any]:
     return align_pairs(info, worker_id, url)
 
 
-@task(task_id="collect")
+@task(task_id="collect", multiple_outputs=False)
 @timed
 def collect() -> dict[str, Any]:
     """Compose the global transforms; returns the canvas ``{"bbox": [w, h], ...}``."""
@@ -156,7 +181,7 @@ def collect() -> dict[str, Any]:
     return collect_alignment(_info())
 
 
-@task(task_id="write")
+@task(task_id="write", multiple_outputs=False)
 @timed
 def write(worker_id: int) -> dict[str, Any]:
     """Warp, CLAHE and tile this worker's slices (POST /alignedslice)."""
@@ -165,7 +190,7 @@ def write(worker_id: int) -> dict[str, Any]:
     return write_slices(_info(), _canvas(), worker_id, service_url(EMWRITE_CONN_ID))
 
 
-@task(task_id="finish_align")
+@task(task_id="finish_align", multiple_outputs=False)
 @timed
 def finish_align() -> dict[str, Any]:
     """Close the align stage: every slice must have been written."""
@@ -174,7 +199,7 @@ def finish_align() -> dict[str, Any]:
     return check_slices_written(_info(), _canvas())
 
 
-@task(task_id="write_ngmeta")
+@task(task_id="write_ngmeta", multiple_outputs=False)
 @timed
 def write_ngmeta() -> dict[str, Any]:
     """Write the neuroglancer ``info`` files (POST /ngmeta)."""
@@ -183,7 +208,7 @@ def write_ngmeta() -> dict[str, Any]:
     return ngmeta(_info(), _canvas(), service_url(EMWRITE_CONN_ID))
 
 
-@task(task_id="write_ng_shards")
+@task(task_id="write_ng_shards", multiple_outputs=False)
 @timed
 def write_ng_shards(worker_id: int) -> dict[str, Any]:
     """Build this worker's 1024^3 cubes (POST /ngshard)."""
@@ -192,7 +217,7 @@ def write_ng_shards(worker_id: int) -> dict[str, Any]:
     return shards(_info(), _canvas(), worker_id, service_url(EMWRITE_CONN_ID))
 
 
-@task(task_id="finish_ngwrite")
+@task(task_id="finish_ngwrite", multiple_outputs=False)
 @timed
 def finish_ngwrite() -> dict[str, Any]:
     """Close the ngingest stage with a count of the cubes."""
@@ -225,7 +250,7 @@ def iswritten() -> bool:
     return True
 
 
-@task(task_id="cleanup_images")
+@task(task_id="cleanup_images", multiple_outputs=False)
 @timed
 def cleanup_images() -> str:
     """Put a lifecycle delete rule on the tmp bucket."""
@@ -234,7 +259,7 @@ def cleanup_images() -> str:
     return cleanup(_info())
 
 
-@task(task_id="set_public_read")
+@task(task_id="set_public_read", multiple_outputs=False)
 @timed
 def set_public_read() -> str:
     """Make the neuroglancer bucket public-read, only when conf ``public`` is true."""
@@ -243,14 +268,17 @@ def set_public_read() -> str:
     return make_public(_info())
 
 
-@task(task_id="write_status")
+@task(task_id="write_status", multiple_outputs=False)
 @timed
 def write_status() -> dict[str, Any]:
     """Write RUN_ID/complete.json and email the conf's address when SMTP is configured."""
     from emprocess.workflow.stages import write_status as status
 
     ctx = get_current_context()
-    records = ctx["ti"].xcom_pull(task_ids=list(ctx["dag"].task_ids), key="timing") or []
+    ti, ids = ctx["ti"], list(ctx["dag"].task_ids)
+    batch_ids = [i for i in ids if is_batch_task(i)]
+    records = ti.xcom_pull(task_ids=[i for i in ids if i not in batch_ids], key=TIMING) or []
+    records += ti.xcom_pull(task_ids=batch_ids) or []
     records = [r for r in records if r]
     doc = status(_info(), _canvas(), records, _airflow_run_id())
     email = doc["conf"].get("email")

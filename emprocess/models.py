@@ -63,6 +63,31 @@ PositiveSize2 = Annotated[
     BeforeValidator(_json_list),
     Field(min_length=2, max_length=2),
 ]
+
+
+def _window(value: Any) -> Any:
+    """An intensity window [low, high]: 0 <= low < high <= 65535 (the legacy string too)."""
+    if value is None:
+        return None
+    from emprocess.kernels.intensity import check_window
+
+    value = _json_list(value)
+    if not isinstance(value, list) or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in value
+    ):
+        raise ValueError(f"intensity window must be [low, high] numbers, got {value!r}")
+    try:
+        return list(check_window(value))
+    except InvalidInput as e:
+        raise ValueError(str(e)) from None
+
+
+IntensityWindow = Annotated[list[float] | None, BeforeValidator(_window)]
+"""Optional [low, high] grey levels mapped to 0 and 255; absent: uint8 as is, uint16 / 257."""
+_WINDOW_DESCRIPTION = (
+    "Intensity window [low, high] (grey levels that become 0 and 255), the run's; "
+    "absent keeps uint8 slices as they are and divides uint16 ones by 257."
+)
 Start3 = Annotated[
     list[Annotated[int, Field(ge=0)]],
     BeforeValidator(_json_list),
@@ -95,6 +120,7 @@ class AlignRequest(_Request):
     params: dict[str, Any] = Field(
         default_factory=dict, description="Overrides of the matching recipe (AlignParams fields)."
     )
+    intensity_window: IntensityWindow = Field(default=None, description=_WINDOW_DESCRIPTION)
 
     @classmethod
     def from_payload(cls, body: Any) -> AlignRequest:
@@ -195,6 +221,7 @@ class AlignedSliceRequest(_Request):
     clip_limit: ClipLimit = Field(
         default=0.02, alias="clip-limit", description="CLAHE clip limit (normalised, 0 disables)."
     )
+    intensity_window: IntensityWindow = Field(default=None, description=_WINDOW_DESCRIPTION)
 
 
 class _VolumeRequest(_Request):

@@ -48,6 +48,7 @@ def test_defaults_and_contract_keys() -> None:
         "clip-limit": 0.02,
         "createRawPyramid": True,
         "resolution": 8.0,
+        "intensity": "auto",
         "public": False,
         "width": None,
     }
@@ -159,6 +160,11 @@ def test_long_id_is_fine_without_the_raw_volume() -> None:
 def test_other_ranges() -> None:
     assert "clip-limit: " in problems(conf(**{"clip-limit": 1.5}))
     assert "resolution: " in problems(conf(resolution=0))
+    assert "resolution 0.0 nm is not in (0, 1e+06]" in problems(conf(resolution=[4, 4, 0]))
+    assert "[x, y, z]" in problems(conf(resolution=[4, 4]))
+    assert "low 9 must be < high 3" in problems(conf(intensity=[9, 3]))
+    assert "within [0, 65535]" in problems(conf(intensity=[0, 70000]))
+    assert "intensity" in problems(conf(intensity="bright"))
     assert "width: " in problems(conf(width=0))
     assert "skip_align: " in problems(conf(skip_align="maybe"))
 

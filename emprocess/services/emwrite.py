@@ -43,6 +43,7 @@ from emprocess.images import decode_image
 from emprocess.kernels import ngmeta, tiles
 from emprocess.kernels.clahe import clahe_source_region, clahe_window, plan_windows
 from emprocess.kernels.downsample import downsample_mean_2x, shrink_mean
+from emprocess.kernels.intensity import to_uint8
 from emprocess.kernels.warp import warp_window
 from emprocess.models import AlignedSliceRequest, NgMetaRequest, NgShardRequest
 from emprocess.services.common import create_service_app, json_body, parse
@@ -96,13 +97,6 @@ def thumbnail_url(req: AlignedSliceRequest) -> str:
     return storage.bucket_url(f"{req.dest}_process", f"{req.run_id}/align/{req.img}")
 
 
-def _to_uint8(image: np.ndarray) -> np.ndarray:
-    """16-bit slices are scaled to 8 bits over the full range (the volume is uint8)."""
-    if image.dtype == np.uint8:
-        return image
-    return ((image.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
-
-
 # -- /alignedslice -------------------------------------------------------------
 
 
@@ -128,7 +122,9 @@ def aligned_slice(req: AlignedSliceRequest) -> dict[str, Any]:
         if not storage.bucket_exists(bucket):
             raise InvalidInput(f"bucket {bucket!r} does not exist")
     source_url = storage.bucket_url(req.dest, req.img)
-    image = _to_uint8(decode_image(storage.read_bytes(source_url), source_url, MAX_PIXELS))
+    iw = req.intensity_window
+    window = None if iw is None else (iw[0], iw[1])
+    image = to_uint8(decode_image(storage.read_bytes(source_url), source_url, MAX_PIXELS), window)
     t_read = time.perf_counter()
 
     f = thumbnail_factor(width, height)

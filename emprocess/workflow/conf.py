@@ -13,9 +13,17 @@ import functools
 import json
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 from emprocess.errors import InvalidBucketName, InvalidInput, InvalidKey
 from emprocess.storage import check_bucket_name, check_key
@@ -23,6 +31,25 @@ from emprocess.workflow import dag_id
 
 MAX_WIDTH = 1024
 MAX_DOWNSAMPLE = 64
+MAX_RESOLUTION_NM = 1_000_000.0
+MAX_GREY = 65535
+
+# One flat JSON schema per union-typed key: Airflow's trigger form validates a param
+# against ``type``, and pydantic's ``anyOf`` of the union does not flatten into one.
+_RESOLUTION_SCHEMA = {
+    "type": ["number", "array"],
+    "items": {"type": "number"},
+    "minItems": 3,
+    "maxItems": 3,
+}
+_INTENSITY_SCHEMA = {
+    "type": ["string", "array"],
+    "items": {"type": "number"},
+    "minItems": 2,
+    "maxItems": 2,
+}
+Resolution = Annotated[float | list[float], WithJsonSchema(_RESOLUTION_SCHEMA)]
+Intensity = Annotated[Literal["auto", "full"] | list[float], WithJsonSchema(_INTENSITY_SCHEMA)]
 
 LEGACY_KEYS: dict[str, str] = {"project_id": "project", "rawPyramid": "createRawPyramid"}
 """Legacy conf key -> the key it stands for."""
@@ -147,12 +174,21 @@ class RunConf(BaseModel):
         description="Also write the lossless raw volume to SOURCE_chunk_ID (legacy key: "
         "rawPyramid).",
     )
-    resolution: float = Field(
+    resolution: Resolution = Field(
         default=8.0,
         title="Voxel size (nm)",
-        description="Isotropic voxel size in nanometres.",
-        gt=0.0,
-        le=1_000_000.0,
+        description="Voxel size in nanometres: one number (isotropic) or [x, y, z], each > 0 "
+        f"and <= {MAX_RESOLUTION_NM:g}. With a z several times x and y, the pyramid halves x "
+        "and y only until the voxels are near isotropic, then all three.",
+    )
+    intensity: Intensity = Field(
+        default="auto",
+        title="Intensity window",
+        description="How slices become 8 bits, the same in alignment and in the volume: "
+        '"auto" (16-bit slices: the 0.175% and 99.825% percentiles of a sample of slices '
+        "spread over the stack, measured once and recorded in init.json; 8-bit slices as "
+        'they are), [low, high] (grey levels that become 0 and 255, low < high), or "full" '
+        "(8-bit as they are, 16-bit divided by 257).",
     )
     public: bool = Field(
         default=False,
@@ -195,6 +231,36 @@ class RunConf(BaseModel):
             return check_bucket_name(value)
         except InvalidBucketName as e:
             raise ValueError(str(e)) from None
+
+    @field_validator("resolution")
+    @classmethod
+    def _resolution_is_positive(cls, value: float | list[float]) -> float | list[float]:
+        values = value if isinstance(value, list) else [value]
+        if isinstance(value, list) and len(value) != 3:
+            raise ValueError(f"resolution must be one number or [x, y, z] in nm, got {value!r}")
+        for v in values:
+            if not (0 < v <= MAX_RESOLUTION_NM):  # also refuses NaN
+                raise ValueError(
+                    f"resolution {v!r} nm is not in (0, {MAX_RESOLUTION_NM:g}]; every voxel "
+                    "side must be a positive number of nm"
+                )
+        return value
+
+    @field_validator("intensity")
+    @classmethod
+    def _intensity_is_a_window(cls, value: str | list[float]) -> str | list[float]:
+        if isinstance(value, str):
+            return value
+        if len(value) != 2:
+            raise ValueError(f'intensity must be "auto", "full" or [low, high], got {value!r}')
+        low, high = value
+        if not low < high:
+            raise ValueError(f"intensity window low {low:g} must be < high {high:g}")
+        if low < 0 or high > MAX_GREY:
+            raise ValueError(
+                f"intensity window [{low:g}, {high:g}] must lie within [0, {MAX_GREY}]"
+            )
+        return value
 
     @field_validator("image")
     @classmethod
@@ -243,6 +309,12 @@ class RunConf(BaseModel):
     def chunk_bucket(self) -> str:
         """SOURCE_chunk_ID, whether or not the raw volume is written (the services want a name)."""
         return f"{self.source}_chunk_{self.id}"
+
+    @property
+    def resolution_xyz(self) -> tuple[float, float, float]:
+        """Voxel size (x, y, z) in nm."""
+        r = self.resolution
+        return (r[0], r[1], r[2]) if isinstance(r, list) else (r, r, r)
 
     def slice_name(self, z: int) -> str:
         """The object key of slice ``z`` in the source bucket."""

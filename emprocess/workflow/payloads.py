@@ -22,7 +22,15 @@ WRITE_CACHE = "align/write_cache"
 NG_CACHE = "neuroglancer/cache"
 
 
-def plan_align_pairs(conf: RunConf) -> list[MiniTask]:
+Window = tuple[float, float] | None
+"""The run's intensity window (``RunInfo.intensity_window``): None sends no window."""
+
+
+def _window(window: Window) -> list[float] | None:
+    return None if window is None else [float(window[0]), float(window[1])]
+
+
+def plan_align_pairs(conf: RunConf, window: Window = None) -> list[MiniTask]:
     """One POST / per pair (z, z + 1), z from minz to maxz - 1; index = z - minz."""
     source = conf.source
     return [
@@ -34,6 +42,7 @@ def plan_align_pairs(conf: RunConf) -> list[MiniTask]:
                 pre=f"gs://{source}/{conf.slice_name(z)}",
                 post=f"gs://{source}/{conf.slice_name(z + 1)}",
                 downsample=conf.downsample_factor,
+                intensity_window=_window(window),
             ).payload(),
         )
         for z in range(conf.minz, conf.maxz)
@@ -41,7 +50,10 @@ def plan_align_pairs(conf: RunConf) -> list[MiniTask]:
 
 
 def plan_aligned_slices(
-    conf: RunConf, transforms: Mapping[int, Sequence[float]], bbox_xy: Sequence[int]
+    conf: RunConf,
+    transforms: Mapping[int, Sequence[float]],
+    bbox_xy: Sequence[int],
+    window: Window = None,
 ) -> list[MiniTask]:
     """One POST /alignedslice per slice z from minz to maxz; index = z - minz.
 
@@ -49,6 +61,7 @@ def plan_aligned_slices(
         conf: the run's conf.
         transforms: z -> 6 numbers mapping slice z into the canvas.
         bbox_xy: the canvas (width, height) in pixels.
+        window: the run's intensity window.
     """
     buckets = conf.bucket_names()
     return [
@@ -66,6 +79,7 @@ def plan_aligned_slices(
                 shard_size=SHARD_SIZE,
                 run_id=conf.id,
                 clip_limit=conf.clip_limit,
+                intensity_window=_window(window),
             ).payload(),
         )
         for z in range(conf.minz, conf.maxz + 1)

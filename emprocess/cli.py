@@ -180,6 +180,25 @@ def _build_conf(**values: object) -> RunConf:
         raise typer.BadParameter(str(e)) from None
 
 
+def _numbers(value: str, key: str) -> float | list[float] | str:
+    """A conf value given on the command line: "8" -> 8.0, "4,4,40" -> [4.0, 4.0, 40.0];
+    a word ("auto") stays a word, for the schema to judge."""
+    parts = [p.strip() for p in value.split(",")]
+    try:
+        numbers = [float(p) for p in parts]
+    except ValueError:
+        if len(parts) == 1:
+            return value
+        raise typer.BadParameter(
+            f"--{key} {value!r}: expected numbers separated by commas"
+        ) from None
+    return numbers[0] if len(numbers) == 1 else numbers
+
+
+_RESOLUTION_HELP = " On the command line: 8, or x,y,z such as 4,4,40."
+_INTENSITY_HELP = " On the command line: auto, full, or low,high such as 300,3800."
+
+
 def _dag_for(width: int) -> tuple[str, int | None]:
     from emprocess.workflow import WIDTHS, dag_id
 
@@ -199,7 +218,8 @@ def run(
     skip_align: bool = typer.Option(False, help=_conf_help("skip_align")),
     clip_limit: float = typer.Option(0.02, "--clip-limit", help=_conf_help("clip_limit")),
     raw: bool = typer.Option(True, "--raw/--no-raw", help=_conf_help("create_raw_pyramid")),
-    resolution: float = typer.Option(8.0, help=_conf_help("resolution")),
+    resolution: str = typer.Option("8", help=_conf_help("resolution") + _RESOLUTION_HELP),
+    intensity: str = typer.Option("auto", help=_conf_help("intensity") + _INTENSITY_HELP),
     width: int = typer.Option(4, min=1, help="Concurrent batch workers per stage (DAG width)."),
     workdir: str = typer.Option("work", help="Folder for Airflow's home, database and logs."),
 ) -> None:
@@ -215,7 +235,8 @@ def run(
     conf = _build_conf(
         id=run_id or f"{bucket}-run", image=image, minz=minz, maxz=maxz, source=bucket,
         downsample_factor=downsample_factor, skip_align=skip_align, **{"clip-limit": clip_limit},
-        createRawPyramid=raw, resolution=resolution, width=conf_width,
+        createRawPyramid=raw, resolution=_numbers(resolution, "resolution"),
+        intensity=_numbers(intensity, "intensity"), width=conf_width,
     )  # fmt: skip
     t0 = time.monotonic()
     try:
@@ -244,7 +265,8 @@ def trigger(
     skip_align: bool = typer.Option(False, help=_conf_help("skip_align")),
     clip_limit: float = typer.Option(0.02, "--clip-limit", help=_conf_help("clip_limit")),
     raw: bool = typer.Option(True, "--raw/--no-raw", help=_conf_help("create_raw_pyramid")),
-    resolution: float = typer.Option(8.0, help=_conf_help("resolution")),
+    resolution: str = typer.Option("8", help=_conf_help("resolution") + _RESOLUTION_HELP),
+    intensity: str = typer.Option("auto", help=_conf_help("intensity") + _INTENSITY_HELP),
     public: bool = typer.Option(False, help=_conf_help("public")),
     composer_env: str = typer.Option(
         None, "--composer-env", help="Cloud Composer environment name."
@@ -273,7 +295,8 @@ def trigger(
     conf = _build_conf(
         id=run_id, image=image, minz=minz, maxz=maxz, source=source, project=project,
         email=email, downsample_factor=downsample_factor, skip_align=skip_align,
-        **{"clip-limit": clip_limit}, createRawPyramid=raw, resolution=resolution,
+        **{"clip-limit": clip_limit}, createRawPyramid=raw,
+        resolution=_numbers(resolution, "resolution"), intensity=_numbers(intensity, "intensity"),
         public=public, width=conf_width,
     ).to_json()  # fmt: skip
     try:

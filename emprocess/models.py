@@ -82,6 +82,10 @@ def _window(value: Any) -> Any:
         raise ValueError(str(e)) from None
 
 
+PositiveNm = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+Resolution = PositiveNm | Annotated[list[PositiveNm], Field(min_length=3, max_length=3)]
+"""A voxel size in nm: one number (isotropic) or [x, y, z]."""
+
 IntensityWindow = Annotated[list[float] | None, BeforeValidator(_window)]
 """Optional [low, high] grey levels mapped to 0 and 255; absent: uint8 as is, uint16 / 257."""
 _WINDOW_DESCRIPTION = (
@@ -239,7 +243,9 @@ class _VolumeRequest(_Request):
     write_raw: bool = Field(
         default=True, alias="writeRaw", description="Also write the lossless pyramid."
     )
-    resolution: float = Field(default=8.0, gt=0, description="Isotropic voxel size in nm.")
+    resolution: Resolution = Field(
+        default=8.0, description="Voxel size in nm: one number (isotropic) or [x, y, z]."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> _VolumeRequest:

@@ -69,7 +69,7 @@ def _run(
         "minz": 0,
         "maxz": SLICES - 1,
         "source": source,
-        "resolution": 10,
+        "resolution": [10, 10, 40],  # anisotropic, to run that through the DAG too
         "intensity": intensity,
     }
     return run_e2e(
@@ -143,6 +143,10 @@ def test_16bit_volume_equals_the_8bit_volume(runs: dict[int, E2ERun]) -> None:
             k: v for k, v in b.items() if k != "transforms"
         }, record
     bbox = json.loads(storage.read_bytes(f"{run8.process}/align/canvas.json"))["bbox"]
+    info = json.loads(storage.read_bytes(f"gs://{run16.ng_bucket}/neuroglancer/jpeg/info"))
+    assert [s["resolution"] for s in info["scales"]] == [
+        [10, 10, 40], [20, 20, 40], [40, 40, 40], [80, 80, 80], [160, 160, 160], [320, 320, 320]
+    ]  # fmt: skip
     for bucket, path in (("ng", "jpeg"), ("chunk", "raw")):
         for scale in (0, 2):
             a = read_volume(f"gs://{getattr(run8, bucket + '_bucket')}/neuroglancer/{path}", scale)

@@ -11,7 +11,9 @@ each shard committed in its own tensorstore transaction so every shard file is
 written once, whole: a repeated request rewrites the same bytes, also over a
 shard that a failed request left truncated. Peak RSS measured 0.9 GiB for a
 16384^2 slice and 1.1 GiB for a full 1024^3 cube with both pyramids (with
-MALLOC_ARENA_MAX=2, as the container sets it).
+MALLOC_ARENA_MAX=2, as the container sets it). With anisotropic voxels the first
+scales keep every slice (x and y halve, z does not), so scale 1 of a cube is 1024 x
+512 x 512 voxels, 128 MiB more than the isotropic 512^3.
 
 Codecs, chosen by measurement (``python -m emprocess.bench_emwrite``): tiles in
 the tmp bucket are "raw" (PNG tiles cost 1.4x the /alignedslice CPU and 2x the
@@ -25,6 +27,7 @@ slice (header, then tile) in asynchronous batches.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -42,7 +45,7 @@ from emprocess.errors import InvalidInput, NotFound
 from emprocess.images import decode_image
 from emprocess.kernels import ngmeta, tiles
 from emprocess.kernels.clahe import clahe_source_region, clahe_window, plan_windows
-from emprocess.kernels.downsample import downsample_mean_2x, shrink_mean
+from emprocess.kernels.downsample import downsample_mean_steps, shrink_mean
 from emprocess.kernels.intensity import to_uint8
 from emprocess.kernels.warp import warp_window
 from emprocess.models import AlignedSliceRequest, NgMetaRequest, NgShardRequest
@@ -334,8 +337,10 @@ def _open_scales(url: str, context: Any) -> list[Any]:
     ]
 
 
-def _write(store: Any, lo_xyz: tuple[int, int, int], data_zyx: np.ndarray, shard_px: int) -> None:
-    """Write a (z, y, x) block at lo, one transaction per shard.
+def _write(
+    store: Any, lo_xyz: tuple[int, int, int], data_zyx: np.ndarray, shard_xyz: tuple[int, ...]
+) -> None:
+    """Write a (z, y, x) block at lo, one transaction per shard (``shard_xyz`` voxels).
 
     ``lo`` lies on the scale's shard grid (blocks start at cube or slab corners), so
     each transaction overwrites every chunk of exactly one shard: tensorstore then
@@ -347,10 +352,11 @@ def _write(store: Any, lo_xyz: tuple[int, int, int], data_zyx: np.ndarray, shard
 
     nz, ny, nx = data_zyx.shape
     x, y, z = lo_xyz
-    for dz in range(0, nz, shard_px):
-        for dy in range(0, ny, shard_px):
-            for dx in range(0, nx, shard_px):
-                part = data_zyx[dz : dz + shard_px, dy : dy + shard_px, dx : dx + shard_px]
+    sx, sy, sz = shard_xyz
+    for dz in range(0, nz, sz):
+        for dy in range(0, ny, sy):
+            for dx in range(0, nx, sx):
+                part = data_zyx[dz : dz + sz, dy : dy + sy, dx : dx + sx]
                 pz, py, px = part.shape
                 txn = ts.Transaction()
                 view = store.with_transaction(txn)[
@@ -368,9 +374,15 @@ def ng_shard(req: NgShardRequest) -> dict[str, Any]:
     """
     t0 = time.perf_counter()
     bbox = (req.bbox[0], req.bbox[1])
+    layouts = ngmeta.scale_layouts(req.resolution, NUM_SCALES, cube=CUBE_PX)
     scale_boxes = [
-        ngmeta.cube_bounds_xyz(req.start, bbox, req.minz, req.maxz, s, CUBE_PX)
-        for s in range(NUM_SCALES)
+        ngmeta.cube_bounds_xyz(req.start, bbox, req.minz, req.maxz, s, CUBE_PX, layout.factor)
+        for s, layout in enumerate(layouts)
+    ]
+    # The shrink per axis (z, y, x) from each scale to the next: 2 or 1 (anisotropic z).
+    steps = [
+        (b.factor[2] // a.factor[2], b.factor[1] // a.factor[1], b.factor[0] // a.factor[0])
+        for a, b in itertools.pairwise(layouts)
     ]
     _require_bucket(req.source, "source")
     targets = volume_targets(req)
@@ -383,7 +395,7 @@ def ng_shard(req: NgShardRequest) -> dict[str, Any]:
     volumes = [_open_scales(url, context) for url, _ in targets]
     source = storage.kvstore_spec(storage.bucket_url(req.source, TILES_PREFIX))
     kv = ts.KvStore.open(source, context=context).result()
-    shard_px = [min(CUBE_PX >> s, ngmeta.MAX_SHARD_PX) for s in range(NUM_SCALES)]
+    shard_px = [layout.shard for layout in layouts]
     (lx, ly, lz), (hx, hy, hz) = scale_boxes[0]
     timings = {"read_s": 0.0, "write_s": 0.0, "downsample_s": 0.0}
     halves: list[np.ndarray] = []
@@ -398,7 +410,7 @@ def ng_shard(req: NgShardRequest) -> dict[str, Any]:
             _write(stores[0], (lx, ly, z_lo), slab, shard_px[0])
         timings["write_s"] += time.perf_counter() - t
         t = time.perf_counter()
-        halves.append(downsample_mean_2x(slab))
+        halves.append(downsample_mean_steps(slab, steps[0]))
         timings["downsample_s"] += time.perf_counter() - t
         del slab
     level = np.concatenate(halves) if len(halves) > 1 else halves[0]
@@ -414,7 +426,7 @@ def ng_shard(req: NgShardRequest) -> dict[str, Any]:
         timings["write_s"] += time.perf_counter() - t
         if s + 1 < NUM_SCALES:
             t = time.perf_counter()
-            level = downsample_mean_2x(level)
+            level = downsample_mean_steps(level, steps[s])
             timings["downsample_s"] += time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
     log.info("cube %s written: %s", req.start, {k: round(v, 3) for k, v in timings.items()})

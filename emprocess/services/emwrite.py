@@ -4,6 +4,11 @@ POST /alignedslice  warp one slice into the global canvas, CLAHE, thumbnail, til
 POST /ngmeta        write the ``info`` of neuroglancer/jpeg (and neuroglancer/raw)
 POST /ngshard       build one 1024^3 cube from the tiles and write its pyramid shards
 
+The service parses, checks, reads and writes; the work is elsewhere: a slice's
+rendering (intensity window, warp, CLAHE, tiles, thumbnail) in
+:mod:`emprocess.kernels.render`, a cube's scales and their output format in
+:mod:`emprocess.services.pyramid`.
+
 Memory stays bounded: a slice is processed in windows of at most
 ``WINDOW_PX`` per side (plus one CLAHE tile of context), and a cube is read
 and written in z-slabs of ``SLAB_Z`` slices (one z-layer of scale-0 shards),
@@ -27,16 +32,12 @@ slice (header, then tile) in asynchronous batches.
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
-import math
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import cv2
 import numpy as np
 from flask import Flask
 
@@ -44,12 +45,16 @@ from emprocess import storage
 from emprocess.errors import InvalidInput, NotFound
 from emprocess.images import decode_image
 from emprocess.kernels import ngmeta, tiles
-from emprocess.kernels.clahe import clahe_source_region, clahe_window, plan_windows
-from emprocess.kernels.downsample import downsample_mean_steps, shrink_mean
-from emprocess.kernels.intensity import to_uint8
-from emprocess.kernels.warp import warp_window
+from emprocess.kernels.render import (  # noqa: F401  (THUMB_* : the service's, re-exported)
+    THUMB_MAX_PX,
+    THUMB_MIN_FACTOR,
+    encode_thumbnail,
+    render_slice,
+    thumbnail_factor,
+)
 from emprocess.models import AlignedSliceRequest, NgMetaRequest, NgShardRequest
 from emprocess.services.common import create_service_app, json_body, parse
+from emprocess.services.pyramid import PrecomputedWriter, write_pyramid
 
 log = logging.getLogger(__name__)
 
@@ -60,19 +65,6 @@ CUBE_PX = 1024
 # (3 x 3 windows of 8192 px redid 56%, 14% more CPU) at a peak of 0.9 GiB.
 WINDOW_PX = int(os.environ.get("EMPROCESS_WINDOW_PX", 12288))
 SLAB_Z = ngmeta.MAX_SHARD_PX  # one z-layer of scale-0 shards
-THUMB_MAX_PX = 4096
-# A thumbnail is at least 4x smaller than the canvas: they are for looking at, and
-# the PNG of a 2x thumbnail of a 2168 x 2131 canvas cost 21 ms against 5.6 ms at 4x
-# (a tenth of the whole /alignedslice).
-THUMB_MIN_FACTOR = 4
-THUMB_PNG_PARAMS = [
-    cv2.IMWRITE_PNG_COMPRESSION,
-    1,
-    cv2.IMWRITE_PNG_FILTER,
-    cv2.IMWRITE_PNG_FILTER_UP,
-    cv2.IMWRITE_PNG_STRATEGY,
-    cv2.IMWRITE_PNG_STRATEGY_RLE,
-]
 NUM_SCALES = 6
 TILE_CODEC: tiles.Codec = "png" if os.environ.get("EMPROCESS_TILE_CODEC") == "png" else "raw"
 IO_THREADS = int(os.environ.get("EMPROCESS_IO_THREADS", 16))
@@ -103,12 +95,6 @@ def thumbnail_url(req: AlignedSliceRequest) -> str:
 # -- /alignedslice -------------------------------------------------------------
 
 
-def thumbnail_factor(width: int, height: int) -> int:
-    """Power-of-two shrink factor of the thumbnail: >= THUMB_MIN_FACTOR, sides <= THUMB_MAX_PX."""
-    f = 1 << max(0, math.ceil(math.log2(max(width, height) / THUMB_MAX_PX)))
-    return max(f, THUMB_MIN_FACTOR)
-
-
 def aligned_slice(req: AlignedSliceRequest) -> dict[str, Any]:
     """Warp, CLAHE and tile one slice; write the tiles object and the thumbnail.
 
@@ -125,50 +111,23 @@ def aligned_slice(req: AlignedSliceRequest) -> dict[str, Any]:
         if not storage.bucket_exists(bucket):
             raise InvalidInput(f"bucket {bucket!r} does not exist")
     source_url = storage.bucket_url(req.dest, req.img)
-    iw = req.intensity_window
-    window = None if iw is None else (iw[0], iw[1])
-    image = to_uint8(decode_image(storage.read_bytes(source_url), source_url, MAX_PIXELS), window)
+    image = decode_image(storage.read_bytes(source_url), source_url, MAX_PIXELS)
     t_read = time.perf_counter()
-
-    f = thumbnail_factor(width, height)
-    thumb = np.zeros((-(-height // f), -(-width // f)), np.uint8)
-    nx, ny = -(-width // TILE_PX), -(-height // TILE_PX)
-    payloads: list[bytes] = [b""] * (nx * ny)
-    with ThreadPoolExecutor(2) as pool:
-        for win in plan_windows(width, height, WINDOW_PX, TILE_PX):
-            x0, y0, w, h = win
-            region = clahe_source_region(win, (height, width)) if req.clip_limit > 0 else win
-            canvas = warp_window(image, req.transform, region)
-            out = clahe_window(
-                canvas, region[:2], (height, width), win, req.clip_limit, preserve_zero=True
-            )
-            del canvas
-            jobs = {}
-            for ty in range(y0 // TILE_PX, -(-(y0 + h) // TILE_PX)):
-                for tx in range(x0 // TILE_PX, -(-(x0 + w) // TILE_PX)):
-                    ox, oy = tx * TILE_PX - x0, ty * TILE_PX - y0
-                    tile = out[oy : oy + TILE_PX, ox : ox + TILE_PX]
-                    if TILE_CODEC == "raw":  # a copy: no thread needed
-                        payloads[ty * nx + tx] = tiles.encode_tile(tile, TILE_CODEC)
-                    else:
-                        jobs[ty * nx + tx] = pool.submit(tiles.encode_tile, tile, TILE_CODEC)
-            small = shrink_mean(out, f)  # windows start on multiples of f
-            thumb[y0 // f : y0 // f + small.shape[0], x0 // f : x0 // f + small.shape[1]] = small
-            for i, job in jobs.items():
-                payloads[i] = job.result()
-            del out
+    iw = req.intensity_window
+    rendered = render_slice(
+        image,
+        req.transform,
+        (width, height),
+        req.clip_limit,
+        None if iw is None else (iw[0], iw[1]),
+        tile_px=TILE_PX,
+        window_px=WINDOW_PX,
+        codec=TILE_CODEC,
+    )
     del image
-    header = tiles.build_header(width, height, TILE_PX, np.uint8, TILE_CODEC, payloads)
     t_compute = time.perf_counter()
-    storage.write_bytes(tiles_url(req.dest_tmp, req.slice), b"".join([header, *payloads]))
-    ext = os.path.splitext(req.img)[1].lower()
-    if ext in (".tif", ".tiff"):
-        ok, thumb_bytes = cv2.imencode(ext, thumb)
-    else:
-        ok, thumb_bytes = cv2.imencode(".png", thumb, THUMB_PNG_PARAMS)
-    if not ok:
-        raise RuntimeError(f"could not encode the thumbnail of {req.img}")
-    storage.write_bytes(thumbnail_url(req), thumb_bytes.tobytes())
+    storage.write_bytes(tiles_url(req.dest_tmp, req.slice), rendered.tiles_object)
+    storage.write_bytes(thumbnail_url(req), encode_thumbnail(rendered.thumbnail, req.img))
     timings = {
         "read_s": t_read - t0,
         "compute_s": t_compute - t_read,
@@ -323,49 +282,6 @@ def _ts_context() -> Any:
     )
 
 
-def _open_scales(url: str, context: Any) -> list[Any]:
-    import tensorstore as ts
-
-    spec = storage.kvstore_spec(url)
-    return [
-        ts.open(
-            {"driver": "neuroglancer_precomputed", "kvstore": spec, "scale_index": s},
-            open=True,
-            context=context,
-        ).result()
-        for s in range(NUM_SCALES)
-    ]
-
-
-def _write(
-    store: Any, lo_xyz: tuple[int, int, int], data_zyx: np.ndarray, shard_xyz: tuple[int, ...]
-) -> None:
-    """Write a (z, y, x) block at lo, one transaction per shard (``shard_xyz`` voxels).
-
-    ``lo`` lies on the scale's shard grid (blocks start at cube or slab corners), so
-    each transaction overwrites every chunk of exactly one shard: tensorstore then
-    writes the shard file whole, without reading what is there (a truncated file
-    left by a failed request is replaced), and holds one shard's chunks at a time
-    (128 MiB uncompressed at 512^3) rather than the block's.
-    """
-    import tensorstore as ts
-
-    nz, ny, nx = data_zyx.shape
-    x, y, z = lo_xyz
-    sx, sy, sz = shard_xyz
-    for dz in range(0, nz, sz):
-        for dy in range(0, ny, sy):
-            for dx in range(0, nx, sx):
-                part = data_zyx[dz : dz + sz, dy : dy + sy, dx : dx + sx]
-                pz, py, px = part.shape
-                txn = ts.Transaction()
-                view = store.with_transaction(txn)[
-                    x + dx : x + dx + px, y + dy : y + dy + py, z + dz : z + dz + pz, 0
-                ]
-                view.write(part.transpose(2, 1, 0)).result()
-                txn.commit_async().result()
-
-
 def ng_shard(req: NgShardRequest) -> dict[str, Any]:
     """Build cube ``start`` from the tiles and write every scale of every volume.
 
@@ -379,11 +295,6 @@ def ng_shard(req: NgShardRequest) -> dict[str, Any]:
         ngmeta.cube_bounds_xyz(req.start, bbox, req.minz, req.maxz, s, CUBE_PX, layout.factor)
         for s, layout in enumerate(layouts)
     ]
-    # The shrink per axis (z, y, x) from each scale to the next: 2 or 1 (anisotropic z).
-    steps = [
-        (b.factor[2] // a.factor[2], b.factor[1] // a.factor[1], b.factor[0] // a.factor[0])
-        for a, b in itertools.pairwise(layouts)
-    ]
     _require_bucket(req.source, "source")
     targets = volume_targets(req)
     for url, encoding in targets:
@@ -392,42 +303,17 @@ def ng_shard(req: NgShardRequest) -> dict[str, Any]:
     import tensorstore as ts
 
     context = _ts_context()
-    volumes = [_open_scales(url, context) for url, _ in targets]
+    writers = [PrecomputedWriter(url, layouts, context) for url, _ in targets]
     source = storage.kvstore_spec(storage.bucket_url(req.source, TILES_PREFIX))
     kv = ts.KvStore.open(source, context=context).result()
-    shard_px = [layout.shard for layout in layouts]
-    (lx, ly, lz), (hx, hy, hz) = scale_boxes[0]
-    timings = {"read_s": 0.0, "write_s": 0.0, "downsample_s": 0.0}
-    halves: list[np.ndarray] = []
-    # Scale 0 in z-slabs (bounded memory); scale 1 is collected slab by slab.
-    for z_lo in range(lz, hz, SLAB_Z):
-        z_hi = min(hz, z_lo + SLAB_Z)
-        t = time.perf_counter()
-        slab = read_cube_slab(req, z_lo, z_hi, (lx, ly, hx, hy), kv)
-        timings["read_s"] += time.perf_counter() - t
-        t = time.perf_counter()
-        for stores in volumes:
-            _write(stores[0], (lx, ly, z_lo), slab, shard_px[0])
-        timings["write_s"] += time.perf_counter() - t
-        t = time.perf_counter()
-        halves.append(downsample_mean_steps(slab, steps[0]))
-        timings["downsample_s"] += time.perf_counter() - t
-        del slab
-    level = np.concatenate(halves) if len(halves) > 1 else halves[0]
-    del halves
-    for s in range(1, NUM_SCALES):
-        lo, hi = scale_boxes[s]
-        expected = (hi[2] - lo[2], hi[1] - lo[1], hi[0] - lo[0])
-        if level.shape != expected:
-            raise RuntimeError(f"scale {s} block is {level.shape}, expected {expected}")
-        t = time.perf_counter()
-        for stores in volumes:
-            _write(stores[s], lo, level, shard_px[s])
-        timings["write_s"] += time.perf_counter() - t
-        if s + 1 < NUM_SCALES:
-            t = time.perf_counter()
-            level = downsample_mean_steps(level, steps[s])
-            timings["downsample_s"] += time.perf_counter() - t
+    (lx, ly, _), (hx, hy, _) = scale_boxes[0]
+    timings = write_pyramid(
+        lambda z_lo, z_hi: read_cube_slab(req, z_lo, z_hi, (lx, ly, hx, hy), kv),
+        scale_boxes,
+        layouts,
+        writers,
+        SLAB_Z,
+    )
     timings["total_s"] = time.perf_counter() - t0
     log.info("cube %s written: %s", req.start, {k: round(v, 3) for k, v in timings.items()})
     return timings

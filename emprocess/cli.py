@@ -92,12 +92,19 @@ def bench_emwrite(
     repeats: int = typer.Option(3, min=1, help="Fresh runs per phase; the fastest counts."),
     slice_px: int = typer.Option(0, help="Also one /alignedslice of this side (peak RSS)."),
     cube: bool = typer.Option(False, help="Also one full 1024^3 /ngshard cube (peak RSS)."),
+    bits: int = typer.Option(
+        8, help="8, or 16: the stack as 16-bit slices (v * 16 + 300) sent with a window."
+    ),
 ) -> None:
     """MB/s per core and peak RSS of every emwrite endpoint, end to end."""
     from emprocess.bench_emwrite import print_emwrite_benchmark, run_emwrite_benchmark
 
+    if bits not in (8, 16):
+        raise typer.BadParameter(f"--bits must be 8 or 16, got {bits}")
     print_emwrite_benchmark(
-        run_emwrite_benchmark(slices, size, raw, repeats=repeats, slice_px=slice_px, cube=cube)
+        run_emwrite_benchmark(
+            slices, size, raw, repeats=repeats, slice_px=slice_px, cube=cube, bits=bits
+        )
     )
 
 

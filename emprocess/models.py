@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import parse_qs
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
@@ -91,6 +91,12 @@ IntensityWindow = Annotated[list[float] | None, BeforeValidator(_window)]
 _WINDOW_DESCRIPTION = (
     "Intensity window [low, high] (grey levels that become 0 and 255), the run's; "
     "absent keeps uint8 slices as they are and divides uint16 ones by 257."
+)
+RawDtype = Literal["uint16"] | None
+_RAW_DTYPE_DESCRIPTION = (
+    '"uint16": the lossless volume keeps a 16-bit source\'s values (warped, no window, '
+    "no CLAHE; /alignedslice also writes 16-bit tiles under aligned16/); absent: the "
+    "lossless volume holds the 8-bit voxels of the JPEG volume."
 )
 Start3 = Annotated[
     list[Annotated[int, Field(ge=0)]],
@@ -226,6 +232,7 @@ class AlignedSliceRequest(_Request):
         default=0.02, alias="clip-limit", description="CLAHE clip limit (normalised, 0 disables)."
     )
     intensity_window: IntensityWindow = Field(default=None, description=_WINDOW_DESCRIPTION)
+    raw_dtype: RawDtype = Field(default=None, description=_RAW_DTYPE_DESCRIPTION)
 
 
 class _VolumeRequest(_Request):
@@ -246,6 +253,7 @@ class _VolumeRequest(_Request):
     resolution: Resolution = Field(
         default=8.0, description="Voxel size in nm: one number (isotropic) or [x, y, z]."
     )
+    raw_dtype: RawDtype = Field(default=None, description=_RAW_DTYPE_DESCRIPTION)
 
     @model_validator(mode="after")
     def _check(self) -> _VolumeRequest:

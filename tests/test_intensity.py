@@ -288,3 +288,73 @@ def test_benchmark_of_16bit_slices_drives_the_same_rendering(tmp_path: Path) -> 
         objects[bits] = {p.name: p.read_bytes() for p in sorted(tiles_dir.iterdir())}
     assert list(objects[8]) == ["000000.tiles", "000001.tiles"]
     assert objects[16] == objects[8]
+
+
+def test_raw_volume_keeps_16_bits_when_asked(
+    service_pool: ServicePool, slices8: list[np.ndarray]
+) -> None:
+    """raw_dtype "uint16": the lossless volume holds the warped 16-bit source values (no
+    window, no CLAHE) at every scale, the JPEG volume the 8-bit rendering as before."""
+    from test_anisotropic import mean_steps
+    from test_emwrite_service import read_cloudvolume, read_tensorstore
+
+    from emprocess import affine
+
+    url = service_pool.url("emwrite", "local")
+    source = unique_bucket("w16")
+    tmp, ng, chunk = f"{source}_tmp_r", f"{source}_ng_r", f"{source}_chunk_r"
+    for b in (source, tmp, f"{source}_process", ng, chunk):
+        storage.create_bucket(b)
+    transform, bbox = [1.0, 0.0, 0.0, 1.0, 3.5, -2.25], (530, 515)
+    expected = []
+    for z in (0, 1):
+        image = to_12bit(slices8[z])
+        put(source, f"{10 + z}.png", image)
+        body = {**_slice_body(source, f"{10 + z}.png", EXACT), "raw_dtype": "uint16"}
+        r = requests.post(url + "/alignedslice", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        expected.append(
+            cv2.warpAffine(
+                image, affine.to_matrix(transform), bbox, flags=cv2.INTER_CUBIC,
+                borderMode=cv2.BORDER_CONSTANT, borderValue=0,
+            )
+        )  # fmt: skip
+    volume = {
+        "dest": ng, "dest_raw": chunk, "minz": 10, "maxz": 11, "bbox": list(bbox),
+        "writeRaw": True, "resolution": 8, "raw_dtype": "uint16",
+    }  # fmt: skip
+    for path, body in (
+        ("/ngmeta", volume),
+        ("/ngshard", {**volume, "source": tmp, "start": [0, 0, 0]}),
+    ):
+        r = requests.post(url + path, json=body, timeout=60)
+        assert r.status_code == 200, r.text
+    level = np.stack(expected)
+    for s in range(6):
+        if s:
+            level = mean_steps(level, (2, 2, 2))
+        for read in (read_tensorstore, read_cloudvolume):
+            got, _ = read(f"gs://{chunk}/neuroglancer/raw", s)
+            assert got.dtype == np.uint16
+            np.testing.assert_array_equal(got, level, err_msg=f"scale {s} {read.__name__}")
+    # The JPEG volume is the 8-bit rendering: the 8-bit original's tiles (as without
+    # raw_dtype), within JPEG error.
+    jpeg, _ = read_tensorstore(f"gs://{ng}/neuroglancer/jpeg", 0)
+    assert jpeg.dtype == np.uint8
+    assert np.abs(jpeg[0].astype(int) - _tiles(source, 10)).mean() < 8
+    # An 8-bit slice cannot keep 16 bits: named, before anything is written.
+    put(source, "12.png", slices8[0])
+    body = {**_slice_body(source, "12.png", None), "raw_dtype": "uint16"}
+    r = requests.post(url + "/alignedslice", json=body, timeout=60)
+    assert r.status_code == 400 and "is uint8" in r.json()["error"]
+    assert not storage.exists(f"gs://{tmp}/aligned/000012.tiles")
+
+
+def test_raw_bits_16_needs_16bit_slices_and_the_raw_volume(slices8: list[np.ndarray]) -> None:
+    source = unique_bucket("rb")
+    storage.create_bucket(source)
+    put(source, "s000.png", slices8[0])
+    with pytest.raises(InvalidInput, match="raw_bits: 16 keeps 16-bit values, but the slices"):
+        validate_run(_conf(source, 1, raw_bits=16), 1, "d")
+    with pytest.raises(InvalidInput, match="createRawPyramid is false"):
+        parse_conf(_conf(source, 1, raw_bits=16, createRawPyramid=False))

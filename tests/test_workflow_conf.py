@@ -49,6 +49,7 @@ def test_defaults_and_contract_keys() -> None:
         "createRawPyramid": True,
         "resolution": 8.0,
         "intensity": "auto",
+        "raw_bits": 8,
         "public": False,
         "width": None,
     }

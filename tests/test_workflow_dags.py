@@ -156,7 +156,7 @@ def test_params_carry_defaults_and_descriptions(dagbag: Any, dynamic: bool) -> N
     params = {k: dag.params.get_param(k) for k in dag.params}
     keys = {"id", "image", "minz", "maxz", "source", "project", "email", "downsample_factor",
             "skip_align", "clip-limit", "createRawPyramid", "resolution", "public"}  # fmt: skip
-    keys |= {"intensity"}
+    keys |= {"intensity", "raw_bits"}
     assert set(params) == keys | ({"width"} if dynamic else set())
     for key, p in params.items():
         assert p.description, key

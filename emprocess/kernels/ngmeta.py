@@ -316,6 +316,7 @@ def build_info(
     chunk: int = DEFAULT_CHUNK_PX,
     cube: int = DEFAULT_CUBE_PX,
     raw_data_encoding: DataEncoding = RAW_DATA_ENCODING,
+    data_type: Literal["uint8", "uint16"] = "uint8",
 ) -> dict[str, Any]:
     """The precomputed ``info`` of the JPEG pyramid or of the lossless raw pyramid.
 
@@ -345,6 +346,8 @@ def build_info(
         cube: side of the cube one /ngshard request writes, a power of two.
         raw_data_encoding: "raw" (uncompressed) or "gzip": the shard data encoding of
             the lossless pyramid; the JPEG pyramid's is always "raw".
+        data_type: "uint8", or "uint16" for a lossless pyramid of 16-bit voxels (JPEG
+            is 8-bit only).
 
     Returns:
         The info as a JSON-ready dict with standard keys only.
@@ -355,6 +358,8 @@ def build_info(
         raise InvalidInput(f"encoding must be 'jpeg' or 'raw', got {encoding!r}")
     if raw_data_encoding not in ("raw", "gzip"):
         raise InvalidInput(f"raw_data_encoding must be 'raw' or 'gzip', got {raw_data_encoding!r}")
+    if data_type not in ("uint8", "uint16") or (encoding == "jpeg" and data_type != "uint8"):
+        raise InvalidInput(f"a {encoding} volume cannot hold {data_type!r} voxels")
     res0 = resolution_xyz(resolution_nm)
     max_scales = _bits(cube) + 1
     if not 1 <= num_scales <= max_scales:
@@ -386,7 +391,7 @@ def build_info(
     return {
         "@type": "neuroglancer_multiscale_volume",
         "type": "image",
-        "data_type": "uint8",
+        "data_type": data_type,
         "num_channels": 1,
         "scales": scales,
     }

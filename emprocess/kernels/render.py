@@ -119,3 +119,40 @@ def encode_thumbnail(thumb: np.ndarray, name: str) -> bytes:
     if not ok:
         raise RuntimeError(f"could not encode the thumbnail of {name}")
     return data.tobytes()
+
+
+def render_source_tiles(
+    image: np.ndarray,
+    transform: Sequence[float],
+    bbox_xy: tuple[int, int],
+    *,
+    tile_px: int = 1024,
+    window_px: int = 12288,
+    codec: tiles.Codec = "raw",
+) -> bytes:
+    """The slice warped into the canvas at its own bit depth (no window, no CLAHE), as tiles.
+
+    What a lossless volume that keeps 16-bit source values is built from.
+
+    Args:
+        image: (H, W) uint8 or uint16 slice as decoded.
+        transform: 6 numbers (mpicbg order) mapping slice pixels into the canvas.
+        bbox_xy: canvas (width, height) in pixels.
+        tile_px: tile side.
+        window_px: largest processing window side.
+        codec: how tiles are stored ("raw" or "png").
+    """
+    width, height = bbox_xy
+    nx, ny = -(-width // tile_px), -(-height // tile_px)
+    payloads: list[bytes] = [b""] * (nx * ny)
+    for win in plan_windows(width, height, window_px, tile_px):
+        x0, y0, w, h = win
+        out = warp_window(image, list(transform), win)
+        for ty in range(y0 // tile_px, -(-(y0 + h) // tile_px)):
+            for tx in range(x0 // tile_px, -(-(x0 + w) // tile_px)):
+                ox, oy = tx * tile_px - x0, ty * tile_px - y0
+                tile = out[oy : oy + tile_px, ox : ox + tile_px]
+                payloads[ty * nx + tx] = tiles.encode_tile(tile, codec)
+        del out
+    header = tiles.build_header(width, height, tile_px, image.dtype, codec, payloads)
+    return b"".join([header, *payloads])

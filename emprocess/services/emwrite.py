@@ -50,6 +50,7 @@ from emprocess.kernels.render import (  # noqa: F401  (THUMB_* : the service's, 
     THUMB_MIN_FACTOR,
     encode_thumbnail,
     render_slice,
+    render_source_tiles,
     thumbnail_factor,
 )
 from emprocess.models import AlignedSliceRequest, NgMetaRequest, NgShardRequest
@@ -70,6 +71,7 @@ TILE_CODEC: tiles.Codec = "png" if os.environ.get("EMPROCESS_TILE_CODEC") == "pn
 IO_THREADS = int(os.environ.get("EMPROCESS_IO_THREADS", 16))
 READ_BATCH = 64  # slices whose tile reads are in flight at once (64 MiB of tiles)
 TILES_PREFIX = "aligned/"
+SOURCE_TILES_PREFIX = "aligned16/"  # the slices at 16 bits, for a uint16 lossless volume
 CPU_COUNT = (
     len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 )
@@ -85,6 +87,11 @@ def tiles_key(z: int) -> str:
 def tiles_url(bucket: str, z: int) -> str:
     """Where the tiled aligned slice z lives in the tmp bucket."""
     return storage.bucket_url(bucket, TILES_PREFIX + tiles_key(z))
+
+
+def source_tiles_url(bucket: str, z: int) -> str:
+    """Where the 16-bit tiled slice z lives (``raw_dtype`` "uint16")."""
+    return storage.bucket_url(bucket, SOURCE_TILES_PREFIX + tiles_key(z))
 
 
 def thumbnail_url(req: AlignedSliceRequest) -> str:
@@ -113,6 +120,16 @@ def aligned_slice(req: AlignedSliceRequest) -> dict[str, Any]:
     source_url = storage.bucket_url(req.dest, req.img)
     image = decode_image(storage.read_bytes(source_url), source_url, MAX_PIXELS)
     t_read = time.perf_counter()
+    if req.raw_dtype is not None and image.dtype != np.dtype(req.raw_dtype):
+        raise InvalidInput(
+            f"raw_dtype {req.raw_dtype!r} keeps a 16-bit slice's values, but {source_url} "
+            f"is {image.dtype}"
+        )
+    source_tiles = None
+    if req.raw_dtype is not None:
+        source_tiles = render_source_tiles(
+            image, req.transform, (width, height), tile_px=TILE_PX, window_px=WINDOW_PX
+        )
     iw = req.intensity_window
     rendered = render_slice(
         image,
@@ -127,6 +144,8 @@ def aligned_slice(req: AlignedSliceRequest) -> dict[str, Any]:
     del image
     t_compute = time.perf_counter()
     storage.write_bytes(tiles_url(req.dest_tmp, req.slice), rendered.tiles_object)
+    if source_tiles is not None:
+        storage.write_bytes(source_tiles_url(req.dest_tmp, req.slice), source_tiles)
     storage.write_bytes(thumbnail_url(req), encode_thumbnail(rendered.thumbnail, req.img))
     timings = {
         "read_s": t_read - t0,
@@ -141,8 +160,15 @@ def aligned_slice(req: AlignedSliceRequest) -> dict[str, Any]:
 
 
 def _info(req: NgMetaRequest | NgShardRequest, encoding: ngmeta.Encoding) -> dict[str, Any]:
+    wide = encoding == "raw" and req.raw_dtype == "uint16"
     return ngmeta.build_info(
-        (req.bbox[0], req.bbox[1]), req.minz, req.maxz, req.resolution, encoding, NUM_SCALES
+        (req.bbox[0], req.bbox[1]),
+        req.minz,
+        req.maxz,
+        req.resolution,
+        encoding,
+        NUM_SCALES,
+        data_type="uint16" if wide else "uint8",
     )
 
 
@@ -192,9 +218,15 @@ def _range_result(future: Any, what: str) -> bytes | None:
 
 
 def read_cube_slab(
-    req: NgShardRequest, z_lo: int, z_hi: int, xy_box: tuple[int, int, int, int], kv: Any
+    req: NgShardRequest,
+    z_lo: int,
+    z_hi: int,
+    xy_box: tuple[int, int, int, int],
+    kv: Any,
+    dtype: type = np.uint8,
+    prefix: str = TILES_PREFIX,
 ) -> np.ndarray:
-    """Tiles (start x, start y) of slices z_lo..z_hi-1 as a (z, y, x) uint8 array.
+    """Tiles (start x, start y) of slices z_lo..z_hi-1 as a (z, y, x) ``dtype`` array.
 
     ``kv`` is a tensorstore kvstore of the tmp bucket's ``aligned/`` folder. Each
     slice costs two range reads, its header and then its tile (the tile's offset
@@ -205,14 +237,14 @@ def read_cube_slab(
     width, height = req.bbox
     cx, cy = req.start[0], req.start[1]
     x0, y0, x1, y1 = xy_box
-    slab = np.empty((z_hi - z_lo, y1 - y0, x1 - x0), np.uint8)
+    slab: np.ndarray = np.empty((z_hi - z_lo, y1 - y0, x1 - x0), dtype)
     head_len = tiles.header_nbytes(width, height, TILE_PX)
     for b_lo in range(z_lo, z_hi, READ_BATCH):
         zs = range(b_lo, min(z_hi, b_lo + READ_BATCH))
         heads = [_read_range(kv, tiles_key(z), 0, head_len) for z in zs]
         bodies = []
         for z, head in zip(zs, heads, strict=True):
-            url = tiles_url(req.source, z)
+            url = storage.bucket_url(req.source, prefix + tiles_key(z))
             try:
                 data = _range_result(head, url)
                 index = None if data is None else tiles.parse_header(data, width, height, TILE_PX)
@@ -222,7 +254,7 @@ def read_cube_slab(
                 raise InvalidInput(f"aligned slice {z} is missing ({url}); run /alignedslice first")
             bodies.append((index, _read_range(kv, tiles_key(z), *index.byte_range(cx, cy))))
         for z, (index, body) in zip(zs, bodies, strict=True):
-            url = tiles_url(req.source, z)
+            url = storage.bucket_url(req.source, prefix + tiles_key(z))
             try:
                 data = _range_result(body, url)
                 if data is None:
@@ -230,8 +262,10 @@ def read_cube_slab(
                 tile = tiles.decode_tile(index, cx, cy, data)
             except InvalidInput as e:
                 raise InvalidInput(f"aligned slice {z} ({url}) is unusable: {e}") from None
-            if tile.dtype != np.uint8:
-                raise InvalidInput(f"aligned slice {z} ({url}) is {tile.dtype}, expected uint8")
+            if tile.dtype != dtype:
+                raise InvalidInput(
+                    f"aligned slice {z} ({url}) is {tile.dtype}, expected {np.dtype(dtype)}"
+                )
             slab[z - z_lo] = tile
     return slab
 
@@ -303,17 +337,28 @@ def ng_shard(req: NgShardRequest) -> dict[str, Any]:
     import tensorstore as ts
 
     context = _ts_context()
-    writers = [PrecomputedWriter(url, layouts, context) for url, _ in targets]
-    source = storage.kvstore_spec(storage.bucket_url(req.source, TILES_PREFIX))
-    kv = ts.KvStore.open(source, context=context).result()
     (lx, ly, _), (hx, hy, _) = scale_boxes[0]
-    timings = write_pyramid(
-        lambda z_lo, z_hi: read_cube_slab(req, z_lo, z_hi, (lx, ly, hx, hy), kv),
-        scale_boxes,
-        layouts,
-        writers,
-        SLAB_Z,
-    )
+    # One pass per source of voxels: the 8-bit tiles feed the JPEG volume (and the
+    # lossless one, unless it keeps the 16-bit source tiles, read in a second pass).
+    wide = req.raw_dtype == "uint16"
+    passes: list[tuple[str, type, list[str]]] = [
+        (TILES_PREFIX, np.uint8, [u for u, e in targets if not (wide and e == "raw")])
+    ]
+    if wide and req.write_raw:
+        passes.append((SOURCE_TILES_PREFIX, np.uint16, [u for u, e in targets if e == "raw"]))
+    timings: dict[str, float] = {}
+    for prefix, dtype, urls in passes:
+        writers = [PrecomputedWriter(url, layouts, context) for url in urls]
+        spec = storage.kvstore_spec(storage.bucket_url(req.source, prefix))
+        kv = ts.KvStore.open(spec, context=context).result()
+
+        def read(
+            z_lo: int, z_hi: int, kv: Any = kv, dtype: type = dtype, prefix: str = prefix
+        ) -> Any:
+            return read_cube_slab(req, z_lo, z_hi, (lx, ly, hx, hy), kv, dtype, prefix)
+
+        part = write_pyramid(read, scale_boxes, layouts, writers, SLAB_Z)
+        timings = {k: timings.get(k, 0.0) + v for k, v in part.items()}
     timings["total_s"] = time.perf_counter() - t0
     log.info("cube %s written: %s", req.start, {k: round(v, 3) for k, v in timings.items()})
     return timings

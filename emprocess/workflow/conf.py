@@ -190,6 +190,13 @@ class RunConf(BaseModel):
         'they are), [low, high] (grey levels that become 0 and 255, low < high), or "full" '
         "(8-bit as they are, 16-bit divided by 257).",
     )
+    raw_bits: Literal[8, 16] = Field(
+        default=8,
+        title="Bits of the raw volume",
+        description="8: the lossless volume holds the JPEG volume's voxels. 16 (16-bit "
+        "slices only): it keeps the slices' own values, warped, without the window or "
+        "CLAHE; the JPEG volume stays 8-bit.",
+    )
     public: bool = Field(
         default=False,
         title="Public read",
@@ -269,6 +276,10 @@ class RunConf(BaseModel):
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> RunConf:
+        if self.raw_bits == 16 and not self.create_raw_pyramid:
+            raise ValueError(
+                "raw_bits 16 asks for a 16-bit raw volume, but createRawPyramid is false"
+            )
         if self.minz > self.maxz:
             raise ValueError(
                 f"minz {self.minz} is greater than maxz {self.maxz}; minz must be <= maxz"

@@ -9,6 +9,7 @@ numbers, booleans as booleans, CONTRACTS.md's key spelling.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Literal
 
 from emprocess.models import AlignedSliceRequest, AlignRequest, NgMetaRequest, NgShardRequest
 from emprocess.workflow.batch import MiniTask
@@ -28,6 +29,11 @@ Window = tuple[float, float] | None
 
 def _window(window: Window) -> list[float] | None:
     return None if window is None else [float(window[0]), float(window[1])]
+
+
+def _raw_dtype(conf: RunConf) -> Literal["uint16"] | None:
+    """The requests' ``raw_dtype``: absent unless the raw volume keeps 16 bits."""
+    return "uint16" if conf.raw_bits == 16 else None
 
 
 def plan_align_pairs(conf: RunConf, window: Window = None) -> list[MiniTask]:
@@ -80,6 +86,7 @@ def plan_aligned_slices(
                 run_id=conf.id,
                 clip_limit=conf.clip_limit,
                 intensity_window=_window(window),
+                raw_dtype=_raw_dtype(conf),
             ).payload(),
         )
         for z in range(conf.minz, conf.maxz + 1)
@@ -96,6 +103,7 @@ def _volume_fields(conf: RunConf, bbox_xy: Sequence[int]) -> dict:
         "shard_size": SHARD_SIZE,
         "write_raw": conf.create_raw_pyramid,
         "resolution": conf.resolution,
+        "raw_dtype": _raw_dtype(conf),
     }
 
 

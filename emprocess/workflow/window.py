@@ -61,8 +61,14 @@ def decide_window(conf: RunConf, slice_bits: int) -> tuple[float, float] | None:
         8-bit slices: they are used as they are).
 
     Raises:
-        InvalidInput: an explicit window beyond the range of 8-bit slices.
+        InvalidInput: an explicit window beyond the range of 8-bit slices, or a 16-bit
+            raw volume asked of 8-bit slices.
     """
+    if conf.raw_bits > slice_bits:
+        raise InvalidInput(
+            f"raw_bits: {conf.raw_bits} keeps 16-bit values, but the slices are "
+            f"{slice_bits}-bit; leave raw_bits at 8"
+        )
     if conf.intensity == "full":
         return None
     if conf.intensity == "auto":

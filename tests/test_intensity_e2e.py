@@ -160,3 +160,14 @@ def test_16bit_volume_equals_the_8bit_volume(runs: dict[int, E2ERun]) -> None:
     cv16, _ = read_cloudvolume(f"gs://{run16.ng_bucket}/neuroglancer/jpeg", 0)
     np.testing.assert_array_equal(cv8, cv16)
     np.testing.assert_array_equal(cv8, read_volume(f"gs://{run8.ng_bucket}/neuroglancer/jpeg"))
+
+
+def test_report_counts_the_16bit_run_complete(runs: dict[int, E2ERun]) -> None:
+    """The window is part of the alignment and /alignedslice requests, so of their cache
+    keys: the report reads it from init.json and finds every mini-task done."""
+    from emprocess.report.load import load_run
+
+    run = runs[16]
+    report = load_run(run.source, run.run_id)
+    for stage in ("affine", "write", "ngmeta", "ngshard"):
+        assert report.stage(stage).complete, (stage, report.stage(stage).to_json())

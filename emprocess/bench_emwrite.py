@@ -127,13 +127,14 @@ def aligned_slice_payloads(stack: dict[str, Any], clip_limit: float = 0.02) -> l
             "run_id": RUN_ID,
             "clip-limit": clip_limit,
             **({"intensity_window": bits16_window()} if stack.get("bits") == 16 else {}),
+            **({"raw_dtype": "uint16"} if stack.get("raw_bits") == 16 else {}),
         }
         for z, t in sorted(stack["transforms"].items())
     ]
 
 
 def volume_payload(
-    bbox: tuple[int, int], minz: int, maxz: int, write_raw: bool, tag: str
+    bbox: tuple[int, int], minz: int, maxz: int, write_raw: bool, tag: str, raw_bits: int = 8
 ) -> dict[str, Any]:
     """The /ngmeta body (its buckets created); /ngshard adds ``source`` and ``start``."""
     body: dict[str, Any] = {
@@ -143,6 +144,7 @@ def volume_payload(
         "bbox": list(bbox),
         "writeRaw": write_raw,
         "resolution": 8,
+        **({"raw_dtype": "uint16"} if raw_bits == 16 else {}),
     }
     storage.create_bucket(body["dest"])
     if write_raw:
@@ -325,6 +327,7 @@ def run_emwrite_benchmark(
     codecs: bool = False,
     root: str | None = None,
     bits: int = 8,
+    raw_bits: int = 8,
 ) -> dict[str, Any]:
     """Measure every emwrite phase on a synthetic stack; see the module docstring.
 
@@ -344,6 +347,7 @@ def run_emwrite_benchmark(
         root: storage root to use instead of a temporary folder (kept afterwards).
         bits: 8, or 16 for a stack of 16-bit slices sent with an intensity window (the
             MB basis stays pixels, 10^6 per MB, so the rows compare with 8-bit ones).
+        raw_bits: 16 (with ``bits`` 16) for a uint16 lossless volume (``raw_dtype``).
 
     Returns:
         ``{"stack": {...}, "phases": {name: row}, "big_slice": row, "full_cube": row}``,
@@ -362,7 +366,7 @@ def run_emwrite_benchmark(
         environment(EMPROCESS_TILE_CODEC=tile_codec, MALLOC_ARENA_MAX=arenas),
     ):
         if slices:
-            out.update(_run_stack(slices, size, write_raw, cv_threads, repeats, bits))
+            out.update(_run_stack(slices, size, write_raw, cv_threads, repeats, bits, raw_bits))
         if slice_px:
             out["big_slice"] = measure_big_slice(slice_px, cv_threads, repeats)
         if cube:
@@ -376,10 +380,17 @@ def run_emwrite_benchmark(
 
 
 def _run_stack(
-    slices: int, size: int, write_raw: bool, cv_threads: int, repeats: int, bits: int = 8
+    slices: int,
+    size: int,
+    write_raw: bool,
+    cv_threads: int,
+    repeats: int,
+    bits: int = 8,
+    raw_bits: int = 8,
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
     stack = write_stack(slices, size, bits=bits)
+    stack["raw_bits"] = raw_bits
     bbox, minz, maxz = stack["bbox"], stack["minz"], stack["maxz"]
     input_mb = slices * size * size / MB
     canvas_mb = slices * bbox[0] * bbox[1] / MB
@@ -387,6 +398,7 @@ def _run_stack(
         "slices": slices,
         "size": size,
         "bits": bits,
+        "raw_bits": raw_bits,
         "canvas": list(bbox),
         "input_mb": input_mb,
         "canvas_mb": canvas_mb,
@@ -407,7 +419,7 @@ def _run_stack(
     phases["alignedslice"] = _rates(row, input_mb, "input")
     variants = [("jpeg", False)] + ([("raw", True)] if write_raw else [])
     for tag, raw in variants:
-        meta = volume_payload(bbox, minz, maxz, raw, f"-{tag}")
+        meta = volume_payload(bbox, minz, maxz, raw, f"-{tag}", stack["raw_bits"])
         volumes = [b for b in (meta["dest"], meta.get("dest_raw")) if b]
         row = run_phase(
             "ngshard",
@@ -595,7 +607,8 @@ def print_emwrite_benchmark(result: dict[str, Any]) -> None:
     if "stack" in result:
         st = result["stack"]
         print(
-            f"stack: {st['slices']} slices of {st['size']}^2, {st.get('bits', 8)}-bit "
+            f"stack: {st['slices']} slices of {st['size']}^2, {st.get('bits', 8)}-bit, "
+            f"raw volume {st.get('raw_bits', 8)}-bit "
             f"({st['input_mb']:.0f} MB input), "
             f"canvas {st['canvas'][0]}x{st['canvas'][1]} ({st['canvas_mb']:.0f} MB)"
         )
@@ -641,6 +654,7 @@ def main() -> None:
     parser.add_argument("--cube", action="store_true", help="also one full 1024^3 cube")
     parser.add_argument("--codecs", action="store_true", help="also the precomputed codecs")
     parser.add_argument("--bits", type=int, choices=[8, 16], default=8, help="input slices")
+    parser.add_argument("--raw-bits", type=int, choices=[8, 16], default=8, help="raw volume")
     parser.add_argument("--json", action="store_true", help="also print the result as JSON")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -656,6 +670,7 @@ def main() -> None:
         cube=args.cube,
         codecs=args.codecs,
         bits=args.bits,
+        raw_bits=args.raw_bits,
     )
     print_emwrite_benchmark(result)
     if args.json:

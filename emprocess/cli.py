@@ -95,15 +95,25 @@ def bench_emwrite(
     bits: int = typer.Option(
         8, help="8, or 16: the stack as 16-bit slices (v * 16 + 300) sent with a window."
     ),
+    raw_bits: int = typer.Option(8, help="16 (with --bits 16): a uint16 lossless volume."),
 ) -> None:
     """MB/s per core and peak RSS of every emwrite endpoint, end to end."""
     from emprocess.bench_emwrite import print_emwrite_benchmark, run_emwrite_benchmark
 
-    if bits not in (8, 16):
-        raise typer.BadParameter(f"--bits must be 8 or 16, got {bits}")
+    if bits not in (8, 16) or raw_bits not in (8, bits):
+        raise typer.BadParameter(
+            f"--bits must be 8 or 16 and --raw-bits 8 or --bits, got {bits} and {raw_bits}"
+        )
     print_emwrite_benchmark(
         run_emwrite_benchmark(
-            slices, size, raw, repeats=repeats, slice_px=slice_px, cube=cube, bits=bits
+            slices,
+            size,
+            raw,
+            repeats=repeats,
+            slice_px=slice_px,
+            cube=cube,
+            bits=bits,
+            raw_bits=raw_bits,
         )
     )
 

@@ -272,22 +272,24 @@ def test_headers_tell_bit_depth_and_channels(ext: str, dtype: Any, channels: int
 
 
 def test_benchmark_of_16bit_slices_drives_the_same_rendering(tmp_path: Path) -> None:
-    """``emprocess bench emwrite --bits 16``: the 16-bit stack through the window gives the
-    8-bit stack's tiles, byte for byte (so its figures measure the same work plus the
-    16-bit decode and lookup)."""
+    """``emprocess bench emwrite --bits 16 --raw-bits 16``: the 16-bit stack through the
+    window gives the 8-bit stack's tiles, byte for byte (so its figures measure the same
+    work plus the 16-bit decode and lookup), and the 16-bit source tiles beside them."""
     from emprocess.bench_emwrite import RUN_ID, SOURCE, run_emwrite_benchmark
 
     objects = {}
     for bits in (8, 16):
         root = tmp_path / str(bits)
         result = run_emwrite_benchmark(
-            slices=2, size=128, write_raw=False, root=str(root), bits=bits
+            slices=2, size=128, write_raw=False, root=str(root), bits=bits, raw_bits=bits
         )
         assert result["stack"]["bits"] == bits and result["phases"]["alignedslice"]["cpu_s"] > 0
         tiles_dir = root / f"{SOURCE}_tmp_{RUN_ID}" / "aligned"
         objects[bits] = {p.name: p.read_bytes() for p in sorted(tiles_dir.iterdir())}
     assert list(objects[8]) == ["000000.tiles", "000001.tiles"]
     assert objects[16] == objects[8]
+    wide = root / f"{SOURCE}_tmp_{RUN_ID}" / "aligned16"  # raw_bits 16: the source tiles
+    assert sorted(p.name for p in wide.iterdir()) == list(objects[8])
 
 
 def test_raw_volume_keeps_16_bits_when_asked(

@@ -171,3 +171,21 @@ def test_report_counts_the_16bit_run_complete(runs: dict[int, E2ERun]) -> None:
     report = load_run(run.source, run.run_id)
     for stage in ("affine", "write", "ngmeta", "ngshard"):
         assert report.stage(stage).complete, (stage, report.stage(stage).to_json())
+
+
+def test_anisotropic_run_scales_equal_numpy_downsampling(runs: dict[int, E2ERun]) -> None:
+    """The runs' conf says 10 x 10 x 40 nm: x and y halve alone until the voxels are
+    40 nm cubes, then all three; every lossless scale is the numpy mean of the one before."""
+    from test_anisotropic import mean_steps
+
+    from emprocess.kernels.ngmeta import downsample_factors_xyz
+
+    url = f"gs://{runs[16].chunk_bucket}/neuroglancer/raw"
+    factors = downsample_factors_xyz([10, 10, 40], 6)
+    assert factors[:4] == [(1, 1, 1), (2, 2, 1), (4, 4, 1), (8, 8, 2)]
+    level = read_volume(url, 0)
+    for s in range(1, 6):
+        step = [b // a for a, b in zip(factors[s - 1][::-1], factors[s][::-1], strict=True)]
+        level = mean_steps(level, (step[0], step[1], step[2]))
+        np.testing.assert_array_equal(read_volume(url, s), level, err_msg=f"scale {s}")
+    np.testing.assert_array_equal(read_cloudvolume(url, 5)[0], level)

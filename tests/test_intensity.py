@@ -344,6 +344,14 @@ def test_raw_volume_keeps_16_bits_when_asked(
     jpeg, _ = read_tensorstore(f"gs://{ng}/neuroglancer/jpeg", 0)
     assert jpeg.dtype == np.uint8
     assert np.abs(jpeg[0].astype(int) - _tiles(source, 10)).mean() < 8
+    # A /ngshard that forgets raw_dtype would mix dtypes: refused, naming both.
+    narrow = {k: v for k, v in volume.items() if k != "raw_dtype"}
+    r = requests.post(
+        url + "/ngshard", json={**narrow, "source": tmp, "start": [0, 0, 0]}, timeout=60
+    )
+    assert r.status_code == 400
+    assert "data_type uint16) than this request" in r.json()["error"]
+    assert "data_type uint8)" in r.json()["error"]
     # An 8-bit slice cannot keep 16 bits: named, before anything is written.
     put(source, "12.png", slices8[0])
     body = {**_slice_body(source, "12.png", None), "raw_dtype": "uint16"}

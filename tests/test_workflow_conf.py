@@ -165,7 +165,13 @@ def test_other_ranges() -> None:
     assert "[x, y, z]" in problems(conf(resolution=[4, 4]))
     assert "low 9 must be < high 3" in problems(conf(intensity=[9, 3]))
     assert "within [0, 65535]" in problems(conf(intensity=[0, 70000]))
-    assert "intensity" in problems(conf(intensity="bright"))
+    assert 'intensity: intensity must be "auto", "full" or [low, high] (got \'bright\')' in (
+        problems(conf(intensity="bright"))
+    )
+    assert "resolution must be one number or [x, y, z] in nm (got 'abc')" in problems(
+        conf(resolution="abc")
+    )
+    assert parse_conf(conf(resolution="10")).resolution_xyz == (10.0, 10.0, 10.0)
     assert "width: " in problems(conf(width=0))
     assert "skip_align: " in problems(conf(skip_align="maybe"))
 

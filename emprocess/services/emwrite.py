@@ -297,9 +297,11 @@ def _check_info(url: str, expected: dict[str, Any]) -> None:
         e0 = expected["scales"][0]
         raise InvalidInput(
             f"{info_url} describes another volume (size {s0.get('size')}, voxel_offset "
-            f"{s0.get('voxel_offset')}, resolution {s0.get('resolution')}) than this request "
-            f"(size {e0['size']}, voxel_offset {e0['voxel_offset']}, resolution "
-            f"{e0['resolution']}); run /ngmeta with the same bbox, minz, maxz and resolution"
+            f"{s0.get('voxel_offset')}, resolution {s0.get('resolution')}, data_type "
+            f"{stored.get('data_type') if isinstance(stored, dict) else None}) than this "
+            f"request (size {e0['size']}, voxel_offset {e0['voxel_offset']}, resolution "
+            f"{e0['resolution']}, data_type {expected['data_type']}); run /ngmeta with the "
+            "same bbox, minz, maxz, resolution and raw_dtype"
         )
 
 

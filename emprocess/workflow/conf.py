@@ -239,6 +239,20 @@ class RunConf(BaseModel):
         except InvalidBucketName as e:
             raise ValueError(str(e)) from None
 
+    @field_validator("resolution", mode="before")
+    @classmethod
+    def _resolution_shape(cls, value: Any) -> Any:
+        if _is_number(value) or (isinstance(value, list) and all(map(_is_number, value))):
+            return value
+        raise ValueError("resolution must be one number or [x, y, z] in nm")
+
+    @field_validator("intensity", mode="before")
+    @classmethod
+    def _intensity_shape(cls, value: Any) -> Any:
+        if value in ("auto", "full") or (isinstance(value, list) and all(map(_is_number, value))):
+            return value
+        raise ValueError('intensity must be "auto", "full" or [low, high]')
+
     @field_validator("resolution")
     @classmethod
     def _resolution_is_positive(cls, value: float | list[float]) -> float | list[float]:
@@ -347,6 +361,17 @@ class RunConf(BaseModel):
     def to_json(self) -> dict[str, Any]:
         """The conf with CONTRACTS.md's key names, numbers as numbers and booleans as booleans."""
         return self.model_dump(by_alias=True, mode="json")
+
+
+def _is_number(value: Any) -> bool:
+    """A number, or a string of one (the legacy confs sent some numbers as strings)."""
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return False
+        return True
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _describe(err: Mapping[str, Any]) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
 
 from emprocess import storage
 from emprocess.errors import InvalidInput
@@ -14,7 +13,8 @@ log = logging.getLogger(__name__)
 AUTO_SAMPLE_SLICES = 8
 """How many slices, spread evenly from minz to maxz, ``auto`` measures. Their summed
 histogram gives the percentiles, so a stack whose contrast drifts gets one window that
-covers its whole range; each slice is decoded and dropped before the next (two at once)."""
+covers its whole range; each slice is decoded and dropped before the next, so the
+Airflow worker holds one decoded slice at a time (2 bytes per pixel)."""
 
 MAX_SAMPLE_PIXELS = 32768 * 32768
 """The largest slice ``auto`` decodes (emwrite's limit)."""
@@ -44,8 +44,7 @@ def measure_window(conf: RunConf, count: int = AUTO_SAMPLE_SLICES) -> tuple[floa
         return histogram(decode_image(storage.read_bytes(url), url, MAX_SAMPLE_PIXELS))
 
     zs = sample_slices(conf.minz, conf.maxz, count)
-    with ThreadPoolExecutor(2) as pool:
-        hists = list(pool.map(hist_of, zs))
+    hists = [hist_of(z) for z in zs]  # one at a time: a slice may be GBs on the worker
     bins = max(len(h) for h in hists)
     total = sum(np.pad(h, (0, bins - len(h))) for h in hists)
     window = window_from_histogram(np.asarray(total))

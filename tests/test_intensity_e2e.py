@@ -4,8 +4,9 @@ The stack is the first slices of the shared real FIB-SEM stack, once as they are
 and once scaled by 16 (0..4080) plus an offset and stored as 16-bit PNGs. The 16-bit run
 measures its ``auto`` window once (recorded in init.json), and both the alignment and
 emwrite apply it. The 8-bit run is given the same window in 8-bit grey levels, so both
-runs must produce the same pixels at every step: the same transforms, and the same JPEG
-and lossless volumes. (Without a window the 8-bit run aligns its own contrast stretch,
+runs must produce the same pixels at every step: the same transforms and the same JPEG
+volume. The 16-bit run keeps 16 bits in its lossless volume (raw_bits 16): the warped
+source values. Both runs use 10 x 10 x 40 nm voxels (the anisotropic pyramid). (Without a window the 8-bit run aligns its own contrast stretch,
 and CONTRACTS.md's affine-or-translation rule can flip on a pair, moving slices by tenths
 of a pixel; emwrite's side of "same as the 8-bit original" without a window is
 test_emwrite_intensity.py's.)
@@ -24,7 +25,7 @@ from conftest import SHARED_DATA, ServicePool, unique_bucket
 from dags_conftest_helpers import E2ERun, read_volume, run_e2e
 from test_emwrite_service import read_cloudvolume
 
-from emprocess import storage
+from emprocess import affine, storage
 from emprocess.kernels.intensity import AUTO_SATURATED_PERCENT
 from emprocess.workflow import dag_id
 
@@ -53,6 +54,7 @@ def _run(
     root: Path,
     bits: int,
     intensity: Any = "auto",
+    raw_bits: int = 8,
 ) -> E2ERun:
     source = unique_bucket(f"i{bits}")
     storage.create_bucket(source)
@@ -71,6 +73,7 @@ def _run(
         "source": source,
         "resolution": [10, 10, 40],  # anisotropic, to run that through the DAG too
         "intensity": intensity,
+        "raw_bits": raw_bits,
     }
     return run_e2e(
         mp,
@@ -94,10 +97,11 @@ def on_local(local_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def runs(
     airflow_db: Path, dag_bag: Any, service_pool: ServicePool, local_root: Path
 ) -> dict[int, E2ERun]:
-    """The 16-bit run (auto window), then the 8-bit run with that window in 8-bit levels."""
+    """The 16-bit run (auto window, 16-bit lossless volume), then the 8-bit run with that
+    window in 8-bit levels."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("EMPROCESS_STORAGE_ROOT", str(local_root))
-        run16 = _run(mp, dag_bag, service_pool, local_root, 16)
+        run16 = _run(mp, dag_bag, service_pool, local_root, 16, raw_bits=16)
         init16 = json.loads(storage.read_bytes(f"{run16.process}/init.json"))
         window8 = [(v - OFFSET) / SCALE for v in init16["intensity_window"]]
         run8 = _run(mp, dag_bag, service_pool, local_root, 8, window8)
@@ -132,6 +136,10 @@ def test_16bit_run_records_its_window_and_sends_it_to_both_services(
         for path in ("/", "/alignedslice"):
             bodies = run.bodies(path)
             assert bodies and all(b["intensity_window"] == sent for b in bodies), path
+    # raw_bits 16 reaches emwrite as raw_dtype; the 8-bit run's requests have no such key.
+    for path in ("/alignedslice", "/ngmeta", "/ngshard"):
+        assert all(b["raw_dtype"] == "uint16" for b in run16.bodies(path)), path
+        assert all("raw_dtype" not in b for b in run8.bodies(path)), path
 
 
 def test_16bit_volume_equals_the_8bit_volume(runs: dict[int, E2ERun]) -> None:
@@ -147,14 +155,26 @@ def test_16bit_volume_equals_the_8bit_volume(runs: dict[int, E2ERun]) -> None:
     assert [s["resolution"] for s in info["scales"]] == [
         [10, 10, 40], [20, 20, 40], [40, 40, 40], [80, 80, 80], [160, 160, 160], [320, 320, 320]
     ]  # fmt: skip
-    for bucket, path in (("ng", "jpeg"), ("chunk", "raw")):
-        for scale in (0, 2):
-            a = read_volume(f"gs://{getattr(run8, bucket + '_bucket')}/neuroglancer/{path}", scale)
-            b = read_volume(f"gs://{getattr(run16, bucket + '_bucket')}/neuroglancer/{path}", scale)
-            if scale == 0:
-                assert a.shape == (SLICES, bbox[1], bbox[0])
-                assert a.std() > 30  # contrast: not the nearly black result of v / 257
-            np.testing.assert_array_equal(a, b)
+    for scale in (0, 2):
+        a = read_volume(f"gs://{run8.ng_bucket}/neuroglancer/jpeg", scale)
+        b = read_volume(f"gs://{run16.ng_bucket}/neuroglancer/jpeg", scale)
+        if scale == 0:
+            assert a.shape == (SLICES, bbox[1], bbox[0])
+            assert a.std() > 30  # contrast: not the nearly black result of v / 257
+        np.testing.assert_array_equal(a, b)
+    # The 8-bit run's lossless volume holds the JPEG volume's voxels; the 16-bit run's
+    # (raw_bits 16) each slice's own 12-bit-in-16 values, warped by the run's transform.
+    raw8 = read_volume(f"gs://{run8.chunk_bucket}/neuroglancer/raw")
+    assert raw8.dtype == np.uint8 and raw8.shape == (SLICES, bbox[1], bbox[0])
+    raw16 = read_volume(f"gs://{run16.chunk_bucket}/neuroglancer/raw")
+    transforms = json.loads(storage.read_bytes(f"{run16.process}/align/transforms.json"))
+    for z in range(SLICES):
+        source = to_12bit(cv2.imread(str(_fibsem(z)), cv2.IMREAD_UNCHANGED))
+        warped = cv2.warpAffine(
+            source, affine.to_matrix(transforms[str(z)]), (bbox[0], bbox[1]),
+            flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_CONSTANT, borderValue=0,
+        )  # fmt: skip
+        np.testing.assert_array_equal(raw16[z], warped, err_msg=f"slice {z}")
     # Read back through cloud-volume as well: the same JPEG voxels.
     cv8, _ = read_cloudvolume(f"gs://{run8.ng_bucket}/neuroglancer/jpeg", 0)
     cv16, _ = read_cloudvolume(f"gs://{run16.ng_bucket}/neuroglancer/jpeg", 0)
@@ -180,7 +200,7 @@ def test_anisotropic_run_scales_equal_numpy_downsampling(runs: dict[int, E2ERun]
 
     from emprocess.kernels.ngmeta import downsample_factors_xyz
 
-    url = f"gs://{runs[16].chunk_bucket}/neuroglancer/raw"
+    url = f"gs://{runs[16].chunk_bucket}/neuroglancer/raw"  # uint16 (raw_bits 16)
     factors = downsample_factors_xyz([10, 10, 40], 6)
     assert factors[:4] == [(1, 1, 1), (2, 2, 1), (4, 4, 1), (8, 8, 2)]
     level = read_volume(url, 0)

@@ -233,6 +233,29 @@ def clear_buckets(*buckets: str) -> None:
             storage.delete(storage.bucket_url(bucket, key))
 
 
+@contextmanager
+def _package_importable() -> Iterator[None]:
+    """Hide sys.path folders where a lone emprocess.py (a DAG file) would shadow the package.
+
+    A spawned process starts with its parent's sys.path; once Airflow has loaded a DAG
+    folder it is first there (tests, a run on an Airflow worker), and ``import
+    emprocess.bench_emwrite`` in the child would find the DAG file instead.
+    """
+    import sys
+
+    saved = list(sys.path)
+    sys.path[:] = [
+        p
+        for p in saved
+        if not (os.path.isfile(os.path.join(p or ".", "emprocess.py")))
+        or os.path.isdir(os.path.join(p or ".", "emprocess"))
+    ]
+    try:
+        yield
+    finally:
+        sys.path[:] = saved
+
+
 def run_phase(
     name: str,
     *args: Any,
@@ -257,7 +280,8 @@ def run_phase(
             fresh()
         recv, send = ctx.Pipe(duplex=False)
         proc = ctx.Process(target=_child, args=(name, args, cv_threads, send))
-        proc.start()
+        with _package_importable():
+            proc.start()
         send.close()
         try:
             result = recv.recv()

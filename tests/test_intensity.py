@@ -271,22 +271,12 @@ def test_headers_tell_bit_depth_and_channels(ext: str, dtype: Any, channels: int
     assert tuple(image_header(data)) == (7, 5, bits, channels)
 
 
-def test_benchmark_of_16bit_slices_drives_the_same_rendering(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_benchmark_of_16bit_slices_drives_the_same_rendering(tmp_path: Path) -> None:
     """``emprocess bench emwrite --bits 16 --raw-bits 16``: the 16-bit stack through the
     window gives the 8-bit stack's tiles, byte for byte (so its figures measure the same
     work plus the 16-bit decode and lookup), and the 16-bit source tiles beside them."""
-    import sys
-
     from emprocess.bench_emwrite import RUN_ID, SOURCE, run_emwrite_benchmark
 
-    # The phases run in spawned interpreters with this sys.path; once a test has loaded
-    # the DAG folder, Airflow has put it first, and its lone emprocess.py would shadow
-    # the package there.
-    lone = [p for p in sys.path if (Path(p) / "emprocess.py").is_file()]
-    lone = [p for p in lone if not (Path(p) / "emprocess").is_dir()]
-    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in lone])
     objects = {}
     for bits in (8, 16):
         root = tmp_path / str(bits)

@@ -77,12 +77,26 @@ def global_transforms(
     return transforms, (int(hi[0] - lo[0]), int(hi[1] - lo[1]))
 
 
-def write_stack(slices: int, size: int, seed: int = 0) -> dict[str, Any]:
+BITS16_SCALE, BITS16_OFFSET = 16, 300
+"""A 16-bit benchmark stack is the 8-bit one as v * 16 + 300 (12 bits of signal in 16),
+sent with the window that maps it back: the same pixels after the window, so the rows
+compare the cost of 16-bit slices with the same work after the intensity step."""
+
+
+def bits16_window() -> list[float]:
+    return [float(BITS16_OFFSET), float(BITS16_OFFSET + 255 * BITS16_SCALE)]
+
+
+def write_stack(slices: int, size: int, seed: int = 0, bits: int = 8) -> dict[str, Any]:
     """Create the run's buckets and write the synthetic stack to SOURCE.
+
+    Args:
+        bits: 8, or 16 for the stack as 16-bit PNGs (see ``BITS16_SCALE``).
 
     Returns:
         ``{"transforms": {z: 6 numbers}, "bbox": (width, height), "minz", "maxz"}``.
     """
+    from emprocess.images import decode_image
     from emprocess.sample import write_sample
 
     for suffix in ("", "_process", f"_tmp_{RUN_ID}", f"_ng_{RUN_ID}", f"_chunk_{RUN_ID}"):
@@ -90,8 +104,14 @@ def write_stack(slices: int, size: int, seed: int = 0) -> dict[str, Any]:
     truth = write_sample(
         storage.bucket_url(SOURCE, ""), slices, size, size, seed, template=TEMPLATE
     )
+    if bits == 16:
+        for z in range(slices):
+            url = storage.bucket_url(SOURCE, TEMPLATE % z)
+            image = decode_image(storage.read_bytes(url), url)
+            wide = image.astype(np.uint16) * BITS16_SCALE + BITS16_OFFSET
+            storage.write_bytes(url, cv2.imencode(".png", wide)[1].tobytes())
     transforms, bbox = global_transforms(truth["world"], size, size)
-    return {"transforms": transforms, "bbox": bbox, "minz": 0, "maxz": slices - 1}
+    return {"transforms": transforms, "bbox": bbox, "minz": 0, "maxz": slices - 1, "bits": bits}
 
 
 def aligned_slice_payloads(stack: dict[str, Any], clip_limit: float = 0.02) -> list[dict]:
@@ -106,13 +126,15 @@ def aligned_slice_payloads(stack: dict[str, Any], clip_limit: float = 0.02) -> l
             "slice": z,
             "run_id": RUN_ID,
             "clip-limit": clip_limit,
+            **({"intensity_window": bits16_window()} if stack.get("bits") == 16 else {}),
+            **({"raw_dtype": "uint16"} if stack.get("raw_bits") == 16 else {}),
         }
         for z, t in sorted(stack["transforms"].items())
     ]
 
 
 def volume_payload(
-    bbox: tuple[int, int], minz: int, maxz: int, write_raw: bool, tag: str
+    bbox: tuple[int, int], minz: int, maxz: int, write_raw: bool, tag: str, raw_bits: int = 8
 ) -> dict[str, Any]:
     """The /ngmeta body (its buckets created); /ngshard adds ``source`` and ``start``."""
     body: dict[str, Any] = {
@@ -122,6 +144,7 @@ def volume_payload(
         "bbox": list(bbox),
         "writeRaw": write_raw,
         "resolution": 8,
+        **({"raw_dtype": "uint16"} if raw_bits == 16 else {}),
     }
     storage.create_bucket(body["dest"])
     if write_raw:
@@ -210,6 +233,29 @@ def clear_buckets(*buckets: str) -> None:
             storage.delete(storage.bucket_url(bucket, key))
 
 
+@contextmanager
+def _package_importable() -> Iterator[None]:
+    """Hide sys.path folders where a lone emprocess.py (a DAG file) would shadow the package.
+
+    A spawned process starts with its parent's sys.path; once Airflow has loaded a DAG
+    folder it is first there (tests, a run on an Airflow worker), and ``import
+    emprocess.bench_emwrite`` in the child would find the DAG file instead.
+    """
+    import sys
+
+    saved = list(sys.path)
+    sys.path[:] = [
+        p
+        for p in saved
+        if not (os.path.isfile(os.path.join(p or ".", "emprocess.py")))
+        or os.path.isdir(os.path.join(p or ".", "emprocess"))
+    ]
+    try:
+        yield
+    finally:
+        sys.path[:] = saved
+
+
 def run_phase(
     name: str,
     *args: Any,
@@ -234,7 +280,8 @@ def run_phase(
             fresh()
         recv, send = ctx.Pipe(duplex=False)
         proc = ctx.Process(target=_child, args=(name, args, cv_threads, send))
-        proc.start()
+        with _package_importable():
+            proc.start()
         send.close()
         try:
             result = recv.recv()
@@ -303,6 +350,8 @@ def run_emwrite_benchmark(
     cube: bool = False,
     codecs: bool = False,
     root: str | None = None,
+    bits: int = 8,
+    raw_bits: int = 8,
 ) -> dict[str, Any]:
     """Measure every emwrite phase on a synthetic stack; see the module docstring.
 
@@ -320,6 +369,9 @@ def run_emwrite_benchmark(
         cube: also one full 1024^3 /ngshard cube with the raw pyramid (peak RSS).
         codecs: also :func:`measure_volume_codecs` (in this process).
         root: storage root to use instead of a temporary folder (kept afterwards).
+        bits: 8, or 16 for a stack of 16-bit slices sent with an intensity window (the
+            MB basis stays pixels, 10^6 per MB, so the rows compare with 8-bit ones).
+        raw_bits: 16 (with ``bits`` 16) for a uint16 lossless volume (``raw_dtype``).
 
     Returns:
         ``{"stack": {...}, "phases": {name: row}, "big_slice": row, "full_cube": row}``,
@@ -338,7 +390,7 @@ def run_emwrite_benchmark(
         environment(EMPROCESS_TILE_CODEC=tile_codec, MALLOC_ARENA_MAX=arenas),
     ):
         if slices:
-            out.update(_run_stack(slices, size, write_raw, cv_threads, repeats))
+            out.update(_run_stack(slices, size, write_raw, cv_threads, repeats, bits, raw_bits))
         if slice_px:
             out["big_slice"] = measure_big_slice(slice_px, cv_threads, repeats)
         if cube:
@@ -352,16 +404,25 @@ def run_emwrite_benchmark(
 
 
 def _run_stack(
-    slices: int, size: int, write_raw: bool, cv_threads: int, repeats: int
+    slices: int,
+    size: int,
+    write_raw: bool,
+    cv_threads: int,
+    repeats: int,
+    bits: int = 8,
+    raw_bits: int = 8,
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
-    stack = write_stack(slices, size)
+    stack = write_stack(slices, size, bits=bits)
+    stack["raw_bits"] = raw_bits
     bbox, minz, maxz = stack["bbox"], stack["minz"], stack["maxz"]
     input_mb = slices * size * size / MB
     canvas_mb = slices * bbox[0] * bbox[1] / MB
     info = {
         "slices": slices,
         "size": size,
+        "bits": bits,
+        "raw_bits": raw_bits,
         "canvas": list(bbox),
         "input_mb": input_mb,
         "canvas_mb": canvas_mb,
@@ -382,7 +443,7 @@ def _run_stack(
     phases["alignedslice"] = _rates(row, input_mb, "input")
     variants = [("jpeg", False)] + ([("raw", True)] if write_raw else [])
     for tag, raw in variants:
-        meta = volume_payload(bbox, minz, maxz, raw, f"-{tag}")
+        meta = volume_payload(bbox, minz, maxz, raw, f"-{tag}", stack["raw_bits"])
         volumes = [b for b in (meta["dest"], meta.get("dest_raw")) if b]
         row = run_phase(
             "ngshard",
@@ -570,7 +631,9 @@ def print_emwrite_benchmark(result: dict[str, Any]) -> None:
     if "stack" in result:
         st = result["stack"]
         print(
-            f"stack: {st['slices']} slices of {st['size']}^2 ({st['input_mb']:.0f} MB input), "
+            f"stack: {st['slices']} slices of {st['size']}^2, {st.get('bits', 8)}-bit, "
+            f"raw volume {st.get('raw_bits', 8)}-bit "
+            f"({st['input_mb']:.0f} MB input), "
             f"canvas {st['canvas'][0]}x{st['canvas'][1]} ({st['canvas_mb']:.0f} MB)"
         )
     if "big_slice" in result:
@@ -614,6 +677,8 @@ def main() -> None:
     parser.add_argument("--slice-px", type=int, default=0, help="also one slice of this side")
     parser.add_argument("--cube", action="store_true", help="also one full 1024^3 cube")
     parser.add_argument("--codecs", action="store_true", help="also the precomputed codecs")
+    parser.add_argument("--bits", type=int, choices=[8, 16], default=8, help="input slices")
+    parser.add_argument("--raw-bits", type=int, choices=[8, 16], default=8, help="raw volume")
     parser.add_argument("--json", action="store_true", help="also print the result as JSON")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -628,6 +693,8 @@ def main() -> None:
         slice_px=args.slice_px,
         cube=args.cube,
         codecs=args.codecs,
+        bits=args.bits,
+        raw_bits=args.raw_bits,
     )
     print_emwrite_benchmark(result)
     if args.json:

@@ -92,12 +92,29 @@ def bench_emwrite(
     repeats: int = typer.Option(3, min=1, help="Fresh runs per phase; the fastest counts."),
     slice_px: int = typer.Option(0, help="Also one /alignedslice of this side (peak RSS)."),
     cube: bool = typer.Option(False, help="Also one full 1024^3 /ngshard cube (peak RSS)."),
+    bits: int = typer.Option(
+        8, help="8, or 16: the stack as 16-bit slices (v * 16 + 300) sent with a window."
+    ),
+    raw_bits: int = typer.Option(8, help="16 (with --bits 16): a uint16 lossless volume."),
 ) -> None:
     """MB/s per core and peak RSS of every emwrite endpoint, end to end."""
     from emprocess.bench_emwrite import print_emwrite_benchmark, run_emwrite_benchmark
 
+    if bits not in (8, 16) or raw_bits not in (8, bits):
+        raise typer.BadParameter(
+            f"--bits must be 8 or 16 and --raw-bits 8 or --bits, got {bits} and {raw_bits}"
+        )
     print_emwrite_benchmark(
-        run_emwrite_benchmark(slices, size, raw, repeats=repeats, slice_px=slice_px, cube=cube)
+        run_emwrite_benchmark(
+            slices,
+            size,
+            raw,
+            repeats=repeats,
+            slice_px=slice_px,
+            cube=cube,
+            bits=bits,
+            raw_bits=raw_bits,
+        )
     )
 
 
@@ -185,6 +202,25 @@ def _build_conf(**values: object) -> RunConf:
         raise typer.BadParameter(str(e)) from None
 
 
+def _numbers(value: str, key: str) -> float | list[float] | str:
+    """A conf value given on the command line: "8" -> 8.0, "4,4,40" -> [4.0, 4.0, 40.0];
+    a word ("auto") stays a word, for the schema to judge."""
+    parts = [p.strip() for p in value.split(",")]
+    try:
+        numbers = [float(p) for p in parts]
+    except ValueError:
+        if len(parts) == 1:
+            return value
+        raise typer.BadParameter(
+            f"--{key} {value!r}: expected numbers separated by commas"
+        ) from None
+    return numbers[0] if len(numbers) == 1 else numbers
+
+
+_RESOLUTION_HELP = " On the command line: 8, or x,y,z such as 4,4,40."
+_INTENSITY_HELP = " On the command line: auto, full, or low,high such as 300,3800."
+
+
 def _dag_for(width: int) -> tuple[str, int | None]:
     from emprocess.workflow import WIDTHS, dag_id
 
@@ -204,7 +240,8 @@ def run(
     skip_align: bool = typer.Option(False, help=_conf_help("skip_align")),
     clip_limit: float = typer.Option(0.02, "--clip-limit", help=_conf_help("clip_limit")),
     raw: bool = typer.Option(True, "--raw/--no-raw", help=_conf_help("create_raw_pyramid")),
-    resolution: float = typer.Option(8.0, help=_conf_help("resolution")),
+    resolution: str = typer.Option("8", help=_conf_help("resolution") + _RESOLUTION_HELP),
+    intensity: str = typer.Option("auto", help=_conf_help("intensity") + _INTENSITY_HELP),
     width: int = typer.Option(4, min=1, help="Concurrent batch workers per stage (DAG width)."),
     workdir: str = typer.Option("work", help="Folder for Airflow's home, database and logs."),
     scheduler: bool = typer.Option(
@@ -228,7 +265,8 @@ def run(
     conf = _build_conf(
         id=run_id or f"{bucket}-run", image=image, minz=minz, maxz=maxz, source=bucket,
         downsample_factor=downsample_factor, skip_align=skip_align, **{"clip-limit": clip_limit},
-        createRawPyramid=raw, resolution=resolution, width=conf_width,
+        createRawPyramid=raw, resolution=_numbers(resolution, "resolution"),
+        intensity=_numbers(intensity, "intensity"), width=conf_width,
     )  # fmt: skip
     t0 = time.monotonic()
     try:
@@ -266,7 +304,8 @@ def trigger(
     skip_align: bool = typer.Option(False, help=_conf_help("skip_align")),
     clip_limit: float = typer.Option(0.02, "--clip-limit", help=_conf_help("clip_limit")),
     raw: bool = typer.Option(True, "--raw/--no-raw", help=_conf_help("create_raw_pyramid")),
-    resolution: float = typer.Option(8.0, help=_conf_help("resolution")),
+    resolution: str = typer.Option("8", help=_conf_help("resolution") + _RESOLUTION_HELP),
+    intensity: str = typer.Option("auto", help=_conf_help("intensity") + _INTENSITY_HELP),
     public: bool = typer.Option(False, help=_conf_help("public")),
     conf_json: str = typer.Option(
         None,
@@ -334,8 +373,9 @@ def trigger(
         parsed = _build_conf(
             id=run_id, image=image, minz=minz, maxz=maxz, source=source, project=project,
             email=email, downsample_factor=downsample_factor, skip_align=skip_align,
-            **{"clip-limit": clip_limit}, createRawPyramid=raw, resolution=resolution,
-            public=public, width=conf_width,
+            **{"clip-limit": clip_limit}, createRawPyramid=raw,
+            resolution=_numbers(resolution, "resolution"),
+            intensity=_numbers(intensity, "intensity"), public=public, width=conf_width,
         )  # fmt: skip
         conf = parsed.to_json()
     run_width = parsed.width or width

@@ -1,10 +1,11 @@
-"""Image size and pixel layout from the first bytes of a PNG, TIFF or JPEG file, without decoding.
+"""Image size, bit depth and pixel layout from the first bytes of a PNG, TIFF or JPEG file.
 
 The one header reader of the project. The services size every image from its header
 (:func:`image_layout`: pixels, channels and bytes per sample as OpenCV will decode it)
-before decoding it, and refuse any other format by its header. ``validate`` reads only a slice's header (one range read) to check that all slices
-have the same size; a TIFF whose first directory lies beyond those bytes costs one
-more range read at the directory's offset.
+before decoding it, and refuse any other format by its header. ``validate`` reads only
+a slice's header (one range read, :func:`image_header`) to check that all slices have
+the same size, bit depth and channel count; a TIFF whose first directory lies beyond
+those bytes costs one more range read at the directory's offset.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ _TIFF_MAX_ENTRIES = 4096
 # PNG colour type -> channels OpenCV decodes (IMREAD_UNCHANGED): palette and grey+alpha
 # become BGR(A), so 4 is the bound; tRNS transparency adds an alpha channel.
 _PNG_CHANNELS = {0: 1, 2: 3, 3: 4, 4: 4, 6: 4}
+# PNG colour type -> channels the file stores (a palette is one colour image).
+_PNG_FILE_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}
 # JPEG start-of-frame markers (baseline, progressive, lossless, ...); not DHT/JPG/DAC.
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
@@ -49,11 +52,32 @@ class ImageLayout(NamedTuple):
     """Channels of the decoded array (an upper bound: palette and alpha become BGRA)."""
     sample_bytes: int
     """Bytes per channel of the decoded array (1, or 2 for 16-bit samples)."""
+    file_channels: int
+    """Channels the file stores: 1 grey, 2 grey + alpha, 3 colour, 4 colour + alpha."""
 
     @property
     def decoded_bytes(self) -> int:
         """Bytes of the array the decoder allocates: pixels x channels x bytes per sample."""
         return self.width * self.height * self.channels * self.sample_bytes
+
+
+class ImageHeader(NamedTuple):
+    """What a slice's header says: size in pixels, bits per sample as decoded, channels."""
+
+    width: int
+    height: int
+    bits: int  # 8 or 16: the sample size the decoder gives (1-, 2- and 4-bit PNGs give 8)
+    channels: int  # 1 grey, 2 grey + alpha, 3 colour, 4 colour + alpha
+
+
+def image_header(header: bytes, read_range: ReadRange | None = None) -> ImageHeader:
+    """Size, bit depth and channel count of the image whose file starts with ``header``.
+
+    Arguments and errors as :func:`image_layout`.
+    """
+    layout = image_layout(header, read_range)
+    bits = 16 if layout.sample_bytes > 1 else 8
+    return ImageHeader(layout.width, layout.height, bits, layout.file_channels)
 
 
 def image_size_xy(header: bytes, read_range: ReadRange | None = None) -> tuple[int, int]:
@@ -97,14 +121,15 @@ def _png_layout(data: bytes) -> ImageLayout:
         raise UnreadableHeader("PNG without an IHDR chunk in its first 24 bytes")
     width, height = struct.unpack(">II", data[16:24])
     if len(data) < 26:  # the size alone: assume the costliest layout
-        return ImageLayout(int(width), int(height), 4, 2)
+        return ImageLayout(int(width), int(height), 4, 2, 4)
     depth, colour = data[24], data[25]
     if colour not in _PNG_CHANNELS or depth not in (1, 2, 4, 8, 16):
         raise UnreadableHeader(f"PNG with colour type {colour} and bit depth {depth}")
     channels = _PNG_CHANNELS[colour]
     if channels < 4 and _png_has_trns(data):
         channels = 4
-    return ImageLayout(int(width), int(height), channels, 2 if depth == 16 else 1)
+    sample_bytes = 2 if depth == 16 else 1
+    return ImageLayout(int(width), int(height), channels, sample_bytes, _PNG_FILE_CHANNELS[colour])
 
 
 def _png_has_trns(data: bytes) -> bool:
@@ -175,9 +200,8 @@ def _tiff_layout(data: bytes, read_range: ReadRange | None) -> ImageLayout:
     photometric = (values.get(_TIFF_PHOTOMETRIC) or [1])[0]
     # OpenCV decodes every colour TIFF (RGB, palette, YCbCr, alpha) as BGR or BGRA.
     channels = 1 if samples == 1 and photometric in (0, 1) else max(4, samples)
-    return ImageLayout(
-        int(values[_TIFF_WIDTH][0]), int(values[_TIFF_HEIGHT][0]), channels, math.ceil(bits / 8)
-    )
+    width, height = int(values[_TIFF_WIDTH][0]), int(values[_TIFF_HEIGHT][0])
+    return ImageLayout(width, height, channels, math.ceil(bits / 8), int(samples))
 
 
 def _jpeg_layout(data: bytes) -> ImageLayout:
@@ -197,8 +221,8 @@ def _jpeg_layout(data: bytes) -> ImageLayout:
             if i + 10 > len(data):
                 break
             precision, height, width, components = struct.unpack(">BHHB", data[i + 4 : i + 10])
-            return ImageLayout(
-                int(width), int(height), 1 if components == 1 else 3, 2 if precision > 8 else 1
-            )
+            channels = 1 if components == 1 else 3
+            sample_bytes = 2 if precision > 8 else 1
+            return ImageLayout(int(width), int(height), channels, sample_bytes, int(components))
         i += 2 + length
     raise UnreadableHeader("JPEG whose frame header is not within the bytes read")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import parse_qs
 
 from pydantic import (
@@ -142,13 +142,63 @@ CanvasSize2 = Annotated[
     BeforeValidator(_json_list),
     Field(min_length=2, max_length=2),
 ]
+
+
+def _window(value: Any) -> Any:
+    """An intensity window [low, high]: 0 <= low < high <= 65535 (the legacy string too)."""
+    if value is None:
+        return None
+    from emprocess.kernels.intensity import check_window
+
+    value = _json_list(value)
+    if not isinstance(value, list) or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in value
+    ):
+        raise ValueError(f"intensity window must be [low, high] numbers, got {value!r}")
+    try:
+        return list(check_window(value))
+    except InvalidInput as e:
+        raise ValueError(str(e)) from None
+
+
+def _resolution(value: Any) -> Any:
+    """One number or [x, y, z], each a voxel side in (0, MAX_RESOLUTION_NM] nm."""
+    values = value if isinstance(value, list) else [value]
+    if (isinstance(value, list) and len(value) != 3) or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in values
+    ):
+        raise ValueError(f"resolution must be one number or [x, y, z] in nm (got {value!r})")
+    floats = [float(v) for v in values]
+    for v in floats:
+        if not 0 < v <= MAX_RESOLUTION_NM:  # also refuses NaN and infinities
+            raise ValueError(
+                f"resolution {v!r} nm is not in (0, {MAX_RESOLUTION_NM:g}]; every voxel "
+                "side must be a positive number of nm"
+            )
+    return floats if isinstance(value, list) else floats[0]
+
+
+Resolution = Annotated[float | list[float], BeforeValidator(_resolution)]
+"""A voxel size in nm: one number (isotropic) or [x, y, z]."""
+
+IntensityWindow = Annotated[list[float] | None, BeforeValidator(_window)]
+"""Optional [low, high] grey levels mapped to 0 and 255; absent: uint8 as is, uint16 / 257."""
+_WINDOW_DESCRIPTION = (
+    "Intensity window [low, high] (grey levels that become 0 and 255), the run's; "
+    "absent keeps uint8 slices as they are and divides uint16 ones by 257."
+)
+RawDtype = Literal["uint16"] | None
+_RAW_DTYPE_DESCRIPTION = (
+    '"uint16": the lossless volume keeps a 16-bit source\'s values (warped, no window, '
+    "no CLAHE; /alignedslice also writes 16-bit tiles under aligned16/); absent: the "
+    "lossless volume holds the 8-bit voxels of the JPEG volume."
+)
 Start3 = Annotated[
     list[Annotated[int, Field(ge=0, le=MAX_SLICES)]],
     BeforeValidator(_json_list),
     Field(min_length=3, max_length=3),
 ]
 ShardSize = Annotated[int, BeforeValidator(_legacy_int)]
-Resolution = Annotated[float, Field(gt=0, le=MAX_RESOLUTION_NM, allow_inf_nan=False)]
 
 
 class _Request(BaseModel):
@@ -178,6 +228,7 @@ class AlignRequest(_Request):
         max_length=32,
         description="Overrides of the matching recipe (AlignParams fields).",
     )
+    intensity_window: IntensityWindow = Field(default=None, description=_WINDOW_DESCRIPTION)
 
     @classmethod
     def from_payload(cls, body: Any) -> AlignRequest:
@@ -278,6 +329,8 @@ class AlignedSliceRequest(_Request):
     clip_limit: ClipLimit = Field(
         default=0.02, alias="clip-limit", description="CLAHE clip limit (normalised, 0 disables)."
     )
+    intensity_window: IntensityWindow = Field(default=None, description=_WINDOW_DESCRIPTION)
+    raw_dtype: RawDtype = Field(default=None, description=_RAW_DTYPE_DESCRIPTION)
 
     @model_validator(mode="after")
     def _check(self) -> AlignedSliceRequest:
@@ -309,7 +362,10 @@ class _VolumeRequest(_Request):
     write_raw: Annotated[bool, BeforeValidator(_legacy_bool)] = Field(
         default=True, alias="writeRaw", description="Also write the lossless pyramid."
     )
-    resolution: Resolution = Field(default=8.0, description="Isotropic voxel size in nm.")
+    resolution: Resolution = Field(
+        default=8.0, description="Voxel size in nm: one number (isotropic) or [x, y, z]."
+    )
+    raw_dtype: RawDtype = Field(default=None, description=_RAW_DTYPE_DESCRIPTION)
 
     @model_validator(mode="after")
     def _check(self) -> _VolumeRequest:

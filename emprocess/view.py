@@ -144,7 +144,10 @@ def viewer_state(
         # on an overview read from the coarse scales instead of a tiny full-res patch.
         extent_xy = max(geometry.size_xyz[0], geometry.size_xyz[1])
         state["crossSectionScale"] = max(1.0, round(extent_xy / OVERVIEW_PX, 3))
-        state["projectionScale"] = float(PROJECTION_MARGIN * max(geometry.size_xyz))
+        # In neuroglancer's canonical voxels (the smallest voxel side): with anisotropic
+        # voxels (4 x 4 x 40 nm) the volume's longest side is the physically longest.
+        extent_nm = [n * r for n, r in zip(geometry.size_xyz, res, strict=True)]
+        state["projectionScale"] = float(PROJECTION_MARGIN * max(extent_nm) / min(res))
     return state
 
 

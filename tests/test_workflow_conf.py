@@ -48,6 +48,8 @@ def test_defaults_and_contract_keys() -> None:
         "clip-limit": 0.02,
         "createRawPyramid": True,
         "resolution": 8.0,
+        "intensity": "auto",
+        "raw_bits": 8,
         "public": False,
         "width": None,
     }
@@ -163,6 +165,17 @@ def test_long_id_is_fine_without_the_raw_volume() -> None:
 def test_other_ranges() -> None:
     assert "clip-limit: " in problems(conf(**{"clip-limit": 1.5}))
     assert "resolution: " in problems(conf(resolution=0))
+    assert "resolution 0.0 nm is not in (0, 1e+06]" in problems(conf(resolution=[4, 4, 0]))
+    assert "[x, y, z]" in problems(conf(resolution=[4, 4]))
+    assert "low 9 must be < high 3" in problems(conf(intensity=[9, 3]))
+    assert "within [0, 65535]" in problems(conf(intensity=[0, 70000]))
+    assert 'intensity: intensity must be "auto", "full" or [low, high] (got \'bright\')' in (
+        problems(conf(intensity="bright"))
+    )
+    assert "resolution must be one number or [x, y, z] in nm (got 'abc')" in problems(
+        conf(resolution="abc")
+    )
+    assert parse_conf(conf(resolution="10")).resolution_xyz == (10.0, 10.0, 10.0)
     assert "width: " in problems(conf(width=0))
     assert "skip_align: " in problems(conf(skip_align="maybe"))
 
@@ -187,8 +200,8 @@ def test_other_ranges() -> None:
         ({"downsample_factor": "1.5"}, "downsample_factor: Input should be a valid integer"),
         ({"skip_align": 1}, "skip_align: Input should be a valid boolean (got 1)"),
         ({"public": "yes"}, "public: Input should be a valid boolean (got 'yes')"),
-        ({"resolution": float("inf")}, "resolution: Input should be a finite number"),
-        ({"resolution": True}, "resolution: Input should be a valid number"),
+        ({"resolution": float("inf")}, "resolution inf nm is not in (0, 1e+06]"),
+        ({"resolution": True}, "resolution must be one number or [x, y, z] in nm (got True)"),
     ],
 )
 def test_strict_types_and_bounds(changes: dict[str, Any], expected: str) -> None:

@@ -156,6 +156,7 @@ def test_params_carry_defaults_and_descriptions(dagbag: Any, dynamic: bool) -> N
     params = {k: dag.params.get_param(k) for k in dag.params}
     keys = {"id", "image", "minz", "maxz", "source", "project", "email", "downsample_factor",
             "skip_align", "clip-limit", "createRawPyramid", "resolution", "public"}  # fmt: skip
+    keys |= {"intensity", "raw_bits"}
     assert set(params) == keys | ({"width"} if dynamic else set())
     for key, p in params.items():
         assert p.description, key
@@ -172,6 +173,13 @@ def test_params_carry_defaults_and_descriptions(dagbag: Any, dynamic: bool) -> N
         params["downsample_factor"].resolve(0)
     with pytest.raises(ParamValidationError):
         params["minz"].resolve("ten")
+    # Keys of two shapes: a number or [x, y, z]; a word or [low, high].
+    assert params["resolution"].resolve([4, 4, 40]) == [4, 4, 40]
+    assert params["resolution"].resolve(8) == 8
+    assert params["intensity"].resolve([100, 4000]) == [100, 4000]
+    assert params["intensity"].resolve("full") == "full"
+    with pytest.raises(ParamValidationError):
+        params["resolution"].resolve([4, 40])
 
 
 def test_every_dag_lets_its_width_run_at_once(dagbag: Any) -> None:

@@ -132,3 +132,43 @@ def shrink_mean(image: np.ndarray, factor: int) -> np.ndarray:
                     piece, (target.shape[1], target.shape[0]), interpolation=cv2.INTER_AREA
                 )
     return out
+
+
+def downsample_mean_steps(volume: np.ndarray, step_zyx: tuple[int, int, int]) -> np.ndarray:
+    """Mean over blocks of ``step_zyx`` voxels, each step 1 or 2: one anisotropic pyramid step.
+
+    Rounds and treats odd axes as :func:`downsample_mean_2x` does (which this calls for
+    the 2x2x2 and 1x2x2 steps, the common ones); an axis of step 1 is kept as it is.
+
+    Args:
+        volume: (z, y, x) uint8 or uint16.
+        step_zyx: the shrink factor per axis, 1 or 2.
+
+    Returns:
+        Shape ceil(n / step) per axis, the input dtype.
+    """
+    if any(s not in (1, 2) for s in step_zyx):
+        raise InvalidInput(f"pyramid steps must be 1 or 2 per axis, got {step_zyx}")
+    if step_zyx[1:] == (2, 2):
+        return downsample_mean_2x(volume, downsample_z=step_zyx[0] == 2)
+    vol = np.asarray(volume)
+    if vol.dtype not in _ACCUMULATOR or vol.ndim != 3 or min(vol.shape) < 1:
+        raise InvalidInput(
+            f"volume must be a non-empty (z, y, x) uint8 or uint16 array, got {vol.shape} {vol.dtype}"
+        )
+    acc = _ACCUMULATOR[vol.dtype]
+    shift = sum(s == 2 for s in step_zyx)
+    if shift == 0:
+        return vol.copy()
+    shape = tuple(-(-n // s) for n, s in zip(vol.shape, step_zyx, strict=True))
+    out = np.empty(shape, dtype=vol.dtype)
+    for zin in range(0, vol.shape[0], _Z_BATCH):
+        s = vol[zin : zin + _Z_BATCH].astype(acc)
+        for axis, step in enumerate(step_zyx):
+            if step == 2:
+                s = _pair_sum(s, axis, acc)
+        s += 1 << (shift - 1)
+        s >>= shift
+        zout = zin // step_zyx[0]
+        out[zout : zout + s.shape[0]] = s
+    return out

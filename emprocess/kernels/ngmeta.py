@@ -17,6 +17,14 @@ higher bits give the cube; the interleaving puts the former in the lowest
 and ``shard_bits = total_bits - b``, the shard number (bits [b, total) of the id under
 the identity hash) is a function of the cube alone, and different cubes get different
 shard numbers.
+
+Anisotropic voxels (e.g. 4 x 4 x 40 nm): scale s is scale 0 shrunk by a factor per axis
+(:func:`downsample_factors_xyz`, neuroglancer's and igneous's near-isotropic rule: x and y
+halve until the voxels are near cubic, then all three). A cube then spans
+``cube / factor`` voxels per axis at that scale, chunks are ``min(chunk, that)`` per axis,
+and a shard covers the same number ``2**k`` of chunks along every axis (``k`` from the
+axis with the fewest), so the within-shard Morton bits stay the lowest ones and the proof
+above holds unchanged; along the long axis a cube just has more shards.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from emprocess.errors import InvalidInput
@@ -47,6 +56,88 @@ DataEncoding = Literal["raw", "gzip"]
 #: for 0.63; uncompressed 2 ns. Neuroglancer, tensorstore and cloud-volume read all
 #: of them.
 RAW_DATA_ENCODING: DataEncoding = "raw"
+
+
+ResolutionNm = float | Sequence[float]
+"""Voxel size at scale 0 in nm: one number (isotropic) or (x, y, z)."""
+
+
+def resolution_xyz(resolution_nm: ResolutionNm) -> tuple[float, float, float]:
+    """(x, y, z) in nm from one number or three; each must be finite and > 0."""
+    values = list(resolution_nm) if isinstance(resolution_nm, Sequence) else [resolution_nm] * 3
+    try:
+        res = [float(v) for v in values]
+    except (TypeError, ValueError):
+        res = []
+    if len(res) != 3 or not all(math.isfinite(r) and r > 0 for r in res):
+        raise InvalidInput(
+            f"resolution must be a finite number of nm > 0, or [x, y, z] of them, "
+            f"got {resolution_nm!r}"
+        )
+    return res[0], res[1], res[2]
+
+
+def downsample_factors_xyz(
+    resolution_nm: ResolutionNm, num_scales: int
+) -> list[tuple[int, int, int]]:
+    """Each scale's shrink factor per axis relative to scale 0: near-isotropic downsampling.
+
+    neuroglancer's ``compute_near_isotropic_downsampling_scales`` (igneous uses the same):
+    each step doubles the axis with the smallest current voxel, and every other axis
+    whose voxel is closer to that doubled size when doubled too. Isotropic voxels double
+    all three every step; 4 x 4 x 40 nm gives x, y factors 1, 2, 4, 8, 16, 32 and z
+    factors 1, 1, 1, 1, 2, 4 (voxels 4x4x40, 8x8x40, 16x16x40, 32x32x40, 64x64x80, ...).
+    """
+    res = resolution_xyz(resolution_nm)
+    factor = [1, 1, 1]
+    out = [(1, 1, 1)]
+    while len(out) < num_scales:
+        voxel = [f * r for f, r in zip(factor, res, strict=True)]
+        smallest = min(range(3), key=lambda d: voxel[d])
+        target = voxel[smallest] * 2
+        factor[smallest] *= 2
+        for d in range(3):
+            if d != smallest and abs(voxel[d] - target) > abs(voxel[d] * 2 - target):
+                factor[d] *= 2
+        out.append((factor[0], factor[1], factor[2]))
+    return out
+
+
+@dataclass(frozen=True)
+class ScaleLayout:
+    """How one scale is cut, all per axis (x, y, z) in the scale's voxels."""
+
+    factor: tuple[int, int, int]  # shrink factor relative to scale 0
+    cube: tuple[int, int, int]  # what one /ngshard cube spans
+    chunk: tuple[int, int, int]
+    shard: tuple[int, int, int]  # what one shard file spans (divides ``cube``)
+
+
+def scale_layouts(
+    resolution_nm: ResolutionNm,
+    num_scales: int = DEFAULT_NUM_SCALES,
+    chunk: int = DEFAULT_CHUNK_PX,
+    cube: int = DEFAULT_CUBE_PX,
+) -> list[ScaleLayout]:
+    """The layout of every scale: factors, cube, chunk and shard sides (see module doc)."""
+    _check_cube_chunk(cube, chunk)
+    out = []
+    for s, factor in enumerate(downsample_factors_xyz(resolution_nm, num_scales)):
+        if max(factor) > cube:
+            raise InvalidInput(f"scale {s} leaves less than one voxel per cube of {cube}")
+        cube_s = tuple(cube // f for f in factor)
+        chunk_s = tuple(max(1, min(chunk, c)) for c in cube_s)
+        k = min(_bits(min(c, MAX_SHARD_PX) // ch) for c, ch in zip(cube_s, chunk_s, strict=True))
+        shard_s = tuple(ch << k for ch in chunk_s)
+        out.append(
+            ScaleLayout(
+                factor,
+                (cube_s[0], cube_s[1], cube_s[2]),
+                (chunk_s[0], chunk_s[1], chunk_s[2]),
+                (shard_s[0], shard_s[1], shard_s[2]),
+            )
+        )
+    return out
 
 
 def plan_cubes(
@@ -83,6 +174,12 @@ def scale_size_xyz(size0_xyz: Sequence[int], scale: int) -> tuple[int, int, int]
     return sx, sy, sz
 
 
+def scaled_size_xyz(size0_xyz: Sequence[int], factor_xyz: Sequence[int]) -> tuple[int, int, int]:
+    """Volume size in voxels shrunk by ``factor_xyz``: ceil(size0 / factor) per axis."""
+    sx, sy, sz = (-(-int(s) // int(f)) for s, f in zip(size0_xyz, factor_xyz, strict=True))
+    return sx, sy, sz
+
+
 def scale_chunk_px(scale: int, chunk: int = DEFAULT_CHUNK_PX, cube: int = DEFAULT_CUBE_PX) -> int:
     """Chunk side at ``scale``: ``chunk``, shrunk so that a chunk never spans two cubes."""
     return max(1, min(chunk, cube >> scale))
@@ -95,6 +192,7 @@ def cube_bounds_xyz(
     maxz: int,
     scale: int,
     cube: int = DEFAULT_CUBE_PX,
+    factor_xyz: Sequence[int] | None = None,
 ) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
     """Voxel box [lo, hi) of cube ``start`` at ``scale``, in the scale's coordinates.
 
@@ -108,23 +206,26 @@ def cube_bounds_xyz(
         maxz: last slice, inclusive.
         scale: pyramid level, 0 = full resolution.
         cube: cube side in scale-0 voxels.
+        factor_xyz: the scale's shrink factor per axis (:func:`downsample_factors_xyz`);
+            None means 2**scale on every axis (isotropic voxels).
 
     Returns:
         (lo_xyz, hi_xyz), hi exclusive and clipped to the volume.
     """
-    size_xyz = scale_size_xyz(_size0_xyz(bbox_xy, minz, maxz), scale)
-    side = cube >> scale
-    if side < 1:
+    factor = [1 << scale] * 3 if factor_xyz is None else [int(f) for f in factor_xyz]
+    size_xyz = scaled_size_xyz(_size0_xyz(bbox_xy, minz, maxz), factor)
+    sides = [cube // f for f in factor]
+    if min(sides) < 1:
         raise InvalidInput(f"scale {scale} leaves less than one voxel per cube of {cube}")
-    offset = (0, 0, minz >> scale)
+    offset = (0, 0, minz // factor[2])
     lo = [0, 0, 0]
     hi = [0, 0, 0]
     for d in range(3):
         c = int(start[d])
-        if c < 0 or c * side >= size_xyz[d]:
+        if c < 0 or c * sides[d] >= size_xyz[d]:
             raise InvalidInput(f"cube start {list(start)!r} is outside the volume {size_xyz}")
-        lo[d] = offset[d] + c * side
-        hi[d] = offset[d] + min(size_xyz[d], (c + 1) * side)
+        lo[d] = offset[d] + c * sides[d]
+        hi[d] = offset[d] + min(size_xyz[d], (c + 1) * sides[d])
     return (lo[0], lo[1], lo[2]), (hi[0], hi[1], hi[2])
 
 
@@ -160,16 +261,18 @@ def shard_filename(shard: int, shard_bits: int) -> str:
 
 def sharding_spec(
     size_xyz: Sequence[int],
-    chunk_px: int,
-    cube_px: int,
+    chunk_px: int | Sequence[int],
+    cube_px: int | Sequence[int],
     data_encoding: DataEncoding,
 ) -> dict[str, Any]:
     """Sharding for one scale such that each shard holds exactly one cube's chunks.
 
     Args:
         size_xyz: the scale's size in voxels.
-        chunk_px: the scale's chunk side in voxels; divides ``cube_px``.
-        cube_px: the cube side at this scale in voxels (``cube >> scale``).
+        chunk_px: the scale's chunk side in voxels, or one per axis; divides ``cube_px``.
+        cube_px: the box one shard covers at this scale in voxels (a cube, ``cube >>
+            scale``, or a power-of-two part of one), or one per axis; it must span the
+            same number of chunks along every axis.
         data_encoding: "raw" (stored as they are: JPEG chunks, or uncompressed voxels)
             or "gzip".
 
@@ -178,9 +281,17 @@ def sharding_spec(
         module doc), half (rounded down) index minishards and the rest are preshifted,
         so runs of ``2**preshift_bits`` Morton-adjacent chunks share a minishard index.
     """
-    _check_cube_chunk(cube_px, chunk_px)
-    k = _bits(cube_px // chunk_px)
-    grid = [math.ceil(int(s) / chunk_px) for s in size_xyz]
+    chunks = [int(chunk_px)] * 3 if isinstance(chunk_px, int) else [int(c) for c in chunk_px]
+    boxes = [int(cube_px)] * 3 if isinstance(cube_px, int) else [int(c) for c in cube_px]
+    for box, ch in zip(boxes, chunks, strict=True):
+        _check_cube_chunk(box, ch)
+    spans = {box // ch for box, ch in zip(boxes, chunks, strict=True)}
+    if len(spans) != 1:
+        raise InvalidInput(
+            f"a shard box {boxes} must span the same number of chunks {chunks} on every axis"
+        )
+    k = _bits(spans.pop())
+    grid = [math.ceil(int(s) / ch) for s, ch in zip(size_xyz, chunks, strict=True)]
     bits = [_bits(g) for g in grid]
     within = sum(min(k, b) for b in bits)
     minishard_bits = within // 2
@@ -199,21 +310,24 @@ def build_info(
     bbox_xy: tuple[int, int],
     minz: int,
     maxz: int,
-    resolution_nm: float,
+    resolution_nm: ResolutionNm,
     encoding: Encoding = "jpeg",
     num_scales: int = DEFAULT_NUM_SCALES,
     chunk: int = DEFAULT_CHUNK_PX,
     cube: int = DEFAULT_CUBE_PX,
     raw_data_encoding: DataEncoding = RAW_DATA_ENCODING,
+    data_type: Literal["uint8", "uint16"] = "uint8",
 ) -> dict[str, Any]:
     """The precomputed ``info`` of the JPEG pyramid or of the lossless raw pyramid.
 
-    Scale s has ``size`` ceil(size0 / 2**s) with size0 = [width, height, maxz - minz + 1],
-    ``voxel_offset`` [0, 0, floor(minz / 2**s)], ``resolution`` resolution_nm * 2**s,
-    one chunk size ``scale_chunk_px(s)`` per axis and the sharding of ``sharding_spec``.
-    At coarse scales the floor puts the data up to one voxel (less than 2**s slices)
-    below its true z position when minz is not a multiple of 2**s: the pyramid is
-    built from cubes that start at minz, and voxel offsets must be integers.
+    Scale s has ``size`` ceil(size0 / f) with size0 = [width, height, maxz - minz + 1]
+    and f its factor per axis (2**s for isotropic voxels, see
+    :func:`downsample_factors_xyz`), ``voxel_offset`` [0, 0, floor(minz / f_z)],
+    ``resolution`` resolution_nm * f, the chunk size and sharding of
+    :func:`scale_layouts`. At coarse scales the floor puts the data up to one voxel
+    (less than f_z slices) below its true z position when minz is not a multiple of
+    f_z: the pyramid is built from cubes that start at minz, and voxel offsets must be
+    integers.
 
     The JPEG pyramid stores JPEG chunks as they are ("data_encoding": "raw"); the raw
     pyramid stores exact voxels ("encoding": "raw") inside the shards, uncompressed by
@@ -225,13 +339,15 @@ def build_info(
         bbox_xy: canvas (width, height) in pixels.
         minz: first slice, inclusive (>= 0).
         maxz: last slice, inclusive (>= minz).
-        resolution_nm: isotropic voxel size at scale 0 in nanometres.
+        resolution_nm: voxel size at scale 0 in nanometres: one number or (x, y, z).
         encoding: "jpeg" (the viewed pyramid) or "raw" (lossless).
         num_scales: number of scales, at most log2(cube) + 1.
         chunk: largest chunk side in voxels, a power of two.
         cube: side of the cube one /ngshard request writes, a power of two.
         raw_data_encoding: "raw" (uncompressed) or "gzip": the shard data encoding of
             the lossless pyramid; the JPEG pyramid's is always "raw".
+        data_type: "uint8", or "uint16" for a lossless pyramid of 16-bit voxels (JPEG
+            is 8-bit only).
 
     Returns:
         The info as a JSON-ready dict with standard keys only.
@@ -242,12 +358,9 @@ def build_info(
         raise InvalidInput(f"encoding must be 'jpeg' or 'raw', got {encoding!r}")
     if raw_data_encoding not in ("raw", "gzip"):
         raise InvalidInput(f"raw_data_encoding must be 'raw' or 'gzip', got {raw_data_encoding!r}")
-    try:
-        res0 = float(resolution_nm)
-    except (TypeError, ValueError):
-        res0 = math.nan
-    if not (math.isfinite(res0) and res0 > 0):
-        raise InvalidInput(f"resolution must be a finite number of nm > 0, got {resolution_nm!r}")
+    if data_type not in ("uint8", "uint16") or (encoding == "jpeg" and data_type != "uint8"):
+        raise InvalidInput(f"a {encoding} volume cannot hold {data_type!r} voxels")
+    res0 = resolution_xyz(resolution_nm)
     max_scales = _bits(cube) + 1
     if not 1 <= num_scales <= max_scales:
         raise InvalidInput(
@@ -255,23 +368,21 @@ def build_info(
         )
 
     scales = []
-    for s in range(num_scales):
-        res = res0 * (1 << s)
-        res_out: float | int = int(res) if res.is_integer() else res
-        size = scale_size_xyz(size0, s)
-        chunk_px = scale_chunk_px(s, chunk, cube)
+    for layout in scale_layouts(res0, num_scales, chunk, cube):
+        res = [_nm(r * f) for r, f in zip(res0, layout.factor, strict=True)]
+        size = scaled_size_xyz(size0, layout.factor)
         scales.append(
             {
-                "key": f"{res_out}_{res_out}_{res_out}",
+                "key": "_".join(str(r) for r in res),
                 "size": list(size),
-                "voxel_offset": [0, 0, minz >> s],
-                "resolution": [res_out, res_out, res_out],
-                "chunk_sizes": [[chunk_px, chunk_px, chunk_px]],
+                "voxel_offset": [0, 0, minz // layout.factor[2]],
+                "resolution": res,
+                "chunk_sizes": [list(layout.chunk)],
                 "encoding": encoding,
                 "sharding": sharding_spec(
                     size,
-                    chunk_px,
-                    min(cube >> s, MAX_SHARD_PX),
+                    layout.chunk,
+                    layout.shard,
                     "raw" if encoding == "jpeg" else raw_data_encoding,
                 ),
             }
@@ -280,10 +391,15 @@ def build_info(
     return {
         "@type": "neuroglancer_multiscale_volume",
         "type": "image",
-        "data_type": "uint8",
+        "data_type": data_type,
         "num_channels": 1,
         "scales": scales,
     }
+
+
+def _nm(value: float) -> float | int:
+    """A resolution as JSON writes it best: 8 rather than 8.0."""
+    return int(value) if value.is_integer() else value
 
 
 def _bits(n: int) -> int:

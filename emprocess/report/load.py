@@ -320,7 +320,9 @@ def load_run(
         bbox = _bbox_of(complete, f"{process}/complete.json")
     elif transforms and init.get("slice_size_xy"):
         bbox = canvas_from_transforms(transforms, init["slice_size_xy"])
-    plans = plan_stages(conf, run_conf, transforms, bbox)
+    iw = init.get("intensity_window")
+    window = (float(iw[0]), float(iw[1])) if isinstance(iw, list) and len(iw) == 2 else None
+    plans = plan_stages(conf, run_conf, transforms, bbox, window)
 
     listings: dict[str, list[ObjectInfo]] = {}  # ngmeta and ngshard share one prefix
     counted: dict[str, Counted] = {}

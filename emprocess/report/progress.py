@@ -77,8 +77,13 @@ def plan_stages(
     run_conf: RunConf | None,
     transforms: Mapping[int, list[float]] | None,
     bbox: tuple[int, int] | None,
+    window: tuple[float, float] | None = None,
 ) -> dict[str, Plan]:
-    """Each stage's planned names, and with a parsable conf this code's exact cache keys."""
+    """Each stage's planned names, and with a parsable conf this code's exact cache keys.
+
+    ``window`` is the run's intensity window (init.json ``intensity_window``): it is part
+    of the alignment and /alignedslice requests, so of their cache keys.
+    """
     minz, maxz = int(conf["minz"]), int(conf["maxz"])
     skip = bool(conf.get("skip_align", False))
     pairs = [] if skip else [f"z{z:06d}" for z in range(minz, maxz)]
@@ -95,10 +100,10 @@ def plan_stages(
     if run_conf is None:
         return plans
     if not skip:
-        plans["affine"].keys = _keys(plan_align_pairs(run_conf))
+        plans["affine"].keys = _keys(plan_align_pairs(run_conf, window))
     if bbox is not None:
         if transforms is not None and len(transforms) == len(slices):
-            plans["write"].keys = _keys(plan_aligned_slices(run_conf, transforms, bbox))
+            plans["write"].keys = _keys(plan_aligned_slices(run_conf, transforms, bbox, window))
         plans["ngmeta"].keys = _keys([ngmeta_task(run_conf, bbox)])
         plans["ngshard"].keys = _keys(plan_ng_shards(run_conf, bbox))
     for plan in plans.values():

@@ -20,6 +20,7 @@ from emprocess import storage
 from emprocess.errors import InvalidInput
 from emprocess.images import decode_image
 from emprocess.kernels.align import AlignParams, align_pair, downsample_image
+from emprocess.kernels.intensity import to_uint8
 from emprocess.models import AlignRequest
 from emprocess.services.common import create_service_app, json_body, parse
 
@@ -68,9 +69,13 @@ def align_request(req: AlignRequest) -> dict[str, Any]:
     with ThreadPoolExecutor(2) as pool:
         pre, post = pool.map(read_image, (req.pre, req.post))
     check_sizes(pre, post, req)
-    result = align_pair(
-        downsample_image(pre, req.downsample), downsample_image(post, req.downsample), params
-    )
+    pre, post = downsample_image(pre, req.downsample), downsample_image(post, req.downsample)
+    if req.intensity_window is not None:
+        # The run's window, as emwrite applies it: both stages see the same 8-bit pixels
+        # (after the shrink, which averages before the lookup: cheaper, same within 1 level).
+        window = (req.intensity_window[0], req.intensity_window[1])
+        pre, post = to_uint8(pre, window), to_uint8(post, window)
+    result = align_pair(pre, post, params)
     log.info(
         "aligned %s -> %s at 1/%d: affine %s (%d inliers), translation %s, %.2f s",
         req.post,

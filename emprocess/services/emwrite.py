@@ -4,6 +4,11 @@ POST /alignedslice  warp one slice into the global canvas, CLAHE, thumbnail, til
 POST /ngmeta        write the ``info`` of neuroglancer/jpeg (and neuroglancer/raw)
 POST /ngshard       build one 1024^3 cube from the tiles and write its pyramid shards
 
+The service parses, checks, reads and writes; the work is elsewhere: a slice's
+rendering (intensity window, warp, CLAHE, tiles, thumbnail) in
+:mod:`emprocess.kernels.render`, a cube's scales and their output format in
+:mod:`emprocess.services.pyramid`.
+
 Memory stays bounded: a slice is processed in windows of at most
 ``WINDOW_PX`` per side (plus one CLAHE tile of context), and a cube is read
 and written in z-slabs of ``SLAB_Z`` slices (one z-layer of scale-0 shards),
@@ -11,7 +16,9 @@ each shard committed in its own tensorstore transaction so every shard file is
 written once, whole: a repeated request rewrites the same bytes, also over a
 shard that a failed request left truncated. Peak RSS measured 0.9 GiB for a
 16384^2 slice and 1.1 GiB for a full 1024^3 cube with both pyramids (with
-MALLOC_ARENA_MAX=2, as the container sets it).
+MALLOC_ARENA_MAX=2, as the container sets it). With anisotropic voxels the first
+scales keep every slice (x and y halve, z does not), so scale 1 of a cube is 1024 x
+512 x 512 voxels, 128 MiB more than the isotropic 512^3.
 
 Codecs, chosen by measurement (``python -m emprocess.bench_emwrite``): tiles in
 the tmp bucket are "raw" (PNG tiles cost 1.4x the /alignedslice CPU and 2x the
@@ -27,13 +34,10 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import cv2
 import numpy as np
 from flask import Flask
 
@@ -42,11 +46,17 @@ from emprocess.errors import InvalidInput, NotFound
 from emprocess.imageinfo import HEADER_BYTES, ImageLayout, UnreadableHeader, image_layout
 from emprocess.images import decode_image
 from emprocess.kernels import ngmeta, tiles
-from emprocess.kernels.clahe import clahe_source_region, clahe_window, plan_windows
-from emprocess.kernels.downsample import downsample_mean_2x, shrink_mean
-from emprocess.kernels.warp import warp_window
+from emprocess.kernels.render import (  # noqa: F401  (THUMB_* : the service's, re-exported)
+    THUMB_MAX_PX,
+    THUMB_MIN_FACTOR,
+    encode_thumbnail,
+    render_slice,
+    render_source_tiles,
+    thumbnail_factor,
+)
 from emprocess.models import AlignedSliceRequest, NgMetaRequest, NgShardRequest
 from emprocess.services.common import create_service_app, json_body, parse
+from emprocess.services.pyramid import PrecomputedWriter, write_pyramid
 
 log = logging.getLogger(__name__)
 
@@ -57,24 +67,12 @@ CUBE_PX = 1024
 # (3 x 3 windows of 8192 px redid 56%, 14% more CPU) at a peak of 0.9 GiB.
 WINDOW_PX = int(os.environ.get("EMPROCESS_WINDOW_PX", 12288))
 SLAB_Z = ngmeta.MAX_SHARD_PX  # one z-layer of scale-0 shards
-THUMB_MAX_PX = 4096
-# A thumbnail is at least 4x smaller than the canvas: they are for looking at, and
-# the PNG of a 2x thumbnail of a 2168 x 2131 canvas cost 21 ms against 5.6 ms at 4x
-# (a tenth of the whole /alignedslice).
-THUMB_MIN_FACTOR = 4
-THUMB_PNG_PARAMS = [
-    cv2.IMWRITE_PNG_COMPRESSION,
-    1,
-    cv2.IMWRITE_PNG_FILTER,
-    cv2.IMWRITE_PNG_FILTER_UP,
-    cv2.IMWRITE_PNG_STRATEGY,
-    cv2.IMWRITE_PNG_STRATEGY_RLE,
-]
 NUM_SCALES = 6
 TILE_CODEC: tiles.Codec = "png" if os.environ.get("EMPROCESS_TILE_CODEC") == "png" else "raw"
 IO_THREADS = int(os.environ.get("EMPROCESS_IO_THREADS", 16))
 READ_BATCH = 64  # slices whose tile reads are in flight at once (64 MiB of tiles)
 TILES_PREFIX = "aligned/"
+SOURCE_TILES_PREFIX = "aligned16/"  # the slices at 16 bits, for a uint16 lossless volume
 CPU_COUNT = (
     len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 )
@@ -100,16 +98,14 @@ def tiles_url(bucket: str, z: int) -> str:
     return storage.bucket_url(bucket, TILES_PREFIX + tiles_key(z))
 
 
+def source_tiles_url(bucket: str, z: int) -> str:
+    """Where the 16-bit tiled slice z lives (``raw_dtype`` "uint16")."""
+    return storage.bucket_url(bucket, SOURCE_TILES_PREFIX + tiles_key(z))
+
+
 def thumbnail_url(req: AlignedSliceRequest) -> str:
     """Where the thumbnail of the request's slice goes (DEST_process/RUN_ID/align/IMG)."""
     return storage.bucket_url(f"{req.dest}_process", f"{req.run_id}/align/{req.img}")
-
-
-def _to_uint8(image: np.ndarray) -> np.ndarray:
-    """16-bit slices are scaled to 8 bits over the full range (the volume is uint8)."""
-    if image.dtype == np.uint8:
-        return image
-    return ((image.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
 
 
 # -- /alignedslice -------------------------------------------------------------
@@ -121,12 +117,6 @@ def _layout(data: bytes, url: str) -> ImageLayout:
         return image_layout(data[:HEADER_BYTES], lambda start, end: data[start:end])
     except UnreadableHeader as e:
         raise InvalidInput(f"{url} is not a PNG, TIFF or JPEG image: {e}") from None
-
-
-def thumbnail_factor(width: int, height: int) -> int:
-    """Power-of-two shrink factor of the thumbnail: >= THUMB_MIN_FACTOR, sides <= THUMB_MAX_PX."""
-    f = 1 << max(0, math.ceil(math.log2(max(width, height) / THUMB_MAX_PX)))
-    return max(f, THUMB_MIN_FACTOR)
 
 
 def aligned_slice(req: AlignedSliceRequest) -> dict[str, Any]:
@@ -143,7 +133,11 @@ def aligned_slice(req: AlignedSliceRequest) -> dict[str, Any]:
         raise InvalidInput(f"bbox {req.bbox} has more than {MAX_PIXELS} pixels")
     # Every name is built (and so checked) before the first read or write.
     source_url = storage.bucket_url(req.dest, req.img)
-    outputs = (tiles_url(req.dest_tmp, req.slice), thumbnail_url(req))
+    outputs = (
+        tiles_url(req.dest_tmp, req.slice),
+        thumbnail_url(req),
+        source_tiles_url(req.dest_tmp, req.slice),
+    )
     for bucket in (req.dest_tmp, f"{req.dest}_process"):
         if not storage.bucket_exists(bucket):
             raise InvalidInput(f"bucket {bucket!r} does not exist")
@@ -155,49 +149,36 @@ def aligned_slice(req: AlignedSliceRequest) -> dict[str, Any]:
             f"bbox {req.bbox} is more than {MAX_CANVAS_RATIO}x (+{TILE_PX} px) the "
             f"{layout.width}x{layout.height} slice {req.img}"
         )
-    image = _to_uint8(decode_image(data, source_url, MAX_PIXELS, MAX_DECODED_BYTES))
+    image = decode_image(data, source_url, MAX_PIXELS, MAX_DECODED_BYTES)
     del data
     t_read = time.perf_counter()
-
-    f = thumbnail_factor(width, height)
-    thumb = np.zeros((-(-height // f), -(-width // f)), np.uint8)
-    nx, ny = -(-width // TILE_PX), -(-height // TILE_PX)
-    payloads: list[bytes] = [b""] * (nx * ny)
-    with ThreadPoolExecutor(2) as pool:
-        for win in plan_windows(width, height, WINDOW_PX, TILE_PX):
-            x0, y0, w, h = win
-            region = clahe_source_region(win, (height, width)) if req.clip_limit > 0 else win
-            canvas = warp_window(image, req.transform, region)
-            out = clahe_window(
-                canvas, region[:2], (height, width), win, req.clip_limit, preserve_zero=True
-            )
-            del canvas
-            jobs = {}
-            for ty in range(y0 // TILE_PX, -(-(y0 + h) // TILE_PX)):
-                for tx in range(x0 // TILE_PX, -(-(x0 + w) // TILE_PX)):
-                    ox, oy = tx * TILE_PX - x0, ty * TILE_PX - y0
-                    tile = out[oy : oy + TILE_PX, ox : ox + TILE_PX]
-                    if TILE_CODEC == "raw":  # a copy: no thread needed
-                        payloads[ty * nx + tx] = tiles.encode_tile(tile, TILE_CODEC)
-                    else:
-                        jobs[ty * nx + tx] = pool.submit(tiles.encode_tile, tile, TILE_CODEC)
-            small = shrink_mean(out, f)  # windows start on multiples of f
-            thumb[y0 // f : y0 // f + small.shape[0], x0 // f : x0 // f + small.shape[1]] = small
-            for i, job in jobs.items():
-                payloads[i] = job.result()
-            del out
+    if req.raw_dtype is not None and image.dtype != np.dtype(req.raw_dtype):
+        raise InvalidInput(
+            f"raw_dtype {req.raw_dtype!r} keeps a 16-bit slice's values, but {source_url} "
+            f"is {image.dtype}"
+        )
+    source_tiles = None
+    if req.raw_dtype is not None:
+        source_tiles = render_source_tiles(
+            image, req.transform, (width, height), tile_px=TILE_PX, window_px=WINDOW_PX
+        )
+    iw = req.intensity_window
+    rendered = render_slice(
+        image,
+        req.transform,
+        (width, height),
+        req.clip_limit,
+        None if iw is None else (iw[0], iw[1]),
+        tile_px=TILE_PX,
+        window_px=WINDOW_PX,
+        codec=TILE_CODEC,
+    )
     del image
-    header = tiles.build_header(width, height, TILE_PX, np.uint8, TILE_CODEC, payloads)
     t_compute = time.perf_counter()
-    storage.write_bytes(outputs[0], b"".join([header, *payloads]))
-    ext = os.path.splitext(req.img)[1].lower()
-    if ext in (".tif", ".tiff"):
-        ok, thumb_bytes = cv2.imencode(ext, thumb)
-    else:
-        ok, thumb_bytes = cv2.imencode(".png", thumb, THUMB_PNG_PARAMS)
-    if not ok:
-        raise RuntimeError(f"could not encode the thumbnail of {req.img}")
-    storage.write_bytes(outputs[1], thumb_bytes.tobytes())
+    storage.write_bytes(outputs[0], rendered.tiles_object)
+    if source_tiles is not None:
+        storage.write_bytes(outputs[2], source_tiles)
+    storage.write_bytes(outputs[1], encode_thumbnail(rendered.thumbnail, req.img))
     timings = {
         "read_s": t_read - t0,
         "compute_s": t_compute - t_read,
@@ -211,8 +192,15 @@ def aligned_slice(req: AlignedSliceRequest) -> dict[str, Any]:
 
 
 def _info(req: NgMetaRequest | NgShardRequest, encoding: ngmeta.Encoding) -> dict[str, Any]:
+    wide = encoding == "raw" and req.raw_dtype == "uint16"
     return ngmeta.build_info(
-        (req.bbox[0], req.bbox[1]), req.minz, req.maxz, req.resolution, encoding, NUM_SCALES
+        (req.bbox[0], req.bbox[1]),
+        req.minz,
+        req.maxz,
+        req.resolution,
+        encoding,
+        NUM_SCALES,
+        data_type="uint16" if wide else "uint8",
     )
 
 
@@ -309,9 +297,15 @@ def _range_result(future: Any, what: str) -> bytes | None:
 
 
 def read_cube_slab(
-    req: NgShardRequest, z_lo: int, z_hi: int, xy_box: tuple[int, int, int, int], kv: Any
+    req: NgShardRequest,
+    z_lo: int,
+    z_hi: int,
+    xy_box: tuple[int, int, int, int],
+    kv: Any,
+    dtype: type = np.uint8,
+    prefix: str = TILES_PREFIX,
 ) -> np.ndarray:
-    """Tiles (start x, start y) of slices z_lo..z_hi-1 as a (z, y, x) uint8 array.
+    """Tiles (start x, start y) of slices z_lo..z_hi-1 as a (z, y, x) ``dtype`` array.
 
     ``kv`` is a tensorstore kvstore of the tmp bucket's ``aligned/`` folder. Each
     slice costs two range reads, its header and then its tile (the tile's offset
@@ -322,14 +316,14 @@ def read_cube_slab(
     width, height = req.bbox
     cx, cy = req.start[0], req.start[1]
     x0, y0, x1, y1 = xy_box
-    slab = np.empty((z_hi - z_lo, y1 - y0, x1 - x0), np.uint8)
+    slab: np.ndarray = np.empty((z_hi - z_lo, y1 - y0, x1 - x0), dtype)
     head_len = tiles.header_nbytes(width, height, TILE_PX)
     for b_lo in range(z_lo, z_hi, READ_BATCH):
         zs = range(b_lo, min(z_hi, b_lo + READ_BATCH))
         heads = [_read_range(kv, tiles_key(z), 0, head_len) for z in zs]
         bodies = []
         for z, head in zip(zs, heads, strict=True):
-            url = tiles_url(req.source, z)
+            url = storage.bucket_url(req.source, prefix + tiles_key(z))
             try:
                 data = _range_result(head, url)
                 index = None if data is None else tiles.parse_header(data, width, height, TILE_PX)
@@ -339,7 +333,7 @@ def read_cube_slab(
                 raise InvalidInput(f"aligned slice {z} is missing ({url}); run /alignedslice first")
             bodies.append((index, _read_range(kv, tiles_key(z), *index.byte_range(cx, cy))))
         for z, (index, body) in zip(zs, bodies, strict=True):
-            url = tiles_url(req.source, z)
+            url = storage.bucket_url(req.source, prefix + tiles_key(z))
             try:
                 data = _range_result(body, url)
                 if data is None:
@@ -347,8 +341,10 @@ def read_cube_slab(
                 tile = tiles.decode_tile(index, cx, cy, data)
             except InvalidInput as e:
                 raise InvalidInput(f"aligned slice {z} ({url}) is unusable: {e}") from None
-            if tile.dtype != np.uint8:
-                raise InvalidInput(f"aligned slice {z} ({url}) is {tile.dtype}, expected uint8")
+            if tile.dtype != dtype:
+                raise InvalidInput(
+                    f"aligned slice {z} ({url}) is {tile.dtype}, expected {np.dtype(dtype)}"
+                )
             slab[z - z_lo] = tile
     return slab
 
@@ -380,9 +376,11 @@ def _check_info(url: str, expected: dict[str, Any]) -> None:
         e0 = expected["scales"][0]
         raise InvalidInput(
             f"{info_url} describes another volume (size {s0.get('size')}, voxel_offset "
-            f"{s0.get('voxel_offset')}, resolution {s0.get('resolution')}) than this request "
-            f"(size {e0['size']}, voxel_offset {e0['voxel_offset']}, resolution "
-            f"{e0['resolution']}); run /ngmeta with the same bbox, minz, maxz and resolution"
+            f"{s0.get('voxel_offset')}, resolution {s0.get('resolution')}, data_type "
+            f"{stored.get('data_type') if isinstance(stored, dict) else None}) than this "
+            f"request (size {e0['size']}, voxel_offset {e0['voxel_offset']}, resolution "
+            f"{e0['resolution']}, data_type {expected['data_type']}); run /ngmeta with the "
+            "same bbox, minz, maxz, resolution and raw_dtype"
         )
 
 
@@ -399,46 +397,6 @@ def _ts_context() -> Any:
     )
 
 
-def _open_scales(url: str, context: Any) -> list[Any]:
-    import tensorstore as ts
-
-    spec = storage.kvstore_spec(url)
-    return [
-        ts.open(
-            {"driver": "neuroglancer_precomputed", "kvstore": spec, "scale_index": s},
-            open=True,
-            context=context,
-        ).result()
-        for s in range(NUM_SCALES)
-    ]
-
-
-def _write(store: Any, lo_xyz: tuple[int, int, int], data_zyx: np.ndarray, shard_px: int) -> None:
-    """Write a (z, y, x) block at lo, one transaction per shard.
-
-    ``lo`` lies on the scale's shard grid (blocks start at cube or slab corners), so
-    each transaction overwrites every chunk of exactly one shard: tensorstore then
-    writes the shard file whole, without reading what is there (a truncated file
-    left by a failed request is replaced), and holds one shard's chunks at a time
-    (128 MiB uncompressed at 512^3) rather than the block's.
-    """
-    import tensorstore as ts
-
-    nz, ny, nx = data_zyx.shape
-    x, y, z = lo_xyz
-    for dz in range(0, nz, shard_px):
-        for dy in range(0, ny, shard_px):
-            for dx in range(0, nx, shard_px):
-                part = data_zyx[dz : dz + shard_px, dy : dy + shard_px, dx : dx + shard_px]
-                pz, py, px = part.shape
-                txn = ts.Transaction()
-                view = store.with_transaction(txn)[
-                    x + dx : x + dx + px, y + dy : y + dy + py, z + dz : z + dz + pz, 0
-                ]
-                view.write(part.transpose(2, 1, 0)).result()
-                txn.commit_async().result()
-
-
 def ng_shard(req: NgShardRequest) -> dict[str, Any]:
     """Build cube ``start`` from the tiles and write every scale of every volume.
 
@@ -447,9 +405,10 @@ def ng_shard(req: NgShardRequest) -> dict[str, Any]:
     """
     t0 = time.perf_counter()
     bbox = (req.bbox[0], req.bbox[1])
+    layouts = ngmeta.scale_layouts(req.resolution, NUM_SCALES, cube=CUBE_PX)
     scale_boxes = [
-        ngmeta.cube_bounds_xyz(req.start, bbox, req.minz, req.maxz, s, CUBE_PX)
-        for s in range(NUM_SCALES)
+        ngmeta.cube_bounds_xyz(req.start, bbox, req.minz, req.maxz, s, CUBE_PX, layout.factor)
+        for s, layout in enumerate(layouts)
     ]
     _require_bucket(req.source, "source")
     # tensorstore follows links: no tiles object of the cube may lead out of its bucket.
@@ -463,42 +422,28 @@ def ng_shard(req: NgShardRequest) -> dict[str, Any]:
     import tensorstore as ts
 
     context = _ts_context()
-    volumes = [_open_scales(url, context) for url, _ in targets]
-    source = storage.kvstore_spec(storage.bucket_url(req.source, TILES_PREFIX))
-    kv = ts.KvStore.open(source, context=context).result()
-    shard_px = [min(CUBE_PX >> s, ngmeta.MAX_SHARD_PX) for s in range(NUM_SCALES)]
-    (lx, ly, lz), (hx, hy, hz) = scale_boxes[0]
-    timings = {"read_s": 0.0, "write_s": 0.0, "downsample_s": 0.0}
-    halves: list[np.ndarray] = []
-    # Scale 0 in z-slabs (bounded memory); scale 1 is collected slab by slab.
-    for z_lo in range(lz, hz, SLAB_Z):
-        z_hi = min(hz, z_lo + SLAB_Z)
-        t = time.perf_counter()
-        slab = read_cube_slab(req, z_lo, z_hi, (lx, ly, hx, hy), kv)
-        timings["read_s"] += time.perf_counter() - t
-        t = time.perf_counter()
-        for stores in volumes:
-            _write(stores[0], (lx, ly, z_lo), slab, shard_px[0])
-        timings["write_s"] += time.perf_counter() - t
-        t = time.perf_counter()
-        halves.append(downsample_mean_2x(slab))
-        timings["downsample_s"] += time.perf_counter() - t
-        del slab
-    level = np.concatenate(halves) if len(halves) > 1 else halves[0]
-    del halves
-    for s in range(1, NUM_SCALES):
-        lo, hi = scale_boxes[s]
-        expected = (hi[2] - lo[2], hi[1] - lo[1], hi[0] - lo[0])
-        if level.shape != expected:
-            raise RuntimeError(f"scale {s} block is {level.shape}, expected {expected}")
-        t = time.perf_counter()
-        for stores in volumes:
-            _write(stores[s], lo, level, shard_px[s])
-        timings["write_s"] += time.perf_counter() - t
-        if s + 1 < NUM_SCALES:
-            t = time.perf_counter()
-            level = downsample_mean_2x(level)
-            timings["downsample_s"] += time.perf_counter() - t
+    (lx, ly, _), (hx, hy, _) = scale_boxes[0]
+    # One pass per source of voxels: the 8-bit tiles feed the JPEG volume (and the
+    # lossless one, unless it keeps the 16-bit source tiles, read in a second pass).
+    wide = req.raw_dtype == "uint16"
+    passes: list[tuple[str, type, list[str]]] = [
+        (TILES_PREFIX, np.uint8, [u for u, e in targets if not (wide and e == "raw")])
+    ]
+    if wide and req.write_raw:
+        passes.append((SOURCE_TILES_PREFIX, np.uint16, [u for u, e in targets if e == "raw"]))
+    timings: dict[str, float] = {}
+    for prefix, dtype, urls in passes:
+        writers = [PrecomputedWriter(url, layouts, context) for url in urls]
+        spec = storage.kvstore_spec(storage.bucket_url(req.source, prefix))
+        kv = ts.KvStore.open(spec, context=context).result()
+
+        def read(
+            z_lo: int, z_hi: int, kv: Any = kv, dtype: type = dtype, prefix: str = prefix
+        ) -> Any:
+            return read_cube_slab(req, z_lo, z_hi, (lx, ly, hx, hy), kv, dtype, prefix)
+
+        part = write_pyramid(read, scale_boxes, layouts, writers, SLAB_Z)
+        timings = {k: timings.get(k, 0.0) + v for k, v in part.items()}
     timings["total_s"] = time.perf_counter() - t0
     log.info("cube %s written: %s", req.start, {k: round(v, 3) for k, v in timings.items()})
     return timings

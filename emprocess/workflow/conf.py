@@ -17,10 +17,19 @@ import functools
 import json
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
+from emprocess import models
 from emprocess.errors import InvalidBucketName, InvalidInput, InvalidKey
 from emprocess.models import MAX_RESOLUTION_NM, MAX_SLICES, MAX_Z
 from emprocess.storage import check_bucket_name, check_key, check_run_id
@@ -28,6 +37,24 @@ from emprocess.workflow import dag_id
 
 MAX_WIDTH = 1024
 MAX_DOWNSAMPLE = 64
+MAX_GREY = 65535
+
+# One flat JSON schema per union-typed key: Airflow's trigger form validates a param
+# against ``type``, and pydantic's ``anyOf`` of the union does not flatten into one.
+_RESOLUTION_SCHEMA = {
+    "type": ["number", "array"],
+    "items": {"type": "number"},
+    "minItems": 3,
+    "maxItems": 3,
+}
+_INTENSITY_SCHEMA = {
+    "type": ["string", "array"],
+    "items": {"type": "number"},
+    "minItems": 2,
+    "maxItems": 2,
+}
+Resolution = Annotated[models.Resolution, WithJsonSchema(_RESOLUTION_SCHEMA)]
+Intensity = Annotated[Literal["auto", "full"] | list[float], WithJsonSchema(_INTENSITY_SCHEMA)]
 
 LEGACY_KEYS: dict[str, str] = {
     "project_id": "project",
@@ -184,13 +211,28 @@ class RunConf(BaseModel):
         description="Also write the lossless raw volume to SOURCE_chunk_ID (legacy key: "
         "rawPyramid).",
     )
-    resolution: float = Field(
+    resolution: Resolution = Field(
         default=8.0,
         title="Voxel size (nm)",
-        description="Isotropic voxel size in nanometres.",
-        gt=0.0,
-        le=MAX_RESOLUTION_NM,
-        allow_inf_nan=False,
+        description="Voxel size in nanometres: one number (isotropic) or [x, y, z], each > 0 "
+        f"and <= {MAX_RESOLUTION_NM:g}. With a z several times x and y, the pyramid halves x "
+        "and y only until the voxels are near isotropic, then all three.",
+    )
+    intensity: Intensity = Field(
+        default="auto",
+        title="Intensity window",
+        description="How slices become 8 bits, the same in alignment and in the volume: "
+        '"auto" (16-bit slices: the 0.175% and 99.825% percentiles of a sample of slices '
+        "spread over the stack, measured once and recorded in init.json; 8-bit slices as "
+        'they are), [low, high] (grey levels that become 0 and 255, low < high), or "full" '
+        "(8-bit as they are, 16-bit divided by 257).",
+    )
+    raw_bits: Literal[8, 16] = Field(
+        default=8,
+        title="Bits of the raw volume",
+        description="8: the lossless volume holds the JPEG volume's voxels. 16 (16-bit "
+        "slices only): it keeps the slices' own values, warped, without the window or "
+        "CLAHE; the JPEG volume stays 8-bit.",
     )
     public: bool = Field(
         default=False,
@@ -256,6 +298,29 @@ class RunConf(BaseModel):
         except InvalidBucketName as e:
             raise ValueError(str(e)) from None
 
+    @field_validator("intensity", mode="before")
+    @classmethod
+    def _intensity_shape(cls, value: Any) -> Any:
+        if value in ("auto", "full") or (isinstance(value, list) and all(map(_is_number, value))):
+            return value
+        raise ValueError('intensity must be "auto", "full" or [low, high]')
+
+    @field_validator("intensity")
+    @classmethod
+    def _intensity_is_a_window(cls, value: str | list[float]) -> str | list[float]:
+        if isinstance(value, str):
+            return value
+        if len(value) != 2:
+            raise ValueError(f'intensity must be "auto", "full" or [low, high], got {value!r}')
+        low, high = value
+        if not low < high:
+            raise ValueError(f"intensity window low {low:g} must be < high {high:g}")
+        if low < 0 or high > MAX_GREY:
+            raise ValueError(
+                f"intensity window [{low:g}, {high:g}] must lie within [0, {MAX_GREY}]"
+            )
+        return value
+
     @field_validator("image")
     @classmethod
     def _image_is_a_template(cls, value: str) -> str:
@@ -263,6 +328,10 @@ class RunConf(BaseModel):
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> RunConf:
+        if self.raw_bits == 16 and not self.create_raw_pyramid:
+            raise ValueError(
+                "raw_bits 16 asks for a 16-bit raw volume, but createRawPyramid is false"
+            )
         if self.minz > self.maxz:
             raise ValueError(
                 f"minz {self.minz} is greater than maxz {self.maxz}; minz must be <= maxz"
@@ -309,6 +378,12 @@ class RunConf(BaseModel):
         """SOURCE_chunk_ID, whether or not the raw volume is written (the services want a name)."""
         return f"{self.source}_chunk_{self.id}"
 
+    @property
+    def resolution_xyz(self) -> tuple[float, float, float]:
+        """Voxel size (x, y, z) in nm."""
+        r = self.resolution
+        return (r[0], r[1], r[2]) if isinstance(r, list) else (r, r, r)
+
     def slice_name(self, z: int) -> str:
         """The object key of slice ``z`` in the source bucket."""
         return self.image % z
@@ -353,6 +428,17 @@ def _accept_legacy_strings(data: dict[str, Any]) -> dict[str, Any]:
         elif int in kinds and _LEGACY_NUMBER[int].fullmatch(value):
             out[key] = int(value)
     return out
+
+
+def _is_number(value: Any) -> bool:
+    """A number, or a string of one (the legacy confs sent some numbers as strings)."""
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return False
+        return True
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _describe(err: Mapping[str, Any]) -> str:

@@ -9,6 +9,7 @@ numbers, booleans as booleans, CONTRACTS.md's key spelling.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Literal
 
 from emprocess.models import AlignedSliceRequest, AlignRequest, NgMetaRequest, NgShardRequest
 from emprocess.workflow.batch import MiniTask
@@ -22,7 +23,20 @@ WRITE_CACHE = "align/write_cache"
 NG_CACHE = "neuroglancer/cache"
 
 
-def plan_align_pairs(conf: RunConf) -> list[MiniTask]:
+Window = tuple[float, float] | None
+"""The run's intensity window (``RunInfo.intensity_window``): None sends no window."""
+
+
+def _window(window: Window) -> list[float] | None:
+    return None if window is None else [float(window[0]), float(window[1])]
+
+
+def _raw_dtype(conf: RunConf) -> Literal["uint16"] | None:
+    """The requests' ``raw_dtype``: absent unless the raw volume keeps 16 bits."""
+    return "uint16" if conf.raw_bits == 16 else None
+
+
+def plan_align_pairs(conf: RunConf, window: Window = None) -> list[MiniTask]:
     """One POST / per pair (z, z + 1), z from minz to maxz - 1; index = z - minz."""
     source = conf.source
     return [
@@ -34,6 +48,7 @@ def plan_align_pairs(conf: RunConf) -> list[MiniTask]:
                 pre=f"gs://{source}/{conf.slice_name(z)}",
                 post=f"gs://{source}/{conf.slice_name(z + 1)}",
                 downsample=conf.downsample_factor,
+                intensity_window=_window(window),
             ).payload(),
         )
         for z in range(conf.minz, conf.maxz)
@@ -41,7 +56,10 @@ def plan_align_pairs(conf: RunConf) -> list[MiniTask]:
 
 
 def plan_aligned_slices(
-    conf: RunConf, transforms: Mapping[int, Sequence[float]], bbox_xy: Sequence[int]
+    conf: RunConf,
+    transforms: Mapping[int, Sequence[float]],
+    bbox_xy: Sequence[int],
+    window: Window = None,
 ) -> list[MiniTask]:
     """One POST /alignedslice per slice z from minz to maxz; index = z - minz.
 
@@ -49,6 +67,7 @@ def plan_aligned_slices(
         conf: the run's conf.
         transforms: z -> 6 numbers mapping slice z into the canvas.
         bbox_xy: the canvas (width, height) in pixels.
+        window: the run's intensity window.
     """
     buckets = conf.bucket_names()
     return [
@@ -66,6 +85,8 @@ def plan_aligned_slices(
                 shard_size=SHARD_SIZE,
                 run_id=conf.id,
                 clip_limit=conf.clip_limit,
+                intensity_window=_window(window),
+                raw_dtype=_raw_dtype(conf),
             ).payload(),
         )
         for z in range(conf.minz, conf.maxz + 1)
@@ -82,6 +103,7 @@ def _volume_fields(conf: RunConf, bbox_xy: Sequence[int]) -> dict:
         "shard_size": SHARD_SIZE,
         "write_raw": conf.create_raw_pyramid,
         "resolution": conf.resolution,
+        "raw_dtype": _raw_dtype(conf),
     }
 
 

@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 from emprocess import storage
 from emprocess.errors import BucketNotFound, EmprocessError, InvalidInput
-from emprocess.imageinfo import HEADER_BYTES, image_size_xy
+from emprocess.imageinfo import HEADER_BYTES, ImageHeader, image_header
 from emprocess.workflow import DEFAULT_DYNAMIC_WIDTH, VERSION
 from emprocess.workflow.batch import (
     BatchSummary,
@@ -41,6 +41,7 @@ from emprocess.workflow.payloads import (
     plan_aligned_slices,
     plan_ng_shards,
 )
+from emprocess.workflow.window import decide_window
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,8 @@ class RunInfo(BaseModel):
     width: int
     slice_size_xy: tuple[int, int]
     dag_id: str
+    slice_bits: int = 8
+    intensity_window: tuple[float, float] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
@@ -89,7 +92,16 @@ def _names(names: Sequence[str]) -> str:
 
 
 def check_slices(conf: RunConf, threads: int = 16) -> tuple[int, int]:
-    """Check every slice minz..maxz exists and all have one size; return (width, height).
+    """Check every slice minz..maxz exists and all have one format; return (width, height).
+
+    See :func:`check_slice_format`.
+    """
+    found = check_slice_format(conf, threads)
+    return found.width, found.height
+
+
+def check_slice_format(conf: RunConf, threads: int = 16) -> ImageHeader:
+    """Check every slice minz..maxz exists and all have one size, bit depth and channel count.
 
     Finds the slices with one listing of the template's prefix, then reads only the
     first ``HEADER_BYTES`` of each slice (more for a TIFF whose directory lies further).
@@ -112,11 +124,11 @@ def check_slices(conf: RunConf, threads: int = 16) -> tuple[int, int]:
             f"missing {len(missing)} of {len(expected)} slices in {source}: {_names(missing)}"
         )
 
-    def size_of(name: str) -> tuple[str, tuple[int, int] | str]:
+    def size_of(name: str) -> tuple[str, ImageHeader | str]:
         url = source + name
         try:
             header = storage.read_bytes(url, 0, HEADER_BYTES)
-            return name, image_size_xy(header, lambda s, e: storage.read_bytes(url, s, e))
+            return name, image_header(header, lambda s, e: storage.read_bytes(url, s, e))
         except EmprocessError as e:  # unreadable header, or the object vanished
             return name, str(e)
 
@@ -125,19 +137,24 @@ def check_slices(conf: RunConf, threads: int = 16) -> tuple[int, int]:
     unreadable = [f"{name} ({why})" for name, why in sizes if isinstance(why, str)]
     if unreadable:
         problems.append(f"cannot read the size of {len(unreadable)} slices: {_names(unreadable)}")
-    by_size: dict[tuple[int, int], list[str]] = defaultdict(list)
-    for name, size in sizes:
-        if not isinstance(size, str):
-            by_size[size].append(name)
-    groups = sorted(by_size.items(), key=lambda kv: -len(kv[1]))
-    if len(groups) > 1:
-        parts = [f"{w}x{h} ({len(names)}: {_names(names)})" for (w, h), names in groups]
-        problems.append("slices differ in size (width x height): " + "; ".join(parts))
+    headers = [(name, h) for name, h in sizes if not isinstance(h, str)]
+    for what, value_of in (
+        ("size (width x height)", lambda h: f"{h.width}x{h.height}"),
+        ("bit depth", lambda h: f"{h.bits}-bit"),
+        ("channel count", lambda h: f"{h.channels} channel(s)"),
+    ):
+        by_value: dict[str, list[str]] = defaultdict(list)
+        for name, h in headers:
+            by_value[value_of(h)].append(name)
+        if len(by_value) > 1:
+            groups = sorted(by_value.items(), key=lambda kv: -len(kv[1]))
+            parts = [f"{v} ({len(names)}: {_names(names)})" for v, names in groups]
+            problems.append(f"slices differ in {what}: " + "; ".join(parts))
     if problems:
         raise SliceProblems(f"source slices of {conf.image!r}: " + "; ".join(problems))
-    if not groups:
+    if not headers:
         raise SliceProblems(f"no slices of {conf.image!r} found in {source}")
-    return groups[0][0]
+    return headers[0][1]
 
 
 def validate_run(
@@ -163,18 +180,28 @@ def validate_run(
                 f"{dag_width}; leave width out or trigger the dynamic DAG emprocess_v{VERSION}"
             )
         width = dag_width
-    size = check_slices(conf)
+    found = check_slice_format(conf)
+    window = decide_window(conf, found.bits)
     log.info(
-        "run %s: slices %d..%d of %s are %dx%d; width %d",
+        "run %s: slices %d..%d of %s are %dx%d, %d-bit; width %d; intensity window %s",
         conf.id,
         conf.minz,
         conf.maxz,
         conf.image,
-        size[0],
-        size[1],
+        found.width,
+        found.height,
+        found.bits,
         width,
+        window,
     )
-    return RunInfo(conf=conf, width=width, slice_size_xy=size, dag_id=dag_id)
+    return RunInfo(
+        conf=conf,
+        width=width,
+        slice_size_xy=(found.width, found.height),
+        dag_id=dag_id,
+        slice_bits=found.bits,
+        intensity_window=window,
+    )
 
 
 # -- create_env -----------------------------------------------------------------
@@ -215,6 +242,8 @@ def create_env(info: RunInfo, airflow_run_id: str) -> dict[str, Any]:
         "conf": conf.to_json(),
         "width": info.width,
         "slice_size_xy": list(info.slice_size_xy),
+        "slice_bits": info.slice_bits,
+        "intensity_window": None if info.intensity_window is None else list(info.intensity_window),
         "buckets": conf.bucket_names(),
         "started": started,
         "first_started": first_started or started,
@@ -262,7 +291,7 @@ def align_pairs(
     if conf.skip_align:
         log.info("skip_align: no alignment requests")
         return BatchSummary("affine", worker_id, info.width, 0).to_json()
-    tasks = plan_align_pairs(conf)
+    tasks = plan_align_pairs(conf, info.intensity_window)
     return _send(info, tasks, "affine", AFFINE_CACHE, base_url, settings, worker_id, info.width)
 
 
@@ -284,7 +313,7 @@ def collect_alignment(info: RunInfo) -> dict[str, Any]:
     if conf.skip_align:
         comp = identity_alignment(conf.minz, conf.maxz, size)
     else:
-        tasks = plan_align_pairs(conf)
+        tasks = plan_align_pairs(conf, info.intensity_window)
         answers = read_cached(tasks, conf.process_url(AFFINE_CACHE))
         results = {conf.minz + t.index: answers[t.name] for t in tasks}
         comp = compose_alignment(results, conf.minz, conf.maxz, size, conf.downsample_factor)
@@ -323,7 +352,7 @@ def write_slices(
 ) -> dict[str, Any]:
     """Batch task ``write_{i}``: /alignedslice for this worker's slices."""
     conf = info.conf
-    tasks = plan_aligned_slices(conf, read_transforms(conf), canvas["bbox"])
+    tasks = plan_aligned_slices(conf, read_transforms(conf), canvas["bbox"], info.intensity_window)
     return _send(info, tasks, "write", WRITE_CACHE, base_url, settings, worker_id, info.width)
 
 
@@ -334,7 +363,7 @@ def check_slices_written(info: RunInfo, canvas: Mapping[str, Any]) -> dict[str, 
         EmprocessError: naming the slices without an answer.
     """
     conf = info.conf
-    tasks = plan_aligned_slices(conf, read_transforms(conf), canvas["bbox"])
+    tasks = plan_aligned_slices(conf, read_transforms(conf), canvas["bbox"], info.intensity_window)
     done = cached_keys(conf.process_url(WRITE_CACHE))
     missing = [t.name for t in tasks if t.cache_key() not in done]
     if missing:

@@ -1,0 +1,82 @@
+"""The run's intensity window, decided once in ``validate`` from the conf and a sample of slices."""
+
+from __future__ import annotations
+
+import logging
+
+from emprocess import storage
+from emprocess.errors import InvalidInput
+from emprocess.workflow.conf import RunConf
+
+log = logging.getLogger(__name__)
+
+AUTO_SAMPLE_SLICES = 8
+"""How many slices, spread evenly from minz to maxz, ``auto`` measures. Their summed
+histogram gives the percentiles, so a stack whose contrast drifts gets one window that
+covers its whole range; each slice is decoded and dropped before the next, so the
+Airflow worker holds one decoded slice at a time (2 bytes per pixel)."""
+
+MAX_SAMPLE_PIXELS = 32768 * 32768
+"""The largest slice ``auto`` decodes (emwrite's limit)."""
+
+
+def sample_slices(minz: int, maxz: int, count: int = AUTO_SAMPLE_SLICES) -> list[int]:
+    """``count`` slice numbers spread evenly over minz..maxz, both ends included."""
+    n = maxz - minz + 1
+    if n <= count:
+        return list(range(minz, maxz + 1))
+    return sorted({minz + round(i * (n - 1) / (count - 1)) for i in range(count)})
+
+
+def measure_window(conf: RunConf, count: int = AUTO_SAMPLE_SLICES) -> tuple[float, float]:
+    """The ``auto`` window: saturating percentiles of the summed histogram of sampled slices.
+
+    Raises:
+        InvalidInput: when a sampled slice cannot be decoded, or the sample has one grey level.
+    """
+    import numpy as np
+
+    from emprocess.images import decode_image
+    from emprocess.kernels.intensity import histogram, window_from_histogram
+
+    def hist_of(z: int) -> np.ndarray:
+        url = f"gs://{conf.source}/{conf.slice_name(z)}"
+        return histogram(decode_image(storage.read_bytes(url), url, MAX_SAMPLE_PIXELS))
+
+    zs = sample_slices(conf.minz, conf.maxz, count)
+    hists = [hist_of(z) for z in zs]  # one at a time: a slice may be GBs on the worker
+    bins = max(len(h) for h in hists)
+    total = sum(np.pad(h, (0, bins - len(h))) for h in hists)
+    window = window_from_histogram(np.asarray(total))
+    log.info("intensity window %s from slices %s", window, zs)
+    return window
+
+
+def decide_window(conf: RunConf, slice_bits: int) -> tuple[float, float] | None:
+    """The window the run applies, from conf ``intensity`` and the slices' bit depth.
+
+    Returns:
+        (low, high) grey levels, or None for today's mapping (``full``, and ``auto`` on
+        8-bit slices: they are used as they are).
+
+    Raises:
+        InvalidInput: an explicit window beyond the range of 8-bit slices, or a 16-bit
+            raw volume asked of 8-bit slices.
+    """
+    if conf.raw_bits > slice_bits:
+        raise InvalidInput(
+            f"raw_bits: {conf.raw_bits} keeps 16-bit values, but the slices are "
+            f"{slice_bits}-bit; leave raw_bits at 8"
+        )
+    if conf.intensity == "full":
+        return None
+    if conf.intensity == "auto":
+        return measure_window(conf) if slice_bits > 8 else None
+    low, high = float(conf.intensity[0]), float(conf.intensity[1])
+    top = (1 << slice_bits) - 1
+    if high > top:
+        raise InvalidInput(
+            f"intensity: window [{low:g}, {high:g}] goes beyond the {slice_bits}-bit slices' "
+            f'range 0..{top}; give a window within it, or "auto"'
+        )
+    return low, high

@@ -50,6 +50,11 @@ def test_defaults_and_contract_keys() -> None:
         "resolution": 8.0,
         "public": False,
         "width": None,
+        "neighbors": 2,
+        "global_solve": True,
+        "regularization": 0.1,
+        "skip_slices": [],
+        "bad_slice_fill": "own",
     }
     assert c.bucket_names() == {
         "source": "my-slices",

@@ -43,7 +43,7 @@ from emprocess.report.progress import (
 from emprocess.report.qc import qc_from_answers, qc_from_csv
 from emprocess.storage import ObjectInfo
 from emprocess.workflow.conf import RunConf, parse_conf
-from emprocess.workflow.payloads import AFFINE_CACHE, NG_CACHE, WRITE_CACHE
+from emprocess.workflow.payloads import AFFINE_CACHE, NG_CACHE, WRITE_CACHE, parse_pair_name
 from emprocess.workflow.stages import CANVAS, FAILURES
 
 log = logging.getLogger(__name__)
@@ -317,8 +317,11 @@ def load_run(
     if qc_text is not None:
         qc, qc_source = qc_from_csv(qc_text, min_inliers, max_residual_px), "qc.csv"
     elif records.get("affine"):
-        answers = {
-            int(name[1:]): r["response"] for name, r in records["affine"].items() if "response" in r
+        pairs = {name: parse_pair_name(name) for name in records["affine"]}
+        answers = {  # the (z, z + 1) pairs, as qc.csv's first rows
+            pairs[name][0]: r["response"]
+            for name, r in records["affine"].items()
+            if "response" in r and pairs[name][1] == pairs[name][0] + 1
         }
         qc, qc_source = qc_from_answers(answers, min_inliers, max_residual_px), "affine_cache"
 

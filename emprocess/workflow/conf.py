@@ -13,7 +13,7 @@ import functools
 import json
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -23,6 +23,7 @@ from emprocess.workflow import dag_id
 
 MAX_WIDTH = 1024
 MAX_DOWNSAMPLE = 64
+MAX_NEIGHBORS = 4
 
 LEGACY_KEYS: dict[str, str] = {"project_id": "project", "rawPyramid": "createRawPyramid"}
 """Legacy conf key -> the key it stands for."""
@@ -168,6 +169,51 @@ class RunConf(BaseModel):
         ge=1,
         le=MAX_WIDTH,
     )
+
+    # -- global alignment (issue 11) ---------------------------------------
+    neighbors: int = Field(
+        default=2,
+        title="Alignment neighbours",
+        description="Match slice z with z+1 .. z+neighbors (1 is the plain chain); k bad "
+        "slices in a row are bridged when neighbors > k.",
+        ge=1,
+        le=MAX_NEIGHBORS,
+    )
+    global_solve: bool = Field(
+        default=True,
+        title="Global solve",
+        description="Fit all slices to all pairs at once (regularized affine, outlier pairs "
+        "dropped, bad slices bridged); false chains the z, z+1 pairs as before.",
+    )
+    regularization: float = Field(
+        default=0.1,
+        title="Rigid regularization",
+        description="Weight (0 to 1) pulling each slice's affine toward a rigid one in the "
+        "global solve; keeps long stacks from slowly shearing or scaling.",
+        ge=0.0,
+        le=1.0,
+    )
+    skip_slices: list[int] = Field(
+        default=[],
+        title="Bad slices by hand",
+        description="Slice numbers to treat as bad: left out of the solve and bridged.",
+        max_length=10_000,
+    )
+    bad_slice_fill: Literal["own", "nearest", "zeros"] = Field(
+        default="own",
+        title="Bad slice fill",
+        description="What a bad slice shows: 'own' its pixels at the bridged transform, "
+        "'nearest' the nearest good slice's pixels, 'zeros' black.",
+    )
+
+    @model_validator(mode="after")
+    def _skip_slices_in_range(self) -> RunConf:
+        outside = sorted(z for z in set(self.skip_slices) if not self.minz <= z <= self.maxz)
+        if outside:
+            raise ValueError(
+                f"skip_slices {outside[:10]} lie outside minz..maxz ({self.minz}..{self.maxz})"
+            )
+        return self
 
     @model_validator(mode="before")
     @classmethod

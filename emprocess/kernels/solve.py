@@ -15,7 +15,8 @@ previous iterate; the first iterate leans toward a similarity), with weight
 part is counted as the pixels it moves the slice's edge. Only the non-rigid part is
 pulled, so long stacks keep their true rotation and shift but do not slowly shear or
 scale. The robust step drops pairs whose residual after the solve exceeds
-``max(robust_factor * median, robust_floor_px)`` and solves again; a slice left
+``max(robust_factor * median, robust_floor_px)`` (the worst first: those above 0.75 times
+the largest residual) and solves again; a slice left
 without any pair is dropped too. Dropped slices, and slices ``excluded`` by the
 caller, get a transform bridged (interpolated element-wise in z) from their nearest
 solved neighbours. Slice 0 (or the first slice solved, when 0 is dropped) is fixed
@@ -39,7 +40,7 @@ from scipy.sparse.linalg import spsolve
 DEFAULT_REGULARIZATION = 0.1
 ROBUST_FACTOR = 4.0
 ROBUST_FLOOR_PX = 2.0
-MAX_ROUNDS = 6
+MAX_ROUNDS = 20
 """Robust rounds at most (each a solve); rounds stop as soon as nothing more is dropped."""
 
 
@@ -280,7 +281,9 @@ def solve_affines(
         residual = _residuals(transforms, pre, post, p_all, q_all)
         ok = residual[used]
         limit = max(robust_factor * float(np.median(ok)) if len(ok) else 0.0, robust_floor_px)
-        drop = used & (residual > limit)
+        # Drop the worst first: one wrong pair raises its neighbours' residuals too.
+        worst = float(residual[used].max()) if used.any() else 0.0
+        drop = used & (residual > max(limit, 0.75 * worst))
         # Slices without any kept pair cannot be placed by evidence: bridge them instead.
         keep_used = used & ~drop
         has_pair = np.zeros(n, dtype=bool)

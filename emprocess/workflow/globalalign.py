@@ -5,8 +5,9 @@ finds bad slices from the evidence, runs :func:`emprocess.kernels.solve.solve_af
 and fits the canvas with :func:`emprocess.workflow.compose.fit_canvas`. Slice status:
 
 * ``good``: placed by the solve from its own pairs.
-* ``bad``: its image is bad by the evidence (named in ``skip_slices``; textureless; no
-  model to any neighbour; only models with too few inliers); left out of the solve,
+* ``bad``: its image is bad by the evidence (named in ``skip_slices``; textureless; an
+  exact duplicate of the slice before; no model to any neighbour; only models with too
+  few inliers); left out of the solve,
   its transform bridged from the nearest good slices, its pixels per ``bad_slice_fill``.
 * ``bridged``: its image looked fine, but every pair around it disagreed with the solve
   (dropped by the robust step); bridged like a bad slice, its own pixels kept.
@@ -30,6 +31,8 @@ MIN_INLIERS = 30
 """A pair model with fewer inliers than this is not trusted as evidence."""
 TEXTURE_FRACTION = 0.2
 """A slice with fewer SIFT features than this fraction of the median slice is textureless."""
+DUPLICATE_RESIDUAL_PX = 1e-3
+"""A pair this close to the identity, with inliers this close, shows one image twice."""
 DOUBTFUL_RESIDUAL_PX = 2.0
 """A run whose worst used pair residual after the solve exceeds this is doubtful."""
 DOUBTFUL_BAD_FRACTION = 0.05
@@ -125,6 +128,14 @@ def _features(results: Mapping[tuple[int, int], Mapping[str, Any]]) -> dict[int,
     return out
 
 
+def _identical(result: Mapping[str, Any]) -> bool:
+    """The pair's images are one image: its affine is the identity with no residual."""
+    residual = result.get("affine_mean_residual_px")
+    if not result.get("affine_found") or residual is None or residual > DUPLICATE_RESIDUAL_PX:
+        return False
+    return bool(np.allclose(result["affine"], affine.IDENTITY, atol=DUPLICATE_RESIDUAL_PX))
+
+
 def _evidence_bad(
     n: int,
     minz: int,
@@ -141,6 +152,9 @@ def _evidence_bad(
     for z, count in features.items():
         if z - minz not in reasons and count < TEXTURE_FRACTION * median:
             reasons[z - minz] = f"textureless: {count} SIFT features (median slice {median:g})"
+    for (pre, post), r in sorted(results.items()):
+        if post == pre + 1 and post - minz not in reasons and _identical(r):
+            reasons[post - minz] = f"exact duplicate of slice {pre}"
     found = np.zeros(n, dtype=bool)
     seen = np.zeros(n, dtype=bool)
     for pre, post in results:

@@ -101,6 +101,17 @@ def bench_emwrite(
     )
 
 
+@bench_app.command("solve")
+def bench_solve(
+    sizes: list[int] = typer.Option([1000, 10_000, 50_000], "--slices", help="Stack sizes."),
+    neighbors: int = typer.Option(4, min=1, max=4, help="Neighbours per slice."),
+) -> None:
+    """Time and peak memory of collect's global solve (targets at 50,000: < 60 s, < 2 GiB)."""
+    from emprocess.bench_solve import print_solve_benchmark, run_solve_benchmark
+
+    print_solve_benchmark(run_solve_benchmark(sizes, neighbors))
+
+
 @bench_app.command("parse")
 def bench_parse(repeats: int = typer.Option(5, min=1, help="Parses; the median counts.")) -> None:
     """Seconds Airflow takes to parse emprocess.py (all DAGs); target under 1 s."""

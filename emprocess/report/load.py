@@ -12,6 +12,8 @@ mini-task, so it costs more on big runs.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -259,6 +261,17 @@ def load_run(
         qc_text = storage.read_bytes(f"{process}/align/qc.csv").decode()
         times.append(qc_info.updated)
 
+    slice_qc: list[dict[str, Any]] = []
+    if _listed(f"{process}/align/slices.csv") is not None:
+        text = storage.read_bytes(f"{process}/align/slices.csv").decode()
+        slice_qc = [
+            {**r, "z": int(r["z"]), "residual_px": float(r["residual_px"])}
+            for r in csv.DictReader(io.StringIO(text))
+        ]
+    alignment = (canvas or {}).get("alignment") if isinstance(canvas, dict) else None
+    if alignment is None and complete:
+        alignment = complete.get("alignment")
+
     bbox: tuple[int, int] | None = None
     if isinstance(canvas, dict) and canvas.get("bbox"):
         bbox = (int(canvas["bbox"][0]), int(canvas["bbox"][1]))
@@ -343,6 +356,8 @@ def load_run(
         min_inliers=min_inliers,
         max_residual_px=max_residual_px,
         failures=tuple(failure_notes),
+        slice_qc=tuple(slice_qc),
+        alignment=alignment,
     )
     log.info(
         "run %s: %s; %s",

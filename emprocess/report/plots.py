@@ -127,7 +127,38 @@ def qc_figure(report: RunReport) -> Figure:
         )
     if report.flagged:
         ax_in.legend(loc="best", fontsize=8)
+    if report.slice_qc:
+        _slice_panel(fig, report)
     return fig
+
+
+STATUS_COLOURS = {"good": "tab:green", "bridged": "tab:orange", "bad": "tab:red"}
+
+
+def _slice_panel(fig: Figure, report: RunReport) -> None:
+    """A third panel: per slice residual after the global solve, bridged and bad slices marked."""
+    fig.set_size_inches(9, 8)
+    axes = fig.axes
+    for i, ax in enumerate(axes):
+        ax.set_position((0.08, 0.69 - 0.29 * i, 0.9, 0.23))
+    ax = fig.add_axes((0.08, 0.07, 0.9, 0.2), sharex=axes[0])
+    zs = [r["z"] for r in report.slice_qc]
+    ax.plot(zs, [r["residual_px"] for r in report.slice_qc], ".-", color="tab:blue", markersize=3)
+    for status, colour in STATUS_COLOURS.items():
+        hits = [r for r in report.slice_qc if r["status"] == status]
+        if hits and status != "good":
+            for r in hits:
+                for a in [*axes, ax]:
+                    a.axvline(r["z"], color=colour, alpha=0.35, linewidth=2)
+            ax.scatter(
+                [r["z"] for r in hits], [0] * len(hits), color=colour, zorder=3,
+                label=f"{status} ({len(hits)})",
+            )  # fmt: skip
+    ax.set_ylabel("slice residual\nafter solve (px)")
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("slice z")
+    if any(r["status"] != "good" for r in report.slice_qc):
+        ax.legend(loc="best", fontsize=8)
 
 
 def plot_progress(report: RunReport, path: str | Path) -> Path:

@@ -112,6 +112,29 @@ def bench_solve(
     print_solve_benchmark(run_solve_benchmark(sizes, neighbors))
 
 
+@bench_app.command("drift")
+def bench_drift(
+    folder: str = typer.Option(
+        "../shared/data/fibsem", help="Folder of registered slices img.NNNNN.png (real FIB-SEM)."
+    ),
+    slices: int = typer.Option(100, min=10, help="Stack length (longer runs the folder back)."),
+    crop: int = typer.Option(440, min=64, help="Side of the resliced slices (px)."),
+    downsample: int = typer.Option(1, min=1, max=8, help="Alignment downsample factor."),
+    neighbors: list[int] = typer.Option([2, 3], help="Neighbours of the solve runs."),
+    regularization: float = typer.Option(0.1, min=0.0, max=1.0, help="Pull toward rigid."),
+    faults: bool = typer.Option(True, help="Inject blank, noise, 2-in-a-row and duplicate."),
+) -> None:
+    """Accuracy on real FIB-SEM resliced with known drift: today's chain vs the global solve."""
+    from pathlib import Path
+
+    from emprocess.bench_drift import print_drift_benchmark, run_drift_benchmark
+
+    rows = run_drift_benchmark(
+        Path(folder), slices, crop, downsample, tuple(neighbors), regularization, faults
+    )
+    print_drift_benchmark(rows, slices, downsample)
+
+
 @bench_app.command("parse")
 def bench_parse(repeats: int = typer.Option(5, min=1, help="Parses; the median counts.")) -> None:
     """Seconds Airflow takes to parse emprocess.py (all DAGs); target under 1 s."""

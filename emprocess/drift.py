@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import cv2
@@ -119,7 +119,7 @@ def reslice(
 
 
 def errors_px(
-    transforms: dict[int, Sequence[float]], truth: dict[str, Any], bad: Sequence[int] = ()
+    transforms: Mapping[int, Sequence[float]], truth: Mapping[str, Any], bad: Sequence[int] = ()
 ) -> dict[str, Any]:
     """Compare a run's transforms with the truth at a 5 x 5 grid of points over the slice.
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -21,6 +22,7 @@ from dags_conftest_helpers import run_e2e
 
 from emprocess import storage
 from emprocess.drift import BLANK, DUPLICATE, NOISE, errors_px, reslice
+from emprocess.report import run_report
 from emprocess.workflow import dag_id
 
 FIBSEM = SHARED_DATA / "fibsem"
@@ -47,7 +49,11 @@ def _write_stack(bucket: str) -> dict[str, Any]:
 
 
 def test_neighbours_solve_and_bad_slices_on_real_fibsem(
-    gcs_emulator: str, airflow_db: Any, dag_bag: Any, service_pool: ServicePool
+    gcs_emulator: str,
+    airflow_db: Any,
+    dag_bag: Any,
+    service_pool: ServicePool,
+    tmp_path: Path,
 ) -> None:
     source = unique_bucket("ga")
     storage.create_bucket(source)
@@ -98,3 +104,13 @@ def test_neighbours_solve_and_bad_slices_on_real_fibsem(
     assert quality["slices"] == {"good": 95, "bridged": 0, "bad": 5}
     assert quality["pairs"] == 294 and 0 < quality["pair_residual_px"]["median"] < 1.0
     assert quality["doubtful"] is False and quality["why"] == ""  # 5% bad is still allowed
+    # The report names every bad slice with its reason, and draws them along z.
+    report = run_report(source, "drift", tmp_path)
+    text = report.summary_text()
+    assert "Global solve: 265 of 294 pairs used" in text or "Global solve:" in text
+    assert "slice 61 bad: no model to any neighbour" in text
+    assert "slice 80 bad: exact duplicate of slice 79" in text
+    assert "ALIGNMENT DOUBTFUL" not in text
+    html = (tmp_path / "report.html").read_text()
+    assert "slice 20 bad: textureless" in html
+    assert report.to_json()["alignment"]["slices"]["bad"] == 5

@@ -66,7 +66,7 @@ def run_drift_benchmark(
     crop: int = 440,
     downsample: int = 1,
     neighbors: Sequence[int] = (1, 2, 3),
-    regularization: float = 0.1,
+    regularization: float = 1.0,
     faults: bool = True,
     seed: int = 3,
 ) -> list[dict[str, Any]]:

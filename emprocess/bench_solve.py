@@ -63,7 +63,7 @@ def run_solve_benchmark(sizes: Sequence[int], k: int) -> list[dict[str, Any]]:
     for n in sorted(sizes):
         answers, truth = synthetic_answers(n, k)
         t0 = time.perf_counter()
-        result = global_alignment(answers, 0, n - 1, SIZE_XY, 1, 0.1)
+        result = global_alignment(answers, 0, n - 1, SIZE_XY, 1)
         seconds = time.perf_counter() - t0
         peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         found = result.composition.transforms

@@ -121,7 +121,7 @@ def bench_drift(
     crop: int = typer.Option(440, min=64, help="Side of the resliced slices (px)."),
     downsample: int = typer.Option(1, min=1, max=8, help="Alignment downsample factor."),
     neighbors: list[int] = typer.Option([2, 3], help="Neighbours of the solve runs."),
-    regularization: float = typer.Option(0.1, min=0.0, max=1.0, help="Pull toward rigid."),
+    regularization: float = typer.Option(1.0, min=0.0, max=10.0, help="Pull toward rigid."),
     faults: bool = typer.Option(True, help="Inject blank, noise, 2-in-a-row and duplicate."),
 ) -> None:
     """Accuracy on real FIB-SEM resliced with known drift: today's chain vs the global solve."""

@@ -52,7 +52,7 @@ def test_defaults_and_contract_keys() -> None:
         "width": None,
         "neighbors": 2,
         "global_solve": True,
-        "regularization": 0.1,
+        "regularization": 1.0,
         "skip_slices": [],
         "bad_slice_fill": "own",
     }

@@ -37,7 +37,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.linalg import spsolve
 
-DEFAULT_REGULARIZATION = 0.1
+DEFAULT_REGULARIZATION = 1.0
 ROBUST_FACTOR = 4.0
 ROBUST_FLOOR_PX = 2.0
 MAX_ROUNDS = 20
@@ -93,13 +93,17 @@ def _system(
     fixed: int,
     reg_weight: float,
     target: np.ndarray | None,
+    weight: np.ndarray,
 ) -> tuple[sp.csc_matrix, np.ndarray]:
     """Normal equations of all point rows plus regularizer rows, slice ``fixed`` eliminated.
 
     Unknowns per slice: m00, m01, m02, m10, m11, m12 (x row then y row).
     """
     m, k = p.shape[0], p.shape[1]
-    ones = np.ones((m, k))
+    w_rows = np.broadcast_to(weight[:, None], (m, k))
+    ones = w_rows
+    q = q * weight[:, None, None]
+    p = p * weight[:, None, None]
     # x equation: m00_i qx + m01_i qy + m02_i - (m00_j px + m01_j py + m02_j) = 0; y alike.
     rows, cols, vals = [], [], []
     base = np.arange(m * k).reshape(m, k)
@@ -165,10 +169,11 @@ def _solve_once(
     fixed: int,
     reg_weight: float,
     previous: np.ndarray | None,
+    weight: np.ndarray,
 ) -> np.ndarray:
     """One least-squares solve; returns (n, 6) unknowns in row order m00 m01 m02 m10 m11 m12."""
     target = None if previous is None else _nearest_rotation(previous)
-    normal, rhs = _system(n, pre, post, p, q, fixed, reg_weight, target)
+    normal, rhs = _system(n, pre, post, p, q, fixed, reg_weight, target, weight)
     x = np.asarray(spsolve(normal, rhs))
     full = np.empty(6 * n)
     keep = np.ones(6 * n, dtype=bool)
@@ -215,6 +220,7 @@ def solve_affines(
     excluded: np.ndarray | None = None,
     robust_factor: float = ROBUST_FACTOR,
     robust_floor_px: float = ROBUST_FLOOR_PX,
+    weights: np.ndarray | None = None,
 ) -> SolveResult:
     """Fit one affine per slice to all pair models at once (see the module docstring).
 
@@ -229,6 +235,8 @@ def solve_affines(
         excluded: (n,) bool, slices to leave out of the solve and bridge.
         robust_factor: drop pairs with residual above this times the median ...
         robust_floor_px: ... and above this many pixels.
+        weights: (P,) > 0, how much each pair counts (its rows are scaled by it); ones
+            when None.
 
     Raises:
         ValueError: on arrays of mismatched shapes or slice indices out of range.
@@ -242,6 +250,9 @@ def solve_affines(
         )
     if len(pre) and (min(pre.min(), post.min()) < 0 or max(pre.max(), post.max()) >= n):
         raise ValueError(f"pair slice indices must lie in 0..{n - 1}")
+    weights = np.ones(len(pre)) if weights is None else np.asarray(weights, float).ravel()
+    if len(weights) != len(pre) or not (weights > 0).all():
+        raise ValueError(f"weights must be {len(pre)} numbers > 0")
     if regularization < 0:
         raise ValueError(f"regularization must be >= 0, got {regularization}")
     solved = np.ones(n, dtype=bool) if excluded is None else ~np.asarray(excluded, dtype=bool)
@@ -268,12 +279,13 @@ def solve_affines(
         all_post = np.concatenate([lq, [b for _, b in links]]).astype(np.int64)
         p = np.concatenate([p_all[used], identity_p])
         q = np.concatenate([q_all[used], identity_p])
+        w = np.concatenate([weights[used], np.ones(len(links))])
         x = None
         if previous_local is None or len(previous_local) != len(idx):
-            x = _solve_once(len(idx), all_pre, all_post, p, q, 0, reg_weight, None)
+            x = _solve_once(len(idx), all_pre, all_post, p, q, 0, reg_weight, None, w)
         else:
             x = previous_local
-        x = _solve_once(len(idx), all_pre, all_post, p, q, 0, reg_weight, x)
+        x = _solve_once(len(idx), all_pre, all_post, p, q, 0, reg_weight, x, w)
         rounds += 1
         previous_local = x
         transforms = np.tile(np.array([1.0, 0, 0, 1, 0, 0]), (n, 1))

@@ -186,12 +186,13 @@ class RunConf(BaseModel):
         "dropped, bad slices bridged); false chains the z, z+1 pairs as before.",
     )
     regularization: float = Field(
-        default=0.1,
+        default=1.0,
         title="Rigid regularization",
-        description="Weight (0 to 1) pulling each slice's affine toward a rigid one in the "
-        "global solve; keeps long stacks from slowly shearing or scaling.",
+        description="Weight pulling each slice's affine toward a rigid one in the global "
+        "solve (at 1, a shear or scale counts like the pixels it moves a point at the "
+        "slice's edge); keeps long stacks from slowly shearing or scaling; 0: plain affines.",
         ge=0.0,
-        le=1.0,
+        le=10.0,
     )
     skip_slices: list[int] = Field(
         default=[],

@@ -8,8 +8,8 @@ It compares the transforms with two truths:
 * ``raw``: the registered volume's frame. SIFT sees the registered volume itself move
   (its slices are registered to about 1 px, and structures run obliquely through z),
   so this figure includes drift no content-based alignment can remove.
-* ``content``: the same method's alignment of the undrifted stack, composed with the
-  known drift: what an alignment should add when the drift is the only change.
+* ``content``: the same method's alignment (same settings) of the undrifted stack,
+  composed with the known drift: what the drift alone changes in the result.
 
 Longer stacks than the folder holds run through it forward and back (0..99, 98..0, ...),
 which keeps neighbouring slices neighbours.
@@ -60,6 +60,40 @@ def _align_all(
         return dict(zip(pairs, answers, strict=True))
 
 
+def _align(
+    answers: dict[tuple[int, int], dict[str, Any]],
+    mode: str,
+    k: int,
+    n: int,
+    size: tuple[int, int],
+    downsample: int,
+    regularization: float,
+) -> tuple[dict[int, list[float]], list[int], list[int]]:
+    """Transforms, slices not placed by the solve, and slices flagged bad."""
+    sub = {p: a for p, a in answers.items() if p[1] - p[0] <= k}
+    if mode == "chain":
+        chain = {p[0]: a for p, a in sub.items()}
+        return compose_alignment(chain, 0, n - 1, size, downsample).transforms, [], []
+    result = global_alignment(sub, 0, n - 1, size, downsample, regularization)
+    bad = [s.z for s in result.slices if s.status != "good"]
+    return result.composition.transforms, bad, [s.z for s in result.slices if s.status == BAD]
+
+
+def _content_truth(
+    truth: dict[str, Any],
+    truth0: dict[str, Any],
+    base: dict[int, list[float]],
+    injected: dict[int, str],
+) -> dict[str, Any]:
+    """Drifted px -> registered px -> the undrifted stack's run (same settings)."""
+    world = {}
+    for z in range(len(base)):
+        src = z - 1 if injected.get(z) == DUPLICATE else z  # a duplicate shows z - 1
+        raw_to_base = affine.compose(base[src], affine.invert(truth0["world"][str(src)]))
+        world[str(z)] = affine.compose(raw_to_base, truth["world"][str(z)])
+    return {**truth, "world": world}
+
+
 def run_drift_benchmark(
     folder: Path,
     n: int = 100,
@@ -82,27 +116,12 @@ def run_drift_benchmark(
     base_answers = _align_all(still, pairs, downsample)
     align_s = time.perf_counter() - t0
     size = (crop, crop)
-    base = global_alignment(base_answers, 0, n - 1, size, downsample, regularization)
-    b, w0 = base.composition.transforms, truth0["world"]
-    content = {**truth, "world": {}}
-    for z in range(n):  # drifted px -> registered px -> the undrifted run's canvas
-        src = z - 1 if injected.get(z) == DUPLICATE else z  # a duplicate shows z - 1
-        raw_to_base = affine.compose(b[src], affine.invert(w0[str(src)]))
-        content["world"][str(z)] = affine.compose(raw_to_base, truth["world"][str(z)])
     rows = []
     settings: list[tuple[str, int]] = [("chain", 1)] + [("solve", k) for k in neighbors]
     for mode, k in settings:
-        sub = {p: a for p, a in answers.items() if p[1] - p[0] <= k}
-        if mode == "chain":
-            chain = {p[0]: a for p, a in sub.items()}
-            transforms = compose_alignment(chain, 0, n - 1, size, downsample).transforms
-            bad: list[int] = []
-            flagged_bad: list[int] = []
-        else:
-            result = global_alignment(sub, 0, n - 1, size, downsample, regularization)
-            transforms = result.composition.transforms
-            bad = [s.z for s in result.slices if s.status != "good"]
-            flagged_bad = [s.z for s in result.slices if s.status == BAD]
+        transforms, bad, flagged_bad = _align(answers, mode, k, n, size, downsample, regularization)
+        base, _, _ = _align(base_answers, mode, k, n, size, downsample, regularization)
+        content = _content_truth(truth, truth0, base, injected)
         row: dict[str, Any] = {"mode": mode, "neighbors": k, "flagged": flagged_bad}
         for name, t in (("raw", truth), ("content", content)):
             figs = errors_px(transforms, t, bad)

@@ -279,7 +279,10 @@ def load_run(
         bbox = (int(complete["bbox"][0]), int(complete["bbox"][1]))
     elif transforms and init.get("slice_size_xy"):
         bbox = canvas_from_transforms(transforms, init["slice_size_xy"])
-    plans = plan_stages(conf, run_conf, transforms, bbox)
+    fill = None
+    if (doc := _read_json(f"{process}/align/fill.json")) is not None:
+        fill = {int(z): (None if v is None else int(v)) for z, v in doc[0].items()}
+    plans = plan_stages(conf, run_conf, transforms, bbox, fill)
 
     listings: dict[str, list[ObjectInfo]] = {}  # ngmeta and ngshard share one prefix
     counted: dict[str, Counted] = {}

@@ -21,6 +21,7 @@ from emprocess.workflow.batch import MiniTask
 from emprocess.workflow.conf import RunConf
 from emprocess.workflow.payloads import (
     ngmeta_task,
+    pair_name,
     plan_align_pairs,
     plan_aligned_slices,
     plan_cube_starts,
@@ -77,11 +78,22 @@ def plan_stages(
     run_conf: RunConf | None,
     transforms: Mapping[int, list[float]] | None,
     bbox: tuple[int, int] | None,
+    fill: Mapping[int, int | None] | None = None,
 ) -> dict[str, Plan]:
-    """Each stage's planned names, and with a parsable conf this code's exact cache keys."""
+    """Each stage's planned names, and with a parsable conf this code's exact cache keys.
+
+    ``fill`` is align/fill.json (bad slice -> stand-in), which shapes the write requests.
+    """
     minz, maxz = int(conf["minz"]), int(conf["maxz"])
     skip = bool(conf.get("skip_align", False))
-    pairs = [] if skip else [f"z{z:06d}" for z in range(minz, maxz)]
+    k = int(conf.get("neighbors", 1) or 1)
+    pairs = (
+        []
+        if skip
+        else [
+            pair_name(z, z + d) for z in range(minz, maxz) for d in range(1, k + 1) if z + d <= maxz
+        ]
+    )
     slices = [f"z{z:06d}" for z in range(minz, maxz + 1)]
     cubes = None
     if bbox is not None:
@@ -98,7 +110,7 @@ def plan_stages(
         plans["affine"].keys = _keys(plan_align_pairs(run_conf))
     if bbox is not None:
         if transforms is not None and len(transforms) == len(slices):
-            plans["write"].keys = _keys(plan_aligned_slices(run_conf, transforms, bbox))
+            plans["write"].keys = _keys(plan_aligned_slices(run_conf, transforms, bbox, fill))
         plans["ngmeta"].keys = _keys([ngmeta_task(run_conf, bbox)])
         plans["ngshard"].keys = _keys(plan_ng_shards(run_conf, bbox))
     for plan in plans.values():

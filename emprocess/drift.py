@@ -3,8 +3,8 @@
 For checking the alignment against the truth on real FIB-SEM (tests and ``emprocess
 bench drift``): output slice z shows the registered slice z seen through the rigid map
 ``world[z]`` (output px -> registered px), cropped so no border enters. ``truth`` has
-the keys :func:`tests`' ``alignment_errors_px`` reads (``width``, ``height``, ``minz``,
-``world``) plus the injected ``faults``.
+the keys of :mod:`emprocess.sample`'s truth.json that the checks read (``width``,
+``height``, ``minz``, ``maxz``, ``world``) plus the injected ``faults``.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 
@@ -56,3 +57,23 @@ def test_fills_of_bad_slices() -> None:
     assert [t.payload for t in plain if t.payload["slice"] not in (5, 6)] == [
         p for z, p in by_z.items() if z not in (5, 6)
     ]
+
+
+def test_reslice_drift_and_faults_follow_the_truth() -> None:
+    from emprocess.drift import BLANK, DUPLICATE, reslice
+
+    rng = np.random.default_rng(0)
+    smooth = cv2.GaussianBlur(rng.uniform(0, 255, (200, 200)), (0, 0), 6)
+    images = [(smooth * 3 - 200).clip(0, 255).astype(np.uint8)] * 6
+    slices, truth = reslice(images, 150, seed=1, faults={3: BLANK, 5: DUPLICATE})
+    world = truth["world"]
+    # Output pixel (x, y) of slice z shows the registered image at world[z](x, y).
+    for z in (1, 2, 4):
+        x, y = 60, 90
+        wx, wy = affine.apply(world[str(z)], np.array([[x, y]]))[0]
+        expected = cv2.getRectSubPix(images[z].astype(np.float32), (1, 1), (wx, wy))[0, 0]
+        assert abs(float(slices[z][y, x]) - expected) <= 1.0
+    assert world["1"] != world["2"]
+    assert slices[3].std() == 0
+    assert (slices[5] == slices[4]).all() and world["5"] == world["4"]
+    assert truth["faults"] == {"3": "blank", "5": "duplicate"}

@@ -137,17 +137,21 @@ def test_global_alignment_flags_the_evidence_and_writes_records() -> None:
             r["features_pre" if key[0] == 4 else "features_post"] = 0
         if 8 in key:  # slice 8 is noise: features, no model
             results[key].update(affine_found=False, translation_found=False, affine_inliers=3)
+    for key in results:
+        if 2 in key and 4 not in key:  # slice 2: models, but weak ones
+            results[key].update(affine_inliers=25, translation_inliers=25)
     results[(6, 7)].update(affine=list(affine.IDENTITY), affine_mean_residual_px=0.0)
     g = global_alignment(results, 0, 11, SIZE, skip_slices=[10])
     flagged = {s.z: (s.status, s.reason) for s in g.slices if s.status != "good"}
     assert flagged == {
+        2: ("bad", "too few inliers (< 30) to every neighbour"),
         4: ("bad", "textureless: 0 SIFT features (median slice 900)"),
         7: ("bad", "exact duplicate of slice 6"),
         8: ("bad", "no model to any neighbour"),
         10: ("bad", "named in skip_slices"),
     }
     summary = g.summary()
-    assert summary["slices"] == {"good": 8, "bridged": 0, "bad": 4}
-    assert summary["doubtful"] and "4 of 12 slices" in summary["why"]
-    assert g.fill("nearest") == {4: 3, 7: 6, 8: 9, 10: 9} and g.fill("zeros")[4] is None
+    assert summary["slices"] == {"good": 7, "bridged": 0, "bad": 5}
+    assert summary["doubtful"] and "5 of 12 slices" in summary["why"]
+    assert g.fill("nearest") == {2: 1, 4: 3, 7: 6, 8: 9, 10: 9} and g.fill("zeros")[4] is None
     assert g.fill("own") == {}

@@ -155,24 +155,23 @@ def _evidence_bad(
     for (pre, post), r in sorted(results.items()):
         if post == pre + 1 and post - minz not in reasons and _identical(r):
             reasons[post - minz] = f"exact duplicate of slice {pre}"
-    found = np.zeros(n, dtype=bool)
+    found = np.zeros(n, dtype=bool)  # a trusted model to some neighbour
+    weak = np.zeros(n, dtype=bool)  # some model, perhaps with too few inliers
     seen = np.zeros(n, dtype=bool)
-    for pre, post in results:
-        for z in (pre - minz, post - minz):
-            seen[z] = True
-            if models[(pre, post)] is not None:
-                found[z] = True
+    for (pre, post), r in results.items():
+        ends = [pre - minz, post - minz]
+        seen[ends] = True
+        if models[(pre, post)] is not None:
+            found[ends] = True
+        if r.get("affine_found") or r.get("translation_found"):
+            weak[ends] = True
     for i in np.flatnonzero(seen & ~found):
-        z = int(i)
-        if z in reasons:
-            continue
-        answers = [r for (a, b), r in results.items() if z + minz in (a, b)]
-        any_model = any(r.get("affine_found") or r.get("translation_found") for r in answers)
-        reasons[z] = (
-            f"too few inliers (< {MIN_INLIERS}) to every neighbour"
-            if any_model
-            else "no model to any neighbour"
-        )
+        if int(i) not in reasons:
+            reasons[int(i)] = (
+                f"too few inliers (< {MIN_INLIERS}) to every neighbour"
+                if weak[i]
+                else "no model to any neighbour"
+            )
     return reasons
 
 

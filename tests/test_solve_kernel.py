@@ -155,3 +155,24 @@ def test_global_alignment_flags_the_evidence_and_writes_records() -> None:
     assert summary["doubtful"] and "5 of 12 slices" in summary["why"]
     assert g.fill("nearest") == {2: 1, 4: 3, 7: 6, 8: 9, 10: 9} and g.fill("zeros")[4] is None
     assert g.fill("own") == {}
+
+
+def test_a_slice_whose_pairs_all_disagree_is_bridged() -> None:
+    truth = truth_walk(12, 5)
+    results = {}
+    for z in range(12):
+        for d in (1, 2):
+            if z + d < 12:
+                results[(z, z + d)] = _answer(affine.compose(affine.invert(truth[z]), truth[z + d]))
+    offsets = {(3, 5): (40, 0), (4, 5): (0, 40), (5, 6): (-40, 0), (5, 7): (0, -40)}
+    for key, (dx, dy) in offsets.items():
+        model = results[key]["affine"]
+        results[key]["affine"] = affine.compose(affine.translation(dx, dy), model)
+    g = global_alignment(results, 0, 11, SIZE)
+    flagged = {s.z: (s.status, s.reason) for s in g.slices if s.status != "good"}
+    assert flagged == {5: ("bridged", "every pair around it disagrees with the solve")}
+    assert g.fill("nearest") == {}  # bridged slices keep their own pixels
+    shifted = g.composition.transforms
+    canvas = affine.compose(shifted[0], affine.invert(truth[0]))
+    for z in (4, 6, 11):
+        assert affine.mean_corner_error(shifted[z], affine.compose(canvas, truth[z]), *SIZE) < 1e-6

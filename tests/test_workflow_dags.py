@@ -155,7 +155,8 @@ def test_params_carry_defaults_and_descriptions(dagbag: Any, dynamic: bool) -> N
     dag = dagbag.dags[dag_id(None if dynamic else 4)]
     params = {k: dag.params.get_param(k) for k in dag.params}
     keys = {"id", "image", "minz", "maxz", "source", "project", "email", "downsample_factor",
-            "skip_align", "clip-limit", "createRawPyramid", "resolution", "public"}  # fmt: skip
+            "skip_align", "clip-limit", "createRawPyramid", "resolution", "public",
+            "neighbors", "global_solve", "regularization", "skip_slices", "bad_slice_fill"}  # fmt: skip
     assert set(params) == keys | ({"width"} if dynamic else set())
     for key, p in params.items():
         assert p.description, key

@@ -176,3 +176,24 @@ def test_a_slice_whose_pairs_all_disagree_is_bridged() -> None:
     canvas = affine.compose(shifted[0], affine.invert(truth[0]))
     for z in (4, 6, 11):
         assert affine.mean_corner_error(shifted[z], affine.compose(canvas, truth[z]), *SIZE) < 1e-6
+
+
+def test_legacy_answers_without_flags_or_counts_still_solve() -> None:
+    """The Fiji service's answers: only ``affine`` and ``translation``; identity = not found."""
+    truth = truth_walk(8, 6)
+    results = {}
+    for z in range(8):
+        for d in (1, 2):
+            if z + d < 8:
+                model = affine.compose(affine.invert(truth[z]), truth[z + d])
+                results[(z, z + d)] = {"affine": model, "translation": list(affine.IDENTITY)}
+    for key in [k for k in results if 3 in k]:
+        results[key] = {"affine": list(affine.IDENTITY), "translation": list(affine.IDENTITY)}
+    g = global_alignment(results, 0, 7, SIZE)
+    assert {s.z: s.reason for s in g.slices if s.status != "good"} == {
+        3: "no model to any neighbour"
+    }
+    found = g.composition.transforms
+    canvas = affine.compose(found[0], affine.invert(truth[0]))
+    for z in (1, 2, 4, 7):
+        assert affine.mean_corner_error(found[z], affine.compose(canvas, truth[z]), *SIZE) < 1e-6

@@ -47,7 +47,8 @@ class Composition:
     pairs: list[PairChoice] = field(default_factory=list)
 
 
-def _found(result: Mapping[str, Any], model: str) -> bool:
+def model_found(result: Mapping[str, Any], model: str) -> bool:
+    """Whether the answer found ``model`` ("affine" or "translation"), legacy answers too."""
     flag = result.get(f"{model}_found")
     if flag is not None:
         return bool(flag)
@@ -72,8 +73,8 @@ def choose_pair_transform(
         pre: the pair's first slice z; post is z + 1.
         downsample_factor: the factor the service shrank the slices by.
     """
-    affine_ok = _found(result, "affine")
-    translation_ok = _found(result, "translation")
+    affine_ok = model_found(result, "affine")
+    translation_ok = model_found(result, "translation")
     m01 = float(result["affine"][2]) if result.get("affine") is not None else None
     if affine_ok and m01 is not None and abs(m01) > SHEAR_TRANSLATION_MAX:
         model = "affine"

@@ -25,7 +25,13 @@ import numpy as np
 
 from emprocess import affine
 from emprocess.kernels.solve import solve_affines
-from emprocess.workflow.compose import Composition, PairChoice, choose_pair_transform, fit_canvas
+from emprocess.workflow.compose import (
+    Composition,
+    PairChoice,
+    choose_pair_transform,
+    fit_canvas,
+    model_found,
+)
 
 MIN_INLIERS = 30
 """A pair model with fewer inliers than this is not trusted as evidence."""
@@ -110,9 +116,9 @@ class GlobalAlignment:
 def _solve_model(result: Mapping[str, Any], downsample_factor: int) -> list[float] | None:
     """The affine when found (the solve regularizes it), else the translation, else None."""
     for model in ("affine", "translation"):
-        found = result.get(f"{model}_found")
         inliers = result.get(f"{model}_inliers")
-        if found and (inliers is None or inliers >= MIN_INLIERS):
+        # Legacy answers have no flags and no counts: an identity meant "not found".
+        if model_found(result, model) and (inliers is None or inliers >= MIN_INLIERS):
             params = [float(v) for v in result[model]]
             return affine.rescale(params, downsample_factor) if downsample_factor != 1 else params
     return None
@@ -163,7 +169,7 @@ def _evidence_bad(
         seen[ends] = True
         if models[(pre, post)] is not None:
             found[ends] = True
-        if r.get("affine_found") or r.get("translation_found"):
+        if model_found(r, "affine") or model_found(r, "translation"):
             weak[ends] = True
     for i in np.flatnonzero(seen & ~found):
         if int(i) not in reasons:

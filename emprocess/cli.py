@@ -118,6 +118,40 @@ def bench_emwrite(
     )
 
 
+@bench_app.command("solve")
+def bench_solve(
+    sizes: list[int] = typer.Option([1000, 10_000, 50_000], "--slices", help="Stack sizes."),
+    neighbors: int = typer.Option(4, min=1, max=4, help="Neighbours per slice."),
+) -> None:
+    """Time and peak memory of collect's global solve (targets at 50,000: < 60 s, < 2 GiB)."""
+    from emprocess.bench_solve import print_solve_benchmark, run_solve_benchmark
+
+    print_solve_benchmark(run_solve_benchmark(sizes, neighbors))
+
+
+@bench_app.command("drift")
+def bench_drift(
+    folder: str = typer.Option(
+        "../shared/data/fibsem", help="Folder of registered slices img.NNNNN.png (real FIB-SEM)."
+    ),
+    slices: int = typer.Option(100, min=10, help="Stack length (longer runs the folder back)."),
+    crop: int = typer.Option(440, min=64, help="Side of the resliced slices (px)."),
+    downsample: int = typer.Option(1, min=1, max=8, help="Alignment downsample factor."),
+    neighbors: list[int] = typer.Option([2, 3], help="Neighbours of the solve runs."),
+    regularization: float = typer.Option(1.0, min=0.0, max=10.0, help="Pull toward rigid."),
+    faults: bool = typer.Option(True, help="Inject blank, noise, 2-in-a-row and duplicate."),
+) -> None:
+    """Accuracy on real FIB-SEM resliced with known drift: today's chain vs the global solve."""
+    from pathlib import Path
+
+    from emprocess.bench_drift import print_drift_benchmark, run_drift_benchmark
+
+    rows = run_drift_benchmark(
+        Path(folder), slices, crop, downsample, tuple(neighbors), regularization, faults
+    )
+    print_drift_benchmark(rows, slices, downsample)
+
+
 @bench_app.command("parse")
 def bench_parse(repeats: int = typer.Option(5, min=1, help="Parses; the median counts.")) -> None:
     """Seconds Airflow takes to parse emprocess.py (all DAGs); target under 1 s."""

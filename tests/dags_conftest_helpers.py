@@ -240,6 +240,10 @@ def e2e_conf(run_id: str, source: str, truth: Mapping[str, Any], **extra: Any) -
         "source": source,
         "downsample_factor": 1,
         "resolution": 8,
+        # These runs check the original chain byte for byte (issue 11's compatibility
+        # mode); tests/test_global_align_e2e.py runs the neighbours and the solve.
+        "neighbors": 1,
+        "global_solve": False,
         **extra,
     }
 

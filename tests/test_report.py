@@ -207,7 +207,17 @@ _BUILT: dict[str, Runs] = {}
 
 def _info(source: str, run_id: str) -> RunInfo:
     conf = parse_conf(
-        {"id": run_id, "image": "img.%05d.png", "minz": MINZ, "maxz": MAXZ, "source": source}
+        {
+            "id": run_id,
+            "image": "img.%05d.png",
+            "minz": MINZ,
+            "maxz": MAXZ,
+            "source": source,
+            # The chain of issue 11's compatibility mode: one pair per slice, as these
+            # tests count them.
+            "neighbors": 1,
+            "global_solve": False,
+        }
     )
     return RunInfo(conf=conf, width=WIDTH, slice_size_xy=SLICE_XY, dag_id=dag_id(WIDTH))
 

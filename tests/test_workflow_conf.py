@@ -52,6 +52,11 @@ def test_defaults_and_contract_keys() -> None:
         "raw_bits": 8,
         "public": False,
         "width": None,
+        "neighbors": 2,
+        "global_solve": True,
+        "regularization": 1.0,
+        "skip_slices": [],
+        "bad_slice_fill": "own",
     }
     assert c.bucket_names() == {
         "source": "my-slices",

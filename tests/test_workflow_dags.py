@@ -157,6 +157,7 @@ def test_params_carry_defaults_and_descriptions(dagbag: Any, dynamic: bool) -> N
     keys = {"id", "image", "minz", "maxz", "source", "project", "email", "downsample_factor",
             "skip_align", "clip-limit", "createRawPyramid", "resolution", "public"}  # fmt: skip
     keys |= {"intensity", "raw_bits"}
+    keys |= {"neighbors", "global_solve", "regularization", "skip_slices", "bad_slice_fill"}
     assert set(params) == keys | ({"width"} if dynamic else set())
     for key, p in params.items():
         assert p.description, key

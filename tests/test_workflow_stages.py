@@ -88,7 +88,7 @@ def test_create_env_is_idempotent(root: Path) -> None:
 
 def test_align_and_collect_compose_the_cached_answers(root: Path) -> None:
     storage.create_bucket("src")
-    info = run_info("src", downsample_factor=2)
+    info = run_info("src", downsample_factor=2, neighbors=1, global_solve=False)
     stages.create_env(info, "manual__1")
     with ScriptedServer(fake_align) as server:
         sent = [stages.align_pairs(info, w, server.url, FAST)["sent"] for w in (0, 1)]

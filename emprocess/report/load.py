@@ -12,6 +12,8 @@ mini-task, so it costs more on big runs.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -43,7 +45,7 @@ from emprocess.report.progress import (
 from emprocess.report.qc import qc_from_answers, qc_from_csv
 from emprocess.storage import ObjectInfo
 from emprocess.workflow.conf import RunConf, parse_conf
-from emprocess.workflow.payloads import AFFINE_CACHE, NG_CACHE, WRITE_CACHE
+from emprocess.workflow.payloads import AFFINE_CACHE, NG_CACHE, WRITE_CACHE, parse_pair_name
 from emprocess.workflow.stages import CANVAS, FAILURES
 
 log = logging.getLogger(__name__)
@@ -313,6 +315,17 @@ def load_run(
         qc_text = storage.read_bytes(f"{process}/align/qc.csv").decode()
         times.append(qc_info.updated)
 
+    slice_qc: list[dict[str, Any]] = []
+    if _listed(f"{process}/align/slices.csv") is not None:
+        text = storage.read_bytes(f"{process}/align/slices.csv").decode()
+        slice_qc = [
+            {**r, "z": int(r["z"]), "residual_px": float(r["residual_px"])}
+            for r in csv.DictReader(io.StringIO(text))
+        ]
+    alignment = (canvas or {}).get("alignment") if isinstance(canvas, dict) else None
+    if alignment is None and complete:
+        alignment = complete.get("alignment")
+
     bbox: tuple[int, int] | None = None
     if canvas is not None and canvas.get("bbox"):
         bbox = _bbox_of(canvas, f"{process}/{CANVAS}")
@@ -322,7 +335,10 @@ def load_run(
         bbox = canvas_from_transforms(transforms, init["slice_size_xy"])
     iw = init.get("intensity_window")
     window = (float(iw[0]), float(iw[1])) if isinstance(iw, list) and len(iw) == 2 else None
-    plans = plan_stages(conf, run_conf, transforms, bbox, window)
+    fill = None
+    if (doc := _read_json(f"{process}/align/fill.json")) is not None:
+        fill = {int(z): (None if v is None else int(v)) for z, v in doc[0].items()}
+    plans = plan_stages(conf, run_conf, transforms, bbox, window, fill)
 
     listings: dict[str, list[ObjectInfo]] = {}  # ngmeta and ngshard share one prefix
     counted: dict[str, Counted] = {}
@@ -373,8 +389,11 @@ def load_run(
     if qc_text is not None:
         qc, qc_source = qc_from_csv(qc_text, min_inliers, max_residual_px), "qc.csv"
     elif records.get("affine"):
-        answers = {
-            int(name[1:]): r["response"] for name, r in records["affine"].items() if "response" in r
+        pairs = {name: parse_pair_name(name) for name in records["affine"]}
+        answers = {  # the (z, z + 1) pairs, as qc.csv's first rows
+            pairs[name][0]: r["response"]
+            for name, r in records["affine"].items()
+            if "response" in r and pairs[name][1] == pairs[name][0] + 1
         }
         qc, qc_source = qc_from_answers(answers, min_inliers, max_residual_px), "affine_cache"
 
@@ -396,6 +415,8 @@ def load_run(
         min_inliers=min_inliers,
         max_residual_px=max_residual_px,
         failures=tuple(failure_notes),
+        slice_qc=tuple(slice_qc),
+        alignment=alignment,
     )
     log.info(
         "run %s: %s; %s",

@@ -226,6 +226,10 @@ class RunReport:
     min_inliers: int = 50
     max_residual_px: float = 2.0
     failures: tuple[FailureNote, ...] = field(default=())
+    slice_qc: tuple[dict[str, Any], ...] = ()
+    """Rows of align/slices.csv (global solve): z, status, residual_px, features, reason."""
+    alignment: dict[str, Any] | None = None
+    """Quality figures of the global solve (canvas.json / complete.json ``alignment``)."""
 
     # -- derived ---------------------------------------------------------------
 
@@ -298,6 +302,8 @@ class RunReport:
                 "models": self.models_used(),
                 "flagged": [p.to_json() for p in self.flagged],
             },
+            "alignment": self.alignment,
+            "slices_not_good": [r for r in self.slice_qc if r.get("status") != "good"],
             "failures": [
                 {"stage": f.stage, "name": f.name, "error": f.error, "when": iso(f.when)}
                 for f in self.failures
@@ -361,6 +367,29 @@ class RunReport:
             f"  {len(self.flagged)} pairs flagged" + (":" if self.flagged else ""),
         ]
         lines.extend("  " + p.describe() for p in self.flagged)
+        return lines + self._slice_lines()
+
+    def _slice_lines(self) -> list[str]:
+        """The global solve's figures and every slice not placed by its own pairs."""
+        a = self.alignment
+        if not a and not self.slice_qc:
+            return []
+        lines = []
+        if a:
+            res, counts = a.get("pair_residual_px", {}), a.get("slices", {})
+            lines.append(
+                f"Global solve: {a.get('pairs_used')} of {a.get('pairs')} pairs used; residual "
+                f"after the solve median {res.get('median')} px, worst {res.get('worst')} px; "
+                f"slices good {counts.get('good')}, bridged {counts.get('bridged')}, "
+                f"bad {counts.get('bad')}"
+            )
+            if a.get("doubtful"):
+                lines.append(f"  ALIGNMENT DOUBTFUL: {a.get('why')}")
+        lines.extend(
+            f"  slice {r['z']} {r['status']}: {r['reason']}"
+            for r in self.slice_qc
+            if r.get("status") != "good"
+        )
         return lines
 
 

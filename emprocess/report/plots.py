@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.dates import AutoDateLocator, ConciseDateFormatter
 from matplotlib.figure import Figure
@@ -98,9 +99,11 @@ def qc_figure(report: RunReport) -> Figure:
     if not report.qc:
         ax_in.text(0.5, 0.5, "no pair results yet", transform=ax_in.transAxes, ha="center")
         return fig
-    zs = [p.post for p in report.qc]
-    inliers = [float("nan") if p.inliers is None else p.inliers for p in report.qc]
-    residuals = [float("nan") if p.residual_px is None else p.residual_px for p in report.qc]
+    # With several neighbours per slice, the lines follow the (z - 1, z) pairs.
+    adjacent = [p for p in report.qc if p.post == p.pre + 1] or list(report.qc)
+    zs = [p.post for p in adjacent]
+    inliers = [float("nan") if p.inliers is None else p.inliers for p in adjacent]
+    residuals = [float("nan") if p.residual_px is None else p.residual_px for p in adjacent]
     ax_in.plot(zs, inliers, ".-", color="tab:blue", markersize=3, linewidth=0.8)
     ax_in.axhline(report.min_inliers, color="tab:orange", linestyle="--", linewidth=1)
     ax_in.set_ylabel("inliers")
@@ -127,7 +130,39 @@ def qc_figure(report: RunReport) -> Figure:
         )
     if report.flagged:
         ax_in.legend(loc="best", fontsize=8)
+    if report.slice_qc:
+        _slice_panel(fig, report)
     return fig
+
+
+STATUS_COLOURS = {"good": "tab:green", "bridged": "tab:orange", "bad": "tab:red"}
+
+
+def _slice_panel(fig: Figure, report: RunReport) -> None:
+    """A third panel: per slice residual after the global solve, bridged and bad slices marked."""
+    fig.set_size_inches(9, 8)
+    axes = fig.axes
+    for i, ax in enumerate(axes):
+        ax.set_position((0.08, 0.69 - 0.29 * i, 0.9, 0.23))
+    ax = fig.add_axes((0.08, 0.07, 0.9, 0.2), sharex=axes[0])
+    zs = [r["z"] for r in report.slice_qc]
+    residual = [r["residual_px"] if r["status"] == "good" else np.nan for r in report.slice_qc]
+    ax.plot(zs, residual, ".-", color="tab:blue", markersize=3)
+    for status, colour in STATUS_COLOURS.items():
+        hits = [r for r in report.slice_qc if r["status"] == status]
+        if hits and status != "good":
+            for r in hits:
+                for a in [*axes, ax]:
+                    a.axvline(r["z"], color=colour, alpha=0.35, linewidth=2)
+            ax.scatter(
+                [r["z"] for r in hits], [0] * len(hits), color=colour, zorder=3,
+                label=f"{status} ({len(hits)})",
+            )  # fmt: skip
+    ax.set_ylabel("slice residual\nafter solve (px)")
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("slice z")
+    if any(r["status"] != "good" for r in report.slice_qc):
+        ax.legend(loc="best", fontsize=8)
 
 
 def plot_progress(report: RunReport, path: str | Path) -> Path:

@@ -21,6 +21,7 @@ from emprocess.workflow.batch import MiniTask
 from emprocess.workflow.conf import RunConf
 from emprocess.workflow.payloads import (
     ngmeta_task,
+    pair_name,
     plan_align_pairs,
     plan_aligned_slices,
     plan_cube_starts,
@@ -78,15 +79,24 @@ def plan_stages(
     transforms: Mapping[int, list[float]] | None,
     bbox: tuple[int, int] | None,
     window: tuple[float, float] | None = None,
+    fill: Mapping[int, int | None] | None = None,
 ) -> dict[str, Plan]:
     """Each stage's planned names, and with a parsable conf this code's exact cache keys.
 
     ``window`` is the run's intensity window (init.json ``intensity_window``): it is part
-    of the alignment and /alignedslice requests, so of their cache keys.
+    of the alignment and /alignedslice requests, so of their cache keys. ``fill`` is
+    align/fill.json (bad slice -> stand-in), which shapes the write requests.
     """
     minz, maxz = int(conf["minz"]), int(conf["maxz"])
     skip = bool(conf.get("skip_align", False))
-    pairs = [] if skip else [f"z{z:06d}" for z in range(minz, maxz)]
+    k = int(conf.get("neighbors", 1) or 1)
+    pairs = (
+        []
+        if skip
+        else [
+            pair_name(z, z + d) for z in range(minz, maxz) for d in range(1, k + 1) if z + d <= maxz
+        ]
+    )
     slices = [f"z{z:06d}" for z in range(minz, maxz + 1)]
     cubes = None
     if bbox is not None:
@@ -103,7 +113,9 @@ def plan_stages(
         plans["affine"].keys = _keys(plan_align_pairs(run_conf, window))
     if bbox is not None:
         if transforms is not None and len(transforms) == len(slices):
-            plans["write"].keys = _keys(plan_aligned_slices(run_conf, transforms, bbox, window))
+            plans["write"].keys = _keys(
+                plan_aligned_slices(run_conf, transforms, bbox, window, fill)
+            )
         plans["ngmeta"].keys = _keys([ngmeta_task(run_conf, bbox)])
         plans["ngshard"].keys = _keys(plan_ng_shards(run_conf, bbox))
     for plan in plans.values():

@@ -47,7 +47,8 @@ class Composition:
     pairs: list[PairChoice] = field(default_factory=list)
 
 
-def _found(result: Mapping[str, Any], model: str) -> bool:
+def model_found(result: Mapping[str, Any], model: str) -> bool:
+    """Whether the answer found ``model`` ("affine" or "translation"), legacy answers too."""
     flag = result.get(f"{model}_found")
     if flag is not None:
         return bool(flag)
@@ -72,8 +73,8 @@ def choose_pair_transform(
         pre: the pair's first slice z; post is z + 1.
         downsample_factor: the factor the service shrank the slices by.
     """
-    affine_ok = _found(result, "affine")
-    translation_ok = _found(result, "translation")
+    affine_ok = model_found(result, "affine")
+    translation_ok = model_found(result, "translation")
     m01 = float(result["affine"][2]) if result.get("affine") is not None else None
     if affine_ok and m01 is not None and abs(m01) > SHEAR_TRANSLATION_MAX:
         model = "affine"
@@ -130,10 +131,21 @@ def compose_global(
     chained: dict[int, list[float]] = {minz: list(affine.IDENTITY)}
     for z in range(minz, maxz):
         chained[z + 1] = affine.compose(chained[z], pair_transforms[z])
+    return fit_canvas(chained, slice_size_xy)
+
+
+def fit_canvas(
+    transforms: Mapping[int, Sequence[float]], slice_size_xy: tuple[int, int]
+) -> tuple[dict[int, list[float]], tuple[int, int]]:
+    """Shift transforms so the box of all transformed slice corners starts at (0, 0).
+
+    Returns:
+        (transforms, bbox_xy): the shifted transforms and the canvas (width, height) in px.
+    """
     corners = affine.corners_xy(*slice_size_xy)
     lo_x = lo_y = math.inf
     hi_x = hi_y = -math.inf
-    for transform in chained.values():
+    for transform in transforms.values():
         pts = affine.apply(transform, corners)
         lo_x, lo_y = min(lo_x, float(pts[:, 0].min())), min(lo_y, float(pts[:, 1].min()))
         hi_x, hi_y = max(hi_x, float(pts[:, 0].max())), max(hi_y, float(pts[:, 1].max()))
@@ -141,8 +153,7 @@ def compose_global(
     shift_x, shift_y = math.floor(round(lo_x, 6)), math.floor(round(lo_y, 6))
     bbox = (math.ceil(round(hi_x, 6)) - shift_x, math.ceil(round(hi_y, 6)) - shift_y)
     shift = affine.translation(-shift_x, -shift_y)
-    transforms = {z: affine.compose(shift, t) for z, t in chained.items()}
-    return transforms, bbox
+    return {z: affine.compose(shift, t) for z, t in transforms.items()}, bbox
 
 
 def compose_alignment(

@@ -38,6 +38,7 @@ from emprocess.workflow import dag_id
 MAX_WIDTH = 1024
 MAX_DOWNSAMPLE = 64
 MAX_GREY = 65535
+MAX_NEIGHBORS = 4
 
 # One flat JSON schema per union-typed key: Airflow's trigger form validates a param
 # against ``type``, and pydantic's ``anyOf`` of the union does not flatten into one.
@@ -248,6 +249,52 @@ class RunConf(BaseModel):
         ge=1,
         le=MAX_WIDTH,
     )
+
+    # -- global alignment (issue 11) ---------------------------------------
+    neighbors: int = Field(
+        default=2,
+        title="Alignment neighbours",
+        description="Match slice z with z+1 .. z+neighbors (1 is the plain chain); k bad "
+        "slices in a row are bridged when neighbors > k.",
+        ge=1,
+        le=MAX_NEIGHBORS,
+    )
+    global_solve: bool = Field(
+        default=True,
+        title="Global solve",
+        description="Fit all slices to all pairs at once (regularized affine, outlier pairs "
+        "dropped, bad slices bridged); false chains the z, z+1 pairs as before.",
+    )
+    regularization: float = Field(
+        default=1.0,
+        title="Rigid regularization",
+        description="Weight pulling each slice's affine toward a rigid one in the global "
+        "solve (at 1, a shear or scale counts like the pixels it moves a point at the "
+        "slice's edge); keeps long stacks from slowly shearing or scaling; 0: plain affines.",
+        ge=0.0,
+        le=10.0,
+    )
+    skip_slices: list[int] = Field(
+        default=[],
+        title="Bad slices by hand",
+        description="Slice numbers to treat as bad: left out of the solve and bridged.",
+        max_length=10_000,
+    )
+    bad_slice_fill: Literal["own", "nearest", "zeros"] = Field(
+        default="own",
+        title="Bad slice fill",
+        description="What a bad slice shows: 'own' its pixels at the bridged transform, "
+        "'nearest' the nearest good slice's pixels, 'zeros' black.",
+    )
+
+    @model_validator(mode="after")
+    def _skip_slices_in_range(self) -> RunConf:
+        outside = sorted(z for z in set(self.skip_slices) if not self.minz <= z <= self.maxz)
+        if outside:
+            raise ValueError(
+                f"skip_slices {outside[:10]} lie outside minz..maxz ({self.minz}..{self.maxz})"
+            )
+        return self
 
     @model_validator(mode="before")
     @classmethod

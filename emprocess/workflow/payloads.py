@@ -8,9 +8,11 @@ numbers, booleans as booleans, CONTRACTS.md's key spelling.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
+from emprocess import affine
 from emprocess.models import AlignedSliceRequest, AlignRequest, NgMetaRequest, NgShardRequest
 from emprocess.workflow.batch import MiniTask
 from emprocess.workflow.conf import RunConf
@@ -36,22 +38,52 @@ def _raw_dtype(conf: RunConf) -> Literal["uint16"] | None:
     return "uint16" if conf.raw_bits == 16 else None
 
 
+def pair_name(pre: int, post: int) -> str:
+    """Mini-task name of the pair (pre, post): ``z000012`` for post = pre + 1 (as before),
+    ``z000012-000014`` for farther neighbours."""
+    return f"z{pre:06d}" if post == pre + 1 else f"z{pre:06d}-{post:06d}"
+
+
+def parse_pair_name(name: str) -> tuple[int, int]:
+    """(pre, post) of a :func:`pair_name`; raises ValueError for other names."""
+    m = re.fullmatch(r"z(\d+)(?:-(\d+))?", name)
+    if not m:
+        raise ValueError(
+            f"{name!r} is not an alignment pair name such as z000012 or z000012-000014"
+        )
+    pre = int(m.group(1))
+    return pre, int(m.group(2)) if m.group(2) else pre + 1
+
+
+def align_pair_list(conf: RunConf) -> list[tuple[int, int]]:
+    """Pairs (z, z + d), d = 1 .. conf.neighbors, z from minz, post <= maxz, by z then d."""
+    return [
+        (z, z + d)
+        for z in range(conf.minz, conf.maxz)
+        for d in range(1, conf.neighbors + 1)
+        if z + d <= conf.maxz
+    ]
+
+
 def plan_align_pairs(conf: RunConf, window: Window = None) -> list[MiniTask]:
-    """One POST / per pair (z, z + 1), z from minz to maxz - 1; index = z - minz."""
+    """One POST / per pair (z, z + d) of :func:`align_pair_list`; index = position.
+
+    With ``neighbors`` 1 the plan is the original one: pairs (z, z + 1), index z - minz.
+    """
     source = conf.source
     return [
         MiniTask(
-            index=z - conf.minz,
-            name=f"z{z:06d}",
+            index=i,
+            name=pair_name(pre, post),
             path="/",
             payload=AlignRequest(
-                pre=f"gs://{source}/{conf.slice_name(z)}",
-                post=f"gs://{source}/{conf.slice_name(z + 1)}",
+                pre=f"gs://{source}/{conf.slice_name(pre)}",
+                post=f"gs://{source}/{conf.slice_name(post)}",
                 downsample=conf.downsample_factor,
                 intensity_window=_window(window),
             ).payload(),
         )
-        for z in range(conf.minz, conf.maxz)
+        for i, (pre, post) in enumerate(align_pair_list(conf))
     ]
 
 
@@ -60,6 +92,7 @@ def plan_aligned_slices(
     transforms: Mapping[int, Sequence[float]],
     bbox_xy: Sequence[int],
     window: Window = None,
+    fill: Mapping[int, int | None] | None = None,
 ) -> list[MiniTask]:
     """One POST /alignedslice per slice z from minz to maxz; index = z - minz.
 
@@ -68,29 +101,46 @@ def plan_aligned_slices(
         transforms: z -> 6 numbers mapping slice z into the canvas.
         bbox_xy: the canvas (width, height) in pixels.
         window: the run's intensity window.
+        fill: bad slice z -> the slice whose pixels (at its own transform) stand in for
+            it, or None for a black slice (the image is placed just outside the canvas,
+            so the service writes zeros); slices not named show their own pixels.
     """
     buckets = conf.bucket_names()
-    return [
-        MiniTask(
-            index=z - conf.minz,
-            name=f"z{z:06d}",
-            path="/alignedslice",
-            payload=AlignedSliceRequest(
-                img=conf.slice_name(z),
-                transform=[float(v) for v in transforms[z]],
-                bbox=[int(bbox_xy[0]), int(bbox_xy[1])],
-                dest=conf.source,
-                dest_tmp=buckets["tmp"],
-                slice=z,
-                shard_size=SHARD_SIZE,
-                run_id=conf.id,
-                clip_limit=conf.clip_limit,
-                intensity_window=_window(window),
-                raw_dtype=_raw_dtype(conf),
-            ).payload(),
+    fill = fill or {}
+    outside = affine.translation(float(bbox_xy[0]) + 16.0, 0.0)
+
+    def source_of(z: int) -> tuple[int, list[float]]:
+        if z not in fill:
+            return z, [float(v) for v in transforms[z]]
+        stand_in = fill[z]
+        if stand_in is None:
+            return z, outside
+        return stand_in, [float(v) for v in transforms[stand_in]]
+
+    tasks = []
+    for z in range(conf.minz, conf.maxz + 1):
+        img_z, transform = source_of(z)
+        tasks.append(
+            MiniTask(
+                index=z - conf.minz,
+                name=f"z{z:06d}",
+                path="/alignedslice",
+                payload=AlignedSliceRequest(
+                    img=conf.slice_name(img_z),
+                    transform=transform,
+                    bbox=[int(bbox_xy[0]), int(bbox_xy[1])],
+                    dest=conf.source,
+                    dest_tmp=buckets["tmp"],
+                    slice=z,
+                    shard_size=SHARD_SIZE,
+                    run_id=conf.id,
+                    clip_limit=conf.clip_limit,
+                    intensity_window=_window(window),
+                    raw_dtype=_raw_dtype(conf),
+                ).payload(),
+            )
         )
-        for z in range(conf.minz, conf.maxz + 1)
-    ]
+    return tasks
 
 
 def _volume_fields(conf: RunConf, bbox_xy: Sequence[int]) -> dict:

@@ -37,6 +37,7 @@ from emprocess.workflow.payloads import (
     NG_CACHE,
     WRITE_CACHE,
     ngmeta_task,
+    parse_pair_name,
     plan_align_pairs,
     plan_aligned_slices,
     plan_ng_shards,
@@ -56,6 +57,9 @@ SHOWN = 10
 
 FAILURES = "failures"
 """Failure records of mini-tasks: ``RUN_ID/failures/STAGE/NAME.json`` in the process bucket."""
+
+FILL = "align/fill.json"
+"""Bad slice -> the slice written in its place (null: zeros); {} when all show their own."""
 
 CANVAS = "align/canvas.json"
 """What ``collect`` hands on (``{"bbox": [w, h], "models": {...}, "transforms": URL}``)."""
@@ -296,10 +300,16 @@ def align_pairs(
 
 
 def collect_alignment(info: RunInfo) -> dict[str, Any]:
-    """``collect``: compose global transforms, write transforms.json/.csv, qc.csv, canvas.json.
+    """``collect``: global transforms, transforms.json/.csv, qc.csv, slices.csv, canvas.json.
+
+    With ``global_solve`` (default) all pairs of the ``neighbors`` nearest slices are
+    solved at once (:mod:`emprocess.workflow.globalalign`); bad slices are bridged and
+    listed in align/slices.csv, their stand-ins in align/fill.json. Without it, the
+    (z, z + 1) pairs are chained as before.
 
     Returns:
-        ``{"bbox": [width, height], "models": {model: pairs}, "transforms": URL}``.
+        ``{"bbox": [width, height], "models": {model: pairs}, "transforms": URL}``, plus
+        ``"alignment"`` (quality figures, :meth:`GlobalAlignment.summary`) with the solve.
     """
     from emprocess.workflow.compose import (
         compose_alignment,
@@ -307,16 +317,41 @@ def collect_alignment(info: RunInfo) -> dict[str, Any]:
         qc_csv,
         transforms_csv,
     )
+    from emprocess.workflow.globalalign import global_alignment, pairs_csv, slices_csv
 
     conf = info.conf
     size = info.slice_size_xy
+    quality = None
+    fill: dict[int, int | None] = {}
     if conf.skip_align:
         comp = identity_alignment(conf.minz, conf.maxz, size)
+        qc_text = qc_csv(comp.pairs)
     else:
         tasks = plan_align_pairs(conf, info.intensity_window)
         answers = read_cached(tasks, conf.process_url(AFFINE_CACHE))
-        results = {conf.minz + t.index: answers[t.name] for t in tasks}
-        comp = compose_alignment(results, conf.minz, conf.maxz, size, conf.downsample_factor)
+        results = {parse_pair_name(t.name): answers[t.name] for t in tasks}
+        if conf.global_solve:
+            solved = global_alignment(
+                results,
+                conf.minz,
+                conf.maxz,
+                size,
+                conf.downsample_factor,
+                conf.regularization,
+                conf.skip_slices,
+            )
+            comp, quality = solved.composition, solved.summary()
+            qc_text = pairs_csv(comp.pairs, solved)
+            fill = solved.fill(conf.bad_slice_fill)
+            storage.write_bytes(
+                conf.process_url("align", "slices.csv"),
+                slices_csv(solved.slices).encode(),
+                content_type="text/csv",
+            )
+        else:
+            chain = {pre: r for (pre, post), r in results.items() if post == pre + 1}
+            comp = compose_alignment(chain, conf.minz, conf.maxz, size, conf.downsample_factor)
+            qc_text = qc_csv(comp.pairs)
     transforms_url = conf.process_url("align", "transforms.json")
     doc = {str(z): comp.transforms[z] for z in sorted(comp.transforms)}
     storage.write_bytes(transforms_url, json.dumps(doc).encode(), content_type="application/json")
@@ -326,11 +361,20 @@ def collect_alignment(info: RunInfo) -> dict[str, Any]:
         content_type="text/csv",
     )
     storage.write_bytes(
-        conf.process_url("align", "qc.csv"), qc_csv(comp.pairs).encode(), content_type="text/csv"
+        conf.process_url("align", "qc.csv"), qc_text.encode(), content_type="text/csv"
+    )
+    storage.write_bytes(
+        conf.process_url(FILL),
+        json.dumps({str(z): s for z, s in sorted(fill.items())}).encode(),
+        content_type="application/json",
     )
     models = dict(Counter(p.model for p in comp.pairs))
     log.info("canvas %dx%d; models used %s", comp.bbox_xy[0], comp.bbox_xy[1], models)
-    canvas = {"bbox": list(comp.bbox_xy), "models": models, "transforms": transforms_url}
+    canvas: dict[str, Any] = {"bbox": list(comp.bbox_xy), "models": models}
+    canvas["transforms"] = transforms_url
+    if quality is not None:
+        canvas["alignment"] = quality
+        log.info("alignment: %s", json.dumps(quality)[:2000])
     storage.write_bytes(
         conf.process_url(CANVAS), json.dumps(canvas).encode(), content_type="application/json"
     )
@@ -343,6 +387,15 @@ def read_transforms(conf: RunConf) -> dict[int, list[float]]:
     return {int(z): [float(v) for v in t] for z, t in doc.items()}
 
 
+def read_fill(conf: RunConf) -> dict[int, int | None]:
+    """align/fill.json of the run (bad slice -> stand-in slice or None); {} when absent."""
+    url = conf.process_url(FILL)
+    if not storage.exists(url):
+        return {}
+    doc = json.loads(storage.read_bytes(url))
+    return {int(z): (None if s is None else int(s)) for z, s in doc.items()}
+
+
 def write_slices(
     info: RunInfo,
     canvas: Mapping[str, Any],
@@ -352,7 +405,9 @@ def write_slices(
 ) -> dict[str, Any]:
     """Batch task ``write_{i}``: /alignedslice for this worker's slices."""
     conf = info.conf
-    tasks = plan_aligned_slices(conf, read_transforms(conf), canvas["bbox"], info.intensity_window)
+    tasks = plan_aligned_slices(
+        conf, read_transforms(conf), canvas["bbox"], info.intensity_window, read_fill(conf)
+    )
     return _send(info, tasks, "write", WRITE_CACHE, base_url, settings, worker_id, info.width)
 
 
@@ -363,7 +418,9 @@ def check_slices_written(info: RunInfo, canvas: Mapping[str, Any]) -> dict[str, 
         EmprocessError: naming the slices without an answer.
     """
     conf = info.conf
-    tasks = plan_aligned_slices(conf, read_transforms(conf), canvas["bbox"], info.intensity_window)
+    tasks = plan_aligned_slices(
+        conf, read_transforms(conf), canvas["bbox"], info.intensity_window, read_fill(conf)
+    )
     done = cached_keys(conf.process_url(WRITE_CACHE))
     missing = [t.name for t in tasks if t.cache_key() not in done]
     if missing:
@@ -480,6 +537,7 @@ def write_status(
         "slice_size_xy": list(info.slice_size_xy),
         "bbox": list(canvas["bbox"]),
         "models": canvas.get("models", {}),
+        "alignment": canvas.get("alignment"),
         "neuroglancer": conf.neuroglancer_source(),
         "public": conf.public,
         "started": started,

@@ -626,6 +626,12 @@ def symlinks(
     ),
     first_z: int = typer.Option(0, "--first-z", min=0, help="Number of the first slice."),
     pattern: str = typer.Option("*", help="Glob selecting the images in SRC."),
+    hard: bool = typer.Option(
+        False,
+        "--hard",
+        help="Hard links instead of symlinks (same file system): what `emprocess run DEST` "
+        "needs, since the services refuse links that lead out of the storage root.",
+    ),
 ) -> None:
     """Number an image folder's files as symlinks img.00000.png, img.00001.png, ... in DEST.
 
@@ -636,7 +642,7 @@ def symlinks(
     from emprocess.tools import create_symlinks
 
     try:
-        links = create_symlinks(src, dest, template, first_z, pattern)
+        links = create_symlinks(src, dest, template, first_z, pattern, hard=hard)
     except EmprocessError as e:
         raise typer.BadParameter(str(e)) from None
     for link, target in links:

@@ -173,8 +173,12 @@ def create_symlinks(
     template: str = "img.%05d.png",
     first_z: int = 0,
     pattern: str = "*",
+    hard: bool = False,
 ) -> list[tuple[str, str]]:
     """Number an image folder's files as symlinks ``DEST/img.00000.png``, ``img.00001.png``, ...
+
+    With ``hard``, the names are hard links instead: the form a local run needs, since
+    the services refuse a symlink that leads out of its bucket (README, Security).
 
     Files are sorted naturally ("slice2" before "slice10"); the first gets number
     ``first_z``. Repeating the call is harmless: links that already point at the
@@ -187,20 +191,25 @@ def create_symlinks(
         template: printf template of the link names, one integer field.
         first_z: number of the first slice.
         pattern: glob selecting the images in ``src_dir``.
+        hard: make hard links (same file system only) instead of symlinks.
 
     Returns:
         (link path, target path) per image, in slice order.
 
     Raises:
         InvalidInput: bad template or first_z; DEST already holds something else
-            under a link's name (nothing is created then).
+            under a link's name (nothing is created then); hard links across file
+            systems.
         NotFound: SRC is missing or no file matches.
     """
     plan = plan_symlinks(src_dir, dest_dir, template, first_z, pattern)
     conflicts = []
     for link, target in plan:
-        if link.is_symlink():
-            if Path(os.readlink(link)) != target:
+        if hard and link.exists() and not link.is_symlink():
+            if not os.path.samefile(link, target):
+                conflicts.append(f"{link} exists and is not a hard link of {target}")
+        elif link.is_symlink():
+            if hard or Path(os.readlink(link)) != target:
                 conflicts.append(f"{link} is a link to {os.readlink(link)}, not to {target}")
         elif link.exists():
             conflicts.append(f"{link} exists and is not a link (wanted a link to {target})")
@@ -227,7 +236,16 @@ def create_symlinks(
     Path(dest_dir).expanduser().mkdir(parents=True, exist_ok=True)
     made = 0
     for link, target in plan:
-        if not link.is_symlink():
+        if hard and not link.exists():
+            try:
+                os.link(target, link)
+            except OSError as e:
+                raise InvalidInput(
+                    f"cannot hard-link {target} as {link} ({e.strerror}): hard links need "
+                    "DEST on the same file system as SRC; copy the files there instead"
+                ) from None
+            made += 1
+        elif not hard and not link.is_symlink():
             link.symlink_to(target)
             made += 1
     log.info("%d links made, %d already there, in %s", made, len(plan) - made, plan[0][0].parent)

@@ -23,7 +23,7 @@ import pytest
 from conftest import unique_bucket
 
 from emprocess import storage
-from emprocess.errors import InvalidInput, NotFound
+from emprocess.errors import InvalidInput, InvalidKey, NotFound
 from emprocess.tools import MAX_RUN_NAME_CHARS, apply_cleanup, create_symlinks, gen_uuid
 
 REPO = Path(__file__).resolve().parents[1]
@@ -530,6 +530,37 @@ def test_create_symlinks_conflicts_create_nothing(tmp_path: Path) -> None:
         InvalidInput, match=r"img\.00002\.png is a link to .*a1\.png, not to .*a3\.png"
     ):
         create_symlinks(src, dest)
+
+
+def test_hard_links_number_a_folder_the_storage_root_can_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--hard: what a local run needs, since links out of a bucket are refused."""
+    root = tmp_path / "root"
+    monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", str(root))
+    bucket = unique_bucket("hard")
+    storage.create_bucket(bucket)
+    src = _image_folder(tmp_path / "src", ["s2.png", "s10.png"])
+    links = create_symlinks(src, root / bucket / "stack", hard=True)
+    assert [(Path(a).name, Path(b).name) for a, b in links] == [
+        ("img.00000.png", "s2.png"),
+        ("img.00001.png", "s10.png"),
+    ]
+    for link, target in links:
+        assert not Path(link).is_symlink() and os.path.samefile(link, target)
+    assert create_symlinks(src, root / bucket / "stack", hard=True) == links  # again: no-op
+    assert storage.read_bytes(f"gs://{bucket}/stack/img.00001.png") == b"s10.png"
+    # The same folder numbered with symlinks cannot be read through the storage root.
+    create_symlinks(src, root / bucket / "soft")
+    with pytest.raises(InvalidKey, match="link leading out of it"):
+        storage.read_bytes(f"gs://{bucket}/soft/img.00001.png")
+    # A different file in the way is a conflict, and so is a symlink when hard is asked.
+    (root / bucket / "stack" / "img.00001.png").unlink()
+    (root / bucket / "stack" / "img.00001.png").write_bytes(b"other")
+    with pytest.raises(InvalidInput, match=r"img\.00001\.png exists and is not a hard link"):
+        create_symlinks(src, root / bucket / "stack", hard=True)
+    with pytest.raises(InvalidInput, match=r"img\.00000\.png is a link to"):
+        create_symlinks(src, root / bucket / "soft", hard=True)
 
 
 def test_create_symlinks_checks(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -14,7 +14,7 @@ It compares the transforms with two truths:
 It also prints the ``floor``: the undrifted stack's own alignment (same settings) against
 the registered frame, which no drift correction can beat. Longer stacks than the folder
 holds run through it forward and back (0..99, 98..0, ...), which keeps neighbouring
-slices neighbours. ``answers`` names a JSON file that keeps the pair answers of a run
+slices neighbours (the undrifted stack's repeated pairs are aligned once). ``answers`` names a JSON file that keeps the pair answers of a run
 (written when missing, read when it matches the run's stack), so the solve can be
 re-measured without aligning again.
 """
@@ -60,10 +60,16 @@ def load_pingpong(folder: Path, n: int) -> list[np.ndarray]:
 def _align_all(
     slices: Sequence[np.ndarray], pairs: Sequence[tuple[int, int]], ds: int
 ) -> dict[tuple[int, int], dict[str, Any]]:
+    """Answers of every pair; pairs of identical images (the undrifted stack run forward and
+    back repeats its slices) are aligned once."""
     small = [downsample_image(s, ds) for s in slices]
+    first: dict[bytes, int] = {}
+    same = [first.setdefault(s.tobytes(), z) for z, s in enumerate(small)]
+    distinct = sorted({(same[a], same[b]) for a, b in pairs})
     with ThreadPoolExecutor(2) as pool:
-        answers = pool.map(lambda p: align_pair(small[p[0]], small[p[1]]).model_dump(), pairs)
-        return dict(zip(pairs, answers, strict=True))
+        answers = pool.map(lambda p: align_pair(small[p[0]], small[p[1]]).model_dump(), distinct)
+        found = dict(zip(distinct, answers, strict=True))
+    return {(a, b): found[(same[a], same[b])] for a, b in pairs}
 
 
 def _align(

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from conftest import SHARED_DATA
 
-from emprocess.bench_drift import _read_answers, run_drift_benchmark
+from emprocess.bench_drift import _align_all, _read_answers, load_pingpong, run_drift_benchmark
 
 FIBSEM = SHARED_DATA / "fibsem"
 
@@ -36,3 +36,15 @@ def test_drift_benchmark_keeps_its_answers_and_reports_the_floor(tmp_path: Path)
     assert _read_answers(answers, {**doc["stack"], "seed": 4}, pairs) is None
     assert _read_answers(answers, doc["stack"], [(0, 3)]) is None
     assert _read_answers(tmp_path / "missing.json", doc["stack"], pairs) is None
+
+
+def test_pairs_of_repeated_slices_are_aligned_once() -> None:
+    """The undrifted long stack repeats its slices: one alignment per distinct image pair."""
+    images = load_pingpong(FIBSEM, 2)
+    a, b = (i[:200, :200].copy() for i in images)
+    answers = _align_all([a, b, a.copy(), b], [(0, 1), (2, 3), (1, 2)], 1)
+    assert answers[(0, 1)] is answers[(2, 3)]  # the same images: one answer
+    assert answers[(0, 1)]["affine_found"] and answers[(1, 2)]["affine_found"]
+    # b -> a and a -> b are inverse models.
+    m01, m12 = answers[(0, 1)]["translation"], answers[(1, 2)]["translation"]
+    assert abs(m01[4] + m12[4]) < 0.5 and abs(m01[5] + m12[5]) < 0.5

@@ -138,8 +138,13 @@ def bench_drift(
     crop: int = typer.Option(440, min=64, help="Side of the resliced slices (px)."),
     downsample: int = typer.Option(1, min=1, max=8, help="Alignment downsample factor."),
     neighbors: list[int] = typer.Option([2, 3], help="Neighbours of the solve runs."),
-    regularization: float = typer.Option(1.0, min=0.0, max=10.0, help="Pull toward rigid."),
+    regularization: float = typer.Option(
+        10.0, min=0.0, max=100.0, help="Pull toward rigid (the conf's default)."
+    ),
     faults: bool = typer.Option(True, help="Inject blank, noise, 2-in-a-row and duplicate."),
+    answers: str | None = typer.Option(
+        None, help="JSON file keeping the pair answers: written when missing, else reused."
+    ),
 ) -> None:
     """Accuracy on real FIB-SEM resliced with known drift: today's chain vs the global solve."""
     from pathlib import Path
@@ -147,7 +152,14 @@ def bench_drift(
     from emprocess.bench_drift import print_drift_benchmark, run_drift_benchmark
 
     rows = run_drift_benchmark(
-        Path(folder), slices, crop, downsample, tuple(neighbors), regularization, faults
+        Path(folder),
+        slices,
+        crop,
+        downsample,
+        tuple(neighbors),
+        regularization,
+        faults,
+        answers_file=None if answers is None else Path(answers),
     )
     print_drift_benchmark(rows, slices, downsample)
 

@@ -3,8 +3,8 @@
 One combined run of the width-4 DAG on the GCS emulator with both real services:
 100 slices (440 px crops of ../shared/data/fibsem), a rigid random walk of up to 0.15
 degree and 6 px per slice, a blank slice (20), a noise slice (40), two bad slices in a
-row (60 blank, 61 noise) and an exact duplicate (80 of 79); neighbors 3 (two bad in a
-row need 3), downsample 2, no lossless volume.
+row (60 blank, 61 noise) and an exact duplicate (80 of 79); the default neighbours (3:
+two bad in a row need 3) and regularization, downsample 2, no lossless volume.
 """
 
 from __future__ import annotations
@@ -67,7 +67,6 @@ def test_neighbours_solve_and_bad_slices_on_real_fibsem(
         "downsample_factor": 2,
         "createRawPyramid": False,
         "resolution": 10,
-        "neighbors": 3,
     }
     with pytest.MonkeyPatch.context() as mp:
         run = run_e2e(
@@ -94,11 +93,12 @@ def test_neighbours_solve_and_bad_slices_on_real_fibsem(
     assert reasons[20].startswith("textureless")
     figures = errors_px(transforms, truth, bad=sorted(FAULTS))
     print({k: round(v, 2) for k, v in figures.items() if not k.startswith("per")})
-    # Measured against the registered volume's frame, which itself drifts from what SIFT
-    # sees (see README: ~3 px over 30 slices of the undrifted stack); the figures are
-    # the README's.
-    assert figures["neighbours"] < 3.0
-    assert figures["anywhere"] < 25.0
+    # Measured against the registered volume's frame, which SIFT itself sees turn and
+    # move: the undrifted stack aligned alike is 11.7 px off it at downsample 1 (README,
+    # "floor"), so the issue's 1.5 px / 0.5 px cannot be asked here. Measured 17.5 px and
+    # 1.98 px at downsample 2 (the identity link without the solve: 9 px jumps).
+    assert figures["neighbours"] < 2.5
+    assert figures["anywhere"] < 20.0
     complete = json.loads(storage.read_bytes(f"{process}/complete.json"))
     quality = complete["alignment"]
     assert quality["slices"] == {"good": 95, "bridged": 0, "bad": 5}

@@ -52,9 +52,9 @@ def test_defaults_and_contract_keys() -> None:
         "raw_bits": 8,
         "public": False,
         "width": None,
-        "neighbors": 2,
+        "neighbors": 3,
         "global_solve": True,
-        "regularization": 1.0,
+        "regularization": 10.0,
         "skip_slices": [],
         "bad_slice_fill": "own",
     }

@@ -37,7 +37,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.linalg import spsolve
 
-DEFAULT_REGULARIZATION = 1.0
+DEFAULT_REGULARIZATION = 10.0
 ROBUST_FACTOR = 4.0
 ROBUST_FLOOR_PX = 2.0
 MAX_ROUNDS = 20

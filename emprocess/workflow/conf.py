@@ -252,10 +252,10 @@ class RunConf(BaseModel):
 
     # -- global alignment (issue 11) ---------------------------------------
     neighbors: int = Field(
-        default=2,
+        default=3,
         title="Alignment neighbours",
         description="Match slice z with z+1 .. z+neighbors (1 is the plain chain); k bad "
-        "slices in a row are bridged when neighbors > k.",
+        "slices in a row are bridged when neighbors > k (the default 3 bridges two).",
         ge=1,
         le=MAX_NEIGHBORS,
     )
@@ -266,13 +266,13 @@ class RunConf(BaseModel):
         "dropped, bad slices bridged); false chains the z, z+1 pairs as before.",
     )
     regularization: float = Field(
-        default=1.0,
+        default=10.0,
         title="Rigid regularization",
         description="Weight pulling each slice's affine toward a rigid one in the global "
         "solve (at 1, a shear or scale counts like the pixels it moves a point at the "
         "slice's edge); keeps long stacks from slowly shearing or scaling; 0: plain affines.",
         ge=0.0,
-        le=10.0,
+        le=100.0,
     )
     skip_slices: list[int] = Field(
         default=[],

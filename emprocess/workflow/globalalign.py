@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from emprocess import affine
-from emprocess.kernels.solve import solve_affines
+from emprocess.kernels.solve import DEFAULT_REGULARIZATION, solve_affines
 from emprocess.workflow.compose import (
     Composition,
     PairChoice,
@@ -187,7 +187,7 @@ def global_alignment(
     maxz: int,
     slice_size_xy: tuple[int, int],
     downsample_factor: int = 1,
-    regularization: float = 1.0,
+    regularization: float = DEFAULT_REGULARIZATION,
     skip_slices: Sequence[int] = (),
 ) -> GlobalAlignment:
     """Global transforms of slices minz..maxz from the answers of all pairs (pre, post).

@@ -31,6 +31,7 @@ from faultproxy import FaultProxy, Recorded, Rule, fail_first
 
 from emprocess import affine, storage
 from emprocess.sample import write_sample
+from emprocess.workflow.conf import parse_conf
 
 
 @dataclass
@@ -490,13 +491,22 @@ NCC_BOX_XY = (E2E_SIZE_XY[0] // 2, E2E_SIZE_XY[1] // 2)
 """The centre window the NCC is measured in: inside every slice, whatever the drift."""
 
 
+SOLVE_MAX_ERROR_PX = 1.5
+"""How far a run with the global solve may be from the synthetic truth: issue 11's bound.
+
+The synthetic stacks drift in scale and shear too (up to 0.3% a slice), which the solve,
+regularized toward rigid, deliberately does not follow (real FIB-SEM does not scale);
+the chain follows it and stays within 1 px."""
+
+
 def check_finished_run(run: E2ERun) -> RunFigures:
     """The checks every successful e2e run passes; returns its figures.
 
     Every task succeeded; init.json, transforms.json/.csv, qc.csv, canvas.json and
     complete.json exist and no failure record is left; the transforms are within 1 px of
-    the truth; the JPEG volume read back has the canvas size and its consecutive slices
-    correlate (NCC > 0.8 in the centre) far better than the raw input slices do.
+    the truth (``SOLVE_MAX_ERROR_PX`` with the global solve); the JPEG volume read back
+    has the canvas size and its consecutive slices correlate (NCC > 0.8 in the centre)
+    far better than the raw input slices do.
     """
     assert run.state == "success", run.task_states
     assert set(run.task_states.values()) == {"success"}, run.task_states
@@ -510,7 +520,8 @@ def check_finished_run(run: E2ERun) -> RunFigures:
 
     transforms = json.loads(storage.read_bytes(f"{run.process}/align/transforms.json"))
     errors = alignment_errors_px(transforms, run.truth)
-    assert max(errors.values()) < 1.0, errors
+    solved = parse_conf(run.conf).global_solve
+    assert max(errors.values()) < (SOLVE_MAX_ERROR_PX if solved else 1.0), errors
 
     bbox = (int(canvas["bbox"][0]), int(canvas["bbox"][1]))
     volume = read_volume(f"gs://{run.ng_bucket}/neuroglancer/jpeg")

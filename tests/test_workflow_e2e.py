@@ -337,3 +337,41 @@ def test_dynamic_dag_retries_a_dead_write_task_from_its_cache(
         f"{dead_task}: {sorted(answered)} answered, {sorted(died)} died; the retry sent "
         f"{sorted(retry)} only; {objects} output objects byte-identical to the width-4 run"
     )
+
+
+def test_a_rerun_with_another_clip_limit_redoes_only_what_changes(
+    clean_width4: E2ERun,
+    dag_bag: Any,
+    service_pool: ServicePool,
+    stack: Stack,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Run ``reclip`` with clip-limit 0.05, then trigger the same run id with the default
+    clip-limit (the clean run's conf): the second trigger aligns nothing, rewrites every
+    slice and the cube (their tiles' contrast changed) but not /ngmeta (the volume's info
+    did not), and leaves the clean run's bytes. A third trigger, conf unchanged, sends
+    nothing at all."""
+    dag = dag_bag.dags[dag_id(1)]
+    first = _run(monkeypatch, dag, stack, service_pool, "reclip", conf={"clip-limit": 0.05})
+    assert first.state == "success", first.task_states
+    assert len(first.align_requests) == PAIRS
+    first_volume = bucket_bytes(f"gs://{first.ng_bucket}/")
+
+    again = _run(monkeypatch, dag, stack, service_pool, "reclip")
+    check_finished_run(again)
+    assert again.align_requests == []
+    assert sorted(again.paths()) == ["/alignedslice"] * SLICES + ["/ngshard"]
+    assert {b["clip-limit"] for b in again.bodies("/alignedslice")} == {0.02}
+    objects = assert_same_outputs(again, clean_width4)
+    changed = [k for k, v in bucket_bytes(f"gs://{again.ng_bucket}/").items()
+               if first_volume.get(k) != v]  # fmt: skip
+    assert any(k.endswith(".shard") for k in changed), changed
+
+    same = _run(monkeypatch, dag, stack, service_pool, "reclip")
+    assert same.state == "success", same.task_states
+    assert same.align_requests == [] and same.emwrite_requests == []
+    print(
+        f"re-trigger with clip-limit 0.05 -> 0.02: 0 alignment requests, {len(again.paths())} "
+        f"emwrite requests; {objects} output objects byte-identical to a fresh run; "
+        f"unchanged re-trigger: 0 requests ({same.elapsed_s} s)"
+    )

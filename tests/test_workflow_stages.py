@@ -20,7 +20,7 @@ from dags_conftest_helpers import (
 from emprocess import affine, storage
 from emprocess.errors import EmprocessError
 from emprocess.workflow import stages
-from emprocess.workflow.batch import HttpSettings
+from emprocess.workflow.batch import HttpSettings, MiniTask
 from emprocess.workflow.payloads import plan_ng_shards
 from emprocess.workflow.stages import RunInfo
 
@@ -178,9 +178,20 @@ def test_private_by_default(root: Path) -> None:
 def test_cube_plan_covers_the_volume_round_robin(root: Path) -> None:
     storage.create_bucket("src")
     conf = run_info("src").conf.model_copy(update={"minz": 5, "maxz": 1030})
-    tasks = plan_ng_shards(conf, [2500, 1100])
+    written = [MiniTask(i, f"z{i + 5:06d}", "/alignedslice", {"clip": 0.02}) for i in range(1026)]
+    tasks = plan_ng_shards(conf, [2500, 1100], written)
     starts = [t.payload["start"] for t in tasks]
     assert len(starts) == 3 * 2 * 2 and starts[0] == [0, 0, 0] and starts[-1] == [2, 1, 1]
     assert [t.index for t in tasks] == list(range(12))
     assert {t.payload["minz"] for t in tasks} == {5}
     assert tasks[4].name == "cube_1_1_0"
+    # A cube's cache key follows the write requests of its own slices, and only those:
+    # slice 1029 (position 1024) lies in the cubes of z-start 1.
+    changed = list(written)
+    changed[1024] = MiniTask(1024, "z001029", "/alignedslice", {"clip": 0.05})
+    again = plan_ng_shards(conf, [2500, 1100], changed)
+    redo = [t.name for t, u in zip(tasks, again, strict=True) if t.cache_key() != u.cache_key()]
+    assert redo == [t.name for t in tasks if t.payload["start"][2] == 1]
+    assert [t.payload for t in again] == [t.payload for t in tasks]
+    with pytest.raises(ValueError, match="write plan has 3 slices"):
+        plan_ng_shards(conf, [2500, 1100], written[:3])

@@ -113,11 +113,11 @@ def plan_stages(
         plans["affine"].keys = _keys(plan_align_pairs(run_conf, window))
     if bbox is not None:
         if transforms is not None and len(transforms) == len(slices):
-            plans["write"].keys = _keys(
-                plan_aligned_slices(run_conf, transforms, bbox, window, fill)
-            )
+            written = plan_aligned_slices(run_conf, transforms, bbox, window, fill)
+            plans["write"].keys = _keys(written)
+            # A cube's key covers the write requests of its tiles (as the DAG's).
+            plans["ngshard"].keys = _keys(plan_ng_shards(run_conf, bbox, written))
         plans["ngmeta"].keys = _keys([ngmeta_task(run_conf, bbox)])
-        plans["ngshard"].keys = _keys(plan_ng_shards(run_conf, bbox))
     for plan in plans.values():
         if plan.keys is not None:
             plan.names = list(plan.keys)  # the workflow's own names win

@@ -80,16 +80,23 @@ class MiniTask:
         name: readable id for logs, errors and the cache object, e.g. ``z000012``.
         path: endpoint on the service, e.g. ``/alignedslice``.
         payload: the JSON body.
+        inputs: a digest of what earlier stages produced that the service reads but the
+            payload does not name (the tiles of an /ngshard cube: the cache keys of the
+            /alignedslice requests that wrote them); part of the cache key, not sent.
     """
 
     index: int
     name: str
     path: str
     payload: Mapping[str, Any]
+    inputs: str = ""
 
     def cache_key(self) -> str:
-        """``NAME.DIGEST.json``; the digest changes when the request does."""
-        body = json.dumps({"path": self.path, "payload": self.payload}, sort_keys=True)
+        """``NAME.DIGEST.json``; the digest changes when the request or its inputs do."""
+        request: dict[str, Any] = {"path": self.path, "payload": self.payload}
+        if self.inputs:
+            request["inputs"] = self.inputs
+        body = json.dumps(request, sort_keys=True)
         return f"{self.name}.{hashlib.sha256(body.encode()).hexdigest()[:12]}.json"
 
 

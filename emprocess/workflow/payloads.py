@@ -8,6 +8,7 @@ numbers, booleans as booleans, CONTRACTS.md's key spelling.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping, Sequence
 from typing import Literal
@@ -174,16 +175,43 @@ def plan_cube_starts(bbox_xy: Sequence[int], minz: int, maxz: int) -> list[tuple
     return plan_cubes((int(bbox_xy[0]), int(bbox_xy[1])), minz, maxz, SHARD_SIZE)
 
 
-def plan_ng_shards(conf: RunConf, bbox_xy: Sequence[int]) -> list[MiniTask]:
-    """One POST /ngshard per 1024^3 cube of the volume, in :func:`plan_cube_starts` order."""
+def tiles_digest(written: Sequence[MiniTask], first: int, last: int) -> str:
+    """A digest of the /alignedslice requests of slices ``first..last`` (plan positions).
+
+    Those requests' cache keys cover everything that shaped the tiles (transform,
+    canvas, contrast, window, fill), so the digest changes exactly when the tiles do.
+    """
+    keys = [t.cache_key() for t in written[first : last + 1]]
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
+
+
+def plan_ng_shards(
+    conf: RunConf, bbox_xy: Sequence[int], written: Sequence[MiniTask]
+) -> list[MiniTask]:
+    """One POST /ngshard per 1024^3 cube of the volume, in :func:`plan_cube_starts` order.
+
+    Args:
+        conf: the run's conf.
+        bbox_xy: the canvas (width, height) in pixels.
+        written: the run's /alignedslice plan (:func:`plan_aligned_slices`, index z - minz):
+            each cube's cache key covers the requests that wrote the tiles it reads, so a
+            re-triggered run whose tiles changed (other clip-limit, transforms...) redoes
+            the cubes, and only those.
+    """
+    if len(written) != conf.maxz - conf.minz + 1:
+        raise ValueError(
+            f"the write plan has {len(written)} slices, the run {conf.maxz - conf.minz + 1}"
+        )
     fields = _volume_fields(conf, bbox_xy)
     tmp = conf.bucket_names()["tmp"]
+    last = len(written) - 1
     return [
         MiniTask(
             index=i,
             name=f"cube_{x}_{y}_{z}",
             path="/ngshard",
             payload=NgShardRequest(**fields, source=tmp, start=[x, y, z]).payload(),
+            inputs=tiles_digest(written, z * SHARD_SIZE, min(last, (z + 1) * SHARD_SIZE - 1)),
         )
         for i, (x, y, z) in enumerate(plan_cube_starts(bbox_xy, conf.minz, conf.maxz))
     ]

@@ -396,6 +396,19 @@ def read_fill(conf: RunConf) -> dict[int, int | None]:
     return {int(z): (None if s is None else int(s)) for z, s in doc.items()}
 
 
+def write_plan(info: RunInfo, canvas: Mapping[str, Any]) -> list[MiniTask]:
+    """The run's /alignedslice requests, from its transforms.json, fill.json and canvas."""
+    conf = info.conf
+    return plan_aligned_slices(
+        conf, read_transforms(conf), canvas["bbox"], info.intensity_window, read_fill(conf)
+    )
+
+
+def shard_plan(info: RunInfo, canvas: Mapping[str, Any]) -> list[MiniTask]:
+    """The run's /ngshard requests, each keyed on the write requests of the tiles it reads."""
+    return plan_ng_shards(info.conf, canvas["bbox"], write_plan(info, canvas))
+
+
 def write_slices(
     info: RunInfo,
     canvas: Mapping[str, Any],
@@ -404,10 +417,7 @@ def write_slices(
     settings: HttpSettings | None = None,
 ) -> dict[str, Any]:
     """Batch task ``write_{i}``: /alignedslice for this worker's slices."""
-    conf = info.conf
-    tasks = plan_aligned_slices(
-        conf, read_transforms(conf), canvas["bbox"], info.intensity_window, read_fill(conf)
-    )
+    tasks = write_plan(info, canvas)
     return _send(info, tasks, "write", WRITE_CACHE, base_url, settings, worker_id, info.width)
 
 
@@ -418,9 +428,7 @@ def check_slices_written(info: RunInfo, canvas: Mapping[str, Any]) -> dict[str, 
         EmprocessError: naming the slices without an answer.
     """
     conf = info.conf
-    tasks = plan_aligned_slices(
-        conf, read_transforms(conf), canvas["bbox"], info.intensity_window, read_fill(conf)
-    )
+    tasks = write_plan(info, canvas)
     done = cached_keys(conf.process_url(WRITE_CACHE))
     missing = [t.name for t in tasks if t.cache_key() not in done]
     if missing:
@@ -449,7 +457,7 @@ def write_ng_shards(
     settings: HttpSettings | None = None,
 ) -> dict[str, Any]:
     """Batch task ``write_ng_shards_{i}``: /ngshard for this worker's cubes."""
-    tasks = plan_ng_shards(info.conf, canvas["bbox"])
+    tasks = shard_plan(info, canvas)
     return _send(info, tasks, "ngshard", NG_CACHE, base_url, settings, worker_id, info.width)
 
 
@@ -457,7 +465,7 @@ def check_written(info: RunInfo, canvas: Mapping[str, Any]) -> tuple[bool, str]:
     """``iswritten``: whether the volume is complete: its ``info`` and every cube answered."""
     conf = info.conf
     done = cached_keys(conf.process_url(NG_CACHE))
-    tasks = [ngmeta_task(conf, canvas["bbox"]), *plan_ng_shards(conf, canvas["bbox"])]
+    tasks = [ngmeta_task(conf, canvas["bbox"]), *shard_plan(info, canvas)]
     missing = [t.name for t in tasks if t.cache_key() not in done]
     info_url = f"gs://{conf.bucket_names()['ng']}/neuroglancer/jpeg/info"
     problems = []

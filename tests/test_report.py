@@ -30,6 +30,7 @@ from nbclient import NotebookClient
 
 from emprocess import storage
 from emprocess.errors import InvalidInput
+from emprocess.layout import AFFINE_CACHE, NG_CACHE, WRITE_CACHE
 from emprocess.report import (
     FAILED,
     FEW_INLIERS,
@@ -50,9 +51,6 @@ from emprocess.workflow import dag_id
 from emprocess.workflow.batch import BatchError, HttpSettings, run_batch
 from emprocess.workflow.conf import parse_conf
 from emprocess.workflow.payloads import (
-    AFFINE_CACHE,
-    NG_CACHE,
-    WRITE_CACHE,
     plan_align_pairs,
     plan_aligned_slices,
 )

@@ -29,7 +29,8 @@ from dags_conftest_helpers import (
 )
 from faultproxy import Recorded, Rule
 
-from emprocess import storage
+from emprocess import layout, storage
+from emprocess.layout import RunLayout, slice_task_name
 from emprocess.workflow import dag_id
 
 TIMEOUT_S = 3.0
@@ -93,13 +94,13 @@ def clean_width4(airflow_db: Any, dag_bag: Any, service_pool: ServicePool, stack
 
 # -- what to compare --------------------------------------------------------------------
 
-CACHES = ("align/affine_cache/", "align/write_cache/", "neuroglancer/cache/")
+CACHES = tuple(f"{prefix}/" for prefix in set(layout.CACHES.values()))
 
 
 def _process_outputs(key: str) -> bool:
     """Skip the process bucket's per-run records (times, conf, the request caches, and
     canvas.json, which names the run's transforms.json; compared as JSON instead)."""
-    return key in ("init.json", "complete.json", "align/canvas.json") or key.startswith(CACHES)
+    return key in (layout.INIT, layout.COMPLETE, layout.CANVAS) or key.startswith(CACHES)
 
 
 def outputs(run: E2ERun) -> dict[str, dict[str, bytes]]:
@@ -108,13 +109,13 @@ def outputs(run: E2ERun) -> dict[str, dict[str, bytes]]:
     return {
         "ng": bucket_bytes(f"gs://{run.ng_bucket}/"),
         "chunk": bucket_bytes(f"gs://{run.chunk_bucket}/"),
-        "tmp": bucket_bytes(f"gs://{run.source}_tmp_{run.run_id}/"),
+        "tmp": bucket_bytes(f"gs://{run.layout.tmp}/"),
         "process": bucket_bytes(run.process, skip=_process_outputs),
     }
 
 
 def _canvas(run: E2ERun) -> tuple[list[int], dict[str, int]]:
-    doc = json.loads(storage.read_bytes(f"{run.process}/align/canvas.json"))
+    doc = json.loads(storage.read_bytes(run.layout.process_url(layout.CANVAS)))
     return doc["bbox"], doc["models"]
 
 
@@ -127,9 +128,9 @@ def assert_same_outputs(run: E2ERun, reference: E2ERun) -> dict[str, int]:
         differ = [k for k in want[bucket] if got[bucket][k] != want[bucket][k]]
         assert differ == [], (bucket, differ)
     assert _canvas(run) == _canvas(reference)
-    assert "align/transforms.json" in want["process"]
-    assert any(k.startswith("neuroglancer/jpeg/") and k.endswith(".shard") for k in want["ng"])
-    assert any(k.startswith("neuroglancer/raw/") for k in want["chunk"])
+    assert layout.TRANSFORMS in want["process"]
+    assert any(k.startswith(f"{layout.JPEG_PATH}/") and k.endswith(".shard") for k in want["ng"])
+    assert any(k.startswith(f"{layout.RAW_PATH}/") for k in want["chunk"])
     return {bucket: len(objects) for bucket, objects in want.items()}
 
 
@@ -149,7 +150,7 @@ def test_width4_dag_on_gcs_aligns_the_stack_within_a_pixel(
     assert len(pairs) == PAIRS and len(set(pairs)) == PAIRS
     assert sorted(b["slice"] for b in run.bodies("/alignedslice")) == list(range(SLICES))
     assert sorted(run.paths()) == ["/alignedslice"] * SLICES + ["/ngmeta", "/ngshard"]
-    complete = json.loads(storage.read_bytes(f"{run.process}/complete.json"))
+    complete = json.loads(storage.read_bytes(run.layout.process_url(layout.COMPLETE)))
     stages = complete["stages"]
     assert (stages["align.affine"]["tasks"], stages["align.affine"]["sent"]) == (4, PAIRS)
     assert (stages["align.write"]["tasks"], stages["align.write"]["planned"]) == (4, SLICES)
@@ -213,7 +214,7 @@ def test_faults_on_every_service_give_the_same_bytes(
     assert align == PAIRS + injected["align"] + 1
     assert emwrite == SLICES + 2 + injected["emwrite"]
     assert injected["align"] == align // 3 and injected["emwrite"] == emwrite // 3
-    complete = json.loads(storage.read_bytes(f"{run.process}/complete.json"))
+    complete = json.loads(storage.read_bytes(run.layout.process_url(layout.COMPLETE)))
     assert complete["stages"]["align.affine"]["attempts"] == align
     objects = assert_same_outputs(run, clean_width4)
     print(
@@ -277,7 +278,9 @@ def test_dynamic_dag_retries_a_dead_write_task_from_its_cache(
     def report() -> dict[str, Any]:
         rep = load_run(stack.source, run_id)
         return {
-            "failures": storage.list_keys(f"gs://{stack.source}_process/{run_id}/failures/"),
+            "failures": storage.list_keys(
+                RunLayout(stack.source, run_id).process_url(layout.FAILURES) + "/"
+            ),
             "write": (rep.stage("write").done, rep.stage("write").failures),
             "notes": [(f.stage, f.name, f.error) for f in rep.failures],
         }
@@ -320,15 +323,15 @@ def test_dynamic_dag_retries_a_dead_write_task_from_its_cache(
     assert run.tries == {k: 2 if k == dead_task else 1 for k in run.task_states}, run.tries
     # Between the tries the process bucket held failure records for the two dead slices,
     # which the monitoring report counts; the retry's success deleted them.
-    names = sorted(f"z{z:06d}" for z in died)
-    assert dies.snapshot.get("failures") == [f"{run_id}/failures/write/{n}.json" for n in names], (
-        dies.snapshot
-    )
+    names = sorted(slice_task_name(z) for z in died)
+    assert dies.snapshot.get("failures") == [
+        f"{run_id}/{layout.FAILURES}/write/{n}.json" for n in names
+    ], dies.snapshot
     retry_at = next(i for i, z in enumerate(slices) if i >= 4 and z in died)
     assert dies.snapshot["write"] == (retry_at - 2, 2)  # (slices done, failure records)
     assert sorted((s, n) for s, n, _ in dies.snapshot["notes"]) == [("write", n) for n in names]
     assert all("503" in error for *_, error in dies.snapshot["notes"])
-    complete = json.loads(storage.read_bytes(f"{run.process}/complete.json"))
+    complete = json.loads(storage.read_bytes(run.layout.process_url(layout.COMPLETE)))
     write_stage = complete["stages"]["align.write"]
     assert (write_stage["planned"], write_stage["cached"], write_stage["sent"]) == (12, 2, 10)
     objects = assert_same_outputs(run, clean_width4)

@@ -54,6 +54,7 @@ from emprocess.kernels.render import (  # noqa: F401  (THUMB_* : the service's, 
     render_source_tiles,
     thumbnail_factor,
 )
+from emprocess.layout import JPEG_PATH, RAW_PATH, process_bucket, thumbnail_key
 from emprocess.models import AlignedSliceRequest, NgMetaRequest, NgShardRequest
 from emprocess.services.common import create_service_app, json_body, parse
 from emprocess.services.pyramid import PrecomputedWriter, write_pyramid
@@ -85,7 +86,6 @@ MAX_FILE_BYTES = MAX_DECODED_BYTES + (1 << 20)  # an uncompressed TIFF plus its 
 # (drift, rotation). Each side may be at most this many times the slice's longer
 # side, plus one tile; the bound keeps a request's work in proportion to its input.
 MAX_CANVAS_RATIO = 4
-JPEG_PATH, RAW_PATH = "neuroglancer/jpeg", "neuroglancer/raw"
 
 
 def tiles_key(z: int) -> str:
@@ -105,7 +105,7 @@ def source_tiles_url(bucket: str, z: int) -> str:
 
 def thumbnail_url(req: AlignedSliceRequest) -> str:
     """Where the thumbnail of the request's slice goes (DEST_process/RUN_ID/align/IMG)."""
-    return storage.bucket_url(f"{req.dest}_process", f"{req.run_id}/align/{req.img}")
+    return storage.bucket_url(process_bucket(req.dest), thumbnail_key(req.run_id, req.img))
 
 
 # -- /alignedslice -------------------------------------------------------------
@@ -138,7 +138,7 @@ def aligned_slice(req: AlignedSliceRequest) -> dict[str, Any]:
         thumbnail_url(req),
         source_tiles_url(req.dest_tmp, req.slice),
     )
-    for bucket in (req.dest_tmp, f"{req.dest}_process"):
+    for bucket in (req.dest_tmp, process_bucket(req.dest)):
         if not storage.bucket_exists(bucket):
             raise InvalidInput(f"bucket {bucket!r} does not exist")
     data = storage.read_bytes(source_url, max_bytes=MAX_FILE_BYTES)

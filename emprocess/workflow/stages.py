@@ -22,6 +22,20 @@ from pydantic import BaseModel
 from emprocess import storage
 from emprocess.errors import BucketNotFound, EmprocessError, InvalidInput
 from emprocess.imageinfo import HEADER_BYTES, ImageHeader, image_header
+from emprocess.layout import (
+    AFFINE_CACHE,
+    CANVAS,
+    COMPLETE,
+    FILL,
+    INIT,
+    NG_CACHE,
+    QC,
+    SLICES,
+    TRANSFORMS,
+    TRANSFORMS_CSV,
+    WRITE_CACHE,
+    parse_pair_name,
+)
 from emprocess.workflow import DEFAULT_DYNAMIC_WIDTH, VERSION
 from emprocess.workflow.batch import (
     BatchSummary,
@@ -33,11 +47,7 @@ from emprocess.workflow.batch import (
 )
 from emprocess.workflow.conf import RunConf, parse_conf, template_prefix
 from emprocess.workflow.payloads import (
-    AFFINE_CACHE,
-    NG_CACHE,
-    WRITE_CACHE,
     ngmeta_task,
-    parse_pair_name,
     plan_align_pairs,
     plan_aligned_slices,
     plan_ng_shards,
@@ -54,15 +64,6 @@ PACKAGES = ("clio-ingest", "apache-airflow", "pydantic", "requests", "google-aut
 
 SHOWN = 10
 """How many names a problem message lists before "..."."""
-
-FAILURES = "failures"
-"""Failure records of mini-tasks: ``RUN_ID/failures/STAGE/NAME.json`` in the process bucket."""
-
-FILL = "align/fill.json"
-"""Bad slice -> the slice written in its place (null: zeros); {} when all show their own."""
-
-CANVAS = "align/canvas.json"
-"""What ``collect`` hands on (``{"bbox": [w, h], "models": {...}, "transforms": URL}``)."""
 
 
 class SliceProblems(InvalidInput):
@@ -232,7 +233,7 @@ def create_env(info: RunInfo, airflow_run_id: str) -> dict[str, Any]:
         if role == "source":
             continue
         created[name] = storage.create_bucket(name, project=conf.project)
-    init_url = conf.process_url("init.json")
+    init_url = conf.process_url(INIT)
     first_started = None
     if storage.exists(init_url):
         previous = json.loads(storage.read_bytes(init_url))
@@ -283,7 +284,7 @@ def _send(
         width=width,
         stage=stage,
         settings=settings,
-        failure_url=conf.process_url(FAILURES, stage),
+        failure_url=conf.layout.failure_url(stage),
     ).to_json()
 
 
@@ -344,7 +345,7 @@ def collect_alignment(info: RunInfo) -> dict[str, Any]:
             qc_text = pairs_csv(comp.pairs, solved)
             fill = solved.fill(conf.bad_slice_fill)
             storage.write_bytes(
-                conf.process_url("align", "slices.csv"),
+                conf.process_url(SLICES),
                 slices_csv(solved.slices).encode(),
                 content_type="text/csv",
             )
@@ -352,17 +353,15 @@ def collect_alignment(info: RunInfo) -> dict[str, Any]:
             chain = {pre: r for (pre, post), r in results.items() if post == pre + 1}
             comp = compose_alignment(chain, conf.minz, conf.maxz, size, conf.downsample_factor)
             qc_text = qc_csv(comp.pairs)
-    transforms_url = conf.process_url("align", "transforms.json")
+    transforms_url = conf.process_url(TRANSFORMS)
     doc = {str(z): comp.transforms[z] for z in sorted(comp.transforms)}
     storage.write_bytes(transforms_url, json.dumps(doc).encode(), content_type="application/json")
     storage.write_bytes(
-        conf.process_url("align", "transforms.csv"),
+        conf.process_url(TRANSFORMS_CSV),
         transforms_csv(comp.transforms).encode(),
         content_type="text/csv",
     )
-    storage.write_bytes(
-        conf.process_url("align", "qc.csv"), qc_text.encode(), content_type="text/csv"
-    )
+    storage.write_bytes(conf.process_url(QC), qc_text.encode(), content_type="text/csv")
     storage.write_bytes(
         conf.process_url(FILL),
         json.dumps({str(z): s for z, s in sorted(fill.items())}).encode(),
@@ -383,7 +382,11 @@ def collect_alignment(info: RunInfo) -> dict[str, Any]:
 
 def read_transforms(conf: RunConf) -> dict[int, list[float]]:
     """transforms.json of the run, by slice number."""
-    doc = json.loads(storage.read_bytes(conf.process_url("align", "transforms.json")))
+    return _read_transforms(conf.process_url(TRANSFORMS))
+
+
+def _read_transforms(url: str) -> dict[int, list[float]]:
+    doc = json.loads(storage.read_bytes(url))
     return {int(z): [float(v) for v in t] for z, t in doc.items()}
 
 
@@ -467,7 +470,7 @@ def check_written(info: RunInfo, canvas: Mapping[str, Any]) -> tuple[bool, str]:
     done = cached_keys(conf.process_url(NG_CACHE))
     tasks = [ngmeta_task(conf, canvas["bbox"]), *shard_plan(info, canvas)]
     missing = [t.name for t in tasks if t.cache_key() not in done]
-    info_url = f"gs://{conf.bucket_names()['ng']}/neuroglancer/jpeg/info"
+    info_url = f"{conf.layout.jpeg_url}/info"
     problems = []
     if missing:
         problems.append(f"{len(missing)} of {len(tasks)} requests unanswered: {_names(missing)}")
@@ -480,14 +483,14 @@ def check_written(info: RunInfo, canvas: Mapping[str, Any]) -> tuple[bool, str]:
 
 def cleanup_images(info: RunInfo, age_days: int = TMP_LIFECYCLE_DAYS) -> str:
     """``cleanup_images``: a lifecycle rule deletes the tmp bucket's tiles after ``age_days``."""
-    tmp = info.conf.bucket_names()["tmp"]
+    tmp = info.conf.layout.tmp
     storage.set_lifecycle_delete(tmp, age_days)
     return f"objects of {tmp} are deleted {age_days} days after they were written"
 
 
 def set_public_read(info: RunInfo) -> str:
     """``set_public_read``: make the neuroglancer bucket public-read when conf ``public``."""
-    ng = info.conf.bucket_names()["ng"]
+    ng = info.conf.layout.ng
     if not info.conf.public:
         return f"bucket {ng} stays private (conf public is false)"
     return storage.make_public(ng)
@@ -530,7 +533,7 @@ def write_status(
 ) -> dict[str, Any]:
     """``write_status``: RUN_ID/complete.json with the canvas, timings and the viewer source."""
     conf = info.conf
-    init_url = conf.process_url("init.json")
+    init_url = conf.process_url(INIT)
     started = None
     if storage.exists(init_url):
         started = json.loads(storage.read_bytes(init_url)).get("started")
@@ -563,7 +566,7 @@ def write_status(
         "stages": stage_timings(records),
         "versions": package_versions(),
     }
-    url = conf.process_url("complete.json")
+    url = conf.process_url(COMPLETE)
     storage.write_bytes(url, json.dumps(doc, indent=2).encode(), content_type="application/json")
     log.info("wrote %s; view %s", url, doc["neuroglancer"])
     return doc

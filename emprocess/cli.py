@@ -276,6 +276,7 @@ def run(
     raw: bool = typer.Option(True, "--raw/--no-raw", help=_conf_help("create_raw_pyramid")),
     resolution: str = typer.Option("8", help=_conf_help("resolution") + _RESOLUTION_HELP),
     intensity: str = typer.Option("auto", help=_conf_help("intensity") + _INTENSITY_HELP),
+    align_from: str = typer.Option(None, "--align-from", help=_conf_help("align_from")),
     width: int = typer.Option(4, min=1, help="Concurrent batch workers per stage (DAG width)."),
     workdir: str = typer.Option("work", help="Folder for Airflow's home, database and logs."),
     scheduler: bool = typer.Option(
@@ -300,7 +301,7 @@ def run(
         id=run_id or f"{bucket}-run", image=image, minz=minz, maxz=maxz, source=bucket,
         downsample_factor=downsample_factor, skip_align=skip_align, **{"clip-limit": clip_limit},
         createRawPyramid=raw, resolution=_numbers(resolution, "resolution"),
-        intensity=_numbers(intensity, "intensity"), width=conf_width,
+        intensity=_numbers(intensity, "intensity"), width=conf_width, align_from=align_from,
     )  # fmt: skip
     t0 = time.monotonic()
     try:

@@ -378,3 +378,34 @@ def test_a_rerun_with_another_clip_limit_redoes_only_what_changes(
         f"emwrite requests; {objects} output objects byte-identical to a fresh run; "
         f"unchanged re-trigger: 0 requests ({same.elapsed_s} s)"
     )
+
+
+def test_reexport_with_align_from_sends_no_alignment_request(
+    clean_width4: E2ERun,
+    dag_bag: Any,
+    service_pool: ServicePool,
+    stack: Stack,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A new run of slices 2..9 with another clip-limit and no raw volume, taking the clean
+    run's alignment: no alignment request, the clean run's canvas and transforms, and its
+    slices match the clean run's (same place, other contrast)."""
+    from dags_conftest_helpers import ncc, read_volume
+
+    conf = {"align_from": clean_width4.run_id, "clip-limit": 0.05, "createRawPyramid": False}
+    conf.update(minz=2, maxz=9)
+    run = _run(monkeypatch, dag_bag.dags[dag_id(1)], stack, service_pool, "reexp", conf=conf)
+    assert run.state == "success", run.task_states
+    assert run.align_requests == []
+    assert sorted(run.paths()) == ["/alignedslice"] * 8 + ["/ngmeta", "/ngshard"]
+    assert _canvas(run)[0] == _canvas(clean_width4)[0]
+    whole, mine_t = (
+        json.loads(storage.read_bytes(r.layout.process_url(layout.TRANSFORMS)))
+        for r in (clean_width4, run)
+    )
+    assert mine_t == {str(z): whole[str(z)] for z in range(2, 10)}
+    assert not storage.bucket_exists(run.chunk_bucket)
+    mine, theirs = read_volume(run.layout.jpeg_url), read_volume(clean_width4.layout.jpeg_url)
+    assert mine.shape == (8, *theirs.shape[1:])
+    assert min(ncc(mine[i], theirs[i + 2]) for i in range(8)) > 0.9
+    assert any((mine[i] != theirs[i + 2]).any() for i in range(8))  # other contrast

@@ -18,7 +18,7 @@ from dags_conftest_helpers import (
 )
 
 from emprocess import affine, storage
-from emprocess.errors import EmprocessError
+from emprocess.errors import EmprocessError, InvalidInput
 from emprocess.workflow import stages
 from emprocess.workflow.batch import HttpSettings, MiniTask
 from emprocess.workflow.payloads import plan_ng_shards
@@ -108,6 +108,38 @@ def test_align_and_collect_compose_the_cached_answers(root: Path) -> None:
     assert csv[0] == "slice,m00,m10,m01,m11,m02,m12" and csv[2] == "4,1.0,0.0,0.0,1.0,6.0,0.0"
     qc = storage.read_bytes("gs://src_process/r1/align/qc.csv").decode().splitlines()
     assert qc[1] == "3,4,translation,0.0,40,44,0.3,0.4"
+
+
+def test_align_from_takes_an_earlier_runs_alignment(root: Path) -> None:
+    """r2 takes r1's transforms (its z sub-range) and canvas without one alignment request;
+    a missing, uncovering or self-naming align_from is refused, naming the problem."""
+    storage.create_bucket("src")
+    first = run_info("src", downsample_factor=2, neighbors=1, global_solve=False)
+    with pytest.raises(InvalidInput, match=r"align_from 'r1': gs://src_process/r1/init.json"):
+        run_info("src", id="r2", align_from="r1")  # r1 has not run yet
+    stages.create_env(first, "manual__1")
+    with ScriptedServer(fake_align) as server:
+        for w in (0, 1):
+            stages.align_pairs(first, w, server.url, FAST)
+    before = stages.collect_alignment(first)
+
+    info = run_info("src", id="r2", align_from="r1", minz=4, **{"clip-limit": 0.05})
+    stages.create_env(info, "manual__2")
+    assert stages.align_pairs(info, 0, "http://127.0.0.1:9", FAST)["planned"] == 0
+    canvas = stages.collect_alignment(info)
+    assert canvas["bbox"] == before["bbox"] and canvas["aligned_from"] == "r1"
+    assert canvas["transforms"] == "gs://src_process/r2/align/transforms.json"
+    whole = stages.read_transforms(first.conf)
+    assert stages.read_transforms(info.conf) == {4: whole[4], 5: whole[5]}
+    assert stages.write_plan(info, canvas)[0].payload["transform"] == whole[4]
+
+    write_slices("src", "img.%05d.png", [6], size_xy=(40, 30))
+    with pytest.raises(InvalidInput, match=r"do not cover minz..maxz \(3..6\): 1 missing"):
+        run_info("src", id="r3", align_from="r1", maxz=6)
+    with pytest.raises(InvalidInput, match="this run's own id"):
+        run_info("src", align_from="r1")
+    with pytest.raises(InvalidInput, match="exclude each other"):
+        run_info("src", id="r3", align_from="r1", skip_align=True)
 
 
 def test_skip_align_sends_nothing_and_writes_identity(root: Path, emwrite: ScriptedServer) -> None:

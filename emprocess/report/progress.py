@@ -88,7 +88,7 @@ def plan_stages(
     align/fill.json (bad slice -> stand-in), which shapes the write requests.
     """
     minz, maxz = int(conf["minz"]), int(conf["maxz"])
-    skip = bool(conf.get("skip_align", False))
+    skip = bool(conf.get("skip_align", False) or conf.get("align_from"))
     k = int(conf.get("neighbors", 1) or 1)
     pairs = (
         []

@@ -287,6 +287,29 @@ class RunConf(BaseModel):
         description="What a bad slice shows: 'own' its pixels at the bridged transform, "
         "'nearest' the nearest good slice's pixels, 'zeros' black.",
     )
+    align_from: str | None = Field(
+        default=None,
+        title="Alignment of an earlier run",
+        description="Id of an earlier run of the same source whose alignment (transforms, "
+        "canvas, bad-slice fill) this run takes instead of aligning: re-export with other "
+        "contrast, a z sub-range or the other volume. That run must have finished collect "
+        "and cover minz..maxz; the alignment keys are then ignored.",
+        max_length=63,
+    )
+
+    @model_validator(mode="after")
+    def _align_from_is_another_run(self) -> RunConf:
+        if self.align_from is None:
+            return self
+        check_run_id(self.align_from)
+        if self.align_from == self.id:
+            raise ValueError(
+                f"align_from {self.align_from!r} is this run's own id; re-trigger the run "
+                "instead (its cached alignment is reused)"
+            )
+        if self.skip_align:
+            raise ValueError("align_from and skip_align exclude each other: choose one")
+        return self
 
     @model_validator(mode="after")
     def _skip_slices_in_range(self) -> RunConf:

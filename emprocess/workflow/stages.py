@@ -34,6 +34,7 @@ from emprocess.layout import (
     TRANSFORMS,
     TRANSFORMS_CSV,
     WRITE_CACHE,
+    RunLayout,
     parse_pair_name,
 )
 from emprocess.workflow import DEFAULT_DYNAMIC_WIDTH, VERSION
@@ -186,6 +187,8 @@ def validate_run(
             )
         width = dag_width
     found = check_slice_format(conf)
+    if conf.align_from is not None:
+        check_align_from(conf, (found.width, found.height))
     window = decide_window(conf, found.bits)
     log.info(
         "run %s: slices %d..%d of %s are %dx%d, %d-bit; width %d; intensity window %s",
@@ -293,8 +296,8 @@ def align_pairs(
 ) -> dict[str, Any]:
     """Batch task ``affine_{i}``: align this worker's pairs (nothing when skip_align)."""
     conf = info.conf
-    if conf.skip_align:
-        log.info("skip_align: no alignment requests")
+    if conf.skip_align or conf.align_from is not None:
+        log.info("skip_align or align_from: no alignment requests")
         return BatchSummary("affine", worker_id, info.width, 0).to_json()
     tasks = plan_align_pairs(conf, info.intensity_window)
     return _send(info, tasks, "affine", AFFINE_CACHE, base_url, settings, worker_id, info.width)
@@ -321,6 +324,8 @@ def collect_alignment(info: RunInfo) -> dict[str, Any]:
     from emprocess.workflow.globalalign import global_alignment, pairs_csv, slices_csv
 
     conf = info.conf
+    if conf.align_from is not None:
+        return take_alignment(conf)
     size = info.slice_size_xy
     quality = None
     fill: dict[int, int | None] = {}
@@ -388,6 +393,89 @@ def read_transforms(conf: RunConf) -> dict[int, list[float]]:
 def _read_transforms(url: str) -> dict[int, list[float]]:
     doc = json.loads(storage.read_bytes(url))
     return {int(z): [float(v) for v in t] for z, t in doc.items()}
+
+
+# -- align_from: the alignment of an earlier run ------------------------------------
+
+
+def check_align_from(conf: RunConf, slice_size_xy: tuple[int, int]) -> None:
+    """The earlier run ``align_from`` exists, finished collect, and covers this run.
+
+    Raises:
+        InvalidInput: naming the earlier run and what is wrong (missing records, slices
+            it did not align, other slices or another slice size).
+    """
+    earlier = RunLayout(conf.source, str(conf.align_from))
+    what = f"align_from {conf.align_from!r}"
+    for key in (INIT, TRANSFORMS, CANVAS):
+        url = earlier.process_url(key)
+        if not storage.exists(url):
+            raise InvalidInput(
+                f"{what}: {url} does not exist: no such run of source {conf.source!r}, "
+                "or it has not finished aligning (collect)"
+            )
+    init = json.loads(storage.read_bytes(earlier.process_url(INIT)))
+    problems = []
+    if init.get("conf", {}).get("image") != conf.image:
+        problems.append(
+            f"it aligned image {init.get('conf', {}).get('image')!r}, not {conf.image!r}"
+        )
+    if list(init.get("slice_size_xy") or []) != list(slice_size_xy):
+        problems.append(f"its slices are {init.get('slice_size_xy')}, these {list(slice_size_xy)}")
+    zs = _read_transforms(earlier.process_url(TRANSFORMS))
+    missing = [z for z in range(conf.minz, conf.maxz + 1) if z not in zs]
+    if missing:
+        lo, hi = (min(zs), max(zs)) if zs else (None, None)
+        problems.append(
+            f"it aligned slices {lo}..{hi}, which do not cover minz..maxz "
+            f"({conf.minz}..{conf.maxz}): {len(missing)} missing, e.g. {missing[:5]}"
+        )
+    if problems:
+        raise InvalidInput(f"{what} cannot be used: " + "; ".join(problems))
+
+
+def take_alignment(conf: RunConf) -> dict[str, Any]:
+    """``collect`` with ``align_from``: this run's records from the earlier run's alignment.
+
+    The earlier canvas is kept (a z sub-range lands in the same coordinates); the
+    transforms and the fill are restricted to minz..maxz; qc.csv and slices.csv are copied.
+    """
+    from emprocess.workflow.compose import transforms_csv
+
+    earlier = RunLayout(conf.source, str(conf.align_from))
+    zs = range(conf.minz, conf.maxz + 1)
+    every = _read_transforms(earlier.process_url(TRANSFORMS))
+    transforms = {z: every[z] for z in zs}
+    fill = {}
+    if storage.exists(earlier.process_url(FILL)):
+        doc = json.loads(storage.read_bytes(earlier.process_url(FILL)))
+        fill = {str(z): s for z, s in doc.items() if int(z) in zs}
+    transforms_url = conf.process_url(TRANSFORMS)
+    records = {
+        TRANSFORMS: json.dumps({str(z): t for z, t in transforms.items()}).encode(),
+        TRANSFORMS_CSV: transforms_csv(transforms).encode(),
+        FILL: json.dumps(fill).encode(),
+    }
+    for key in (QC, SLICES):
+        if storage.exists(earlier.process_url(key)):
+            records[key] = storage.read_bytes(earlier.process_url(key))
+    for key, data in records.items():
+        kind = "text/csv" if key.endswith(".csv") else "application/json"
+        storage.write_bytes(conf.process_url(key), data, content_type=kind)
+    before = json.loads(storage.read_bytes(earlier.process_url(CANVAS)))
+    canvas: dict[str, Any] = {
+        "bbox": before["bbox"],
+        "models": before.get("models", {}),
+        "transforms": transforms_url,
+        "aligned_from": conf.align_from,
+    }
+    if before.get("alignment") is not None:
+        canvas["alignment"] = before["alignment"]
+    storage.write_bytes(
+        conf.process_url(CANVAS), json.dumps(canvas).encode(), content_type="application/json"
+    )
+    log.info("alignment of run %s taken: canvas %s", conf.align_from, canvas["bbox"])
+    return canvas
 
 
 def read_fill(conf: RunConf) -> dict[int, int | None]:

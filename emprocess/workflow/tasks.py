@@ -168,7 +168,8 @@ def affine(worker_id: int) -> dict[str, Any]:
     from emprocess.workflow.stages import align_pairs
 
     info = _info()
-    url = "" if info.conf.skip_align else service_url(ALIGN_CONN_ID)
+    aligns = not (info.conf.skip_align or info.conf.align_from)
+    url = service_url(ALIGN_CONN_ID) if aligns else ""
     return align_pairs(info, worker_id, url)
 
 

@@ -20,6 +20,17 @@ JPEG_PATH = "neuroglancer/jpeg"
 RAW_PATH = "neuroglancer/raw"
 """Path of the lossless volume in the chunk bucket."""
 
+TILES_PREFIX = "aligned/"
+"""Folder of the tiled aligned slices in the tmp bucket (``aligned/ZZZZZZ.tiles``)."""
+SOURCE_TILES_PREFIX = "aligned16/"
+"""Folder of the 16-bit tiled slices, for a uint16 lossless volume."""
+
+
+def tiles_key(z: int) -> str:
+    """Name of the tiled aligned slice z under ``TILES_PREFIX`` of the tmp bucket."""
+    return f"{z:06d}.tiles"
+
+
 # Records in the process bucket, relative to RUN_ID/.
 INIT = "init.json"
 """What create_env recorded: the conf, width, slice size, window, versions."""

@@ -353,7 +353,8 @@ def test_a_rerun_with_another_clip_limit_redoes_only_what_changes(
     clip-limit (the clean run's conf): the second trigger aligns nothing, rewrites every
     slice and the cube (their tiles' contrast changed) but not /ngmeta (the volume's info
     did not), and leaves the clean run's bytes. A third trigger, conf unchanged, sends
-    nothing at all."""
+    nothing at all, though a tile has expired; a fourth, after the cube and the info are
+    lost, redoes exactly those and the one tile the cube reads that is gone."""
     dag = dag_bag.dags[dag_id(1)]
     first = _run(monkeypatch, dag, stack, service_pool, "reclip", conf={"clip-limit": 0.05})
     assert first.state == "success", first.task_states
@@ -370,13 +371,33 @@ def test_a_rerun_with_another_clip_limit_redoes_only_what_changes(
                if first_volume.get(k) != v]  # fmt: skip
     assert any(k.endswith(".shard") for k in changed), changed
 
+    # The tmp bucket's lifecycle deletes a slice's tiles: the volume is complete, so a
+    # re-trigger with the same conf still sends nothing.
+    tiles = f"gs://{again.layout.tmp}/{layout.TILES_PREFIX}{layout.tiles_key(3)}"
+    storage.delete(tiles)
     same = _run(monkeypatch, dag, stack, service_pool, "reclip")
     assert same.state == "success", same.task_states
     assert same.align_requests == [] and same.emwrite_requests == []
+
+    # The cube's answer and the volume's info are lost too (as if the cube's task had
+    # been cleared half done): the next trigger rewrites the one missing tile the cube
+    # needs, the info and the cube, nothing else, and the volume is the same again.
+    cache = again.layout.process_url(layout.NG_CACHE)
+    for key in storage.list_keys(cache + "/"):
+        if key.rsplit("/", 1)[-1].startswith("cube_"):
+            storage.delete(storage.bucket_url(again.layout.process, key))
+    storage.delete(f"{again.layout.jpeg_url}/info")
+    fixed = _run(monkeypatch, dag, stack, service_pool, "reclip")
+    check_finished_run(fixed)
+    assert fixed.align_requests == []
+    assert sorted(fixed.paths()) == ["/alignedslice", "/ngmeta", "/ngshard"]
+    assert [b["slice"] for b in fixed.bodies("/alignedslice")] == [3]
+    assert_same_outputs(fixed, clean_width4)
     print(
         f"re-trigger with clip-limit 0.05 -> 0.02: 0 alignment requests, {len(again.paths())} "
         f"emwrite requests; {objects} output objects byte-identical to a fresh run; "
-        f"unchanged re-trigger: 0 requests ({same.elapsed_s} s)"
+        f"unchanged re-trigger: 0 requests ({same.elapsed_s} s); after losing a tile, the "
+        f"cube and the info: {sorted(fixed.paths())}"
     )
 
 

@@ -54,7 +54,15 @@ from emprocess.kernels.render import (  # noqa: F401  (THUMB_* : the service's, 
     render_source_tiles,
     thumbnail_factor,
 )
-from emprocess.layout import JPEG_PATH, RAW_PATH, process_bucket, thumbnail_key
+from emprocess.layout import (
+    JPEG_PATH,
+    RAW_PATH,
+    SOURCE_TILES_PREFIX,
+    TILES_PREFIX,
+    process_bucket,
+    thumbnail_key,
+    tiles_key,
+)
 from emprocess.models import AlignedSliceRequest, NgMetaRequest, NgShardRequest
 from emprocess.services.common import create_service_app, json_body, parse
 from emprocess.services.pyramid import PrecomputedWriter, write_pyramid
@@ -72,8 +80,6 @@ NUM_SCALES = 6
 TILE_CODEC: tiles.Codec = "png" if os.environ.get("EMPROCESS_TILE_CODEC") == "png" else "raw"
 IO_THREADS = int(os.environ.get("EMPROCESS_IO_THREADS", 16))
 READ_BATCH = 64  # slices whose tile reads are in flight at once (64 MiB of tiles)
-TILES_PREFIX = "aligned/"
-SOURCE_TILES_PREFIX = "aligned16/"  # the slices at 16 bits, for a uint16 lossless volume
 CPU_COUNT = (
     len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 )
@@ -86,11 +92,6 @@ MAX_FILE_BYTES = MAX_DECODED_BYTES + (1 << 20)  # an uncompressed TIFF plus its 
 # (drift, rotation). Each side may be at most this many times the slice's longer
 # side, plus one tile; the bound keeps a request's work in proportion to its input.
 MAX_CANVAS_RATIO = 4
-
-
-def tiles_key(z: int) -> str:
-    """Key of the tiled aligned slice z under ``TILES_PREFIX`` of the tmp bucket."""
-    return f"{z:06d}.tiles"
 
 
 def tiles_url(bucket: str, z: int) -> str:

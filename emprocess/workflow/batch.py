@@ -25,7 +25,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -332,6 +332,7 @@ def run_batch(
     settings: HttpSettings | None = None,
     token_source: TokenSource | None = None,
     failure_url: str | None = None,
+    redo: Collection[str] = (),
 ) -> BatchSummary:
     """Send this worker's mini-tasks to the service and cache every answer.
 
@@ -348,6 +349,8 @@ def run_batch(
         failure_url: the stage's failure prefix in the process bucket
             (``RUN_ID/failures/STAGE``): a mini-task that finally fails writes ``NAME.json``
             there, and its success (now or found cached) deletes it. None: no records.
+        redo: names of mini-tasks to send even when their answer is cached, because
+            what they wrote is gone (e.g. tiles the tmp bucket's lifecycle deleted).
 
     Raises:
         BatchError: naming the mini-tasks that failed and why (after finishing or, on a
@@ -359,6 +362,7 @@ def run_batch(
     summary.started = _now()
     t0 = time.monotonic()
     done = cached_keys(cache_url) if mine else set()
+    done -= {t.cache_key() for t in mine if t.name in redo}
     todo = [t for t in mine if t.cache_key() not in done]
     summary.cached = len(mine) - len(todo)
     records = FailureRecords(failure_url if mine else None, stage)

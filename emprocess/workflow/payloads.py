@@ -153,13 +153,19 @@ def plan_cube_starts(bbox_xy: Sequence[int], minz: int, maxz: int) -> list[tuple
     return plan_cubes((int(bbox_xy[0]), int(bbox_xy[1])), minz, maxz, SHARD_SIZE)
 
 
-def tiles_digest(written: Sequence[MiniTask], first: int, last: int) -> str:
-    """A digest of the /alignedslice requests of slices ``first..last`` (plan positions).
+def cube_slices(conf: RunConf, cube_z: int) -> range:
+    """The slices a cube of z-start ``cube_z`` (in cubes, counted from minz) reads."""
+    first = conf.minz + cube_z * SHARD_SIZE
+    return range(first, min(conf.maxz, first + SHARD_SIZE - 1) + 1)
+
+
+def tiles_digest(written: Sequence[MiniTask], zs: range, minz: int) -> str:
+    """A digest of the /alignedslice requests of slices ``zs`` (``written`` starts at minz).
 
     Those requests' cache keys cover everything that shaped the tiles (transform,
     canvas, contrast, window, fill), so the digest changes exactly when the tiles do.
     """
-    keys = [t.cache_key() for t in written[first : last + 1]]
+    keys = [t.cache_key() for t in written[zs.start - minz : zs.stop - minz]]
     return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
 
 
@@ -182,14 +188,13 @@ def plan_ng_shards(
         )
     fields = _volume_fields(conf, bbox_xy)
     tmp = conf.layout.tmp
-    last = len(written) - 1
     return [
         MiniTask(
             index=i,
             name=cube_name(x, y, z),
             path="/ngshard",
             payload=NgShardRequest(**fields, source=tmp, start=[x, y, z]).payload(),
-            inputs=tiles_digest(written, z * SHARD_SIZE, min(last, (z + 1) * SHARD_SIZE - 1)),
+            inputs=tiles_digest(written, cube_slices(conf, z), conf.minz),
         )
         for i, (x, y, z) in enumerate(plan_cube_starts(bbox_xy, conf.minz, conf.maxz))
     ]

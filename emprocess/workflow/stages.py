@@ -12,7 +12,7 @@ import logging
 import platform
 import re
 from collections import Counter, defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
@@ -29,13 +29,17 @@ from emprocess.layout import (
     FILL,
     INIT,
     NG_CACHE,
+    NGMETA,
     QC,
     SLICES,
+    TILES_PREFIX,
     TRANSFORMS,
     TRANSFORMS_CSV,
     WRITE_CACHE,
     RunLayout,
     parse_pair_name,
+    slice_task_name,
+    tiles_key,
 )
 from emprocess.workflow import DEFAULT_DYNAMIC_WIDTH, VERSION
 from emprocess.workflow.batch import (
@@ -48,6 +52,7 @@ from emprocess.workflow.batch import (
 )
 from emprocess.workflow.conf import RunConf, parse_conf, template_prefix
 from emprocess.workflow.payloads import (
+    cube_slices,
     ngmeta_task,
     plan_align_pairs,
     plan_aligned_slices,
@@ -276,6 +281,7 @@ def _send(
     settings: HttpSettings | None,
     worker_id: int = 0,
     width: int = 1,
+    redo: Collection[str] = (),
 ) -> dict[str, Any]:
     """Run one batch task of ``stage``: its answers under ``cache``, its failures beside."""
     conf = info.conf
@@ -288,6 +294,7 @@ def _send(
         stage=stage,
         settings=settings,
         failure_url=conf.layout.failure_url(stage),
+        redo=redo,
     ).to_json()
 
 
@@ -509,7 +516,33 @@ def write_slices(
 ) -> dict[str, Any]:
     """Batch task ``write_{i}``: /alignedslice for this worker's slices."""
     tasks = write_plan(info, canvas)
-    return _send(info, tasks, "write", WRITE_CACHE, base_url, settings, worker_id, info.width)
+    redo = tiles_to_rewrite(info, canvas, tasks)
+    return _send(info, tasks, "write", WRITE_CACHE, base_url, settings, worker_id, info.width, redo)
+
+
+def tiles_to_rewrite(
+    info: RunInfo, canvas: Mapping[str, Any], written: Sequence[MiniTask]
+) -> set[str]:
+    """Slices whose tiles are gone but are still needed: read by a cube not yet written.
+
+    The tmp bucket's lifecycle deletes the tiles once the volume is done; a cleared or
+    re-triggered run rewrites them only for the cubes it must (re)build, so a finished
+    run triggered again sends nothing.
+    """
+    conf = info.conf
+    done = cached_keys(conf.process_url(NG_CACHE))
+    cubes = plan_ng_shards(conf, canvas["bbox"], written)
+    needed = {
+        z
+        for t in cubes
+        if t.cache_key() not in done
+        for z in cube_slices(conf, t.payload["start"][2])
+    }
+    if not needed:
+        return set()
+    prefix = f"gs://{conf.layout.tmp}/{TILES_PREFIX}"
+    present = {k.rsplit("/", 1)[-1] for k in storage.list_keys(prefix)}
+    return {slice_task_name(z) for z in needed if tiles_key(z) not in present}
 
 
 def check_slices_written(info: RunInfo, canvas: Mapping[str, Any]) -> dict[str, Any]:
@@ -537,7 +570,8 @@ def write_ngmeta(
 ) -> dict[str, Any]:
     """``write_ngmeta``: the one /ngmeta request, through the same batch helper."""
     tasks = [ngmeta_task(info.conf, canvas["bbox"])]
-    return _send(info, tasks, "ngmeta", NG_CACHE, base_url, settings)
+    redo = () if storage.exists(f"{info.conf.layout.jpeg_url}/info") else [NGMETA]
+    return _send(info, tasks, "ngmeta", NG_CACHE, base_url, settings, redo=redo)
 
 
 def write_ng_shards(

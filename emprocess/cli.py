@@ -725,6 +725,14 @@ def conf_reference() -> None:
     print(conf_reference_markdown(), end="")
 
 
+@app.command("settings-reference")
+def settings_reference() -> None:
+    """Print the EMPROCESS_* environment variables as a Markdown table, from the schema."""
+    from emprocess.settings import settings_reference_markdown
+
+    print(settings_reference_markdown(), end="")
+
+
 DEMO_SOURCE = "demo-stack"
 DEMO_RUN_ID = "demo"
 

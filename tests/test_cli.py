@@ -212,6 +212,38 @@ def test_readme_conf_reference_is_the_schema() -> None:
     assert "`clip-limit`" in embedded and "`createRawPyramid`" in embedded
 
 
+def test_readme_settings_reference_is_the_schema() -> None:
+    result = runner.invoke(app, ["settings-reference"])
+    assert result.exit_code == 0
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    embedded = readme.split("<!-- settings-reference:start -->\n")[1].split(
+        "<!-- settings-reference:end -->"
+    )[0]
+    assert embedded == result.output, (
+        "README's settings table is stale: paste `emprocess settings-reference`"
+    )
+    assert "`EMPROCESS_HTTP_ATTEMPTS`" in embedded and "`EMPROCESS_STORAGE_ROOT`" in embedded
+
+
+def test_a_bad_setting_is_refused_naming_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from emprocess.errors import InvalidInput
+    from emprocess.settings import HttpEnv, ServiceEnv, load
+    from emprocess.workflow.batch import HttpSettings
+
+    monkeypatch.setenv("EMPROCESS_HTTP_ATTEMPTS", "0")
+    with pytest.raises(
+        InvalidInput, match=r"EMPROCESS_HTTP_ATTEMPTS='0': .*greater than or equal to 1"
+    ):
+        HttpSettings.from_env()
+    monkeypatch.setenv("EMPROCESS_HTTP_ATTEMPTS", "3")
+    monkeypatch.setenv("EMPROCESS_HTTP_TIMEOUT_S", "7.5")
+    assert (HttpSettings.from_env().attempts, HttpSettings.from_env().read_timeout_s) == (3, 7.5)
+    assert load(HttpEnv).http_threads == 8
+    monkeypatch.setenv("EMPROCESS_TILE_CODEC", "gif")
+    with pytest.raises(InvalidInput, match="EMPROCESS_TILE_CODEC='gif'"):
+        load(ServiceEnv)
+
+
 def test_peak_concurrency_counts_overlapping_batch_tasks() -> None:
     from emprocess.trigger import peak_concurrency
 

@@ -66,6 +66,7 @@ from emprocess.layout import (
 from emprocess.models import AlignedSliceRequest, NgMetaRequest, NgShardRequest
 from emprocess.services.common import create_service_app, json_body, parse
 from emprocess.services.pyramid import PrecomputedWriter, write_pyramid
+from emprocess.settings import ServiceEnv, load
 
 log = logging.getLogger(__name__)
 
@@ -74,19 +75,20 @@ CUBE_PX = 1024
 # Windows of up to 12288 px (+ one 1024 px CLAHE tile of context per side): a 16384^2
 # slice is 2 x 2 windows, and warp and CLAHE redo 26% of its pixels as context
 # (3 x 3 windows of 8192 px redid 56%, 14% more CPU) at a peak of 0.9 GiB.
-WINDOW_PX = int(os.environ.get("EMPROCESS_WINDOW_PX", 12288))
+_ENV = load(ServiceEnv)  # read once, at start-up: a bad value stops the service
+WINDOW_PX = _ENV.window_px
 SLAB_Z = ngmeta.MAX_SHARD_PX  # one z-layer of scale-0 shards
 NUM_SCALES = 6
-TILE_CODEC: tiles.Codec = "png" if os.environ.get("EMPROCESS_TILE_CODEC") == "png" else "raw"
-IO_THREADS = int(os.environ.get("EMPROCESS_IO_THREADS", 16))
+TILE_CODEC: tiles.Codec = _ENV.tile_codec
+IO_THREADS = _ENV.io_threads
 READ_BATCH = 64  # slices whose tile reads are in flight at once (64 MiB of tiles)
 CPU_COUNT = (
     len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 )
-MAX_PIXELS = int(os.environ.get("EMPROCESS_EMWRITE_MAX_PIXELS", 32768 * 32768))
+MAX_PIXELS = _ENV.emwrite_max_pixels
 # A decoded slice (pixels x channels x bytes per sample) may take at most this: a
 # 32768^2 8-bit or a 23170^2 16-bit grey slice; a 16384^2 16-bit RGBA PNG needs 2 GiB.
-MAX_DECODED_BYTES = int(os.environ.get("EMPROCESS_EMWRITE_MAX_IMAGE_BYTES", 1 << 30))
+MAX_DECODED_BYTES = _ENV.emwrite_max_image_bytes
 MAX_FILE_BYTES = MAX_DECODED_BYTES + (1 << 20)  # an uncompressed TIFF plus its header
 # The canvas holds every slice after its transform: a little larger than one slice
 # (drift, rotation). Each side may be at most this many times the slice's longer

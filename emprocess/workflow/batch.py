@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
 import threading
 import time
@@ -100,16 +99,6 @@ class MiniTask:
         return f"{self.name}.{hashlib.sha256(body.encode()).hexdigest()[:12]}.json"
 
 
-def _env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return float(raw)
-    except ValueError:
-        raise EmprocessError(f"environment variable {name}={raw!r} is not a number") from None
-
-
 @dataclass(frozen=True)
 class HttpSettings:
     """How requests are sent: threads, timeouts, retries and start stagger.
@@ -117,10 +106,8 @@ class HttpSettings:
     The read timeout defaults to Cloud Run's longest request (60 min): a /ngshard cube
     can take many minutes, and giving up early would only make a retry redo it.
 
-    ``from_env`` reads ``EMPROCESS_HTTP_THREADS``, ``EMPROCESS_HTTP_ATTEMPTS``,
-    ``EMPROCESS_HTTP_BACKOFF_S``, ``EMPROCESS_HTTP_MAX_BACKOFF_S``,
-    ``EMPROCESS_HTTP_CONNECT_TIMEOUT_S``, ``EMPROCESS_HTTP_TIMEOUT_S`` and
-    ``EMPROCESS_STAGGER_STEP_S`` (tests make retries fast or turn them off with these).
+    ``from_env`` reads them from :class:`emprocess.settings.HttpEnv` (``EMPROCESS_HTTP_*``;
+    tests make retries fast or turn them off with these).
     """
 
     threads: int = 8
@@ -134,16 +121,18 @@ class HttpSettings:
 
     @classmethod
     def from_env(cls) -> HttpSettings:
-        d = cls()
+        from emprocess.settings import HttpEnv, load
+
+        env = load(HttpEnv)
         return cls(
-            threads=max(1, int(_env_float("EMPROCESS_HTTP_THREADS", d.threads))),
-            attempts=max(1, int(_env_float("EMPROCESS_HTTP_ATTEMPTS", d.attempts))),
-            backoff_s=_env_float("EMPROCESS_HTTP_BACKOFF_S", d.backoff_s),
-            max_backoff_s=_env_float("EMPROCESS_HTTP_MAX_BACKOFF_S", d.max_backoff_s),
-            connect_timeout_s=_env_float("EMPROCESS_HTTP_CONNECT_TIMEOUT_S", d.connect_timeout_s),
-            read_timeout_s=_env_float("EMPROCESS_HTTP_TIMEOUT_S", d.read_timeout_s),
-            stagger_step_s=_env_float("EMPROCESS_STAGGER_STEP_S", d.stagger_step_s),
-            stagger_max_s=d.stagger_max_s,
+            threads=env.http_threads,
+            attempts=env.http_attempts,
+            backoff_s=env.http_backoff_s,
+            max_backoff_s=env.http_max_backoff_s,
+            connect_timeout_s=env.http_connect_timeout_s,
+            read_timeout_s=env.http_timeout_s,
+            stagger_step_s=env.stagger_step_s,
+            stagger_max_s=cls.stagger_max_s,
         )
 
     def backoff(self, attempt: int, retry_after_s: float | None = None) -> float:

@@ -199,30 +199,23 @@ def test_every_command_has_help() -> None:
         assert result.exit_code == 0 and "Usage" in result.output, command
 
 
-def test_readme_conf_reference_is_the_schema() -> None:
-    result = runner.invoke(app, ["conf-reference"])
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        ("conf-reference", ("`clip-limit`", "`createRawPyramid`")),
+        ("settings-reference", ("`EMPROCESS_HTTP_ATTEMPTS`", "`EMPROCESS_STORAGE_ROOT`")),
+    ],
+)
+def test_readme_tables_are_the_schemas(command: str, expected: tuple[str, ...]) -> None:
+    result = runner.invoke(app, [command])
     assert result.exit_code == 0
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    embedded = readme.split("<!-- conf-reference:start -->\n")[1].split(
-        "<!-- conf-reference:end -->"
+    marker = command.removesuffix("-reference")
+    embedded = readme.split(f"<!-- {marker}-reference:start -->\n")[1].split(
+        f"<!-- {marker}-reference:end -->"
     )[0]
-    assert embedded == result.output, (
-        "README's conf table is stale: paste `emprocess conf-reference`"
-    )
-    assert "`clip-limit`" in embedded and "`createRawPyramid`" in embedded
-
-
-def test_readme_settings_reference_is_the_schema() -> None:
-    result = runner.invoke(app, ["settings-reference"])
-    assert result.exit_code == 0
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    embedded = readme.split("<!-- settings-reference:start -->\n")[1].split(
-        "<!-- settings-reference:end -->"
-    )[0]
-    assert embedded == result.output, (
-        "README's settings table is stale: paste `emprocess settings-reference`"
-    )
-    assert "`EMPROCESS_HTTP_ATTEMPTS`" in embedded and "`EMPROCESS_STORAGE_ROOT`" in embedded
+    assert embedded == result.output, f"README's table is stale: paste `emprocess {command}`"
+    assert all(key in embedded for key in expected)
 
 
 def test_a_bad_setting_is_refused_naming_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from emprocess.errors import EmprocessError
+from emprocess.layout import COMPLETE
 from emprocess.localrun import Services, _airflow, airflow_env, free_port, wait_http
 from emprocess.workflow import POOL, POOL_SLOTS
 
@@ -232,4 +233,4 @@ def run_with_scheduler(
             f"{dag_id} run {run_id} {outcome.state}: failed tasks {outcome.failed}: "
             f"{outcome.error}; logs in {workdir / 'airflow-server' / 'logs'}"
         )
-    return dict(json.loads(storage.read_bytes(conf.process_url("complete.json"))))
+    return dict(json.loads(storage.read_bytes(conf.process_url(COMPLETE))))

@@ -47,12 +47,14 @@ import cv2
 import numpy as np
 
 from emprocess import affine, storage
+from emprocess.layout import RunLayout
 
 log = logging.getLogger(__name__)
 
 SOURCE = "bench-src"
 CONTAINER_MALLOC_ARENA_MAX = 2  # as emwrite_docker/Dockerfile sets it
 RUN_ID = "bench"
+LAYOUT = RunLayout(SOURCE, RUN_ID)
 TEMPLATE = "img.%05d.png"
 MB = 1e6
 
@@ -99,8 +101,8 @@ def write_stack(slices: int, size: int, seed: int = 0, bits: int = 8) -> dict[st
     from emprocess.images import decode_image
     from emprocess.sample import write_sample
 
-    for suffix in ("", "_process", f"_tmp_{RUN_ID}", f"_ng_{RUN_ID}", f"_chunk_{RUN_ID}"):
-        storage.create_bucket(SOURCE + suffix)
+    for bucket in RunLayout(SOURCE, RUN_ID).bucket_names().values():
+        storage.create_bucket(bucket)
     truth = write_sample(
         storage.bucket_url(SOURCE, ""), slices, size, size, seed, template=TEMPLATE
     )
@@ -122,7 +124,7 @@ def aligned_slice_payloads(stack: dict[str, Any], clip_limit: float = 0.02) -> l
             "transform": t,
             "bbox": list(stack["bbox"]),
             "dest": SOURCE,
-            "dest-tmp": f"{SOURCE}_tmp_{RUN_ID}",
+            "dest-tmp": LAYOUT.tmp,
             "slice": z,
             "run_id": RUN_ID,
             "clip-limit": clip_limit,
@@ -138,7 +140,7 @@ def volume_payload(
 ) -> dict[str, Any]:
     """The /ngmeta body (its buckets created); /ngshard adds ``source`` and ``start``."""
     body: dict[str, Any] = {
-        "dest": f"{SOURCE}_ng_{RUN_ID}{tag}",
+        "dest": RunLayout(SOURCE, RUN_ID + tag).ng,
         "minz": minz,
         "maxz": maxz,
         "bbox": list(bbox),
@@ -148,7 +150,7 @@ def volume_payload(
     }
     storage.create_bucket(body["dest"])
     if write_raw:
-        body["dest_raw"] = f"{SOURCE}_chunk_{RUN_ID}{tag}"
+        body["dest_raw"] = RunLayout(SOURCE, RUN_ID + tag).chunk
         storage.create_bucket(body["dest_raw"])
     return body
 
@@ -431,8 +433,8 @@ def _run_stack(
     log.info("stack ready: %s", info)
     bodies = aligned_slice_payloads(stack)
     phases: dict[str, Any] = {}
-    tmp = f"{SOURCE}_tmp_{RUN_ID}"
-    outputs = (tmp, f"{SOURCE}_process")
+    tmp = LAYOUT.tmp
+    outputs = (tmp, LAYOUT.process)
     row = run_phase(
         "alignedslice",
         bodies,
@@ -481,8 +483,8 @@ def _em_texture(side: int, seed: int = 1) -> np.ndarray:
 
 def measure_big_slice(side: int, cv_threads: int = 1, repeats: int = 1) -> dict[str, Any]:
     """Peak RSS and speed of one /alignedslice of a side x side slice (rotated 0.3 deg)."""
-    for suffix in ("", "_process", f"_tmp_{RUN_ID}"):
-        storage.create_bucket(SOURCE + suffix)
+    for bucket in (SOURCE, LAYOUT.process, LAYOUT.tmp):
+        storage.create_bucket(bucket)
     image = _em_texture(side)
     ok, png = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, 1])
     if not ok:
@@ -498,7 +500,7 @@ def measure_big_slice(side: int, cv_threads: int = 1, repeats: int = 1) -> dict[
         "transform": transforms[0],
         "bbox": list(bbox),
         "dest": SOURCE,
-        "dest-tmp": f"{SOURCE}_tmp_{RUN_ID}",
+        "dest-tmp": LAYOUT.tmp,
         "slice": 999_999,
         "run_id": RUN_ID,
     }

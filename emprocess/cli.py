@@ -288,6 +288,7 @@ def run(
     raw: bool = typer.Option(True, "--raw/--no-raw", help=_conf_help("create_raw_pyramid")),
     resolution: str = typer.Option("8", help=_conf_help("resolution") + _RESOLUTION_HELP),
     intensity: str = typer.Option("auto", help=_conf_help("intensity") + _INTENSITY_HELP),
+    align_from: str = typer.Option(None, "--align-from", help=_conf_help("align_from")),
     width: int = typer.Option(4, min=1, help="Concurrent batch workers per stage (DAG width)."),
     workdir: str = typer.Option("work", help="Folder for Airflow's home, database and logs."),
     scheduler: bool = typer.Option(
@@ -312,7 +313,7 @@ def run(
         id=run_id or f"{bucket}-run", image=image, minz=minz, maxz=maxz, source=bucket,
         downsample_factor=downsample_factor, skip_align=skip_align, **{"clip-limit": clip_limit},
         createRawPyramid=raw, resolution=_numbers(resolution, "resolution"),
-        intensity=_numbers(intensity, "intensity"), width=conf_width,
+        intensity=_numbers(intensity, "intensity"), width=conf_width, align_from=align_from,
     )  # fmt: skip
     t0 = time.monotonic()
     try:
@@ -740,6 +741,14 @@ def conf_reference() -> None:
     from emprocess.workflow.conf import conf_reference_markdown
 
     print(conf_reference_markdown(), end="")
+
+
+@app.command("settings-reference")
+def settings_reference() -> None:
+    """Print the EMPROCESS_* environment variables as a Markdown table, from the schema."""
+    from emprocess.settings import settings_reference_markdown
+
+    print(settings_reference_markdown(), end="")
 
 
 DEMO_SOURCE = "demo-stack"

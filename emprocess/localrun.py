@@ -28,6 +28,7 @@ from typing import Any
 
 from emprocess import storage
 from emprocess.errors import EmprocessError, NotFound
+from emprocess.layout import COMPLETE
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +226,7 @@ def run_dag(
                 stop_process(proc)
         if on_progress:
             on_progress(progress_line(conf.source, conf.id))
-    complete_url = conf.process_url("complete.json")
+    complete_url = conf.process_url(COMPLETE)
     text = run_log.read_text(errors="replace")
     if proc.returncode != 0 or not storage.exists(complete_url) or "state=failed" in text.lower():
         tail = "\n".join(text.splitlines()[-40:])

@@ -34,6 +34,7 @@ from pydantic import (
 )
 
 from emprocess.errors import InvalidInput
+from emprocess.layout import process_bucket
 from emprocess.storage.names import (
     check_bucket_name,
     check_key,
@@ -343,7 +344,7 @@ class AlignedSliceRequest(_Request):
             )
         if self.shard_size != 1024:
             raise ValueError(f"shard-size must be 1024, got {self.shard_size}")
-        check_bucket_name(f"{self.dest}_process")  # where the thumbnail goes
+        check_bucket_name(process_bucket(self.dest))  # where the thumbnail goes
         return self
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from emprocess import storage
 from emprocess.errors import InvalidBucketName, InvalidInput, NotFound
+from emprocess.layout import LONGEST_ROLE, run_bucket
 
 log = logging.getLogger(__name__)
 
@@ -17,13 +18,12 @@ RUN_SUFFIX_HEX = 12
 """Hex digits of uuid4 appended to a run name."""
 
 _RUN_NAME_CHARS = re.compile(r"[a-z0-9_-]+")
-_LONGEST_RUN_BUCKET_ROLE = "chunk"  # SOURCE_chunk_RUN_ID is the longest bucket name of a run
 _MIN_BUCKET_CHARS = 3
 _MAX_BUCKET_CHARS = 63  # without dots; run buckets never hold dots here
 MAX_RUN_NAME_CHARS = (
     _MAX_BUCKET_CHARS
     - _MIN_BUCKET_CHARS
-    - len(f"_{_LONGEST_RUN_BUCKET_ROLE}_")
+    - len(run_bucket("", LONGEST_ROLE, ""))
     - (1 + RUN_SUFFIX_HEX)
 )
 """The longest run name whose id still fits in SOURCE_chunk_RUN_ID with a 3-character SOURCE."""
@@ -58,7 +58,7 @@ def check_run_name(name: str) -> str:
             f"{_MAX_BUCKET_CHARS} characters"
         )
     try:  # the remaining rules, e.g. no "google"
-        storage.check_bucket_name(f"src_{_LONGEST_RUN_BUCKET_ROLE}_{name}_{'0' * RUN_SUFFIX_HEX}")
+        storage.check_bucket_name(run_bucket("src", LONGEST_ROLE, f"{name}_{'0' * RUN_SUFFIX_HEX}"))
     except InvalidBucketName as e:
         raise InvalidInput(f"run name {name!r} cannot be part of a bucket name: {e}") from None
     return name
@@ -79,23 +79,23 @@ def gen_uuid(name: str, source: str | None = None) -> str:
     run_id = f"{name}_{uuid.uuid4().hex[:RUN_SUFFIX_HEX]}"
     if source is not None:
         storage.check_bucket_name(source)
-        room = _MAX_BUCKET_CHARS - len(f"{source}_{_LONGEST_RUN_BUCKET_ROLE}_") - 1 - RUN_SUFFIX_HEX
+        room = _MAX_BUCKET_CHARS - len(run_bucket(source, LONGEST_ROLE, "")) - 1 - RUN_SUFFIX_HEX
         if room < 1:
             raise InvalidInput(
                 f"source bucket {source!r} is too long for run buckets: "
-                f"{source}_{_LONGEST_RUN_BUCKET_ROLE}_RUN_ID exceeds {_MAX_BUCKET_CHARS} "
+                f"{run_bucket(source, LONGEST_ROLE, 'RUN_ID')} exceeds {_MAX_BUCKET_CHARS} "
                 "characters even with a one-character run name"
             )
         if len(name) > room:
             raise InvalidInput(
                 f"run name {name!r} is too long for source {source!r}: the bucket "
-                f"{source}_{_LONGEST_RUN_BUCKET_ROLE}_{run_id} would have "
-                f"{len(source) + len(_LONGEST_RUN_BUCKET_ROLE) + 2 + len(run_id)} characters, "
+                f"{run_bucket(source, LONGEST_ROLE, run_id)} would have "
+                f"{len(run_bucket(source, LONGEST_ROLE, run_id))} characters, "
                 f"over {_MAX_BUCKET_CHARS}; with this source a run name may have at most "
                 f"{room} characters"
             )
-        for role in (_LONGEST_RUN_BUCKET_ROLE, "tmp", "ng"):
-            bucket = f"{source}_{role}_{run_id}"
+        for role in (LONGEST_ROLE, "tmp", "ng"):
+            bucket = run_bucket(source, role, run_id)
             try:
                 storage.check_bucket_name(bucket)
             except InvalidBucketName as e:

@@ -33,12 +33,12 @@ from typing import Any
 
 from emprocess import storage
 from emprocess.errors import EmprocessError, InvalidInput, NotFound
+from emprocess.layout import COMPLETE, JPEG_PATH, RAW_PATH, RunLayout
 
 log = logging.getLogger(__name__)
 
 NEUROGLANCER_APP = "https://neuroglancer-demo.appspot.com/"
 GCS_PUBLIC_URL = "https://storage.googleapis.com"
-JPEG_PATH, RAW_PATH = "neuroglancer/jpeg", "neuroglancer/raw"
 DEFAULT_RESOLUTION_NM = 8.0
 PUBLIC_CHECK_TIMEOUT_S = 5.0
 OVERVIEW_PX = 512  # screen pixels a section should fit in when a view opens
@@ -49,19 +49,18 @@ _MAX_RECORDS = 10_000
 
 def ng_bucket(source: str, run_id: str) -> str:
     """SOURCE_ng_RUN_ID: the bucket of the JPEG pyramid."""
-    return f"{source}_ng_{run_id}"
+    return RunLayout(source, run_id).ng
 
 
 def chunk_bucket(source: str, run_id: str) -> str:
     """SOURCE_chunk_RUN_ID: the bucket of the lossless pyramid."""
-    return f"{source}_chunk_{run_id}"
+    return RunLayout(source, run_id).chunk
 
 
 def neuroglancer_source(source: str, run_id: str, raw: bool = False) -> str:
     """The neuroglancer layer source of a run's JPEG volume (or of its lossless one)."""
-    if raw:
-        return f"precomputed://gs://{chunk_bucket(source, run_id)}/{RAW_PATH}"
-    return f"precomputed://gs://{ng_bucket(source, run_id)}/{JPEG_PATH}"
+    layout = RunLayout(source, run_id)
+    return f"precomputed://{layout.raw_url}" if raw else layout.neuroglancer_source()
 
 
 def _volumes(source: str, run_id: str, raw: bool) -> list[tuple[str, str, str]]:
@@ -588,7 +587,7 @@ def serve_run(
             hint = " (was createRawPyramid false?)" if prefix == RAW_PATH else ""
             raise NotFound(f"no volume at {folder}: {folder / 'info'} is missing{hint}")
         mounts[prefix] = folder
-    complete = storage.bucket_url(f"{source}_process", f"{run_id}/complete.json")
+    complete = RunLayout(source, run_id).process_url(COMPLETE)
     if not storage.exists(complete):
         log.warning("%s is missing: the run is unfinished or failed, data may be partial", complete)
     geometry = geometry_from_info(json.loads((mounts[JPEG_PATH] / "info").read_bytes()))

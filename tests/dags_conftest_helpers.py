@@ -30,6 +30,8 @@ import pytest
 from faultproxy import FaultProxy, Recorded, Rule, fail_first
 
 from emprocess import affine, storage
+from emprocess import layout as layout_
+from emprocess.layout import RunLayout
 from emprocess.sample import write_sample
 from emprocess.workflow.conf import parse_conf
 
@@ -122,7 +124,7 @@ def fake_emwrite_respond(req: Request) -> Answer:
     if req.path == "/ngmeta":
         info = {"@type": "neuroglancer_multiscale_volume", "fake": True}
         storage.write_bytes(
-            f"gs://{req.body['dest']}/neuroglancer/jpeg/info", json.dumps(info).encode()
+            f"gs://{req.body['dest']}/{layout_.JPEG_PATH}/info", json.dumps(info).encode()
         )
     if req.path not in ("/alignedslice", "/ngmeta", "/ngshard"):
         return Answer(404, {"error": f"no endpoint {req.path}"})
@@ -269,16 +271,20 @@ class E2ERun:
     elapsed_s: float
 
     @property
+    def layout(self) -> RunLayout:
+        return RunLayout(self.source, self.run_id)
+
+    @property
     def process(self) -> str:
-        return f"gs://{self.source}_process/{self.run_id}"
+        return self.layout.process_url()
 
     @property
     def ng_bucket(self) -> str:
-        return f"{self.source}_ng_{self.run_id}"
+        return self.layout.ng
 
     @property
     def chunk_bucket(self) -> str:
-        return f"{self.source}_chunk_{self.run_id}"
+        return self.layout.chunk
 
     def paths(self, service: str = "emwrite") -> list[str]:
         reqs = self.emwrite_requests if service == "emwrite" else self.align_requests
@@ -510,21 +516,22 @@ def check_finished_run(run: E2ERun) -> RunFigures:
     """
     assert run.state == "success", run.task_states
     assert set(run.task_states.values()) == {"success"}, run.task_states
-    for name in ("init.json", "complete.json", *(f"align/{n}" for n in RUN_ALIGN_RECORDS)):
-        assert storage.exists(f"{run.process}/{name}"), name
-    assert storage.list_keys(f"{run.process}/failures/") == []
-    complete = json.loads(storage.read_bytes(f"{run.process}/complete.json"))
-    canvas = json.loads(storage.read_bytes(f"{run.process}/align/canvas.json"))
+    layout = run.layout
+    for name in (layout_.INIT, layout_.COMPLETE, *RUN_ALIGN_RECORDS):
+        assert storage.exists(layout.process_url(name)), name
+    assert storage.list_keys(layout.process_url(layout_.FAILURES) + "/") == []
+    complete = json.loads(storage.read_bytes(layout.process_url(layout_.COMPLETE)))
+    canvas = json.loads(storage.read_bytes(layout.process_url(layout_.CANVAS)))
     assert complete["bbox"] == canvas["bbox"]
-    assert complete["neuroglancer"] == f"precomputed://gs://{run.ng_bucket}/neuroglancer/jpeg"
+    assert complete["neuroglancer"] == f"precomputed://{layout.jpeg_url}"
 
-    transforms = json.loads(storage.read_bytes(f"{run.process}/align/transforms.json"))
+    transforms = json.loads(storage.read_bytes(layout.process_url(layout_.TRANSFORMS)))
     errors = alignment_errors_px(transforms, run.truth)
     solved = parse_conf(run.conf).global_solve
     assert max(errors.values()) < (SOLVE_MAX_ERROR_PX if solved else 1.0), errors
 
     bbox = (int(canvas["bbox"][0]), int(canvas["bbox"][1]))
-    volume = read_volume(f"gs://{run.ng_bucket}/neuroglancer/jpeg")
+    volume = read_volume(layout.jpeg_url)
     assert volume.shape == (E2E_SLICES, bbox[1], bbox[0])
     aligned = consecutive_ncc(list(volume), bbox, NCC_BOX_XY)
     raw = consecutive_ncc(read_slices(run.source, run.truth), E2E_SIZE_XY, NCC_BOX_XY)
@@ -533,4 +540,4 @@ def check_finished_run(run: E2ERun) -> RunFigures:
     return RunFigures(max(errors.values()), errors, aligned, raw, bbox)
 
 
-RUN_ALIGN_RECORDS = ("transforms.json", "transforms.csv", "qc.csv", "canvas.json")
+RUN_ALIGN_RECORDS = (layout_.TRANSFORMS, layout_.TRANSFORMS_CSV, layout_.QC, layout_.CANVAS)

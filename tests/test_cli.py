@@ -199,17 +199,42 @@ def test_every_command_has_help() -> None:
         assert result.exit_code == 0 and "Usage" in result.output, command
 
 
-def test_readme_conf_reference_is_the_schema() -> None:
-    result = runner.invoke(app, ["conf-reference"])
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        ("conf-reference", ("`clip-limit`", "`createRawPyramid`")),
+        ("settings-reference", ("`EMPROCESS_HTTP_ATTEMPTS`", "`EMPROCESS_STORAGE_ROOT`")),
+    ],
+)
+def test_readme_tables_are_the_schemas(command: str, expected: tuple[str, ...]) -> None:
+    result = runner.invoke(app, [command])
     assert result.exit_code == 0
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    embedded = readme.split("<!-- conf-reference:start -->\n")[1].split(
-        "<!-- conf-reference:end -->"
+    marker = command.removesuffix("-reference")
+    embedded = readme.split(f"<!-- {marker}-reference:start -->\n")[1].split(
+        f"<!-- {marker}-reference:end -->"
     )[0]
-    assert embedded == result.output, (
-        "README's conf table is stale: paste `emprocess conf-reference`"
-    )
-    assert "`clip-limit`" in embedded and "`createRawPyramid`" in embedded
+    assert embedded == result.output, f"README's table is stale: paste `emprocess {command}`"
+    assert all(key in embedded for key in expected)
+
+
+def test_a_bad_setting_is_refused_naming_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from emprocess.errors import InvalidInput
+    from emprocess.settings import HttpEnv, ServiceEnv, load
+    from emprocess.workflow.batch import HttpSettings
+
+    monkeypatch.setenv("EMPROCESS_HTTP_ATTEMPTS", "0")
+    with pytest.raises(
+        InvalidInput, match=r"EMPROCESS_HTTP_ATTEMPTS='0': .*greater than or equal to 1"
+    ):
+        HttpSettings.from_env()
+    monkeypatch.setenv("EMPROCESS_HTTP_ATTEMPTS", "3")
+    monkeypatch.setenv("EMPROCESS_HTTP_TIMEOUT_S", "7.5")
+    assert (HttpSettings.from_env().attempts, HttpSettings.from_env().read_timeout_s) == (3, 7.5)
+    assert load(HttpEnv).http_threads == 8
+    monkeypatch.setenv("EMPROCESS_TILE_CODEC", "gif")
+    with pytest.raises(InvalidInput, match="EMPROCESS_TILE_CODEC='gif'"):
+        load(ServiceEnv)
 
 
 def test_peak_concurrency_counts_overlapping_batch_tasks() -> None:

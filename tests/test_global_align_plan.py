@@ -8,13 +8,9 @@ import pytest
 
 from emprocess import affine
 from emprocess.kernels.warp import warp_window
+from emprocess.layout import pair_name, parse_pair_name
 from emprocess.workflow.conf import parse_conf
-from emprocess.workflow.payloads import (
-    pair_name,
-    parse_pair_name,
-    plan_align_pairs,
-    plan_aligned_slices,
-)
+from emprocess.workflow.payloads import plan_align_pairs, plan_aligned_slices
 
 BASE = {"id": "r1", "image": "img.%05d.png", "minz": 3, "maxz": 8, "source": "src"}
 

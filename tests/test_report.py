@@ -30,6 +30,7 @@ from nbclient import NotebookClient
 
 from emprocess import storage
 from emprocess.errors import InvalidInput
+from emprocess.layout import AFFINE_CACHE, NG_CACHE, WRITE_CACHE
 from emprocess.report import (
     FAILED,
     FEW_INLIERS,
@@ -50,12 +51,8 @@ from emprocess.workflow import dag_id
 from emprocess.workflow.batch import BatchError, HttpSettings, run_batch
 from emprocess.workflow.conf import parse_conf
 from emprocess.workflow.payloads import (
-    AFFINE_CACHE,
-    NG_CACHE,
-    WRITE_CACHE,
     plan_align_pairs,
     plan_aligned_slices,
-    plan_ng_shards,
 )
 from emprocess.workflow.stages import (
     RunInfo,
@@ -63,6 +60,7 @@ from emprocess.workflow.stages import (
     collect_alignment,
     create_env,
     read_transforms,
+    shard_plan,
     write_ng_shards,
     write_ngmeta,
     write_slices,
@@ -314,7 +312,7 @@ def _spread_local(runs: Runs) -> None:
         slices = [f"z{z:06d}" for z in range(MINZ, MAXZ + 1)]
         _spread(conf.process_url(WRITE_CACHE), slices, t0, *WRITE_T)
     conf = runs.finished.conf
-    cubes = [t.name for t in plan_ng_shards(conf, runs.canvas["bbox"])]
+    cubes = [t.name for t in shard_plan(runs.finished, runs.canvas)]
     _spread(conf.process_url(NG_CACHE), ["ngmeta"], t0, NGMETA_T, 0)
     _spread(conf.process_url(NG_CACHE), cubes, t0, *NGSHARD_T)
     end = t0 + timedelta(seconds=620)
@@ -353,7 +351,7 @@ def _check_rate(runs: Runs, rate: float | None, per_min: float) -> None:
 
 def test_finished_run(runs: Runs) -> None:
     report = load_run(runs.source, "fin")
-    cubes = len(plan_ng_shards(runs.finished.conf, runs.canvas["bbox"]))
+    cubes = len(shard_plan(runs.finished, runs.canvas))
     assert cubes == 9
     done = {s.name: (s.done, s.total) for s in report.stages}
     assert done == {"affine": (39, 39), "write": (40, 40), "ngmeta": (1, 1), "ngshard": (9, 9)}

@@ -57,6 +57,7 @@ def test_defaults_and_contract_keys() -> None:
         "regularization": 10.0,
         "skip_slices": [],
         "bad_slice_fill": "own",
+        "align_from": None,
     }
     assert c.bucket_names() == {
         "source": "my-slices",

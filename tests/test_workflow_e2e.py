@@ -29,7 +29,8 @@ from dags_conftest_helpers import (
 )
 from faultproxy import Recorded, Rule
 
-from emprocess import storage
+from emprocess import layout, storage
+from emprocess.layout import RunLayout, slice_task_name
 from emprocess.workflow import dag_id
 
 TIMEOUT_S = 3.0
@@ -93,13 +94,13 @@ def clean_width4(airflow_db: Any, dag_bag: Any, service_pool: ServicePool, stack
 
 # -- what to compare --------------------------------------------------------------------
 
-CACHES = ("align/affine_cache/", "align/write_cache/", "neuroglancer/cache/")
+CACHES = tuple(f"{prefix}/" for prefix in set(layout.CACHES.values()))
 
 
 def _process_outputs(key: str) -> bool:
     """Skip the process bucket's per-run records (times, conf, the request caches, and
     canvas.json, which names the run's transforms.json; compared as JSON instead)."""
-    return key in ("init.json", "complete.json", "align/canvas.json") or key.startswith(CACHES)
+    return key in (layout.INIT, layout.COMPLETE, layout.CANVAS) or key.startswith(CACHES)
 
 
 def outputs(run: E2ERun) -> dict[str, dict[str, bytes]]:
@@ -108,13 +109,13 @@ def outputs(run: E2ERun) -> dict[str, dict[str, bytes]]:
     return {
         "ng": bucket_bytes(f"gs://{run.ng_bucket}/"),
         "chunk": bucket_bytes(f"gs://{run.chunk_bucket}/"),
-        "tmp": bucket_bytes(f"gs://{run.source}_tmp_{run.run_id}/"),
+        "tmp": bucket_bytes(f"gs://{run.layout.tmp}/"),
         "process": bucket_bytes(run.process, skip=_process_outputs),
     }
 
 
 def _canvas(run: E2ERun) -> tuple[list[int], dict[str, int]]:
-    doc = json.loads(storage.read_bytes(f"{run.process}/align/canvas.json"))
+    doc = json.loads(storage.read_bytes(run.layout.process_url(layout.CANVAS)))
     return doc["bbox"], doc["models"]
 
 
@@ -127,9 +128,9 @@ def assert_same_outputs(run: E2ERun, reference: E2ERun) -> dict[str, int]:
         differ = [k for k in want[bucket] if got[bucket][k] != want[bucket][k]]
         assert differ == [], (bucket, differ)
     assert _canvas(run) == _canvas(reference)
-    assert "align/transforms.json" in want["process"]
-    assert any(k.startswith("neuroglancer/jpeg/") and k.endswith(".shard") for k in want["ng"])
-    assert any(k.startswith("neuroglancer/raw/") for k in want["chunk"])
+    assert layout.TRANSFORMS in want["process"]
+    assert any(k.startswith(f"{layout.JPEG_PATH}/") and k.endswith(".shard") for k in want["ng"])
+    assert any(k.startswith(f"{layout.RAW_PATH}/") for k in want["chunk"])
     return {bucket: len(objects) for bucket, objects in want.items()}
 
 
@@ -149,7 +150,7 @@ def test_width4_dag_on_gcs_aligns_the_stack_within_a_pixel(
     assert len(pairs) == PAIRS and len(set(pairs)) == PAIRS
     assert sorted(b["slice"] for b in run.bodies("/alignedslice")) == list(range(SLICES))
     assert sorted(run.paths()) == ["/alignedslice"] * SLICES + ["/ngmeta", "/ngshard"]
-    complete = json.loads(storage.read_bytes(f"{run.process}/complete.json"))
+    complete = json.loads(storage.read_bytes(run.layout.process_url(layout.COMPLETE)))
     stages = complete["stages"]
     assert (stages["align.affine"]["tasks"], stages["align.affine"]["sent"]) == (4, PAIRS)
     assert (stages["align.write"]["tasks"], stages["align.write"]["planned"]) == (4, SLICES)
@@ -213,7 +214,7 @@ def test_faults_on_every_service_give_the_same_bytes(
     assert align == PAIRS + injected["align"] + 1
     assert emwrite == SLICES + 2 + injected["emwrite"]
     assert injected["align"] == align // 3 and injected["emwrite"] == emwrite // 3
-    complete = json.loads(storage.read_bytes(f"{run.process}/complete.json"))
+    complete = json.loads(storage.read_bytes(run.layout.process_url(layout.COMPLETE)))
     assert complete["stages"]["align.affine"]["attempts"] == align
     objects = assert_same_outputs(run, clean_width4)
     print(
@@ -277,7 +278,9 @@ def test_dynamic_dag_retries_a_dead_write_task_from_its_cache(
     def report() -> dict[str, Any]:
         rep = load_run(stack.source, run_id)
         return {
-            "failures": storage.list_keys(f"gs://{stack.source}_process/{run_id}/failures/"),
+            "failures": storage.list_keys(
+                RunLayout(stack.source, run_id).process_url(layout.FAILURES) + "/"
+            ),
             "write": (rep.stage("write").done, rep.stage("write").failures),
             "notes": [(f.stage, f.name, f.error) for f in rep.failures],
         }
@@ -320,15 +323,15 @@ def test_dynamic_dag_retries_a_dead_write_task_from_its_cache(
     assert run.tries == {k: 2 if k == dead_task else 1 for k in run.task_states}, run.tries
     # Between the tries the process bucket held failure records for the two dead slices,
     # which the monitoring report counts; the retry's success deleted them.
-    names = sorted(f"z{z:06d}" for z in died)
-    assert dies.snapshot.get("failures") == [f"{run_id}/failures/write/{n}.json" for n in names], (
-        dies.snapshot
-    )
+    names = sorted(slice_task_name(z) for z in died)
+    assert dies.snapshot.get("failures") == [
+        f"{run_id}/{layout.FAILURES}/write/{n}.json" for n in names
+    ], dies.snapshot
     retry_at = next(i for i, z in enumerate(slices) if i >= 4 and z in died)
     assert dies.snapshot["write"] == (retry_at - 2, 2)  # (slices done, failure records)
     assert sorted((s, n) for s, n, _ in dies.snapshot["notes"]) == [("write", n) for n in names]
     assert all("503" in error for *_, error in dies.snapshot["notes"])
-    complete = json.loads(storage.read_bytes(f"{run.process}/complete.json"))
+    complete = json.loads(storage.read_bytes(run.layout.process_url(layout.COMPLETE)))
     write_stage = complete["stages"]["align.write"]
     assert (write_stage["planned"], write_stage["cached"], write_stage["sent"]) == (12, 2, 10)
     objects = assert_same_outputs(run, clean_width4)
@@ -337,3 +340,93 @@ def test_dynamic_dag_retries_a_dead_write_task_from_its_cache(
         f"{dead_task}: {sorted(answered)} answered, {sorted(died)} died; the retry sent "
         f"{sorted(retry)} only; {objects} output objects byte-identical to the width-4 run"
     )
+
+
+def test_a_rerun_with_another_clip_limit_redoes_only_what_changes(
+    clean_width4: E2ERun,
+    dag_bag: Any,
+    service_pool: ServicePool,
+    stack: Stack,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Run ``reclip`` with clip-limit 0.05, then trigger the same run id with the default
+    clip-limit (the clean run's conf): the second trigger aligns nothing, rewrites every
+    slice and the cube (their tiles' contrast changed) but not /ngmeta (the volume's info
+    did not), and leaves the clean run's bytes. A third trigger, conf unchanged, sends
+    nothing at all, though a tile has expired; a fourth, after the cube and the info are
+    lost, redoes exactly those and the one tile the cube reads that is gone."""
+    dag = dag_bag.dags[dag_id(1)]
+    first = _run(monkeypatch, dag, stack, service_pool, "reclip", conf={"clip-limit": 0.05})
+    assert first.state == "success", first.task_states
+    assert len(first.align_requests) == PAIRS
+    first_volume = bucket_bytes(f"gs://{first.ng_bucket}/")
+
+    again = _run(monkeypatch, dag, stack, service_pool, "reclip")
+    check_finished_run(again)
+    assert again.align_requests == []
+    assert sorted(again.paths()) == ["/alignedslice"] * SLICES + ["/ngshard"]
+    assert {b["clip-limit"] for b in again.bodies("/alignedslice")} == {0.02}
+    objects = assert_same_outputs(again, clean_width4)
+    changed = [k for k, v in bucket_bytes(f"gs://{again.ng_bucket}/").items()
+               if first_volume.get(k) != v]  # fmt: skip
+    assert any(k.endswith(".shard") for k in changed), changed
+
+    # The tmp bucket's lifecycle deletes a slice's tiles: the volume is complete, so a
+    # re-trigger with the same conf still sends nothing.
+    tiles = f"gs://{again.layout.tmp}/{layout.TILES_PREFIX}{layout.tiles_key(3)}"
+    storage.delete(tiles)
+    same = _run(monkeypatch, dag, stack, service_pool, "reclip")
+    assert same.state == "success", same.task_states
+    assert same.align_requests == [] and same.emwrite_requests == []
+
+    # The cube's answer and the volume's info are lost too (as if the cube's task had
+    # been cleared half done): the next trigger rewrites the one missing tile the cube
+    # needs, the info and the cube, nothing else, and the volume is the same again.
+    cache = again.layout.process_url(layout.NG_CACHE)
+    for key in storage.list_keys(cache + "/"):
+        if key.rsplit("/", 1)[-1].startswith("cube_"):
+            storage.delete(storage.bucket_url(again.layout.process, key))
+    storage.delete(f"{again.layout.jpeg_url}/info")
+    fixed = _run(monkeypatch, dag, stack, service_pool, "reclip")
+    check_finished_run(fixed)
+    assert fixed.align_requests == []
+    assert sorted(fixed.paths()) == ["/alignedslice", "/ngmeta", "/ngshard"]
+    assert [b["slice"] for b in fixed.bodies("/alignedslice")] == [3]
+    assert_same_outputs(fixed, clean_width4)
+    print(
+        f"re-trigger with clip-limit 0.05 -> 0.02: 0 alignment requests, {len(again.paths())} "
+        f"emwrite requests; {objects} output objects byte-identical to a fresh run; "
+        f"unchanged re-trigger: 0 requests ({same.elapsed_s} s); after losing a tile, the "
+        f"cube and the info: {sorted(fixed.paths())}"
+    )
+
+
+def test_reexport_with_align_from_sends_no_alignment_request(
+    clean_width4: E2ERun,
+    dag_bag: Any,
+    service_pool: ServicePool,
+    stack: Stack,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A new run of slices 2..9 with another clip-limit and no raw volume, taking the clean
+    run's alignment: no alignment request, the clean run's canvas and transforms, and its
+    slices match the clean run's (same place, other contrast)."""
+    from dags_conftest_helpers import ncc, read_volume
+
+    conf = {"align_from": clean_width4.run_id, "clip-limit": 0.05, "createRawPyramid": False}
+    conf.update(minz=2, maxz=9)
+    run = _run(monkeypatch, dag_bag.dags[dag_id(1)], stack, service_pool, "reexp", conf=conf)
+    assert run.state == "success", run.task_states
+    assert run.align_requests == []
+    assert sorted(run.paths()) == ["/alignedslice"] * 8 + ["/ngmeta", "/ngshard"]
+    assert _canvas(run)[0] == _canvas(clean_width4)[0]
+    whole, mine_t = (
+        json.loads(storage.read_bytes(r.layout.process_url(layout.TRANSFORMS)))
+        for r in (clean_width4, run)
+    )
+    assert mine_t == {str(z): whole[str(z)] for z in range(2, 10)}
+    assert not storage.bucket_exists(run.chunk_bucket)
+    mine, theirs = read_volume(run.layout.jpeg_url), read_volume(clean_width4.layout.jpeg_url)
+    assert mine.shape == (8, *theirs.shape[1:])
+    assert min(ncc(mine[i], theirs[i + 2]) for i in range(8)) > 0.9
+    assert any((mine[i] != theirs[i + 2]).any() for i in range(8))  # other contrast

@@ -18,9 +18,9 @@ from dags_conftest_helpers import (
 )
 
 from emprocess import affine, storage
-from emprocess.errors import EmprocessError
+from emprocess.errors import EmprocessError, InvalidInput
 from emprocess.workflow import stages
-from emprocess.workflow.batch import HttpSettings
+from emprocess.workflow.batch import HttpSettings, MiniTask
 from emprocess.workflow.payloads import plan_ng_shards
 from emprocess.workflow.stages import RunInfo
 
@@ -110,6 +110,38 @@ def test_align_and_collect_compose_the_cached_answers(root: Path) -> None:
     assert qc[1] == "3,4,translation,0.0,40,44,0.3,0.4"
 
 
+def test_align_from_takes_an_earlier_runs_alignment(root: Path) -> None:
+    """r2 takes r1's transforms (its z sub-range) and canvas without one alignment request;
+    a missing, uncovering or self-naming align_from is refused, naming the problem."""
+    storage.create_bucket("src")
+    first = run_info("src", downsample_factor=2, neighbors=1, global_solve=False)
+    with pytest.raises(InvalidInput, match=r"align_from 'r1': gs://src_process/r1/init.json"):
+        run_info("src", id="r2", align_from="r1")  # r1 has not run yet
+    stages.create_env(first, "manual__1")
+    with ScriptedServer(fake_align) as server:
+        for w in (0, 1):
+            stages.align_pairs(first, w, server.url, FAST)
+    before = stages.collect_alignment(first)
+
+    info = run_info("src", id="r2", align_from="r1", minz=4, **{"clip-limit": 0.05})
+    stages.create_env(info, "manual__2")
+    assert stages.align_pairs(info, 0, "http://127.0.0.1:9", FAST)["planned"] == 0
+    canvas = stages.collect_alignment(info)
+    assert canvas["bbox"] == before["bbox"] and canvas["aligned_from"] == "r1"
+    assert canvas["transforms"] == "gs://src_process/r2/align/transforms.json"
+    whole = stages.read_transforms(first.conf)
+    assert stages.read_transforms(info.conf) == {4: whole[4], 5: whole[5]}
+    assert stages.write_plan(info, canvas)[0].payload["transform"] == whole[4]
+
+    write_slices("src", "img.%05d.png", [6], size_xy=(40, 30))
+    with pytest.raises(InvalidInput, match=r"do not cover minz..maxz \(3..6\): 1 missing"):
+        run_info("src", id="r3", align_from="r1", maxz=6)
+    with pytest.raises(InvalidInput, match="this run's own id"):
+        run_info("src", align_from="r1")
+    with pytest.raises(InvalidInput, match="exclude each other"):
+        run_info("src", id="r3", align_from="r1", skip_align=True)
+
+
 def test_skip_align_sends_nothing_and_writes_identity(root: Path, emwrite: ScriptedServer) -> None:
     storage.create_bucket("src")
     info = run_info("src", skip_align=True)
@@ -178,9 +210,20 @@ def test_private_by_default(root: Path) -> None:
 def test_cube_plan_covers_the_volume_round_robin(root: Path) -> None:
     storage.create_bucket("src")
     conf = run_info("src").conf.model_copy(update={"minz": 5, "maxz": 1030})
-    tasks = plan_ng_shards(conf, [2500, 1100])
+    written = [MiniTask(i, f"z{i + 5:06d}", "/alignedslice", {"clip": 0.02}) for i in range(1026)]
+    tasks = plan_ng_shards(conf, [2500, 1100], written)
     starts = [t.payload["start"] for t in tasks]
     assert len(starts) == 3 * 2 * 2 and starts[0] == [0, 0, 0] and starts[-1] == [2, 1, 1]
     assert [t.index for t in tasks] == list(range(12))
     assert {t.payload["minz"] for t in tasks} == {5}
     assert tasks[4].name == "cube_1_1_0"
+    # A cube's cache key follows the write requests of its own slices, and only those:
+    # slice 1029 (position 1024) lies in the cubes of z-start 1.
+    changed = list(written)
+    changed[1024] = MiniTask(1024, "z001029", "/alignedslice", {"clip": 0.05})
+    again = plan_ng_shards(conf, [2500, 1100], changed)
+    redo = [t.name for t, u in zip(tasks, again, strict=True) if t.cache_key() != u.cache_key()]
+    assert redo == [t.name for t in tasks if t.payload["start"][2] == 1]
+    assert [t.payload for t in again] == [t.payload for t in tasks]
+    with pytest.raises(ValueError, match="write plan has 3 slices"):
+        plan_ng_shards(conf, [2500, 1100], written[:3])

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from emprocess import storage
 from emprocess.kernels.ngmeta import plan_cubes
+from emprocess.layout import RunLayout
 from emprocess.models import AlignedSliceRequest, NgMetaRequest, NgShardRequest
 from emprocess.sample import DEFAULT_TEMPLATE, write_sample
 from emprocess.services import emwrite
@@ -28,11 +29,11 @@ class BuiltVolume:
 
     @property
     def ng_bucket(self) -> str:
-        return f"{self.source}_ng_{self.run_id}"
+        return RunLayout(self.source, self.run_id).ng
 
     @property
     def chunk_bucket(self) -> str:
-        return f"{self.source}_chunk_{self.run_id}"
+        return RunLayout(self.source, self.run_id).chunk
 
 
 def build_test_volume(
@@ -60,10 +61,9 @@ def build_test_volume(
     """
     if storage.local_root() is None:
         raise RuntimeError("build_test_volume needs EMPROCESS_STORAGE_ROOT (a local root)")
-    tmp_bucket = f"{source}_tmp_{run_id}"
-    ng_bucket = f"{source}_ng_{run_id}"
-    chunk_bucket = f"{source}_chunk_{run_id}"
-    for bucket in (source, f"{source}_process", tmp_bucket, ng_bucket, chunk_bucket):
+    layout = RunLayout(source, run_id)
+    tmp_bucket, ng_bucket, chunk_bucket = layout.tmp, layout.ng, layout.chunk
+    for bucket in layout.bucket_names().values():
         storage.create_bucket(bucket)
     write_sample(storage.bucket_url(source), n_slices, width, height, seed=seed, first_z=minz)
     maxz = minz + n_slices - 1

@@ -23,6 +23,22 @@ from typing import Any, TypeVar
 
 from emprocess import storage
 from emprocess.errors import EmprocessError, InvalidBucketName, InvalidInput, NotFound
+from emprocess.layout import (
+    AFFINE_CACHE,
+    CANVAS,
+    COMPLETE,
+    FAILURES,
+    FILL,
+    INIT,
+    NG_CACHE,
+    NGMETA,
+    QC,
+    SLICES,
+    TRANSFORMS,
+    WRITE_CACHE,
+    RunLayout,
+    parse_pair_name,
+)
 from emprocess.report.model import (
     FAILED,
     FINISHED,
@@ -45,8 +61,6 @@ from emprocess.report.progress import (
 from emprocess.report.qc import qc_from_answers, qc_from_csv
 from emprocess.storage import ObjectInfo
 from emprocess.workflow.conf import RunConf, parse_conf
-from emprocess.workflow.payloads import AFFINE_CACHE, NG_CACHE, WRITE_CACHE, parse_pair_name
-from emprocess.workflow.stages import CANVAS, FAILURES
 
 log = logging.getLogger(__name__)
 
@@ -265,8 +279,9 @@ def load_run(
     bucket = _bucket_of(source)
     run_id = _check_run_id(run_id)
     now = now or datetime.now(UTC)
-    process = f"gs://{bucket}_process/{run_id}"
-    found = _read_json(f"{process}/init.json")
+    layout = RunLayout(bucket, run_id)
+    process = layout.process_url()
+    found = _read_json(f"{process}/{INIT}")
     if found is None:
         raise RunNotFound(
             f"no {process}/init.json ({storage.backend_description()}): the run has not "
@@ -284,11 +299,11 @@ def load_run(
         run_conf = None
     times = [init_info.updated]
 
-    _check_times(init, ("first_started", "started"), f"{process}/init.json")
+    _check_times(init, ("first_started", "started"), f"{process}/{INIT}")
     complete = None
-    if (doc := _read_json(f"{process}/complete.json")) is not None:
+    if (doc := _read_json(f"{process}/{COMPLETE}")) is not None:
         complete = doc[0]
-        _check_times(complete, ("finished",), f"{process}/complete.json")
+        _check_times(complete, ("finished",), f"{process}/{COMPLETE}")
         elapsed = complete.get("elapsed_s")
         if elapsed is not None and (
             isinstance(elapsed, bool) or not isinstance(elapsed, int | float)
@@ -302,7 +317,7 @@ def load_run(
         canvas = doc[0]
         times.append(doc[1].updated)
     transforms = None
-    if (doc := _read_json(f"{process}/align/transforms.json")) is not None:
+    if (doc := _read_json(f"{process}/{TRANSFORMS}")) is not None:
         try:
             transforms = {int(z): [float(v) for v in t] for z, t in doc[0].items()}
         except (TypeError, ValueError):
@@ -311,13 +326,13 @@ def load_run(
             ) from None
         times.append(doc[1].updated)
     qc_text = None
-    if (qc_info := _listed(f"{process}/align/qc.csv")) is not None:
-        qc_text = storage.read_bytes(f"{process}/align/qc.csv").decode()
+    if (qc_info := _listed(f"{process}/{QC}")) is not None:
+        qc_text = storage.read_bytes(f"{process}/{QC}").decode()
         times.append(qc_info.updated)
 
     slice_qc: list[dict[str, Any]] = []
-    if _listed(f"{process}/align/slices.csv") is not None:
-        text = storage.read_bytes(f"{process}/align/slices.csv").decode()
+    if _listed(f"{process}/{SLICES}") is not None:
+        text = storage.read_bytes(f"{process}/{SLICES}").decode()
         slice_qc = [
             {**r, "z": int(r["z"]), "residual_px": float(r["residual_px"])}
             for r in csv.DictReader(io.StringIO(text))
@@ -330,13 +345,13 @@ def load_run(
     if canvas is not None and canvas.get("bbox"):
         bbox = _bbox_of(canvas, f"{process}/{CANVAS}")
     elif complete and complete.get("bbox"):
-        bbox = _bbox_of(complete, f"{process}/complete.json")
+        bbox = _bbox_of(complete, f"{process}/{COMPLETE}")
     elif transforms and init.get("slice_size_xy"):
         bbox = canvas_from_transforms(transforms, init["slice_size_xy"])
     iw = init.get("intensity_window")
     window = (float(iw[0]), float(iw[1])) if isinstance(iw, list) and len(iw) == 2 else None
     fill = None
-    if (doc := _read_json(f"{process}/align/fill.json")) is not None:
+    if (doc := _read_json(f"{process}/{FILL}")) is not None:
         fill = {int(z): (None if v is None else int(v)) for z, v in doc[0].items()}
     plans = plan_stages(conf, run_conf, transforms, bbox, window, fill)
 
@@ -351,7 +366,7 @@ def load_run(
         if prefix == NG_CACHE:
             is_meta = stage == "ngmeta"
             listing = [
-                i for i in listing if (task_name(i.key[len(prefix_key) :]) == "ngmeta") == is_meta
+                i for i in listing if (task_name(i.key[len(prefix_key) :]) == NGMETA) == is_meta
             ]
         counted[stage] = count_answers(stage, listing, prefix_key, plans[stage])
         times.extend(i.updated for i in counted[stage].objects.values())
@@ -366,7 +381,7 @@ def load_run(
         read_records = answered <= AUTO_RECORDS_MAX
         if not read_records:
             log.info("%d cache records: not read (read_records=True reads them)", answered)
-    records = _read_cache_records(f"{bucket}_process", counted, threads) if read_records else {}
+    records = _read_cache_records(layout.process, counted, threads) if read_records else {}
     state, reason = _judge_state(complete, last_activity, now, stall_after_s, failure_counts)
     stages = tuple(
         stage_progress(

@@ -15,13 +15,13 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from emprocess import affine
+from emprocess.layout import NGMETA, cube_name, pair_name, slice_task_name
 from emprocess.report.model import StageProgress
 from emprocess.storage import ObjectInfo
 from emprocess.workflow.batch import MiniTask
 from emprocess.workflow.conf import RunConf
 from emprocess.workflow.payloads import (
     ngmeta_task,
-    pair_name,
     plan_align_pairs,
     plan_aligned_slices,
     plan_cube_starts,
@@ -88,7 +88,7 @@ def plan_stages(
     align/fill.json (bad slice -> stand-in), which shapes the write requests.
     """
     minz, maxz = int(conf["minz"]), int(conf["maxz"])
-    skip = bool(conf.get("skip_align", False))
+    skip = bool(conf.get("skip_align", False) or conf.get("align_from"))
     k = int(conf.get("neighbors", 1) or 1)
     pairs = (
         []
@@ -97,14 +97,14 @@ def plan_stages(
             pair_name(z, z + d) for z in range(minz, maxz) for d in range(1, k + 1) if z + d <= maxz
         ]
     )
-    slices = [f"z{z:06d}" for z in range(minz, maxz + 1)]
+    slices = [slice_task_name(z) for z in range(minz, maxz + 1)]
     cubes = None
     if bbox is not None:
-        cubes = [f"cube_{x}_{y}_{z}" for x, y, z in plan_cube_starts(bbox, minz, maxz)]
+        cubes = [cube_name(x, y, z) for x, y, z in plan_cube_starts(bbox, minz, maxz)]
     plans = {
         "affine": Plan(pairs),
         "write": Plan(slices),
-        "ngmeta": Plan(["ngmeta"]),
+        "ngmeta": Plan([NGMETA]),
         "ngshard": Plan(cubes),
     }
     if run_conf is None:
@@ -113,11 +113,11 @@ def plan_stages(
         plans["affine"].keys = _keys(plan_align_pairs(run_conf, window))
     if bbox is not None:
         if transforms is not None and len(transforms) == len(slices):
-            plans["write"].keys = _keys(
-                plan_aligned_slices(run_conf, transforms, bbox, window, fill)
-            )
+            written = plan_aligned_slices(run_conf, transforms, bbox, window, fill)
+            plans["write"].keys = _keys(written)
+            # A cube's key covers the write requests of its tiles (as the DAG's).
+            plans["ngshard"].keys = _keys(plan_ng_shards(run_conf, bbox, written))
         plans["ngmeta"].keys = _keys([ngmeta_task(run_conf, bbox)])
-        plans["ngshard"].keys = _keys(plan_ng_shards(run_conf, bbox))
     for plan in plans.values():
         if plan.keys is not None:
             plan.names = list(plan.keys)  # the workflow's own names win

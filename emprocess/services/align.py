@@ -9,7 +9,6 @@ command and script are read for names only and never executed. Answers with
 from __future__ import annotations
 
 import logging
-import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -23,11 +22,10 @@ from emprocess.kernels.align import AlignParams, align_pair, downsample_image
 from emprocess.kernels.intensity import to_uint8
 from emprocess.models import AlignRequest
 from emprocess.services.common import create_service_app, json_body, parse
+from emprocess.settings import ServiceEnv, load
 
 log = logging.getLogger(__name__)
 
-MAX_PIXELS_ENV = "EMPROCESS_ALIGN_MAX_PIXELS"
-DEFAULT_MAX_PIXELS = 16384 * 16384
 # Adjacent slices of one stack have (nearly) one size; beyond this ratio per axis
 # the request almost surely names the wrong files.
 MAX_SIZE_RATIO = 1.5
@@ -39,7 +37,7 @@ FILE_SLACK_BYTES = 1 << 20
 
 
 def max_pixels() -> int:
-    return int(os.environ.get(MAX_PIXELS_ENV, DEFAULT_MAX_PIXELS))
+    return load(ServiceEnv).align_max_pixels
 
 
 def read_image(url: str) -> np.ndarray:

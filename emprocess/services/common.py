@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from typing import Any
 
@@ -15,6 +14,7 @@ from werkzeug.exceptions import HTTPException
 from emprocess import __version__
 from emprocess.errors import EmprocessError, InvalidInput, NotFound
 from emprocess.models import describe_validation_error, parse
+from emprocess.settings import ServiceEnv, load
 
 __all__ = ["create_service_app", "json_body", "parse"]
 
@@ -78,7 +78,7 @@ def create_service_app(name: str) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     started = time.time()
     logging.basicConfig(
-        level=os.environ.get("EMPROCESS_LOG_LEVEL", "INFO"),
+        level=load(ServiceEnv).log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
 

@@ -54,9 +54,19 @@ from emprocess.kernels.render import (  # noqa: F401  (THUMB_* : the service's, 
     render_source_tiles,
     thumbnail_factor,
 )
+from emprocess.layout import (
+    JPEG_PATH,
+    RAW_PATH,
+    SOURCE_TILES_PREFIX,
+    TILES_PREFIX,
+    process_bucket,
+    thumbnail_key,
+    tiles_key,
+)
 from emprocess.models import AlignedSliceRequest, NgMetaRequest, NgShardRequest
 from emprocess.services.common import create_service_app, json_body, parse
 from emprocess.services.pyramid import PrecomputedWriter, write_pyramid
+from emprocess.settings import ServiceEnv, load
 
 log = logging.getLogger(__name__)
 
@@ -65,32 +75,25 @@ CUBE_PX = 1024
 # Windows of up to 12288 px (+ one 1024 px CLAHE tile of context per side): a 16384^2
 # slice is 2 x 2 windows, and warp and CLAHE redo 26% of its pixels as context
 # (3 x 3 windows of 8192 px redid 56%, 14% more CPU) at a peak of 0.9 GiB.
-WINDOW_PX = int(os.environ.get("EMPROCESS_WINDOW_PX", 12288))
+_ENV = load(ServiceEnv)  # read once, at start-up: a bad value stops the service
+WINDOW_PX = _ENV.window_px
 SLAB_Z = ngmeta.MAX_SHARD_PX  # one z-layer of scale-0 shards
 NUM_SCALES = 6
-TILE_CODEC: tiles.Codec = "png" if os.environ.get("EMPROCESS_TILE_CODEC") == "png" else "raw"
-IO_THREADS = int(os.environ.get("EMPROCESS_IO_THREADS", 16))
+TILE_CODEC: tiles.Codec = _ENV.tile_codec
+IO_THREADS = _ENV.io_threads
 READ_BATCH = 64  # slices whose tile reads are in flight at once (64 MiB of tiles)
-TILES_PREFIX = "aligned/"
-SOURCE_TILES_PREFIX = "aligned16/"  # the slices at 16 bits, for a uint16 lossless volume
 CPU_COUNT = (
     len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 )
-MAX_PIXELS = int(os.environ.get("EMPROCESS_EMWRITE_MAX_PIXELS", 32768 * 32768))
+MAX_PIXELS = _ENV.emwrite_max_pixels
 # A decoded slice (pixels x channels x bytes per sample) may take at most this: a
 # 32768^2 8-bit or a 23170^2 16-bit grey slice; a 16384^2 16-bit RGBA PNG needs 2 GiB.
-MAX_DECODED_BYTES = int(os.environ.get("EMPROCESS_EMWRITE_MAX_IMAGE_BYTES", 1 << 30))
+MAX_DECODED_BYTES = _ENV.emwrite_max_image_bytes
 MAX_FILE_BYTES = MAX_DECODED_BYTES + (1 << 20)  # an uncompressed TIFF plus its header
 # The canvas holds every slice after its transform: a little larger than one slice
 # (drift, rotation). Each side may be at most this many times the slice's longer
 # side, plus one tile; the bound keeps a request's work in proportion to its input.
 MAX_CANVAS_RATIO = 4
-JPEG_PATH, RAW_PATH = "neuroglancer/jpeg", "neuroglancer/raw"
-
-
-def tiles_key(z: int) -> str:
-    """Key of the tiled aligned slice z under ``TILES_PREFIX`` of the tmp bucket."""
-    return f"{z:06d}.tiles"
 
 
 def tiles_url(bucket: str, z: int) -> str:
@@ -105,7 +108,7 @@ def source_tiles_url(bucket: str, z: int) -> str:
 
 def thumbnail_url(req: AlignedSliceRequest) -> str:
     """Where the thumbnail of the request's slice goes (DEST_process/RUN_ID/align/IMG)."""
-    return storage.bucket_url(f"{req.dest}_process", f"{req.run_id}/align/{req.img}")
+    return storage.bucket_url(process_bucket(req.dest), thumbnail_key(req.run_id, req.img))
 
 
 # -- /alignedslice -------------------------------------------------------------
@@ -138,7 +141,7 @@ def aligned_slice(req: AlignedSliceRequest) -> dict[str, Any]:
         thumbnail_url(req),
         source_tiles_url(req.dest_tmp, req.slice),
     )
-    for bucket in (req.dest_tmp, f"{req.dest}_process"):
+    for bucket in (req.dest_tmp, process_bucket(req.dest)):
         if not storage.bucket_exists(bucket):
             raise InvalidInput(f"bucket {bucket!r} does not exist")
     data = storage.read_bytes(source_url, max_bytes=MAX_FILE_BYTES)

@@ -61,7 +61,9 @@ def client(project: str | None = None) -> Client:
 
 def retry_policy() -> Retry | None:
     """DEFAULT_RETRY bounded by EMPROCESS_STORAGE_RETRY_S seconds (0 turns retries off)."""
-    deadline = float(os.environ.get(RETRY_DEADLINE_ENV, "120"))
+    from emprocess.settings import StorageEnv, load
+
+    deadline = load(StorageEnv).storage_retry_s
     return DEFAULT_RETRY.with_timeout(deadline) if deadline > 0 else None
 
 

@@ -21,11 +21,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -80,27 +79,24 @@ class MiniTask:
         name: readable id for logs, errors and the cache object, e.g. ``z000012``.
         path: endpoint on the service, e.g. ``/alignedslice``.
         payload: the JSON body.
+        inputs: a digest of what earlier stages produced that the service reads but the
+            payload does not name (the tiles of an /ngshard cube: the cache keys of the
+            /alignedslice requests that wrote them); part of the cache key, not sent.
     """
 
     index: int
     name: str
     path: str
     payload: Mapping[str, Any]
+    inputs: str = ""
 
     def cache_key(self) -> str:
-        """``NAME.DIGEST.json``; the digest changes when the request does."""
-        body = json.dumps({"path": self.path, "payload": self.payload}, sort_keys=True)
+        """``NAME.DIGEST.json``; the digest changes when the request or its inputs do."""
+        request: dict[str, Any] = {"path": self.path, "payload": self.payload}
+        if self.inputs:
+            request["inputs"] = self.inputs
+        body = json.dumps(request, sort_keys=True)
         return f"{self.name}.{hashlib.sha256(body.encode()).hexdigest()[:12]}.json"
-
-
-def _env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return float(raw)
-    except ValueError:
-        raise EmprocessError(f"environment variable {name}={raw!r} is not a number") from None
 
 
 @dataclass(frozen=True)
@@ -110,10 +106,8 @@ class HttpSettings:
     The read timeout defaults to Cloud Run's longest request (60 min): a /ngshard cube
     can take many minutes, and giving up early would only make a retry redo it.
 
-    ``from_env`` reads ``EMPROCESS_HTTP_THREADS``, ``EMPROCESS_HTTP_ATTEMPTS``,
-    ``EMPROCESS_HTTP_BACKOFF_S``, ``EMPROCESS_HTTP_MAX_BACKOFF_S``,
-    ``EMPROCESS_HTTP_CONNECT_TIMEOUT_S``, ``EMPROCESS_HTTP_TIMEOUT_S`` and
-    ``EMPROCESS_STAGGER_STEP_S`` (tests make retries fast or turn them off with these).
+    ``from_env`` reads them from :class:`emprocess.settings.HttpEnv` (``EMPROCESS_HTTP_*``;
+    tests make retries fast or turn them off with these).
     """
 
     threads: int = 8
@@ -127,16 +121,18 @@ class HttpSettings:
 
     @classmethod
     def from_env(cls) -> HttpSettings:
-        d = cls()
+        from emprocess.settings import HttpEnv, load
+
+        env = load(HttpEnv)
         return cls(
-            threads=max(1, int(_env_float("EMPROCESS_HTTP_THREADS", d.threads))),
-            attempts=max(1, int(_env_float("EMPROCESS_HTTP_ATTEMPTS", d.attempts))),
-            backoff_s=_env_float("EMPROCESS_HTTP_BACKOFF_S", d.backoff_s),
-            max_backoff_s=_env_float("EMPROCESS_HTTP_MAX_BACKOFF_S", d.max_backoff_s),
-            connect_timeout_s=_env_float("EMPROCESS_HTTP_CONNECT_TIMEOUT_S", d.connect_timeout_s),
-            read_timeout_s=_env_float("EMPROCESS_HTTP_TIMEOUT_S", d.read_timeout_s),
-            stagger_step_s=_env_float("EMPROCESS_STAGGER_STEP_S", d.stagger_step_s),
-            stagger_max_s=d.stagger_max_s,
+            threads=env.http_threads,
+            attempts=env.http_attempts,
+            backoff_s=env.http_backoff_s,
+            max_backoff_s=env.http_max_backoff_s,
+            connect_timeout_s=env.http_connect_timeout_s,
+            read_timeout_s=env.http_timeout_s,
+            stagger_step_s=env.stagger_step_s,
+            stagger_max_s=cls.stagger_max_s,
         )
 
     def backoff(self, attempt: int, retry_after_s: float | None = None) -> float:
@@ -325,6 +321,7 @@ def run_batch(
     settings: HttpSettings | None = None,
     token_source: TokenSource | None = None,
     failure_url: str | None = None,
+    redo: Collection[str] = (),
 ) -> BatchSummary:
     """Send this worker's mini-tasks to the service and cache every answer.
 
@@ -341,6 +338,8 @@ def run_batch(
         failure_url: the stage's failure prefix in the process bucket
             (``RUN_ID/failures/STAGE``): a mini-task that finally fails writes ``NAME.json``
             there, and its success (now or found cached) deletes it. None: no records.
+        redo: names of mini-tasks to send even when their answer is cached, because
+            what they wrote is gone (e.g. tiles the tmp bucket's lifecycle deleted).
 
     Raises:
         BatchError: naming the mini-tasks that failed and why (after finishing or, on a
@@ -352,6 +351,7 @@ def run_batch(
     summary.started = _now()
     t0 = time.monotonic()
     done = cached_keys(cache_url) if mine else set()
+    done -= {t.cache_key() for t in mine if t.name in redo}
     todo = [t for t in mine if t.cache_key() not in done]
     summary.cached = len(mine) - len(todo)
     records = FailureRecords(failure_url if mine else None, stage)

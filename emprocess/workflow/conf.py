@@ -31,6 +31,7 @@ from pydantic import (
 
 from emprocess import models
 from emprocess.errors import InvalidBucketName, InvalidInput, InvalidKey
+from emprocess.layout import RunLayout
 from emprocess.models import MAX_RESOLUTION_NM, MAX_SLICES, MAX_Z
 from emprocess.storage import check_bucket_name, check_key, check_run_id
 from emprocess.workflow import dag_id
@@ -286,6 +287,29 @@ class RunConf(BaseModel):
         description="What a bad slice shows: 'own' its pixels at the bridged transform, "
         "'nearest' the nearest good slice's pixels, 'zeros' black.",
     )
+    align_from: str | None = Field(
+        default=None,
+        title="Alignment of an earlier run",
+        description="Id of an earlier run of the same source whose alignment (transforms, "
+        "canvas, bad-slice fill) this run takes instead of aligning: re-export with other "
+        "contrast, a z sub-range or the other volume. That run must have finished collect "
+        "and cover minz..maxz; the alignment keys are then ignored.",
+        max_length=63,
+    )
+
+    @model_validator(mode="after")
+    def _align_from_is_another_run(self) -> RunConf:
+        if self.align_from is None:
+            return self
+        check_run_id(self.align_from)
+        if self.align_from == self.id:
+            raise ValueError(
+                f"align_from {self.align_from!r} is this run's own id; re-trigger the run "
+                "instead (its cached alignment is reused)"
+            )
+        if self.skip_align:
+            raise ValueError("align_from and skip_align exclude each other: choose one")
+        return self
 
     @model_validator(mode="after")
     def _skip_slices_in_range(self) -> RunConf:
@@ -408,22 +432,19 @@ class RunConf(BaseModel):
 
     # -- derived names -------------------------------------------------------
 
+    @property
+    def layout(self) -> RunLayout:
+        """Where this run keeps its buckets, volumes and records (:mod:`emprocess.layout`)."""
+        return RunLayout(self.source, self.id, self.create_raw_pyramid)
+
     def bucket_names(self) -> dict[str, str]:
         """The run's buckets by role: source, process, tmp, ng and (with the raw volume) chunk."""
-        names = {
-            "source": self.source,
-            "process": f"{self.source}_process",
-            "tmp": f"{self.source}_tmp_{self.id}",
-            "ng": f"{self.source}_ng_{self.id}",
-        }
-        if self.create_raw_pyramid:
-            names["chunk"] = f"{self.source}_chunk_{self.id}"
-        return names
+        return self.layout.bucket_names()
 
     @property
     def chunk_bucket(self) -> str:
         """SOURCE_chunk_ID, whether or not the raw volume is written (the services want a name)."""
-        return f"{self.source}_chunk_{self.id}"
+        return self.layout.chunk
 
     @property
     def resolution_xyz(self) -> tuple[float, float, float]:
@@ -441,12 +462,11 @@ class RunConf(BaseModel):
 
     def process_url(self, *parts: str) -> str:
         """``gs://SOURCE_process/ID/<parts>``."""
-        tail = "/".join(p.strip("/") for p in parts if p)
-        return f"gs://{self.source}_process/{self.id}" + (f"/{tail}" if tail else "")
+        return self.layout.process_url(*parts)
 
     def neuroglancer_source(self) -> str:
         """The neuroglancer layer source of the JPEG pyramid."""
-        return f"precomputed://gs://{self.source}_ng_{self.id}/neuroglancer/jpeg"
+        return self.layout.neuroglancer_source()
 
     def to_json(self) -> dict[str, Any]:
         """The conf with CONTRACTS.md's key names, numbers as numbers and booleans as booleans."""

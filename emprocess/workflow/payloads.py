@@ -8,21 +8,18 @@ numbers, booleans as booleans, CONTRACTS.md's key spelling.
 
 from __future__ import annotations
 
-import re
+import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
 from emprocess import affine
+from emprocess.layout import NGMETA, cube_name, pair_name, slice_task_name
 from emprocess.models import AlignedSliceRequest, AlignRequest, NgMetaRequest, NgShardRequest
 from emprocess.workflow.batch import MiniTask
 from emprocess.workflow.conf import RunConf
 
 SHARD_SIZE = 1024
 """Tile and cube edge in pixels (CONTRACTS.md's shard-size)."""
-
-AFFINE_CACHE = "align/affine_cache"
-WRITE_CACHE = "align/write_cache"
-NG_CACHE = "neuroglancer/cache"
 
 
 Window = tuple[float, float] | None
@@ -36,23 +33,6 @@ def _window(window: Window) -> list[float] | None:
 def _raw_dtype(conf: RunConf) -> Literal["uint16"] | None:
     """The requests' ``raw_dtype``: absent unless the raw volume keeps 16 bits."""
     return "uint16" if conf.raw_bits == 16 else None
-
-
-def pair_name(pre: int, post: int) -> str:
-    """Mini-task name of the pair (pre, post): ``z000012`` for post = pre + 1 (as before),
-    ``z000012-000014`` for farther neighbours."""
-    return f"z{pre:06d}" if post == pre + 1 else f"z{pre:06d}-{post:06d}"
-
-
-def parse_pair_name(name: str) -> tuple[int, int]:
-    """(pre, post) of a :func:`pair_name`; raises ValueError for other names."""
-    m = re.fullmatch(r"z(\d+)(?:-(\d+))?", name)
-    if not m:
-        raise ValueError(
-            f"{name!r} is not an alignment pair name such as z000012 or z000012-000014"
-        )
-    pre = int(m.group(1))
-    return pre, int(m.group(2)) if m.group(2) else pre + 1
 
 
 def align_pair_list(conf: RunConf) -> list[tuple[int, int]]:
@@ -105,7 +85,6 @@ def plan_aligned_slices(
             it, or None for a black slice (the image is placed just outside the canvas,
             so the service writes zeros); slices not named show their own pixels.
     """
-    buckets = conf.bucket_names()
     fill = fill or {}
     outside = affine.translation(float(bbox_xy[0]) + 16.0, 0.0)
 
@@ -123,14 +102,14 @@ def plan_aligned_slices(
         tasks.append(
             MiniTask(
                 index=z - conf.minz,
-                name=f"z{z:06d}",
+                name=slice_task_name(z),
                 path="/alignedslice",
                 payload=AlignedSliceRequest(
                     img=conf.slice_name(img_z),
                     transform=transform,
                     bbox=[int(bbox_xy[0]), int(bbox_xy[1])],
                     dest=conf.source,
-                    dest_tmp=buckets["tmp"],
+                    dest_tmp=conf.layout.tmp,
                     slice=z,
                     shard_size=SHARD_SIZE,
                     run_id=conf.id,
@@ -145,7 +124,7 @@ def plan_aligned_slices(
 
 def _volume_fields(conf: RunConf, bbox_xy: Sequence[int]) -> dict:
     return {
-        "dest": conf.bucket_names()["ng"],
+        "dest": conf.layout.ng,
         "dest_raw": conf.chunk_bucket if conf.create_raw_pyramid else None,
         "minz": conf.minz,
         "maxz": conf.maxz,
@@ -161,7 +140,7 @@ def ngmeta_task(conf: RunConf, bbox_xy: Sequence[int]) -> MiniTask:
     """The single POST /ngmeta of the run."""
     return MiniTask(
         index=0,
-        name="ngmeta",
+        name=NGMETA,
         path="/ngmeta",
         payload=NgMetaRequest(**_volume_fields(conf, bbox_xy)).payload(),
     )
@@ -174,16 +153,48 @@ def plan_cube_starts(bbox_xy: Sequence[int], minz: int, maxz: int) -> list[tuple
     return plan_cubes((int(bbox_xy[0]), int(bbox_xy[1])), minz, maxz, SHARD_SIZE)
 
 
-def plan_ng_shards(conf: RunConf, bbox_xy: Sequence[int]) -> list[MiniTask]:
-    """One POST /ngshard per 1024^3 cube of the volume, in :func:`plan_cube_starts` order."""
+def cube_slices(conf: RunConf, cube_z: int) -> range:
+    """The slices a cube of z-start ``cube_z`` (in cubes, counted from minz) reads."""
+    first = conf.minz + cube_z * SHARD_SIZE
+    return range(first, min(conf.maxz, first + SHARD_SIZE - 1) + 1)
+
+
+def tiles_digest(written: Sequence[MiniTask], zs: range, minz: int) -> str:
+    """A digest of the /alignedslice requests of slices ``zs`` (``written`` starts at minz).
+
+    Those requests' cache keys cover everything that shaped the tiles (transform,
+    canvas, contrast, window, fill), so the digest changes exactly when the tiles do.
+    """
+    keys = [t.cache_key() for t in written[zs.start - minz : zs.stop - minz]]
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
+
+
+def plan_ng_shards(
+    conf: RunConf, bbox_xy: Sequence[int], written: Sequence[MiniTask]
+) -> list[MiniTask]:
+    """One POST /ngshard per 1024^3 cube of the volume, in :func:`plan_cube_starts` order.
+
+    Args:
+        conf: the run's conf.
+        bbox_xy: the canvas (width, height) in pixels.
+        written: the run's /alignedslice plan (:func:`plan_aligned_slices`, index z - minz):
+            each cube's cache key covers the requests that wrote the tiles it reads, so a
+            re-triggered run whose tiles changed (other clip-limit, transforms...) redoes
+            the cubes, and only those.
+    """
+    if len(written) != conf.maxz - conf.minz + 1:
+        raise ValueError(
+            f"the write plan has {len(written)} slices, the run {conf.maxz - conf.minz + 1}"
+        )
     fields = _volume_fields(conf, bbox_xy)
-    tmp = conf.bucket_names()["tmp"]
+    tmp = conf.layout.tmp
     return [
         MiniTask(
             index=i,
-            name=f"cube_{x}_{y}_{z}",
+            name=cube_name(x, y, z),
             path="/ngshard",
             payload=NgShardRequest(**fields, source=tmp, start=[x, y, z]).payload(),
+            inputs=tiles_digest(written, cube_slices(conf, z), conf.minz),
         )
         for i, (x, y, z) in enumerate(plan_cube_starts(bbox_xy, conf.minz, conf.maxz))
     ]

@@ -12,7 +12,7 @@ import logging
 import platform
 import re
 from collections import Counter, defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
@@ -22,6 +22,25 @@ from pydantic import BaseModel
 from emprocess import storage
 from emprocess.errors import BucketNotFound, EmprocessError, InvalidInput
 from emprocess.imageinfo import HEADER_BYTES, ImageHeader, image_header
+from emprocess.layout import (
+    AFFINE_CACHE,
+    CANVAS,
+    COMPLETE,
+    FILL,
+    INIT,
+    NG_CACHE,
+    NGMETA,
+    QC,
+    SLICES,
+    TILES_PREFIX,
+    TRANSFORMS,
+    TRANSFORMS_CSV,
+    WRITE_CACHE,
+    RunLayout,
+    parse_pair_name,
+    slice_task_name,
+    tiles_key,
+)
 from emprocess.workflow import DEFAULT_DYNAMIC_WIDTH, VERSION
 from emprocess.workflow.batch import (
     BatchSummary,
@@ -33,11 +52,8 @@ from emprocess.workflow.batch import (
 )
 from emprocess.workflow.conf import RunConf, parse_conf, template_prefix
 from emprocess.workflow.payloads import (
-    AFFINE_CACHE,
-    NG_CACHE,
-    WRITE_CACHE,
+    cube_slices,
     ngmeta_task,
-    parse_pair_name,
     plan_align_pairs,
     plan_aligned_slices,
     plan_ng_shards,
@@ -54,15 +70,6 @@ PACKAGES = ("clio-ingest", "apache-airflow", "pydantic", "requests", "google-aut
 
 SHOWN = 10
 """How many names a problem message lists before "..."."""
-
-FAILURES = "failures"
-"""Failure records of mini-tasks: ``RUN_ID/failures/STAGE/NAME.json`` in the process bucket."""
-
-FILL = "align/fill.json"
-"""Bad slice -> the slice written in its place (null: zeros); {} when all show their own."""
-
-CANVAS = "align/canvas.json"
-"""What ``collect`` hands on (``{"bbox": [w, h], "models": {...}, "transforms": URL}``)."""
 
 
 class SliceProblems(InvalidInput):
@@ -185,6 +192,8 @@ def validate_run(
             )
         width = dag_width
     found = check_slice_format(conf)
+    if conf.align_from is not None:
+        check_align_from(conf, (found.width, found.height))
     window = decide_window(conf, found.bits)
     log.info(
         "run %s: slices %d..%d of %s are %dx%d, %d-bit; width %d; intensity window %s",
@@ -232,7 +241,7 @@ def create_env(info: RunInfo, airflow_run_id: str) -> dict[str, Any]:
         if role == "source":
             continue
         created[name] = storage.create_bucket(name, project=conf.project)
-    init_url = conf.process_url("init.json")
+    init_url = conf.process_url(INIT)
     first_started = None
     if storage.exists(init_url):
         previous = json.loads(storage.read_bytes(init_url))
@@ -272,6 +281,7 @@ def _send(
     settings: HttpSettings | None,
     worker_id: int = 0,
     width: int = 1,
+    redo: Collection[str] = (),
 ) -> dict[str, Any]:
     """Run one batch task of ``stage``: its answers under ``cache``, its failures beside."""
     conf = info.conf
@@ -283,7 +293,8 @@ def _send(
         width=width,
         stage=stage,
         settings=settings,
-        failure_url=conf.process_url(FAILURES, stage),
+        failure_url=conf.layout.failure_url(stage),
+        redo=redo,
     ).to_json()
 
 
@@ -292,8 +303,8 @@ def align_pairs(
 ) -> dict[str, Any]:
     """Batch task ``affine_{i}``: align this worker's pairs (nothing when skip_align)."""
     conf = info.conf
-    if conf.skip_align:
-        log.info("skip_align: no alignment requests")
+    if conf.skip_align or conf.align_from is not None:
+        log.info("skip_align or align_from: no alignment requests")
         return BatchSummary("affine", worker_id, info.width, 0).to_json()
     tasks = plan_align_pairs(conf, info.intensity_window)
     return _send(info, tasks, "affine", AFFINE_CACHE, base_url, settings, worker_id, info.width)
@@ -320,6 +331,8 @@ def collect_alignment(info: RunInfo) -> dict[str, Any]:
     from emprocess.workflow.globalalign import global_alignment, pairs_csv, slices_csv
 
     conf = info.conf
+    if conf.align_from is not None:
+        return take_alignment(conf)
     size = info.slice_size_xy
     quality = None
     fill: dict[int, int | None] = {}
@@ -344,7 +357,7 @@ def collect_alignment(info: RunInfo) -> dict[str, Any]:
             qc_text = pairs_csv(comp.pairs, solved)
             fill = solved.fill(conf.bad_slice_fill)
             storage.write_bytes(
-                conf.process_url("align", "slices.csv"),
+                conf.process_url(SLICES),
                 slices_csv(solved.slices).encode(),
                 content_type="text/csv",
             )
@@ -352,17 +365,15 @@ def collect_alignment(info: RunInfo) -> dict[str, Any]:
             chain = {pre: r for (pre, post), r in results.items() if post == pre + 1}
             comp = compose_alignment(chain, conf.minz, conf.maxz, size, conf.downsample_factor)
             qc_text = qc_csv(comp.pairs)
-    transforms_url = conf.process_url("align", "transforms.json")
+    transforms_url = conf.process_url(TRANSFORMS)
     doc = {str(z): comp.transforms[z] for z in sorted(comp.transforms)}
     storage.write_bytes(transforms_url, json.dumps(doc).encode(), content_type="application/json")
     storage.write_bytes(
-        conf.process_url("align", "transforms.csv"),
+        conf.process_url(TRANSFORMS_CSV),
         transforms_csv(comp.transforms).encode(),
         content_type="text/csv",
     )
-    storage.write_bytes(
-        conf.process_url("align", "qc.csv"), qc_text.encode(), content_type="text/csv"
-    )
+    storage.write_bytes(conf.process_url(QC), qc_text.encode(), content_type="text/csv")
     storage.write_bytes(
         conf.process_url(FILL),
         json.dumps({str(z): s for z, s in sorted(fill.items())}).encode(),
@@ -383,8 +394,95 @@ def collect_alignment(info: RunInfo) -> dict[str, Any]:
 
 def read_transforms(conf: RunConf) -> dict[int, list[float]]:
     """transforms.json of the run, by slice number."""
-    doc = json.loads(storage.read_bytes(conf.process_url("align", "transforms.json")))
+    return _read_transforms(conf.process_url(TRANSFORMS))
+
+
+def _read_transforms(url: str) -> dict[int, list[float]]:
+    doc = json.loads(storage.read_bytes(url))
     return {int(z): [float(v) for v in t] for z, t in doc.items()}
+
+
+# -- align_from: the alignment of an earlier run ------------------------------------
+
+
+def check_align_from(conf: RunConf, slice_size_xy: tuple[int, int]) -> None:
+    """The earlier run ``align_from`` exists, finished collect, and covers this run.
+
+    Raises:
+        InvalidInput: naming the earlier run and what is wrong (missing records, slices
+            it did not align, other slices or another slice size).
+    """
+    earlier = RunLayout(conf.source, str(conf.align_from))
+    what = f"align_from {conf.align_from!r}"
+    for key in (INIT, TRANSFORMS, CANVAS):
+        url = earlier.process_url(key)
+        if not storage.exists(url):
+            raise InvalidInput(
+                f"{what}: {url} does not exist: no such run of source {conf.source!r}, "
+                "or it has not finished aligning (collect)"
+            )
+    init = json.loads(storage.read_bytes(earlier.process_url(INIT)))
+    problems = []
+    if init.get("conf", {}).get("image") != conf.image:
+        problems.append(
+            f"it aligned image {init.get('conf', {}).get('image')!r}, not {conf.image!r}"
+        )
+    if list(init.get("slice_size_xy") or []) != list(slice_size_xy):
+        problems.append(f"its slices are {init.get('slice_size_xy')}, these {list(slice_size_xy)}")
+    zs = _read_transforms(earlier.process_url(TRANSFORMS))
+    missing = [z for z in range(conf.minz, conf.maxz + 1) if z not in zs]
+    if missing:
+        lo, hi = (min(zs), max(zs)) if zs else (None, None)
+        problems.append(
+            f"it aligned slices {lo}..{hi}, which do not cover minz..maxz "
+            f"({conf.minz}..{conf.maxz}): {len(missing)} missing, e.g. {missing[:5]}"
+        )
+    if problems:
+        raise InvalidInput(f"{what} cannot be used: " + "; ".join(problems))
+
+
+def take_alignment(conf: RunConf) -> dict[str, Any]:
+    """``collect`` with ``align_from``: this run's records from the earlier run's alignment.
+
+    The earlier canvas is kept (a z sub-range lands in the same coordinates); the
+    transforms and the fill are restricted to minz..maxz; qc.csv and slices.csv are copied.
+    """
+    from emprocess.workflow.compose import transforms_csv
+
+    earlier = RunLayout(conf.source, str(conf.align_from))
+    zs = range(conf.minz, conf.maxz + 1)
+    every = _read_transforms(earlier.process_url(TRANSFORMS))
+    transforms = {z: every[z] for z in zs}
+    fill = {}
+    if storage.exists(earlier.process_url(FILL)):
+        doc = json.loads(storage.read_bytes(earlier.process_url(FILL)))
+        fill = {str(z): s for z, s in doc.items() if int(z) in zs}
+    transforms_url = conf.process_url(TRANSFORMS)
+    records = {
+        TRANSFORMS: json.dumps({str(z): t for z, t in transforms.items()}).encode(),
+        TRANSFORMS_CSV: transforms_csv(transforms).encode(),
+        FILL: json.dumps(fill).encode(),
+    }
+    for key in (QC, SLICES):
+        if storage.exists(earlier.process_url(key)):
+            records[key] = storage.read_bytes(earlier.process_url(key))
+    for key, data in records.items():
+        kind = "text/csv" if key.endswith(".csv") else "application/json"
+        storage.write_bytes(conf.process_url(key), data, content_type=kind)
+    before = json.loads(storage.read_bytes(earlier.process_url(CANVAS)))
+    canvas: dict[str, Any] = {
+        "bbox": before["bbox"],
+        "models": before.get("models", {}),
+        "transforms": transforms_url,
+        "aligned_from": conf.align_from,
+    }
+    if before.get("alignment") is not None:
+        canvas["alignment"] = before["alignment"]
+    storage.write_bytes(
+        conf.process_url(CANVAS), json.dumps(canvas).encode(), content_type="application/json"
+    )
+    log.info("alignment of run %s taken: canvas %s", conf.align_from, canvas["bbox"])
+    return canvas
 
 
 def read_fill(conf: RunConf) -> dict[int, int | None]:
@@ -396,6 +494,19 @@ def read_fill(conf: RunConf) -> dict[int, int | None]:
     return {int(z): (None if s is None else int(s)) for z, s in doc.items()}
 
 
+def write_plan(info: RunInfo, canvas: Mapping[str, Any]) -> list[MiniTask]:
+    """The run's /alignedslice requests, from its transforms.json, fill.json and canvas."""
+    conf = info.conf
+    return plan_aligned_slices(
+        conf, read_transforms(conf), canvas["bbox"], info.intensity_window, read_fill(conf)
+    )
+
+
+def shard_plan(info: RunInfo, canvas: Mapping[str, Any]) -> list[MiniTask]:
+    """The run's /ngshard requests, each keyed on the write requests of the tiles it reads."""
+    return plan_ng_shards(info.conf, canvas["bbox"], write_plan(info, canvas))
+
+
 def write_slices(
     info: RunInfo,
     canvas: Mapping[str, Any],
@@ -404,11 +515,34 @@ def write_slices(
     settings: HttpSettings | None = None,
 ) -> dict[str, Any]:
     """Batch task ``write_{i}``: /alignedslice for this worker's slices."""
+    tasks = write_plan(info, canvas)
+    redo = tiles_to_rewrite(info, canvas, tasks)
+    return _send(info, tasks, "write", WRITE_CACHE, base_url, settings, worker_id, info.width, redo)
+
+
+def tiles_to_rewrite(
+    info: RunInfo, canvas: Mapping[str, Any], written: Sequence[MiniTask]
+) -> set[str]:
+    """Slices whose tiles are gone but are still needed: read by a cube not yet written.
+
+    The tmp bucket's lifecycle deletes the tiles once the volume is done; a cleared or
+    re-triggered run rewrites them only for the cubes it must (re)build, so a finished
+    run triggered again sends nothing.
+    """
     conf = info.conf
-    tasks = plan_aligned_slices(
-        conf, read_transforms(conf), canvas["bbox"], info.intensity_window, read_fill(conf)
-    )
-    return _send(info, tasks, "write", WRITE_CACHE, base_url, settings, worker_id, info.width)
+    done = cached_keys(conf.process_url(NG_CACHE))
+    cubes = plan_ng_shards(conf, canvas["bbox"], written)
+    needed = {
+        z
+        for t in cubes
+        if t.cache_key() not in done
+        for z in cube_slices(conf, t.payload["start"][2])
+    }
+    if not needed:
+        return set()
+    prefix = f"gs://{conf.layout.tmp}/{TILES_PREFIX}"
+    present = {k.rsplit("/", 1)[-1] for k in storage.list_keys(prefix)}
+    return {slice_task_name(z) for z in needed if tiles_key(z) not in present}
 
 
 def check_slices_written(info: RunInfo, canvas: Mapping[str, Any]) -> dict[str, Any]:
@@ -418,9 +552,7 @@ def check_slices_written(info: RunInfo, canvas: Mapping[str, Any]) -> dict[str, 
         EmprocessError: naming the slices without an answer.
     """
     conf = info.conf
-    tasks = plan_aligned_slices(
-        conf, read_transforms(conf), canvas["bbox"], info.intensity_window, read_fill(conf)
-    )
+    tasks = write_plan(info, canvas)
     done = cached_keys(conf.process_url(WRITE_CACHE))
     missing = [t.name for t in tasks if t.cache_key() not in done]
     if missing:
@@ -438,7 +570,8 @@ def write_ngmeta(
 ) -> dict[str, Any]:
     """``write_ngmeta``: the one /ngmeta request, through the same batch helper."""
     tasks = [ngmeta_task(info.conf, canvas["bbox"])]
-    return _send(info, tasks, "ngmeta", NG_CACHE, base_url, settings)
+    redo = () if storage.exists(f"{info.conf.layout.jpeg_url}/info") else [NGMETA]
+    return _send(info, tasks, "ngmeta", NG_CACHE, base_url, settings, redo=redo)
 
 
 def write_ng_shards(
@@ -449,7 +582,7 @@ def write_ng_shards(
     settings: HttpSettings | None = None,
 ) -> dict[str, Any]:
     """Batch task ``write_ng_shards_{i}``: /ngshard for this worker's cubes."""
-    tasks = plan_ng_shards(info.conf, canvas["bbox"])
+    tasks = shard_plan(info, canvas)
     return _send(info, tasks, "ngshard", NG_CACHE, base_url, settings, worker_id, info.width)
 
 
@@ -457,9 +590,9 @@ def check_written(info: RunInfo, canvas: Mapping[str, Any]) -> tuple[bool, str]:
     """``iswritten``: whether the volume is complete: its ``info`` and every cube answered."""
     conf = info.conf
     done = cached_keys(conf.process_url(NG_CACHE))
-    tasks = [ngmeta_task(conf, canvas["bbox"]), *plan_ng_shards(conf, canvas["bbox"])]
+    tasks = [ngmeta_task(conf, canvas["bbox"]), *shard_plan(info, canvas)]
     missing = [t.name for t in tasks if t.cache_key() not in done]
-    info_url = f"gs://{conf.bucket_names()['ng']}/neuroglancer/jpeg/info"
+    info_url = f"{conf.layout.jpeg_url}/info"
     problems = []
     if missing:
         problems.append(f"{len(missing)} of {len(tasks)} requests unanswered: {_names(missing)}")
@@ -472,14 +605,14 @@ def check_written(info: RunInfo, canvas: Mapping[str, Any]) -> tuple[bool, str]:
 
 def cleanup_images(info: RunInfo, age_days: int = TMP_LIFECYCLE_DAYS) -> str:
     """``cleanup_images``: a lifecycle rule deletes the tmp bucket's tiles after ``age_days``."""
-    tmp = info.conf.bucket_names()["tmp"]
+    tmp = info.conf.layout.tmp
     storage.set_lifecycle_delete(tmp, age_days)
     return f"objects of {tmp} are deleted {age_days} days after they were written"
 
 
 def set_public_read(info: RunInfo) -> str:
     """``set_public_read``: make the neuroglancer bucket public-read when conf ``public``."""
-    ng = info.conf.bucket_names()["ng"]
+    ng = info.conf.layout.ng
     if not info.conf.public:
         return f"bucket {ng} stays private (conf public is false)"
     return storage.make_public(ng)
@@ -522,7 +655,7 @@ def write_status(
 ) -> dict[str, Any]:
     """``write_status``: RUN_ID/complete.json with the canvas, timings and the viewer source."""
     conf = info.conf
-    init_url = conf.process_url("init.json")
+    init_url = conf.process_url(INIT)
     started = None
     if storage.exists(init_url):
         started = json.loads(storage.read_bytes(init_url)).get("started")
@@ -555,7 +688,7 @@ def write_status(
         "stages": stage_timings(records),
         "versions": package_versions(),
     }
-    url = conf.process_url("complete.json")
+    url = conf.process_url(COMPLETE)
     storage.write_bytes(url, json.dumps(doc, indent=2).encode(), content_type="application/json")
     log.info("wrote %s; view %s", url, doc["neuroglancer"])
     return doc

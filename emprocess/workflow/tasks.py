@@ -168,7 +168,8 @@ def affine(worker_id: int) -> dict[str, Any]:
     from emprocess.workflow.stages import align_pairs
 
     info = _info()
-    url = "" if info.conf.skip_align else service_url(ALIGN_CONN_ID)
+    aligns = not (info.conf.skip_align or info.conf.align_from)
+    url = service_url(ALIGN_CONN_ID) if aligns else ""
     return align_pairs(info, worker_id, url)
 
 
@@ -221,10 +222,10 @@ def write_ng_shards(worker_id: int) -> dict[str, Any]:
 @timed
 def finish_ngwrite() -> dict[str, Any]:
     """Close the ngingest stage with a count of the cubes."""
-    from emprocess.workflow.payloads import plan_ng_shards
+    from emprocess.workflow.payloads import plan_cube_starts
 
-    info = _info()
-    cubes = len(plan_ng_shards(info.conf, _canvas()["bbox"]))
+    conf = _info().conf
+    cubes = len(plan_cube_starts(_canvas()["bbox"], conf.minz, conf.maxz))
     log.info("%d cubes requested", cubes)
     return {"cubes": cubes}
 

@@ -49,6 +49,7 @@ from emprocess.kernels import ngmeta, tiles
 from emprocess.kernels.render import (  # noqa: F401  (THUMB_* : the service's, re-exported)
     THUMB_MAX_PX,
     THUMB_MIN_FACTOR,
+    colour_thumbnail,
     encode_thumbnail,
     render_slice,
     render_source_tiles,
@@ -56,7 +57,13 @@ from emprocess.kernels.render import (  # noqa: F401  (THUMB_* : the service's, 
 )
 from emprocess.models import AlignedSliceRequest, NgMetaRequest, NgShardRequest
 from emprocess.services.common import create_service_app, json_body, parse
-from emprocess.services.pyramid import PrecomputedWriter, write_pyramid
+from emprocess.services.pyramid import (
+    Box,
+    ChannelsWriter,
+    PrecomputedWriter,
+    VolumeWriter,
+    write_pyramid,
+)
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +103,16 @@ def tiles_key(z: int) -> str:
 def tiles_url(bucket: str, z: int) -> str:
     """Where the tiled aligned slice z lives in the tmp bucket."""
     return storage.bucket_url(bucket, TILES_PREFIX + tiles_key(z))
+
+
+def channel_prefix(channel: int | None) -> str:
+    """Folder of the tmp bucket holding the tiled slices of ``channel`` (None: grey)."""
+    return TILES_PREFIX if channel is None else f"{TILES_PREFIX}c{channel}/"
+
+
+def tile_prefixes(channels: int | None) -> list[str]:
+    """The tiles folders of a slice with ``channels`` channels (None: one grey)."""
+    return [TILES_PREFIX] if channels is None else [channel_prefix(c) for c in range(channels)]
 
 
 def source_tiles_url(bucket: str, z: int) -> str:
@@ -138,6 +155,10 @@ def aligned_slice(req: AlignedSliceRequest) -> dict[str, Any]:
         thumbnail_url(req),
         source_tiles_url(req.dest_tmp, req.slice),
     )
+    channel_urls = [
+        storage.bucket_url(req.dest_tmp, p + tiles_key(req.slice))
+        for p in tile_prefixes(req.channels)
+    ]
     for bucket in (req.dest_tmp, f"{req.dest}_process"):
         if not storage.bucket_exists(bucket):
             raise InvalidInput(f"bucket {bucket!r} does not exist")
@@ -149,7 +170,7 @@ def aligned_slice(req: AlignedSliceRequest) -> dict[str, Any]:
             f"bbox {req.bbox} is more than {MAX_CANVAS_RATIO}x (+{TILE_PX} px) the "
             f"{layout.width}x{layout.height} slice {req.img}"
         )
-    image = decode_image(data, source_url, MAX_PIXELS, MAX_DECODED_BYTES)
+    image = decode_image(data, source_url, MAX_PIXELS, MAX_DECODED_BYTES, req.channels)
     del data
     t_read = time.perf_counter()
     if req.raw_dtype is not None and image.dtype != np.dtype(req.raw_dtype):
@@ -163,26 +184,35 @@ def aligned_slice(req: AlignedSliceRequest) -> dict[str, Any]:
             image, req.transform, (width, height), tile_px=TILE_PX, window_px=WINDOW_PX
         )
     iw = req.intensity_window
-    rendered = render_slice(
-        image,
-        req.transform,
-        (width, height),
-        req.clip_limit,
-        None if iw is None else (iw[0], iw[1]),
-        tile_px=TILE_PX,
-        window_px=WINDOW_PX,
-        codec=TILE_CODEC,
-    )
-    del image
+    planes = [image] if image.ndim == 2 else [image[:, :, c] for c in range(image.shape[2])]
+    thumbs, write_s = [], 0.0
+    # Every channel: the same transform, its own CLAHE; each written as soon as it is
+    # rendered, so one channel's tiles are in memory at a time.
+    for plane, url in zip(planes, channel_urls, strict=True):
+        rendered = render_slice(
+            np.ascontiguousarray(plane),
+            req.transform,
+            (width, height),
+            req.clip_limit,
+            None if iw is None else (iw[0], iw[1]),
+            tile_px=TILE_PX,
+            window_px=WINDOW_PX,
+            codec=TILE_CODEC,
+        )
+        t_write = time.perf_counter()
+        storage.write_bytes(url, rendered.tiles_object)
+        write_s += time.perf_counter() - t_write
+        thumbs.append(rendered.thumbnail)
+        del rendered
+    del image, planes
     t_compute = time.perf_counter()
-    storage.write_bytes(outputs[0], rendered.tiles_object)
     if source_tiles is not None:
         storage.write_bytes(outputs[2], source_tiles)
-    storage.write_bytes(outputs[1], encode_thumbnail(rendered.thumbnail, req.img))
+    storage.write_bytes(outputs[1], encode_thumbnail(colour_thumbnail(thumbs), req.img))
     timings = {
         "read_s": t_read - t0,
-        "compute_s": t_compute - t_read,
-        "write_s": time.perf_counter() - t_compute,
+        "compute_s": t_compute - t_read - write_s,
+        "write_s": time.perf_counter() - t_compute + write_s,
     }
     log.info("aligned slice %d (%s) %dx%d: %s", req.slice, req.img, width, height, timings)
     return timings
@@ -201,7 +231,18 @@ def _info(req: NgMetaRequest | NgShardRequest, encoding: ngmeta.Encoding) -> dic
         encoding,
         NUM_SCALES,
         data_type="uint16" if wide else "uint8",
+        num_channels=volume_channels(req.channels, encoding),
     )
+
+
+def volume_channels(channels: int | None, encoding: ngmeta.Encoding) -> int:
+    """Channels of a volume: all in the lossless one; in the JPEG one (the format holds 1
+    or 3) the first three as RGB, or the first alone when there are fewer than three."""
+    if channels is None:
+        return 1
+    if encoding == "raw":
+        return channels
+    return 3 if channels >= 3 else 1
 
 
 def volume_targets(req: NgMetaRequest | NgShardRequest) -> list[tuple[str, ngmeta.Encoding]]:
@@ -414,7 +455,8 @@ def ng_shard(req: NgShardRequest) -> dict[str, Any]:
     # tensorstore follows links: no tiles object of the cube may lead out of its bucket.
     (_, _, z_first), (_, _, z_end) = scale_boxes[0]
     for z in range(z_first, z_end):
-        storage.check_inside(tiles_url(req.source, z))
+        for prefix in tile_prefixes(req.channels):
+            storage.check_inside(storage.bucket_url(req.source, prefix + tiles_key(z)))
     targets = volume_targets(req)
     for url, encoding in targets:
         _require_bucket(storage.parse_url(url).bucket, "destination")
@@ -432,6 +474,9 @@ def ng_shard(req: NgShardRequest) -> dict[str, Any]:
     if wide and req.write_raw:
         passes.append((SOURCE_TILES_PREFIX, np.uint16, [u for u, e in targets if e == "raw"]))
     timings: dict[str, float] = {}
+    if req.channels is not None:
+        passes = []  # one pass reads every channel's tiles: voxels (z, y, x, channel)
+        timings = _write_channels(req, scale_boxes, layouts, targets, context)
     for prefix, dtype, urls in passes:
         writers = [PrecomputedWriter(url, layouts, context) for url in urls]
         spec = storage.kvstore_spec(storage.bucket_url(req.source, prefix))
@@ -447,6 +492,43 @@ def ng_shard(req: NgShardRequest) -> dict[str, Any]:
     timings["total_s"] = time.perf_counter() - t0
     log.info("cube %s written: %s", req.start, {k: round(v, 3) for k, v in timings.items()})
     return timings
+
+
+def _write_channels(
+    req: NgShardRequest,
+    scale_boxes: list[Box],
+    layouts: list[ngmeta.ScaleLayout],
+    targets: list[tuple[str, ngmeta.Encoding]],
+    context: Any,
+) -> dict[str, float]:
+    """Every scale of a colour cube: its slabs are (z, y, x, channel), read from each
+    channel's tiles; the lossless volume takes all channels, the JPEG one its own."""
+    import tensorstore as ts
+
+    assert req.channels is not None
+    (lx, ly, _), (hx, hy, _) = scale_boxes[0]
+    kvs = [
+        ts.KvStore.open(
+            storage.kvstore_spec(storage.bucket_url(req.source, prefix)), context=context
+        ).result()
+        for prefix in tile_prefixes(req.channels)
+    ]
+    writers: list[VolumeWriter] = [
+        ChannelsWriter(
+            PrecomputedWriter(url, layouts, context), volume_channels(req.channels, encoding)
+        )
+        for url, encoding in targets
+    ]
+
+    def read(z_lo: int, z_hi: int) -> np.ndarray:
+        slab = np.empty((z_hi - z_lo, hy - ly, hx - lx, len(kvs)), np.uint8)
+        for c, kv in enumerate(kvs):
+            slab[..., c] = read_cube_slab(
+                req, z_lo, z_hi, (lx, ly, hx, hy), kv, np.uint8, channel_prefix(c)
+            )
+        return slab
+
+    return write_pyramid(read, scale_boxes, layouts, writers, SLAB_Z)
 
 
 def create_app() -> Flask:

@@ -38,6 +38,11 @@ def _raw_dtype(conf: RunConf) -> Literal["uint16"] | None:
     return "uint16" if conf.raw_bits == 16 else None
 
 
+def _channels(conf: RunConf) -> int | None:
+    """The requests' ``channels``: absent for grey runs (legacy payloads unchanged)."""
+    return conf.channels if conf.channels > 1 else None
+
+
 def pair_name(pre: int, post: int) -> str:
     """Mini-task name of the pair (pre, post): ``z000012`` for post = pre + 1 (as before),
     ``z000012-000014`` for farther neighbours."""
@@ -81,6 +86,7 @@ def plan_align_pairs(conf: RunConf, window: Window = None) -> list[MiniTask]:
                 post=f"gs://{source}/{conf.slice_name(post)}",
                 downsample=conf.downsample_factor,
                 intensity_window=_window(window),
+                channel=conf.align_channel if conf.channels > 1 else None,
             ).payload(),
         )
         for i, (pre, post) in enumerate(align_pair_list(conf))
@@ -137,6 +143,7 @@ def plan_aligned_slices(
                     clip_limit=conf.clip_limit,
                     intensity_window=_window(window),
                     raw_dtype=_raw_dtype(conf),
+                    channels=_channels(conf),
                 ).payload(),
             )
         )
@@ -154,6 +161,7 @@ def _volume_fields(conf: RunConf, bbox_xy: Sequence[int]) -> dict:
         "write_raw": conf.create_raw_pyramid,
         "resolution": conf.resolution,
         "raw_dtype": _raw_dtype(conf),
+        "channels": _channels(conf),
     }
 
 

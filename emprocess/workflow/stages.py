@@ -185,6 +185,11 @@ def validate_run(
             )
         width = dag_width
     found = check_slice_format(conf)
+    if conf.channels > 1 and found.channels != conf.channels:
+        raise SliceProblems(
+            f"channels: the conf asks for {conf.channels} channels, but the slices of "
+            f"{conf.image!r} have {found.channels}"
+        )
     window = decide_window(conf, found.bits)
     log.info(
         "run %s: slices %d..%d of %s are %dx%d, %d-bit; width %d; intensity window %s",

@@ -57,6 +57,8 @@ def test_defaults_and_contract_keys() -> None:
         "regularization": 1.0,
         "skip_slices": [],
         "bad_slice_fill": "own",
+        "channels": 1,
+        "align_channel": "mean",
     }
     assert c.bucket_names() == {
         "source": "my-slices",

@@ -87,11 +87,14 @@ def bits16_window() -> list[float]:
     return [float(BITS16_OFFSET), float(BITS16_OFFSET + 255 * BITS16_SCALE)]
 
 
-def write_stack(slices: int, size: int, seed: int = 0, bits: int = 8) -> dict[str, Any]:
+def write_stack(
+    slices: int, size: int, seed: int = 0, bits: int = 8, channels: int = 1
+) -> dict[str, Any]:
     """Create the run's buckets and write the synthetic stack to SOURCE.
 
     Args:
         bits: 8, or 16 for the stack as 16-bit PNGs (see ``BITS16_SCALE``).
+        channels: 1, or 3 for RGB PNGs (see :func:`colour_slice`), sent with ``channels``.
 
     Returns:
         ``{"transforms": {z: 6 numbers}, "bbox": (width, height), "minz", "maxz"}``.
@@ -110,8 +113,25 @@ def write_stack(slices: int, size: int, seed: int = 0, bits: int = 8) -> dict[st
             image = decode_image(storage.read_bytes(url), url)
             wide = image.astype(np.uint16) * BITS16_SCALE + BITS16_OFFSET
             storage.write_bytes(url, cv2.imencode(".png", wide)[1].tobytes())
+    if channels == 3:
+        for z in range(slices):
+            url = storage.bucket_url(SOURCE, TEMPLATE % z)
+            rgb = colour_slice(decode_image(storage.read_bytes(url), url))
+            storage.write_bytes(url, cv2.imencode(".png", rgb[:, :, ::-1])[1].tobytes())
     transforms, bbox = global_transforms(truth["world"], size, size)
-    return {"transforms": transforms, "bbox": bbox, "minz": 0, "maxz": slices - 1, "bits": bits}
+    return {
+        "transforms": transforms,
+        "bbox": bbox,
+        "minz": 0,
+        "maxz": slices - 1,
+        "bits": bits,
+        "channels": channels,
+    }
+
+
+def colour_slice(grey: np.ndarray) -> np.ndarray:
+    """(H, W, 3) RGB of a benchmark slice: the slice, its negative, and its half."""
+    return np.dstack([grey, 255 - grey if grey.dtype == np.uint8 else ~grey, grey // 2])
 
 
 def aligned_slice_payloads(stack: dict[str, Any], clip_limit: float = 0.02) -> list[dict]:
@@ -128,13 +148,20 @@ def aligned_slice_payloads(stack: dict[str, Any], clip_limit: float = 0.02) -> l
             "clip-limit": clip_limit,
             **({"intensity_window": bits16_window()} if stack.get("bits") == 16 else {}),
             **({"raw_dtype": "uint16"} if stack.get("raw_bits") == 16 else {}),
+            **({"channels": stack["channels"]} if stack.get("channels", 1) > 1 else {}),
         }
         for z, t in sorted(stack["transforms"].items())
     ]
 
 
 def volume_payload(
-    bbox: tuple[int, int], minz: int, maxz: int, write_raw: bool, tag: str, raw_bits: int = 8
+    bbox: tuple[int, int],
+    minz: int,
+    maxz: int,
+    write_raw: bool,
+    tag: str,
+    raw_bits: int = 8,
+    channels: int = 1,
 ) -> dict[str, Any]:
     """The /ngmeta body (its buckets created); /ngshard adds ``source`` and ``start``."""
     body: dict[str, Any] = {
@@ -145,6 +172,7 @@ def volume_payload(
         "writeRaw": write_raw,
         "resolution": 8,
         **({"raw_dtype": "uint16"} if raw_bits == 16 else {}),
+        **({"channels": channels} if channels > 1 else {}),
     }
     storage.create_bucket(body["dest"])
     if write_raw:
@@ -352,6 +380,7 @@ def run_emwrite_benchmark(
     root: str | None = None,
     bits: int = 8,
     raw_bits: int = 8,
+    channels: int = 1,
 ) -> dict[str, Any]:
     """Measure every emwrite phase on a synthetic stack; see the module docstring.
 
@@ -372,6 +401,8 @@ def run_emwrite_benchmark(
         bits: 8, or 16 for a stack of 16-bit slices sent with an intensity window (the
             MB basis stays pixels, 10^6 per MB, so the rows compare with 8-bit ones).
         raw_bits: 16 (with ``bits`` 16) for a uint16 lossless volume (``raw_dtype``).
+        channels: 1, or 3 for RGB slices kept in 3 channels (the MB basis stays pixels,
+            10^6 per MB, so the rows compare with grey ones: bytes are 3x).
 
     Returns:
         ``{"stack": {...}, "phases": {name: row}, "big_slice": row, "full_cube": row}``,
@@ -390,7 +421,9 @@ def run_emwrite_benchmark(
         environment(EMPROCESS_TILE_CODEC=tile_codec, MALLOC_ARENA_MAX=arenas),
     ):
         if slices:
-            out.update(_run_stack(slices, size, write_raw, cv_threads, repeats, bits, raw_bits))
+            out.update(
+                _run_stack(slices, size, write_raw, cv_threads, repeats, bits, raw_bits, channels)
+            )
         if slice_px:
             out["big_slice"] = measure_big_slice(slice_px, cv_threads, repeats)
         if cube:
@@ -411,9 +444,10 @@ def _run_stack(
     repeats: int,
     bits: int = 8,
     raw_bits: int = 8,
+    channels: int = 1,
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
-    stack = write_stack(slices, size, bits=bits)
+    stack = write_stack(slices, size, bits=bits, channels=channels)
     stack["raw_bits"] = raw_bits
     bbox, minz, maxz = stack["bbox"], stack["minz"], stack["maxz"]
     input_mb = slices * size * size / MB
@@ -423,6 +457,7 @@ def _run_stack(
         "size": size,
         "bits": bits,
         "raw_bits": raw_bits,
+        "channels": channels,
         "canvas": list(bbox),
         "input_mb": input_mb,
         "canvas_mb": canvas_mb,
@@ -443,7 +478,7 @@ def _run_stack(
     phases["alignedslice"] = _rates(row, input_mb, "input")
     variants = [("jpeg", False)] + ([("raw", True)] if write_raw else [])
     for tag, raw in variants:
-        meta = volume_payload(bbox, minz, maxz, raw, f"-{tag}", stack["raw_bits"])
+        meta = volume_payload(bbox, minz, maxz, raw, f"-{tag}", stack["raw_bits"], channels)
         volumes = [b for b in (meta["dest"], meta.get("dest_raw")) if b]
         row = run_phase(
             "ngshard",
@@ -632,7 +667,7 @@ def print_emwrite_benchmark(result: dict[str, Any]) -> None:
         st = result["stack"]
         print(
             f"stack: {st['slices']} slices of {st['size']}^2, {st.get('bits', 8)}-bit, "
-            f"raw volume {st.get('raw_bits', 8)}-bit "
+            f"{st.get('channels', 1)} channel(s), raw volume {st.get('raw_bits', 8)}-bit "
             f"({st['input_mb']:.0f} MB input), "
             f"canvas {st['canvas'][0]}x{st['canvas'][1]} ({st['canvas_mb']:.0f} MB)"
         )
@@ -679,6 +714,7 @@ def main() -> None:
     parser.add_argument("--codecs", action="store_true", help="also the precomputed codecs")
     parser.add_argument("--bits", type=int, choices=[8, 16], default=8, help="input slices")
     parser.add_argument("--raw-bits", type=int, choices=[8, 16], default=8, help="raw volume")
+    parser.add_argument("--channels", type=int, choices=[1, 3], default=1, help="RGB slices")
     parser.add_argument("--json", action="store_true", help="also print the result as JSON")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -695,6 +731,7 @@ def main() -> None:
         codecs=args.codecs,
         bits=args.bits,
         raw_bits=args.raw_bits,
+        channels=args.channels,
     )
     print_emwrite_benchmark(result)
     if args.json:

@@ -18,7 +18,9 @@ shard that a failed request left truncated. Peak RSS measured 0.9 GiB for a
 16384^2 slice and 1.1 GiB for a full 1024^3 cube with both pyramids (with
 MALLOC_ARENA_MAX=2, as the container sets it). With anisotropic voxels the first
 scales keep every slice (x and y halve, z does not), so scale 1 of a cube is 1024 x
-512 x 512 voxels, 128 MiB more than the isotropic 512^3.
+512 x 512 voxels, 128 MiB more than the isotropic 512^3. Colour (``channels``) multiplies a
+cube's voxels by the channel count: slabs are (z, y, x, channel), so a full 1024^3 RGB
+cube needs about three times the memory of a grey one (not measured).
 
 Codecs, chosen by measurement (``python -m emprocess.bench_emwrite``): tiles in
 the tmp bucket are "raw" (PNG tiles cost 1.4x the /alignedslice CPU and 2x the

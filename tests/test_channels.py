@@ -1,0 +1,146 @@
+"""Colour slices, piece by piece: decoding by channel, the alignment plane, the colour
+pyramid, the info, the viewer's shader, and the requests and conf that carry channels."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+
+from emprocess.errors import InvalidInput
+from emprocess.images import align_plane, decode_image
+from emprocess.kernels import ngmeta
+from emprocess.models import AlignRequest, NgMetaRequest, parse
+from emprocess.services.pyramid import ChannelsWriter, write_pyramid
+from emprocess.view import RGB_SHADER, geometry_from_info, viewer_state
+from emprocess.workflow.conf import InvalidRunConf, parse_conf
+from emprocess.workflow.payloads import ngmeta_task, plan_align_pairs, plan_aligned_slices
+
+RNG = np.random.default_rng(7)
+
+
+def _png(image: np.ndarray) -> bytes:
+    return cv2.imencode(".png", image)[1].tobytes()
+
+
+def test_decode_keeps_channels_in_rgb_order() -> None:
+    rgb = RNG.integers(0, 256, (20, 30, 3), np.uint8)
+    data = _png(rgb[:, :, ::-1])  # OpenCV writes BGR
+    assert np.array_equal(decode_image(data, "x", channels=3), rgb)
+    assert np.array_equal(decode_image(data, "x", channels="all"), rgb)
+    assert decode_image(data, "x").shape == (20, 30)  # grey, as before
+    rgba = RNG.integers(0, 256, (20, 30, 4), np.uint8)
+    assert np.array_equal(decode_image(_png(rgba[:, :, [2, 1, 0, 3]]), "x", channels=4), rgba)
+    with pytest.raises(InvalidInput, match="x has 3 channel\\(s\\), expected 4"):
+        decode_image(data, "x", channels=4)
+
+
+def test_align_plane_is_the_channel_or_the_mean() -> None:
+    rgb = RNG.integers(0, 256, (8, 9, 3), np.uint8)
+    assert np.array_equal(align_plane(rgb, 1), rgb[:, :, 1])
+    mean = np.rint(rgb.astype(float).mean(axis=2)).astype(np.uint8)
+    assert np.array_equal(align_plane(rgb, "mean"), mean)
+    with pytest.raises(InvalidInput, match="channel 3 asked of an image with 3 channels"):
+        align_plane(rgb, 3)
+    grey = rgb[:, :, 0].copy()
+    assert align_plane(grey, 0) is grey and align_plane(grey, "mean") is grey
+    with pytest.raises(InvalidInput, match="channel 2 asked of a grey"):
+        align_plane(grey, 2)
+
+
+class MemoryWriter:
+    """Keeps every block written, by scale."""
+
+    def __init__(self) -> None:
+        self.blocks: dict[int, np.ndarray] = {}
+
+    def write(self, scale: int, lo_xyz: tuple[int, int, int], data_zyx: np.ndarray) -> None:
+        assert scale not in self.blocks and lo_xyz[:2] == (0, 0)
+        self.blocks[scale] = data_zyx.copy()
+
+
+def test_colour_pyramid_is_each_channels_grey_pyramid() -> None:
+    res = [4.0, 4.0, 40.0]
+    layouts = ngmeta.scale_layouts(res, 4, cube=64)
+    boxes = [ngmeta.cube_bounds_xyz([0, 0, 0], (64, 48), 0, 9, s, 64, lay.factor) for s, lay in enumerate(layouts)]  # fmt: skip
+    vol = RNG.integers(0, 256, (10, 48, 64, 3), np.uint8)
+    colour, first = MemoryWriter(), MemoryWriter()
+    write_pyramid(lambda lo, hi: vol[lo:hi], boxes, layouts, [colour, ChannelsWriter(first, 1)], 32)
+    for c in range(3):
+        grey = MemoryWriter()
+        plane = np.ascontiguousarray(vol[..., c])
+        write_pyramid(lambda lo, hi, p=plane: p[lo:hi], boxes, layouts, [grey], 32)
+        for s in range(4):
+            assert np.array_equal(colour.blocks[s][..., c], grey.blocks[s]), (c, s)
+            if c == 0:
+                assert np.array_equal(first.blocks[s], grey.blocks[s])
+
+
+def test_info_channels() -> None:
+    raw = ngmeta.build_info((100, 80), 0, 9, 8, "raw", num_channels=4)
+    jpeg = ngmeta.build_info((100, 80), 0, 9, 8, "jpeg", num_channels=3)
+    assert raw["num_channels"] == 4 and jpeg["num_channels"] == 3
+    with pytest.raises(InvalidInput, match="a jpeg volume cannot hold 2 channels"):
+        ngmeta.build_info((100, 80), 0, 9, 8, "jpeg", num_channels=2)
+
+
+def test_view_shows_colour_with_a_shader() -> None:
+    info = ngmeta.build_info((100, 80), 0, 9, 8, "jpeg", num_channels=3)
+    geometry = geometry_from_info(info)
+    assert geometry.num_channels == 3
+    state = viewer_state([("run", "precomputed://x"), ("raw", "precomputed://y")], geometry)
+    assert all(layer["shader"] == RGB_SHADER for layer in state["layers"])
+    grey = viewer_state(
+        [("run", "precomputed://x")], geometry_from_info({**info, "num_channels": 1})
+    )
+    assert "shader" not in grey["layers"][0]
+
+
+GOOD: dict[str, Any] = {
+    "id": "run",
+    "image": "img.%05d.png",
+    "minz": 0,
+    "maxz": 3,
+    "source": "slices",
+}
+
+
+def test_grey_runs_send_no_channel_keys_and_colour_runs_do() -> None:
+    transforms = {z: [1.0, 0.0, 0.0, 1.0, 0.0, 0.0] for z in range(4)}
+    grey, colour = parse_conf(GOOD), parse_conf({**GOOD, "channels": 3, "align_channel": 1})
+    for conf, align, count in ((grey, None, None), (colour, 1, 3)):
+        assert all(t.payload.get("channel") == align for t in plan_align_pairs(conf))
+        slices = plan_aligned_slices(conf, transforms, [100, 80])
+        assert all(t.payload.get("channels") == count for t in slices)
+        assert ngmeta_task(conf, [100, 80]).payload.get("channels") == count
+    # Absent keys: a grey run's payloads (hence its cache keys) are the ones before.
+    assert all("channel" not in t.payload for t in plan_align_pairs(grey))
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"channels": 5}, "channels"),
+        ({"channels": 3, "align_channel": 3}, "align_channel 3 is not a channel"),
+        ({"channels": 3, "align_channel": "max"}, "align_channel"),
+        ({"channels": 3, "raw_bits": 16}, "keeps one grey channel only"),
+    ],
+)
+def test_bad_channel_confs_are_refused(extra: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidRunConf, match=message):
+        parse_conf({**GOOD, **extra})
+
+
+def test_requests_type_channels_strictly() -> None:
+    body = {"pre": "gs://bkt/a.png", "post": "gs://bkt/c.png"}
+    assert parse(AlignRequest, {**body, "channel": "mean"}).channel == "mean"
+    for bad in ("1", 4, -1, "max", True):
+        with pytest.raises(InvalidInput, match="channel"):
+            parse(AlignRequest, {**body, "channel": bad})
+    volume = {"dest": "ngb", "minz": 0, "maxz": 3, "bbox": [10, 10], "writeRaw": False}
+    assert parse(NgMetaRequest, {**volume, "channels": 3}).channels == 3
+    for bad in (1, 5, "3", 3.0):
+        with pytest.raises(InvalidInput, match="channels"):
+            parse(NgMetaRequest, {**volume, "channels": bad})

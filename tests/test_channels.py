@@ -3,12 +3,15 @@ pyramid, the info, the viewer's shader, and the requests and conf that carry cha
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 import pytest
+import requests
 
+from emprocess import affine, storage
 from emprocess.errors import InvalidInput
 from emprocess.images import align_plane, decode_image
 from emprocess.kernels import ngmeta
@@ -144,3 +147,32 @@ def test_requests_type_channels_strictly() -> None:
     for bad in (1, 5, "3", 3.0):
         with pytest.raises(InvalidInput, match="channels"):
             parse(NgMetaRequest, {**volume, "channels": bad})
+
+
+KNOWN = [0.999, 0.02, -0.02, 0.999, 7.5, -4.25]
+"""A small rotation and shift (post = pre warped by KNOWN, mpicbg order)."""
+
+
+def test_align_service_matches_the_chosen_channel(
+    align_service: str, bucket: str, real_slices: tuple[Path, Path]
+) -> None:
+    """Green carries the texture, red is noise that differs between the slices, blue is
+    flat: aligning on green recovers the known transform, on blue finds nothing."""
+    texture = cv2.imread(str(real_slices[0]), cv2.IMREAD_GRAYSCALE)
+    size = texture.shape[::-1]
+    urls = []
+    for z, green in enumerate(
+        [texture, cv2.warpAffine(texture, affine.to_matrix(KNOWN), size, flags=cv2.INTER_CUBIC)]
+    ):
+        noise = RNG.integers(0, 256, green.shape, np.uint8)
+        rgb = np.dstack([noise, green, np.full_like(green, 90)])
+        urls.append(f"gs://{bucket}/rgb.{z:05d}.png")
+        storage.write_bytes(urls[-1], _png(rgb[:, :, ::-1]))
+    body = {"pre": urls[0], "post": urls[1], "downsample": 1}
+    r = requests.post(align_service + "/", json={**body, "channel": 1}, timeout=120)
+    assert r.status_code == 200, r.text
+    assert affine.mean_corner_error(r.json()["affine"], affine.invert(KNOWN), *size) < 0.3
+    r = requests.post(align_service + "/", json={**body, "channel": 2}, timeout=120)
+    assert r.status_code == 200 and not r.json()["affine_found"], r.text
+    r = requests.post(align_service + "/", json={**body, "channel": 3}, timeout=120)
+    assert r.status_code == 400 and "channel 3 asked of an image with 3 channels" in r.text

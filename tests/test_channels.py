@@ -176,3 +176,19 @@ def test_align_service_matches_the_chosen_channel(
     assert r.status_code == 200 and not r.json()["affine_found"], r.text
     r = requests.post(align_service + "/", json={**body, "channel": 3}, timeout=120)
     assert r.status_code == 400 and "channel 3 asked of an image with 3 channels" in r.text
+
+
+def test_validate_names_a_channel_count_the_slices_lack(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from emprocess.workflow.stages import SliceProblems, validate_run
+
+    monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", str(tmp_path))
+    storage.create_bucket("slices-c")
+    for z in range(3):
+        rgb = RNG.integers(0, 256, (30, 40, 3), np.uint8)
+        storage.write_bytes(f"gs://slices-c/img.{z:05d}.png", _png(rgb))
+    conf = {**GOOD, "source": "slices-c", "maxz": 2}
+    assert validate_run({**conf, "channels": 3}, 4, "d4").conf.channels == 3
+    with pytest.raises(SliceProblems, match=r"asks for 4 channels, but the slices .* have 3"):
+        validate_run({**conf, "channels": 4}, 4, "d4")

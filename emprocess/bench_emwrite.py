@@ -427,7 +427,7 @@ def run_emwrite_benchmark(
         if slice_px:
             out["big_slice"] = measure_big_slice(slice_px, cv_threads, repeats)
         if cube:
-            out["full_cube"] = measure_full_cube(cv_threads, repeats=repeats)
+            out["full_cube"] = measure_full_cube(cv_threads, repeats=repeats, channels=channels)
     if codecs:
         out["volume_codecs"] = measure_volume_codecs()
     from emprocess.services import emwrite
@@ -541,8 +541,11 @@ def measure_big_slice(side: int, cv_threads: int = 1, repeats: int = 1) -> dict[
     return {"side": side, "canvas": list(bbox), **_rates(row, side * side / MB, "input")}
 
 
-def measure_full_cube(cv_threads: int = 1, depth: int = 1024, repeats: int = 1) -> dict[str, Any]:
-    """Peak RSS and speed of /ngshard on one full 1024 x 1024 x ``depth`` cube, JPEG + raw."""
+def measure_full_cube(
+    cv_threads: int = 1, depth: int = 1024, repeats: int = 1, channels: int = 1
+) -> dict[str, Any]:
+    """Peak RSS and speed of /ngshard on one full 1024 x 1024 x ``depth`` cube, JPEG + raw
+    (``channels`` 3: an RGB cube, see :func:`colour_slice`)."""
     from emprocess.kernels.tiles import encode_tiled_slice
 
     src = f"{SOURCE}-cube"
@@ -553,10 +556,14 @@ def measure_full_cube(cv_threads: int = 1, depth: int = 1024, repeats: int = 1) 
         # A drifting 1024^2 crop of the texture: every slice differs, as real ones do.
         x, y = (int(v) for v in rng.integers(0, 1024, 2))
         tile = texture[y : y + 1024, x : x + 1024]
-        storage.write_bytes(
-            storage.bucket_url(src, f"aligned/{z:06d}.tiles"), encode_tiled_slice(tile, codec="raw")
-        )
-    meta = volume_payload((1024, 1024), 0, depth - 1, True, "-cube")
+        planes = [tile] if channels == 1 else np.moveaxis(colour_slice(tile), 2, 0)
+        for c, plane in enumerate(planes):
+            key = f"aligned/{z:06d}.tiles" if channels == 1 else f"aligned/c{c}/{z:06d}.tiles"
+            storage.write_bytes(
+                storage.bucket_url(src, key),
+                encode_tiled_slice(np.ascontiguousarray(plane), codec="raw"),
+            )
+    meta = volume_payload((1024, 1024), 0, depth - 1, True, "-cube", channels=channels)
     row = run_phase("ngshard", meta, src, cv_threads=cv_threads, repeats=repeats)
     return {"shape_xyz": [1024, 1024, depth], **_rates(row, depth * 1024 * 1024 / MB, "canvas")}
 

@@ -209,6 +209,12 @@ _CHANNELS_DESCRIPTION = (
     "slices are made grey, one channel, as before."
 )
 AlignChannel = Annotated[int, Field(ge=0, lt=MAX_CHANNELS)] | Literal["mean"] | None
+JpegChannels = Literal["each"] | None
+_JPEG_CHANNELS_DESCRIPTION = (
+    '"each": with channels, one grey JPEG volume per channel (neuroglancer/jpeg holds '
+    "channel 0, neuroglancer/jpeg_cC channel C); absent: one JPEG volume, the first three "
+    "channels as RGB (the first alone with 2)."
+)
 
 
 class _Request(BaseModel):
@@ -392,10 +398,13 @@ class _VolumeRequest(_Request):
     )
     raw_dtype: RawDtype = Field(default=None, description=_RAW_DTYPE_DESCRIPTION)
     channels: Channels = Field(default=None, description=_CHANNELS_DESCRIPTION)
+    jpeg_channels: JpegChannels = Field(default=None, description=_JPEG_CHANNELS_DESCRIPTION)
 
     @model_validator(mode="after")
     def _check(self) -> _VolumeRequest:
         _check_channels_dtype(self.channels, self.raw_dtype)
+        if self.jpeg_channels is not None and self.channels is None:
+            raise ValueError('jpeg_channels "each" needs channels (2 to 4)')
         if self.minz > self.maxz:
             raise ValueError(f"minz ({self.minz}) must be <= maxz ({self.maxz})")
         if self.maxz - self.minz + 1 > MAX_SLICES:

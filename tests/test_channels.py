@@ -70,7 +70,9 @@ def test_colour_pyramid_is_each_channels_grey_pyramid() -> None:
     boxes = [ngmeta.cube_bounds_xyz([0, 0, 0], (64, 48), 0, 9, s, 64, lay.factor) for s, lay in enumerate(layouts)]  # fmt: skip
     vol = RNG.integers(0, 256, (10, 48, 64, 3), np.uint8)
     colour, first = MemoryWriter(), MemoryWriter()
-    write_pyramid(lambda lo, hi: vol[lo:hi], boxes, layouts, [colour, ChannelsWriter(first, 1)], 32)
+    write_pyramid(
+        lambda lo, hi: vol[lo:hi], boxes, layouts, [colour, ChannelsWriter(first, 0, 1)], 32
+    )
     for c in range(3):
         grey = MemoryWriter()
         plane = np.ascontiguousarray(vol[..., c])
@@ -118,6 +120,9 @@ def test_grey_runs_send_no_channel_keys_and_colour_runs_do() -> None:
         slices = plan_aligned_slices(conf, transforms, [100, 80])
         assert all(t.payload.get("channels") == count for t in slices)
         assert ngmeta_task(conf, [100, 80]).payload.get("channels") == count
+    assert "jpeg_channels" not in ngmeta_task(colour, [100, 80]).payload
+    each = parse_conf({**GOOD, "channels": 2, "jpeg_channels": "each"})
+    assert ngmeta_task(each, [100, 80]).payload["jpeg_channels"] == "each"
     # Absent keys: a grey run's payloads (hence its cache keys) are the ones before.
     assert all("channel" not in t.payload for t in plan_align_pairs(grey))
 
@@ -147,6 +152,8 @@ def test_requests_type_channels_strictly() -> None:
     for bad in (1, 5, "3", 3.0):
         with pytest.raises(InvalidInput, match="channels"):
             parse(NgMetaRequest, {**volume, "channels": bad})
+    with pytest.raises(InvalidInput, match='jpeg_channels "each" needs channels'):
+        parse(NgMetaRequest, {**volume, "jpeg_channels": "each"})
 
 
 KNOWN = [0.999, 0.02, -0.02, 0.999, 7.5, -4.25]
@@ -192,3 +199,58 @@ def test_validate_names_a_channel_count_the_slices_lack(
     assert validate_run({**conf, "channels": 3}, 4, "d4").conf.channels == 3
     with pytest.raises(SliceProblems, match=r"asks for 4 channels, but the slices .* have 3"):
         validate_run({**conf, "channels": 4}, 4, "d4")
+
+
+def _read_ts(url: str) -> np.ndarray:
+    """Scale 0 as (z, y, x, channel), through tensorstore."""
+    import tensorstore as ts
+
+    spec = {"driver": "neuroglancer_precomputed", "kvstore": storage.kvstore_spec(url)}
+    return np.asarray(ts.open(spec, open=True).result().read().result()).transpose(2, 1, 0, 3)
+
+
+def test_emwrite_writes_a_grey_jpeg_volume_per_channel(emwrite_service: str, backend: str) -> None:
+    """jpeg_channels "each": neuroglancer/jpeg holds channel 0, jpeg_c1 and jpeg_c2 the
+    others, each equal to that channel of the lossless volume within JPEG error."""
+    from conftest import unique_bucket
+
+    src = unique_bucket("each")
+    tmp, ng, raw = (f"{src}{s}" for s in ("-tmp", "-ng", "-raw"))
+    for bucket in (src, f"{src}_process", tmp, ng, raw):
+        storage.create_bucket(bucket)
+    for z in range(4):
+        rgb = np.dstack([np.full((90, 120), v, np.uint8) for v in (40 + z, 120, 200)])
+        rgb[20:60, 30:90, 1] = 10  # a dark square in green only
+        storage.write_bytes(f"gs://{src}/img.{z:05d}.png", _png(rgb[:, :, ::-1]))
+        body = {
+            "img": f"img.{z:05d}.png",
+            "transform": [1, 0, 0, 1, 3, 2],
+            "bbox": [128, 96],
+            "dest": src,
+            "dest-tmp": tmp,
+            "slice": z,
+            "run_id": "run",
+            "clip-limit": 0,
+            "channels": 3,
+        }
+        r = requests.post(emwrite_service + "/alignedslice", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+    volume = {
+        "dest": ng,
+        "dest_raw": raw,
+        "minz": 0,
+        "maxz": 3,
+        "bbox": [128, 96],
+        "channels": 3,
+        "jpeg_channels": "each",
+    }
+    for path, body in (("/ngmeta", volume), ("/ngshard", {**volume, "source": tmp, "start": [0, 0, 0]})):  # fmt: skip
+        r = requests.post(emwrite_service + path, json=body, timeout=120)
+        assert r.status_code == 200, r.text
+    lossless = _read_ts(f"gs://{raw}/neuroglancer/raw")
+    assert lossless.shape == (4, 96, 128, 3)
+    assert lossless[0, 40, 60, 1] == 10 and lossless[0, 40, 60, 2] == 200
+    for c, path in enumerate(("neuroglancer/jpeg", "neuroglancer/jpeg_c1", "neuroglancer/jpeg_c2")):
+        jpeg = _read_ts(f"gs://{ng}/{path}")
+        assert jpeg.shape == (4, 96, 128, 1), path
+        assert np.abs(jpeg[..., 0].astype(int) - lossless[..., c]).mean() < 3, path

@@ -59,6 +59,7 @@ def test_defaults_and_contract_keys() -> None:
         "bad_slice_fill": "own",
         "channels": 1,
         "align_channel": "mean",
+        "jpeg_channels": "rgb",
     }
     assert c.bucket_names() == {
         "source": "my-slices",

@@ -20,7 +20,7 @@ MALLOC_ARENA_MAX=2, as the container sets it). With anisotropic voxels the first
 scales keep every slice (x and y halve, z does not), so scale 1 of a cube is 1024 x
 512 x 512 voxels, 128 MiB more than the isotropic 512^3. Colour (``channels``) multiplies a
 cube's voxels by the channel count: slabs are (z, y, x, channel), so a full 1024^3 RGB
-cube needs about three times the memory of a grey one (not measured).
+cube peaked at 2.8 GiB (``bench emwrite --cube --channels 3``).
 
 Codecs, chosen by measurement (``python -m emprocess.bench_emwrite``): tiles in
 the tmp bucket are "raw" (PNG tiles cost 1.4x the /alignedslice CPU and 2x the
@@ -223,7 +223,9 @@ def aligned_slice(req: AlignedSliceRequest) -> dict[str, Any]:
 # -- /ngmeta -------------------------------------------------------------------
 
 
-def _info(req: NgMetaRequest | NgShardRequest, encoding: ngmeta.Encoding) -> dict[str, Any]:
+def _info(
+    req: NgMetaRequest | NgShardRequest, encoding: ngmeta.Encoding, num_channels: int = 1
+) -> dict[str, Any]:
     wide = encoding == "raw" and req.raw_dtype == "uint16"
     return ngmeta.build_info(
         (req.bbox[0], req.bbox[1]),
@@ -233,23 +235,35 @@ def _info(req: NgMetaRequest | NgShardRequest, encoding: ngmeta.Encoding) -> dic
         encoding,
         NUM_SCALES,
         data_type="uint16" if wide else "uint8",
-        num_channels=volume_channels(req.channels, encoding),
+        num_channels=num_channels,
     )
 
 
-def volume_channels(channels: int | None, encoding: ngmeta.Encoding) -> int:
-    """Channels of a volume: all in the lossless one; in the JPEG one (the format holds 1
-    or 3) the first three as RGB, or the first alone when there are fewer than three."""
-    if channels is None:
-        return 1
-    if encoding == "raw":
-        return channels
-    return 3 if channels >= 3 else 1
+def jpeg_channel_path(channel: int) -> str:
+    """Volume path of channel ``channel``'s own JPEG volume (``jpeg_channels`` "each");
+    channel 0's is neuroglancer/jpeg itself."""
+    return JPEG_PATH if channel == 0 else f"{JPEG_PATH}_c{channel}"
+
+
+def target_channels(req: NgMetaRequest | NgShardRequest) -> list[tuple[int, int]]:
+    """(first channel, count) of every volume of :func:`volume_targets`, in its order.
+
+    The lossless volume holds all channels; the JPEG one (the format holds 1 or 3) the
+    first three as RGB, or the first alone when there are fewer; with ``jpeg_channels``
+    "each", every channel has a grey JPEG volume of its own.
+    """
+    c = req.channels or 1
+    each = req.jpeg_channels == "each"
+    jpeg = [(i, 1) for i in range(c)] if each else [(0, 3 if c >= 3 else 1)]
+    return jpeg + ([(0, c)] if req.write_raw else [])
 
 
 def volume_targets(req: NgMetaRequest | NgShardRequest) -> list[tuple[str, ngmeta.Encoding]]:
     """(URL, encoding) of every volume the request writes."""
     out: list[tuple[str, ngmeta.Encoding]] = [(storage.bucket_url(req.dest, JPEG_PATH), "jpeg")]
+    if req.jpeg_channels == "each" and req.channels is not None:
+        for c in range(1, req.channels):
+            out.append((storage.bucket_url(req.dest, jpeg_channel_path(c)), "jpeg"))
     if req.write_raw:
         assert req.dest_raw is not None  # checked by the model
         out.append((storage.bucket_url(req.dest_raw, RAW_PATH), "raw"))
@@ -307,9 +321,9 @@ def ng_meta(req: NgMetaRequest) -> None:
     of another volume with data would be replaced.
     """
     infos = []
-    for url, encoding in volume_targets(req):
+    for (url, encoding), (_, count) in zip(volume_targets(req), target_channels(req), strict=True):
         _require_bucket(storage.parse_url(url).bucket, "destination")
-        info = _info(req, encoding)
+        info = _info(req, encoding, count)
         _check_no_other_volume(url, info)
         infos.append((url, json.dumps(info, indent=1).encode()))
     for url, data in infos:
@@ -460,9 +474,9 @@ def ng_shard(req: NgShardRequest) -> dict[str, Any]:
         for prefix in tile_prefixes(req.channels):
             storage.check_inside(storage.bucket_url(req.source, prefix + tiles_key(z)))
     targets = volume_targets(req)
-    for url, encoding in targets:
+    for (url, encoding), (_, count) in zip(targets, target_channels(req), strict=True):
         _require_bucket(storage.parse_url(url).bucket, "destination")
-        _check_info(url, _info(req, encoding))
+        _check_info(url, _info(req, encoding, count))
     import tensorstore as ts
 
     context = _ts_context()
@@ -516,10 +530,8 @@ def _write_channels(
         for prefix in tile_prefixes(req.channels)
     ]
     writers: list[VolumeWriter] = [
-        ChannelsWriter(
-            PrecomputedWriter(url, layouts, context), volume_channels(req.channels, encoding)
-        )
-        for url, encoding in targets
+        ChannelsWriter(PrecomputedWriter(url, layouts, context), first, count)
+        for (url, _), (first, count) in zip(targets, target_channels(req), strict=True)
     ]
 
     def read(z_lo: int, z_hi: int) -> np.ndarray:

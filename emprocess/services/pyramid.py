@@ -32,14 +32,17 @@ class VolumeWriter(Protocol):
 
 
 class ChannelsWriter:
-    """Hands a writer the first ``channels`` channels of (z, y, x, channel) blocks."""
+    """Hands a writer ``count`` channels from ``first`` of (z, y, x, channel) blocks."""
 
-    def __init__(self, inner: VolumeWriter, channels: int) -> None:
-        self.inner, self.channels = inner, channels
+    def __init__(self, inner: VolumeWriter, first: int, count: int) -> None:
+        self.inner, self.first, self.count = inner, first, count
 
     def write(self, scale: int, lo_xyz: tuple[int, int, int], data_zyx: np.ndarray) -> None:
-        """Write the block's first channels (one channel as a (z, y, x) block)."""
-        part = data_zyx[..., 0] if self.channels == 1 else data_zyx[..., : self.channels]
+        """Write the block's channels (one channel as a (z, y, x) block)."""
+        if self.count == 1:
+            part = data_zyx[..., self.first]
+        else:
+            part = data_zyx[..., self.first : self.first + self.count]
         self.inner.write(scale, lo_xyz, part)
 
 

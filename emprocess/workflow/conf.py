@@ -308,6 +308,13 @@ class RunConf(BaseModel):
         description='With channels > 1: the channel alignment matches (0-based) or "mean" '
         "of all channels.",
     )
+    jpeg_channels: Literal["rgb", "each"] = Field(
+        default="rgb",
+        title="JPEG volume of channels",
+        description='With channels > 1: "rgb" one JPEG volume with the first three channels '
+        'as colour (the first alone with 2 channels); "each" one grey JPEG volume per '
+        "channel (neuroglancer/jpeg holds channel 0, neuroglancer/jpeg_cC channel C).",
+    )
 
     @model_validator(mode="after")
     def _skip_slices_in_range(self) -> RunConf:

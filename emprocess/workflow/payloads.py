@@ -162,6 +162,7 @@ def _volume_fields(conf: RunConf, bbox_xy: Sequence[int]) -> dict:
         "resolution": conf.resolution,
         "raw_dtype": _raw_dtype(conf),
         "channels": _channels(conf),
+        "jpeg_channels": "each" if conf.channels > 1 and conf.jpeg_channels == "each" else None,
     }
 
 

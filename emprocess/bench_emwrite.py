@@ -89,11 +89,14 @@ def bits16_window() -> list[float]:
     return [float(BITS16_OFFSET), float(BITS16_OFFSET + 255 * BITS16_SCALE)]
 
 
-def write_stack(slices: int, size: int, seed: int = 0, bits: int = 8) -> dict[str, Any]:
+def write_stack(
+    slices: int, size: int, seed: int = 0, bits: int = 8, channels: int = 1
+) -> dict[str, Any]:
     """Create the run's buckets and write the synthetic stack to SOURCE.
 
     Args:
         bits: 8, or 16 for the stack as 16-bit PNGs (see ``BITS16_SCALE``).
+        channels: 1, or 3 for RGB PNGs (see :func:`colour_slice`), sent with ``channels``.
 
     Returns:
         ``{"transforms": {z: 6 numbers}, "bbox": (width, height), "minz", "maxz"}``.
@@ -112,8 +115,25 @@ def write_stack(slices: int, size: int, seed: int = 0, bits: int = 8) -> dict[st
             image = decode_image(storage.read_bytes(url), url)
             wide = image.astype(np.uint16) * BITS16_SCALE + BITS16_OFFSET
             storage.write_bytes(url, cv2.imencode(".png", wide)[1].tobytes())
+    if channels == 3:
+        for z in range(slices):
+            url = storage.bucket_url(SOURCE, TEMPLATE % z)
+            rgb = colour_slice(decode_image(storage.read_bytes(url), url))
+            storage.write_bytes(url, cv2.imencode(".png", rgb[:, :, ::-1])[1].tobytes())
     transforms, bbox = global_transforms(truth["world"], size, size)
-    return {"transforms": transforms, "bbox": bbox, "minz": 0, "maxz": slices - 1, "bits": bits}
+    return {
+        "transforms": transforms,
+        "bbox": bbox,
+        "minz": 0,
+        "maxz": slices - 1,
+        "bits": bits,
+        "channels": channels,
+    }
+
+
+def colour_slice(grey: np.ndarray) -> np.ndarray:
+    """(H, W, 3) RGB of a benchmark slice: the slice, its negative, and its half."""
+    return np.dstack([grey, 255 - grey if grey.dtype == np.uint8 else ~grey, grey // 2])
 
 
 def aligned_slice_payloads(stack: dict[str, Any], clip_limit: float = 0.02) -> list[dict]:
@@ -130,13 +150,20 @@ def aligned_slice_payloads(stack: dict[str, Any], clip_limit: float = 0.02) -> l
             "clip-limit": clip_limit,
             **({"intensity_window": bits16_window()} if stack.get("bits") == 16 else {}),
             **({"raw_dtype": "uint16"} if stack.get("raw_bits") == 16 else {}),
+            **({"channels": stack["channels"]} if stack.get("channels", 1) > 1 else {}),
         }
         for z, t in sorted(stack["transforms"].items())
     ]
 
 
 def volume_payload(
-    bbox: tuple[int, int], minz: int, maxz: int, write_raw: bool, tag: str, raw_bits: int = 8
+    bbox: tuple[int, int],
+    minz: int,
+    maxz: int,
+    write_raw: bool,
+    tag: str,
+    raw_bits: int = 8,
+    channels: int = 1,
 ) -> dict[str, Any]:
     """The /ngmeta body (its buckets created); /ngshard adds ``source`` and ``start``."""
     body: dict[str, Any] = {
@@ -147,6 +174,7 @@ def volume_payload(
         "writeRaw": write_raw,
         "resolution": 8,
         **({"raw_dtype": "uint16"} if raw_bits == 16 else {}),
+        **({"channels": channels} if channels > 1 else {}),
     }
     storage.create_bucket(body["dest"])
     if write_raw:
@@ -354,6 +382,7 @@ def run_emwrite_benchmark(
     root: str | None = None,
     bits: int = 8,
     raw_bits: int = 8,
+    channels: int = 1,
 ) -> dict[str, Any]:
     """Measure every emwrite phase on a synthetic stack; see the module docstring.
 
@@ -374,6 +403,8 @@ def run_emwrite_benchmark(
         bits: 8, or 16 for a stack of 16-bit slices sent with an intensity window (the
             MB basis stays pixels, 10^6 per MB, so the rows compare with 8-bit ones).
         raw_bits: 16 (with ``bits`` 16) for a uint16 lossless volume (``raw_dtype``).
+        channels: 1, or 3 for RGB slices kept in 3 channels (the MB basis stays pixels,
+            10^6 per MB, so the rows compare with grey ones: bytes are 3x).
 
     Returns:
         ``{"stack": {...}, "phases": {name: row}, "big_slice": row, "full_cube": row}``,
@@ -392,11 +423,13 @@ def run_emwrite_benchmark(
         environment(EMPROCESS_TILE_CODEC=tile_codec, MALLOC_ARENA_MAX=arenas),
     ):
         if slices:
-            out.update(_run_stack(slices, size, write_raw, cv_threads, repeats, bits, raw_bits))
+            out.update(
+                _run_stack(slices, size, write_raw, cv_threads, repeats, bits, raw_bits, channels)
+            )
         if slice_px:
             out["big_slice"] = measure_big_slice(slice_px, cv_threads, repeats)
         if cube:
-            out["full_cube"] = measure_full_cube(cv_threads, repeats=repeats)
+            out["full_cube"] = measure_full_cube(cv_threads, repeats=repeats, channels=channels)
     if codecs:
         out["volume_codecs"] = measure_volume_codecs()
     from emprocess.services import emwrite
@@ -413,9 +446,10 @@ def _run_stack(
     repeats: int,
     bits: int = 8,
     raw_bits: int = 8,
+    channels: int = 1,
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
-    stack = write_stack(slices, size, bits=bits)
+    stack = write_stack(slices, size, bits=bits, channels=channels)
     stack["raw_bits"] = raw_bits
     bbox, minz, maxz = stack["bbox"], stack["minz"], stack["maxz"]
     input_mb = slices * size * size / MB
@@ -425,6 +459,7 @@ def _run_stack(
         "size": size,
         "bits": bits,
         "raw_bits": raw_bits,
+        "channels": channels,
         "canvas": list(bbox),
         "input_mb": input_mb,
         "canvas_mb": canvas_mb,
@@ -445,7 +480,7 @@ def _run_stack(
     phases["alignedslice"] = _rates(row, input_mb, "input")
     variants = [("jpeg", False)] + ([("raw", True)] if write_raw else [])
     for tag, raw in variants:
-        meta = volume_payload(bbox, minz, maxz, raw, f"-{tag}", stack["raw_bits"])
+        meta = volume_payload(bbox, minz, maxz, raw, f"-{tag}", stack["raw_bits"], channels)
         volumes = [b for b in (meta["dest"], meta.get("dest_raw")) if b]
         row = run_phase(
             "ngshard",
@@ -508,8 +543,11 @@ def measure_big_slice(side: int, cv_threads: int = 1, repeats: int = 1) -> dict[
     return {"side": side, "canvas": list(bbox), **_rates(row, side * side / MB, "input")}
 
 
-def measure_full_cube(cv_threads: int = 1, depth: int = 1024, repeats: int = 1) -> dict[str, Any]:
-    """Peak RSS and speed of /ngshard on one full 1024 x 1024 x ``depth`` cube, JPEG + raw."""
+def measure_full_cube(
+    cv_threads: int = 1, depth: int = 1024, repeats: int = 1, channels: int = 1
+) -> dict[str, Any]:
+    """Peak RSS and speed of /ngshard on one full 1024 x 1024 x ``depth`` cube, JPEG + raw
+    (``channels`` 3: an RGB cube, see :func:`colour_slice`)."""
     from emprocess.kernels.tiles import encode_tiled_slice
 
     src = f"{SOURCE}-cube"
@@ -520,10 +558,14 @@ def measure_full_cube(cv_threads: int = 1, depth: int = 1024, repeats: int = 1) 
         # A drifting 1024^2 crop of the texture: every slice differs, as real ones do.
         x, y = (int(v) for v in rng.integers(0, 1024, 2))
         tile = texture[y : y + 1024, x : x + 1024]
-        storage.write_bytes(
-            storage.bucket_url(src, f"aligned/{z:06d}.tiles"), encode_tiled_slice(tile, codec="raw")
-        )
-    meta = volume_payload((1024, 1024), 0, depth - 1, True, "-cube")
+        planes = [tile] if channels == 1 else np.moveaxis(colour_slice(tile), 2, 0)
+        for c, plane in enumerate(planes):
+            key = f"aligned/{z:06d}.tiles" if channels == 1 else f"aligned/c{c}/{z:06d}.tiles"
+            storage.write_bytes(
+                storage.bucket_url(src, key),
+                encode_tiled_slice(np.ascontiguousarray(plane), codec="raw"),
+            )
+    meta = volume_payload((1024, 1024), 0, depth - 1, True, "-cube", channels=channels)
     row = run_phase("ngshard", meta, src, cv_threads=cv_threads, repeats=repeats)
     return {"shape_xyz": [1024, 1024, depth], **_rates(row, depth * 1024 * 1024 / MB, "canvas")}
 
@@ -634,7 +676,7 @@ def print_emwrite_benchmark(result: dict[str, Any]) -> None:
         st = result["stack"]
         print(
             f"stack: {st['slices']} slices of {st['size']}^2, {st.get('bits', 8)}-bit, "
-            f"raw volume {st.get('raw_bits', 8)}-bit "
+            f"{st.get('channels', 1)} channel(s), raw volume {st.get('raw_bits', 8)}-bit "
             f"({st['input_mb']:.0f} MB input), "
             f"canvas {st['canvas'][0]}x{st['canvas'][1]} ({st['canvas_mb']:.0f} MB)"
         )
@@ -681,6 +723,7 @@ def main() -> None:
     parser.add_argument("--codecs", action="store_true", help="also the precomputed codecs")
     parser.add_argument("--bits", type=int, choices=[8, 16], default=8, help="input slices")
     parser.add_argument("--raw-bits", type=int, choices=[8, 16], default=8, help="raw volume")
+    parser.add_argument("--channels", type=int, choices=[1, 3], default=1, help="RGB slices")
     parser.add_argument("--json", action="store_true", help="also print the result as JSON")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -697,6 +740,7 @@ def main() -> None:
         codecs=args.codecs,
         bits=args.bits,
         raw_bits=args.raw_bits,
+        channels=args.channels,
     )
     print_emwrite_benchmark(result)
     if args.json:

@@ -96,6 +96,9 @@ def bench_emwrite(
         8, help="8, or 16: the stack as 16-bit slices (v * 16 + 300) sent with a window."
     ),
     raw_bits: int = typer.Option(8, help="16 (with --bits 16): a uint16 lossless volume."),
+    channels: int = typer.Option(
+        1, help="1, or 3: RGB slices kept in 3 channels (MB counted in pixels, as for grey)."
+    ),
 ) -> None:
     """MB/s per core and peak RSS of every emwrite endpoint, end to end."""
     from emprocess.bench_emwrite import print_emwrite_benchmark, run_emwrite_benchmark
@@ -104,6 +107,8 @@ def bench_emwrite(
         raise typer.BadParameter(
             f"--bits must be 8 or 16 and --raw-bits 8 or --bits, got {bits} and {raw_bits}"
         )
+    if channels not in (1, 3) or (channels == 3 and raw_bits == 16):
+        raise typer.BadParameter(f"--channels must be 1 or 3 (3 with --raw-bits 8), got {channels}")
     print_emwrite_benchmark(
         run_emwrite_benchmark(
             slices,
@@ -114,6 +119,7 @@ def bench_emwrite(
             cube=cube,
             bits=bits,
             raw_bits=raw_bits,
+            channels=channels,
         )
     )
 

@@ -31,6 +31,22 @@ def tiles_key(z: int) -> str:
     return f"{z:06d}.tiles"
 
 
+def channel_prefix(channel: int | None) -> str:
+    """Folder of the tmp bucket holding the tiled slices of ``channel`` (None: grey)."""
+    return TILES_PREFIX if channel is None else f"{TILES_PREFIX}c{channel}/"
+
+
+def tile_prefixes(channels: int | None) -> list[str]:
+    """The tiles folders of a slice with ``channels`` channels (None: one grey)."""
+    return [TILES_PREFIX] if channels is None else [channel_prefix(c) for c in range(channels)]
+
+
+def jpeg_channel_path(channel: int) -> str:
+    """Volume path of channel ``channel``'s own JPEG volume (``jpeg_channels`` "each");
+    channel 0's is neuroglancer/jpeg itself."""
+    return JPEG_PATH if channel == 0 else f"{JPEG_PATH}_c{channel}"
+
+
 # Records in the process bucket, relative to RUN_ID/.
 INIT = "init.json"
 """What create_env recorded: the conf, width, slice size, window, versions."""

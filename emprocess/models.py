@@ -201,6 +201,22 @@ Start3 = Annotated[
 ]
 ShardSize = Annotated[int, BeforeValidator(_legacy_int)]
 
+# -- channels (issue 12): absent = one grey channel, as before ----------------------
+MAX_CHANNELS = 4
+"""Most channels a slice may keep (RGBA)."""
+Channels = Annotated[int, Field(ge=2, le=MAX_CHANNELS)] | None
+_CHANNELS_DESCRIPTION = (
+    "Channels every slice has and the volume keeps (2 to 4, RGB(A) order); absent: colour "
+    "slices are made grey, one channel, as before."
+)
+AlignChannel = Annotated[int, Field(ge=0, lt=MAX_CHANNELS)] | Literal["mean"] | None
+JpegChannels = Literal["each"] | None
+_JPEG_CHANNELS_DESCRIPTION = (
+    '"each": with channels, one grey JPEG volume per channel (neuroglancer/jpeg holds '
+    "channel 0, neuroglancer/jpeg_cC channel C); absent: one JPEG volume, the first three "
+    "channels as RGB (the first alone with 2)."
+)
+
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True, strict=True)
@@ -230,6 +246,11 @@ class AlignRequest(_Request):
         description="Overrides of the matching recipe (AlignParams fields).",
     )
     intensity_window: IntensityWindow = Field(default=None, description=_WINDOW_DESCRIPTION)
+    channel: AlignChannel = Field(
+        default=None,
+        description="Channel of colour slices to align on (0-based, RGB(A) order) or "
+        '"mean" of all; absent: colour slices are made grey (luminance), as before.',
+    )
 
     @classmethod
     def from_payload(cls, body: Any) -> AlignRequest:
@@ -332,9 +353,11 @@ class AlignedSliceRequest(_Request):
     )
     intensity_window: IntensityWindow = Field(default=None, description=_WINDOW_DESCRIPTION)
     raw_dtype: RawDtype = Field(default=None, description=_RAW_DTYPE_DESCRIPTION)
+    channels: Channels = Field(default=None, description=_CHANNELS_DESCRIPTION)
 
     @model_validator(mode="after")
     def _check(self) -> AlignedSliceRequest:
+        _check_channels_dtype(self.channels, self.raw_dtype)
         m00, m10, m01, m11 = self.transform[:4]
         det = m00 * m11 - m01 * m10
         if not MIN_TRANSFORM_DET <= abs(det) <= MAX_TRANSFORM_DET:
@@ -346,6 +369,14 @@ class AlignedSliceRequest(_Request):
             raise ValueError(f"shard-size must be 1024, got {self.shard_size}")
         check_bucket_name(process_bucket(self.dest))  # where the thumbnail goes
         return self
+
+
+def _check_channels_dtype(channels: int | None, raw_dtype: str | None) -> None:
+    if channels is not None and raw_dtype is not None:
+        raise ValueError(
+            f"channels {channels} with raw_dtype {raw_dtype!r}: a 16-bit lossless volume "
+            "keeps one grey channel only"
+        )
 
 
 class _VolumeRequest(_Request):
@@ -367,9 +398,14 @@ class _VolumeRequest(_Request):
         default=8.0, description="Voxel size in nm: one number (isotropic) or [x, y, z]."
     )
     raw_dtype: RawDtype = Field(default=None, description=_RAW_DTYPE_DESCRIPTION)
+    channels: Channels = Field(default=None, description=_CHANNELS_DESCRIPTION)
+    jpeg_channels: JpegChannels = Field(default=None, description=_JPEG_CHANNELS_DESCRIPTION)
 
     @model_validator(mode="after")
     def _check(self) -> _VolumeRequest:
+        _check_channels_dtype(self.channels, self.raw_dtype)
+        if self.jpeg_channels is not None and self.channels is None:
+            raise ValueError('jpeg_channels "each" needs channels (2 to 4)')
         if self.minz > self.maxz:
             raise ValueError(f"minz ({self.minz}) must be <= maxz ({self.maxz})")
         if self.maxz - self.minz + 1 > MAX_SLICES:

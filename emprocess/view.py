@@ -81,6 +81,7 @@ class VolumeGeometry:
     resolution_nm: tuple[float, float, float]
     size_xyz: tuple[int, int, int]
     offset_xyz: tuple[int, int, int]
+    num_channels: int = 1
 
     @property
     def centre_xyz(self) -> tuple[float, float, float]:
@@ -108,9 +109,38 @@ def geometry_from_info(info: Mapping[str, Any]) -> VolumeGeometry:
         )
     if not all(math.isfinite(r) and r > 0 for r in res):
         raise InvalidInput(f"info scale 0 resolution must be > 0 nm, got {list(res)}")
+    channels = info.get("num_channels", 1)
+    if not isinstance(channels, int) or isinstance(channels, bool) or channels < 1:
+        raise InvalidInput(f"info num_channels must be an integer >= 1, got {channels!r}")
     return VolumeGeometry(
-        (res[0], res[1], res[2]), (size[0], size[1], size[2]), (offset[0], offset[1], offset[2])
+        (res[0], res[1], res[2]),
+        (size[0], size[1], size[2]),
+        (offset[0], offset[1], offset[2]),
+        channels,
     )
+
+
+RGB_SHADER = """\
+#uicontrol float brightness slider(min=-1, max=1, default=0)
+#uicontrol float contrast slider(min=-3, max=3, default=0)
+void main() {
+  vec3 rgb = vec3(toNormalized(getDataValue(0)),
+                  toNormalized(getDataValue(1)),
+                  toNormalized(getDataValue(2)));
+  emitRGB((rgb - 0.5) * exp(contrast) + 0.5 + brightness);
+}
+"""
+"""Shows channels 0, 1, 2 as red, green, blue; a fourth (alpha) channel is kept but not drawn."""
+
+
+def channel_shader(num_channels: int) -> str | None:
+    """The layer shader of a volume with ``num_channels`` channels; None: neuroglancer's
+    default (grey) for one channel."""
+    if num_channels == 1:
+        return None
+    if num_channels == 2:  # channel 0 grey-magenta, channel 1 green
+        return RGB_SHADER.replace("getDataValue(2)", "getDataValue(0)")
+    return RGB_SHADER
 
 
 def viewer_state(
@@ -136,6 +166,10 @@ def viewer_state(
         "selectedLayer": {"layer": layers[-1][0]},
         "layout": layout,
     }
+    shader = channel_shader(geometry.num_channels) if geometry else None
+    if shader is not None:  # colour: every layer (the lossless one's first channels too)
+        for layer in state["layers"]:
+            layer["shader"] = shader
     if geometry:
         state["position"] = list(geometry.centre_xyz)
         # Zoom out so a panel of ~OVERVIEW_PX screen pixels shows the whole section (never
@@ -605,9 +639,10 @@ def serve_run(
         with viewer.txn() as s:
             s.dimensions = neuroglancer.CoordinateSpace(json=state["dimensions"])
             for layer in state["layers"]:
-                s.layers.append(
-                    name=layer["name"], layer=neuroglancer.ImageLayer(source=layer["source"])
-                )
+                image_layer = neuroglancer.ImageLayer(source=layer["source"])
+                if "shader" in layer:
+                    image_layer.shader = layer["shader"]
+                s.layers.append(name=layer["name"], layer=image_layer)
             s.selected_layer.layer = state["selectedLayer"]["layer"]
             s.position = state["position"]
             s.cross_section_scale = state["crossSectionScale"]
@@ -622,6 +657,7 @@ def serve_run(
 
 
 __all__ = [
+    "RGB_SHADER",
     "Access",
     "DataServer",
     "GcsView",
@@ -630,6 +666,7 @@ __all__ = [
     "RequestRecord",
     "ViewSession",
     "VolumeGeometry",
+    "channel_shader",
     "check_public_read",
     "chunk_bucket",
     "gcs_view",

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from emprocess import storage
 from emprocess.errors import EmprocessError, InvalidInput, NotFound
+from emprocess.view import RGB_SHADER  # the shader `emprocess view` gives colour runs
 
 if TYPE_CHECKING:
     import numpy as np
@@ -37,18 +38,6 @@ log = logging.getLogger("ingest_multichannel_small")
 
 DEFAULT_CHUNK_XYZ = (256, 256, 16)
 PNG_CHANNELS = {0: 1, 2: 3, 4: 2, 6: 4}  # PNG colour type -> channels (3, palette: decoded)
-
-RGB_SHADER = """\
-#uicontrol float brightness slider(min=-1, max=1, default=0)
-#uicontrol float contrast slider(min=-3, max=3, default=0)
-void main() {
-  vec3 rgb = vec3(toNormalized(getDataValue(0)),
-                  toNormalized(getDataValue(1)),
-                  toNormalized(getDataValue(2)));
-  emitRGB((rgb - 0.5) * exp(contrast) + 0.5 + brightness);
-}
-"""
-"""Shows channels 0, 1, 2 as red, green, blue; a fourth (alpha) channel is kept but not drawn."""
 
 
 @dataclass(frozen=True)
@@ -171,19 +160,17 @@ def check_slices(infos: Sequence[SliceInfo]) -> tuple[int, int, int | None]:
 
 def decode_rgb(data: bytes, url: str) -> np.ndarray:
     """Decode one slice to a (height, width, channels) uint8 array in RGB(A) order."""
-    import cv2
     import numpy as np
 
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if image is None:
-        raise InvalidInput(f"slice {url} is not an image OpenCV can decode ({len(data)} bytes)")
+    from emprocess.images import decode_image  # the pipeline's decoder, RGB(A) order
+
+    image = decode_image(data, url, channels="all")
     if image.dtype != np.uint8:
         raise InvalidInput(f"slice {url} has pixel type {image.dtype}; only 8-bit is supported")
     if image.ndim != 3 or image.shape[2] not in (3, 4):
         channels = 1 if image.ndim == 2 else image.shape[2]
         raise InvalidInput(f"slice {url} has {channels} channel(s); expected 3 (RGB) or 4 (RGBA)")
-    order = [2, 1, 0] if image.shape[2] == 3 else [2, 1, 0, 3]  # OpenCV decodes BGR(A)
-    return np.ascontiguousarray(image[:, :, order])
+    return image
 
 
 # -- writing ---------------------------------------------------------------------

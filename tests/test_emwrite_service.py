@@ -611,6 +611,26 @@ BAD_REQUESTS: list[tuple[str, str, Callable[[dict], Any], str]] = [
         "outside the volume",
     ),
     ("start negative", "/ngshard", lambda e: {**e["shard"], "start": [0, -1, 0]}, "start"),
+    (
+        "channels of a grey slice",
+        "/alignedslice",
+        lambda e: {**e["slice"], "channels": 3},
+        "has 1 channel(s), expected 3",
+    ),
+    (
+        "channels with 16 bits",
+        "/alignedslice",
+        lambda e: {**e["slice"], "channels": 3, "raw_dtype": "uint16"},
+        "keeps one grey channel only",
+    ),
+    ("channels 5", "/ngmeta", lambda e: {**e["volume"], "channels": 5}, "channels"),
+    ("channels as text", "/ngmeta", lambda e: {**e["volume"], "channels": "3"}, "channels"),
+    (
+        "channels, other volume",
+        "/ngshard",
+        lambda e: {**e["shard"], "channels": 3},
+        "describes another volume",
+    ),
     ("start of 2", "/ngshard", lambda e: {**e["shard"], "start": [0, 0]}, "start"),
     ("no source", "/ngshard", lambda e: {**e["shard"], "source": e["missing"]}, "does not exist"),
     (

@@ -58,6 +58,9 @@ def test_defaults_and_contract_keys() -> None:
         "skip_slices": [],
         "bad_slice_fill": "own",
         "align_from": None,
+        "channels": 1,
+        "align_channel": "mean",
+        "jpeg_channels": "rgb",
     }
     assert c.bucket_names() == {
         "source": "my-slices",

@@ -159,6 +159,7 @@ def test_params_carry_defaults_and_descriptions(dagbag: Any, dynamic: bool) -> N
     keys |= {"intensity", "raw_bits"}
     keys |= {"neighbors", "global_solve", "regularization", "skip_slices", "bad_slice_fill"}
     keys |= {"align_from"}
+    keys |= {"channels", "align_channel", "jpeg_channels"}
     assert set(params) == keys | ({"width"} if dynamic else set())
     for key, p in params.items():
         assert p.description, key

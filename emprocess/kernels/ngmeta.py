@@ -317,6 +317,7 @@ def build_info(
     cube: int = DEFAULT_CUBE_PX,
     raw_data_encoding: DataEncoding = RAW_DATA_ENCODING,
     data_type: Literal["uint8", "uint16"] = "uint8",
+    num_channels: int = 1,
 ) -> dict[str, Any]:
     """The precomputed ``info`` of the JPEG pyramid or of the lossless raw pyramid.
 
@@ -348,6 +349,7 @@ def build_info(
             the lossless pyramid; the JPEG pyramid's is always "raw".
         data_type: "uint8", or "uint16" for a lossless pyramid of 16-bit voxels (JPEG
             is 8-bit only).
+        num_channels: channels per voxel; a JPEG volume holds 1 or 3 (the format's).
 
     Returns:
         The info as a JSON-ready dict with standard keys only.
@@ -360,6 +362,8 @@ def build_info(
         raise InvalidInput(f"raw_data_encoding must be 'raw' or 'gzip', got {raw_data_encoding!r}")
     if data_type not in ("uint8", "uint16") or (encoding == "jpeg" and data_type != "uint8"):
         raise InvalidInput(f"a {encoding} volume cannot hold {data_type!r} voxels")
+    if num_channels not in ((1, 3) if encoding == "jpeg" else (1, 2, 3, 4)):
+        raise InvalidInput(f"a {encoding} volume cannot hold {num_channels} channels")
     res0 = resolution_xyz(resolution_nm)
     max_scales = _bits(cube) + 1
     if not 1 <= num_scales <= max_scales:
@@ -392,7 +396,7 @@ def build_info(
         "@type": "neuroglancer_multiscale_volume",
         "type": "image",
         "data_type": data_type,
-        "num_channels": 1,
+        "num_channels": num_channels,
         "scales": scales,
     }
 

@@ -109,6 +109,14 @@ def render_slice(
     return RenderedSlice(b"".join([header, *payloads]), thumb)
 
 
+def colour_thumbnail(thumbs: Sequence[np.ndarray]) -> np.ndarray:
+    """One thumbnail of a colour slice from its channels' (RGB(A) order): BGR for
+    OpenCV from the first three, the first alone when there are fewer."""
+    if len(thumbs) < 3:
+        return thumbs[0]
+    return np.dstack([thumbs[2], thumbs[1], thumbs[0]])
+
+
 def encode_thumbnail(thumb: np.ndarray, name: str) -> bytes:
     """The thumbnail as TIFF when the slice ``name`` is one, else as a fast PNG."""
     ext = os.path.splitext(name)[1].lower()

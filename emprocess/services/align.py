@@ -17,7 +17,7 @@ from flask import Flask, jsonify
 
 from emprocess import storage
 from emprocess.errors import InvalidInput
-from emprocess.images import decode_image
+from emprocess.images import align_plane, decode_image
 from emprocess.kernels.align import AlignParams, align_pair, downsample_image
 from emprocess.kernels.intensity import to_uint8
 from emprocess.models import AlignRequest
@@ -40,11 +40,20 @@ def max_pixels() -> int:
     return load(ServiceEnv).align_max_pixels
 
 
-def read_image(url: str) -> np.ndarray:
-    """Read and decode one slice through the storage layer, within the size limits."""
+def read_image(url: str, channel: int | str | None = None) -> np.ndarray:
+    """Read and decode one slice through the storage layer, within the size limits.
+
+    With ``channel`` (colour slices), the plane of that channel or the mean of all.
+    """
     limit = max_pixels() * DECODED_BYTES_PER_PIXEL
     data = storage.read_bytes(url, max_bytes=limit + FILE_SLACK_BYTES)
-    return decode_image(data, url, max_pixels(), limit)
+    if channel is None:
+        return decode_image(data, url, max_pixels(), limit)
+    image = decode_image(data, url, max_pixels(), limit, channels="all")
+    try:
+        return align_plane(image, channel)
+    except InvalidInput as e:
+        raise InvalidInput(f"{url}: {e}") from None
 
 
 def check_sizes(pre: np.ndarray, post: np.ndarray, req: AlignRequest) -> None:
@@ -65,7 +74,7 @@ def align_request(req: AlignRequest) -> dict[str, Any]:
     """Run one alignment request; returns the JSON-ready result."""
     params = parse(AlignParams, req.params)
     with ThreadPoolExecutor(2) as pool:
-        pre, post = pool.map(read_image, (req.pre, req.post))
+        pre, post = pool.map(lambda url: read_image(url, req.channel), (req.pre, req.post))
     check_sizes(pre, post, req)
     pre, post = downsample_image(pre, req.downsample), downsample_image(post, req.downsample)
     if req.intensity_window is not None:

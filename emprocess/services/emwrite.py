@@ -18,7 +18,9 @@ shard that a failed request left truncated. Peak RSS measured 0.9 GiB for a
 16384^2 slice and 1.1 GiB for a full 1024^3 cube with both pyramids (with
 MALLOC_ARENA_MAX=2, as the container sets it). With anisotropic voxels the first
 scales keep every slice (x and y halve, z does not), so scale 1 of a cube is 1024 x
-512 x 512 voxels, 128 MiB more than the isotropic 512^3.
+512 x 512 voxels, 128 MiB more than the isotropic 512^3. Colour (``channels``) multiplies a
+cube's voxels by the channel count: slabs are (z, y, x, channel), so a full 1024^3 RGB
+cube peaked at 2.8 GiB (``bench emwrite --cube --channels 3``).
 
 Codecs, chosen by measurement (``python -m emprocess.bench_emwrite``): tiles in
 the tmp bucket are "raw" (PNG tiles cost 1.4x the /alignedslice CPU and 2x the
@@ -49,6 +51,7 @@ from emprocess.kernels import ngmeta, tiles
 from emprocess.kernels.render import (  # noqa: F401  (THUMB_* : the service's, re-exported)
     THUMB_MAX_PX,
     THUMB_MIN_FACTOR,
+    colour_thumbnail,
     encode_thumbnail,
     render_slice,
     render_source_tiles,
@@ -59,13 +62,22 @@ from emprocess.layout import (
     RAW_PATH,
     SOURCE_TILES_PREFIX,
     TILES_PREFIX,
+    channel_prefix,
+    jpeg_channel_path,
     process_bucket,
     thumbnail_key,
+    tile_prefixes,
     tiles_key,
 )
 from emprocess.models import AlignedSliceRequest, NgMetaRequest, NgShardRequest
 from emprocess.services.common import create_service_app, json_body, parse
-from emprocess.services.pyramid import PrecomputedWriter, write_pyramid
+from emprocess.services.pyramid import (
+    Box,
+    ChannelsWriter,
+    PrecomputedWriter,
+    VolumeWriter,
+    write_pyramid,
+)
 from emprocess.settings import ServiceEnv, load
 
 log = logging.getLogger(__name__)
@@ -141,6 +153,10 @@ def aligned_slice(req: AlignedSliceRequest) -> dict[str, Any]:
         thumbnail_url(req),
         source_tiles_url(req.dest_tmp, req.slice),
     )
+    channel_urls = [
+        storage.bucket_url(req.dest_tmp, p + tiles_key(req.slice))
+        for p in tile_prefixes(req.channels)
+    ]
     for bucket in (req.dest_tmp, process_bucket(req.dest)):
         if not storage.bucket_exists(bucket):
             raise InvalidInput(f"bucket {bucket!r} does not exist")
@@ -152,7 +168,7 @@ def aligned_slice(req: AlignedSliceRequest) -> dict[str, Any]:
             f"bbox {req.bbox} is more than {MAX_CANVAS_RATIO}x (+{TILE_PX} px) the "
             f"{layout.width}x{layout.height} slice {req.img}"
         )
-    image = decode_image(data, source_url, MAX_PIXELS, MAX_DECODED_BYTES)
+    image = decode_image(data, source_url, MAX_PIXELS, MAX_DECODED_BYTES, req.channels)
     del data
     t_read = time.perf_counter()
     if req.raw_dtype is not None and image.dtype != np.dtype(req.raw_dtype):
@@ -166,26 +182,35 @@ def aligned_slice(req: AlignedSliceRequest) -> dict[str, Any]:
             image, req.transform, (width, height), tile_px=TILE_PX, window_px=WINDOW_PX
         )
     iw = req.intensity_window
-    rendered = render_slice(
-        image,
-        req.transform,
-        (width, height),
-        req.clip_limit,
-        None if iw is None else (iw[0], iw[1]),
-        tile_px=TILE_PX,
-        window_px=WINDOW_PX,
-        codec=TILE_CODEC,
-    )
-    del image
+    planes = [image] if image.ndim == 2 else [image[:, :, c] for c in range(image.shape[2])]
+    thumbs, write_s = [], 0.0
+    # Every channel: the same transform, its own CLAHE; each written as soon as it is
+    # rendered, so one channel's tiles are in memory at a time.
+    for plane, url in zip(planes, channel_urls, strict=True):
+        rendered = render_slice(
+            np.ascontiguousarray(plane),
+            req.transform,
+            (width, height),
+            req.clip_limit,
+            None if iw is None else (iw[0], iw[1]),
+            tile_px=TILE_PX,
+            window_px=WINDOW_PX,
+            codec=TILE_CODEC,
+        )
+        t_write = time.perf_counter()
+        storage.write_bytes(url, rendered.tiles_object)
+        write_s += time.perf_counter() - t_write
+        thumbs.append(rendered.thumbnail)
+        del rendered
+    del image, planes
     t_compute = time.perf_counter()
-    storage.write_bytes(outputs[0], rendered.tiles_object)
     if source_tiles is not None:
         storage.write_bytes(outputs[2], source_tiles)
-    storage.write_bytes(outputs[1], encode_thumbnail(rendered.thumbnail, req.img))
+    storage.write_bytes(outputs[1], encode_thumbnail(colour_thumbnail(thumbs), req.img))
     timings = {
         "read_s": t_read - t0,
-        "compute_s": t_compute - t_read,
-        "write_s": time.perf_counter() - t_compute,
+        "compute_s": t_compute - t_read - write_s,
+        "write_s": time.perf_counter() - t_compute + write_s,
     }
     log.info("aligned slice %d (%s) %dx%d: %s", req.slice, req.img, width, height, timings)
     return timings
@@ -194,7 +219,9 @@ def aligned_slice(req: AlignedSliceRequest) -> dict[str, Any]:
 # -- /ngmeta -------------------------------------------------------------------
 
 
-def _info(req: NgMetaRequest | NgShardRequest, encoding: ngmeta.Encoding) -> dict[str, Any]:
+def _info(
+    req: NgMetaRequest | NgShardRequest, encoding: ngmeta.Encoding, num_channels: int = 1
+) -> dict[str, Any]:
     wide = encoding == "raw" and req.raw_dtype == "uint16"
     return ngmeta.build_info(
         (req.bbox[0], req.bbox[1]),
@@ -204,12 +231,29 @@ def _info(req: NgMetaRequest | NgShardRequest, encoding: ngmeta.Encoding) -> dic
         encoding,
         NUM_SCALES,
         data_type="uint16" if wide else "uint8",
+        num_channels=num_channels,
     )
+
+
+def target_channels(req: NgMetaRequest | NgShardRequest) -> list[tuple[int, int]]:
+    """(first channel, count) of every volume of :func:`volume_targets`, in its order.
+
+    The lossless volume holds all channels; the JPEG one (the format holds 1 or 3) the
+    first three as RGB, or the first alone when there are fewer; with ``jpeg_channels``
+    "each", every channel has a grey JPEG volume of its own.
+    """
+    c = req.channels or 1
+    each = req.jpeg_channels == "each"
+    jpeg = [(i, 1) for i in range(c)] if each else [(0, 3 if c >= 3 else 1)]
+    return jpeg + ([(0, c)] if req.write_raw else [])
 
 
 def volume_targets(req: NgMetaRequest | NgShardRequest) -> list[tuple[str, ngmeta.Encoding]]:
     """(URL, encoding) of every volume the request writes."""
     out: list[tuple[str, ngmeta.Encoding]] = [(storage.bucket_url(req.dest, JPEG_PATH), "jpeg")]
+    if req.jpeg_channels == "each" and req.channels is not None:
+        for c in range(1, req.channels):
+            out.append((storage.bucket_url(req.dest, jpeg_channel_path(c)), "jpeg"))
     if req.write_raw:
         assert req.dest_raw is not None  # checked by the model
         out.append((storage.bucket_url(req.dest_raw, RAW_PATH), "raw"))
@@ -267,9 +311,9 @@ def ng_meta(req: NgMetaRequest) -> None:
     of another volume with data would be replaced.
     """
     infos = []
-    for url, encoding in volume_targets(req):
+    for (url, encoding), (_, count) in zip(volume_targets(req), target_channels(req), strict=True):
         _require_bucket(storage.parse_url(url).bucket, "destination")
-        info = _info(req, encoding)
+        info = _info(req, encoding, count)
         _check_no_other_volume(url, info)
         infos.append((url, json.dumps(info, indent=1).encode()))
     for url, data in infos:
@@ -417,11 +461,12 @@ def ng_shard(req: NgShardRequest) -> dict[str, Any]:
     # tensorstore follows links: no tiles object of the cube may lead out of its bucket.
     (_, _, z_first), (_, _, z_end) = scale_boxes[0]
     for z in range(z_first, z_end):
-        storage.check_inside(tiles_url(req.source, z))
+        for prefix in tile_prefixes(req.channels):
+            storage.check_inside(storage.bucket_url(req.source, prefix + tiles_key(z)))
     targets = volume_targets(req)
-    for url, encoding in targets:
+    for (url, encoding), (_, count) in zip(targets, target_channels(req), strict=True):
         _require_bucket(storage.parse_url(url).bucket, "destination")
-        _check_info(url, _info(req, encoding))
+        _check_info(url, _info(req, encoding, count))
     import tensorstore as ts
 
     context = _ts_context()
@@ -435,6 +480,9 @@ def ng_shard(req: NgShardRequest) -> dict[str, Any]:
     if wide and req.write_raw:
         passes.append((SOURCE_TILES_PREFIX, np.uint16, [u for u, e in targets if e == "raw"]))
     timings: dict[str, float] = {}
+    if req.channels is not None:
+        passes = []  # one pass reads every channel's tiles: voxels (z, y, x, channel)
+        timings = _write_channels(req, scale_boxes, layouts, targets, context)
     for prefix, dtype, urls in passes:
         writers = [PrecomputedWriter(url, layouts, context) for url in urls]
         spec = storage.kvstore_spec(storage.bucket_url(req.source, prefix))
@@ -450,6 +498,41 @@ def ng_shard(req: NgShardRequest) -> dict[str, Any]:
     timings["total_s"] = time.perf_counter() - t0
     log.info("cube %s written: %s", req.start, {k: round(v, 3) for k, v in timings.items()})
     return timings
+
+
+def _write_channels(
+    req: NgShardRequest,
+    scale_boxes: list[Box],
+    layouts: list[ngmeta.ScaleLayout],
+    targets: list[tuple[str, ngmeta.Encoding]],
+    context: Any,
+) -> dict[str, float]:
+    """Every scale of a colour cube: its slabs are (z, y, x, channel), read from each
+    channel's tiles; the lossless volume takes all channels, the JPEG one its own."""
+    import tensorstore as ts
+
+    assert req.channels is not None
+    (lx, ly, _), (hx, hy, _) = scale_boxes[0]
+    kvs = [
+        ts.KvStore.open(
+            storage.kvstore_spec(storage.bucket_url(req.source, prefix)), context=context
+        ).result()
+        for prefix in tile_prefixes(req.channels)
+    ]
+    writers: list[VolumeWriter] = [
+        ChannelsWriter(PrecomputedWriter(url, layouts, context), first, count)
+        for (url, _), (first, count) in zip(targets, target_channels(req), strict=True)
+    ]
+
+    def read(z_lo: int, z_hi: int) -> np.ndarray:
+        slab = np.empty((z_hi - z_lo, hy - ly, hx - lx, len(kvs)), np.uint8)
+        for c, kv in enumerate(kvs):
+            slab[..., c] = read_cube_slab(
+                req, z_lo, z_hi, (lx, ly, hx, hy), kv, np.uint8, channel_prefix(c)
+            )
+        return slab
+
+    return write_pyramid(read, scale_boxes, layouts, writers, SLAB_Z)
 
 
 def create_app() -> Flask:

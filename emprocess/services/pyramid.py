@@ -28,7 +28,22 @@ class VolumeWriter(Protocol):
     """Where a cube's blocks go: one output volume in one format."""
 
     def write(self, scale: int, lo_xyz: tuple[int, int, int], data_zyx: np.ndarray) -> None:
-        """Write a (z, y, x) block of ``scale`` whose first voxel is ``lo_xyz``."""
+        """Write a (z, y, x) or (z, y, x, channel) block of ``scale`` at voxel ``lo_xyz``."""
+
+
+class ChannelsWriter:
+    """Hands a writer ``count`` channels from ``first`` of (z, y, x, channel) blocks."""
+
+    def __init__(self, inner: VolumeWriter, first: int, count: int) -> None:
+        self.inner, self.first, self.count = inner, first, count
+
+    def write(self, scale: int, lo_xyz: tuple[int, int, int], data_zyx: np.ndarray) -> None:
+        """Write the block's channels (one channel as a (z, y, x) block)."""
+        if self.count == 1:
+            part = data_zyx[..., self.first]
+        else:
+            part = data_zyx[..., self.first : self.first + self.count]
+        self.inner.write(scale, lo_xyz, part)
 
 
 class PrecomputedWriter:
@@ -60,19 +75,20 @@ class PrecomputedWriter:
         import tensorstore as ts
 
         store = self.stores[scale]
-        nz, ny, nx = data_zyx.shape
+        nz, ny, nx = data_zyx.shape[:3]
+        channels = slice(None) if data_zyx.ndim == 4 else 0
         x, y, z = lo_xyz
         sx, sy, sz = self.layouts[scale].shard
         for dz in range(0, nz, sz):
             for dy in range(0, ny, sy):
                 for dx in range(0, nx, sx):
                     part = data_zyx[dz : dz + sz, dy : dy + sy, dx : dx + sx]
-                    pz, py, px = part.shape
+                    pz, py, px = part.shape[:3]
                     txn = ts.Transaction()
                     view = store.with_transaction(txn)[
-                        x + dx : x + dx + px, y + dy : y + dy + py, z + dz : z + dz + pz, 0
+                        x + dx : x + dx + px, y + dy : y + dy + py, z + dz : z + dz + pz, channels
                     ]
-                    view.write(part.transpose(2, 1, 0)).result()
+                    view.write(np.swapaxes(part, 0, 2)).result()
                     txn.commit_async().result()
 
 
@@ -119,7 +135,7 @@ def write_pyramid(
         timings["write_s"] += time.perf_counter() - t
         if steps:
             t = time.perf_counter()
-            halves.append(downsample_mean_steps(slab, steps[0]))
+            halves.append(_downsample(slab, steps[0]))
             timings["downsample_s"] += time.perf_counter() - t
         del slab
     if not steps:
@@ -129,7 +145,7 @@ def write_pyramid(
     for s in range(1, len(layouts)):
         lo, hi = boxes[s]
         expected = (hi[2] - lo[2], hi[1] - lo[1], hi[0] - lo[0])
-        if level.shape != expected:
+        if level.shape[:3] != expected:
             raise RuntimeError(f"scale {s} block is {level.shape}, expected {expected}")
         t = time.perf_counter()
         for writer in writers:
@@ -137,6 +153,20 @@ def write_pyramid(
         timings["write_s"] += time.perf_counter() - t
         if s < len(steps):
             t = time.perf_counter()
-            level = downsample_mean_steps(level, steps[s])
+            level = _downsample(level, steps[s])
             timings["downsample_s"] += time.perf_counter() - t
     return timings
+
+
+def _downsample(volume: np.ndarray, step_zyx: tuple[int, int, int]) -> np.ndarray:
+    """:func:`downsample_mean_steps` of a (z, y, x) block, or of each channel of a
+    (z, y, x, channel) one."""
+    if volume.ndim == 3:
+        return downsample_mean_steps(volume, step_zyx)
+    return np.stack(
+        [
+            downsample_mean_steps(np.ascontiguousarray(volume[..., c]), step_zyx)
+            for c in range(volume.shape[3])
+        ],
+        axis=-1,
+    )

@@ -57,6 +57,10 @@ _INTENSITY_SCHEMA = {
 }
 Resolution = Annotated[models.Resolution, WithJsonSchema(_RESOLUTION_SCHEMA)]
 Intensity = Annotated[Literal["auto", "full"] | list[float], WithJsonSchema(_INTENSITY_SCHEMA)]
+AlignChannel = Annotated[
+    int | Literal["mean"],
+    WithJsonSchema({"type": ["integer", "string"], "minimum": 0, "pattern": "^mean$"}),
+]
 
 LEGACY_KEYS: dict[str, str] = {
     "project_id": "project",
@@ -311,6 +315,31 @@ class RunConf(BaseModel):
             raise ValueError("align_from and skip_align exclude each other: choose one")
         return self
 
+    # -- channels (issue 12) -----------------------------------------------
+    channels: int = Field(
+        default=1,
+        title="Channels",
+        description="1: colour slices are made grey (one channel, as before). 2 to 4: every "
+        "slice has this many channels (RGB(A) order), all warped with the same transform, "
+        "CLAHE'd each on its own (clip-limit; 0: off) and kept in the lossless volume; the "
+        "JPEG volume holds the first three as RGB (the first alone with 2 channels).",
+        ge=1,
+        le=models.MAX_CHANNELS,
+    )
+    align_channel: AlignChannel = Field(
+        default="mean",
+        title="Alignment channel",
+        description='With channels > 1: the channel alignment matches (0-based) or "mean" '
+        "of all channels.",
+    )
+    jpeg_channels: Literal["rgb", "each"] = Field(
+        default="rgb",
+        title="JPEG volume of channels",
+        description='With channels > 1: "rgb" one JPEG volume with the first three channels '
+        'as colour (the first alone with 2 channels); "each" one grey JPEG volume per '
+        "channel (neuroglancer/jpeg holds channel 0, neuroglancer/jpeg_cC channel C).",
+    )
+
     @model_validator(mode="after")
     def _skip_slices_in_range(self) -> RunConf:
         outside = sorted(z for z in set(self.skip_slices) if not self.minz <= z <= self.maxz)
@@ -399,6 +428,16 @@ class RunConf(BaseModel):
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> RunConf:
+        if isinstance(self.align_channel, int) and not 0 <= self.align_channel < self.channels:
+            raise ValueError(
+                f"align_channel {self.align_channel} is not a channel of the {self.channels}-"
+                f'channel slices (0 to {self.channels - 1}, or "mean")'
+            )
+        if self.channels > 1 and self.raw_bits == 16:
+            raise ValueError(
+                f"channels {self.channels} with raw_bits 16: a 16-bit lossless volume keeps "
+                "one grey channel only"
+            )
         if self.raw_bits == 16 and not self.create_raw_pyramid:
             raise ValueError(
                 "raw_bits 16 asks for a 16-bit raw volume, but createRawPyramid is false"

@@ -35,6 +35,11 @@ def _raw_dtype(conf: RunConf) -> Literal["uint16"] | None:
     return "uint16" if conf.raw_bits == 16 else None
 
 
+def _channels(conf: RunConf) -> int | None:
+    """The requests' ``channels``: absent for grey runs (legacy payloads unchanged)."""
+    return conf.channels if conf.channels > 1 else None
+
+
 def align_pair_list(conf: RunConf) -> list[tuple[int, int]]:
     """Pairs (z, z + d), d = 1 .. conf.neighbors, z from minz, post <= maxz, by z then d."""
     return [
@@ -61,6 +66,7 @@ def plan_align_pairs(conf: RunConf, window: Window = None) -> list[MiniTask]:
                 post=f"gs://{source}/{conf.slice_name(post)}",
                 downsample=conf.downsample_factor,
                 intensity_window=_window(window),
+                channel=conf.align_channel if conf.channels > 1 else None,
             ).payload(),
         )
         for i, (pre, post) in enumerate(align_pair_list(conf))
@@ -116,6 +122,7 @@ def plan_aligned_slices(
                     clip_limit=conf.clip_limit,
                     intensity_window=_window(window),
                     raw_dtype=_raw_dtype(conf),
+                    channels=_channels(conf),
                 ).payload(),
             )
         )
@@ -133,6 +140,8 @@ def _volume_fields(conf: RunConf, bbox_xy: Sequence[int]) -> dict:
         "write_raw": conf.create_raw_pyramid,
         "resolution": conf.resolution,
         "raw_dtype": _raw_dtype(conf),
+        "channels": _channels(conf),
+        "jpeg_channels": "each" if conf.channels > 1 and conf.jpeg_channels == "each" else None,
     }
 
 

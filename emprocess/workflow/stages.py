@@ -192,6 +192,11 @@ def validate_run(
             )
         width = dag_width
     found = check_slice_format(conf)
+    if conf.channels > 1 and found.channels != conf.channels:
+        raise SliceProblems(
+            f"channels: the conf asks for {conf.channels} channels, but the slices of "
+            f"{conf.image!r} have {found.channels}"
+        )
     if conf.align_from is not None:
         check_align_from(conf, (found.width, found.height))
     window = decide_window(conf, found.bits)

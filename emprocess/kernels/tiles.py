@@ -59,7 +59,8 @@ DEFAULT_TILE_PX = 1024
 _CODECS: dict[str, int] = {"raw": 0, "png": 1}
 _DTYPES: dict[np.dtype, int] = {np.dtype(np.uint8): 1, np.dtype(np.uint16): 2}
 _PREFIX = struct.Struct("<4sHBBIII")
-_PNG_PARAMS = [
+PNG_FAST_PARAMS = [
+    # Fast PNG: level 1, the up filter, RLE (for tiles and thumbnails alike).
     cv2.IMWRITE_PNG_COMPRESSION,
     1,
     cv2.IMWRITE_PNG_FILTER,
@@ -130,7 +131,7 @@ def encode_tile(tile: np.ndarray, codec: Codec = "png") -> bytes:
     if codec == "raw":
         return arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
     if codec == "png":
-        ok, buf = cv2.imencode(".png", arr, _PNG_PARAMS)
+        ok, buf = cv2.imencode(".png", arr, PNG_FAST_PARAMS)
         if not ok:
             raise InvalidInput(f"PNG encoding failed for a tile of shape {arr.shape}")
         return buf.tobytes()

@@ -65,6 +65,9 @@ def sample(
     )
 
 
+WORKERS_HELP = "gunicorn workers of each service (default: one per core, as memory allows)."
+THREADS_HELP = "Request threads per batch task (default: twice the service workers)."
+
 bench_app = typer.Typer(help="Benchmarks that print figures (speed, memory).", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
@@ -99,6 +102,34 @@ def bench_emwrite(
     print_emwrite_benchmark(
         run_emwrite_benchmark(slices, size, raw, repeats=repeats, slice_px=slice_px, cube=cube)
     )
+
+
+@bench_app.command("run")
+def bench_run(
+    workdir: str = typer.Option("work-bench", help="Folder for the stack, Airflow and logs."),
+    slices: int = typer.Option(64, min=2, help="Slices of the synthetic stack."),
+    size: int = typer.Option(2048, min=64, help="Side of the square slices in px."),
+    width: int = typer.Option(4, min=1, help="DAG width."),
+    downsample: int = typer.Option(2, min=1, help="Alignment downsample factor."),
+    workers: int = typer.Option(None, min=1, help=WORKERS_HELP),
+    threads: int = typer.Option(None, min=1, help=THREADS_HELP),
+) -> None:
+    """A real local run: CPU use of our processes per stage (align, write, shards), MB/s per core.
+
+    Utilisation is the CPU time of the processes the run started (services, Airflow)
+    over each stage's wall time times the cores, so other load on the machine does not
+    count as ours; the machine's busy share is printed beside it.
+    """
+    from pathlib import Path
+
+    from emprocess.bench_run import run_benchmark
+
+    logging.getLogger("emprocess.report").setLevel(logging.WARNING)
+    result = run_benchmark(
+        Path(workdir), slices=slices, size=size, width=width, downsample=downsample,
+        workers=workers, threads=threads,
+    )  # fmt: skip
+    print(result.report())
 
 
 @bench_app.command("parse")
@@ -215,13 +246,21 @@ def run(
     db_url: str = typer.Option(
         None, "--db-url", help="With --scheduler: metadata database URL (default SQLite)."
     ),
+    workers: int = typer.Option(None, min=1, help=WORKERS_HELP),
+    threads: int = typer.Option(None, min=1, help=THREADS_HELP),
 ) -> None:
-    """Run the whole workflow here: services under gunicorn, the DAG through real Airflow."""
+    """Run the whole workflow here: services under gunicorn, the DAG through real Airflow.
+
+    Each service gets a gunicorn worker per core (fewer when memory is short: an emwrite
+    worker needs up to 1.1 GiB, an alignment worker 0.5 GiB), and each batch task sends
+    its requests over twice as many threads, so the align and write stages use every core.
+    """
     import time
     from pathlib import Path
 
     from emprocess.errors import EmprocessError
     from emprocess.localrun import run_dag
+    from emprocess.localsize import size_local_run
 
     bucket = _use_folder(source)
     dag, conf_width = _dag_for(width)
@@ -231,6 +270,8 @@ def run(
         createRawPyramid=raw, resolution=resolution, width=conf_width,
     )  # fmt: skip
     t0 = time.monotonic()
+    sizing = size_local_run(workers=workers, threads=threads)
+    print(f"local run: {sizing.describe()}", flush=True)
     try:
         if scheduler:
             from emprocess.airflowserver import run_with_scheduler
@@ -239,11 +280,13 @@ def run(
             doc = run_with_scheduler(
                 conf, dag, width, Path(workdir).resolve(), db_url=db_url,
                 on_progress=lambda line: print(line, flush=True),
+                workers=sizing.service_workers(),
             )  # fmt: skip
         else:
             doc = run_dag(
-                conf, dag, Path(workdir).resolve(), on_progress=lambda line: print(line, flush=True)
-            )
+                conf, dag, Path(workdir).resolve(), sizing=sizing,
+                on_progress=lambda line: print(line, flush=True),
+            )  # fmt: skip
     except EmprocessError as e:
         print(f"run failed: {e}")
         raise typer.Exit(1) from None

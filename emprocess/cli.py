@@ -132,6 +132,33 @@ def bench_run(
     print(result.report())
 
 
+@bench_app.command("scale")
+def bench_scale(
+    workdir: str = typer.Option("work-scale", help="Folder for the stacks, Airflow and logs."),
+    counts: list[int] = typer.Option([5000, 10000, 20000], "--slices", help="Slice counts."),
+    width: int = typer.Option(32, min=1, help="DAG width (batch tasks per stage)."),
+    dag: list[int] = typer.Option(
+        [], "--dag-slices", help="Also run the real DAG (airflow dags test) at these counts."
+    ),
+    notebook: bool = typer.Option(True, help="Also execute clio_report.ipynb."),
+) -> None:
+    """Time and peak RSS of every stage that grows with the slice count, extrapolated to 50,000.
+
+    Tiny slices and stand-in services (benchmarks/standin_services.py) that answer at
+    once: only the DAG's own work is measured, each stage in a fresh process.
+    """
+    from pathlib import Path
+
+    from emprocess.bench_scale import run_scale_benchmark
+
+    logging.getLogger("emprocess").setLevel(logging.WARNING)
+    result = run_scale_benchmark(
+        Path(workdir), tuple(sorted(counts)), width, tuple(dag), notebook,
+        on_line=lambda line: print(line, flush=True),
+    )  # fmt: skip
+    print(result.report())
+
+
 @bench_app.command("parse")
 def bench_parse(repeats: int = typer.Option(5, min=1, help="Parses; the median counts.")) -> None:
     """Seconds Airflow takes to parse emprocess.py (all DAGs); target under 1 s."""

@@ -21,7 +21,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -202,6 +202,7 @@ def run_dag(
     on_progress: Callable[[str], None] | None = None,
     poll_s: float = 2.0,
     sizing: LocalSizing | None = None,
+    services: Services | None = None,
 ) -> dict[str, Any]:
     """Run ``dag_id`` on ``conf`` with local services and real Airflow; return complete.json.
 
@@ -212,6 +213,7 @@ def run_dag(
         on_progress: called with a one-line progress summary whenever it changes.
         poll_s: seconds between progress polls of the process bucket.
         sizing: service workers and request threads (default: :func:`size_local_run`).
+        services: services already running (a benchmark's stand-ins); default: start both.
 
     Raises:
         RunFailed: Airflow reported failure; the message holds the log's tail.
@@ -220,7 +222,12 @@ def run_dag(
     home.mkdir(parents=True, exist_ok=True)
     sizing = sizing or size_local_run()
     log.info("local run: %s", sizing.describe())
-    with local_services(workdir / "logs", workers=sizing.service_workers()) as services:
+    started = (
+        nullcontext(services)
+        if services
+        else local_services(workdir / "logs", workers=sizing.service_workers())
+    )
+    with started as services:
         # `dags test` runs one task at a time, so one task's threads must fill every worker.
         env = airflow_env(home, services, {"EMPROCESS_HTTP_THREADS": str(sizing.threads)})
         ensure_airflow_db(env, home / "db-migrate.log")

@@ -154,13 +154,14 @@ def test_dynamic_dag_maps_the_batch_stages(dagbag: Any) -> None:
 def test_params_carry_defaults_and_descriptions(dagbag: Any, dynamic: bool) -> None:
     dag = dagbag.dags[dag_id(None if dynamic else 4)]
     params = {k: dag.params.get_param(k) for k in dag.params}
-    keys = {"id", "image", "minz", "maxz", "source", "project", "email", "downsample_factor",
-            "skip_align", "clip-limit", "createRawPyramid", "resolution", "public"}  # fmt: skip
+    keys = {"id", "image", "minz", "maxz", "source", "project", "location", "email",
+            "downsample_factor", "skip_align", "clip-limit", "createRawPyramid", "resolution",
+            "public"}  # fmt: skip
     assert set(params) == keys | ({"width"} if dynamic else set())
     for key, p in params.items():
         assert p.description, key
         assert p.schema.get("type"), key
-        assert p.has_value == (key not in REQUIRED | {"project", "email"}), key
+        assert p.has_value == (key not in REQUIRED | {"project", "location", "email"}), key
     assert params["clip-limit"].value == 0.02 and params["createRawPyramid"].value is True
     assert params["downsample_factor"].schema["minimum"] == 1
     assert params["public"].value is False and params["skip_align"].value is False

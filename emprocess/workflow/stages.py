@@ -193,14 +193,29 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+RUN_STORAGE_CLASS = "STANDARD"
+"""Every bucket a run creates starts Standard, as the original's did: its tiles and
+records are read while the run goes on and the volume is viewed at once. Moving a
+volume to Coldline is a choice made later (scripts/coldline_bucket.sh); the tmp bucket
+is emptied by its lifecycle rule instead."""
+
+
+def run_location(conf: RunConf) -> str | None:
+    """Where the run's buckets go: conf ``location``, else the source bucket's location."""
+    return conf.location or storage.bucket_location(conf.source)
+
+
 def create_env(info: RunInfo, airflow_run_id: str) -> dict[str, Any]:
-    """Create the run's buckets and write RUN_ID/init.json; repeating it is harmless."""
+    """Create the run's buckets (in the source's location) and RUN_ID/init.json; repeatable."""
     conf = info.conf
     created = {}
+    location = run_location(conf)
     for role, name in conf.bucket_names().items():
         if role == "source":
             continue
-        created[name] = storage.create_bucket(name, project=conf.project)
+        created[name] = storage.create_bucket(
+            name, project=conf.project, location=location, storage_class=RUN_STORAGE_CLASS
+        )
     init_url = conf.process_url("init.json")
     first_started = None
     if storage.exists(init_url):
@@ -216,6 +231,7 @@ def create_env(info: RunInfo, airflow_run_id: str) -> dict[str, Any]:
         "width": info.width,
         "slice_size_xy": list(info.slice_size_xy),
         "buckets": conf.bucket_names(),
+        "location": location,
         "started": started,
         "first_started": first_started or started,
         "versions": package_versions(),

@@ -159,6 +159,21 @@ def bench_scale(
     print(result.report())
 
 
+@bench_app.command("plan")
+def bench_plan(
+    terabytes: float = typer.Option(10.0, min=0.001, help="Dataset size in TB (8-bit)."),
+    side: int = typer.Option(20_000, min=1024, help="Side of the square slices in px."),
+) -> None:
+    """Requests, objects, GCS rates, Cloud Run time and cost of a large run (docs/scale.md).
+
+    Arithmetic from the measured throughput and stated prices (constants in
+    emprocess/bench_plan.py, each with its source).
+    """
+    from emprocess.bench_plan import make_plan, report
+
+    print(report(make_plan(terabytes * 1e12, side)))
+
+
 @bench_app.command("parse")
 def bench_parse(repeats: int = typer.Option(5, min=1, help="Parses; the median counts.")) -> None:
     """Seconds Airflow takes to parse emprocess.py (all DAGs); target under 1 s."""

@@ -40,8 +40,12 @@ def test_services_start_with_the_workers_asked(tmp_path) -> None:
     with local_services(tmp_path, workers={"align": 3, "emwrite": 2}) as services:
         assert requests.get(services.emwrite + "/health", timeout=10).ok
         counts = {}
-        for proc in psutil.Process().children():
-            argv = " ".join(proc.cmdline())
-            name = "align" if "services.align" in argv else "emwrite"
-            counts[name] = len(proc.children())  # gunicorn's master forks the workers
+        for name, url in (("align", services.align), ("emwrite", services.emwrite)):
+            port = int(url.rsplit(":", 1)[1])
+            (master,) = [  # the child of ours that listens on the service's port
+                p
+                for p in psutil.Process().children()
+                if any(c.laddr.port == port for c in p.net_connections("tcp"))
+            ]
+            counts[name] = len(master.children())  # gunicorn's master forks the workers
     assert counts == {"align": 3, "emwrite": 2}

@@ -45,6 +45,7 @@ def regional_emulator() -> Iterator[str]:
 def proxy(regional_emulator: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultProxy]:
     with FaultProxy(regional_emulator) as p:
         monkeypatch.setenv("STORAGE_EMULATOR_HOST", p.url)
+        monkeypatch.delenv("EMPROCESS_STORAGE_ROOT", raising=False)
         yield p
 
 
@@ -91,8 +92,26 @@ def test_conf_location_overrides_the_source_location(proxy: FaultProxy) -> None:
     assert len(_created(proxy)) == 3
 
 
-def test_a_bad_location_or_storage_class_is_refused() -> None:
+def test_a_bad_location_or_storage_class_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("EMPROCESS_STORAGE_ROOT", raising=False)
     with pytest.raises(InvalidRunConf, match="location"):
         _info("src", location="us central/1")
     with pytest.raises(ValueError, match="storage class 'COLD' is not one of"):
         storage.create_bucket(unique_bucket("src"), storage_class="COLD")
+
+
+def test_an_unreadable_source_location_falls_back_to_the_default(proxy: FaultProxy) -> None:
+    # GCS answers 403 to a bucket get without storage.buckets.get (a reader of another
+    # project's slices): the run goes on in GCS's default location.
+    source = unique_bucket("src")
+    storage.create_bucket(source)
+    denied = json.dumps({"error": {"code": 403, "message": "no storage.buckets.get"}}).encode()
+    proxy.rules.append(
+        lambda r: (
+            (403, denied) if r.method == "GET" and r.path.split("?")[0].endswith(source) else None
+        )
+    )
+    proxy.requests.clear()
+    info = _info(source, createRawPyramid=False)
+    stages.create_env(info, "manual__1")
+    assert set(_created(proxy).values()) == {(None, "STANDARD")}

@@ -201,8 +201,23 @@ is emptied by its lifecycle rule instead."""
 
 
 def run_location(conf: RunConf) -> str | None:
-    """Where the run's buckets go: conf ``location``, else the source bucket's location."""
-    return conf.location or storage.bucket_location(conf.source)
+    """Where the run's buckets go: conf ``location``, else the source bucket's location.
+
+    Reading a bucket's location needs ``storage.buckets.get``, which a reader of another
+    project's slices may lack: then GCS's default location, with a warning.
+    """
+    if conf.location:
+        return conf.location
+    try:
+        return storage.bucket_location(conf.source)
+    except EmprocessError as e:
+        log.warning(
+            "cannot read the location of source bucket %s (%s): the run's buckets get GCS's "
+            "default location; set conf location to choose one",
+            conf.source,
+            e,
+        )
+        return None
 
 
 def create_env(info: RunInfo, airflow_run_id: str) -> dict[str, Any]:

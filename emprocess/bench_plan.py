@@ -18,6 +18,9 @@ SLICE_SIDE_PX = 20_000
 CANVAS_GROWTH = 1.03
 """Canvas side / slice side: drift and rotation widen the canvas (the bench run's synthetic
 stack: 2173 / 2048 = 1.06; a real stack of 20,000 px drifts less in proportion)."""
+ALIGN_NEIGHBORS = 3
+"""Pairs per slice: each slice is aligned to its next 3 (conf ``neighbors``, default 3 on
+main since issue 11's global solve); 1 is the chain of the original."""
 CUBE = 1024
 """Tile and cube edge (CONTRACTS.md's shard-size)."""
 
@@ -133,7 +136,11 @@ class Plan:
         return voxels * JPEG_BYTES_PER_VOXEL, voxels * RAW_BYTES_PER_VOXEL, voxels
 
 
-def make_plan(dataset_bytes: float = DATASET_BYTES, side: int = SLICE_SIDE_PX) -> Plan:
+def make_plan(
+    dataset_bytes: float = DATASET_BYTES,
+    side: int = SLICE_SIDE_PX,
+    neighbors: int = ALIGN_NEIGHBORS,
+) -> Plan:
     """The stages of a run over ``dataset_bytes`` of square 8-bit slices of ``side`` px."""
     slices = round(dataset_bytes / side**2)
     canvas = math.ceil(side * CANVAS_GROWTH)
@@ -142,7 +149,7 @@ def make_plan(dataset_bytes: float = DATASET_BYTES, side: int = SLICE_SIDE_PX) -
     cubes = tiles * tiles * math.ceil(slices / CUBE)
     cube_mb = canvas_mpx * slices / cubes  # average voxels per cube (edge cubes are partial)
     stages = [
-        Stage("align", slices - 1, 2 * mpx * DECODE_S_PER_MPX + mpx * ALIGN_KERNEL_S_PER_MPX,
+        Stage("align", sum(slices - k for k in range(1, neighbors + 1)), 2 * mpx * DECODE_S_PER_MPX + mpx * ALIGN_KERNEL_S_PER_MPX,
               ALIGN_CORES_USED, reads=2, writes=1, write_bucket="process"),
         Stage("write", slices, canvas_mpx / ALIGNEDSLICE_MB_PER_CPU_S,
               EMWRITE_CORES_USED, reads=1, writes=TMP_OBJECTS_PER_SLICE + 1, write_bucket="tmp"),
@@ -156,7 +163,8 @@ def report(plan: Plan) -> str:
     tb = plan.dataset_bytes / 1e12
     lines = [
         f"{tb:g} TB of 8-bit slices: {plan.slices:,} slices of {plan.side:,}^2 px, "
-        f"canvas {plan.canvas_side:,}^2, {plan.cubes:,} cubes of {CUBE}^3",
+        f"canvas {plan.canvas_side:,}^2, {plan.cubes:,} cubes of {CUBE}^3, "
+        f"{plan.stages[0].requests / plan.slices:.0f} alignment pairs per slice",
         "",
         "stage   requests  CPU s/req  wall s/req  GCS reads  objects written  CPU hours",
     ]

@@ -163,6 +163,7 @@ def bench_scale(
 def bench_plan(
     terabytes: float = typer.Option(10.0, min=0.001, help="Dataset size in TB (8-bit)."),
     side: int = typer.Option(20_000, min=1024, help="Side of the square slices in px."),
+    neighbors: int = typer.Option(3, min=1, help="Alignment pairs per slice (conf neighbors)."),
 ) -> None:
     """Requests, objects, GCS rates, Cloud Run time and cost of a large run (docs/scale.md).
 
@@ -171,7 +172,7 @@ def bench_plan(
     """
     from emprocess.bench_plan import make_plan, report
 
-    print(report(make_plan(terabytes * 1e12, side)))
+    print(report(make_plan(terabytes * 1e12, side, neighbors)))
 
 
 @bench_app.command("parse")

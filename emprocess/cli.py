@@ -279,7 +279,13 @@ def run(
     clip_limit: float = typer.Option(0.02, "--clip-limit", help=_conf_help("clip_limit")),
     raw: bool = typer.Option(True, "--raw/--no-raw", help=_conf_help("create_raw_pyramid")),
     resolution: float = typer.Option(8.0, help=_conf_help("resolution")),
-    width: int = typer.Option(4, min=1, help="Concurrent batch workers per stage (DAG width)."),
+    width: int = typer.Option(
+        None,
+        min=1,
+        help="Concurrent batch workers per stage (DAG width). Default 1 under `dags test`, "
+        "whose tasks run one after another (the request threads fill the workers), 4 with "
+        "--scheduler.",
+    ),
     workdir: str = typer.Option("work", help="Folder for Airflow's home, database and logs."),
     scheduler: bool = typer.Option(
         False,
@@ -306,6 +312,8 @@ def run(
     from emprocess.localsize import size_local_run
 
     bucket = _use_folder(source)
+    if width is None:
+        width = 4 if scheduler else 1
     dag, conf_width = _dag_for(width)
     conf = _build_conf(
         id=run_id or f"{bucket}-run", image=image, minz=minz, maxz=maxz, source=bucket,

@@ -17,7 +17,7 @@ import secrets
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,6 +192,7 @@ def run_with_scheduler(
     on_progress: Callable[[str], None] | None = None,
     db_url: str | None = None,
     poll_s: float = 2.0,
+    workers: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
     """``emprocess run --scheduler``: the run through a real api-server, scheduler and REST API.
 
@@ -209,7 +210,7 @@ def run_with_scheduler(
 
     root = storage.local_root()
     with (
-        local_services(workdir / "logs") as services,
+        local_services(workdir / "logs", workers=workers) as services,
         airflow_server(
             workdir / "airflow-server",
             services,

@@ -65,6 +65,9 @@ def sample(
     )
 
 
+WORKERS_HELP = "gunicorn workers of each service (default: one per core, as memory allows)."
+THREADS_HELP = "Request threads per batch task (default: twice the service workers)."
+
 bench_app = typer.Typer(help="Benchmarks that print figures (speed, memory).", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
@@ -168,6 +171,77 @@ def bench_drift(
         answers_file=None if answers is None else Path(answers),
     )
     print_drift_benchmark(rows, slices, downsample)
+
+
+@bench_app.command("run")
+def bench_run(
+    workdir: str = typer.Option("work-bench", help="Folder for the stack, Airflow and logs."),
+    slices: int = typer.Option(64, min=2, help="Slices of the synthetic stack."),
+    size: int = typer.Option(2048, min=64, help="Side of the square slices in px."),
+    width: int = typer.Option(4, min=1, help="DAG width."),
+    downsample: int = typer.Option(2, min=1, help="Alignment downsample factor."),
+    workers: int = typer.Option(None, min=1, help=WORKERS_HELP),
+    threads: int = typer.Option(None, min=1, help=THREADS_HELP),
+) -> None:
+    """A real local run: CPU use of our processes per stage (align, write, shards), MB/s per core.
+
+    Utilisation is the CPU time of the processes the run started (services, Airflow)
+    over each stage's wall time times the cores, so other load on the machine does not
+    count as ours; the machine's busy share is printed beside it.
+    """
+    from pathlib import Path
+
+    from emprocess.bench_run import run_benchmark
+
+    logging.getLogger("emprocess.report").setLevel(logging.WARNING)
+    result = run_benchmark(
+        Path(workdir), slices=slices, size=size, width=width, downsample=downsample,
+        workers=workers, threads=threads,
+    )  # fmt: skip
+    print(result.report())
+
+
+@bench_app.command("scale")
+def bench_scale(
+    workdir: str = typer.Option("work-scale", help="Folder for the stacks, Airflow and logs."),
+    counts: list[int] = typer.Option([5000, 10000, 20000], "--slices", help="Slice counts."),
+    width: int = typer.Option(32, min=1, help="DAG width (batch tasks per stage)."),
+    dag: list[int] = typer.Option(
+        [], "--dag-slices", help="Also run the real DAG (airflow dags test) at these counts."
+    ),
+    notebook: bool = typer.Option(True, help="Also execute clio_report.ipynb."),
+) -> None:
+    """Time and peak RSS of every stage that grows with the slice count, extrapolated to 50,000.
+
+    Tiny slices and stand-in services (benchmarks/standin_services.py) that answer at
+    once: only the DAG's own work is measured, each stage in a fresh process.
+    """
+    from pathlib import Path
+
+    from emprocess.bench_scale import run_scale_benchmark
+
+    logging.getLogger("emprocess").setLevel(logging.WARNING)
+    result = run_scale_benchmark(
+        Path(workdir), tuple(sorted(counts)), width, tuple(dag), notebook,
+        on_line=lambda line: print(line, flush=True),
+    )  # fmt: skip
+    print(result.report())
+
+
+@bench_app.command("plan")
+def bench_plan(
+    terabytes: float = typer.Option(10.0, min=0.001, help="Dataset size in TB (8-bit)."),
+    side: int = typer.Option(20_000, min=1024, help="Side of the square slices in px."),
+    neighbors: int = typer.Option(3, min=1, help="Alignment pairs per slice (conf neighbors)."),
+) -> None:
+    """Requests, objects, GCS rates, Cloud Run time and cost of a large run (docs/scale.md).
+
+    Arithmetic from the measured throughput and stated prices (constants in
+    emprocess/bench_plan.py, each with its source).
+    """
+    from emprocess.bench_plan import make_plan, report
+
+    print(report(make_plan(terabytes * 1e12, side, neighbors)))
 
 
 @bench_app.command("parse")
@@ -295,7 +369,13 @@ def run(
     resolution: str = typer.Option("8", help=_conf_help("resolution") + _RESOLUTION_HELP),
     intensity: str = typer.Option("auto", help=_conf_help("intensity") + _INTENSITY_HELP),
     align_from: str = typer.Option(None, "--align-from", help=_conf_help("align_from")),
-    width: int = typer.Option(4, min=1, help="Concurrent batch workers per stage (DAG width)."),
+    width: int = typer.Option(
+        None,
+        min=1,
+        help="Concurrent batch workers per stage (DAG width). Default 1 under `dags test`, "
+        "whose tasks run one after another (the request threads fill the workers), 4 with "
+        "--scheduler.",
+    ),
     workdir: str = typer.Option("work", help="Folder for Airflow's home, database and logs."),
     scheduler: bool = typer.Option(
         False,
@@ -305,15 +385,25 @@ def run(
     db_url: str = typer.Option(
         None, "--db-url", help="With --scheduler: metadata database URL (default SQLite)."
     ),
+    workers: int = typer.Option(None, min=1, help=WORKERS_HELP),
+    threads: int = typer.Option(None, min=1, help=THREADS_HELP),
 ) -> None:
-    """Run the whole workflow here: services under gunicorn, the DAG through real Airflow."""
+    """Run the whole workflow here: services under gunicorn, the DAG through real Airflow.
+
+    Each service gets a gunicorn worker per core (fewer when memory is short: an emwrite
+    worker needs up to 1.1 GiB, an alignment worker 0.5 GiB), and each batch task sends
+    its requests over twice as many threads, so the align and write stages use every core.
+    """
     import time
     from pathlib import Path
 
     from emprocess.errors import EmprocessError
     from emprocess.localrun import run_dag
+    from emprocess.localsize import size_local_run
 
     bucket = _use_folder(source)
+    if width is None:
+        width = 4 if scheduler else 1
     dag, conf_width = _dag_for(width)
     conf = _build_conf(
         id=run_id or f"{bucket}-run", image=image, minz=minz, maxz=maxz, source=bucket,
@@ -322,6 +412,8 @@ def run(
         intensity=_numbers(intensity, "intensity"), width=conf_width, align_from=align_from,
     )  # fmt: skip
     t0 = time.monotonic()
+    sizing = size_local_run(workers=workers, threads=threads)
+    print(f"local run: {sizing.describe()}", flush=True)
     try:
         if scheduler:
             from emprocess.airflowserver import run_with_scheduler
@@ -330,11 +422,13 @@ def run(
             doc = run_with_scheduler(
                 conf, dag, width, Path(workdir).resolve(), db_url=db_url,
                 on_progress=lambda line: print(line, flush=True),
+                workers=sizing.service_workers(),
             )  # fmt: skip
         else:
             doc = run_dag(
-                conf, dag, Path(workdir).resolve(), on_progress=lambda line: print(line, flush=True)
-            )
+                conf, dag, Path(workdir).resolve(), sizing=sizing,
+                on_progress=lambda line: print(line, flush=True),
+            )  # fmt: skip
     except EmprocessError as e:
         print(f"run failed: {e}")
         raise typer.Exit(1) from None

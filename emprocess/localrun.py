@@ -20,8 +20,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from typing import Any
 from emprocess import storage
 from emprocess.errors import EmprocessError, NotFound
 from emprocess.layout import COMPLETE
+from emprocess.localsize import LocalSizing, size_local_run
 
 log = logging.getLogger(__name__)
 
@@ -83,17 +84,27 @@ class Services:
 
 
 @contextmanager
-def local_services(log_dir: Path, env: dict[str, str] | None = None) -> Iterator[Services]:
-    """Start the alignment and emwrite services under gunicorn; stop them on exit."""
+def local_services(
+    log_dir: Path, env: dict[str, str] | None = None, workers: Mapping[str, int] | None = None
+) -> Iterator[Services]:
+    """Start the alignment and emwrite services under gunicorn; stop them on exit.
+
+    Args:
+        log_dir: gets ``align.log`` and ``emwrite.log``.
+        env: extra environment of the services.
+        workers: gunicorn workers by service name (default one each).
+    """
     log_dir.mkdir(parents=True, exist_ok=True)
     procs: list[subprocess.Popen] = []
     urls = {}
     try:
         for name in ("align", "emwrite"):
             port = free_port()
+            n = str((workers or {}).get(name, 1))
+            argv = [sys.executable, "-m", "emprocess.cli", "serve", name, "--port", str(port)]
             with open(log_dir / f"{name}.log", "ab") as out:
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", "emprocess.cli", "serve", name, "--port", str(port)],
+                    [*argv, "--workers", n],
                     env={**os.environ, **(env or {})},
                     stdout=out,
                     stderr=subprocess.STDOUT,
@@ -191,6 +202,8 @@ def run_dag(
     workdir: Path,
     on_progress: Callable[[str], None] | None = None,
     poll_s: float = 2.0,
+    sizing: LocalSizing | None = None,
+    services: Services | None = None,
 ) -> dict[str, Any]:
     """Run ``dag_id`` on ``conf`` with local services and real Airflow; return complete.json.
 
@@ -200,14 +213,24 @@ def run_dag(
         workdir: holds ``airflow/`` (home, database, logs) and the service logs.
         on_progress: called with a one-line progress summary whenever it changes.
         poll_s: seconds between progress polls of the process bucket.
+        sizing: service workers and request threads (default: :func:`size_local_run`).
+        services: services already running (a benchmark's stand-ins); default: start both.
 
     Raises:
         RunFailed: Airflow reported failure; the message holds the log's tail.
     """
     home = workdir / "airflow"
     home.mkdir(parents=True, exist_ok=True)
-    with local_services(workdir / "logs") as services:
-        env = airflow_env(home, services)
+    sizing = sizing or size_local_run()
+    log.info("local run: %s", sizing.describe())
+    started = (
+        nullcontext(services)
+        if services
+        else local_services(workdir / "logs", workers=sizing.service_workers())
+    )
+    with started as services:
+        # `dags test` runs one task at a time, so one task's threads must fill every worker.
+        env = airflow_env(home, services, {"EMPROCESS_HTTP_THREADS": str(sizing.threads)})
         ensure_airflow_db(env, home / "db-migrate.log")
         run_log = home / f"run-{conf.id}-{time.strftime('%Y%m%dT%H%M%S')}.log"
         argv = [_airflow(), "dags", "test", dag_id, "--conf", json.dumps(conf.to_json())]

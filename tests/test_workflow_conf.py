@@ -42,6 +42,7 @@ def test_defaults_and_contract_keys() -> None:
     assert c.to_json() == {
         **GOOD,
         "project": None,
+        "location": None,
         "email": None,
         "downsample_factor": 1,
         "skip_align": False,

@@ -46,6 +46,7 @@ __all__ = [
     "apply_lifecycle",
     "backend_description",
     "bucket_exists",
+    "bucket_location",
     "bucket_settings",
     "bucket_url",
     "check_bucket_name",
@@ -221,8 +222,16 @@ class ForeignBucket(StorageError):
     """A bucket exists under a name we would create, holds data, and was not made by us."""
 
 
-def create_bucket(bucket: str, project: str | None = None, location: str | None = None) -> bool:
+def create_bucket(
+    bucket: str,
+    project: str | None = None,
+    location: str | None = None,
+    storage_class: str | None = None,
+) -> bool:
     """Create a bucket and mark it as ours; True if created, False if adopted.
+
+    On GCS ``location`` and ``storage_class`` (None: GCS's defaults) apply to a bucket
+    created now; an adopted one keeps its own. A local root has neither.
 
     A bucket that exists already is adopted (not an error, so a retried run goes
     on) only when it holds :data:`MARKER_KEY` (it was made here), or when it is
@@ -238,7 +247,11 @@ def create_bucket(bucket: str, project: str | None = None, location: str | None 
     if isinstance(backend, LocalBackend):
         created = backend.create_bucket(bucket)
     else:
-        created = backend.create_bucket(bucket, project=project, location=location)
+        if storage_class is not None and storage_class not in STORAGE_CLASSES:
+            raise ValueError(f"storage class {storage_class!r} is not one of {STORAGE_CLASSES}")
+        created = backend.create_bucket(
+            bucket, project=project, location=location, storage_class=storage_class
+        )
     if created or not backend.exists(bucket, MARKER_KEY):
         if not created and list_objects(f"gs://{bucket}/", limit=1):
             raise ForeignBucket(
@@ -295,6 +308,15 @@ def set_storage_class(bucket: str, storage_class: str) -> None:
     if storage_class not in STORAGE_CLASSES:
         raise ValueError(f"storage class {storage_class!r} is not one of {STORAGE_CLASSES}")
     _bucket_backend().set_storage_class(bucket, storage_class)
+
+
+def bucket_location(bucket: str) -> str | None:
+    """The bucket's GCS location (e.g. ``US-CENTRAL1``); None under a local root."""
+    check_bucket_name(bucket)
+    backend = _bucket_backend()
+    if isinstance(backend, LocalBackend):
+        return None
+    return backend.bucket_location(bucket)
 
 
 def bucket_settings(bucket: str) -> dict:

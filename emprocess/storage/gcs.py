@@ -162,11 +162,19 @@ class GCSBackend:
         return True
 
     def create_bucket(
-        self, bucket: str, project: str | None = None, location: str | None = None
+        self,
+        bucket: str,
+        project: str | None = None,
+        location: str | None = None,
+        storage_class: str | None = None,
     ) -> bool:
+        c = client(project)
+        new = c.bucket(bucket)
+        if storage_class:
+            new.storage_class = storage_class
         try:
-            client(project).create_bucket(
-                bucket, project=project, location=location, timeout=TIMEOUT_S, retry=retry_policy()
+            c.create_bucket(
+                new, project=project, location=location, timeout=TIMEOUT_S, retry=retry_policy()
             )
         except gexc.Conflict:
             # 409: it exists. Fine if it is ours; GCS answers 403 on get when it is not.
@@ -212,6 +220,13 @@ class GCSBackend:
 
         self._patch(bucket, "set storage class of", change)
 
+    def bucket_location(self, bucket: str) -> str | None:
+        def run() -> str | None:
+            b = client().get_bucket(bucket, timeout=TIMEOUT_S, retry=retry_policy())
+            return str(b.location) if b.location else None
+
+        return self._call("read the location of", bucket, None, run)
+
     def bucket_settings(self, bucket: str) -> dict:
         def run() -> dict:
             b = client().get_bucket(bucket, timeout=TIMEOUT_S, retry=retry_policy())
@@ -220,7 +235,7 @@ class GCSBackend:
                 for r in b.lifecycle_rules
                 if r.get("action", {}).get("type") == "Delete"
             ]
-            out: dict = {"storage_class": b.storage_class, "cors": b.cors}
+            out: dict = {"storage_class": b.storage_class, "cors": b.cors, "location": b.location}
             if ages:
                 out["lifecycle_delete_age_days"] = ages[0]
             return out

@@ -158,17 +158,24 @@ class LocalBackend:
     def list(self, bucket: str, prefix: str = "", limit: int | None = None) -> list[ObjectInfo]:
         self._require_bucket(bucket)
         base = self._bucket_dir(bucket)
-        # Walk only below the deepest folder the prefix names; filter the rest by string.
-        folder = prefix.rpartition("/")[0]
-        out = [info for info in self._walk(base, base / folder) if info.key.startswith(prefix)]
+        # Walk only below the deepest folder the prefix names, and in that folder only the
+        # entries its last part starts with: listing RUN/align/transforms.json must not
+        # stat the tens of thousands of cache objects beside it. Filter the rest by string.
+        folder, _, stem = prefix.rpartition("/")
+        out = [
+            info for info in self._walk(base, base / folder, stem) if info.key.startswith(prefix)
+        ]
         return sorted(out, key=lambda i: i.key)[:limit]
 
-    def _walk(self, base: Path, top: Path) -> Iterator[ObjectInfo]:
+    def _walk(self, base: Path, top: Path, stem: str = "") -> Iterator[ObjectInfo]:
         if not top.is_dir():
             return
         for dirpath, dirnames, filenames in os.walk(top):
             if Path(dirpath) == self.root:
                 dirnames[:] = [d for d in dirnames if d != META_DIR]
+            if stem and dirpath == str(top):
+                dirnames[:] = [d for d in dirnames if d.startswith(stem)]
+                filenames = [f for f in filenames if f.startswith(stem)]
             for fn in filenames:
                 if fn.startswith(TMP_PREFIX) or (fn == MARKER_KEY and Path(dirpath) == base):
                     continue

@@ -182,6 +182,13 @@ class RunConf(BaseModel):
         description="Cloud project for the buckets the run creates (legacy key: project_id); "
         "none uses the environment's default project.",
     )
+    location: str | None = Field(
+        default=None,
+        title="Bucket location",
+        description="GCS location of the buckets the run creates (e.g. US-CENTRAL1, EU); "
+        "none puts them where the source bucket is, so no data crosses regions.",
+        pattern=r"^[A-Za-z0-9-]{2,40}$",
+    )
     email: str | None = Field(
         default=None,
         title="Notify email",

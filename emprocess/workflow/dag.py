@@ -30,6 +30,7 @@ from emprocess.workflow import (
 )
 from emprocess.workflow import tasks as t
 from emprocess.workflow.conf import MAX_WIDTH, param_specs
+from emprocess.workflow.notify import on_task_failure
 
 DEFAULT_ARGS: dict[str, Any] = {
     "owner": "emprocess",
@@ -37,8 +38,10 @@ DEFAULT_ARGS: dict[str, Any] = {
     "retry_delay": timedelta(minutes=1),
     "retry_exponential_backoff": 2.0,
     "max_retry_delay": timedelta(minutes=10),
+    "on_failure_callback": on_task_failure,
 }
-"""Task retries; a retried batch task skips the mini-tasks it already cached."""
+"""Task retries (a retried batch task skips the mini-tasks it already cached); a task
+that failed for good mails the conf's ``email`` (:mod:`emprocess.workflow.notify`)."""
 
 MAX_ACTIVE_RUNS = 4
 """Runs of one DAG at a time; with the widest DAG (128) they fill the pool's 512 slots."""

@@ -238,14 +238,44 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+RUN_STORAGE_CLASS = "STANDARD"
+"""Every bucket a run creates starts Standard, as the original's did: its tiles and
+records are read while the run goes on and the volume is viewed at once. Moving a
+volume to Coldline is a choice made later (scripts/coldline_bucket.sh); the tmp bucket
+is emptied by its lifecycle rule instead."""
+
+
+def run_location(conf: RunConf) -> str | None:
+    """Where the run's buckets go: conf ``location``, else the source bucket's location.
+
+    Reading a bucket's location needs ``storage.buckets.get``, which a reader of another
+    project's slices may lack: then GCS's default location, with a warning.
+    """
+    if conf.location:
+        return conf.location
+    try:
+        return storage.bucket_location(conf.source)
+    except EmprocessError as e:
+        log.warning(
+            "cannot read the location of source bucket %s (%s): the run's buckets get GCS's "
+            "default location; set conf location to choose one",
+            conf.source,
+            e,
+        )
+        return None
+
+
 def create_env(info: RunInfo, airflow_run_id: str) -> dict[str, Any]:
-    """Create the run's buckets and write RUN_ID/init.json; repeating it is harmless."""
+    """Create the run's buckets (in the source's location) and RUN_ID/init.json; repeatable."""
     conf = info.conf
     created = {}
+    location = run_location(conf)
     for role, name in conf.bucket_names().items():
         if role == "source":
             continue
-        created[name] = storage.create_bucket(name, project=conf.project)
+        created[name] = storage.create_bucket(
+            name, project=conf.project, location=location, storage_class=RUN_STORAGE_CLASS
+        )
     init_url = conf.process_url(INIT)
     first_started = None
     if storage.exists(init_url):
@@ -263,6 +293,7 @@ def create_env(info: RunInfo, airflow_run_id: str) -> dict[str, Any]:
         "slice_bits": info.slice_bits,
         "intensity_window": None if info.intensity_window is None else list(info.intensity_window),
         "buckets": conf.bucket_names(),
+        "location": location,
         "started": started,
         "first_started": first_started or started,
         "versions": package_versions(),

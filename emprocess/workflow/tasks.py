@@ -34,7 +34,6 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 VALIDATE = "validate"
 COLLECT = "align.collect"
-SMTP_CONN_ID = "smtp_default"
 BATCH_TASKS = ("align.affine", "align.write", "ngingest.write_ng_shards")
 """Task ids (before ``_{i}``) of the batch stages; their one XCom is their timing record."""
 TIMING = "timing"
@@ -289,24 +288,8 @@ def write_status() -> dict[str, Any]:
 
 def send_status_email(to: str, doc: dict[str, Any]) -> str:
     """Send the "run complete" message through Airflow's SMTP connection, if there is one."""
-    from airflow.sdk import BaseHook
-    from airflow.sdk.exceptions import AirflowNotFoundException
-
+    from emprocess.workflow.notify import send_mail
     from emprocess.workflow.stages import status_email
 
-    try:
-        BaseHook.get_connection(SMTP_CONN_ID)
-    except AirflowNotFoundException:
-        msg = f"no Airflow connection {SMTP_CONN_ID!r}; no email sent to {to}"
-        log.info(msg)
-        return msg
-    from airflow.providers.smtp.hooks.smtp import SmtpHook
-
     subject, body = status_email(doc)
-    try:
-        with SmtpHook(smtp_conn_id=SMTP_CONN_ID) as hook:
-            hook.send_email_smtp(to=to, subject=subject, html_content=body)
-    except Exception as e:  # the volume is written; a mail failure must not fail the run
-        log.warning("could not email %s: %s", to, e)
-        return f"email to {to} failed: {e}"
-    return f"emailed {to}"
+    return send_mail(to, subject, body)

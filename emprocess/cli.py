@@ -875,7 +875,7 @@ def demo(
     from emprocess import storage
     from emprocess.errors import EmprocessError
     from emprocess.localrun import run_dag
-    from emprocess.sample import write_sample
+    from emprocess.sample import Drift, write_sample
 
     work = Path(workdir).resolve()
     os.environ[storage.ROOT_ENV] = str(work / "storage")
@@ -889,7 +889,10 @@ def demo(
         print(f"sample stack already in {work / 'storage' / DEMO_SOURCE}")
     else:
         print(f"writing a synthetic stack of {slices} slices of {size}x{size} px with drift ...")
-        write_sample(storage.bucket_url(DEMO_SOURCE), slices, size, size, seed=0)
+        # FIB-SEM drifts by shifts and small rotations, not by scale or shear: the
+        # global solve (regularized toward rigid) is made for that drift.
+        rigid = Drift(max_scale=0.0, max_shear=0.0)
+        write_sample(storage.bucket_url(DEMO_SOURCE), slices, size, size, seed=0, drift=rigid)
     dag, conf_width = _dag_for(width)
     conf = _build_conf(
         id=DEMO_RUN_ID, image="img.%05d.png", minz=0, maxz=slices - 1, source=DEMO_SOURCE,

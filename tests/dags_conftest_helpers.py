@@ -296,6 +296,23 @@ class E2ERun:
         return [json.loads(r.body) for r in reqs if r.path == path]
 
 
+def run_on_local(
+    mp: pytest.MonkeyPatch, dag: Any, conf: dict[str, Any], pool: Any, root: Path
+) -> E2ERun:
+    """:func:`run_e2e` of ``conf`` without a truth, on the local backend under ``root``,
+    through the session's services (``pool``: conftest's ServicePool)."""
+    return run_e2e(
+        mp,
+        dag,
+        conf,
+        {},
+        pool.url("align", "local"),
+        pool.url("emwrite", "local"),
+        backend="local",
+        root=root,
+    )
+
+
 def run_e2e(
     mp: pytest.MonkeyPatch,
     dag: Any,

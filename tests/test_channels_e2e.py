@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 import pytest
 from conftest import SHARED_DATA, ServicePool, unique_bucket
-from dags_conftest_helpers import E2ERun, run_e2e
+from dags_conftest_helpers import E2ERun, run_on_local
 
 from emprocess import affine, storage
 from emprocess.workflow import dag_id
@@ -80,16 +80,7 @@ def run(airflow_db: Path, dag_bag: Any, service_pool: ServicePool, local_root: P
             "neighbors": 1,
             "global_solve": False,
         }
-        return run_e2e(
-            mp,
-            dag_bag.dags[dag_id(1)],
-            conf,
-            {},
-            service_pool.url("align", "local"),
-            service_pool.url("emwrite", "local"),
-            backend="local",
-            root=local_root,
-        )
+        return run_on_local(mp, dag_bag.dags[dag_id(1)], conf, service_pool, local_root)
 
 
 @pytest.fixture(autouse=True)

@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 import pytest
 from conftest import SHARED_DATA, ServicePool, unique_bucket
-from dags_conftest_helpers import E2ERun, read_volume, run_e2e
+from dags_conftest_helpers import E2ERun, read_volume, run_on_local
 from test_emwrite_service import read_cloudvolume
 
 from emprocess import affine, storage
@@ -75,16 +75,7 @@ def _run(
         "intensity": intensity,
         "raw_bits": raw_bits,
     }
-    return run_e2e(
-        mp,
-        dag_bag.dags[dag_id(1)],
-        conf,
-        {},
-        pool.url("align", "local"),
-        pool.url("emwrite", "local"),
-        backend="local",
-        root=root,
-    )
+    return run_on_local(mp, dag_bag.dags[dag_id(1)], conf, pool, root)
 
 
 @pytest.fixture(autouse=True)

@@ -81,7 +81,7 @@ def bench_align(
     """Seconds of wall and CPU per pair, on one core, with the recovered error in px."""
     import cv2
 
-    from emprocess.bench_align import print_align_benchmark, run_align_benchmark
+    from benchmarks.align import print_align_benchmark, run_align_benchmark
 
     cv2.setNumThreads(1)
     print_align_benchmark(run_align_benchmark(tuple(sizes), tuple(downsamples), repeats))
@@ -104,7 +104,7 @@ def bench_emwrite(
     ),
 ) -> None:
     """MB/s per core and peak RSS of every emwrite endpoint, end to end."""
-    from emprocess.bench_emwrite import print_emwrite_benchmark, run_emwrite_benchmark
+    from benchmarks.emwrite import print_emwrite_benchmark, run_emwrite_benchmark
 
     if bits not in (8, 16) or raw_bits not in (8, bits):
         raise typer.BadParameter(
@@ -133,7 +133,7 @@ def bench_solve(
     neighbors: int = typer.Option(4, min=1, max=4, help="Neighbours per slice."),
 ) -> None:
     """Time and peak memory of collect's global solve (targets at 50,000: < 60 s, < 2 GiB)."""
-    from emprocess.bench_solve import print_solve_benchmark, run_solve_benchmark
+    from benchmarks.solve import print_solve_benchmark, run_solve_benchmark
 
     print_solve_benchmark(run_solve_benchmark(sizes, neighbors))
 
@@ -158,7 +158,7 @@ def bench_drift(
     """Accuracy on real FIB-SEM resliced with known drift: today's chain vs the global solve."""
     from pathlib import Path
 
-    from emprocess.bench_drift import print_drift_benchmark, run_drift_benchmark
+    from benchmarks.drift import print_drift_benchmark, run_drift_benchmark
 
     rows = run_drift_benchmark(
         Path(folder),
@@ -191,7 +191,7 @@ def bench_run(
     """
     from pathlib import Path
 
-    from emprocess.bench_run import run_benchmark
+    from benchmarks.run import run_benchmark
 
     logging.getLogger("emprocess.report").setLevel(logging.WARNING)
     result = run_benchmark(
@@ -218,7 +218,7 @@ def bench_scale(
     """
     from pathlib import Path
 
-    from emprocess.bench_scale import run_scale_benchmark
+    from benchmarks.scale import run_scale_benchmark
 
     logging.getLogger("emprocess").setLevel(logging.WARNING)
     result = run_scale_benchmark(
@@ -237,9 +237,9 @@ def bench_plan(
     """Requests, objects, GCS rates, Cloud Run time and cost of a large run (docs/scale.md).
 
     Arithmetic from the measured throughput and stated prices (constants in
-    emprocess/bench_plan.py, each with its source).
+    benchmarks/plan.py, each with its source).
     """
-    from emprocess.bench_plan import make_plan, report
+    from benchmarks.plan import make_plan, report
 
     print(report(make_plan(terabytes * 1e12, side, neighbors)))
 
@@ -247,7 +247,7 @@ def bench_plan(
 @bench_app.command("parse")
 def bench_parse(repeats: int = typer.Option(5, min=1, help="Parses; the median counts.")) -> None:
     """Seconds Airflow takes to parse emprocess.py (all DAGs); target under 1 s."""
-    from emprocess.workflow.bench import bench_parse as run
+    from benchmarks.parse import bench_parse as run
 
     print(run(repeats=repeats).report())
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
+from typer.core import TyperGroup
 
 from emprocess import __version__
 
@@ -68,7 +69,32 @@ def sample(
 WORKERS_HELP = "gunicorn workers of each service (default: one per core, as memory allows)."
 THREADS_HELP = "Request threads per batch task (default: twice the service workers)."
 
-bench_app = typer.Typer(help="Benchmarks that print figures (speed, memory).", no_args_is_help=True)
+BENCH_EXTRA = "pip install -e '.[bench]' in a checkout of the repository"
+
+
+class _BenchGroup(TyperGroup):
+    """``emprocess bench``: says which extra to install when a benchmark cannot import.
+
+    The benchmarks live in the top-level ``benchmarks`` package of the repository (not
+    in the images of the services or in Composer), their dependencies in the ``bench``
+    extra.
+    """
+
+    def invoke(self, ctx: Any) -> Any:  # click.Context, vendored by some typer versions
+        try:
+            return super().invoke(ctx)
+        except ModuleNotFoundError as e:
+            typer.echo(
+                f"error: emprocess bench needs {e.name}, which comes with the benchmarks "
+                f"package and its [bench] extra: {BENCH_EXTRA}",
+                err=True,
+            )
+            raise typer.Exit(1) from None
+
+
+bench_app = typer.Typer(
+    cls=_BenchGroup, help="Benchmarks that print figures (speed, memory).", no_args_is_help=True
+)
 app.add_typer(bench_app, name="bench")
 
 

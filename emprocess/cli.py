@@ -771,6 +771,9 @@ def symlinks(
         help="Hard links instead of symlinks (same file system): what `emprocess run DEST` "
         "needs, since the services refuse links that lead out of the storage root.",
     ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print the links it would make, make none."
+    ),
 ) -> None:
     """Number an image folder's files as symlinks img.00000.png, img.00001.png, ... in DEST.
 
@@ -778,10 +781,14 @@ def symlinks(
     harmless; a file in DEST that is in the way is an error and nothing is created.
     """
     from emprocess.errors import EmprocessError
-    from emprocess.tools import create_symlinks
+    from emprocess.tools import create_symlinks, plan_symlinks
 
     try:
-        links = create_symlinks(src, dest, template, first_z, pattern, hard=hard)
+        if dry_run:
+            plan = plan_symlinks(src, dest, template, first_z, pattern)
+            links = [(str(link), str(target)) for link, target in plan]
+        else:
+            links = create_symlinks(src, dest, template, first_z, pattern, hard=hard)
     except EmprocessError as e:
         raise typer.BadParameter(str(e)) from None
     for link, target in links:
@@ -955,6 +962,21 @@ def _print_outcome(conf: RunConf, doc: dict, seconds: float) -> None:
     print(f"  neuroglancer source: {doc['neuroglancer']}")
     for name, stage in doc.get("stages", {}).items():
         print(f"  stage {name}: {stage}")
+
+
+def run_as_script(command: str, argv: list[str] | None = None, prog: str | None = None) -> None:
+    """Run ``emprocess COMMAND`` under a script's name (scripts/*.py); exits as a CLI does.
+
+    Raises:
+        SystemExit: always; 0 on success, 2 for bad arguments (with the usage).
+    """
+    import sys
+    from pathlib import Path
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    cmd = typer.main.get_command(app).commands[command]  # type: ignore[attr-defined]
+    cmd.main(sys.argv[1:] if argv is None else argv, prog or Path(sys.argv[0]).name)
+    raise SystemExit(0)  # pragma: no cover  (click's main exits itself)
 
 
 def main() -> None:

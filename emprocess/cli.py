@@ -424,7 +424,7 @@ def run(
     from pathlib import Path
 
     from emprocess.errors import EmprocessError
-    from emprocess.localrun import run_dag
+    from emprocess.localrun import RunProgress, run_dag
     from emprocess.localsize import size_local_run
 
     bucket = _use_folder(source)
@@ -441,20 +441,17 @@ def run(
     sizing = size_local_run(workers=workers, threads=threads)
     print(f"local run: {sizing.describe()}", flush=True)
     try:
-        if scheduler:
-            from emprocess.airflowserver import run_with_scheduler
+        with RunProgress(conf.source, conf.id) as progress:
+            if scheduler:
+                from emprocess.airflowserver import run_with_scheduler
 
-            logging.getLogger("emprocess.report").setLevel(logging.WARNING)
-            doc = run_with_scheduler(
-                conf, dag, width, Path(workdir).resolve(), db_url=db_url,
-                on_progress=lambda line: print(line, flush=True),
-                workers=sizing.service_workers(),
-            )  # fmt: skip
-        else:
-            doc = run_dag(
-                conf, dag, Path(workdir).resolve(), sizing=sizing,
-                on_progress=lambda line: print(line, flush=True),
-            )  # fmt: skip
+                logging.getLogger("emprocess.report").setLevel(logging.WARNING)
+                doc = run_with_scheduler(
+                    conf, dag, width, Path(workdir).resolve(), db_url=db_url,
+                    progress=progress, workers=sizing.service_workers(),
+                )  # fmt: skip
+            else:
+                doc = run_dag(conf, dag, Path(workdir).resolve(), sizing=sizing, progress=progress)
     except EmprocessError as e:
         print(f"run failed: {e}")
         raise typer.Exit(1) from None
@@ -609,7 +606,7 @@ def _trigger_rest(
 
     from emprocess import trigger as trig
     from emprocess.airflow_api import AirflowApi
-    from emprocess.localrun import progress_line
+    from emprocess.localrun import RunProgress
 
     api = AirflowApi(api_url, token=token)
     if username and not token:
@@ -627,10 +624,10 @@ def _trigger_rest(
         return
     print(f"following run {parsed.id} of {dag} ...", flush=True)
     logging.getLogger("emprocess.report").setLevel(logging.WARNING)  # one line per poll
-    outcome = trig.follow_run(
-        api, dag, parsed.id, lambda: progress_line(parsed.source, parsed.id),
-        on_line=lambda line: print(line, flush=True), poll_s=poll_s, timeout_s=timeout_s,
-    )  # fmt: skip
+    with RunProgress(parsed.source, parsed.id) as progress:
+        outcome = trig.follow_run(
+            api, dag, parsed.id, progress.poll, poll_s=poll_s, timeout_s=timeout_s
+        )
     peak = trig.peak_concurrency(outcome.task_instances)
     print(
         f"\nrun {parsed.id} of {dag}: {outcome.state} after {outcome.seconds:.0f} s; "
@@ -907,7 +904,7 @@ def demo(
 
     from emprocess import storage
     from emprocess.errors import EmprocessError
-    from emprocess.localrun import run_dag
+    from emprocess.localrun import RunProgress, run_dag
     from emprocess.sample import Drift, write_sample
 
     work = Path(workdir).resolve()
@@ -933,7 +930,8 @@ def demo(
     )  # fmt: skip
     print(f"running {dag} ...")
     try:
-        doc = run_dag(conf, dag, work, on_progress=lambda line: print(line, flush=True))
+        with RunProgress(conf.source, conf.id) as progress:
+            doc = run_dag(conf, dag, work, progress=progress)
     except EmprocessError as e:
         print(f"demo failed: {e}")
         raise typer.Exit(1) from None

@@ -687,7 +687,15 @@ def view(
 
     from emprocess import storage
     from emprocess.errors import EmprocessError
-    from emprocess.view import gcs_view, neuroglancer_source, serve_run
+
+    try:
+        from emprocess.view import gcs_view, neuroglancer_source, serve_run
+    except ModuleNotFoundError as e:  # werkzeug, the local data server's
+        missing = (e.name or "werkzeug").split(".")[0]
+        typer.echo(
+            f"error: emprocess view needs {missing}: pip install 'clio-ingest[view]'", err=True
+        )
+        raise typer.Exit(1) from None
 
     if storage.local_root() is None:
         result = gcs_view(source, run_id, raw=raw, timeout_s=timeout)

@@ -510,7 +510,7 @@ def _import_neuroglancer() -> Any:
         import neuroglancer
     except ImportError:
         raise EmprocessError(
-            "local viewing needs the neuroglancer package: pip install 'neuroglancer>=2.40'"
+            "local viewing needs the neuroglancer package: pip install 'clio-ingest[view]'"
         ) from None
     return neuroglancer
 

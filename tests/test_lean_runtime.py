@@ -100,6 +100,11 @@ def test_services_answer_with_the_report_bench_and_airflow_modules_blocked(tmp_p
             ["bench", "run", "--slices", "2"],
             "needs psutil, which comes with the benchmarks",
         ),
+        (
+            "werkzeug",
+            ["view", "r1", "--source", "lean"],
+            "needs werkzeug: pip install 'clio-ingest[view]'",
+        ),
     ],
 )
 def test_a_missing_extra_is_named(

@@ -17,7 +17,7 @@ import secrets
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +25,7 @@ from typing import Any
 
 from emprocess.errors import EmprocessError
 from emprocess.layout import COMPLETE
-from emprocess.localrun import Services, _airflow, airflow_env, free_port, wait_http
+from emprocess.localrun import RunProgress, Services, _airflow, airflow_env, free_port, wait_http
 from emprocess.workflow import POOL, POOL_SLOTS
 
 log = logging.getLogger(__name__)
@@ -189,7 +189,7 @@ def run_with_scheduler(
     dag_id: str,
     width: int,
     workdir: Path,
-    on_progress: Callable[[str], None] | None = None,
+    progress: RunProgress | None = None,
     db_url: str | None = None,
     poll_s: float = 2.0,
     workers: Mapping[str, int] | None = None,
@@ -205,7 +205,7 @@ def run_with_scheduler(
     """
     from emprocess import storage
     from emprocess.airflow_api import AirflowApi
-    from emprocess.localrun import RunFailed, local_services, progress_line
+    from emprocess.localrun import RunFailed, local_services
     from emprocess.trigger import check_ready, follow_run, trigger_run
 
     root = storage.local_root()
@@ -225,10 +225,8 @@ def run_with_scheduler(
         check_ready(api, dag_id, width, unpause=True)
         run_id = f"{conf.id}-{time.strftime('%Y%m%dT%H%M%S')}"  # a re-run redoes nothing cached
         trigger_run(api, dag_id, run_id, conf.to_json())
-        outcome = follow_run(
-            api, dag_id, run_id, lambda: progress_line(conf.source, conf.id),
-            on_line=on_progress, poll_s=poll_s,
-        )  # fmt: skip
+        on_poll = progress.poll if progress else None
+        outcome = follow_run(api, dag_id, run_id, on_poll, poll_s=poll_s)
     if outcome.state != "success":
         raise RunFailed(
             f"{dag_id} run {run_id} {outcome.state}: failed tasks {outcome.failed}: "

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
+from typer.core import TyperGroup
 
 from emprocess import __version__
 
@@ -68,7 +69,32 @@ def sample(
 WORKERS_HELP = "gunicorn workers of each service (default: one per core, as memory allows)."
 THREADS_HELP = "Request threads per batch task (default: twice the service workers)."
 
-bench_app = typer.Typer(help="Benchmarks that print figures (speed, memory).", no_args_is_help=True)
+BENCH_EXTRA = "pip install -e '.[bench]' in a checkout of the repository"
+
+
+class _BenchGroup(TyperGroup):
+    """``emprocess bench``: says which extra to install when a benchmark cannot import.
+
+    The benchmarks live in the top-level ``benchmarks`` package of the repository (not
+    in the images of the services or in Composer), their dependencies in the ``bench``
+    extra.
+    """
+
+    def invoke(self, ctx: Any) -> Any:  # click.Context, vendored by some typer versions
+        try:
+            return super().invoke(ctx)
+        except ModuleNotFoundError as e:
+            typer.echo(
+                f"error: emprocess bench needs {e.name}, which comes with the benchmarks "
+                f"package and its [bench] extra: {BENCH_EXTRA}",
+                err=True,
+            )
+            raise typer.Exit(1) from None
+
+
+bench_app = typer.Typer(
+    cls=_BenchGroup, help="Benchmarks that print figures (speed, memory).", no_args_is_help=True
+)
 app.add_typer(bench_app, name="bench")
 
 
@@ -81,7 +107,7 @@ def bench_align(
     """Seconds of wall and CPU per pair, on one core, with the recovered error in px."""
     import cv2
 
-    from emprocess.bench_align import print_align_benchmark, run_align_benchmark
+    from benchmarks.align import print_align_benchmark, run_align_benchmark
 
     cv2.setNumThreads(1)
     print_align_benchmark(run_align_benchmark(tuple(sizes), tuple(downsamples), repeats))
@@ -104,7 +130,7 @@ def bench_emwrite(
     ),
 ) -> None:
     """MB/s per core and peak RSS of every emwrite endpoint, end to end."""
-    from emprocess.bench_emwrite import print_emwrite_benchmark, run_emwrite_benchmark
+    from benchmarks.emwrite import print_emwrite_benchmark, run_emwrite_benchmark
 
     if bits not in (8, 16) or raw_bits not in (8, bits):
         raise typer.BadParameter(
@@ -133,7 +159,7 @@ def bench_solve(
     neighbors: int = typer.Option(4, min=1, max=4, help="Neighbours per slice."),
 ) -> None:
     """Time and peak memory of collect's global solve (targets at 50,000: < 60 s, < 2 GiB)."""
-    from emprocess.bench_solve import print_solve_benchmark, run_solve_benchmark
+    from benchmarks.solve import print_solve_benchmark, run_solve_benchmark
 
     print_solve_benchmark(run_solve_benchmark(sizes, neighbors))
 
@@ -158,7 +184,7 @@ def bench_drift(
     """Accuracy on real FIB-SEM resliced with known drift: today's chain vs the global solve."""
     from pathlib import Path
 
-    from emprocess.bench_drift import print_drift_benchmark, run_drift_benchmark
+    from benchmarks.drift import print_drift_benchmark, run_drift_benchmark
 
     rows = run_drift_benchmark(
         Path(folder),
@@ -191,7 +217,7 @@ def bench_run(
     """
     from pathlib import Path
 
-    from emprocess.bench_run import run_benchmark
+    from benchmarks.run import run_benchmark
 
     logging.getLogger("emprocess.report").setLevel(logging.WARNING)
     result = run_benchmark(
@@ -218,7 +244,7 @@ def bench_scale(
     """
     from pathlib import Path
 
-    from emprocess.bench_scale import run_scale_benchmark
+    from benchmarks.scale import run_scale_benchmark
 
     logging.getLogger("emprocess").setLevel(logging.WARNING)
     result = run_scale_benchmark(
@@ -237,9 +263,9 @@ def bench_plan(
     """Requests, objects, GCS rates, Cloud Run time and cost of a large run (docs/scale.md).
 
     Arithmetic from the measured throughput and stated prices (constants in
-    emprocess/bench_plan.py, each with its source).
+    benchmarks/plan.py, each with its source).
     """
-    from emprocess.bench_plan import make_plan, report
+    from benchmarks.plan import make_plan, report
 
     print(report(make_plan(terabytes * 1e12, side, neighbors)))
 
@@ -247,7 +273,7 @@ def bench_plan(
 @bench_app.command("parse")
 def bench_parse(repeats: int = typer.Option(5, min=1, help="Parses; the median counts.")) -> None:
     """Seconds Airflow takes to parse emprocess.py (all DAGs); target under 1 s."""
-    from emprocess.workflow.bench import bench_parse as run
+    from benchmarks.parse import bench_parse as run
 
     print(run(repeats=repeats).report())
 
@@ -398,7 +424,7 @@ def run(
     from pathlib import Path
 
     from emprocess.errors import EmprocessError
-    from emprocess.localrun import run_dag
+    from emprocess.localrun import RunProgress, run_dag
     from emprocess.localsize import size_local_run
 
     bucket = _use_folder(source)
@@ -415,20 +441,17 @@ def run(
     sizing = size_local_run(workers=workers, threads=threads)
     print(f"local run: {sizing.describe()}", flush=True)
     try:
-        if scheduler:
-            from emprocess.airflowserver import run_with_scheduler
+        with RunProgress(conf.source, conf.id) as progress:
+            if scheduler:
+                from emprocess.airflowserver import run_with_scheduler
 
-            logging.getLogger("emprocess.report").setLevel(logging.WARNING)
-            doc = run_with_scheduler(
-                conf, dag, width, Path(workdir).resolve(), db_url=db_url,
-                on_progress=lambda line: print(line, flush=True),
-                workers=sizing.service_workers(),
-            )  # fmt: skip
-        else:
-            doc = run_dag(
-                conf, dag, Path(workdir).resolve(), sizing=sizing,
-                on_progress=lambda line: print(line, flush=True),
-            )  # fmt: skip
+                logging.getLogger("emprocess.report").setLevel(logging.WARNING)
+                doc = run_with_scheduler(
+                    conf, dag, width, Path(workdir).resolve(), db_url=db_url,
+                    progress=progress, workers=sizing.service_workers(),
+                )  # fmt: skip
+            else:
+                doc = run_dag(conf, dag, Path(workdir).resolve(), sizing=sizing, progress=progress)
     except EmprocessError as e:
         print(f"run failed: {e}")
         raise typer.Exit(1) from None
@@ -583,7 +606,7 @@ def _trigger_rest(
 
     from emprocess import trigger as trig
     from emprocess.airflow_api import AirflowApi
-    from emprocess.localrun import progress_line
+    from emprocess.localrun import RunProgress
 
     api = AirflowApi(api_url, token=token)
     if username and not token:
@@ -601,10 +624,10 @@ def _trigger_rest(
         return
     print(f"following run {parsed.id} of {dag} ...", flush=True)
     logging.getLogger("emprocess.report").setLevel(logging.WARNING)  # one line per poll
-    outcome = trig.follow_run(
-        api, dag, parsed.id, lambda: progress_line(parsed.source, parsed.id),
-        on_line=lambda line: print(line, flush=True), poll_s=poll_s, timeout_s=timeout_s,
-    )  # fmt: skip
+    with RunProgress(parsed.source, parsed.id) as progress:
+        outcome = trig.follow_run(
+            api, dag, parsed.id, progress.poll, poll_s=poll_s, timeout_s=timeout_s
+        )
     peak = trig.peak_concurrency(outcome.task_instances)
     print(
         f"\nrun {parsed.id} of {dag}: {outcome.state} after {outcome.seconds:.0f} s; "
@@ -664,7 +687,15 @@ def view(
 
     from emprocess import storage
     from emprocess.errors import EmprocessError
-    from emprocess.view import gcs_view, neuroglancer_source, serve_run
+
+    try:
+        from emprocess.view import gcs_view, neuroglancer_source, serve_run
+    except ModuleNotFoundError as e:  # werkzeug, the local data server's
+        missing = (e.name or "werkzeug").split(".")[0]
+        typer.echo(
+            f"error: emprocess view needs {missing}: pip install 'clio-ingest[view]'", err=True
+        )
+        raise typer.Exit(1) from None
 
     if storage.local_root() is None:
         result = gcs_view(source, run_id, raw=raw, timeout_s=timeout)
@@ -745,6 +776,9 @@ def symlinks(
         help="Hard links instead of symlinks (same file system): what `emprocess run DEST` "
         "needs, since the services refuse links that lead out of the storage root.",
     ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print the links it would make, make none."
+    ),
 ) -> None:
     """Number an image folder's files as symlinks img.00000.png, img.00001.png, ... in DEST.
 
@@ -752,10 +786,14 @@ def symlinks(
     harmless; a file in DEST that is in the way is an error and nothing is created.
     """
     from emprocess.errors import EmprocessError
-    from emprocess.tools import create_symlinks
+    from emprocess.tools import create_symlinks, plan_symlinks
 
     try:
-        links = create_symlinks(src, dest, template, first_z, pattern, hard=hard)
+        if dry_run:
+            plan = plan_symlinks(src, dest, template, first_z, pattern)
+            links = [(str(link), str(target)) for link, target in plan]
+        else:
+            links = create_symlinks(src, dest, template, first_z, pattern, hard=hard)
     except EmprocessError as e:
         raise typer.BadParameter(str(e)) from None
     for link, target in links:
@@ -874,7 +912,7 @@ def demo(
 
     from emprocess import storage
     from emprocess.errors import EmprocessError
-    from emprocess.localrun import run_dag
+    from emprocess.localrun import RunProgress, run_dag
     from emprocess.sample import Drift, write_sample
 
     work = Path(workdir).resolve()
@@ -900,7 +938,8 @@ def demo(
     )  # fmt: skip
     print(f"running {dag} ...")
     try:
-        doc = run_dag(conf, dag, work, on_progress=lambda line: print(line, flush=True))
+        with RunProgress(conf.source, conf.id) as progress:
+            doc = run_dag(conf, dag, work, progress=progress)
     except EmprocessError as e:
         print(f"demo failed: {e}")
         raise typer.Exit(1) from None
@@ -929,6 +968,21 @@ def _print_outcome(conf: RunConf, doc: dict, seconds: float) -> None:
     print(f"  neuroglancer source: {doc['neuroglancer']}")
     for name, stage in doc.get("stages", {}).items():
         print(f"  stage {name}: {stage}")
+
+
+def run_as_script(command: str, argv: list[str] | None = None, prog: str | None = None) -> None:
+    """Run ``emprocess COMMAND`` under a script's name (scripts/*.py); exits as a CLI does.
+
+    Raises:
+        SystemExit: always; 0 on success, 2 for bad arguments (with the usage).
+    """
+    import sys
+    from pathlib import Path
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    cmd = typer.main.get_command(app).commands[command]  # type: ignore[attr-defined]
+    cmd.main(sys.argv[1:] if argv is None else argv, prog or Path(sys.argv[0]).name)
+    raise SystemExit(0)  # pragma: no cover  (click's main exits itself)
 
 
 def main() -> None:

@@ -20,11 +20,14 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
 
 from emprocess import storage
 from emprocess.errors import EmprocessError, NotFound
@@ -173,24 +176,53 @@ def ensure_airflow_db(env: dict[str, str], log_file: Path) -> None:
 # -- progress from the process bucket -------------------------------------------------
 
 
-def progress_line(source: str, run_id: str, width: int = 24) -> str:
-    """One line of per-stage bars, from the process bucket alone (as ``emprocess report``)."""
-    from emprocess.report import load_run
+class RunProgress:
+    """A run's progress bars, one per stage, read from its process bucket alone.
 
-    try:
-        report = load_run(source, run_id, read_records=False)
-    except NotFound:  # validate / create_env have not written the run's records yet
-        return "starting ..."
-    parts = []
-    for s in report.stages:
-        if s.skipped:
-            continue
-        if s.total:
-            filled = round(width * min(1.0, s.done / s.total))
-            parts.append(f"{s.label} [{'#' * filled}{'.' * (width - filled)}] {s.done}/{s.total}")
-        else:
-            parts.append(f"{s.label} {s.done}/?")
-    return "  ".join(parts)
+    rich draws them: on a terminal they redraw in place; in a log or a pipe each change
+    is one printed line of counts (``[running] align pairs 12/24  write slices 0/12``)
+    and the bars are printed once at the end.
+    """
+
+    def __init__(self, source: str, run_id: str, console: Console | None = None) -> None:
+        self.source, self.run_id = source, run_id
+        self.console = console or Console()
+        self._bars = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            console=self.console,
+            auto_refresh=self.console.is_terminal,
+        )
+        self._tasks: dict[str, TaskID] = {}
+        self._last = ""
+
+    def __enter__(self) -> RunProgress:
+        self._bars.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._bars.stop()
+
+    def poll(self, state: str = "") -> str:
+        """Read the process bucket and move the bars; returns the line of counts."""
+        from emprocess.report import load_run
+
+        try:
+            stages = load_run(self.source, self.run_id, read_records=False).stages
+        except NotFound:  # validate / create_env have not written the run's records yet
+            stages = ()
+        counts = []
+        for s in (s for s in stages if not s.skipped):
+            if s.label not in self._tasks:
+                self._tasks[s.label] = self._bars.add_task(s.label, total=s.total)
+            self._bars.update(self._tasks[s.label], total=s.total, completed=s.done)
+            counts.append(f"{s.label} {s.done}/{s.total if s.total else '?'}")
+        line = (f"[{state}] " if state else "") + ("  ".join(counts) or "starting ...")
+        if line != self._last and not self.console.is_terminal:
+            self.console.print(line, markup=False, highlight=False, soft_wrap=True)
+        self._last = line
+        return line
 
 
 # -- the run --------------------------------------------------------------------------
@@ -200,7 +232,7 @@ def run_dag(
     conf: Any,
     dag_id: str,
     workdir: Path,
-    on_progress: Callable[[str], None] | None = None,
+    progress: RunProgress | None = None,
     poll_s: float = 2.0,
     sizing: LocalSizing | None = None,
     services: Services | None = None,
@@ -211,7 +243,7 @@ def run_dag(
         conf: a validated :class:`emprocess.workflow.conf.RunConf`.
         dag_id: e.g. ``emprocess_width4_v0.2``.
         workdir: holds ``airflow/`` (home, database, logs) and the service logs.
-        on_progress: called with a one-line progress summary whenever it changes.
+        progress: the bars to move, polled every ``poll_s`` seconds.
         poll_s: seconds between progress polls of the process bucket.
         sizing: service workers and request threads (default: :func:`size_local_run`).
         services: services already running (a benchmark's stand-ins); default: start both.
@@ -237,18 +269,15 @@ def run_dag(
         log.info("running %s; Airflow log: %s", dag_id, run_log)
         with open(run_log, "wb") as out:
             proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
-            last = ""
             try:
                 while proc.poll() is None:
                     time.sleep(poll_s)
-                    line = progress_line(conf.source, conf.id)
-                    if on_progress and line != last:
-                        on_progress(line)
-                        last = line
+                    if progress:
+                        progress.poll()
             finally:
                 stop_process(proc)
-        if on_progress:
-            on_progress(progress_line(conf.source, conf.id))
+        if progress:
+            progress.poll()
     complete_url = conf.process_url(COMPLETE)
     text = run_log.read_text(errors="replace")
     if proc.returncode != 0 or not storage.exists(complete_url) or "state=failed" in text.lower():

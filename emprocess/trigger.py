@@ -188,34 +188,26 @@ def follow_run(
     api: AirflowApi,
     dag_id: str,
     run_id: str,
-    progress: Callable[[], str] | None = None,
-    on_line: Callable[[str], None] | None = None,
+    on_poll: Callable[[str], Any] | None = None,
     poll_s: float = 2.0,
     timeout_s: float | None = None,
 ) -> RunOutcome:
-    """Poll the run until it succeeds or fails, reporting ``progress()`` when it changes.
+    """Poll the run until it succeeds or fails, calling ``on_poll(state)`` at each poll.
 
     Args:
-        progress: a one-line per-stage progress (``emprocess run``'s, from the process
-            bucket); without it, counts of task states.
-        on_line: called with each new line.
+        on_poll: e.g. :meth:`emprocess.localrun.RunProgress.poll`, the per-stage bars.
         timeout_s: give up (raise) after this long; None waits for ever.
     """
     t0 = time.monotonic()
-    last = ""
     while True:
         run = api.dag_run(dag_id, run_id)
         if run is None:
             raise EmprocessError(f"DAG {dag_id} has no run {run_id!r}")
         state = str(run.get("state"))
-        done = state in FINAL_STATES
-        tis = api.task_instances(dag_id, run_id) if done or progress is None else []
-        line = progress() if progress else _state_counts(tis)
-        line = f"[{state}] {line}"
-        if on_line and line != last:
-            on_line(line)
-            last = line
-        if done:
+        if on_poll:
+            on_poll(state)
+        if state in FINAL_STATES:
+            tis = api.task_instances(dag_id, run_id)
             break
         if timeout_s is not None and time.monotonic() - t0 > timeout_s:
             raise EmprocessError(f"run {run_id} of {dag_id} still {state} after {timeout_s} s")
@@ -244,14 +236,6 @@ def follow_run(
 def _ti_name(ti: Mapping[str, Any]) -> str:
     index = ti.get("map_index", -1)
     return str(ti["task_id"]) + (f"[{index}]" if index is not None and index >= 0 else "")
-
-
-def _state_counts(tis: Iterable[Mapping[str, Any]]) -> str:
-    counts: dict[str, int] = {}
-    for ti in tis:
-        key = str(ti.get("state") or "none")
-        counts[key] = counts.get(key, 0) + 1
-    return ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no tasks yet"
 
 
 def _error_of(log_text: str) -> str:

@@ -18,22 +18,28 @@ import json
 import logging
 import math
 import mimetypes
-import re
 import threading
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from werkzeug.exceptions import HTTPException
+from werkzeug.serving import WSGIRequestHandler, make_server
+from werkzeug.utils import send_file
+from werkzeug.wrappers import Request, Response
 
 from emprocess import storage
 from emprocess.errors import EmprocessError, InvalidInput, NotFound
 from emprocess.layout import COMPLETE, JPEG_PATH, RAW_PATH, RunLayout
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIEnvironment
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +49,6 @@ DEFAULT_RESOLUTION_NM = 8.0
 PUBLIC_CHECK_TIMEOUT_S = 5.0
 OVERVIEW_PX = 512  # screen pixels a section should fit in when a view opens
 PROJECTION_MARGIN = 1.5  # 3D view height / the volume's largest extent
-_COPY_BYTES = 1 << 20
 _MAX_RECORDS = 10_000
 
 
@@ -330,48 +335,25 @@ class RequestRecord:
     status: int
 
 
-_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+_CORS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Expose-Headers": "Content-Range, Content-Length, Accept-Ranges, Content-Type, ETag",
+}
+_PREFLIGHT = {
+    "Access-Control-Allow-Methods": "GET, HEAD, OPTIONS",
+    "Access-Control-Allow-Headers": "Range, Content-Type, If-None-Match",
+    "Access-Control-Max-Age": "3600",
+}
 
 
-class RangeNotSatisfiable(InvalidInput):
-    """The requested byte range lies beyond the end of the file (HTTP 416)."""
+class _DataApp:
+    """The WSGI app of :class:`DataServer`: files under the mounts, CORS on every answer.
 
-
-def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
-    """A single ``Range: bytes=...`` header as a half-open [start, end) of a ``size``-byte file.
-
-    Returns:
-        (start, end); None when the header is absent, malformed or asks for several
-        ranges (the whole file is sent, as RFC 9110 allows).
-
-    Raises:
-        RangeNotSatisfiable: the range starts at or beyond the end of the file.
+    werkzeug's ``send_file(conditional=True)`` answers the byte ranges (206, or 416 for a
+    range the file cannot satisfy) and the conditional requests (ETag, 304).
     """
-    if header is None:
-        return None
-    m = _RANGE.match(header.strip())
-    if not m or (not m.group(1) and not m.group(2)):
-        return None
-    first, last = m.group(1), m.group(2)
-    if not first:  # suffix: the last N bytes
-        n = int(last)
-        if n == 0 or size == 0:
-            raise RangeNotSatisfiable(f"{header!r} of a {size}-byte file")
-        return max(0, size - n), size
-    start = int(first)
-    end = size if not last else min(size, int(last) + 1)
-    if last and int(last) < start:
-        return None
-    if start >= size:
-        raise RangeNotSatisfiable(f"{header!r} of a {size}-byte file")
-    return start, end
 
-
-class _DataHTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, address: tuple[str, int], mounts: Mapping[str, Path]) -> None:
+    def __init__(self, mounts: Mapping[str, Path]) -> None:
         # Longest prefix first, so "a/b" wins over "a".
         self.mounts = sorted(
             ((tuple(p for p in k.split("/") if p), Path(v).resolve()) for k, v in mounts.items()),
@@ -379,55 +361,48 @@ class _DataHTTPServer(ThreadingHTTPServer):
         )
         self.records: deque[RequestRecord] = deque(maxlen=_MAX_RECORDS)
         self.records_lock = threading.Lock()
-        super().__init__(address, _DataHandler)
 
-
-class _DataHandler(BaseHTTPRequestHandler):
-    """GET/HEAD with single byte ranges, OPTIONS preflight, CORS for any origin."""
-
-    server: _DataHTTPServer
-    protocol_version = "HTTP/1.1"
-    server_version = "emprocess-view"
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("data server: " + format, *args)
-
-    def _record(self, status: int) -> None:
-        rec = RequestRecord(self.command, self.path, self.headers.get("Range"), status)
-        with self.server.records_lock:
-            self.server.records.append(rec)
-
-    def _cors(self) -> None:
-        self.send_header("Access-Control-Allow-Origin", "*")
-        self.send_header(
-            "Access-Control-Expose-Headers",
-            "Content-Range, Content-Length, Accept-Ranges, Content-Type",
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        request = Request(environ)
+        try:
+            response = self._answer(request)
+        except HTTPException as e:  # 416 from send_file, with its Content-Range
+            response = e.get_response(environ)
+        response.headers.update(_CORS)
+        rec = RequestRecord(
+            request.method,
+            environ.get("REQUEST_URI") or request.full_path,
+            request.headers.get("Range"),
+            response.status_code,
         )
+        with self.records_lock:
+            self.records.append(rec)
+        return response(environ, start_response)
 
-    def _plain(self, status: int, text: str, extra: Mapping[str, str] | None = None) -> None:
-        body = (text + "\n").encode()
-        self.send_response(status)
-        self._cors()
-        for k, v in (extra or {}).items():
-            self.send_header(k, v)
-        self.send_header("Content-Type", "text/plain; charset=utf-8")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-        self._record(status)
+    def _answer(self, request: Request) -> Response:
+        if request.method == "OPTIONS":
+            return Response(status=204, headers=_PREFLIGHT)
+        if request.method not in ("GET", "HEAD"):
+            return _plain(405, "method not allowed")
+        target = self._resolve(request.path)
+        if isinstance(target, int):
+            return _plain(target, {400: "bad request", 403: "forbidden"}.get(target, "not found"))
+        ctype = "application/json" if target.name == "info" else None
+        ctype = ctype or mimetypes.guess_type(target.name)[0] or "application/octet-stream"
+        try:
+            return send_file(target, request.environ, mimetype=ctype, conditional=True)
+        except OSError:  # gone, or unreadable, since _resolve looked
+            return _plain(404, "not found")
 
-    def _resolve(self) -> Path | int:
-        """The file a request path names, or the HTTP status to refuse it with."""
-        raw_path = urllib.parse.urlsplit(self.path).path
-        path = urllib.parse.unquote(raw_path)
+    def _resolve(self, path: str) -> Path | int:
+        """The file a (decoded) request path names, or the HTTP status to refuse it with."""
         if "\x00" in path:  # a NUL (raw or %00) names no file: a bad request
             return 400
         parts = path.split("/")
         if any(p in ("..", ".") or "\\" in p for p in parts):
             return 403
         parts = [p for p in parts if p]
-        for prefix, root in self.server.mounts:
+        for prefix, root in self.mounts:
             if tuple(parts[: len(prefix)]) == prefix:
                 target = root.joinpath(*parts[len(prefix) :]).resolve()
                 if not target.is_relative_to(root):  # e.g. a symlink out of the folder
@@ -435,70 +410,25 @@ class _DataHandler(BaseHTTPRequestHandler):
                 return target if target.is_file() else 404
         return 404
 
-    def do_OPTIONS(self) -> None:
-        self.send_response(204)
-        self._cors()
-        self.send_header("Access-Control-Allow-Methods", "GET, HEAD, OPTIONS")
-        self.send_header("Access-Control-Allow-Headers", "Range, Content-Type")
-        self.send_header("Access-Control-Max-Age", "3600")
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-        self._record(204)
 
-    def do_HEAD(self) -> None:
-        self.do_GET()
+def _plain(status: int, text: str) -> Response:
+    return Response(text + "\n", status=status, mimetype="text/plain")
 
-    def do_GET(self) -> None:
-        target = self._resolve()
-        if isinstance(target, int):
-            text = {400: "bad request", 403: "forbidden"}.get(target, "not found")
-            self._plain(target, text)
-            return
-        try:
-            f = target.open("rb")
-        except OSError:
-            self._plain(404, "not found")
-            return
-        with f:
-            size = target.stat().st_size
-            try:
-                byte_range = parse_range(self.headers.get("Range"), size)
-            except RangeNotSatisfiable:
-                self._plain(416, "range not satisfiable", {"Content-Range": f"bytes */{size}"})
-                return
-            self.send_response(206 if byte_range else 200)
-            start, end = byte_range or (0, size)
-            self._cors()
-            self.send_header("Accept-Ranges", "bytes")
-            if byte_range:
-                self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
-            ctype = "application/json" if target.name == "info" else None
-            ctype = ctype or mimetypes.guess_type(target.name)[0] or "application/octet-stream"
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(end - start))
-            self.end_headers()
-            self._record(206 if byte_range else 200)
-            if self.command == "HEAD":
-                return
-            f.seek(start)
-            try:
-                remaining = end - start
-                while remaining > 0:
-                    chunk = f.read(min(_COPY_BYTES, remaining))
-                    if not chunk:
-                        break
-                    self.wfile.write(chunk)
-                    remaining -= len(chunk)
-            except (BrokenPipeError, ConnectionResetError):
-                log.debug("client closed the connection during %s", self.path)
+
+class _QuietHandler(WSGIRequestHandler):
+    """werkzeug's request handler, logging each request at DEBUG instead of INFO."""
+
+    def log(self, type: str, message: str, *args: Any) -> None:
+        log.debug("data server: " + message, *args)
 
 
 class DataServer:
     """Serves local folders over HTTP the way GCS serves a public bucket to neuroglancer.
 
-    Byte ranges (206 Partial Content, which sharded volumes need), HEAD, OPTIONS
-    preflight and ``Access-Control-Allow-Origin: *``; paths outside the folders are
-    refused (403) and missing files are 404. Runs in a background thread.
+    werkzeug serves the files: byte ranges (206 Partial Content, which sharded volumes
+    need; 416 for one the file cannot satisfy, or several), ETags with 304 Not Modified,
+    HEAD; we add OPTIONS preflight and ``Access-Control-Allow-Origin: *``. Paths outside
+    the folders are refused (403) and missing files are 404. Runs in a background thread.
 
     Args:
         mounts: URL path prefix (e.g. "neuroglancer/jpeg") -> folder served under it.
@@ -510,7 +440,10 @@ class DataServer:
         for prefix, folder in mounts.items():
             if not Path(folder).is_dir():
                 raise NotFound(f"cannot serve {prefix!r}: {folder} is not a folder")
-        self._httpd = _DataHTTPServer((host, port), mounts)
+        self._app = _DataApp(mounts)
+        self._httpd = make_server(
+            host, port, self._app, threaded=True, request_handler=_QuietHandler
+        )
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, args=(0.1,), name="emprocess-data-server", daemon=True
         )
@@ -525,8 +458,8 @@ class DataServer:
     @property
     def records(self) -> list[RequestRecord]:
         """The requests answered so far (the last 10,000), oldest first."""
-        with self._httpd.records_lock:
-            return list(self._httpd.records)
+        with self._app.records_lock:
+            return list(self._app.records)
 
     def stop(self) -> None:
         """Stop serving and close the socket; repeating it is harmless."""
@@ -577,7 +510,7 @@ def _import_neuroglancer() -> Any:
         import neuroglancer
     except ImportError:
         raise EmprocessError(
-            "local viewing needs the neuroglancer package: pip install 'neuroglancer>=2.40'"
+            "local viewing needs the neuroglancer package: pip install 'clio-ingest[view]'"
         ) from None
     return neuroglancer
 
@@ -662,7 +595,6 @@ __all__ = [
     "DataServer",
     "GcsView",
     "PublicCheck",
-    "RangeNotSatisfiable",
     "RequestRecord",
     "ViewSession",
     "VolumeGeometry",
@@ -674,7 +606,6 @@ __all__ = [
     "neuroglancer_link",
     "neuroglancer_source",
     "ng_bucket",
-    "parse_range",
     "serve_run",
     "viewer_state",
 ]

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from emprocess import affine
-from emprocess.bench_align import (
+from benchmarks.align import (
     make_pair,
     print_align_benchmark,
     run_align_benchmark,
     synthetic_texture,
 )
+from emprocess import affine
 from emprocess.errors import InvalidInput
 from emprocess.kernels.align import (
     AlignParams,

@@ -6,7 +6,7 @@ import math
 
 from typer.testing import CliRunner
 
-from emprocess import bench_plan as bp
+from benchmarks import plan as bp
 from emprocess.cli import app
 
 

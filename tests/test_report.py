@@ -618,6 +618,40 @@ def test_report_of_a_real_finished_run(
     print(f"report of the real {backend} run: {report.summary_text().splitlines()[0]}")
 
 
+def test_progress_bars_of_a_real_finished_run(
+    finished_run: FinishedRun, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``emprocess run``'s bars (rich) in a log: one line of counts per change, the bars at the end."""
+    import io
+
+    from rich.console import Console
+
+    from emprocess.localrun import RunProgress
+
+    source, run_id, _, root = finished_run
+    if root is None:
+        monkeypatch.delenv("EMPROCESS_STORAGE_ROOT", raising=False)
+    else:
+        monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", str(root))
+    log = io.StringIO()
+    with RunProgress(source, "no-such-run", Console(file=log, width=100)) as waiting:
+        assert waiting.poll("queued") == "[queued] starting ..."
+    labels = [s.label for s in load_run(source, run_id, read_records=False).stages]
+    with RunProgress(source, run_id, Console(file=log, width=100)) as progress:
+        line = progress.poll("running")
+        assert progress.poll("running") == line  # unchanged: not printed again
+        progress.poll("success")
+    totals = (11, 12, 1, 1)
+    assert line == "[running] " + "  ".join(
+        f"{lb} {n}/{n}" for lb, n in zip(labels, totals, strict=True)
+    )
+    printed = [ln for ln in log.getvalue().splitlines() if ln.strip()]
+    assert printed[:3] == ["[queued] starting ...", line, line.replace("running", "success")]
+    bars = printed[3:]  # rich's bars, printed once when they stop
+    assert [b.split()[-1] for b in bars] == [f"{n}/{n}" for n in totals]
+    assert all(b.startswith(lb) and "━" in b for b, lb in zip(bars, labels, strict=True))
+
+
 # -- the notebook --------------------------------------------------------------------
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from dags_conftest_helpers import Answer, Request, ScriptedServer
+from tenacity import RetryCallState, Retrying
 
 from emprocess import storage
 from emprocess.errors import EmprocessError
@@ -17,6 +18,7 @@ from emprocess.workflow.batch import (
     BatchError,
     HttpSettings,
     MiniTask,
+    ServiceError,
     connection_base_url,
     read_cached,
     run_batch,
@@ -203,14 +205,23 @@ def test_token_source_only_for_https() -> None:
     assert source.audience == "https://svc-abc.a.run.app"
 
 
+def _failed_try(attempt: int, retry_after_s: float | None = None) -> RetryCallState:
+    """tenacity's state after try ``attempt`` failed with a retryable ServiceError."""
+    state = RetryCallState(Retrying(), fn=None, args=(), kwargs={})
+    state.attempt_number = attempt
+    error = ServiceError("503", retryable=True, status=503, retry_after_s=retry_after_s)
+    state.set_exception((ServiceError, error, None))
+    return state
+
+
 def test_backoff_doubles_with_jitter_and_honours_retry_after() -> None:
-    s = HttpSettings(backoff_s=1.0, max_backoff_s=8.0)
+    wait = HttpSettings(backoff_s=1.0, max_backoff_s=8.0).wait()
     for attempt, base in [(1, 1.0), (2, 2.0), (3, 4.0), (4, 8.0), (6, 8.0)]:
-        delays = [s.backoff(attempt) for _ in range(50)]
+        delays = [wait(_failed_try(attempt)) for _ in range(50)]
         assert all(0.5 * base <= d <= base for d in delays)
         assert len(set(delays)) > 1  # jittered
-    assert s.backoff(1, retry_after_s=5.0) == 5.0
-    assert s.backoff(1, retry_after_s=500.0) == 8.0
+    assert wait(_failed_try(1, retry_after_s=5.0)) == 5.0
+    assert wait(_failed_try(1, retry_after_s=500.0)) == 8.0
 
 
 def test_which_statuses_are_retried() -> None:

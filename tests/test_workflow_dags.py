@@ -40,7 +40,7 @@ def bench_process(airflow_home: Path) -> Iterator[subprocess.Popen]:
         [
             sys.executable,
             "-m",
-            "emprocess.workflow.bench",
+            "benchmarks.parse",
             "--json",
             "--repeats",
             "3",

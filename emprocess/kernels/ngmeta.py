@@ -50,7 +50,7 @@ MAX_SHARD_PX = 512
 Encoding = Literal["jpeg", "raw"]
 DataEncoding = Literal["raw", "gzip"]
 #: How the lossless pyramid stores its chunks inside the shards by default. Measured
-#: with tensorstore on EM data (``python -m emprocess.bench_emwrite --codecs``): gzip
+#: with tensorstore on EM data (``emprocess bench emwrite --codecs``): gzip
 #: (its level is fixed) costs 35 ns of CPU per voxel written for 0.81 of the bytes,
 #: seven times JPEG's 5 ns; PNG level 1 33 ns for 0.83, PNG at the default level 56 ns
 #: for 0.63; uncompressed 2 ns. Neuroglancer, tensorstore and cloud-volume read all

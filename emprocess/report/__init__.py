@@ -4,15 +4,21 @@
 the cache objects say how many mini-tasks of each stage are done and when);
 ``plot_progress``, ``plot_qc`` and ``write_html`` draw it; ``run_report`` does all of it
 (the ``emprocess report`` command and the clio_report.ipynb notebook).
+
+Loading a run needs only the base install; the figures need matplotlib, from the
+``report`` extra, and are imported on first use, so ``emprocess run``'s progress and
+``trigger --wait`` work without it.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from emprocess.errors import EmprocessError
 from emprocess.report.load import (
     DEFAULT_MAX_RESIDUAL_PX,
     DEFAULT_MIN_INLIERS,
@@ -33,8 +39,10 @@ from emprocess.report.model import (
     RunReport,
     StageProgress,
 )
-from emprocess.report.page import write_html
-from emprocess.report.plots import plot_progress, plot_qc, progress_figure, qc_figure
+
+if TYPE_CHECKING:
+    from emprocess.report.page import write_html
+    from emprocess.report.plots import plot_progress, plot_qc, progress_figure, qc_figure
 
 __all__ = [
     "DEFAULT_MAX_RESIDUAL_PX",
@@ -45,9 +53,11 @@ __all__ = [
     "FINISHED",
     "LARGE_RESIDUAL",
     "NO_MODEL",
+    "REPORT_EXTRA",
     "RUNNING",
     "STALLED",
     "PairQC",
+    "ReportExtraMissing",
     "RunNotFound",
     "RunReport",
     "StageProgress",
@@ -63,6 +73,38 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+REPORT_EXTRA = "pip install 'clio-ingest[report]'"
+_DRAWING = {
+    "plot_progress": "plots",
+    "plot_qc": "plots",
+    "progress_figure": "plots",
+    "qc_figure": "plots",
+    "write_html": "page",
+}
+
+
+class ReportExtraMissing(EmprocessError):
+    """The report's figures need matplotlib, which the ``report`` extra installs."""
+
+
+def __getattr__(name: str) -> Any:
+    """The drawing functions, imported on first use (they need matplotlib)."""
+    if name not in _DRAWING:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return _drawing(name)
+
+
+def _drawing(name: str) -> Any:
+    try:
+        module = importlib.import_module(f"{__name__}.{_DRAWING[name]}")
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] != "matplotlib":
+            raise
+        raise ReportExtraMissing(
+            f"the report's figures need matplotlib, from the [report] extra: {REPORT_EXTRA}"
+        ) from None
+    return getattr(module, name)
+
 
 def run_report(source: str, run_id: str, out_dir: str | Path, **options: Any) -> RunReport:
     """Load the run and write ``out_dir``/progress.png, qc.png, report.html and report.json.
@@ -73,6 +115,8 @@ def run_report(source: str, run_id: str, out_dir: str | Path, **options: Any) ->
         out_dir: a local folder (created if needed).
         **options: keyword arguments of :func:`load_run` (thresholds, ``now``, ...).
     """
+    # Before the load, so a missing extra is said at once.
+    plot_progress, plot_qc, write_html = map(_drawing, ("plot_progress", "plot_qc", "write_html"))
     report = load_run(source, run_id, **options)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ scales keep every slice (x and y halve, z does not), so scale 1 of a cube is 102
 cube's voxels by the channel count: slabs are (z, y, x, channel), so a full 1024^3 RGB
 cube peaked at 2.8 GiB (``bench emwrite --cube --channels 3``).
 
-Codecs, chosen by measurement (``python -m emprocess.bench_emwrite``): tiles in
+Codecs, chosen by measurement (``emprocess bench emwrite``, benchmarks/emwrite.py): tiles in
 the tmp bucket are "raw" (PNG tiles cost 1.4x the /alignedslice CPU and 2x the
 /ngshard CPU, to save a third of the bytes of a bucket that a lifecycle rule
 empties), the JPEG pyramid uses tensorstore's JPEG (quality 75), and the

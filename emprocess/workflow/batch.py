@@ -12,8 +12,9 @@ failure prefix (``RUN_ID/failures/STAGE/`` in the process bucket) for the monito
 report; its later success deletes the record.
 
 Requests always have a timeout. Connection errors, timeouts, 408, 429 and 5xx are
-retried with exponential backoff and jitter; any other 4xx is the caller's fault and
-fails at once with the service's message. ``threads=1`` runs inline, for debugging.
+retried (tenacity) with exponential backoff and jitter; any other 4xx is the caller's
+fault and fails at once with the service's message. ``threads=1`` runs inline, for
+debugging.
 """
 
 from __future__ import annotations
@@ -21,16 +22,23 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import random
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import requests
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential,
+    wait_random_exponential,
+)
 
 from emprocess import storage
 from emprocess.errors import EmprocessError
@@ -47,13 +55,21 @@ class ServiceError(EmprocessError):
     """A service answered with an error, or could not be reached; names the request."""
 
     def __init__(
-        self, message: str, *, retryable: bool, status: int | None = None, attempts: int = 1
+        self,
+        message: str,
+        *,
+        retryable: bool,
+        status: int | None = None,
+        attempts: int = 1,
+        retry_after_s: float | None = None,
     ) -> None:
         super().__init__(message)
         self.retryable = retryable
         self.status = status
         self.attempts = attempts
         """Requests sent before giving up."""
+        self.retry_after_s = retry_after_s
+        """The service's Retry-After, seconds."""
 
 
 class BatchError(EmprocessError):
@@ -135,13 +151,26 @@ class HttpSettings:
             stagger_max_s=cls.stagger_max_s,
         )
 
-    def backoff(self, attempt: int, retry_after_s: float | None = None) -> float:
-        """Seconds to wait after failed ``attempt`` (1-based): doubling, jittered, capped."""
-        base = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1))
-        delay = base * random.uniform(0.5, 1.0)
-        if retry_after_s is not None:
-            delay = max(delay, min(retry_after_s, self.max_backoff_s))
-        return delay
+    def wait(self) -> Callable[[RetryCallState], float]:
+        """tenacity's wait after a failed try: doubling, jittered, capped, or Retry-After.
+
+        After try n the wait lies between half and all of ``min(max_backoff_s,
+        backoff_s * 2**(n-1))``: tenacity's exponential wait for half of it plus its random
+        exponential wait for the other half. A longer Retry-After of the service (up to
+        ``max_backoff_s``) wins.
+        """
+        half = {"multiplier": self.backoff_s / 2, "max": self.max_backoff_s / 2}
+        jittered = wait_exponential(**half) + wait_random_exponential(**half)
+
+        def wait(state: RetryCallState) -> float:
+            delay = float(jittered(state))
+            error = state.outcome.exception() if state.outcome else None
+            retry_after = error.retry_after_s if isinstance(error, ServiceError) else None
+            if retry_after is not None:
+                delay = max(delay, min(retry_after, self.max_backoff_s))
+            return delay
+
+        return wait
 
     def stagger_s(self, worker_id: int, width: int) -> float:
         """Start delay of a worker: none below ``STAGGER_MIN_WIDTH``, else a ramp."""
@@ -249,6 +278,37 @@ def _retry_after(response: requests.Response) -> float | None:
         return None
 
 
+def _post_once(
+    session: requests.Session,
+    url: str,
+    payload: Mapping[str, Any],
+    settings: HttpSettings,
+    token_source: TokenSource | None,
+) -> Any:
+    """One POST: the JSON answer (or text); a :class:`ServiceError` that says whether to retry."""
+    headers = {"Authorization": f"Bearer {token_source()}"} if token_source else {}
+    timeout = (settings.connect_timeout_s, settings.read_timeout_s)
+    try:
+        response = session.post(url, json=payload, headers=headers, timeout=timeout)
+    except (requests.ConnectionError, requests.Timeout) as e:
+        raise ServiceError(f"POST {url} failed: {type(e).__name__}: {e}", retryable=True) from e
+    if not response.ok:
+        raise ServiceError(
+            f"POST {url} answered {response.status_code}: {_excerpt(response)}",
+            retryable=is_retryable_status(response.status_code),
+            status=response.status_code,
+            retry_after_s=_retry_after(response),
+        )
+    try:
+        return response.json()
+    except ValueError:
+        return response.text
+
+
+class _Aborted(Exception):
+    """The batch was aborted while a request waited for its next try."""
+
+
 def post_json(
     session: requests.Session,
     url: str,
@@ -259,51 +319,54 @@ def post_json(
 ) -> tuple[Any, int]:
     """POST ``payload`` to ``url`` with retries; returns (parsed answer, attempts used).
 
-    The answer is the JSON body, or the text when it is not JSON.
+    The answer is the JSON body, or the text when it is not JSON. tenacity retries the
+    retryable errors (:func:`is_retryable_status`, connection errors, timeouts) up to
+    ``settings.attempts`` tries, waiting :meth:`HttpSettings.wait`; ``abort`` ends a wait.
 
     Raises:
         ServiceError: at once on a non-retryable 4xx, or when the attempts run out.
     """
-    timeout = (settings.connect_timeout_s, settings.read_timeout_s)
-    for attempt in range(1, settings.attempts + 1):
-        headers = {"Authorization": f"Bearer {token_source()}"} if token_source else {}
-        retry_after = None
-        try:
-            response = session.post(url, json=payload, headers=headers, timeout=timeout)
-        except (requests.ConnectionError, requests.Timeout) as e:
-            error = ServiceError(f"POST {url} failed: {type(e).__name__}: {e}", retryable=True)
-        else:
-            if response.ok:
-                try:
-                    return response.json(), attempt
-                except ValueError:
-                    return response.text, attempt
-            retryable = is_retryable_status(response.status_code)
-            error = ServiceError(
-                f"POST {url} answered {response.status_code}: {_excerpt(response)}",
-                retryable=retryable,
-                status=response.status_code,
-            )
-            retry_after = _retry_after(response)
-        if not error.retryable or attempt == settings.attempts:
-            if error.retryable:
-                raise ServiceError(
-                    f"{error} (after {attempt} attempts)",
-                    retryable=True,
-                    status=error.status,
-                    attempts=attempt,
-                )
-            error.attempts = attempt
-            raise error
-        delay = settings.backoff(attempt, retry_after)
-        log.warning("%s; retry %d/%d in %.1f s", error, attempt, settings.attempts - 1, delay)
+    failed: list[ServiceError] = []  # the error each wait follows
+
+    def log_retry(state: RetryCallState) -> None:
+        error = cast(ServiceError, state.outcome.exception() if state.outcome else None)
+        failed.append(error)  # only ServiceErrors are retried
+        delay = state.upcoming_sleep
+        n = state.attempt_number
+        log.warning("%s; retry %d/%d in %.1f s", error, n, settings.attempts - 1, delay)
+
+    def sleep(delay: float) -> None:
         if abort is None:
             time.sleep(delay)
         elif abort.wait(delay):
+            raise _Aborted
+
+    retrying = Retrying(
+        stop=stop_after_attempt(settings.attempts),
+        wait=settings.wait(),
+        retry=retry_if_exception(lambda e: isinstance(e, ServiceError) and e.retryable),
+        before_sleep=log_retry,
+        sleep=sleep,
+        reraise=True,
+    )
+    try:
+        for attempt in retrying:
+            with attempt:
+                answer = _post_once(session, url, payload, settings, token_source)
+    except ServiceError as e:
+        n = len(failed) + 1
+        if e.retryable:
             raise ServiceError(
-                f"{error} (batch aborted)", retryable=False, status=error.status, attempts=attempt
-            )
-    raise AssertionError("unreachable")  # pragma: no cover
+                f"{e} (after {n} attempts)", retryable=True, status=e.status, attempts=n
+            ) from None
+        e.attempts = n
+        raise
+    except _Aborted:
+        last = failed[-1]
+        raise ServiceError(
+            f"{last} (batch aborted)", retryable=False, status=last.status, attempts=len(failed)
+        ) from None
+    return answer, len(failed) + 1
 
 
 def _now() -> str:

@@ -387,7 +387,7 @@ def run_dag_simulated(
     """The real DAG through ``airflow dags test`` on N tiny slices and the stand-ins."""
     import psutil
 
-    from emprocess.localrun import Services, run_dag
+    from emprocess.localrun import RunProgress, Services, run_dag
     from emprocess.localsize import size_local_run
     from emprocess.workflow import WIDTHS, dag_id
     from emprocess.workflow.conf import parse_conf
@@ -419,11 +419,12 @@ def run_dag_simulated(
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
-        doc = run_dag(
-            conf, dag_id(width if fixed else None), workdir / f"dag{n}",
-            on_progress=on_line, poll_s=2.0,
-            sizing=size_local_run(threads=16), services=Services(align=url, emwrite=url),
-        )  # fmt: skip
+        with RunProgress(conf.source, conf.id) as progress:
+            doc = run_dag(
+                conf, dag_id(width if fixed else None), workdir / f"dag{n}",
+                progress=progress, poll_s=2.0,
+                sizing=size_local_run(threads=16), services=Services(align=url, emwrite=url),
+            )  # fmt: skip
     finally:
         done.set()
         watcher.join()

@@ -1,4 +1,4 @@
-"""Throughput and peak memory of the emwrite service: ``python -m emprocess.bench_emwrite``.
+"""Throughput and peak memory of the emwrite service: ``python -m benchmarks.emwrite``.
 
 A synthetic stack (``emprocess.sample``, known drift) goes through the service
 functions in-process, under a temporary local storage root:
@@ -269,7 +269,7 @@ def _package_importable() -> Iterator[None]:
 
     A spawned process starts with its parent's sys.path; once Airflow has loaded a DAG
     folder it is first there (tests, a run on an Airflow worker), and ``import
-    emprocess.bench_emwrite`` in the child would find the DAG file instead.
+    benchmarks.emwrite`` in the child would find the DAG file instead.
     """
     import sys
 
@@ -587,7 +587,7 @@ def measure_volume_codecs(depth: int = 128, side: int = 512) -> dict[str, dict[s
     """
     import tensorstore as ts
 
-    from emprocess.bench_kernels import em_tile
+    from benchmarks.kernels import em_tile
     from emprocess.kernels import ngmeta
 
     tile = em_tile()

@@ -1,0 +1,1 @@
+"""Benchmarks behind ``emprocess bench``: they drive the services' own code and print figures."""

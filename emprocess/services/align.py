@@ -56,6 +56,21 @@ def read_image(url: str, channel: int | str | None = None) -> np.ndarray:
         raise InvalidInput(f"{url}: {e}") from None
 
 
+def read_channel_files(urls: list[str], channel: int | str) -> np.ndarray:
+    """A slice stored as one grey file per channel: the plane of ``channel`` (only that
+    file is read) or the mean of all files."""
+    if isinstance(channel, int):
+        return read_image(urls[channel])
+    planes = [read_image(url) for url in urls]
+    for url, plane in zip(urls[1:], planes[1:], strict=True):
+        if plane.shape != planes[0].shape or plane.dtype != planes[0].dtype:
+            raise InvalidInput(
+                f"channel file {url} is {plane.shape[1]}x{plane.shape[0]} {plane.dtype}, but "
+                f"{urls[0]} is {planes[0].shape[1]}x{planes[0].shape[0]} {planes[0].dtype}"
+            )
+    return align_plane(np.dstack(planes), channel)
+
+
 def check_sizes(pre: np.ndarray, post: np.ndarray, req: AlignRequest) -> None:
     (h0, w0), (h1, w1) = pre.shape, post.shape
     if max(w0, w1) > MAX_SIZE_RATIO * min(w0, w1) or max(h0, h1) > MAX_SIZE_RATIO * min(h0, h1):
@@ -74,7 +89,13 @@ def align_request(req: AlignRequest) -> dict[str, Any]:
     """Run one alignment request; returns the JSON-ready result."""
     params = parse(AlignParams, req.params)
     with ThreadPoolExecutor(2) as pool:
-        pre, post = pool.map(lambda url: read_image(url, req.channel), (req.pre, req.post))
+        if req.pre_channels is not None and req.post_channels is not None:
+            channel = req.channel
+            assert channel is not None  # checked by the model
+            files = ([req.pre, *req.pre_channels], [req.post, *req.post_channels])
+            pre, post = pool.map(lambda urls: read_channel_files(urls, channel), files)
+        else:
+            pre, post = pool.map(lambda url: read_image(url, req.channel), (req.pre, req.post))
     check_sizes(pre, post, req)
     pre, post = downsample_image(pre, req.downsample), downsample_image(post, req.downsample)
     if req.intensity_window is not None:

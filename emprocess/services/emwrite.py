@@ -168,25 +168,38 @@ def aligned_slice(req: AlignedSliceRequest) -> dict[str, Any]:
             f"bbox {req.bbox} is more than {MAX_CANVAS_RATIO}x (+{TILE_PX} px) the "
             f"{layout.width}x{layout.height} slice {req.img}"
         )
-    image = decode_image(data, source_url, MAX_PIXELS, MAX_DECODED_BYTES, req.channels)
-    del data
+    if req.channel_imgs is not None:
+        files = _channel_files(req, source_url, data, layout)
+        del data
+        planes: list[np.ndarray] | None = None
+    else:
+        image = decode_image(data, source_url, MAX_PIXELS, MAX_DECODED_BYTES, req.channels)
+        del data
+        planes = [image] if image.ndim == 2 else [image[:, :, c] for c in range(image.shape[2])]
+        del image  # the planes keep it
     t_read = time.perf_counter()
-    if req.raw_dtype is not None and image.dtype != np.dtype(req.raw_dtype):
-        raise InvalidInput(
-            f"raw_dtype {req.raw_dtype!r} keeps a 16-bit slice's values, but {source_url} "
-            f"is {image.dtype}"
-        )
     source_tiles = None
-    if req.raw_dtype is not None:
+    if req.raw_dtype is not None:  # one grey file (channels exclude raw_dtype)
+        assert planes is not None
+        if planes[0].dtype != np.dtype(req.raw_dtype):
+            raise InvalidInput(
+                f"raw_dtype {req.raw_dtype!r} keeps a 16-bit slice's values, but {source_url} "
+                f"is {planes[0].dtype}"
+            )
         source_tiles = render_source_tiles(
-            image, req.transform, (width, height), tile_px=TILE_PX, window_px=WINDOW_PX
+            planes[0], req.transform, (width, height), tile_px=TILE_PX, window_px=WINDOW_PX
         )
     iw = req.intensity_window
-    planes = [image] if image.ndim == 2 else [image[:, :, c] for c in range(image.shape[2])]
     thumbs, write_s = [], 0.0
     # Every channel: the same transform, its own CLAHE; each written as soon as it is
-    # rendered, so one channel's tiles are in memory at a time.
-    for plane, url in zip(planes, channel_urls, strict=True):
+    # rendered, so one channel's tiles (and, with one file per channel, one decoded
+    # channel) are in memory at a time.
+    for c, url in enumerate(channel_urls):
+        if planes is not None:
+            plane = planes[c]
+        else:
+            plane = decode_image(files[c][1], files[c][0], MAX_PIXELS, MAX_DECODED_BYTES, 1)
+            files[c] = (files[c][0], b"")
         rendered = render_slice(
             np.ascontiguousarray(plane),
             req.transform,
@@ -201,8 +214,8 @@ def aligned_slice(req: AlignedSliceRequest) -> dict[str, Any]:
         storage.write_bytes(url, rendered.tiles_object)
         write_s += time.perf_counter() - t_write
         thumbs.append(rendered.thumbnail)
-        del rendered
-    del image, planes
+        del rendered, plane
+    planes = None
     t_compute = time.perf_counter()
     if source_tiles is not None:
         storage.write_bytes(outputs[2], source_tiles)
@@ -214,6 +227,36 @@ def aligned_slice(req: AlignedSliceRequest) -> dict[str, Any]:
     }
     log.info("aligned slice %d (%s) %dx%d: %s", req.slice, req.img, width, height, timings)
     return timings
+
+
+def _channel_files(
+    req: AlignedSliceRequest, first_url: str, first: bytes, first_layout: ImageLayout
+) -> list[tuple[str, bytes]]:
+    """(URL, bytes) of every channel's file of a slice stored one grey file per channel,
+    all read and checked (grey, one size and bit depth) before anything is decoded."""
+    assert req.channel_imgs is not None
+    files = [(first_url, first)]
+    for img in req.channel_imgs:
+        url = storage.bucket_url(req.dest, img)
+        files.append((url, storage.read_bytes(url, max_bytes=MAX_FILE_BYTES)))
+    for url, data in files:
+        layout = first_layout if url == first_url else _layout(data, url)
+        if layout.file_channels != 1:
+            raise InvalidInput(
+                f"{url} has {layout.file_channels} channels; a slice stored one file per "
+                "channel needs a grey file for each"
+            )
+        if (layout.width, layout.height, layout.sample_bytes) != (
+            first_layout.width,
+            first_layout.height,
+            first_layout.sample_bytes,
+        ):
+            raise InvalidInput(
+                f"channel file {url} is {layout.width}x{layout.height} px, "
+                f"{8 * layout.sample_bytes}-bit, but {first_url} is {first_layout.width}x"
+                f"{first_layout.height} px, {8 * first_layout.sample_bytes}-bit"
+            )
+    return files
 
 
 # -- /ngmeta -------------------------------------------------------------------

@@ -156,3 +156,88 @@ def test_channels_are_aligned_on_the_texture_and_moved_together(run: E2ERun) -> 
     assert jinfo["num_channels"] == 3 and jpeg.shape == raw.shape
     assert np.array_equal(_read_cv(f"gs://{run.ng_bucket}/neuroglancer/jpeg", True), jpeg)
     assert np.abs(jpeg.astype(int) - raw.astype(int)).mean() < 6
+
+
+FILE_TEMPLATES = ["red/img.%05d.png", "green/img.%05d.png", "blue/img.%05d.png"]
+
+
+@pytest.fixture(scope="module")
+def files_run(
+    airflow_db: Path, dag_bag: Any, service_pool: ServicePool, local_root: Path
+) -> E2ERun:
+    """The stack of :func:`run`, each slice stored as three grey files (``channel_templates``),
+    with one JPEG volume per channel."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EMPROCESS_STORAGE_ROOT", str(local_root))
+        source = unique_bucket("files")
+        storage.create_bucket(source)
+        for z in range(len(DRIFT_XY)):
+            rgb = _slice(z)
+            for c, template in enumerate(FILE_TEMPLATES):
+                storage.write_bytes(f"gs://{source}/{template % z}", cv2.imencode(".png", rgb[..., c])[1])  # fmt: skip
+        conf = {
+            "id": "run",
+            "channel_templates": FILE_TEMPLATES,
+            "minz": 0,
+            "maxz": len(DRIFT_XY) - 1,
+            "source": source,
+            "clip-limit": 0,
+            "align_channel": 0,
+            "neighbors": 1,
+            "global_solve": False,
+            "jpeg_channels": "each",
+        }
+        return run_on_local(mp, dag_bag.dags[dag_id(1)], conf, service_pool, local_root)
+
+
+def test_one_file_per_channel_gives_the_volume_of_the_colour_files(
+    run: E2ERun, files_run: E2ERun
+) -> None:
+    """Known answer: the same alignment and the very lossless volume as the RGB PNG stack;
+    each channel's JPEG volume is that channel within JPEG error (grey FIB-SEM: ~3 levels)."""
+    assert files_run.state == "success", files_run.task_states
+    for body in files_run.bodies("/"):
+        z = int(body["pre"].rsplit(".", 2)[-2])
+        assert body["pre_channels"] == [f"gs://{files_run.source}/{t % z}" for t in FILE_TEMPLATES[1:]]  # fmt: skip
+        assert body["channel"] == 0
+    for body in files_run.bodies("/alignedslice"):
+        assert body["channel_imgs"] == [t % body["slice"] for t in FILE_TEMPLATES[1:]]
+    transforms = [
+        json.loads(storage.read_bytes(f"{r.process}/align/transforms.json"))
+        for r in (run, files_run)
+    ]
+    assert transforms[0] == transforms[1]
+    _, colour = _read_ts(f"gs://{run.chunk_bucket}/neuroglancer/raw")
+    info, files = _read_ts(f"gs://{files_run.chunk_bucket}/neuroglancer/raw")
+    assert info["num_channels"] == 3 and np.array_equal(files, colour)
+    for c, path in enumerate(("jpeg", "jpeg_c1", "jpeg_c2")):
+        jinfo, jpeg = _read_ts(f"gs://{files_run.ng_bucket}/neuroglancer/{path}")
+        assert jinfo["num_channels"] == 1 and jpeg.shape == (*files.shape[:3], 1), path
+        assert np.abs(jpeg[..., 0].astype(int) - files[..., c]).mean() < 4, path
+
+
+def test_the_multichannel_script_prints_the_runs_layer(run: E2ERun) -> None:
+    """scripts/ingest_multichannel_small.py's output of a finished colour run: the layer
+    of the lossless volume (all channels) with the RGB shader, or a whole viewer state."""
+    import importlib.util
+
+    from emprocess.view import RGB_SHADER
+    from emprocess.workflow.conf import parse_conf
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "ingest_multichannel_small.py"
+    spec = importlib.util.spec_from_file_location("_ingest_multichannel_small", path)
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    conf = parse_conf(run.conf)
+    layer = script.layer_or_state(conf, True, "cells", False)
+    assert layer == {
+        "type": "image",
+        "source": f"precomputed://gs://{run.chunk_bucket}/neuroglancer/raw",
+        "name": "cells",
+        "shader": RGB_SHADER,
+    }
+    state = script.layer_or_state(conf, False, None, True)
+    assert state["layers"][0]["source"] == f"precomputed://gs://{run.ng_bucket}/neuroglancer/jpeg"
+    assert state["layout"] == "xy" and state["dimensions"]["x"] == [8e-09, "m"]
+    assert state["position"][2] == len(DRIFT_XY) / 2

@@ -216,19 +216,59 @@ def test_one_file_per_channel_gives_the_volume_of_the_colour_files(
         assert np.abs(jpeg[..., 0].astype(int) - files[..., c]).mean() < 4, path
 
 
-def test_the_multichannel_script_prints_the_runs_layer(run: E2ERun) -> None:
-    """scripts/ingest_multichannel_small.py's output of a finished colour run: the layer
-    of the lossless volume (all channels) with the RGB shader, or a whole viewer state."""
+def _load_script() -> Any:
+    """scripts/ingest_multichannel_small.py as a module."""
     import importlib.util
-
-    from emprocess.view import RGB_SHADER
-    from emprocess.workflow.conf import parse_conf
 
     path = Path(__file__).resolve().parents[1] / "scripts" / "ingest_multichannel_small.py"
     spec = importlib.util.spec_from_file_location("_ingest_multichannel_small", path)
     assert spec is not None and spec.loader is not None
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def _rgba(z: int) -> np.ndarray:
+    """Slice z with an alpha channel: the texture inverted."""
+    rgb = _slice(z)
+    return np.dstack([rgb, 255 - rgb[..., 0]])
+
+
+@pytest.fixture(scope="module")
+def script_run(
+    airflow_db: Path, dag_bag: Any, service_pool: ServicePool, local_root: Path
+) -> tuple[E2ERun, Any]:
+    """An RGBA stack run with the configuration scripts/ingest_multichannel_small.py makes."""
+    script = _load_script()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EMPROCESS_STORAGE_ROOT", str(local_root))
+        source = unique_bucket("rgba")
+        storage.create_bucket(source)
+        for z in range(len(DRIFT_XY)):
+            bgra = cv2.cvtColor(_rgba(z), cv2.COLOR_RGBA2BGRA)
+            storage.write_bytes(f"gs://{source}/stack/img.{z:05d}.png", cv2.imencode(".png", bgra)[1])  # fmt: skip
+        args = script.argparse.Namespace(
+            src=f"gs://{source}/stack", template="img.%05d.png", minz=None, maxz=None, id=None,
+            channels=None, align=False, align_channel="mean", clip_limit=0.0, resolution=[8.0],
+        )  # fmt: skip
+        conf = script.build_conf(args)
+        return run_on_local(mp, dag_bag.dags[dag_id(1)], conf.to_json(), service_pool, local_root), script  # fmt: skip
+
+
+def test_the_multichannel_script_keeps_a_stack_as_given(script_run: tuple[E2ERun, Any]) -> None:
+    """The script's run (taken as aligned, CLAHE off) keeps every channel of an RGBA stack
+    exactly in the lossless volume, as the script's own writer did; it prints the layer of
+    the run's volume with the RGB shader, or a whole viewer state."""
+    from emprocess.view import RGB_SHADER
+    from emprocess.workflow.conf import parse_conf
+
+    run, script = script_run
+    assert run.state == "success", run.task_states
+    assert run.conf["channels"] == 4 and run.conf["skip_align"] and run.conf["clip-limit"] == 0
+    assert run.conf["image"] == "stack/img.%05d.png" and run.conf["maxz"] == len(DRIFT_XY) - 1
+    info, raw = _read_ts(f"gs://{run.chunk_bucket}/neuroglancer/raw")
+    assert info["num_channels"] == 4
+    assert np.array_equal(raw, np.stack([_rgba(z) for z in range(len(DRIFT_XY))]))
     conf = parse_conf(run.conf)
     layer = script.layer_or_state(conf, True, "cells", False)
     assert layer == {
@@ -240,4 +280,4 @@ def test_the_multichannel_script_prints_the_runs_layer(run: E2ERun) -> None:
     state = script.layer_or_state(conf, False, None, True)
     assert state["layers"][0]["source"] == f"precomputed://gs://{run.ng_bucket}/neuroglancer/jpeg"
     assert state["layout"] == "xy" and state["dimensions"]["x"] == [8e-09, "m"]
-    assert state["position"][2] == len(DRIFT_XY) / 2
+    assert state["position"] == [CROP / 2, CROP / 2, len(DRIFT_XY) / 2]

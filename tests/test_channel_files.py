@@ -204,3 +204,33 @@ def test_view_shows_every_channel_volume(tmp_path: Path, monkeypatch: pytest.Mon
     ]
     assert [CHANNEL_COLOURS[c] in layer["shader"] for c, layer in enumerate(state["layers"])] == [True] * 3  # fmt: skip
     assert state["dimensions"]["z"] == [4e-08, "m"]
+
+
+def test_emwrite_refuses_bad_channel_files_before_writing(
+    emwrite_service: str, bucket: str
+) -> None:
+    """A colour file, one of another size, or a missing one: 400 naming it, nothing written."""
+    grey = RNG.integers(0, 256, (30, 40), np.uint8)
+    storage.write_bytes(f"gs://{bucket}/red/img.00000.png", _png(grey))
+    storage.write_bytes(f"gs://{bucket}/green/img.00000.png", _png(np.dstack([grey] * 3)))
+    storage.write_bytes(f"gs://{bucket}/blue/img.00000.png", _png(grey[:, :20]))
+    for b in (f"{bucket}-tmp", f"{bucket}_process"):
+        storage.create_bucket(b)
+    body = {
+        "img": "red/img.00000.png",
+        "transform": [1, 0, 0, 1, 0, 0],
+        "bbox": [40, 30],
+        "dest": bucket,
+        "dest-tmp": f"{bucket}-tmp",
+        "slice": 0,
+        "run_id": "run",
+        "channels": 2,
+    }
+    for other, message in (
+        ("green/img.00000.png", f"gs://{bucket}/green/img.00000.png has 3 channels"),
+        ("blue/img.00000.png", f"channel file gs://{bucket}/blue/img.00000.png is 20x30 px"),
+        ("none/img.00000.png", "none/img.00000.png"),
+    ):
+        r = requests.post(emwrite_service + "/alignedslice", json={**body, "channel_imgs": [other]}, timeout=60)  # fmt: skip
+        assert r.status_code == 400 and message in r.json()["error"], r.text
+    assert storage.list_keys(f"gs://{bucket}-tmp/") == []

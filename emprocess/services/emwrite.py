@@ -34,6 +34,7 @@ slice (header, then tile) in asynchronous batches.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -169,8 +170,7 @@ def aligned_slice(req: AlignedSliceRequest) -> dict[str, Any]:
             f"{layout.width}x{layout.height} slice {req.img}"
         )
     if req.channel_imgs is not None:
-        files = _channel_files(req, source_url, data, layout)
-        del data
+        channel_files = _check_channel_files(req, source_url, layout)
         planes: list[np.ndarray] | None = None
     else:
         image = decode_image(data, source_url, MAX_PIXELS, MAX_DECODED_BYTES, req.channels)
@@ -197,9 +197,11 @@ def aligned_slice(req: AlignedSliceRequest) -> dict[str, Any]:
     for c, url in enumerate(channel_urls):
         if planes is not None:
             plane = planes[c]
-        else:
-            plane = decode_image(files[c][1], files[c][0], MAX_PIXELS, MAX_DECODED_BYTES, 1)
-            files[c] = (files[c][0], b"")
+        else:  # one file per channel: read and decode one at a time (channel 0's is read)
+            if c > 0:
+                data = storage.read_bytes(channel_files[c], max_bytes=MAX_FILE_BYTES)
+            plane = decode_image(data, channel_files[c], MAX_PIXELS, MAX_DECODED_BYTES, 1)
+            data = b""
         rendered = render_slice(
             np.ascontiguousarray(plane),
             req.transform,
@@ -229,34 +231,38 @@ def aligned_slice(req: AlignedSliceRequest) -> dict[str, Any]:
     return timings
 
 
-def _channel_files(
-    req: AlignedSliceRequest, first_url: str, first: bytes, first_layout: ImageLayout
-) -> list[tuple[str, bytes]]:
-    """(URL, bytes) of every channel's file of a slice stored one grey file per channel,
-    all read and checked (grey, one size and bit depth) before anything is decoded."""
+def _check_channel_files(req: AlignedSliceRequest, first_url: str, first: ImageLayout) -> list[str]:
+    """URLs of every channel's file of a slice stored one grey file per channel, each
+    checked by its header (grey, the size and bit depth of the first) before any is
+    read whole: the files are then read and decoded one at a time."""
     assert req.channel_imgs is not None
-    files = [(first_url, first)]
+    found = [(first_url, first)]
     for img in req.channel_imgs:
         url = storage.bucket_url(req.dest, img)
-        files.append((url, storage.read_bytes(url, max_bytes=MAX_FILE_BYTES)))
-    for url, data in files:
-        layout = first_layout if url == first_url else _layout(data, url)
+        try:
+            layout = image_layout(
+                storage.read_bytes(url, 0, HEADER_BYTES), functools.partial(storage.read_bytes, url)
+            )
+        except UnreadableHeader as e:
+            raise InvalidInput(f"{url} is not a PNG, TIFF or JPEG image: {e}") from None
+        found.append((url, layout))
+    for url, layout in found:
         if layout.file_channels != 1:
             raise InvalidInput(
                 f"{url} has {layout.file_channels} channels; a slice stored one file per "
                 "channel needs a grey file for each"
             )
         if (layout.width, layout.height, layout.sample_bytes) != (
-            first_layout.width,
-            first_layout.height,
-            first_layout.sample_bytes,
+            first.width,
+            first.height,
+            first.sample_bytes,
         ):
             raise InvalidInput(
                 f"channel file {url} is {layout.width}x{layout.height} px, "
-                f"{8 * layout.sample_bytes}-bit, but {first_url} is {first_layout.width}x"
-                f"{first_layout.height} px, {8 * first_layout.sample_bytes}-bit"
+                f"{8 * layout.sample_bytes}-bit, but {first_url} is {first.width}x"
+                f"{first.height} px, {8 * first.sample_bytes}-bit"
             )
-    return files
+    return [url for url, _ in found]
 
 
 # -- /ngmeta -------------------------------------------------------------------

@@ -234,3 +234,23 @@ def test_emwrite_refuses_bad_channel_files_before_writing(
         r = requests.post(emwrite_service + "/alignedslice", json={**body, "channel_imgs": [other]}, timeout=60)  # fmt: skip
         assert r.status_code == 400 and message in r.json()["error"], r.text
     assert storage.list_keys(f"gs://{bucket}-tmp/") == []
+
+
+def test_mean_of_channel_files_is_the_mean_of_a_colour_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the alignment matches: the channel files' mean equals align_plane's mean of
+    the same channels in one file (8 and 16 bits, 2 to 4 channels)."""
+    from emprocess.images import align_plane
+    from emprocess.services.align import read_channel_files
+
+    monkeypatch.setenv(storage.ROOT_ENV, str(tmp_path))
+    storage.create_bucket("means")
+    for n, top, dtype in ((2, 256, np.uint8), (3, 65536, np.uint16), (4, 256, np.uint8)):
+        planes = [RNG.integers(0, top, (50, 60)).astype(dtype) for _ in range(n)]
+        urls = [f"gs://means/{n}/c{c}.png" for c in range(n)]
+        for url, plane in zip(urls, planes, strict=True):
+            storage.write_bytes(url, _png(plane))
+        expected = align_plane(np.dstack(planes), "mean")
+        assert np.array_equal(read_channel_files(urls, "mean"), expected), n
+        assert np.array_equal(read_channel_files(urls, n - 1), planes[-1]), n

@@ -61,14 +61,21 @@ def read_channel_files(urls: list[str], channel: int | str) -> np.ndarray:
     file is read) or the mean of all files."""
     if isinstance(channel, int):
         return read_image(urls[channel])
-    planes = [read_image(url) for url in urls]
-    for url, plane in zip(urls[1:], planes[1:], strict=True):
-        if plane.shape != planes[0].shape or plane.dtype != planes[0].dtype:
+    # The mean as align_plane takes it of a colour file (rint of the exact mean: sums of
+    # at most 4 x 65535 are exact in float32), one decoded file in memory at a time.
+    first = read_image(urls[0])
+    total = first.astype(np.float32)
+    for url in urls[1:]:
+        plane = read_image(url)
+        if plane.shape != first.shape or plane.dtype != first.dtype:
             raise InvalidInput(
                 f"channel file {url} is {plane.shape[1]}x{plane.shape[0]} {plane.dtype}, but "
-                f"{urls[0]} is {planes[0].shape[1]}x{planes[0].shape[0]} {planes[0].dtype}"
+                f"{urls[0]} is {first.shape[1]}x{first.shape[0]} {first.dtype}"
             )
-    return align_plane(np.dstack(planes), channel)
+        total += plane
+        del plane
+    total /= len(urls)
+    return np.rint(total).astype(first.dtype)
 
 
 def check_sizes(pre: np.ndarray, post: np.ndarray, req: AlignRequest) -> None:

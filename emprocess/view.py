@@ -392,9 +392,10 @@ def gcs_view(
             found.append(check)
         return exists
 
-    # A grey (one channel) JPEG volume may be channel 0 of a run with one per channel.
+    # A grey (one channel) JPEG volume may be channel 0 of a run with one per channel;
+    # when not even its info could be read, looking further would only make users wait.
     count = 1
-    if not offline and (geometry is None or geometry.num_channels == 1):
+    if not offline and geometry is not None and geometry.num_channels == 1:
         count = _jpeg_channel_count(has_volume)
     if count > 1:
         volumes = _volumes(source, run_id, raw, count)

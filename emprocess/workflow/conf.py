@@ -236,9 +236,10 @@ class RunConf(BaseModel):
         title="Intensity window",
         description="How slices become 8 bits, the same in alignment and in the volume: "
         '"auto" (16-bit slices: the 0.175% and 99.825% percentiles of a sample of slices '
-        "spread over the stack, measured once and recorded in init.json; 8-bit slices as "
-        'they are), [low, high] (grey levels that become 0 and 255, low < high), or "full" '
-        "(8-bit as they are, 16-bit divided by 257).",
+        "spread over the stack, measured once and recorded in init.json; with channels > 1 "
+        "one window for all, measured on the channels' own samples, alpha left out; 8-bit "
+        "slices as they are), [low, high] (grey levels that become 0 and 255, low < high), "
+        'or "full" (8-bit as they are, 16-bit divided by 257).',
     )
     raw_bits: Literal[8, 16] = Field(
         default=8,

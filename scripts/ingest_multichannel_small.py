@@ -16,7 +16,8 @@ Composer instead: ``emprocess trigger --conf``).
 
 SRC is a folder (its parent becomes the storage root and its name the bucket, as in
 ``emprocess run``) or gs://BUCKET[/PATH]. Slices stored one grey file per channel:
-give the run configuration's ``channel_templates`` to ``emprocess run``/``trigger``.
+give ``--channel-template`` once per channel, in channel order (the run's
+``channel_templates``), instead of ``--template``.
 
 Before the pipeline did this, the script wrote one unsharded raw scale to any DEST:
 the run's buckets replace DEST (``--id`` names the run), the pipeline chooses the
@@ -85,11 +86,13 @@ def slice_channels(bucket: str, name: str) -> int:
 def build_conf(args: argparse.Namespace) -> RunConf:
     """The run configuration of the stack SRC with the options given."""
     bucket, prefix = source_location(args.src)
-    template = prefix + args.template
+    templates = [prefix + t for t in args.channel_template or [args.template]]
     try:
-        check_template(template)  # before it is used to find the slices
+        for template in templates:  # before they are used to find the slices
+            check_template(template)
     except ValueError as e:
         raise InvalidInput(str(e)) from None
+    template = templates[0]
     minz, maxz = args.minz, args.maxz
     if minz is None or maxz is None:
         first, last = find_range(bucket, template)
@@ -101,11 +104,15 @@ def build_conf(args: argparse.Namespace) -> RunConf:
         "minz": minz,
         "maxz": maxz,
         "source": bucket,
-        "channels": args.channels or slice_channels(bucket, template % minz),
+        "channels": len(templates)
+        if len(templates) > 1
+        else args.channels or slice_channels(bucket, template % minz),
         "skip_align": not args.align,
         "clip-limit": args.clip_limit,
         "resolution": args.resolution[0] if len(args.resolution) == 1 else args.resolution,
     }
+    if len(templates) > 1:
+        values["channel_templates"] = templates
     if args.align:
         channel = args.align_channel
         values["align_channel"] = channel if channel == "mean" else int(channel)
@@ -158,6 +165,13 @@ def main(argv: list[str] | None = None) -> int:
         default="img.%05d.png",
         help="printf template of the slice names (default: %(default)s)",
     )
+    parser.add_argument(
+        "--channel-template",
+        action="append",
+        metavar="TEMPLATE",
+        help="slices stored one grey file per channel: the template of a channel's files; "
+        "once per channel (2 to 4), in channel order",
+    )
     parser.add_argument("--minz", type=int, help="first slice (default: the first found)")
     parser.add_argument("--maxz", type=int, help="last slice, inclusive (default: the last found)")
     parser.add_argument("--id", help="run id (default: BUCKET-rgb)")
@@ -192,6 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.align_channel != "mean" and not args.align_channel.isdigit():
         parser.error(
             f'--align-channel must be a channel number or "mean", got {args.align_channel}'
+        )
+    if args.channel_template is not None and not 2 <= len(args.channel_template) <= 4:
+        parser.error(f"--channel-template: give 2 to 4, got {len(args.channel_template)}")
+    if args.channel_template and args.channels not in (None, len(args.channel_template)):
+        parser.error(
+            f"--channels {args.channels} but {len(args.channel_template)} --channel-template"
         )
     for opt in ("minz", "maxz"):
         if getattr(args, opt) is not None and getattr(args, opt) < 0:

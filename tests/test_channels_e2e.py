@@ -250,6 +250,7 @@ def script_run(
         args = script.argparse.Namespace(
             src=f"gs://{source}/stack", template="img.%05d.png", minz=None, maxz=None, id=None,
             channels=None, align=False, align_channel="mean", clip_limit=0.0, resolution=[8.0],
+            channel_template=None,
         )  # fmt: skip
         conf = script.build_conf(args)
         return run_on_local(mp, dag_bag.dags[dag_id(1)], conf.to_json(), service_pool, local_root), script  # fmt: skip

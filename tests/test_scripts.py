@@ -111,6 +111,7 @@ SHELL_BAD_ARGS = [
     ("create_composer_env.sh", ("Bad_Env", "--location", "l")),
     ("create_composer_env.sh", ("env", "--location", "l", "--align-url", "ftp://x")),
 ]
+TWO_CHANNEL_TEMPLATES = ("--channel-template", "a.%d", "--channel-template", "b.%d")
 PY_BAD_ARGS = [
     *[(name, ("--no-such-option", "x")) for name in PY_SCRIPTS],
     ("gen_uuid.py", ("MyRun",)),
@@ -121,6 +122,11 @@ PY_BAD_ARGS = [
     ("ingest_multichannel_small.py", ("src", "--resolution", "0")),
     ("ingest_multichannel_small.py", ("src", "--resolution", "8", "--align-channel", "red")),
     ("ingest_multichannel_small.py", ("src", "--resolution", "8", "--channels", "5")),
+    ("ingest_multichannel_small.py", ("src", "--resolution", "8", "--channel-template", "a%d")),
+    (
+        "ingest_multichannel_small.py",
+        ("src", "--resolution", "8", "--channels", "3", *TWO_CHANNEL_TEMPLATES),
+    ),
     # The old form: a DEST, and options the pipeline has no use for.
     ("ingest_multichannel_small.py", ("src", "dest", "--resolution", "8")),
     ("ingest_multichannel_small.py", ("src", "--resolution", "8", "--chunk", "8", "8", "8")),
@@ -680,6 +686,25 @@ def test_ingest_is_a_run_of_the_pipeline(
     )  # fmt: skip
     assert aligned["skip_align"] is False and aligned["align_channel"] == 1
     assert (aligned["id"], aligned["maxz"], aligned["clip-limit"]) == ("cells", 5, 0.01)
+
+
+def test_ingest_of_one_file_per_channel(
+    ingest: ModuleType,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv(storage.ROOT_ENV, "unused")
+    for channel in ("em", "lm"):
+        (tmp_path / "clem" / channel).mkdir(parents=True)
+        for z in (4, 5, 6):
+            cv2.imwrite(str(tmp_path / "clem" / channel / f"s{z}.png"), np.zeros((8, 8), np.uint8))
+    conf = _conf_of(
+        ingest, capsys, str(tmp_path / "clem"), "--resolution", "8",
+        "--channel-template", "em/s%d.png", "--channel-template", "lm/s%d.png",
+    )  # fmt: skip
+    assert conf["channel_templates"] == ["em/s%d.png", "lm/s%d.png"]
+    assert (conf["image"], conf["channels"], conf["minz"], conf["maxz"]) == ("em/s%d.png", 2, 4, 6)
 
 
 def test_ingest_from_a_gs_path(

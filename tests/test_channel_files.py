@@ -51,6 +51,7 @@ def test_channel_templates_give_image_and_channels() -> None:
         ({"channel_templates": ["a.%d.png", "a.%d.png"]}, r"names \['a.%d.png'\] more than once"),
         ({"channel_templates": ["a.%d.png", "b.%s.png"]}, "'b.%s.png' has field '%s'"),
         ({"channel_templates": ["a.%d.png", "../b.%d.png"]}, "image template '../b.%d.png' gives"),
+        ({"channel_templates": ["a.%d.png", "b" * 1030 + "%d"]}, "must be 1 to 1024 long"),
     ],
 )
 def test_bad_channel_templates_are_refused(extra: dict[str, Any], message: str) -> None:
@@ -214,6 +215,7 @@ def test_emwrite_refuses_bad_channel_files_before_writing(
     storage.write_bytes(f"gs://{bucket}/red/img.00000.png", _png(grey))
     storage.write_bytes(f"gs://{bucket}/green/img.00000.png", _png(np.dstack([grey] * 3)))
     storage.write_bytes(f"gs://{bucket}/blue/img.00000.png", _png(grey[:, :20]))
+    storage.write_bytes(f"gs://{bucket}/text.png", b"not an image at all")
     for b in (f"{bucket}-tmp", f"{bucket}_process"):
         storage.create_bucket(b)
     body = {
@@ -230,6 +232,7 @@ def test_emwrite_refuses_bad_channel_files_before_writing(
         ("green/img.00000.png", f"gs://{bucket}/green/img.00000.png has 3 channels"),
         ("blue/img.00000.png", f"channel file gs://{bucket}/blue/img.00000.png is 20x30 px"),
         ("none/img.00000.png", "none/img.00000.png"),
+        ("text.png", f"gs://{bucket}/text.png is not a PNG, TIFF or JPEG image"),
     ):
         r = requests.post(emwrite_service + "/alignedslice", json={**body, "channel_imgs": [other]}, timeout=60)  # fmt: skip
         assert r.status_code == 400 and message in r.json()["error"], r.text

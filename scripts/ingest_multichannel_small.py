@@ -135,13 +135,13 @@ def run(conf: RunConf, workdir: Path) -> None:
     from emprocess.localsize import size_local_run
     from emprocess.workflow import dag_id
 
-    run_dag(
-        conf,
-        dag_id(1),
-        workdir.resolve(),
-        sizing=size_local_run(),
-        on_progress=lambda line: print(line, file=sys.stderr, flush=True),
+    print(
+        f"running {conf.id} of gs://{conf.source}/ (Airflow's home and logs: {workdir}); "
+        f"`emprocess report {conf.id} --source {conf.source}` shows its progress",
+        file=sys.stderr,
+        flush=True,
     )
+    run_dag(conf, dag_id(1), workdir.resolve(), sizing=size_local_run())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -218,6 +218,14 @@ _JPEG_CHANNELS_DESCRIPTION = (
 )
 
 
+ChannelURLs = Annotated[list[StorageURL], Field(min_length=1, max_length=MAX_CHANNELS - 1)] | None
+_CHANNEL_URLS_DESCRIPTION = (
+    "Slices stored as one grey file per channel: gs:// URLs of the files of channels 1, 2, "
+    "... (the URL above is channel 0's); absent: one file holds the slice."
+)
+ChannelKeys = Annotated[list[ObjectKey], Field(min_length=1, max_length=MAX_CHANNELS - 1)] | None
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True, strict=True)
 
@@ -251,6 +259,26 @@ class AlignRequest(_Request):
         description="Channel of colour slices to align on (0-based, RGB(A) order) or "
         '"mean" of all; absent: colour slices are made grey (luminance), as before.',
     )
+    pre_channels: ChannelURLs = Field(default=None, description=_CHANNEL_URLS_DESCRIPTION)
+    post_channels: ChannelURLs = Field(default=None, description=_CHANNEL_URLS_DESCRIPTION)
+
+    @model_validator(mode="after")
+    def _check_channel_files(self) -> AlignRequest:
+        pre, post = self.pre_channels, self.post_channels
+        if pre is None and post is None:
+            return self
+        if pre is None or post is None or len(pre) != len(post):
+            raise ValueError(
+                f"pre_channels ({0 if pre is None else len(pre)} files) and post_channels "
+                f"({0 if post is None else len(post)} files) must name the same channels"
+            )
+        if self.channel is None:
+            raise ValueError('pre_channels and post_channels need channel (an index or "mean")')
+        if isinstance(self.channel, int) and self.channel > len(pre):
+            raise ValueError(
+                f"channel {self.channel} is not one of the {len(pre) + 1} channel files"
+            )
+        return self
 
     @classmethod
     def from_payload(cls, body: Any) -> AlignRequest:
@@ -354,10 +382,21 @@ class AlignedSliceRequest(_Request):
     intensity_window: IntensityWindow = Field(default=None, description=_WINDOW_DESCRIPTION)
     raw_dtype: RawDtype = Field(default=None, description=_RAW_DTYPE_DESCRIPTION)
     channels: Channels = Field(default=None, description=_CHANNELS_DESCRIPTION)
+    channel_imgs: ChannelKeys = Field(
+        default=None,
+        description="Slices stored as one grey file per channel: the names (in dest) of "
+        "the files of channels 1, 2, ... (img is channel 0's); absent: img holds every "
+        "channel.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> AlignedSliceRequest:
         _check_channels_dtype(self.channels, self.raw_dtype)
+        if self.channel_imgs is not None and len(self.channel_imgs) + 1 != self.channels:
+            raise ValueError(
+                f"channel_imgs names {len(self.channel_imgs)} files, so the slice has "
+                f"{len(self.channel_imgs) + 1} channels, but channels is {self.channels}"
+            )
         m00, m10, m01, m11 = self.transform[:4]
         det = m00 * m11 - m01 * m10
         if not MIN_TRANSFORM_DET <= abs(det) <= MAX_TRANSFORM_DET:

@@ -23,7 +23,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -36,7 +36,8 @@ from werkzeug.wrappers import Request, Response
 
 from emprocess import storage
 from emprocess.errors import EmprocessError, InvalidInput, NotFound
-from emprocess.layout import COMPLETE, JPEG_PATH, RAW_PATH, RunLayout
+from emprocess.layout import COMPLETE, JPEG_PATH, RAW_PATH, RunLayout, jpeg_channel_path
+from emprocess.models import MAX_CHANNELS
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
@@ -68,12 +69,43 @@ def neuroglancer_source(source: str, run_id: str, raw: bool = False) -> str:
     return f"precomputed://{layout.raw_url}" if raw else layout.neuroglancer_source()
 
 
-def _volumes(source: str, run_id: str, raw: bool) -> list[tuple[str, str, str]]:
-    """(layer name, bucket, key prefix) of each volume to show, JPEG first."""
-    out = [(run_id, ng_bucket(source, run_id), JPEG_PATH)]
+def _volumes(
+    source: str, run_id: str, raw: bool, jpeg_channels: int = 1
+) -> list[tuple[str, str, str]]:
+    """(layer name, bucket, key prefix) of each volume to show, JPEG first.
+
+    Args:
+        jpeg_channels: how many JPEG volumes the run has: 1, or one per channel
+            (``jpeg_channels`` "each": neuroglancer/jpeg and neuroglancer/jpeg_cC,
+            shown as layers RUN_ID-cC).
+    """
+    ng = ng_bucket(source, run_id)
+    if jpeg_channels == 1:
+        out = [(run_id, ng, JPEG_PATH)]
+    else:
+        out = [(f"{run_id}-c{c}", ng, jpeg_channel_path(c)) for c in range(jpeg_channels)]
     if raw:
         out.append((f"{run_id}-raw", chunk_bucket(source, run_id), RAW_PATH))
     return out
+
+
+def _jpeg_channel_count(has_volume: Callable[[str], bool | None]) -> int:
+    """How many JPEG volumes a run has: 1 + the channel volumes neuroglancer/jpeg_c1, ...
+    that ``has_volume(path)`` finds (None: could not tell; counted as absent)."""
+    count = 1
+    while count < MAX_CHANNELS and has_volume(jpeg_channel_path(count)):
+        count += 1
+    return count
+
+
+def _layer_options(run_id: str, jpeg_channels: int) -> dict[str, dict[str, Any]]:
+    """With a JPEG volume per channel: each channel's layer in its colour, added up, and
+    the lossless layer (all channels) in colour too."""
+    if jpeg_channels == 1:
+        return {}
+    options = {f"{run_id}-c{c}": channel_layer(c) for c in range(jpeg_channels)}
+    options[f"{run_id}-raw"] = {"shader": channel_shader(jpeg_channels)}
+    return options
 
 
 # -- viewer state and links ----------------------------------------------------------
@@ -138,6 +170,29 @@ void main() {
 """Shows channels 0, 1, 2 as red, green, blue; a fourth (alpha) channel is kept but not drawn."""
 
 
+CHANNEL_COLOURS = ("#ff0000", "#00ff00", "#0000ff", "#ffffff")
+"""The colour of each channel's own layer (``jpeg_channels`` "each"): red, green, blue
+(the RGB(A) order of the channels), and white for a fourth."""
+
+CHANNEL_SHADER = """\
+#uicontrol vec3 color color(default="{colour}")
+#uicontrol float brightness slider(min=-1, max=1, default=0)
+#uicontrol float contrast slider(min=-3, max=3, default=0)
+void main() {{
+  float v = (toNormalized(getDataValue()) - 0.5) * exp(contrast) + 0.5 + brightness;
+  emitRGB(color * v);
+}}
+"""
+"""One channel of a colour run in its colour; its layer is blended additively so the
+channel layers add up to the colour image."""
+
+
+def channel_layer(channel: int) -> dict[str, Any]:
+    """Shader, blending and opacity of the layer of channel ``channel``'s own JPEG volume."""
+    colour = CHANNEL_COLOURS[channel % len(CHANNEL_COLOURS)]
+    return {"shader": CHANNEL_SHADER.format(colour=colour), "blend": "additive", "opacity": 1.0}
+
+
 def channel_shader(num_channels: int) -> str | None:
     """The layer shader of a volume with ``num_channels`` channels; None: neuroglancer's
     default (grey) for one channel."""
@@ -152,6 +207,7 @@ def viewer_state(
     layers: Sequence[tuple[str, str]],
     geometry: VolumeGeometry | None,
     layout: str = "4panel",
+    layer_options: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Neuroglancer viewer state (JSON) showing image layers in nm at the volume's resolution.
 
@@ -160,6 +216,8 @@ def viewer_state(
         geometry: scale 0 of the volume, for dimensions and the centre position; None
             uses ``DEFAULT_RESOLUTION_NM`` and leaves the position to neuroglancer.
         layout: neuroglancer layout, e.g. "4panel", "xy", "3d".
+        layer_options: layer name -> JSON members (shader, blend, opacity) that replace
+            the ones derived from ``geometry``.
     """
     if not layers:
         raise InvalidInput("a viewer state needs at least one layer")
@@ -175,6 +233,8 @@ def viewer_state(
     if shader is not None:  # colour: every layer (the lossless one's first channels too)
         for layer in state["layers"]:
             layer["shader"] = shader
+    for layer in state["layers"]:
+        layer.update((layer_options or {}).get(layer["name"], {}))
     if geometry:
         state["position"] = list(geometry.centre_xyz)
         # Zoom out so a panel of ~OVERVIEW_PX screen pixels shows the whole section (never
@@ -318,8 +378,36 @@ def gcs_view(
             geometry = geometry_from_info(_read_info(bucket, prefix))
         except Exception as e:  # no credentials, no object, bad info: the link still works
             log.debug("could not read %s/%s/info: %s", bucket, prefix, e)
+    found: list[PublicCheck] = []
+
+    def has_volume(path: str) -> bool | None:
+        """Whether the ng bucket holds volume ``path``: anonymously, else with credentials."""
+        check = check_public_read(bucket, f"{path}/info", timeout_s, gcs_url)
+        if check.access is Access.PUBLIC:
+            found.append(check)
+            return True
+        if check.access is Access.MISSING:
+            return False
+        try:
+            exists = storage.exists(storage.bucket_url(bucket, f"{path}/info"))
+        except Exception as e:  # no credentials: the link shows channel 0 only
+            log.debug("could not look for %s in %s: %s", path, bucket, e)
+            return None
+        if exists:
+            found.append(check)
+        return exists
+
+    # A grey (one channel) JPEG volume may be channel 0 of a run with one per channel;
+    # when not even its info could be read, looking further would only make users wait.
+    count = 1
+    if not offline and geometry is not None and geometry.num_channels == 1:
+        count = _jpeg_channel_count(has_volume)
+    if count > 1:
+        volumes = _volumes(source, run_id, raw, count)
+        checks = [checks[0], *found, *checks[1:]]
     layers = [(name, f"precomputed://gs://{b}/{p}") for name, b, p in volumes]
-    return GcsView(neuroglancer_link(viewer_state(layers, geometry), app_url), checks, geometry)
+    state = viewer_state(layers, geometry, layer_options=_layer_options(run_id, count))
+    return GcsView(neuroglancer_link(state, app_url), checks, geometry)
 
 
 # -- local data server ---------------------------------------------------------------
@@ -547,8 +635,11 @@ def serve_run(
         raise InvalidInput(
             f"serving needs local storage ({storage.ROOT_ENV}); for gs:// outputs use gcs_view"
         )
+    ng_folder = root / ng_bucket(source, run_id)
+    count = _jpeg_channel_count(lambda path: (ng_folder / path / "info").is_file())
+    volumes = _volumes(source, run_id, raw, count)
     mounts: dict[str, Path] = {}
-    for _, bucket, prefix in _volumes(source, run_id, raw):
+    for _, bucket, prefix in volumes:
         folder = root / bucket / prefix
         if not (folder / "info").is_file():
             hint = " (was createRawPyramid false?)" if prefix == RAW_PATH else ""
@@ -563,18 +654,18 @@ def serve_run(
     data_server = DataServer(mounts, port=data_port)
     try:
         layers = [
-            (name, f"precomputed://{data_server.url}/{prefix}")
-            for name, _, prefix in _volumes(source, run_id, raw)
+            (name, f"precomputed://{data_server.url}/{prefix}") for name, _, prefix in volumes
         ]
-        state = viewer_state(layers, geometry, layout)
+        state = viewer_state(layers, geometry, layout, _layer_options(run_id, count))
         neuroglancer.set_server_bind_address("127.0.0.1", bind_port=port)
         viewer = neuroglancer.Viewer()
         with viewer.txn() as s:
             s.dimensions = neuroglancer.CoordinateSpace(json=state["dimensions"])
             for layer in state["layers"]:
                 image_layer = neuroglancer.ImageLayer(source=layer["source"])
-                if "shader" in layer:
-                    image_layer.shader = layer["shader"]
+                for key in ("shader", "blend", "opacity"):
+                    if key in layer:
+                        setattr(image_layer, key, layer[key])
                 s.layers.append(name=layer["name"], layer=image_layer)
             s.selected_layer.layer = state["selectedLayer"]["layer"]
             s.position = state["position"]
@@ -598,6 +689,7 @@ __all__ = [
     "RequestRecord",
     "ViewSession",
     "VolumeGeometry",
+    "channel_layer",
     "channel_shader",
     "check_public_read",
     "chunk_bucket",

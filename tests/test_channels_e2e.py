@@ -156,3 +156,129 @@ def test_channels_are_aligned_on_the_texture_and_moved_together(run: E2ERun) -> 
     assert jinfo["num_channels"] == 3 and jpeg.shape == raw.shape
     assert np.array_equal(_read_cv(f"gs://{run.ng_bucket}/neuroglancer/jpeg", True), jpeg)
     assert np.abs(jpeg.astype(int) - raw.astype(int)).mean() < 6
+
+
+FILE_TEMPLATES = ["red/img.%05d.png", "green/img.%05d.png", "blue/img.%05d.png"]
+
+
+@pytest.fixture(scope="module")
+def files_run(
+    airflow_db: Path, dag_bag: Any, service_pool: ServicePool, local_root: Path
+) -> E2ERun:
+    """The stack of :func:`run`, each slice stored as three grey files (``channel_templates``),
+    with one JPEG volume per channel."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EMPROCESS_STORAGE_ROOT", str(local_root))
+        source = unique_bucket("files")
+        storage.create_bucket(source)
+        for z in range(len(DRIFT_XY)):
+            rgb = _slice(z)
+            for c, template in enumerate(FILE_TEMPLATES):
+                storage.write_bytes(f"gs://{source}/{template % z}", cv2.imencode(".png", rgb[..., c])[1])  # fmt: skip
+        conf = {
+            "id": "run",
+            "channel_templates": FILE_TEMPLATES,
+            "minz": 0,
+            "maxz": len(DRIFT_XY) - 1,
+            "source": source,
+            "clip-limit": 0,
+            "align_channel": 0,
+            "neighbors": 1,
+            "global_solve": False,
+            "jpeg_channels": "each",
+        }
+        return run_on_local(mp, dag_bag.dags[dag_id(1)], conf, service_pool, local_root)
+
+
+def test_one_file_per_channel_gives_the_volume_of_the_colour_files(
+    run: E2ERun, files_run: E2ERun
+) -> None:
+    """Known answer: the same alignment and the very lossless volume as the RGB PNG stack;
+    each channel's JPEG volume is that channel within JPEG error (grey FIB-SEM: ~3 levels)."""
+    assert files_run.state == "success", files_run.task_states
+    for body in files_run.bodies("/"):
+        z = int(body["pre"].rsplit(".", 2)[-2])
+        assert body["pre_channels"] == [f"gs://{files_run.source}/{t % z}" for t in FILE_TEMPLATES[1:]]  # fmt: skip
+        assert body["channel"] == 0
+    for body in files_run.bodies("/alignedslice"):
+        assert body["channel_imgs"] == [t % body["slice"] for t in FILE_TEMPLATES[1:]]
+    transforms = [
+        json.loads(storage.read_bytes(f"{r.process}/align/transforms.json"))
+        for r in (run, files_run)
+    ]
+    assert transforms[0] == transforms[1]
+    _, colour = _read_ts(f"gs://{run.chunk_bucket}/neuroglancer/raw")
+    info, files = _read_ts(f"gs://{files_run.chunk_bucket}/neuroglancer/raw")
+    assert info["num_channels"] == 3 and np.array_equal(files, colour)
+    for c, path in enumerate(("jpeg", "jpeg_c1", "jpeg_c2")):
+        jinfo, jpeg = _read_ts(f"gs://{files_run.ng_bucket}/neuroglancer/{path}")
+        assert jinfo["num_channels"] == 1 and jpeg.shape == (*files.shape[:3], 1), path
+        assert np.abs(jpeg[..., 0].astype(int) - files[..., c]).mean() < 4, path
+
+
+def _load_script() -> Any:
+    """scripts/ingest_multichannel_small.py as a module."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "ingest_multichannel_small.py"
+    spec = importlib.util.spec_from_file_location("_ingest_multichannel_small", path)
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def _rgba(z: int) -> np.ndarray:
+    """Slice z with an alpha channel: the texture inverted."""
+    rgb = _slice(z)
+    return np.dstack([rgb, 255 - rgb[..., 0]])
+
+
+@pytest.fixture(scope="module")
+def script_run(
+    airflow_db: Path, dag_bag: Any, service_pool: ServicePool, local_root: Path
+) -> tuple[E2ERun, Any]:
+    """An RGBA stack run with the configuration scripts/ingest_multichannel_small.py makes."""
+    script = _load_script()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EMPROCESS_STORAGE_ROOT", str(local_root))
+        source = unique_bucket("rgba")
+        storage.create_bucket(source)
+        for z in range(len(DRIFT_XY)):
+            bgra = cv2.cvtColor(_rgba(z), cv2.COLOR_RGBA2BGRA)
+            storage.write_bytes(f"gs://{source}/stack/img.{z:05d}.png", cv2.imencode(".png", bgra)[1])  # fmt: skip
+        args = script.argparse.Namespace(
+            src=f"gs://{source}/stack", template="img.%05d.png", minz=None, maxz=None, id=None,
+            channels=None, align=False, align_channel="mean", clip_limit=0.0, resolution=[8.0],
+            channel_template=None,
+        )  # fmt: skip
+        conf = script.build_conf(args)
+        return run_on_local(mp, dag_bag.dags[dag_id(1)], conf.to_json(), service_pool, local_root), script  # fmt: skip
+
+
+def test_the_multichannel_script_keeps_a_stack_as_given(script_run: tuple[E2ERun, Any]) -> None:
+    """The script's run (taken as aligned, CLAHE off) keeps every channel of an RGBA stack
+    exactly in the lossless volume, as the script's own writer did; it prints the layer of
+    the run's volume with the RGB shader, or a whole viewer state."""
+    from emprocess.view import RGB_SHADER
+    from emprocess.workflow.conf import parse_conf
+
+    run, script = script_run
+    assert run.state == "success", run.task_states
+    assert run.conf["channels"] == 4 and run.conf["skip_align"] and run.conf["clip-limit"] == 0
+    assert run.conf["image"] == "stack/img.%05d.png" and run.conf["maxz"] == len(DRIFT_XY) - 1
+    info, raw = _read_ts(f"gs://{run.chunk_bucket}/neuroglancer/raw")
+    assert info["num_channels"] == 4
+    assert np.array_equal(raw, np.stack([_rgba(z) for z in range(len(DRIFT_XY))]))
+    conf = parse_conf(run.conf)
+    layer = script.layer_or_state(conf, True, "cells", False)
+    assert layer == {
+        "type": "image",
+        "source": f"precomputed://gs://{run.chunk_bucket}/neuroglancer/raw",
+        "name": "cells",
+        "shader": RGB_SHADER,
+    }
+    state = script.layer_or_state(conf, False, None, True)
+    assert state["layers"][0]["source"] == f"precomputed://gs://{run.ng_bucket}/neuroglancer/jpeg"
+    assert state["layout"] == "xy" and state["dimensions"]["x"] == [8e-09, "m"]
+    assert state["position"] == [CROP / 2, CROP / 2, len(DRIFT_XY) / 2]

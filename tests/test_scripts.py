@@ -115,18 +115,25 @@ SHELL_BAD_ARGS = [
     ("create_composer_env.sh", ("Bad_Env", "--location", "l")),
     ("create_composer_env.sh", ("env", "--location", "l", "--align-url", "ftp://x")),
 ]
+TWO_CHANNEL_TEMPLATES = ("--channel-template", "a.%d", "--channel-template", "b.%d")
 PY_BAD_ARGS = [
     *[(name, ("--no-such-option", "x")) for name in PY_SCRIPTS],
     ("gen_uuid.py", ("MyRun",)),
     ("gen_uuid.py", ("run", "--source", "Bad")),
     ("create_symlinks.py", ("src", "dest", "--first-z", "-1")),
-    ("ingest_multichannel_small.py", ("src", "dest")),
-    ("ingest_multichannel_small.py", ("src", "dest", "--resolution", "8", "8")),
-    ("ingest_multichannel_small.py", ("src", "dest", "--resolution", "0")),
+    ("ingest_multichannel_small.py", ("src",)),
+    ("ingest_multichannel_small.py", ("src", "--resolution", "8", "8")),
+    ("ingest_multichannel_small.py", ("src", "--resolution", "0")),
+    ("ingest_multichannel_small.py", ("src", "--resolution", "8", "--align-channel", "red")),
+    ("ingest_multichannel_small.py", ("src", "--resolution", "8", "--channels", "5")),
+    ("ingest_multichannel_small.py", ("src", "--resolution", "8", "--channel-template", "a%d")),
     (
         "ingest_multichannel_small.py",
-        ("src", "dest", "--resolution", "8", "--chunk", "0", "1", "1"),
+        ("src", "--resolution", "8", "--channels", "3", *TWO_CHANNEL_TEMPLATES),
     ),
+    # The old form: a DEST, and options the pipeline has no use for.
+    ("ingest_multichannel_small.py", ("src", "dest", "--resolution", "8")),
+    ("ingest_multichannel_small.py", ("src", "--resolution", "8", "--chunk", "8", "8", "8")),
 ]
 
 
@@ -651,131 +658,106 @@ def ingest() -> ModuleType:
 
 def _rgb_stack(
     folder: Path, zs: range, shape_hw: tuple[int, int], channels: int, seed: int = 0
-) -> dict[int, np.ndarray]:
-    """Write random RGB(A) PNG slices img.%05d.png; returns them in RGB(A) order by z."""
+) -> None:
+    """Write random RGB(A) PNG slices img.%05d.png."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    out = {}
     for z in zs:
-        rgb = rng.integers(0, 256, (*shape_hw, channels), dtype=np.uint8)
-        bgr = rgb[:, :, [2, 1, 0, 3][:channels]]
-        assert cv2.imwrite(str(folder / f"img.{z:05d}.png"), bgr)
-        out[z] = rgb
-    return out
+        assert cv2.imwrite(
+            str(folder / f"img.{z:05d}.png"), rng.integers(0, 256, (*shape_hw, channels), np.uint8)
+        )
 
 
-def _read_volume(kvstore: dict) -> tuple[np.ndarray, dict]:
-    import tensorstore as ts
-
-    vol = ts.open({"driver": "neuroglancer_precomputed", "kvstore": kvstore}).result()
-    return vol.read().result(), json.loads(
-        ts.KvStore.open(kvstore).result().read("info").result().value
-    )
+def _conf_of(
+    ingest: ModuleType, capsys: pytest.CaptureFixture[str], *args: str
+) -> dict[str, object]:
+    assert ingest.main([*args, "--print-conf"]) == 0
+    return dict(json.loads(capsys.readouterr().out))
 
 
-def test_ingest_rgb_stack_through_the_local_root(tmp_path: Path) -> None:
-    slices = _rgb_stack(tmp_path / "src", range(3, 10), (37, 70), 3)
-    root = tmp_path / "root"
-    (root / "rgb-demo").mkdir(parents=True)
-    env = dict(os.environ, **{storage.ROOT_ENV: str(root)})
-    proc = run_script(
-        "ingest_multichannel_small.py", str(tmp_path / "src"), "gs://rgb-demo/vol",
-        "--resolution", "4", "4", "8", "--chunk", "32", "32", "4", env=env,
+def test_ingest_is_a_run_of_the_pipeline(
+    ingest: ModuleType,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The run configuration it runs (``--print-conf``): the slices found, the channels
+    of the first slice, taken as aligned, CLAHE off; a folder's parent is the root."""
+    monkeypatch.setenv(storage.ROOT_ENV, "unused")  # the script sets it; restored after
+    _rgb_stack(tmp_path / "rgba-stack", range(3, 10), (37, 70), 4)
+    conf = _conf_of(ingest, capsys, str(tmp_path / "rgba-stack"), "--resolution", "4", "4", "8")
+    assert os.environ[storage.ROOT_ENV] == str(tmp_path)
+    assert {k: conf[k] for k in ("id", "image", "minz", "maxz", "source", "channels")} == {
+        "id": "rgba-stack-rgb",
+        "image": "img.%05d.png",
+        "minz": 3,
+        "maxz": 9,
+        "source": "rgba-stack",
+        "channels": 4,
+    }
+    assert conf["skip_align"] is True and conf["clip-limit"] == 0 and conf["resolution"] == [4, 4, 8]  # fmt: skip
+    aligned = _conf_of(
+        ingest, capsys, f"file://{tmp_path}/rgba-stack", "--resolution", "8", "--align",
+        "--align-channel", "1", "--maxz", "5", "--id", "cells", "--clip-limit", "0.01",
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    layer = json.loads(proc.stdout)
-    assert layer["type"] == "image"
-    assert layer["source"] == "precomputed://gs://rgb-demo/vol"
-    assert "emitRGB(" in layer["shader"] and "getDataValue(2)" in layer["shader"]
-
-    data, info = _read_volume({"driver": "file", "path": str(root / "rgb-demo" / "vol") + "/"})
-    assert info["num_channels"] == 3 and info["data_type"] == "uint8"
-    (scale,) = info["scales"]
-    assert scale["encoding"] == "raw" and "sharding" not in scale
-    assert scale["size"] == [70, 37, 7] and scale["voxel_offset"] == [0, 0, 3]
-    assert scale["resolution"] == [4, 4, 8] and scale["chunk_sizes"] == [[32, 32, 4]]
-    expected = np.stack([slices[z] for z in range(3, 10)]).transpose(2, 1, 0, 3)  # x y z c
-    np.testing.assert_array_equal(data, expected)
+    assert aligned["skip_align"] is False and aligned["align_channel"] == 1
+    assert (aligned["id"], aligned["maxz"], aligned["clip-limit"]) == ("cells", 5, 0.01)
 
 
-def test_ingest_rgba_to_gcs_emulator_with_viewer_state(
+def test_ingest_of_one_file_per_channel(
+    ingest: ModuleType,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv(storage.ROOT_ENV, "unused")
+    for channel in ("em", "lm"):
+        (tmp_path / "clem" / channel).mkdir(parents=True)
+        for z in (4, 5, 6):
+            cv2.imwrite(str(tmp_path / "clem" / channel / f"s{z}.png"), np.zeros((8, 8), np.uint8))
+    conf = _conf_of(
+        ingest, capsys, str(tmp_path / "clem"), "--resolution", "8",
+        "--channel-template", "em/s%d.png", "--channel-template", "lm/s%d.png",
+    )  # fmt: skip
+    assert conf["channel_templates"] == ["em/s%d.png", "lm/s%d.png"]
+    assert (conf["image"], conf["channels"], conf["minz"], conf["maxz"]) == ("em/s%d.png", 2, 4, 6)
+
+
+def test_ingest_from_a_gs_path(
     ingest: ModuleType,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.delenv(storage.ROOT_ENV, raising=False)
-    bucket = unique_bucket("rgba")
+    bucket = unique_bucket("rgb")
     storage.create_bucket(bucket)
-    slices = _rgb_stack(tmp_path / "src", range(0, 5), (20, 24), 4, seed=1)
-    dest = f"gs://{bucket}/a/b"
-    rc = ingest.main(
-        [str(tmp_path / "src"), dest, "--resolution", "8", "--state", "--name", "cells"]
-    )
-    assert rc == 0
-    state = json.loads(capsys.readouterr().out)
-    assert state["dimensions"] == {ax: [8e-9, "m"] for ax in "xyz"}
-    assert state["layers"][0]["name"] == "cells"
-    import neuroglancer
-
-    parsed = neuroglancer.ViewerState(state)
-    assert parsed.layers["cells"].shader == ingest.RGB_SHADER
-    data, info = _read_volume(storage.kvstore_spec(dest))
-    assert info["num_channels"] == 4
-    np.testing.assert_array_equal(
-        data, np.stack([slices[z] for z in range(5)]).transpose(2, 1, 0, 3)
-    )
-    # Again with the same stack: the existing volume is opened, not refused.
-    assert ingest.main([str(tmp_path / "src"), dest, "--resolution", "8"]) == 0
-    np.testing.assert_array_equal(_read_volume(storage.kvstore_spec(dest))[0], data)
-
-
-def test_ingest_mixed_sizes_fail_cleanly(tmp_path: Path) -> None:
-    _rgb_stack(tmp_path / "src", range(0, 3), (16, 16), 3)
-    _rgb_stack(tmp_path / "src", range(3, 4), (16, 17), 3)
-    proc = run_script(
-        "ingest_multichannel_small.py",
-        str(tmp_path / "src"),
-        str(tmp_path / "out"),
-        "--resolution",
-        "8",
-    )
-    assert proc.returncode == 1
-    assert "Traceback" not in proc.stderr
-    assert (
-        "img.00003.png is 17x16 px but slice" in proc.stderr
-        and "img.00000.png is 16x16" in proc.stderr
-    )
-    assert not (tmp_path / "out").exists()  # checked before anything was written
+    _rgb_stack(tmp_path, range(0, 2), (20, 24), 3)
+    for z in range(2):
+        name = f"img.{z:05d}.png"
+        storage.write_bytes(f"gs://{bucket}/a/b/{name}", (tmp_path / name).read_bytes())
+    conf = _conf_of(ingest, capsys, f"gs://{bucket}/a/b", "--resolution", "8")
+    assert (conf["source"], conf["image"], conf["channels"]) == (bucket, "a/b/img.%05d.png", 3)
+    assert (conf["minz"], conf["maxz"]) == (0, 1)
 
 
 def test_ingest_refuses_bad_stacks(
-    ingest: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ingest: ModuleType,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    src = tmp_path / "src"
+    monkeypatch.setenv(storage.ROOT_ENV, "unused")
+    src = tmp_path / "stack"
     _rgb_stack(src, range(0, 2), (8, 8), 3)
-    _rgb_stack(src, range(2, 3), (8, 8), 4)
-    _rgb_stack(src, range(5, 6), (8, 8), 3)
+    cv2.imwrite(str(src / "img.00009.png"), np.zeros((8, 8), np.uint8))
 
     def error(*args: str) -> str:
-        assert ingest.main([str(src), str(tmp_path / "out"), "--resolution", "8", *args]) == 1
+        assert ingest.main([*args, "--resolution", "8", "--print-conf"]) == 1
         return capsys.readouterr().err
 
-    assert "slice 'img.00003.png' (z=3) is missing" in error()
-    assert "img.00002.png has 4 channels but slice" in error("--maxz", "2")
-    assert "slice z=3 not found" in error("--minz", "3", "--maxz", "4")
-    assert "no slice named like 'x.%03d.png'" in error("--template", "x.%03d.png")
-    cv2.imwrite(str(src / "img.00009.png"), np.zeros((8, 8), np.uint8))
-    assert "img.00009.png has 1 channel(s); expected 3 (RGB) or 4 (RGBA)" in error(
-        "--minz", "9", "--maxz", "9"
-    )
-    assert "only one integer field" in error("--template", "img.%s.png")
-
-    out = str(tmp_path / "out")
-    assert ingest.main([str(src), out, "--resolution", "8", "--maxz", "1"]) == 0
-    assert ingest.main([str(src), out, "--resolution", "8", "--maxz", "0"]) == 1
-    err = capsys.readouterr().err
-    assert f"cannot create the volume at {out}" in err and "--overwrite replaces it" in err
-    assert "tensorstore_spec" not in err
-    assert ingest.main([str(src), out, "--resolution", "8", "--maxz", "0", "--overwrite"]) == 0
-    assert _read_volume({"driver": "file", "path": out + "/"})[0].shape == (8, 8, 1, 3)
+    assert "img.00009.png is grey (one channel): ingest it with `emprocess run`" in error(str(src), "--minz", "9")  # fmt: skip
+    assert "no slice named like 'x.%03d.png' in gs://stack/" in error(str(src), "--template", "x.%03d.png")  # fmt: skip
+    assert "only one integer field" in error(str(src), "--template", "img.%s.png")
+    assert "is not a folder (nor a gs:// URL)" in error(str(tmp_path / "nowhere"))
+    assert "minz 1 is greater than maxz 0" in error(str(src), "--minz", "1", "--maxz", "0")

@@ -583,3 +583,64 @@ def test_browser_shows_the_em_data(
     assert metrics.data_fraction >= MIN_DATA_FRACTION, f"too little data on screen: {context}"
     assert metrics.xy_data_fraction >= MIN_XY_DATA_FRACTION, f"xy panel not filled: {context}"
     assert metrics.xy_correlation >= MIN_XY_CORRELATION, f"xy panel is not slice {z}: {context}"
+
+
+@pytest.fixture(scope="module")
+def colour_run(tmp_path_factory: pytest.TempPathFactory) -> BuiltRun:
+    """A 192 x 128 x 8 RGB run of three bands (red, green, blue), one JPEG volume each."""
+    root = tmp_path_factory.mktemp("view-colour")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(storage.ROOT_ENV, str(root))
+        volume = build_test_volume("viewrgb", "rgb", 8, 192, 128, colour_bands=True)
+    return BuiltRun(root, volume)
+
+
+MIN_BAND = 0.01  # a band measured 0.013 of the screen; nothing loaded: 0
+
+
+def colour_fractions(bgr: np.ndarray) -> dict[str, tuple[float, float]]:
+    """Per colour: (fraction of pixels that are that saturated colour, their mean x / width)."""
+    b, g, r = (bgr[..., i].astype(np.int16) for i in range(3))
+    masks = {
+        "red": (r > 120) & (g < 40) & (b < 40),
+        "green": (g > 120) & (r < 40) & (b < 40),
+        "blue": (b > 120) & (r < 40) & (g < 40),
+    }
+    out = {}
+    for name, mask in masks.items():
+        xs = np.nonzero(mask)[1]
+        out[name] = (float(mask.mean()), float(xs.mean() / mask.shape[1]) if len(xs) else -1.0)
+    return out
+
+
+@pytest.mark.slow
+def test_browser_shows_each_channel_in_its_colour(
+    chromium: Any, colour_run: BuiltRun, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """jpeg_channels "each" in headless Chromium: the three channel layers, added up, show
+    the bands red, green and blue, left to right, in the xy panel."""
+    monkeypatch.setenv(storage.ROOT_ENV, str(colour_run.root))
+    session = serve_run(colour_run.volume.source, colour_run.volume.run_id, layout="xy")
+    try:
+        assert [layer.name for layer in session.viewer.state.layers] == ["rgb-c0", "rgb-c1", "rgb-c2"]  # fmt: skip
+        t0 = time.monotonic()
+        chromium.get(session.url)
+        while True:
+            png = chromium.get_screenshot_as_png()
+            bgr = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
+            found = colour_fractions(bgr[TOP_BARS_PX:])
+            if (
+                min(f for f, _ in found.values()) >= MIN_BAND
+                or time.monotonic() - t0 > LOAD_TIMEOUT_S
+            ):
+                break
+            time.sleep(1.0)
+    finally:
+        session.stop()
+    (tmp_path / "colour.png").write_bytes(png)
+    context = f"{found}; screenshot {tmp_path / 'colour.png'}"
+    # Each band is a third of the volume, drawn at 1 voxel per pixel: 64 x 128 of the
+    # 1000 x 610 pixels below the bars (1.3%), in one colour; red, green, blue from the left.
+    assert all(fraction >= MIN_BAND for fraction, _ in found.values()), context
+    assert max(f for f, _ in found.values()) < 1.2 * min(f for f, _ in found.values()), context
+    assert found["red"][1] < found["green"][1] < found["blue"][1], context

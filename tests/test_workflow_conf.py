@@ -62,6 +62,7 @@ def test_defaults_and_contract_keys() -> None:
         "channels": 1,
         "align_channel": "mean",
         "jpeg_channels": "rgb",
+        "channel_templates": None,
     }
     assert c.bucket_names() == {
         "source": "my-slices",

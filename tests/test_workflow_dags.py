@@ -159,14 +159,15 @@ def test_params_carry_defaults_and_descriptions(dagbag: Any, dynamic: bool) -> N
     keys |= {"intensity", "raw_bits"}
     keys |= {"neighbors", "global_solve", "regularization", "skip_slices", "bad_slice_fill"}
     keys |= {"align_from"}
-    keys |= {"channels", "align_channel", "jpeg_channels"}
+    keys |= {"channels", "align_channel", "jpeg_channels", "channel_templates"}
     keys |= {"location"}
     assert set(params) == keys | ({"width"} if dynamic else set())
     for key, p in params.items():
         assert p.description, key
         assert p.schema.get("type"), key
         assert p.has_value == (
-            key not in REQUIRED | {"project", "location", "email", "align_from"}
+            key
+            not in REQUIRED | {"project", "location", "email", "align_from", "channel_templates"}
         ), key
     assert params["clip-limit"].value == 0.02 and params["createRawPyramid"].value is True
     assert params["downsample_factor"].schema["minimum"] == 1

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
 
 from emprocess import storage
 from emprocess.kernels.ngmeta import plan_cubes
@@ -15,6 +19,9 @@ from emprocess.services import emwrite
 log = logging.getLogger(__name__)
 
 IDENTITY = [1.0, 0.0, 0.0, 1.0, 0.0, 0.0]
+BAND_VALUE = 200
+"""With ``colour_bands``: the left third of every slice is red, the middle green, the
+right blue, at this value."""
 
 
 @dataclass(frozen=True)
@@ -47,8 +54,12 @@ def build_test_volume(
     resolution_nm: float = 8.0,
     write_raw: bool = False,
     seed: int = 0,
+    colour_bands: bool = False,
 ) -> BuiltVolume:
     """Write a synthetic stack and the run's pyramids through the emwrite service functions.
+
+    With ``colour_bands`` the slices are RGB bands (:data:`BAND_VALUE`) written as one
+    grey JPEG volume per channel (``jpeg_channels`` "each"), CLAHE off.
 
     The stack is placed with identity transforms (no alignment), with the run's
     bucket layout: SOURCE (slices), SOURCE_process, SOURCE_tmp_RUN_ID (tiles),
@@ -67,6 +78,17 @@ def build_test_volume(
         storage.create_bucket(bucket)
     write_sample(storage.bucket_url(source), n_slices, width, height, seed=seed, first_z=minz)
     maxz = minz + n_slices - 1
+    colour: dict[str, Any] = {}
+    if colour_bands:  # RGB slices of three bands, each one channel; a JPEG volume each
+        colour = {"channels": 3, "jpeg_channels": "each"}
+        bands = np.zeros((height, width, 3), np.uint8)
+        for c in range(3):
+            bands[:, c * width // 3 : (c + 1) * width // 3, c] = BAND_VALUE
+        for z in range(minz, maxz + 1):
+            storage.write_bytes(
+                storage.bucket_url(source, DEFAULT_TEMPLATE % z),
+                cv2.imencode(".png", bands[:, :, ::-1])[1].tobytes(),
+            )
     for z in range(minz, maxz + 1):
         emwrite.aligned_slice(
             AlignedSliceRequest.model_validate(
@@ -78,6 +100,7 @@ def build_test_volume(
                     "dest-tmp": tmp_bucket,
                     "slice": z,
                     "run_id": run_id,
+                    **({"clip-limit": 0, "channels": 3} if colour_bands else {}),
                 }
             )
         )
@@ -89,6 +112,7 @@ def build_test_volume(
         "bbox": [width, height],
         "writeRaw": write_raw,
         "resolution": resolution_nm,
+        **colour,
     }
     emwrite.ng_meta(NgMetaRequest.model_validate(volume))
     for start in plan_cubes((width, height), minz, maxz):

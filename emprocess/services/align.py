@@ -56,6 +56,28 @@ def read_image(url: str, channel: int | str | None = None) -> np.ndarray:
         raise InvalidInput(f"{url}: {e}") from None
 
 
+def read_channel_files(urls: list[str], channel: int | str) -> np.ndarray:
+    """A slice stored as one grey file per channel: the plane of ``channel`` (only that
+    file is read) or the mean of all files."""
+    if isinstance(channel, int):
+        return read_image(urls[channel])
+    # The mean as align_plane takes it of a colour file (rint of the exact mean: sums of
+    # at most 4 x 65535 are exact in float32), one decoded file in memory at a time.
+    first = read_image(urls[0])
+    total = first.astype(np.float32)
+    for url in urls[1:]:
+        plane = read_image(url)
+        if plane.shape != first.shape or plane.dtype != first.dtype:
+            raise InvalidInput(
+                f"channel file {url} is {plane.shape[1]}x{plane.shape[0]} {plane.dtype}, but "
+                f"{urls[0]} is {first.shape[1]}x{first.shape[0]} {first.dtype}"
+            )
+        total += plane
+        del plane
+    total /= len(urls)
+    return np.rint(total).astype(first.dtype)
+
+
 def check_sizes(pre: np.ndarray, post: np.ndarray, req: AlignRequest) -> None:
     (h0, w0), (h1, w1) = pre.shape, post.shape
     if max(w0, w1) > MAX_SIZE_RATIO * min(w0, w1) or max(h0, h1) > MAX_SIZE_RATIO * min(h0, h1):
@@ -74,7 +96,13 @@ def align_request(req: AlignRequest) -> dict[str, Any]:
     """Run one alignment request; returns the JSON-ready result."""
     params = parse(AlignParams, req.params)
     with ThreadPoolExecutor(2) as pool:
-        pre, post = pool.map(lambda url: read_image(url, req.channel), (req.pre, req.post))
+        if req.pre_channels is not None and req.post_channels is not None:
+            channel = req.channel
+            assert channel is not None  # checked by the model
+            files = ([req.pre, *req.pre_channels], [req.post, *req.post_channels])
+            pre, post = pool.map(lambda urls: read_channel_files(urls, channel), files)
+        else:
+            pre, post = pool.map(lambda url: read_image(url, req.channel), (req.pre, req.post))
     check_sizes(pre, post, req)
     pre, post = downsample_image(pre, req.downsample), downsample_image(post, req.downsample)
     if req.intensity_window is not None:

@@ -20,7 +20,9 @@ MALLOC_ARENA_MAX=2, as the container sets it). With anisotropic voxels the first
 scales keep every slice (x and y halve, z does not), so scale 1 of a cube is 1024 x
 512 x 512 voxels, 128 MiB more than the isotropic 512^3. Colour (``channels``) multiplies a
 cube's voxels by the channel count: slabs are (z, y, x, channel), so a full 1024^3 RGB
-cube peaked at 2.8 GiB (``bench emwrite --cube --channels 3``).
+cube peaked at 2.8 GiB (``bench emwrite --cube --channels 3``). A slice stored one grey
+file per channel (``channel_imgs``) is checked by its files' headers, then each file is
+read, decoded and rendered in turn, so one channel is in memory at a time.
 
 Codecs, chosen by measurement (``emprocess bench emwrite``, benchmarks/emwrite.py): tiles in
 the tmp bucket are "raw" (PNG tiles cost 1.4x the /alignedslice CPU and 2x the
@@ -34,6 +36,7 @@ slice (header, then tile) in asynchronous batches.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -168,25 +171,39 @@ def aligned_slice(req: AlignedSliceRequest) -> dict[str, Any]:
             f"bbox {req.bbox} is more than {MAX_CANVAS_RATIO}x (+{TILE_PX} px) the "
             f"{layout.width}x{layout.height} slice {req.img}"
         )
-    image = decode_image(data, source_url, MAX_PIXELS, MAX_DECODED_BYTES, req.channels)
-    del data
+    if req.channel_imgs is not None:
+        channel_files = _check_channel_files(req, source_url, layout)
+        planes: list[np.ndarray] | None = None
+    else:
+        image = decode_image(data, source_url, MAX_PIXELS, MAX_DECODED_BYTES, req.channels)
+        del data
+        planes = [image] if image.ndim == 2 else [image[:, :, c] for c in range(image.shape[2])]
+        del image  # the planes keep it
     t_read = time.perf_counter()
-    if req.raw_dtype is not None and image.dtype != np.dtype(req.raw_dtype):
-        raise InvalidInput(
-            f"raw_dtype {req.raw_dtype!r} keeps a 16-bit slice's values, but {source_url} "
-            f"is {image.dtype}"
-        )
     source_tiles = None
-    if req.raw_dtype is not None:
+    if req.raw_dtype is not None:  # one grey file (channels exclude raw_dtype)
+        assert planes is not None
+        if planes[0].dtype != np.dtype(req.raw_dtype):
+            raise InvalidInput(
+                f"raw_dtype {req.raw_dtype!r} keeps a 16-bit slice's values, but {source_url} "
+                f"is {planes[0].dtype}"
+            )
         source_tiles = render_source_tiles(
-            image, req.transform, (width, height), tile_px=TILE_PX, window_px=WINDOW_PX
+            planes[0], req.transform, (width, height), tile_px=TILE_PX, window_px=WINDOW_PX
         )
     iw = req.intensity_window
-    planes = [image] if image.ndim == 2 else [image[:, :, c] for c in range(image.shape[2])]
     thumbs, write_s = [], 0.0
     # Every channel: the same transform, its own CLAHE; each written as soon as it is
-    # rendered, so one channel's tiles are in memory at a time.
-    for plane, url in zip(planes, channel_urls, strict=True):
+    # rendered, so one channel's tiles (and, with one file per channel, one decoded
+    # channel) are in memory at a time.
+    for c, url in enumerate(channel_urls):
+        if planes is not None:
+            plane = planes[c]
+        else:  # one file per channel: read and decode one at a time (channel 0's is read)
+            if c > 0:
+                data = storage.read_bytes(channel_files[c], max_bytes=MAX_FILE_BYTES)
+            plane = decode_image(data, channel_files[c], MAX_PIXELS, MAX_DECODED_BYTES, 1)
+            data = b""
         rendered = render_slice(
             np.ascontiguousarray(plane),
             req.transform,
@@ -201,8 +218,8 @@ def aligned_slice(req: AlignedSliceRequest) -> dict[str, Any]:
         storage.write_bytes(url, rendered.tiles_object)
         write_s += time.perf_counter() - t_write
         thumbs.append(rendered.thumbnail)
-        del rendered
-    del image, planes
+        del rendered, plane
+    planes = None
     t_compute = time.perf_counter()
     if source_tiles is not None:
         storage.write_bytes(outputs[2], source_tiles)
@@ -214,6 +231,40 @@ def aligned_slice(req: AlignedSliceRequest) -> dict[str, Any]:
     }
     log.info("aligned slice %d (%s) %dx%d: %s", req.slice, req.img, width, height, timings)
     return timings
+
+
+def _check_channel_files(req: AlignedSliceRequest, first_url: str, first: ImageLayout) -> list[str]:
+    """URLs of every channel's file of a slice stored one grey file per channel, each
+    checked by its header (grey, the size and bit depth of the first) before any is
+    read whole: the files are then read and decoded one at a time."""
+    assert req.channel_imgs is not None
+    found = [(first_url, first)]
+    for img in req.channel_imgs:
+        url = storage.bucket_url(req.dest, img)
+        try:
+            layout = image_layout(
+                storage.read_bytes(url, 0, HEADER_BYTES), functools.partial(storage.read_bytes, url)
+            )
+        except UnreadableHeader as e:
+            raise InvalidInput(f"{url} is not a PNG, TIFF or JPEG image: {e}") from None
+        found.append((url, layout))
+    for url, layout in found:
+        if layout.file_channels != 1:
+            raise InvalidInput(
+                f"{url} has {layout.file_channels} channels; a slice stored one file per "
+                "channel needs a grey file for each"
+            )
+        if (layout.width, layout.height, layout.sample_bytes) != (
+            first.width,
+            first.height,
+            first.sample_bytes,
+        ):
+            raise InvalidInput(
+                f"channel file {url} is {layout.width}x{layout.height} px, "
+                f"{8 * layout.sample_bytes}-bit, but {first_url} is {first.width}x"
+                f"{first.height} px, {8 * first.sample_bytes}-bit"
+            )
+    return [url for url, _ in found]
 
 
 # -- /ngmeta -------------------------------------------------------------------

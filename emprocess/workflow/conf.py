@@ -236,9 +236,10 @@ class RunConf(BaseModel):
         title="Intensity window",
         description="How slices become 8 bits, the same in alignment and in the volume: "
         '"auto" (16-bit slices: the 0.175% and 99.825% percentiles of a sample of slices '
-        "spread over the stack, measured once and recorded in init.json; 8-bit slices as "
-        'they are), [low, high] (grey levels that become 0 and 255, low < high), or "full" '
-        "(8-bit as they are, 16-bit divided by 257).",
+        "spread over the stack, measured once and recorded in init.json; with channels > 1 "
+        "one window for all, measured on the channels' own samples, alpha left out; 8-bit "
+        "slices as they are), [low, high] (grey levels that become 0 and 255, low < high), "
+        'or "full" (8-bit as they are, 16-bit divided by 257).',
     )
     raw_bits: Literal[8, 16] = Field(
         default=8,
@@ -347,6 +348,18 @@ class RunConf(BaseModel):
         "channel (neuroglancer/jpeg holds channel 0, neuroglancer/jpeg_cC channel C).",
     )
 
+    channel_templates: list[str] | None = Field(
+        default=None,
+        title="One file per channel",
+        description="Slices stored as one grey file per channel: one printf template per "
+        'channel, in channel order (red, green, blue, alpha), e.g. ["red/img.%05d.png", '
+        '"green/img.%05d.png"]. `image` may be left out (it is the first template; given, '
+        "it must be) and `channels` is the number of templates. Every channel's file must "
+        "exist for every slice, grey, of one size and bit depth. none: each slice is one file.",
+        min_length=2,
+        max_length=models.MAX_CHANNELS,
+    )
+
     @model_validator(mode="after")
     def _skip_slices_in_range(self) -> RunConf:
         outside = sorted(z for z in set(self.skip_slices) if not self.minz <= z <= self.maxz)
@@ -373,7 +386,7 @@ class RunConf(BaseModel):
                     f"values ({value!r} and {current!r}); give only {new!r}"
                 )
             data[new] = value
-        return _accept_legacy_strings(data)
+        return _accept_legacy_strings(_fill_from_channel_templates(data))
 
     @field_validator("id")
     @classmethod
@@ -433,6 +446,20 @@ class RunConf(BaseModel):
     def _image_is_a_template(cls, value: str) -> str:
         return check_template(value)
 
+    @field_validator("channel_templates")
+    @classmethod
+    def _channel_templates(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        for template in value:
+            if not 1 <= len(template) <= 1024:
+                raise ValueError(f"channel template {template[:100]!r} must be 1 to 1024 long")
+            check_template(template)
+        twice = sorted({t for t in value if value.count(t) > 1})
+        if twice:
+            raise ValueError(f"channel_templates names {twice} more than once")
+        return value
+
     @model_validator(mode="after")
     def _check_cross_fields(self) -> RunConf:
         if isinstance(self.align_channel, int) and not 0 <= self.align_channel < self.channels:
@@ -440,6 +467,17 @@ class RunConf(BaseModel):
                 f"align_channel {self.align_channel} is not a channel of the {self.channels}-"
                 f'channel slices (0 to {self.channels - 1}, or "mean")'
             )
+        if self.channel_templates is not None:
+            if self.image != self.channel_templates[0]:
+                raise ValueError(
+                    f"image {self.image!r} must be the first of channel_templates "
+                    f"{self.channel_templates} (channel 0 names the slice), or be left out"
+                )
+            if self.channels != len(self.channel_templates):
+                raise ValueError(
+                    f"channels {self.channels} but channel_templates has "
+                    f"{len(self.channel_templates)} templates; leave channels out or match them"
+                )
         if self.channels > 1 and self.raw_bits == 16:
             raise ValueError(
                 f"channels {self.channels} with raw_bits 16: a 16-bit lossless volume keeps "
@@ -458,12 +496,12 @@ class RunConf(BaseModel):
                 f"minz {self.minz} to maxz {self.maxz} is {self.maxz - self.minz + 1} slices; "
                 f"at most {MAX_SLICES} are allowed"
             )
-        for z in (self.minz, self.maxz):
-            name = self.image % z
-            try:
-                check_key(name)
-            except InvalidKey as e:
-                raise ValueError(f"image template {self.image!r} gives for z={z}: {e}") from None
+        for template in self.templates():
+            for z in (self.minz, self.maxz):
+                try:
+                    check_key(template % z)
+                except InvalidKey as e:
+                    raise ValueError(f"image template {template!r} gives for z={z}: {e}") from None
         for role, name in self.bucket_names().items():
             if role == "source":
                 continue
@@ -506,6 +544,16 @@ class RunConf(BaseModel):
         """Object keys of every slice from minz to maxz inclusive."""
         return [self.image % z for z in range(self.minz, self.maxz + 1)]
 
+    def templates(self) -> list[str]:
+        """The templates of the slice files: one per channel with ``channel_templates``,
+        else ``image`` alone."""
+        return list(self.channel_templates or [self.image])
+
+    def channel_files(self, z: int) -> list[str]:
+        """Object keys of slice ``z``'s files, one per channel (``channel_templates``), or
+        its one file."""
+        return [template % z for template in self.templates()]
+
     def process_url(self, *parts: str) -> str:
         """``gs://SOURCE_process/ID/<parts>``."""
         return self.layout.process_url(*parts)
@@ -540,6 +588,18 @@ def _accept_legacy_strings(data: dict[str, Any]) -> dict[str, Any]:
             out[key] = float(value)
         elif int in kinds and _LEGACY_NUMBER[int].fullmatch(value):
             out[key] = int(value)
+    return out
+
+
+def _fill_from_channel_templates(data: dict[str, Any]) -> dict[str, Any]:
+    """With ``channel_templates``: ``image`` (the first) and ``channels`` (their number) may
+    be left out; given, the schema checks they agree."""
+    templates = data.get("channel_templates")
+    if not isinstance(templates, list) or not templates:
+        return data
+    out = dict(data)
+    out.setdefault("image", templates[0])
+    out.setdefault("channels", len(templates))
     return out
 
 

@@ -67,10 +67,20 @@ def plan_align_pairs(conf: RunConf, window: Window = None) -> list[MiniTask]:
                 downsample=conf.downsample_factor,
                 intensity_window=_window(window),
                 channel=conf.align_channel if conf.channels > 1 else None,
+                pre_channels=_more_channels(conf, pre, f"gs://{source}/"),
+                post_channels=_more_channels(conf, post, f"gs://{source}/"),
             ).payload(),
         )
         for i, (pre, post) in enumerate(align_pair_list(conf))
     ]
+
+
+def _more_channels(conf: RunConf, z: int, prefix: str = "") -> list[str] | None:
+    """The files of channels 1, 2, ... of slice z (``channel_templates``); absent (None)
+    when one file holds the slice, so those payloads are the ones before."""
+    if conf.channel_templates is None:
+        return None
+    return [prefix + name for name in conf.channel_files(z)[1:]]
 
 
 def plan_aligned_slices(
@@ -123,6 +133,7 @@ def plan_aligned_slices(
                     intensity_window=_window(window),
                     raw_dtype=_raw_dtype(conf),
                     channels=_channels(conf),
+                    channel_imgs=_more_channels(conf, img_z),
                 ).payload(),
             )
         )

@@ -58,7 +58,7 @@ from emprocess.workflow.payloads import (
     plan_aligned_slices,
     plan_ng_shards,
 )
-from emprocess.workflow.window import decide_window
+from emprocess.workflow.window import decide_window, measured_channels, sample_slices
 
 log = logging.getLogger(__name__)
 
@@ -114,26 +114,32 @@ def check_slices(conf: RunConf, threads: int = 16) -> tuple[int, int]:
 def check_slice_format(conf: RunConf, threads: int = 16) -> ImageHeader:
     """Check every slice minz..maxz exists and all have one size, bit depth and channel count.
 
-    Finds the slices with one listing of the template's prefix, then reads only the
-    first ``HEADER_BYTES`` of each slice (more for a TIFF whose directory lies further).
+    Finds the slices with one listing of each template's prefix, then reads only the
+    first ``HEADER_BYTES`` of each file (more for a TIFF whose directory lies further).
+    With ``channel_templates`` every channel's file of every slice is checked, each must
+    be grey, and the header returned counts the channels.
 
     Raises:
         SliceProblems: listing every problem found in one message.
     """
     source = f"gs://{conf.source}/"
-    try:
-        listing = storage.list_objects(source + template_prefix(conf.image))
-    except BucketNotFound as e:
-        raise SliceProblems(f"source: {e}") from None
-    listed = {info.key for info in listing}
-    expected = conf.slice_names()
-    missing = [name for name in expected if name not in listed]
-    present = [name for name in expected if name in listed]
     problems: list[str] = []
-    if missing:
-        problems.append(
-            f"missing {len(missing)} of {len(expected)} slices in {source}: {_names(missing)}"
-        )
+    present: list[str] = []
+    for template in conf.templates():
+        try:
+            listing = storage.list_objects(source + template_prefix(template))
+        except BucketNotFound as e:
+            raise SliceProblems(f"source: {e}") from None
+        listed = {info.key for info in listing}
+        expected = [template % z for z in range(conf.minz, conf.maxz + 1)]
+        missing = [name for name in expected if name not in listed]
+        present += [name for name in expected if name in listed]
+        if missing:
+            of = f" of {template!r}" if conf.channel_templates is not None else ""
+            problems.append(
+                f"missing {len(missing)} of {len(expected)} slices{of} in {source}: "
+                f"{_names(missing)}"
+            )
 
     def size_of(name: str) -> tuple[str, ImageHeader | str]:
         url = source + name
@@ -149,6 +155,13 @@ def check_slice_format(conf: RunConf, threads: int = 16) -> ImageHeader:
     if unreadable:
         problems.append(f"cannot read the size of {len(unreadable)} slices: {_names(unreadable)}")
     headers = [(name, h) for name, h in sizes if not isinstance(h, str)]
+    if conf.channel_templates is not None:
+        colour = [f"{name} ({h.channels})" for name, h in headers if h.channels != 1]
+        if colour:
+            problems.append(
+                f"channel_templates name one grey file per channel, but {len(colour)} files "
+                f"have several channels: {_names(colour)}"
+            )
     for what, value_of in (
         ("size (width x height)", lambda h: f"{h.width}x{h.height}"),
         ("bit depth", lambda h: f"{h.bits}-bit"),
@@ -161,11 +174,15 @@ def check_slice_format(conf: RunConf, threads: int = 16) -> ImageHeader:
             groups = sorted(by_value.items(), key=lambda kv: -len(kv[1]))
             parts = [f"{v} ({len(names)}: {_names(names)})" for v, names in groups]
             problems.append(f"slices differ in {what}: " + "; ".join(parts))
+    stack: str | list[str] = conf.channel_templates or conf.image
     if problems:
-        raise SliceProblems(f"source slices of {conf.image!r}: " + "; ".join(problems))
+        raise SliceProblems(f"source slices of {stack!r}: " + "; ".join(problems))
     if not headers:
-        raise SliceProblems(f"no slices of {conf.image!r} found in {source}")
-    return headers[0][1]
+        raise SliceProblems(f"no slices of {stack!r} found in {source}")
+    first = headers[0][1]
+    if conf.channel_templates is not None:
+        return first._replace(channels=len(conf.channel_templates))
+    return first
 
 
 def validate_run(
@@ -223,6 +240,19 @@ def validate_run(
 
 
 # -- create_env -----------------------------------------------------------------
+
+
+def intensity_sample(info: RunInfo) -> dict[str, Any] | None:
+    """What an ``auto`` window was measured on (slices, channels per slice); None when
+    no window was measured."""
+    conf = info.conf
+    if conf.intensity != "auto" or info.intensity_window is None:
+        return None
+    return {
+        "slices": sample_slices(conf.minz, conf.maxz),
+        "channels": measured_channels(conf),
+        "of": "one window for every channel: their samples' summed histogram",
+    }
 
 
 def package_versions() -> dict[str, str]:
@@ -292,6 +322,7 @@ def create_env(info: RunInfo, airflow_run_id: str) -> dict[str, Any]:
         "slice_size_xy": list(info.slice_size_xy),
         "slice_bits": info.slice_bits,
         "intensity_window": None if info.intensity_window is None else list(info.intensity_window),
+        "intensity_measured": intensity_sample(info),
         "buckets": conf.bucket_names(),
         "location": location,
         "started": started,

@@ -28,8 +28,22 @@ def sample_slices(minz: int, maxz: int, count: int = AUTO_SAMPLE_SLICES) -> list
     return sorted({minz + round(i * (n - 1) / (count - 1)) for i in range(count)})
 
 
+def measured_channels(conf: RunConf) -> int:
+    """How many channels of each sampled slice ``auto`` counts: every channel of a
+    grey or ``channel_templates`` stack; of colour files the colour ones (alpha, the
+    last channel of a 2- or 4-channel file, is left out: it is mostly one value)."""
+    if conf.channel_templates is not None or conf.channels in (1, 3):
+        return conf.channels
+    return conf.channels - 1
+
+
 def measure_window(conf: RunConf, count: int = AUTO_SAMPLE_SLICES) -> tuple[float, float]:
     """The ``auto`` window: saturating percentiles of the summed histogram of sampled slices.
+
+    One window for the whole run, every channel included: with ``channels`` > 1 the
+    histogram counts the samples of every colour channel (:func:`measured_channels`),
+    not a grey conversion, so each channel's range is inside the window; the channels
+    keep their balance (one window maps them all alike).
 
     Raises:
         InvalidInput: when a sampled slice cannot be decoded, or the sample has one grey level.
@@ -39,16 +53,28 @@ def measure_window(conf: RunConf, count: int = AUTO_SAMPLE_SLICES) -> tuple[floa
     from emprocess.images import decode_image
     from emprocess.kernels.intensity import histogram, window_from_histogram
 
+    colour = conf.channels > 1 and conf.channel_templates is None
+    kept = measured_channels(conf)
+
     def hist_of(z: int) -> np.ndarray:
-        url = f"gs://{conf.source}/{conf.slice_name(z)}"
-        return histogram(decode_image(storage.read_bytes(url), url, MAX_SAMPLE_PIXELS))
+        hists = []
+        for name in conf.channel_files(z):
+            url = f"gs://{conf.source}/{name}"
+            data = storage.read_bytes(url)
+            image = decode_image(data, url, MAX_SAMPLE_PIXELS, channels="all" if colour else None)
+            del data
+            if colour:
+                image = image[:, :, :kept]
+            hists.append(histogram(image))
+            del image
+        return np.asarray(sum(hists))
 
     zs = sample_slices(conf.minz, conf.maxz, count)
     hists = [hist_of(z) for z in zs]  # one at a time: a slice may be GBs on the worker
     bins = max(len(h) for h in hists)
     total = sum(np.pad(h, (0, bins - len(h))) for h in hists)
     window = window_from_histogram(np.asarray(total))
-    log.info("intensity window %s from slices %s", window, zs)
+    log.info("intensity window %s from slices %s (%d channel(s) each)", window, zs, kept)
     return window
 
 

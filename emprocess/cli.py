@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from emprocess import __version__
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    from emprocess.settings import StorageEnv
     from emprocess.workflow.conf import RunConf
 
 app = typer.Typer(
@@ -27,15 +30,41 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at DEBUG level."),
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+    storage_root: str = typer.Option(
+        None,
+        "--storage-root",
+        help="Local folder standing in for Google Cloud Storage (gs://B/K is ROOT/B/K); "
+        "default: EMPROCESS_STORAGE_ROOT, and unset, Google Cloud Storage.",
+        show_default=False,
     ),
 ) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    from emprocess import storage
+
+    # Read once, for the whole command; services and Airflow processes it starts get the
+    # same settings as variables (emprocess.settings.environ).
+    chosen = _storage_settings(storage_root=storage_root) if storage_root else None
+    ctx.with_resource(storage.use(chosen or _storage_settings()))
+
+
+def _storage_settings(**chosen: Any) -> StorageEnv:
+    """The environment's storage settings with the fields in ``chosen`` replaced; a bad
+    value stops the command with the variable's name."""
+    from emprocess.errors import InvalidInput
+    from emprocess.settings import StorageEnv, load
+
+    try:
+        return load(StorageEnv, **chosen)
+    except InvalidInput as e:
+        raise typer.BadParameter(str(e)) from None
 
 
 @app.command()
@@ -296,26 +325,79 @@ def serve(
 
 def _conf_help(key: str) -> str:
     """A run option's help, taken from the run configuration schema the DAG uses."""
+    from rich.markup import escape
+
     from emprocess.workflow.conf import RunConf
 
-    return RunConf.model_fields[key].description or key
+    # Typer renders help as rich markup, where "[x, y, z]" would vanish as a tag.
+    return escape(RunConf.model_fields[key].description or key)
 
 
-def _use_folder(source: str) -> str:
-    """A folder SOURCE means: its parent is the storage root and its name the bucket."""
-    import os
+_SCHEMA_DEFAULT: Any = object()
+
+
+def _conf_option(
+    key: str,
+    *decls: str,
+    default: Any = _SCHEMA_DEFAULT,
+    note: str = "",
+    text: bool = False,
+    **kwargs: Any,
+) -> Any:
+    """A ``typer.Option`` for the conf key ``key``: default, help and bounds from RunConf.
+
+    So a default lives in the schema alone (the DAG's trigger form and the README table
+    read it too).
+
+    Args:
+        key: the field of :class:`emprocess.workflow.conf.RunConf`.
+        decls: the option's names; default Typer's, from the parameter's name.
+        default: only where the command's default differs from the schema's (required
+            keys that ``trigger`` may take from ``--conf``; ``run``'s own ``--id``).
+        note: said after the schema's description.
+        text: the command line gives the value as text, numbers separated by commas or a
+            word (``resolution``, ``intensity``; :func:`_numbers` reads it), so the
+            default is that text too.
+    """
+    import annotated_types
+
+    from emprocess.workflow.conf import RunConf
+
+    field = RunConf.model_fields[key]
+    if default is _SCHEMA_DEFAULT:
+        default = ... if field.is_required() else field.default
+        if text and isinstance(default, list | float | int):
+            default = _as_text(default)
+    for bound in field.metadata:
+        if isinstance(bound, annotated_types.Ge):
+            kwargs.setdefault("min", bound.ge)
+        elif isinstance(bound, annotated_types.Le):
+            kwargs.setdefault("max", bound.le)
+    return typer.Option(default, *decls, help=_conf_help(key) + note, **kwargs)
+
+
+def _as_text(value: float | list[float]) -> str:
+    """A conf number or list of numbers as the command line writes it: 8, 4,4,40."""
+    return ",".join(f"{v:g}" for v in (value if isinstance(value, list) else [value]))
+
+
+def _storage_for(source: str) -> tuple[str, StorageEnv]:
+    """The bucket and storage of ``emprocess run SOURCE``.
+
+    A folder SOURCE means: its parent is the storage root and its name the bucket; a
+    bucket name keeps the command's storage (``--storage-root``, the environment).
+    """
     from pathlib import Path
 
     from emprocess import storage
 
     if "/" not in source and not Path(source).is_dir():
-        return source  # a bucket name, under EMPROCESS_STORAGE_ROOT or on GCS
+        return source, storage.settings()
     folder = Path(source).expanduser().resolve()
     if not folder.is_dir():
         raise typer.BadParameter(f"{source!r} is not a folder")
     storage.check_bucket_name(folder.name)
-    os.environ[storage.ROOT_ENV] = str(folder.parent)
-    return folder.name
+    return folder.name, _storage_settings(storage_root=folder.parent)
 
 
 def _build_conf(**values: object) -> RunConf:
@@ -358,17 +440,17 @@ def run(
     source: str = typer.Argument(
         ..., help="Folder of slices (its parent becomes the storage root) or a bucket name."
     ),
-    image: str = typer.Option(..., help=_conf_help("image")),
-    minz: int = typer.Option(..., help=_conf_help("minz")),
-    maxz: int = typer.Option(..., help=_conf_help("maxz")),
-    run_id: str = typer.Option(None, "--id", help=_conf_help("id") + " Default: SOURCE-run."),
-    downsample_factor: int = typer.Option(1, help=_conf_help("downsample_factor")),
-    skip_align: bool = typer.Option(False, help=_conf_help("skip_align")),
-    clip_limit: float = typer.Option(0.02, "--clip-limit", help=_conf_help("clip_limit")),
-    raw: bool = typer.Option(True, "--raw/--no-raw", help=_conf_help("create_raw_pyramid")),
-    resolution: str = typer.Option("8", help=_conf_help("resolution") + _RESOLUTION_HELP),
-    intensity: str = typer.Option("auto", help=_conf_help("intensity") + _INTENSITY_HELP),
-    align_from: str = typer.Option(None, "--align-from", help=_conf_help("align_from")),
+    image: str = _conf_option("image"),
+    minz: int = _conf_option("minz"),
+    maxz: int = _conf_option("maxz"),
+    run_id: str = _conf_option("id", "--id", default=None, note=" Default: SOURCE-run."),
+    downsample_factor: int = _conf_option("downsample_factor"),
+    skip_align: bool = _conf_option("skip_align"),
+    clip_limit: float = _conf_option("clip_limit", "--clip-limit"),
+    raw: bool = _conf_option("create_raw_pyramid", "--raw/--no-raw"),
+    resolution: str = _conf_option("resolution", text=True, note=_RESOLUTION_HELP),
+    intensity: str = _conf_option("intensity", text=True, note=_INTENSITY_HELP),
+    align_from: str = _conf_option("align_from", "--align-from"),
     width: int = typer.Option(
         None,
         min=1,
@@ -397,11 +479,12 @@ def run(
     import time
     from pathlib import Path
 
+    from emprocess import storage
     from emprocess.errors import EmprocessError
     from emprocess.localrun import run_dag
     from emprocess.localsize import size_local_run
 
-    bucket = _use_folder(source)
+    bucket, chosen = _storage_for(source)
     if width is None:
         width = 4 if scheduler else 1
     dag, conf_width = _dag_for(width)
@@ -414,46 +497,47 @@ def run(
     t0 = time.monotonic()
     sizing = size_local_run(workers=workers, threads=threads)
     print(f"local run: {sizing.describe()}", flush=True)
-    try:
-        if scheduler:
-            from emprocess.airflowserver import run_with_scheduler
+    with storage.use(chosen):
+        try:
+            if scheduler:
+                from emprocess.airflowserver import run_with_scheduler
 
-            logging.getLogger("emprocess.report").setLevel(logging.WARNING)
-            doc = run_with_scheduler(
-                conf, dag, width, Path(workdir).resolve(), db_url=db_url,
-                on_progress=lambda line: print(line, flush=True),
-                workers=sizing.service_workers(),
-            )  # fmt: skip
-        else:
-            doc = run_dag(
-                conf, dag, Path(workdir).resolve(), sizing=sizing,
-                on_progress=lambda line: print(line, flush=True),
-            )  # fmt: skip
-    except EmprocessError as e:
-        print(f"run failed: {e}")
-        raise typer.Exit(1) from None
-    _print_outcome(conf, doc, time.monotonic() - t0)
+                logging.getLogger("emprocess.report").setLevel(logging.WARNING)
+                doc = run_with_scheduler(
+                    conf, dag, width, Path(workdir).resolve(), db_url=db_url,
+                    on_progress=lambda line: print(line, flush=True),
+                    workers=sizing.service_workers(), storage_settings=chosen,
+                )  # fmt: skip
+            else:
+                doc = run_dag(
+                    conf, dag, Path(workdir).resolve(), sizing=sizing,
+                    on_progress=lambda line: print(line, flush=True), storage_settings=chosen,
+                )  # fmt: skip
+        except EmprocessError as e:
+            print(f"run failed: {e}")
+            raise typer.Exit(1) from None
+        _print_outcome(conf, doc, time.monotonic() - t0)
 
 
 @app.command()
 def trigger(
     source: str = typer.Argument(None, help=_conf_help("source") + " (Or in --conf.)"),
-    image: str = typer.Option(None, help=_conf_help("image")),
-    minz: int = typer.Option(None, help=_conf_help("minz")),
-    maxz: int = typer.Option(None, help=_conf_help("maxz")),
-    run_id: str = typer.Option(None, "--id", help=_conf_help("id")),
+    image: str = _conf_option("image", default=None),
+    minz: int = _conf_option("minz", default=None),
+    maxz: int = _conf_option("maxz", default=None),
+    run_id: str = _conf_option("id", "--id", default=None),
     width: int = typer.Option(
         32, min=1, help="DAG width: a fixed DAG for 1, 4, 32, 64, 128, else the dynamic one."
     ),
-    project: str = typer.Option(None, help=_conf_help("project")),
-    email: str = typer.Option(None, help=_conf_help("email")),
-    downsample_factor: int = typer.Option(1, help=_conf_help("downsample_factor")),
-    skip_align: bool = typer.Option(False, help=_conf_help("skip_align")),
-    clip_limit: float = typer.Option(0.02, "--clip-limit", help=_conf_help("clip_limit")),
-    raw: bool = typer.Option(True, "--raw/--no-raw", help=_conf_help("create_raw_pyramid")),
-    resolution: str = typer.Option("8", help=_conf_help("resolution") + _RESOLUTION_HELP),
-    intensity: str = typer.Option("auto", help=_conf_help("intensity") + _INTENSITY_HELP),
-    public: bool = typer.Option(False, help=_conf_help("public")),
+    project: str = _conf_option("project"),
+    email: str = _conf_option("email"),
+    downsample_factor: int = _conf_option("downsample_factor"),
+    skip_align: bool = _conf_option("skip_align"),
+    clip_limit: float = _conf_option("clip_limit", "--clip-limit"),
+    raw: bool = _conf_option("create_raw_pyramid", "--raw/--no-raw"),
+    resolution: str = _conf_option("resolution", text=True, note=_RESOLUTION_HELP),
+    intensity: str = _conf_option("intensity", text=True, note=_INTENSITY_HELP),
+    public: bool = _conf_option("public"),
     conf_json: str = typer.Option(
         None,
         "--conf",
@@ -656,8 +740,8 @@ def view(
 ) -> None:
     """Show a run's volume in neuroglancer.
 
-    With EMPROCESS_STORAGE_ROOT set, serve the run's volume on 127.0.0.1 and print the
-    viewer URL to open; stop with Ctrl-C. Otherwise print a link to the public
+    With a local storage root (--storage-root, EMPROCESS_STORAGE_ROOT), serve the run's
+    volume on 127.0.0.1 and print the viewer URL to open; stop with Ctrl-C. Otherwise print a link to the public
     neuroglancer app and warn when the bucket is not publicly readable.
     """
     import time
@@ -768,7 +852,7 @@ def symlinks(
 @app.command()
 def cleanup(
     root: str | None = typer.Option(
-        None, "--root", help="Local storage root (default: $EMPROCESS_STORAGE_ROOT)."
+        None, "--root", help="Local storage root (default: the command's, --storage-root)."
     ),
 ) -> None:
     """Apply the recorded lifecycle rules of local buckets: delete objects past their age.
@@ -868,17 +952,23 @@ def demo(
     WORKDIR): both services under gunicorn, the DAG through real Airflow. Running
     it again reuses the stack and every cached result.
     """
-    import os
-    import time
     from pathlib import Path
+
+    from emprocess import storage
+
+    work = Path(workdir).resolve()
+    with storage.use(_storage_settings(storage_root=work / "storage")) as chosen:
+        _demo(work, slices, size, width, chosen)
+
+
+def _demo(work: Path, slices: int, size: int, width: int, chosen: StorageEnv) -> None:
+    import time
 
     from emprocess import storage
     from emprocess.errors import EmprocessError
     from emprocess.localrun import run_dag
     from emprocess.sample import Drift, write_sample
 
-    work = Path(workdir).resolve()
-    os.environ[storage.ROOT_ENV] = str(work / "storage")
     t0 = time.monotonic()
     storage.create_bucket(DEMO_SOURCE)
     truth_url = storage.bucket_url(DEMO_SOURCE, "truth.json")
@@ -900,7 +990,10 @@ def demo(
     )  # fmt: skip
     print(f"running {dag} ...")
     try:
-        doc = run_dag(conf, dag, work, on_progress=lambda line: print(line, flush=True))
+        doc = run_dag(
+            conf, dag, work, on_progress=lambda line: print(line, flush=True),
+            storage_settings=chosen,
+        )  # fmt: skip
     except EmprocessError as e:
         print(f"demo failed: {e}")
         raise typer.Exit(1) from None
@@ -912,7 +1005,8 @@ def demo(
     print(f"report with plots: {work / 'report' / 'report.html'}")
     print("\nview it in neuroglancer (serves the volume on 127.0.0.1 and prints the link):")
     print(
-        f"  EMPROCESS_STORAGE_ROOT={work / 'storage'} .venv/bin/emprocess view {DEMO_RUN_ID} --source {DEMO_SOURCE}"
+        f"  .venv/bin/emprocess --storage-root {chosen.storage_root} view {DEMO_RUN_ID} "
+        f"--source {DEMO_SOURCE}"
     )
 
 

@@ -230,6 +230,7 @@ def test_the_storage_choice_is_explicit_and_refused_when_bad(
 ) -> None:
     """``storage.use`` steers this process without touching os.environ; ``environ`` hands
     the same settings to a child; a root that is a file is refused, naming the variable."""
+    assert env_name(StorageEnv, "storage_root") == storage.ROOT_ENV
     monkeypatch.delenv("EMPROCESS_STORAGE_ROOT", raising=False)
     chosen = load(StorageEnv, storage_root=tmp_path / "sub" / ".." / "root")
     assert chosen.storage_root == tmp_path / "root"  # absolute, for children elsewhere

@@ -22,9 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from emprocess import settings as _settings
 from emprocess.errors import BucketNotFound, InvalidInput, StorageError
-from emprocess.settings import StorageEnv
 from emprocess.storage.local import MARKER_KEY, WHERE, LocalBackend, ObjectInfo
 from emprocess.storage.names import (
     Location,
@@ -38,6 +36,7 @@ from emprocess.storage.names import (
 )
 
 if TYPE_CHECKING:
+    from emprocess.settings import StorageEnv
     from emprocess.storage.gcs import GCSBackend
 
 __all__ = [
@@ -47,7 +46,6 @@ __all__ = [
     "Location",
     "ObjectInfo",
     "ObjectTooLarge",
-    "StorageEnv",
     "adopt_bucket",
     "apply_lifecycle",
     "backend_description",
@@ -81,7 +79,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ROOT_ENV = _settings.env_name(StorageEnv, "storage_root")
+ROOT_ENV = "EMPROCESS_STORAGE_ROOT"
+"""The variable of ``StorageEnv.storage_root`` (for messages; the schema reads it)."""
 
 
 class ObjectTooLarge(InvalidInput):
@@ -116,7 +115,13 @@ def settings() -> StorageEnv:
     Raises:
         InvalidInput: a bad ``EMPROCESS_STORAGE_*`` variable, named.
     """
-    return _chosen if _chosen is not None else _settings.current(StorageEnv)
+    if _chosen is not None:
+        return _chosen
+    # Here, not at import: the DAG file imports this package, and pydantic-settings
+    # would add a quarter of a second to every parse.
+    from emprocess.settings import StorageEnv, current
+
+    return current(StorageEnv)
 
 
 @contextmanager

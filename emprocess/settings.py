@@ -126,7 +126,8 @@ def load(cls: type[S], **chosen: Any) -> S:
         return cls(**chosen)
     except ValidationError as e:
         problems = [
-            f"{PREFIX}{str(err['loc'][0]).upper()}={err.get('input')!r}: {err['msg']}"
+            f"{PREFIX}{str(err['loc'][0]).upper()}={err.get('input')!r}: "
+            + str(err["msg"]).removeprefix("Value error, ")
             for err in e.errors()
         ]
         raise InvalidInput("bad environment: " + "; ".join(problems)) from None

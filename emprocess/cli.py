@@ -427,6 +427,13 @@ def _numbers(value: str, key: str) -> float | list[float] | str:
 
 _RESOLUTION_HELP = " On the command line: 8, or x,y,z such as 4,4,40."
 _INTENSITY_HELP = " On the command line: auto, full, or low,high such as 300,3800."
+# The conf options `run` and `trigger` share, from the schema.
+_DOWNSAMPLE_FACTOR = _conf_option("downsample_factor")
+_SKIP_ALIGN = _conf_option("skip_align")
+_CLIP_LIMIT = _conf_option("clip_limit", "--clip-limit")
+_RAW = _conf_option("create_raw_pyramid", "--raw/--no-raw")
+_RESOLUTION = _conf_option("resolution", text=True, note=_RESOLUTION_HELP)
+_INTENSITY = _conf_option("intensity", text=True, note=_INTENSITY_HELP)
 
 
 def _dag_for(width: int) -> tuple[str, int | None]:
@@ -444,12 +451,12 @@ def run(
     minz: int = _conf_option("minz"),
     maxz: int = _conf_option("maxz"),
     run_id: str = _conf_option("id", "--id", default=None, note=" Default: SOURCE-run."),
-    downsample_factor: int = _conf_option("downsample_factor"),
-    skip_align: bool = _conf_option("skip_align"),
-    clip_limit: float = _conf_option("clip_limit", "--clip-limit"),
-    raw: bool = _conf_option("create_raw_pyramid", "--raw/--no-raw"),
-    resolution: str = _conf_option("resolution", text=True, note=_RESOLUTION_HELP),
-    intensity: str = _conf_option("intensity", text=True, note=_INTENSITY_HELP),
+    downsample_factor: int = _DOWNSAMPLE_FACTOR,
+    skip_align: bool = _SKIP_ALIGN,
+    clip_limit: float = _CLIP_LIMIT,
+    raw: bool = _RAW,
+    resolution: str = _RESOLUTION,
+    intensity: str = _INTENSITY,
     align_from: str = _conf_option("align_from", "--align-from"),
     width: int = typer.Option(
         None,
@@ -531,12 +538,12 @@ def trigger(
     ),
     project: str = _conf_option("project"),
     email: str = _conf_option("email"),
-    downsample_factor: int = _conf_option("downsample_factor"),
-    skip_align: bool = _conf_option("skip_align"),
-    clip_limit: float = _conf_option("clip_limit", "--clip-limit"),
-    raw: bool = _conf_option("create_raw_pyramid", "--raw/--no-raw"),
-    resolution: str = _conf_option("resolution", text=True, note=_RESOLUTION_HELP),
-    intensity: str = _conf_option("intensity", text=True, note=_INTENSITY_HELP),
+    downsample_factor: int = _DOWNSAMPLE_FACTOR,
+    skip_align: bool = _SKIP_ALIGN,
+    clip_limit: float = _CLIP_LIMIT,
+    raw: bool = _RAW,
+    resolution: str = _RESOLUTION,
+    intensity: str = _INTENSITY,
     public: bool = _conf_option("public"),
     conf_json: str = typer.Option(
         None,

@@ -10,6 +10,7 @@ import typer
 from emprocess import __version__
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from pathlib import Path
 
     from emprocess.settings import StorageEnv
@@ -400,6 +401,75 @@ def _storage_for(source: str) -> tuple[str, StorageEnv]:
     return folder.name, _storage_settings(storage_root=folder.parent)
 
 
+RUN_CONF_PARAMS = {"run_id": "id", "raw": "create_raw_pyramid"}
+"""Parameters of ``run`` that are conf keys under another name."""
+
+
+def _option_type(annotation: Any) -> Any:
+    """The command-line type of a conf field: bool, int, float, str or a Literal of words;
+    None for what the command line does not take (lists, mixed unions)."""
+    import types
+    import typing
+
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        annotation = args[0]
+    if annotation in (bool, int, float, str):
+        return annotation
+    if typing.get_origin(annotation) is typing.Literal:
+        words = typing.get_args(annotation)
+        return annotation if all(isinstance(w, str) for w in words) else None
+    return None
+
+
+def _shown(default: Any) -> str | bool:
+    """A schema default as ``--help`` shows it (False: none to show)."""
+    if default is None:
+        return False
+    return str(default).lower() if isinstance(default, bool) else str(default)
+
+
+def _with_every_conf_key(command: Callable[..., None]) -> Callable[..., None]:
+    """Give ``command`` an option for every simple conf key it does not declare itself.
+
+    Booleans, numbers, words and choices of words, from the schema: its description as
+    help, its default shown but not sent (so the schema's default applies and lives
+    there alone), its bounds and choices checked by the command line. List-valued keys
+    (``skip_slices``) stay for ``trigger --conf``. The command gets the values given in
+    its parameter ``more_conf``.
+    """
+    import functools
+    import inspect
+
+    from emprocess.workflow.conf import RunConf
+
+    own = inspect.signature(command, eval_str=True)
+    declared = {RUN_CONF_PARAMS.get(name, name) for name in own.parameters}
+    extra = []
+    for key, field in RunConf.model_fields.items():
+        kind = _option_type(field.annotation)
+        if key in declared or kind is None:
+            continue
+        name = key.replace("_", "-")
+        decls = (f"--{name}/--no-{name}",) if kind is bool else (f"--{name}",)
+        shown = _shown(field.default)
+        info = _conf_option(key, *decls, default=None, show_default=shown)
+        extra.append(inspect.Parameter(
+            key, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=kind | None
+        ))  # fmt: skip
+    names = [p.name for p in extra]
+
+    @functools.wraps(command)
+    def with_conf(**values: Any) -> None:
+        more = {name: values.pop(name) for name in names}
+        command(**values, more_conf={k: v for k, v in more.items() if v is not None})
+
+    kept = [p for p in own.parameters.values() if p.name != "more_conf"]
+    with_conf.__signature__ = own.replace(parameters=[*kept, *extra])  # type: ignore[attr-defined]
+    with_conf.__annotations__ = {p.name: p.annotation for p in [*kept, *extra]}
+    return with_conf
+
+
 def _build_conf(**values: object) -> RunConf:
     from emprocess.errors import InvalidInput
     from emprocess.workflow.conf import parse_conf
@@ -443,6 +513,7 @@ def _dag_for(width: int) -> tuple[str, int | None]:
 
 
 @app.command()
+@_with_every_conf_key
 def run(
     source: str = typer.Argument(
         ..., help="Folder of slices (its parent becomes the storage root) or a bucket name."
@@ -476,6 +547,7 @@ def run(
     ),
     workers: int = typer.Option(None, min=1, help=WORKERS_HELP),
     threads: int = typer.Option(None, min=1, help=THREADS_HELP),
+    more_conf: dict[str, Any] | None = None,
 ) -> None:
     """Run the whole workflow here: services under gunicorn, the DAG through real Airflow.
 
@@ -500,6 +572,7 @@ def run(
         downsample_factor=downsample_factor, skip_align=skip_align, **{"clip-limit": clip_limit},
         createRawPyramid=raw, resolution=_numbers(resolution, "resolution"),
         intensity=_numbers(intensity, "intensity"), width=conf_width, align_from=align_from,
+        **(more_conf or {}),
     )  # fmt: skip
     t0 = time.monotonic()
     sizing = size_local_run(workers=workers, threads=threads)
@@ -527,6 +600,7 @@ def run(
 
 
 @app.command()
+@_with_every_conf_key
 def trigger(
     source: str = typer.Argument(None, help=_conf_help("source") + " (Or in --conf.)"),
     image: str = _conf_option("image", default=None),
@@ -582,6 +656,7 @@ def trigger(
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Print what would be sent; send nothing."
     ),
+    more_conf: dict[str, Any] | None = None,
 ) -> None:
     """Trigger a run on Cloud Composer (gcloud) or an Airflow REST API, conf checked first."""
     import json
@@ -596,6 +671,9 @@ def trigger(
         raise typer.BadParameter("--composer-env needs --location")
     if wait and not api_url:
         raise typer.BadParameter("--wait needs --api-url")
+    if conf_json and more_conf:
+        options = ", ".join("--" + k.replace("_", "-") for k in more_conf)
+        raise typer.BadParameter(f"--conf holds the whole conf; give {options} in it instead")
     if conf_json:
         conf = _read_conf_json(conf_json)
         parsed = _build_conf(**conf)
@@ -614,6 +692,7 @@ def trigger(
             **{"clip-limit": clip_limit}, createRawPyramid=raw,
             resolution=_numbers(resolution, "resolution"),
             intensity=_numbers(intensity, "intensity"), public=public, width=conf_width,
+            **(more_conf or {}),
         )  # fmt: skip
         conf = parsed.to_json()
     run_width = parsed.width or width

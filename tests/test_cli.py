@@ -246,6 +246,10 @@ def test_run_options_take_their_defaults_and_help_from_the_conf_schema(command: 
                 assert getattr(param, "max", None) == bound.le, key
         if field.is_required() or key == "id":
             continue  # no schema default: required, or the command's own (SOURCE-run)
+        if param.default is None and field.default is not None:  # unset: the schema's
+            shown = str(field.default).lower() if field.annotation is bool else field.default
+            assert param.show_default == str(shown), key
+            continue
         default = param.default
         if key in ("resolution", "intensity"):  # given as text: 8, or 4,4,40
             default = _numbers(str(default), key)
@@ -253,6 +257,33 @@ def test_run_options_take_their_defaults_and_help_from_the_conf_schema(command: 
     expected = {"image", "minz", "maxz", "id", "downsample_factor", "skip_align", "clip_limit",
                 "create_raw_pyramid", "resolution", "intensity"}  # fmt: skip
     assert expected <= checked
+    # ...and every other simple key, generated from the schema.
+    assert {"email", "public", "neighbors", "global_solve", "bad_slice_fill"} <= checked
+
+
+def test_run_takes_every_simple_conf_key(tmp_path: Path) -> None:
+    """Keys `run` does not declare itself reach the conf (checked there) or are refused
+    by the command line with the schema's bounds and choices."""
+    (tmp_path / "stack").mkdir()
+    base = ["run", str(tmp_path / "stack"), "--image", "img.%05d.png", "--minz", "0",
+            "--maxz", "3", "--workdir", str(tmp_path / "work")]  # fmt: skip
+    for extra, said in (
+        (["--email", "not-an-address"], "is not an email address"),
+        (["--neighbors", "9"], "'--neighbors': Input should be less than or equal to 4"),
+        (["--bad-slice-fill", "grey"], "'grey' is not one of 'own', 'nearest', 'zeros'"),
+    ):
+        result = runner.invoke(app, [*base, *extra])
+        flat = " ".join(result.output.replace("│", " ").split())
+        assert result.exit_code == 2 and said in flat, result.output
+    # trigger: in the conf it sends; only in --conf when that holds the whole conf.
+    where = ["--composer-env", "e", "--location", "l", "--dry-run"]
+    result = runner.invoke(app, [*TRIGGER, *where, "--neighbors", "2", "--no-global-solve"])
+    assert result.exit_code == 0, result.output
+    conf = json.loads(shlex.split(result.output.strip())[-1])
+    assert (conf["neighbors"], conf["global_solve"], conf["channels"]) == (2, False, 1)
+    whole = json.dumps({"id": "r1", "image": "i%d.png", "minz": 0, "maxz": 1, "source": "src"})
+    result = runner.invoke(app, ["trigger", "--conf", whole, *where, "--neighbors", "2"])
+    assert result.exit_code == 2 and "give --neighbors in it instead" in result.output
 
 
 def test_a_schema_default_changes_the_command_line() -> None:

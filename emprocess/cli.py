@@ -335,6 +335,7 @@ def _conf_help(key: str) -> str:
 
 
 _SCHEMA_DEFAULT: Any = object()
+CONF_PANEL = "Run configuration (conf keys)"
 
 
 def _conf_option(
@@ -374,6 +375,7 @@ def _conf_option(
             kwargs.setdefault("min", bound.ge)
         elif isinstance(bound, annotated_types.Le):
             kwargs.setdefault("max", bound.le)
+    kwargs.setdefault("rich_help_panel", CONF_PANEL)
     return typer.Option(default, *decls, help=_conf_help(key) + note, **kwargs)
 
 
@@ -498,9 +500,6 @@ def _numbers(value: str, key: str) -> float | list[float] | str:
 _RESOLUTION_HELP = " On the command line: 8, or x,y,z such as 4,4,40."
 _INTENSITY_HELP = " On the command line: auto, full, or low,high such as 300,3800."
 # The conf options `run` and `trigger` share, from the schema.
-_DOWNSAMPLE_FACTOR = _conf_option("downsample_factor")
-_SKIP_ALIGN = _conf_option("skip_align")
-_CLIP_LIMIT = _conf_option("clip_limit", "--clip-limit")
 _RAW = _conf_option("create_raw_pyramid", "--raw/--no-raw")
 _RESOLUTION = _conf_option("resolution", text=True, note=_RESOLUTION_HELP)
 _INTENSITY = _conf_option("intensity", text=True, note=_INTENSITY_HELP)
@@ -522,13 +521,9 @@ def run(
     minz: int = _conf_option("minz"),
     maxz: int = _conf_option("maxz"),
     run_id: str = _conf_option("id", "--id", default=None, note=" Default: SOURCE-run."),
-    downsample_factor: int = _DOWNSAMPLE_FACTOR,
-    skip_align: bool = _SKIP_ALIGN,
-    clip_limit: float = _CLIP_LIMIT,
     raw: bool = _RAW,
     resolution: str = _RESOLUTION,
     intensity: str = _INTENSITY,
-    align_from: str = _conf_option("align_from", "--align-from"),
     width: int = typer.Option(
         None,
         min=1,
@@ -569,10 +564,8 @@ def run(
     dag, conf_width = _dag_for(width)
     conf = _build_conf(
         id=run_id or f"{bucket}-run", image=image, minz=minz, maxz=maxz, source=bucket,
-        downsample_factor=downsample_factor, skip_align=skip_align, **{"clip-limit": clip_limit},
         createRawPyramid=raw, resolution=_numbers(resolution, "resolution"),
-        intensity=_numbers(intensity, "intensity"), width=conf_width, align_from=align_from,
-        **(more_conf or {}),
+        intensity=_numbers(intensity, "intensity"), width=conf_width, **(more_conf or {}),
     )  # fmt: skip
     t0 = time.monotonic()
     sizing = size_local_run(workers=workers, threads=threads)
@@ -610,15 +603,9 @@ def trigger(
     width: int = typer.Option(
         32, min=1, help="DAG width: a fixed DAG for 1, 4, 32, 64, 128, else the dynamic one."
     ),
-    project: str = _conf_option("project"),
-    email: str = _conf_option("email"),
-    downsample_factor: int = _DOWNSAMPLE_FACTOR,
-    skip_align: bool = _SKIP_ALIGN,
-    clip_limit: float = _CLIP_LIMIT,
     raw: bool = _RAW,
     resolution: str = _RESOLUTION,
     intensity: str = _INTENSITY,
-    public: bool = _conf_option("public"),
     conf_json: str = typer.Option(
         None,
         "--conf",
@@ -687,12 +674,9 @@ def trigger(
             raise typer.BadParameter(f"missing {', '.join(missing)} (or give --conf)")
         dag, conf_width = _dag_for(width)
         parsed = _build_conf(
-            id=run_id, image=image, minz=minz, maxz=maxz, source=source, project=project,
-            email=email, downsample_factor=downsample_factor, skip_align=skip_align,
-            **{"clip-limit": clip_limit}, createRawPyramid=raw,
+            id=run_id, image=image, minz=minz, maxz=maxz, source=source, createRawPyramid=raw,
             resolution=_numbers(resolution, "resolution"),
-            intensity=_numbers(intensity, "intensity"), public=public, width=conf_width,
-            **(more_conf or {}),
+            intensity=_numbers(intensity, "intensity"), width=conf_width, **(more_conf or {}),
         )  # fmt: skip
         conf = parsed.to_json()
     run_width = parsed.width or width

@@ -305,8 +305,8 @@ def test_a_schema_default_changes_the_command_line() -> None:
         [sys.executable, "-c", code, "run", "--help"], capture_output=True, text=True, env=env
     ).stdout
     lines = {line.split()[1]: line for line in out.splitlines() if line.startswith("│    --")}
-    assert "[default: 0.0625]" in lines["--clip-limit"], out
-    assert "[default: 3]" in lines["--downsample-factor"], out
+    assert "[default: (0.0625)]" in lines["--clip-limit"], out
+    assert "[default: (3)]" in lines["--downsample-factor"], out
 
 
 def test_every_command_has_help() -> None:

@@ -8,9 +8,17 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from emprocess import __version__
+from emprocess.cli_options import (
+    INTENSITY,
+    RAW,
+    RESOLUTION,
+    conf_help,
+    conf_option,
+    numbers,
+    with_every_conf_key,
+)
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
     from pathlib import Path
 
     from emprocess.settings import StorageEnv
@@ -324,66 +332,6 @@ def serve(
     os.execv(gunicorn, argv) if os.path.isabs(gunicorn) else os.execvp(gunicorn, argv)
 
 
-def _conf_help(key: str) -> str:
-    """A run option's help, taken from the run configuration schema the DAG uses."""
-    from rich.markup import escape
-
-    from emprocess.workflow.conf import RunConf
-
-    # Typer renders help as rich markup, where "[x, y, z]" would vanish as a tag.
-    return escape(RunConf.model_fields[key].description or key)
-
-
-_SCHEMA_DEFAULT: Any = object()
-CONF_PANEL = "Run configuration (conf keys)"
-
-
-def _conf_option(
-    key: str,
-    *decls: str,
-    default: Any = _SCHEMA_DEFAULT,
-    note: str = "",
-    text: bool = False,
-    **kwargs: Any,
-) -> Any:
-    """A ``typer.Option`` for the conf key ``key``: default, help and bounds from RunConf.
-
-    So a default lives in the schema alone (the DAG's trigger form and the README table
-    read it too).
-
-    Args:
-        key: the field of :class:`emprocess.workflow.conf.RunConf`.
-        decls: the option's names; default Typer's, from the parameter's name.
-        default: only where the command's default differs from the schema's (required
-            keys that ``trigger`` may take from ``--conf``; ``run``'s own ``--id``).
-        note: said after the schema's description.
-        text: the command line gives the value as text, numbers separated by commas or a
-            word (``resolution``, ``intensity``; :func:`_numbers` reads it), so the
-            default is that text too.
-    """
-    import annotated_types
-
-    from emprocess.workflow.conf import RunConf
-
-    field = RunConf.model_fields[key]
-    if default is _SCHEMA_DEFAULT:
-        default = ... if field.is_required() else field.default
-        if text and isinstance(default, list | float | int):
-            default = _as_text(default)
-    for bound in field.metadata:
-        if isinstance(bound, annotated_types.Ge):
-            kwargs.setdefault("min", bound.ge)
-        elif isinstance(bound, annotated_types.Le):
-            kwargs.setdefault("max", bound.le)
-    kwargs.setdefault("rich_help_panel", CONF_PANEL)
-    return typer.Option(default, *decls, help=_conf_help(key) + note, **kwargs)
-
-
-def _as_text(value: float | list[float]) -> str:
-    """A conf number or list of numbers as the command line writes it: 8, 4,4,40."""
-    return ",".join(f"{v:g}" for v in (value if isinstance(value, list) else [value]))
-
-
 def _storage_for(source: str) -> tuple[str, StorageEnv]:
     """The bucket and storage of ``emprocess run SOURCE``.
 
@@ -403,75 +351,6 @@ def _storage_for(source: str) -> tuple[str, StorageEnv]:
     return folder.name, _storage_settings(storage_root=folder.parent)
 
 
-RUN_CONF_PARAMS = {"run_id": "id", "raw": "create_raw_pyramid"}
-"""Parameters of ``run`` that are conf keys under another name."""
-
-
-def _option_type(annotation: Any) -> Any:
-    """The command-line type of a conf field: bool, int, float, str or a Literal of words;
-    None for what the command line does not take (lists, mixed unions)."""
-    import types
-    import typing
-
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
-        annotation = args[0]
-    if annotation in (bool, int, float, str):
-        return annotation
-    if typing.get_origin(annotation) is typing.Literal:
-        words = typing.get_args(annotation)
-        return annotation if all(isinstance(w, str) for w in words) else None
-    return None
-
-
-def _shown(default: Any) -> str | bool:
-    """A schema default as ``--help`` shows it (False: none to show)."""
-    if default is None:
-        return False
-    return str(default).lower() if isinstance(default, bool) else str(default)
-
-
-def _with_every_conf_key(command: Callable[..., None]) -> Callable[..., None]:
-    """Give ``command`` an option for every simple conf key it does not declare itself.
-
-    Booleans, numbers, words and choices of words, from the schema: its description as
-    help, its default shown but not sent (so the schema's default applies and lives
-    there alone), its bounds and choices checked by the command line. List-valued keys
-    (``skip_slices``) stay for ``trigger --conf``. The command gets the values given in
-    its parameter ``more_conf``.
-    """
-    import functools
-    import inspect
-
-    from emprocess.workflow.conf import RunConf
-
-    own = inspect.signature(command, eval_str=True)
-    declared = {RUN_CONF_PARAMS.get(name, name) for name in own.parameters}
-    extra = []
-    for key, field in RunConf.model_fields.items():
-        kind = _option_type(field.annotation)
-        if key in declared or kind is None:
-            continue
-        name = key.replace("_", "-")
-        decls = (f"--{name}/--no-{name}",) if kind is bool else (f"--{name}",)
-        shown = _shown(field.default)
-        info = _conf_option(key, *decls, default=None, show_default=shown)
-        extra.append(inspect.Parameter(
-            key, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=kind | None
-        ))  # fmt: skip
-    names = [p.name for p in extra]
-
-    @functools.wraps(command)
-    def with_conf(**values: Any) -> None:
-        more = {name: values.pop(name) for name in names}
-        command(**values, more_conf={k: v for k, v in more.items() if v is not None})
-
-    kept = [p for p in own.parameters.values() if p.name != "more_conf"]
-    with_conf.__signature__ = own.replace(parameters=[*kept, *extra])  # type: ignore[attr-defined]
-    with_conf.__annotations__ = {p.name: p.annotation for p in [*kept, *extra]}
-    return with_conf
-
-
 def _build_conf(**values: object) -> RunConf:
     from emprocess.errors import InvalidInput
     from emprocess.workflow.conf import parse_conf
@@ -482,29 +361,6 @@ def _build_conf(**values: object) -> RunConf:
         raise typer.BadParameter(str(e)) from None
 
 
-def _numbers(value: str, key: str) -> float | list[float] | str:
-    """A conf value given on the command line: "8" -> 8.0, "4,4,40" -> [4.0, 4.0, 40.0];
-    a word ("auto") stays a word, for the schema to judge."""
-    parts = [p.strip() for p in value.split(",")]
-    try:
-        numbers = [float(p) for p in parts]
-    except ValueError:
-        if len(parts) == 1:
-            return value
-        raise typer.BadParameter(
-            f"--{key} {value!r}: expected numbers separated by commas"
-        ) from None
-    return numbers[0] if len(numbers) == 1 else numbers
-
-
-_RESOLUTION_HELP = " On the command line: 8, or x,y,z such as 4,4,40."
-_INTENSITY_HELP = " On the command line: auto, full, or low,high such as 300,3800."
-# The conf options `run` and `trigger` share, from the schema.
-_RAW = _conf_option("create_raw_pyramid", "--raw/--no-raw")
-_RESOLUTION = _conf_option("resolution", text=True, note=_RESOLUTION_HELP)
-_INTENSITY = _conf_option("intensity", text=True, note=_INTENSITY_HELP)
-
-
 def _dag_for(width: int) -> tuple[str, int | None]:
     from emprocess.workflow import WIDTHS, dag_id
 
@@ -512,18 +368,18 @@ def _dag_for(width: int) -> tuple[str, int | None]:
 
 
 @app.command()
-@_with_every_conf_key
+@with_every_conf_key
 def run(
     source: str = typer.Argument(
         ..., help="Folder of slices (its parent becomes the storage root) or a bucket name."
     ),
-    image: str = _conf_option("image"),
-    minz: int = _conf_option("minz"),
-    maxz: int = _conf_option("maxz"),
-    run_id: str = _conf_option("id", "--id", default=None, note=" Default: SOURCE-run."),
-    raw: bool = _RAW,
-    resolution: str = _RESOLUTION,
-    intensity: str = _INTENSITY,
+    image: str = conf_option("image"),
+    minz: int = conf_option("minz"),
+    maxz: int = conf_option("maxz"),
+    run_id: str = conf_option("id", "--id", default=None, note=" Default: SOURCE-run."),
+    raw: bool = RAW,
+    resolution: str = RESOLUTION,
+    intensity: str = INTENSITY,
     width: int = typer.Option(
         None,
         min=1,
@@ -564,8 +420,8 @@ def run(
     dag, conf_width = _dag_for(width)
     conf = _build_conf(
         id=run_id or f"{bucket}-run", image=image, minz=minz, maxz=maxz, source=bucket,
-        createRawPyramid=raw, resolution=_numbers(resolution, "resolution"),
-        intensity=_numbers(intensity, "intensity"), width=conf_width, **(more_conf or {}),
+        createRawPyramid=raw, resolution=numbers(resolution, "resolution"),
+        intensity=numbers(intensity, "intensity"), width=conf_width, **(more_conf or {}),
     )  # fmt: skip
     t0 = time.monotonic()
     sizing = size_local_run(workers=workers, threads=threads)
@@ -593,19 +449,19 @@ def run(
 
 
 @app.command()
-@_with_every_conf_key
+@with_every_conf_key
 def trigger(
-    source: str = typer.Argument(None, help=_conf_help("source") + " (Or in --conf.)"),
-    image: str = _conf_option("image", default=None),
-    minz: int = _conf_option("minz", default=None),
-    maxz: int = _conf_option("maxz", default=None),
-    run_id: str = _conf_option("id", "--id", default=None),
+    source: str = typer.Argument(None, help=conf_help("source") + " (Or in --conf.)"),
+    image: str = conf_option("image", default=None),
+    minz: int = conf_option("minz", default=None),
+    maxz: int = conf_option("maxz", default=None),
+    run_id: str = conf_option("id", "--id", default=None),
     width: int = typer.Option(
         32, min=1, help="DAG width: a fixed DAG for 1, 4, 32, 64, 128, else the dynamic one."
     ),
-    raw: bool = _RAW,
-    resolution: str = _RESOLUTION,
-    intensity: str = _INTENSITY,
+    raw: bool = RAW,
+    resolution: str = RESOLUTION,
+    intensity: str = INTENSITY,
     conf_json: str = typer.Option(
         None,
         "--conf",
@@ -675,8 +531,8 @@ def trigger(
         dag, conf_width = _dag_for(width)
         parsed = _build_conf(
             id=run_id, image=image, minz=minz, maxz=maxz, source=source, createRawPyramid=raw,
-            resolution=_numbers(resolution, "resolution"),
-            intensity=_numbers(intensity, "intensity"), width=conf_width, **(more_conf or {}),
+            resolution=numbers(resolution, "resolution"),
+            intensity=numbers(intensity, "intensity"), width=conf_width, **(more_conf or {}),
         )  # fmt: skip
         conf = parsed.to_json()
     run_width = parsed.width or width

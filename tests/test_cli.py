@@ -227,7 +227,7 @@ def test_run_options_take_their_defaults_and_help_from_the_conf_schema(command: 
     import typer
     from rich.markup import escape
 
-    from emprocess.cli import _numbers
+    from emprocess.cli_options import numbers
     from emprocess.workflow.conf import RunConf
 
     params = typer.main.get_command(app).commands[command].params  # type: ignore[attr-defined]
@@ -252,7 +252,7 @@ def test_run_options_take_their_defaults_and_help_from_the_conf_schema(command: 
             continue
         default = param.default
         if key in ("resolution", "intensity"):  # given as text: 8, or 4,4,40
-            default = _numbers(str(default), key)
+            default = numbers(str(default), key)
         assert default == field.default, key
     expected = {"image", "minz", "maxz", "id", "downsample_factor", "skip_align", "clip_limit",
                 "create_raw_pyramid", "resolution", "intensity"}  # fmt: skip

@@ -154,6 +154,27 @@ class AirflowApi:
         )
         return answer
 
+    def clear_tasks(
+        self, dag_id: str, run_id: str, task_ids: list[str], *, downstream: bool = False
+    ) -> list[dict[str, Any]]:
+        """``POST /dags/{dag_id}/clearTaskInstances`` for one run: the UI's "Clear".
+
+        The tasks run again whatever their state (and the run with them), ``downstream``
+        also clears the tasks after them. Unlike ``airflow tasks clear -s -e``, which
+        selects runs by logical date, this names the run: triggered runs have none.
+        Returns the task instances cleared.
+        """
+        body = {
+            "dag_run_id": run_id,
+            "task_ids": task_ids,
+            "dry_run": False,
+            "only_failed": False,
+            "reset_dag_runs": True,
+            "include_downstream": downstream,
+        }
+        answer = self.request("POST", f"dags/{quote(dag_id)}/clearTaskInstances", json=body)
+        return list(answer.get("task_instances", []))
+
     def task_instances(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
         """Every task instance of the run (all pages): ``task_id``, ``state``, dates, ..."""
         out: list[dict[str, Any]] = []

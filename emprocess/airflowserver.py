@@ -23,9 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from emprocess import settings
 from emprocess.errors import EmprocessError
 from emprocess.layout import COMPLETE
 from emprocess.localrun import RunProgress, Services, _airflow, airflow_env, free_port, wait_http
+from emprocess.settings import StorageEnv
 from emprocess.workflow import POOL, POOL_SLOTS
 
 log = logging.getLogger(__name__)
@@ -58,7 +60,7 @@ def server_env(
     *,
     db_url: str | None = None,
     parallelism: int = 32,
-    storage_root: str | None = None,
+    storage_settings: StorageEnv | None = None,
     password: str,
 ) -> dict[str, str]:
     """The environment every Airflow process of the installation gets (the README lists it)."""
@@ -78,8 +80,8 @@ def server_env(
     }
     if db_url:
         extra["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = db_url
-    if storage_root:
-        extra["EMPROCESS_STORAGE_ROOT"] = storage_root
+    if storage_settings is not None:
+        extra.update(settings.environ(storage_settings))
     (home / "passwords.json").write_text(json.dumps({USERNAME: password}))
     return airflow_env(home, services, extra)
 
@@ -122,7 +124,7 @@ def airflow_server(
     parallelism: int = 32,
     api_workers: int = 1,
     pool_slots: int = POOL_SLOTS,
-    storage_root: str | None = None,
+    storage_settings: StorageEnv | None = None,
     start_timeout_s: float = 120.0,
 ) -> Iterator[AirflowServer]:
     """Migrate the database, create the pool, start the three processes; stop them on exit.
@@ -133,14 +135,15 @@ def airflow_server(
         db_url: SQLAlchemy URL of the metadata database; None for SQLite in ``home``.
         parallelism: ``[core] parallelism``: tasks running at once (LocalExecutor workers).
         api_workers: api-server worker processes (tasks read and write XComs through it).
-        storage_root: ``EMPROCESS_STORAGE_ROOT`` of every process (None: GCS).
+        storage_settings: the storage of every process (``EMPROCESS_STORAGE_*``; None:
+            what the environment says).
     """
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()
     password = secrets.token_urlsafe(12)
     env = server_env(
         home, services, port, db_url=db_url, parallelism=parallelism,
-        storage_root=storage_root, password=password,
+        storage_settings=storage_settings, password=password,
     )  # fmt: skip
     _run_cli(env, ["db", "migrate"], home / "db-migrate.log")
     server = AirflowServer(f"http://127.0.0.1:{port}", USERNAME, password, env, home)
@@ -193,12 +196,14 @@ def run_with_scheduler(
     db_url: str | None = None,
     poll_s: float = 2.0,
     workers: Mapping[str, int] | None = None,
+    storage_settings: StorageEnv | None = None,
 ) -> dict[str, Any]:
     """``emprocess run --scheduler``: the run through a real api-server, scheduler and REST API.
 
     As on Composer: pools, concurrency limits and the REST API all apply. The database
     is SQLite in ``workdir/airflow-server`` unless ``db_url`` names another (SQLite holds
-    one run at a time; see the README). Returns complete.json.
+    one run at a time; see the README). ``storage_settings`` says where the run's buckets
+    are, for every process (default: this process's). Returns complete.json.
 
     Raises:
         RunFailed: the run failed; the message names the task that failed first.
@@ -208,15 +213,16 @@ def run_with_scheduler(
     from emprocess.localrun import RunFailed, local_services
     from emprocess.trigger import check_ready, follow_run, trigger_run
 
-    root = storage.local_root()
+    chosen = storage_settings or storage.settings()
     with (
-        local_services(workdir / "logs", workers=workers) as services,
+        storage.use(chosen),
+        local_services(workdir / "logs", workers=workers, storage_settings=chosen) as services,
         airflow_server(
             workdir / "airflow-server",
             services,
             db_url=db_url,
             parallelism=max(32, width + 4),
-            storage_root=str(root) if root else None,
+            storage_settings=chosen,
         ) as server,
     ):
         wait_for_dag(server, dag_id)
@@ -227,9 +233,9 @@ def run_with_scheduler(
         trigger_run(api, dag_id, run_id, conf.to_json())
         on_poll = progress.poll if progress else None
         outcome = follow_run(api, dag_id, run_id, on_poll, poll_s=poll_s)
-    if outcome.state != "success":
-        raise RunFailed(
-            f"{dag_id} run {run_id} {outcome.state}: failed tasks {outcome.failed}: "
-            f"{outcome.error}; logs in {workdir / 'airflow-server' / 'logs'}"
-        )
-    return dict(json.loads(storage.read_bytes(conf.process_url(COMPLETE))))
+        if outcome.state == "success":
+            return dict(json.loads(storage.read_bytes(conf.process_url(COMPLETE))))
+    raise RunFailed(
+        f"{dag_id} run {run_id} {outcome.state}: failed tasks {outcome.failed}: "
+        f"{outcome.error}; logs in {workdir / 'airflow-server' / 'logs'}"
+    )

@@ -9,8 +9,20 @@ import typer
 from typer.core import TyperGroup
 
 from emprocess import __version__
+from emprocess.cli_options import (
+    INTENSITY,
+    RAW,
+    RESOLUTION,
+    conf_help,
+    conf_option,
+    numbers,
+    with_every_conf_key,
+)
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    from emprocess.settings import StorageEnv
     from emprocess.workflow.conf import RunConf
 
 app = typer.Typer(
@@ -28,15 +40,41 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at DEBUG level."),
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+    storage_root: str = typer.Option(
+        None,
+        "--storage-root",
+        help="Local folder standing in for Google Cloud Storage (gs://B/K is ROOT/B/K); "
+        "default: EMPROCESS_STORAGE_ROOT, and unset, Google Cloud Storage.",
+        show_default=False,
     ),
 ) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    from emprocess import storage
+
+    # Read once, for the whole command; services and Airflow processes it starts get the
+    # same settings as variables (emprocess.settings.environ).
+    chosen = _storage_settings(storage_root=storage_root) if storage_root else None
+    ctx.with_resource(storage.use(chosen or _storage_settings()))
+
+
+def _storage_settings(**chosen: Any) -> StorageEnv:
+    """The environment's storage settings with the fields in ``chosen`` replaced; a bad
+    value stops the command with the variable's name."""
+    from emprocess.errors import InvalidInput
+    from emprocess.settings import StorageEnv, load
+
+    try:
+        return load(StorageEnv, **chosen)
+    except InvalidInput as e:
+        raise typer.BadParameter(str(e)) from None
 
 
 @app.command()
@@ -320,28 +358,23 @@ def serve(
     os.execv(gunicorn, argv) if os.path.isabs(gunicorn) else os.execvp(gunicorn, argv)
 
 
-def _conf_help(key: str) -> str:
-    """A run option's help, taken from the run configuration schema the DAG uses."""
-    from emprocess.workflow.conf import RunConf
+def _storage_for(source: str) -> tuple[str, StorageEnv]:
+    """The bucket and storage of ``emprocess run SOURCE``.
 
-    return RunConf.model_fields[key].description or key
-
-
-def _use_folder(source: str) -> str:
-    """A folder SOURCE means: its parent is the storage root and its name the bucket."""
-    import os
+    A folder SOURCE means: its parent is the storage root and its name the bucket; a
+    bucket name keeps the command's storage (``--storage-root``, the environment).
+    """
     from pathlib import Path
 
     from emprocess import storage
 
     if "/" not in source and not Path(source).is_dir():
-        return source  # a bucket name, under EMPROCESS_STORAGE_ROOT or on GCS
+        return source, storage.settings()
     folder = Path(source).expanduser().resolve()
     if not folder.is_dir():
         raise typer.BadParameter(f"{source!r} is not a folder")
     storage.check_bucket_name(folder.name)
-    os.environ[storage.ROOT_ENV] = str(folder.parent)
-    return folder.name
+    return folder.name, _storage_settings(storage_root=folder.parent)
 
 
 def _build_conf(**values: object) -> RunConf:
@@ -354,25 +387,6 @@ def _build_conf(**values: object) -> RunConf:
         raise typer.BadParameter(str(e)) from None
 
 
-def _numbers(value: str, key: str) -> float | list[float] | str:
-    """A conf value given on the command line: "8" -> 8.0, "4,4,40" -> [4.0, 4.0, 40.0];
-    a word ("auto") stays a word, for the schema to judge."""
-    parts = [p.strip() for p in value.split(",")]
-    try:
-        numbers = [float(p) for p in parts]
-    except ValueError:
-        if len(parts) == 1:
-            return value
-        raise typer.BadParameter(
-            f"--{key} {value!r}: expected numbers separated by commas"
-        ) from None
-    return numbers[0] if len(numbers) == 1 else numbers
-
-
-_RESOLUTION_HELP = " On the command line: 8, or x,y,z such as 4,4,40."
-_INTENSITY_HELP = " On the command line: auto, full, or low,high such as 300,3800."
-
-
 def _dag_for(width: int) -> tuple[str, int | None]:
     from emprocess.workflow import WIDTHS, dag_id
 
@@ -380,21 +394,18 @@ def _dag_for(width: int) -> tuple[str, int | None]:
 
 
 @app.command()
+@with_every_conf_key
 def run(
     source: str = typer.Argument(
         ..., help="Folder of slices (its parent becomes the storage root) or a bucket name."
     ),
-    image: str = typer.Option(..., help=_conf_help("image")),
-    minz: int = typer.Option(..., help=_conf_help("minz")),
-    maxz: int = typer.Option(..., help=_conf_help("maxz")),
-    run_id: str = typer.Option(None, "--id", help=_conf_help("id") + " Default: SOURCE-run."),
-    downsample_factor: int = typer.Option(1, help=_conf_help("downsample_factor")),
-    skip_align: bool = typer.Option(False, help=_conf_help("skip_align")),
-    clip_limit: float = typer.Option(0.02, "--clip-limit", help=_conf_help("clip_limit")),
-    raw: bool = typer.Option(True, "--raw/--no-raw", help=_conf_help("create_raw_pyramid")),
-    resolution: str = typer.Option("8", help=_conf_help("resolution") + _RESOLUTION_HELP),
-    intensity: str = typer.Option("auto", help=_conf_help("intensity") + _INTENSITY_HELP),
-    align_from: str = typer.Option(None, "--align-from", help=_conf_help("align_from")),
+    image: str = conf_option("image"),
+    minz: int = conf_option("minz"),
+    maxz: int = conf_option("maxz"),
+    run_id: str = conf_option("id", "--id", default=None, note=" Default: SOURCE-run."),
+    raw: bool = RAW,
+    resolution: str = RESOLUTION,
+    intensity: str = INTENSITY,
     width: int = typer.Option(
         None,
         min=1,
@@ -413,6 +424,7 @@ def run(
     ),
     workers: int = typer.Option(None, min=1, help=WORKERS_HELP),
     threads: int = typer.Option(None, min=1, help=THREADS_HELP),
+    more_conf: dict[str, Any] | None = None,
 ) -> None:
     """Run the whole workflow here: services under gunicorn, the DAG through real Airflow.
 
@@ -423,60 +435,60 @@ def run(
     import time
     from pathlib import Path
 
+    from emprocess import storage
     from emprocess.errors import EmprocessError
     from emprocess.localrun import RunProgress, run_dag
     from emprocess.localsize import size_local_run
 
-    bucket = _use_folder(source)
+    bucket, chosen = _storage_for(source)
     if width is None:
         width = 4 if scheduler else 1
     dag, conf_width = _dag_for(width)
     conf = _build_conf(
         id=run_id or f"{bucket}-run", image=image, minz=minz, maxz=maxz, source=bucket,
-        downsample_factor=downsample_factor, skip_align=skip_align, **{"clip-limit": clip_limit},
-        createRawPyramid=raw, resolution=_numbers(resolution, "resolution"),
-        intensity=_numbers(intensity, "intensity"), width=conf_width, align_from=align_from,
+        createRawPyramid=raw, resolution=numbers(resolution, "resolution"),
+        intensity=numbers(intensity, "intensity"), width=conf_width, **(more_conf or {}),
     )  # fmt: skip
     t0 = time.monotonic()
     sizing = size_local_run(workers=workers, threads=threads)
     print(f"local run: {sizing.describe()}", flush=True)
-    try:
-        with RunProgress(conf.source, conf.id) as progress:
-            if scheduler:
-                from emprocess.airflowserver import run_with_scheduler
+    with storage.use(chosen):
+        try:
+            with RunProgress(conf.source, conf.id) as progress:
+                if scheduler:
+                    from emprocess.airflowserver import run_with_scheduler
 
-                logging.getLogger("emprocess.report").setLevel(logging.WARNING)
-                doc = run_with_scheduler(
-                    conf, dag, width, Path(workdir).resolve(), db_url=db_url,
-                    progress=progress, workers=sizing.service_workers(),
-                )  # fmt: skip
-            else:
-                doc = run_dag(conf, dag, Path(workdir).resolve(), sizing=sizing, progress=progress)
-    except EmprocessError as e:
-        print(f"run failed: {e}")
-        raise typer.Exit(1) from None
-    _print_outcome(conf, doc, time.monotonic() - t0)
+                    logging.getLogger("emprocess.report").setLevel(logging.WARNING)
+                    doc = run_with_scheduler(
+                        conf, dag, width, Path(workdir).resolve(), db_url=db_url,
+                        progress=progress, workers=sizing.service_workers(),
+                        storage_settings=chosen,
+                    )  # fmt: skip
+                else:
+                    doc = run_dag(
+                        conf, dag, Path(workdir).resolve(), sizing=sizing, progress=progress,
+                        storage_settings=chosen,
+                    )  # fmt: skip
+        except EmprocessError as e:
+            print(f"run failed: {e}")
+            raise typer.Exit(1) from None
+        _print_outcome(conf, doc, time.monotonic() - t0)
 
 
 @app.command()
+@with_every_conf_key
 def trigger(
-    source: str = typer.Argument(None, help=_conf_help("source") + " (Or in --conf.)"),
-    image: str = typer.Option(None, help=_conf_help("image")),
-    minz: int = typer.Option(None, help=_conf_help("minz")),
-    maxz: int = typer.Option(None, help=_conf_help("maxz")),
-    run_id: str = typer.Option(None, "--id", help=_conf_help("id")),
+    source: str = typer.Argument(None, help=conf_help("source") + " (Or in --conf.)"),
+    image: str = conf_option("image", default=None),
+    minz: int = conf_option("minz", default=None),
+    maxz: int = conf_option("maxz", default=None),
+    run_id: str = conf_option("id", "--id", default=None),
     width: int = typer.Option(
         32, min=1, help="DAG width: a fixed DAG for 1, 4, 32, 64, 128, else the dynamic one."
     ),
-    project: str = typer.Option(None, help=_conf_help("project")),
-    email: str = typer.Option(None, help=_conf_help("email")),
-    downsample_factor: int = typer.Option(1, help=_conf_help("downsample_factor")),
-    skip_align: bool = typer.Option(False, help=_conf_help("skip_align")),
-    clip_limit: float = typer.Option(0.02, "--clip-limit", help=_conf_help("clip_limit")),
-    raw: bool = typer.Option(True, "--raw/--no-raw", help=_conf_help("create_raw_pyramid")),
-    resolution: str = typer.Option("8", help=_conf_help("resolution") + _RESOLUTION_HELP),
-    intensity: str = typer.Option("auto", help=_conf_help("intensity") + _INTENSITY_HELP),
-    public: bool = typer.Option(False, help=_conf_help("public")),
+    raw: bool = RAW,
+    resolution: str = RESOLUTION,
+    intensity: str = INTENSITY,
     conf_json: str = typer.Option(
         None,
         "--conf",
@@ -514,6 +526,7 @@ def trigger(
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Print what would be sent; send nothing."
     ),
+    more_conf: dict[str, Any] | None = None,
 ) -> None:
     """Trigger a run on Cloud Composer (gcloud) or an Airflow REST API, conf checked first."""
     import json
@@ -528,6 +541,9 @@ def trigger(
         raise typer.BadParameter("--composer-env needs --location")
     if wait and not api_url:
         raise typer.BadParameter("--wait needs --api-url")
+    if conf_json and more_conf:
+        options = ", ".join("--" + k.replace("_", "-") for k in more_conf)
+        raise typer.BadParameter(f"--conf holds the whole conf; give {options} in it instead")
     if conf_json:
         conf = _read_conf_json(conf_json)
         parsed = _build_conf(**conf)
@@ -541,11 +557,9 @@ def trigger(
             raise typer.BadParameter(f"missing {', '.join(missing)} (or give --conf)")
         dag, conf_width = _dag_for(width)
         parsed = _build_conf(
-            id=run_id, image=image, minz=minz, maxz=maxz, source=source, project=project,
-            email=email, downsample_factor=downsample_factor, skip_align=skip_align,
-            **{"clip-limit": clip_limit}, createRawPyramid=raw,
-            resolution=_numbers(resolution, "resolution"),
-            intensity=_numbers(intensity, "intensity"), public=public, width=conf_width,
+            id=run_id, image=image, minz=minz, maxz=maxz, source=source, createRawPyramid=raw,
+            resolution=numbers(resolution, "resolution"),
+            intensity=numbers(intensity, "intensity"), width=conf_width, **(more_conf or {}),
         )  # fmt: skip
         conf = parsed.to_json()
     run_width = parsed.width or width
@@ -679,8 +693,8 @@ def view(
 ) -> None:
     """Show a run's volume in neuroglancer.
 
-    With EMPROCESS_STORAGE_ROOT set, serve the run's volume on 127.0.0.1 and print the
-    viewer URL to open; stop with Ctrl-C. Otherwise print a link to the public
+    With a local storage root (--storage-root, EMPROCESS_STORAGE_ROOT), serve the run's
+    volume on 127.0.0.1 and print the viewer URL to open; stop with Ctrl-C. Otherwise print a link to the public
     neuroglancer app and warn when the bucket is not publicly readable.
     """
     import time
@@ -806,7 +820,7 @@ def symlinks(
 @app.command()
 def cleanup(
     root: str | None = typer.Option(
-        None, "--root", help="Local storage root (default: $EMPROCESS_STORAGE_ROOT)."
+        None, "--root", help="Local storage root (default: the command's, --storage-root)."
     ),
 ) -> None:
     """Apply the recorded lifecycle rules of local buckets: delete objects past their age.
@@ -906,17 +920,23 @@ def demo(
     WORKDIR): both services under gunicorn, the DAG through real Airflow. Running
     it again reuses the stack and every cached result.
     """
-    import os
-    import time
     from pathlib import Path
+
+    from emprocess import storage
+
+    work = Path(workdir).resolve()
+    with storage.use(_storage_settings(storage_root=work / "storage")) as chosen:
+        _demo(work, slices, size, width, chosen)
+
+
+def _demo(work: Path, slices: int, size: int, width: int, chosen: StorageEnv) -> None:
+    import time
 
     from emprocess import storage
     from emprocess.errors import EmprocessError
     from emprocess.localrun import RunProgress, run_dag
     from emprocess.sample import Drift, write_sample
 
-    work = Path(workdir).resolve()
-    os.environ[storage.ROOT_ENV] = str(work / "storage")
     t0 = time.monotonic()
     storage.create_bucket(DEMO_SOURCE)
     truth_url = storage.bucket_url(DEMO_SOURCE, "truth.json")
@@ -939,7 +959,7 @@ def demo(
     print(f"running {dag} ...")
     try:
         with RunProgress(conf.source, conf.id) as progress:
-            doc = run_dag(conf, dag, work, progress=progress)
+            doc = run_dag(conf, dag, work, progress=progress, storage_settings=chosen)
     except EmprocessError as e:
         print(f"demo failed: {e}")
         raise typer.Exit(1) from None
@@ -951,7 +971,8 @@ def demo(
     print(f"report with plots: {work / 'report' / 'report.html'}")
     print("\nview it in neuroglancer (serves the volume on 127.0.0.1 and prints the link):")
     print(
-        f"  EMPROCESS_STORAGE_ROOT={work / 'storage'} .venv/bin/emprocess view {DEMO_RUN_ID} --source {DEMO_SOURCE}"
+        f"  .venv/bin/emprocess --storage-root {chosen.storage_root} view {DEMO_RUN_ID} "
+        f"--source {DEMO_SOURCE}"
     )
 
 

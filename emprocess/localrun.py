@@ -29,10 +29,11 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
 
-from emprocess import storage
+from emprocess import settings, storage
 from emprocess.errors import EmprocessError, NotFound
 from emprocess.layout import COMPLETE
 from emprocess.localsize import LocalSizing, size_local_run
+from emprocess.settings import HttpEnv, StorageEnv
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,10 @@ class Services:
 
 @contextmanager
 def local_services(
-    log_dir: Path, env: dict[str, str] | None = None, workers: Mapping[str, int] | None = None
+    log_dir: Path,
+    env: dict[str, str] | None = None,
+    workers: Mapping[str, int] | None = None,
+    storage_settings: StorageEnv | None = None,
 ) -> Iterator[Services]:
     """Start the alignment and emwrite services under gunicorn; stop them on exit.
 
@@ -96,7 +100,10 @@ def local_services(
         log_dir: gets ``align.log`` and ``emwrite.log``.
         env: extra environment of the services.
         workers: gunicorn workers by service name (default one each).
+        storage_settings: where the services' storage is (default: this process's,
+            :func:`emprocess.storage.settings`).
     """
+    child = {**settings.environ(storage_settings or storage.settings()), **(env or {})}
     log_dir.mkdir(parents=True, exist_ok=True)
     procs: list[subprocess.Popen] = []
     urls = {}
@@ -108,7 +115,7 @@ def local_services(
             with open(log_dir / f"{name}.log", "ab") as out:
                 proc = subprocess.Popen(
                     [*argv, "--workers", n],
-                    env={**os.environ, **(env or {})},
+                    env={**os.environ, **child},
                     stdout=out,
                     stderr=subprocess.STDOUT,
                 )
@@ -236,6 +243,7 @@ def run_dag(
     poll_s: float = 2.0,
     sizing: LocalSizing | None = None,
     services: Services | None = None,
+    storage_settings: StorageEnv | None = None,
 ) -> dict[str, Any]:
     """Run ``dag_id`` on ``conf`` with local services and real Airflow; return complete.json.
 
@@ -247,6 +255,8 @@ def run_dag(
         poll_s: seconds between progress polls of the process bucket.
         sizing: service workers and request threads (default: :func:`size_local_run`).
         services: services already running (a benchmark's stand-ins); default: start both.
+        storage_settings: where the run's buckets are, for the services, Airflow and the
+            progress read here (default: this process's, :func:`emprocess.storage.settings`).
 
     Raises:
         RunFailed: Airflow reported failure; the message holds the log's tail.
@@ -255,14 +265,18 @@ def run_dag(
     home.mkdir(parents=True, exist_ok=True)
     sizing = sizing or size_local_run()
     log.info("local run: %s", sizing.describe())
+    chosen = storage_settings or storage.settings()
     started = (
         nullcontext(services)
         if services
-        else local_services(workdir / "logs", workers=sizing.service_workers())
+        else local_services(
+            workdir / "logs", workers=sizing.service_workers(), storage_settings=chosen
+        )
     )
-    with started as services:
+    with storage.use(chosen), started as services:
         # `dags test` runs one task at a time, so one task's threads must fill every worker.
-        env = airflow_env(home, services, {"EMPROCESS_HTTP_THREADS": str(sizing.threads)})
+        http = settings.load(HttpEnv, http_threads=sizing.threads)
+        env = airflow_env(home, services, settings.environ(http, chosen))
         ensure_airflow_db(env, home / "db-migrate.log")
         run_log = home / f"run-{conf.id}-{time.strftime('%Y%m%dT%H%M%S')}.log"
         argv = [_airflow(), "dags", "test", dag_id, "--conf", json.dumps(conf.to_json())]
@@ -278,9 +292,12 @@ def run_dag(
                 stop_process(proc)
         if progress:
             progress.poll()
-    complete_url = conf.process_url(COMPLETE)
-    text = run_log.read_text(errors="replace")
-    if proc.returncode != 0 or not storage.exists(complete_url) or "state=failed" in text.lower():
-        tail = "\n".join(text.splitlines()[-40:])
-        raise RunFailed(f"{dag_id} did not finish (exit {proc.returncode}); log {run_log}:\n{tail}")
-    return dict(json.loads(storage.read_bytes(complete_url)))
+        complete_url = conf.process_url(COMPLETE)
+        text = run_log.read_text(errors="replace")
+        done = storage.exists(complete_url)
+        if proc.returncode != 0 or not done or "state=failed" in text.lower():
+            tail = "\n".join(text.splitlines()[-40:])
+            raise RunFailed(
+                f"{dag_id} did not finish (exit {proc.returncode}); log {run_log}:\n{tail}"
+            )
+        return dict(json.loads(storage.read_bytes(complete_url)))

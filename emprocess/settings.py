@@ -1,16 +1,19 @@
 """The environment settings of the services, the HTTP client and storage, as one schema.
 
 Every ``EMPROCESS_*`` variable is a described field of a pydantic-settings class here;
-a bad value is refused when it is read (at a service's start-up, or when a batch task
-starts) with an error naming the variable. The README's table is generated from these
+a bad value is refused when it is read (at a service's start-up, when a batch task
+starts, or when the CLI starts) with an error naming the variable. Processes started here
+get their settings as variables built by :func:`environ`, from the same classes. The README's table is generated from these
 classes (``emprocess settings-reference``) and a test keeps it equal.
 """
 
 from __future__ import annotations
 
-from typing import Literal, TypeVar
+import os
+from pathlib import Path
+from typing import Any, Literal, TypeVar, cast
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from emprocess.errors import InvalidInput
@@ -75,14 +78,30 @@ class ServiceEnv(_Settings):
 class StorageEnv(_Settings):
     """Where storage is, and how long its requests are retried."""
 
-    storage_root: str | None = Field(
+    storage_root: Path | None = Field(
         None,
         description="Local folder standing in for Google Cloud Storage: gs://B/K is ROOT/B/K. "
-        "Unset: Google Cloud Storage (or its emulator, STORAGE_EMULATOR_HOST).",
+        "Unset or empty: Google Cloud Storage (or its emulator, STORAGE_EMULATOR_HOST).",
     )
     storage_retry_s: float = Field(
         120.0, ge=0.0, description="Deadline of GCS request retries, s; 0 turns them off."
     )
+
+    @field_validator("storage_root", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("storage_root")
+    @classmethod
+    def _a_folder(cls, value: Path | None) -> Path | None:
+        if value is None:
+            return None
+        # Absolute, so a child process started in another folder finds the same root.
+        path = value.expanduser().resolve()
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"{path} is not a folder")
+        return path
 
 
 S = TypeVar("S", bound=_Settings)
@@ -90,20 +109,58 @@ S = TypeVar("S", bound=_Settings)
 SCHEMAS: tuple[type[_Settings], ...] = (HttpEnv, ServiceEnv, StorageEnv)
 
 
-def load(cls: type[S]) -> S:
-    """``cls`` read from the environment.
+def env_name(cls: type[_Settings], field: str) -> str:
+    """The environment variable of one field, e.g. ``EMPROCESS_STORAGE_ROOT``."""
+    if field not in cls.model_fields:
+        raise KeyError(f"{cls.__name__} has no field {field!r}")
+    return f"{PREFIX}{field.upper()}"
+
+
+def load(cls: type[S], **chosen: Any) -> S:
+    """``cls`` read from the environment, with the fields in ``chosen`` given by the caller.
 
     Raises:
         InvalidInput: naming each bad variable and why.
     """
     try:
-        return cls()
+        return cls(**chosen)
     except ValidationError as e:
         problems = [
-            f"{PREFIX}{str(err['loc'][0]).upper()}={err.get('input')!r}: {err['msg']}"
+            f"{PREFIX}{str(err['loc'][0]).upper()}={err.get('input')!r}: "
+            + str(err["msg"]).removeprefix("Value error, ")
             for err in e.errors()
         ]
         raise InvalidInput("bad environment: " + "; ".join(problems)) from None
+
+
+_current: dict[tuple[type[_Settings], tuple[str | None, ...]], _Settings] = {}
+
+
+def current(cls: type[S]) -> S:
+    """``cls`` as the environment sets it now, read through the schema once per distinct value.
+
+    For code called many times per request (the storage layer asks for its root on every
+    call): reading the schema costs about 0.4 ms, looking its variables up a microsecond.
+    """
+    key = (cls, tuple(os.environ.get(env_name(cls, name)) for name in cls.model_fields))
+    found = _current.get(key)
+    if found is None:
+        found = _current[key] = load(cls)
+    return cast(S, found)
+
+
+def environ(*chosen: _Settings) -> dict[str, str]:
+    """The variables that hand these settings to a child process (a service, an Airflow task).
+
+    Every field is written, so the child gets exactly these settings whatever the parent's
+    environment holds; None is written as empty (unset).
+    """
+    out = {}
+    for settings in chosen:
+        for name in type(settings).model_fields:
+            value = getattr(settings, name)
+            out[env_name(type(settings), name)] = "" if value is None else str(value)
+    return out
 
 
 def settings_reference_markdown() -> str:

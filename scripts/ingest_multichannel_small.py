@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import re
 import sys
 from pathlib import Path
@@ -39,6 +38,7 @@ from typing import Any
 from emprocess import storage
 from emprocess.errors import EmprocessError, InvalidInput, NotFound
 from emprocess.imageinfo import HEADER_BYTES, image_header
+from emprocess.settings import StorageEnv, load
 from emprocess.view import geometry_from_info, viewer_state
 from emprocess.workflow.conf import RunConf, check_template, parse_conf, template_prefix
 
@@ -54,9 +54,16 @@ def source_location(src: str) -> tuple[str, str]:
     if not folder.is_dir():
         raise NotFound(f"{src!r} is not a folder (nor a gs:// URL)")
     storage.check_bucket_name(folder.name)
-    # What `emprocess run` does: the services it starts read the same root.
-    os.environ[storage.ROOT_ENV] = str(folder.parent)
     return folder.name, ""
+
+
+def storage_of(src: str) -> StorageEnv:
+    """Where the run's buckets are: a folder's parent is the storage root (as for
+    `emprocess run FOLDER`); a gs:// source keeps the environment's storage."""
+    if src.startswith("gs://"):
+        return storage.settings()
+    folder = Path(src.removeprefix("file://")).expanduser().resolve()
+    return load(StorageEnv, storage_root=folder.parent)
 
 
 def find_range(bucket: str, template: str) -> tuple[int, int]:
@@ -129,7 +136,7 @@ def layer_or_state(conf: RunConf, raw: bool, name: str | None, state: bool) -> d
     return whole if state else whole["layers"][0]
 
 
-def run(conf: RunConf, workdir: Path) -> None:
+def run(conf: RunConf, workdir: Path, chosen: StorageEnv) -> None:
     """The run, as ``emprocess run`` does it: local services, the DAG through real Airflow."""
     from rich.console import Console
 
@@ -144,7 +151,10 @@ def run(conf: RunConf, workdir: Path) -> None:
     )
     # The bars go to stderr: stdout carries only the layer (or state) JSON.
     progress = RunProgress(conf.source, conf.id, Console(stderr=True))
-    run_dag(conf, dag_id(1), workdir.resolve(), progress=progress, sizing=size_local_run())
+    run_dag(
+        conf, dag_id(1), workdir.resolve(), progress=progress, sizing=size_local_run(),
+        storage_settings=chosen,
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,19 +232,20 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     try:
-        conf = build_conf(args)
-        if args.print_conf:
-            print(json.dumps(conf.to_json(), indent=2))
-            return 0
-        run(conf, Path(args.workdir))
-        out = layer_or_state(conf, args.raw, args.name, args.state)
+        with storage.use(storage_of(args.src)) as chosen:
+            conf = build_conf(args)
+            if args.print_conf:
+                print(json.dumps(conf.to_json(), indent=2))
+                return 0
+            run(conf, Path(args.workdir), chosen)
+            out = layer_or_state(conf, args.raw, args.name, args.state)
     except EmprocessError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 1
-    if storage.local_root() is not None:
+    if chosen.storage_root is not None:
         print(
             f"note: neuroglancer cannot read local folders; `emprocess view {conf.id} --source "
-            f"{conf.source}` (with {storage.ROOT_ENV} set) serves and shows the run",
+            f"{conf.source} --storage-root {chosen.storage_root}` serves and shows the run",
             file=sys.stderr,
         )
     print(json.dumps(out, indent=2))

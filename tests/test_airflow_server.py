@@ -23,12 +23,20 @@ from typing import Any
 
 import pytest
 from conftest import ServicePool, unique_bucket
-from dags_conftest_helpers import E2ERun, check_finished_run, e2e_conf, write_e2e_stack
+from dags_conftest_helpers import (
+    E2ERun,
+    bucket_bytes,
+    check_finished_run,
+    e2e_conf,
+    write_e2e_stack,
+)
+from faultproxy import FaultProxy
 
-from emprocess import storage
+from emprocess import layout, storage
 from emprocess.airflow_api import AirflowApi
 from emprocess.localrun import Services
-from emprocess.trigger import NotReady, check_ready, peak_concurrency
+from emprocess.settings import StorageEnv, load
+from emprocess.trigger import NotReady, check_ready, follow_run, peak_concurrency, trigger_run
 from emprocess.workflow import WIDTHS, dag_id
 from emprocess.workflow.conf import parse_conf
 from emprocess.workflow.payloads import align_pair_list
@@ -46,8 +54,18 @@ RUN_TIMEOUT_S = 400
 
 
 @pytest.fixture(scope="module")
+def recorders(service_pool: ServicePool) -> Iterator[dict[str, FaultProxy]]:
+    """A recording proxy in front of each service: what the Airflow below sends them."""
+    with (
+        FaultProxy(service_pool.url("align", "local")) as align,
+        FaultProxy(service_pool.url("emwrite", "local")) as emwrite,
+    ):
+        yield {"align": align, "emwrite": emwrite}
+
+
+@pytest.fixture(scope="module")
 def airflow(
-    service_pool: ServicePool, local_root: Path, tmp_path_factory: pytest.TempPathFactory
+    recorders: dict[str, FaultProxy], local_root: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Any]:
     """A real Airflow on its own PostgreSQL: SQLite answers concurrent triggers with
     "database is locked" (HTTP 500)."""
@@ -55,9 +73,7 @@ def airflow(
 
     from emprocess.airflowserver import airflow_server, wait_for_dag
 
-    services = Services(
-        align=service_pool.url("align", "local"), emwrite=service_pool.url("emwrite", "local")
-    )
+    services = Services(align=recorders["align"].url, emwrite=recorders["emwrite"].url)
     home = tmp_path_factory.mktemp("airflow-server")
     with pytest.MonkeyPatch.context() as mp:
         # The session's own Airflow settings (unit-test mode, its home) are not this one's.
@@ -71,7 +87,7 @@ def airflow(
                 services,
                 db_url=pg.url,
                 parallelism=PARALLELISM,
-                storage_root=str(local_root),
+                storage_settings=load(StorageEnv, storage_root=local_root),
             ) as server,
         ):
             for width in (1, 4):
@@ -213,3 +229,90 @@ def test_runs_through_the_rest_api_with_a_real_scheduler(
     again = trigger(airflow, tmp_path / "again.log", "--conf", json.dumps(width4), "--width", "4")
     assert again.wait(timeout=60) == 1
     assert "already has a run with id 'w4' (state success)" in (tmp_path / "again.log").read_text()
+
+
+def test_a_cleared_task_redoes_only_what_it_owns_that_is_missing(
+    airflow: Any,
+    recorders: dict[str, FaultProxy],
+    local_root: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The README's "Restarting from any point" on the real scheduler. A finished run loses
+    what two batch tasks own: one slice's thumbnail and cached answer (``align.write_0``),
+    the cube's cached answer and its full-resolution shards (``ngingest.write_ng_shards_0``).
+    Clearing those two tasks (REST API, the UI's "Clear") sends exactly that slice and that
+    cube again, brings every object back byte for byte, and runs no other task again.
+
+    The finished run is the width-1 run ``orig`` of the test above when it ran (one run
+    fewer), else a 4-slice run ``clr`` of its own."""
+    monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", str(local_root))
+    dag = dag_id(1)
+    api = AirflowApi(airflow.api_url)
+    api.login(airflow.username, airflow.password)
+    earlier = api.dag_run(dag, "orig")
+    if earlier is not None and earlier["state"] == "success":
+        conf = dict(earlier["conf"])
+    else:
+        source = unique_bucket("cl")
+        truth = write_e2e_stack(source)
+        conf = e2e_conf("clr", source, truth, maxz=truth["minz"] + 3, createRawPyramid=False)
+        check_ready(api, dag, 1, unpause=True)
+        trigger_run(api, dag, "clr", conf)
+        assert follow_run(api, dag, "clr", poll_s=1, timeout_s=RUN_TIMEOUT_S).state == "success"
+    parsed = parse_conf(conf)
+    run, run_id = parsed.layout, parsed.id
+    caches = tuple(f"{prefix.removeprefix(layout.THUMBNAILS + '/')}/" for prefix in (
+        layout.AFFINE_CACHE, layout.WRITE_CACHE))  # fmt: skip
+
+    def outputs() -> dict[str, dict[str, bytes]]:
+        """The volume, the tiles, and the thumbnails, transforms and QC (not the caches,
+        whose records hold times)."""
+        return {
+            "ng": bucket_bytes(f"gs://{run.ng}/"),
+            "tmp": bucket_bytes(f"gs://{run.tmp}/"),
+            "align": bucket_bytes(
+                run.process_url(layout.THUMBNAILS), skip=lambda k: k.startswith(caches)
+            ),
+        }
+
+    def answer_of(cache: str, name: str) -> str:
+        (key,) = [k for k in storage.list_keys(run.process_url(cache) + "/")
+                  if k.rsplit("/", 1)[-1].startswith(name + ".")]  # fmt: skip
+        return storage.bucket_url(run.process, key)
+
+    before = outputs()
+    z = parsed.minz + 1
+    scale0 = json.loads(storage.read_bytes(f"{run.jpeg_url}/info"))["scales"][0]["key"]
+    shards = storage.list_keys(f"{run.jpeg_url}/{scale0}/")
+    lost = [
+        run.process_url(layout.THUMBNAILS, parsed.slice_name(z)),
+        answer_of(layout.WRITE_CACHE, layout.slice_task_name(z)),
+        answer_of(layout.NG_CACHE, layout.cube_name(0, 0, 0)),
+        *(storage.bucket_url(run.ng, key) for key in shards),
+    ]
+    assert shards and all(storage.exists(url) for url in lost)
+    for url in lost:
+        storage.delete(url)
+    for recorder in recorders.values():
+        recorder.requests.clear()
+
+    t0 = time.monotonic()
+    cleared = api.clear_tasks(dag, run_id, ["align.write_0", "ngingest.write_ng_shards_0"])
+    assert sorted(ti["task_id"] for ti in cleared) == [
+        "align.write_0",
+        "ngingest.write_ng_shards_0",
+    ]
+    assert follow_run(api, dag, run_id, poll_s=1, timeout_s=RUN_TIMEOUT_S).state == "success"
+    seconds = time.monotonic() - t0
+
+    assert recorders["align"].requests == []
+    sent = [(r.path, json.loads(r.body)) for r in recorders["emwrite"].requests]
+    assert sorted(path for path, _ in sent) == ["/alignedslice", "/ngshard"], sent
+    assert [body["slice"] for path, body in sent if path == "/alignedslice"] == [z]
+    assert outputs() == before
+    tries = {ti["task_id"]: ti["try_number"] for ti in api.task_instances(dag, run_id)}
+    again = {task for task, n in tries.items() if n != 1}
+    assert again == {"align.write_0", "ngingest.write_ng_shards_0"}, tries
+    print(f"cleared 2 of {len(tries)} tasks: done again in {seconds:.0f} s, sent "
+          f"{sorted(p for p, _ in sent)}; {sum(map(len, before.values()))} objects "
+          "byte-identical")  # fmt: skip

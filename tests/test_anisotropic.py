@@ -31,6 +31,7 @@ from emprocess.kernels.ngmeta import (
     plan_cubes,
     scale_layouts,
 )
+from emprocess.layout import RunLayout
 
 RES = [4, 4, 40]
 EXPECTED_FACTORS = [(1, 1, 1), (2, 2, 1), (4, 4, 1), (8, 8, 1), (16, 16, 2), (32, 32, 4)]
@@ -125,8 +126,9 @@ def test_service_writes_near_isotropic_scales_equal_to_numpy(service_pool: Servi
     service = service_pool.url("emwrite", "local")
     minz, n, (width, height) = 3, 9, (300, 260)
     source = unique_bucket("aniso")
-    tmp, ng, chunk = f"{source}_tmp_r", f"{source}_ng_r", f"{source}_chunk_r"
-    for b in (source, tmp, f"{source}_process", ng, chunk):
+    run = RunLayout(source, "r")
+    tmp, ng, chunk = run.tmp, run.ng, run.chunk
+    for b in (source, tmp, run.process, ng, chunk):
         storage.create_bucket(b)
     rng = np.random.default_rng(4)
     for z in range(minz, minz + n):
@@ -146,9 +148,9 @@ def test_service_writes_near_isotropic_scales_equal_to_numpy(service_pool: Servi
     _post(service + "/ngmeta", volume)
     _post(service + "/ngshard", {**volume, "source": tmp, "start": [0, 0, 0]})
 
-    info = json.loads(storage.read_bytes(f"gs://{chunk}/neuroglancer/raw/info"))
+    info = json.loads(storage.read_bytes(f"{run.raw_url}/info"))
     assert [s["resolution"][2] for s in info["scales"]] == [40, 40, 40, 40, 80, 160]
-    raw_url, jpeg_url = f"gs://{chunk}/neuroglancer/raw", f"gs://{ng}/neuroglancer/jpeg"
+    raw_url, jpeg_url = run.raw_url, run.jpeg_url
     level, _ = read_tensorstore(raw_url, 0)
     assert level.shape == (n, height, width) and level.std() > 3
     factors = downsample_factors_xyz(RES, 6)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import requests
 
-from emprocess import affine, storage
+from emprocess import affine, layout, storage
 from emprocess.errors import InvalidInput
 from emprocess.images import align_plane, decode_image
 from emprocess.kernels import ngmeta
@@ -216,7 +216,7 @@ def test_emwrite_writes_a_grey_jpeg_volume_per_channel(emwrite_service: str, bac
 
     src = unique_bucket("each")
     tmp, ng, raw = (f"{src}{s}" for s in ("-tmp", "-ng", "-raw"))
-    for bucket in (src, f"{src}_process", tmp, ng, raw):
+    for bucket in (src, layout.process_bucket(src), tmp, ng, raw):
         storage.create_bucket(bucket)
     for z in range(4):
         rgb = np.dstack([np.full((90, 120), v, np.uint8) for v in (40 + z, 120, 200)])
@@ -247,10 +247,10 @@ def test_emwrite_writes_a_grey_jpeg_volume_per_channel(emwrite_service: str, bac
     for path, body in (("/ngmeta", volume), ("/ngshard", {**volume, "source": tmp, "start": [0, 0, 0]})):  # fmt: skip
         r = requests.post(emwrite_service + path, json=body, timeout=120)
         assert r.status_code == 200, r.text
-    lossless = _read_ts(f"gs://{raw}/neuroglancer/raw")
+    lossless = _read_ts(f"gs://{raw}/{layout.RAW_PATH}")
     assert lossless.shape == (4, 96, 128, 3)
     assert lossless[0, 40, 60, 1] == 10 and lossless[0, 40, 60, 2] == 200
-    for c, path in enumerate(("neuroglancer/jpeg", "neuroglancer/jpeg_c1", "neuroglancer/jpeg_c2")):
+    for c, path in enumerate(layout.jpeg_channel_path(c) for c in range(3)):
         jpeg = _read_ts(f"gs://{ng}/{path}")
         assert jpeg.shape == (4, 96, 128, 1), path
         assert np.abs(jpeg[..., 0].astype(int) - lossless[..., c]).mean() < 3, path

@@ -22,7 +22,7 @@ import pytest
 from conftest import SHARED_DATA, ServicePool, unique_bucket
 from dags_conftest_helpers import E2ERun, run_on_local
 
-from emprocess import affine, storage
+from emprocess import affine, layout, storage
 from emprocess.workflow import dag_id
 
 CROP = 384
@@ -132,10 +132,10 @@ def test_channels_are_aligned_on_the_texture_and_moved_together(run: E2ERun) -> 
     assert all(b["channel"] == 0 for b in run.bodies("/"))
     for path in ("/alignedslice", "/ngmeta", "/ngshard"):
         assert all(b["channels"] == 3 for b in run.bodies(path)), path
-    transforms = json.loads(storage.read_bytes(f"{run.process}/align/transforms.json"))
-    info, raw = _read_ts(f"gs://{run.chunk_bucket}/neuroglancer/raw")
+    transforms = json.loads(storage.read_bytes(run.layout.process_url(layout.TRANSFORMS)))
+    info, raw = _read_ts(run.layout.raw_url)
     assert info["num_channels"] == 3 and raw.shape[0] == len(DRIFT_XY) and raw.shape[3] == 3
-    assert np.array_equal(_read_cv(f"gs://{run.chunk_bucket}/neuroglancer/raw"), raw)
+    assert np.array_equal(_read_cv(run.layout.raw_url), raw)
     for channel in (1, 2):
         aligned = [centroid_xy(raw[z, :, :, channel]) for z in range(len(DRIFT_XY))]
         given = [centroid_xy(_slice(z)[..., channel]) for z in range(len(DRIFT_XY))]
@@ -152,9 +152,9 @@ def test_channels_are_aligned_on_the_texture_and_moved_together(run: E2ERun) -> 
         corr = np.corrcoef(a.ravel().astype(float), b.ravel().astype(float))[0, 1]
         assert corr > 0.5, (z, corr)
     # The JPEG volume: RGB, the same voxels within JPEG error.
-    jinfo, jpeg = _read_ts(f"gs://{run.ng_bucket}/neuroglancer/jpeg")
+    jinfo, jpeg = _read_ts(run.layout.jpeg_url)
     assert jinfo["num_channels"] == 3 and jpeg.shape == raw.shape
-    assert np.array_equal(_read_cv(f"gs://{run.ng_bucket}/neuroglancer/jpeg", True), jpeg)
+    assert np.array_equal(_read_cv(run.layout.jpeg_url, True), jpeg)
     assert np.abs(jpeg.astype(int) - raw.astype(int)).mean() < 6
 
 

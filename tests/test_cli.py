@@ -177,20 +177,136 @@ def test_trigger_rest_posts_the_dag_run(tmp_path: Path) -> None:
 def test_run_takes_a_folder_as_root_and_bucket(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from emprocess.cli import _use_folder
+    import os
+
+    from emprocess.cli import _storage_for
 
     monkeypatch.delenv("EMPROCESS_STORAGE_ROOT", raising=False)
     (tmp_path / "my-stack").mkdir()
-    assert _use_folder(str(tmp_path / "my-stack")) == "my-stack"
-    import os
-
-    assert os.environ["EMPROCESS_STORAGE_ROOT"] == str(tmp_path)
-    assert _use_folder("plain-bucket") == "plain-bucket"
+    before = dict(os.environ)
+    bucket, chosen = _storage_for(str(tmp_path / "my-stack"))
+    assert (bucket, chosen.storage_root) == ("my-stack", tmp_path)
+    assert dict(os.environ) == before  # passed on explicitly, not through os.environ
+    assert _storage_for("plain-bucket")[0] == "plain-bucket"
     (tmp_path / "Bad_Name").mkdir()
     from emprocess.errors import InvalidBucketName
 
     with pytest.raises(InvalidBucketName, match="Bad_Name"):
-        _use_folder(str(tmp_path / "Bad_Name"))
+        _storage_for(str(tmp_path / "Bad_Name"))
+
+
+def test_the_storage_root_is_one_choice_for_the_whole_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--storage-root (or EMPROCESS_STORAGE_ROOT) steers every command; a bad one stops it
+    before it does anything, naming the variable."""
+    monkeypatch.delenv("EMPROCESS_STORAGE_ROOT", raising=False)
+    args = ["sample", "gs://opt-stack", "-n", "2", "--size", "64", "64"]
+    result = runner.invoke(app, ["--storage-root", str(tmp_path), *args])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "opt-stack").glob("*.png")) == [
+        "img.00000.png", "img.00001.png",
+    ]  # fmt: skip
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", str(tmp_path / "a-file"))
+    result = runner.invoke(app, ["view", "run1", "--source", "opt-stack"])
+    assert result.exit_code == 2
+    said = "".join(c for c in result.output if c not in "│╭╮╰╯─ \n")  # rich's box, wrapped
+    assert "EMPROCESS_STORAGE_ROOT=" in said and "isnotafolder" in said, result.output
+
+
+CONF_OPTIONS = {"run_id": "id", "raw": "create_raw_pyramid", "width": None, "location": None}
+"""Parameters of ``run`` and ``trigger`` named otherwise than their conf key, or None: not
+one (``--width`` picks the DAG, only the dynamic one gets the conf key; ``trigger
+--location`` is the Composer environment's region)."""
+
+
+@pytest.mark.parametrize("command", ["run", "trigger"])
+def test_run_options_take_their_defaults_and_help_from_the_conf_schema(command: str) -> None:
+    import annotated_types
+    import typer
+    from rich.markup import escape
+
+    from emprocess.cli_options import numbers
+    from emprocess.workflow.conf import RunConf
+
+    params = typer.main.get_command(app).commands[command].params  # type: ignore[attr-defined]
+    checked = set()
+    for param in params:
+        key = CONF_OPTIONS.get(str(param.name), str(param.name))
+        field = RunConf.model_fields.get(key or "")
+        if field is None or param.param_type_name != "option":
+            continue
+        checked.add(str(key))
+        assert param.help and param.help.startswith(escape(field.description or "")[:40]), key
+        for bound in field.metadata:  # the schema's bounds, checked before the schema
+            if isinstance(bound, annotated_types.Ge):
+                assert getattr(param, "min", None) == bound.ge, key
+            if isinstance(bound, annotated_types.Le):
+                assert getattr(param, "max", None) == bound.le, key
+        if field.is_required() or key == "id":
+            continue  # no schema default: required, or the command's own (SOURCE-run)
+        if param.default is None and field.default is not None:  # unset: the schema's
+            shown = str(field.default).lower() if field.annotation is bool else field.default
+            assert param.show_default == str(shown), key
+            continue
+        default = param.default
+        if key in ("resolution", "intensity"):  # given as text: 8, or 4,4,40
+            default = numbers(str(default), key)
+        assert default == field.default, key
+    expected = {"image", "minz", "maxz", "id", "downsample_factor", "skip_align", "clip_limit",
+                "create_raw_pyramid", "resolution", "intensity"}  # fmt: skip
+    assert expected <= checked
+    # ...and every other simple key, generated from the schema.
+    assert {"email", "public", "neighbors", "global_solve", "bad_slice_fill"} <= checked
+
+
+def test_run_takes_every_simple_conf_key(tmp_path: Path) -> None:
+    """Keys `run` does not declare itself reach the conf (checked there) or are refused
+    by the command line with the schema's bounds and choices."""
+    (tmp_path / "stack").mkdir()
+    base = ["run", str(tmp_path / "stack"), "--image", "img.%05d.png", "--minz", "0",
+            "--maxz", "3", "--workdir", str(tmp_path / "work")]  # fmt: skip
+    for extra, said in (
+        (["--email", "not-an-address"], "is not an email address"),
+        (["--neighbors", "9"], "'--neighbors': Input should be less than or equal to 4"),
+        (["--bad-slice-fill", "grey"], "'grey' is not one of 'own', 'nearest', 'zeros'"),
+    ):
+        result = runner.invoke(app, [*base, *extra])
+        flat = " ".join(result.output.replace("│", " ").split())
+        assert result.exit_code == 2 and said in flat, result.output
+    # trigger: in the conf it sends; only in --conf when that holds the whole conf.
+    where = ["--composer-env", "e", "--location", "l", "--dry-run"]
+    result = runner.invoke(app, [*TRIGGER, *where, "--neighbors", "2", "--no-global-solve"])
+    assert result.exit_code == 0, result.output
+    conf = json.loads(shlex.split(result.output.strip())[-1])
+    assert (conf["neighbors"], conf["global_solve"], conf["channels"]) == (2, False, 1)
+    whole = json.dumps({"id": "r1", "image": "i%d.png", "minz": 0, "maxz": 1, "source": "src"})
+    result = runner.invoke(app, ["trigger", "--conf", whole, *where, "--neighbors", "2"])
+    assert result.exit_code == 2 and "give --neighbors in it instead" in result.output
+
+
+def test_a_schema_default_changes_the_command_line() -> None:
+    """The CLI reads its defaults from the schema when it is built: change one there and
+    `emprocess run --help` shows the new one (the DAG's form and the README table follow
+    the same field)."""
+    import subprocess
+    import sys
+
+    code = (
+        "from emprocess.workflow.conf import RunConf\n"
+        "RunConf.model_fields['clip_limit'].default = 0.0625\n"
+        "RunConf.model_fields['downsample_factor'].default = 3\n"
+        "from emprocess.cli import main\n"
+        "main()\n"
+    )
+    env = {**__import__("os").environ, "COLUMNS": "200"}
+    out = subprocess.run(
+        [sys.executable, "-c", code, "run", "--help"], capture_output=True, text=True, env=env
+    ).stdout
+    lines = {line.split()[1]: line for line in out.splitlines() if line.startswith("│    --")}
+    assert "[default: (0.0625)]" in lines["--clip-limit"], out
+    assert "[default: (3)]" in lines["--downsample-factor"], out
 
 
 def test_every_command_has_help() -> None:

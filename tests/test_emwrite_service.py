@@ -34,6 +34,7 @@ from conftest import unique_bucket
 
 from emprocess import affine, storage
 from emprocess.kernels import ngmeta, tiles
+from emprocess.layout import RunLayout
 from emprocess.models import AlignedSliceRequest
 from emprocess.sample import generate_stack
 from emprocess.services import emwrite
@@ -200,12 +201,7 @@ class StackRun:
         return self.minz + len(self.transforms) - 1
 
     def bucket(self, role: str) -> str:
-        return {
-            "tmp": f"{self.source}_tmp_{RUN_ID}",
-            "process": f"{self.source}_process",
-            "ng": f"{self.source}_ng_{RUN_ID}",
-            "chunk": f"{self.source}_chunk_{RUN_ID}",
-        }[role]
+        return RunLayout(self.source, RUN_ID).bucket_names()[role]
 
     def slice_body(self, z: int, legacy: bool = False) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -301,8 +297,10 @@ def test_every_scale_matches_the_numpy_reference(stack_run: StackRun, backend: s
     run = stack_run
     assert len(run.cubes) == 2
     want = pyramid(run.reference)
-    jpeg_url = f"gs://{run.bucket('ng')}/neuroglancer/jpeg"
-    raw_url = f"gs://{run.bucket('chunk')}/neuroglancer/raw"
+    jpeg_url, raw_url = (
+        RunLayout(run.source, RUN_ID).jpeg_url,
+        RunLayout(run.source, RUN_ID).raw_url,
+    )
     raw = [read_tensorstore(raw_url, s) for s in range(SCALES)]
     for s in range(SCALES):
         offset = (0, 0, run.minz >> s)
@@ -362,7 +360,8 @@ def test_large_slices_in_windows_give_the_same_tiles(
 ) -> None:
     """In-process: 1024 px windows (3 x 2 here) stitch to exactly the one-window slice."""
     src = unique_bucket("win")
-    for b in (src, f"{src}_process", f"{src}_tmp_{RUN_ID}"):
+    run = RunLayout(src, RUN_ID)
+    for b in (src, run.process, run.tmp):
         storage.create_bucket(b)
     (image,), _ = generate_stack(1, 2400, 1200, seed=5)
     _, png = cv2.imencode(".png", image)
@@ -373,17 +372,17 @@ def test_large_slices_in_windows_give_the_same_tiles(
         "transform": affine.compose(affine.translation(40, 45), turn),
         "bbox": [2500, 1300],
         "dest": src,
-        "dest-tmp": f"{src}_tmp_{RUN_ID}",
+        "dest-tmp": run.tmp,
         "slice": 0,
         "run_id": RUN_ID,
     }
     emwrite.aligned_slice(AlignedSliceRequest.model_validate(body))
-    whole = read_thumbnail(f"{src}_process", "big.png")
+    whole = read_thumbnail(run.process, "big.png")
     monkeypatch.setattr(emwrite, "WINDOW_PX", 1024)
     emwrite.aligned_slice(AlignedSliceRequest.model_validate({**body, "slice": 1}))
-    tiles_of = [storage.read_bytes(emwrite.tiles_url(f"{src}_tmp_{RUN_ID}", z)) for z in (0, 1)]
+    tiles_of = [storage.read_bytes(emwrite.tiles_url(run.tmp, z)) for z in (0, 1)]
     assert tiles_of[0] == tiles_of[1]
-    windowed = read_thumbnail(f"{src}_process", "big.png")
+    windowed = read_thumbnail(run.process, "big.png")
     assert windowed.shape == whole.shape == (325, 625)
     np.testing.assert_array_equal(windowed, whole)
     reference = reference_slice(image, body["transform"], (2500, 1300))
@@ -411,7 +410,8 @@ def test_z_ranges_and_small_volumes(
     emwrite_service: str, backend: str, minz: int, maxz: int, bbox: tuple[int, int]
 ) -> None:
     src = unique_bucket("vol")
-    tmp, ng, chunk = f"{src}_tmp_{RUN_ID}", f"{src}_ng_{RUN_ID}", f"{src}_chunk_{RUN_ID}"
+    run = RunLayout(src, RUN_ID)
+    tmp, ng, chunk = run.tmp, run.ng, run.chunk
     for b in (tmp, ng, chunk):
         storage.create_bucket(b)
     volume = smooth_volume((maxz - minz + 1, bbox[1], bbox[0]), seed=minz)
@@ -432,16 +432,16 @@ def test_z_ranges_and_small_volumes(
     want = pyramid(volume)
     for s in range(SCALES):
         offset = (0, 0, minz >> s)
-        raw, raw_offset = read_tensorstore(f"gs://{chunk}/neuroglancer/raw", s)
+        raw, raw_offset = read_tensorstore(run.raw_url, s)
         assert raw_offset == offset
         np.testing.assert_array_equal(raw, want[s], err_msg=f"raw scale {s}")
-        jpeg, jpeg_offset = read_tensorstore(f"gs://{ng}/neuroglancer/jpeg", s)
+        jpeg, jpeg_offset = read_tensorstore(run.jpeg_url, s)
         assert jpeg_offset == offset
         assert_jpeg_close(jpeg, want[s], s, f"jpeg scale {s}")
     # The coarsest scale again, through the other reader, at its own offsets.
     last = SCALES - 1
     assert want[last].shape[0] == math.ceil((maxz - minz + 1) / 2**last)
-    cv_data, cv_offset = read_cloudvolume(f"gs://{ng}/neuroglancer/jpeg", last)
+    cv_data, cv_offset = read_cloudvolume(run.jpeg_url, last)
     assert cv_offset == (0, 0, minz >> last)
     assert_jpeg_close(cv_data, want[last], last, "cloud-volume coarsest scale")
 
@@ -489,14 +489,15 @@ def test_repeats_and_repairs_give_identical_bytes(
 def bad_env(backend: str, emwrite_service: str) -> dict[str, Any]:
     """Buckets for one small run: a 100 x 80 slice, a file that is not an image, ngmeta done."""
     src = unique_bucket("bad")
+    run = RunLayout(src, RUN_ID)
     env: dict[str, Any] = {
         "src": src,
-        "tmp": f"{src}_tmp_{RUN_ID}",
-        "ng": f"{src}_ng_{RUN_ID}",
-        "chunk": f"{src}_chunk_{RUN_ID}",
+        "tmp": run.tmp,
+        "ng": run.ng,
+        "chunk": run.chunk,
         "missing": unique_bucket("missing"),
     }
-    for b in (src, f"{src}_process", env["tmp"], env["ng"], env["chunk"]):
+    for b in (src, run.process, env["tmp"], env["ng"], env["chunk"]):
         storage.create_bucket(b)
     _, png = cv2.imencode(".png", np.full((80, 100), 120, np.uint8))
     storage.write_bytes(f"gs://{src}/img.00000.png", png.tobytes())

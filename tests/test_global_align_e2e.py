@@ -20,7 +20,7 @@ import pytest
 from conftest import SHARED_DATA, ServicePool, unique_bucket
 from dags_conftest_helpers import run_e2e
 
-from emprocess import storage
+from emprocess import layout, storage
 from emprocess.drift import BLANK, DUPLICATE, NOISE, errors_px, reslice
 from emprocess.report import run_report
 from emprocess.workflow import dag_id
@@ -80,11 +80,12 @@ def test_neighbours_solve_and_bad_slices_on_real_fibsem(
         )
     assert run.state == "success", run.task_states
     assert len(run.bodies("/")) == 99 + 98 + 97  # pairs (z, z+1..3), each sent once
-    process = f"gs://{source}_process/drift"
-    doc = json.loads(storage.read_bytes(f"{process}/align/transforms.json"))
+    doc = json.loads(storage.read_bytes(run.layout.process_url(layout.TRANSFORMS)))
     transforms = {int(z): t for z, t in doc.items()}
     rows = list(
-        csv.DictReader(io.StringIO(storage.read_bytes(f"{process}/align/slices.csv").decode()))
+        csv.DictReader(
+            io.StringIO(storage.read_bytes(run.layout.process_url(layout.SLICES)).decode())
+        )
     )
     flagged = {int(r["z"]): r["status"] for r in rows if r["status"] != "good"}
     assert flagged == dict.fromkeys(FAULTS, "bad")  # every fault, nothing else
@@ -99,7 +100,7 @@ def test_neighbours_solve_and_bad_slices_on_real_fibsem(
     # 1.98 px at downsample 2 (the identity link without the solve: 9 px jumps).
     assert figures["neighbours"] < 2.5
     assert figures["anywhere"] < 20.0
-    complete = json.loads(storage.read_bytes(f"{process}/complete.json"))
+    complete = json.loads(storage.read_bytes(run.layout.process_url(layout.COMPLETE)))
     quality = complete["alignment"]
     assert quality["slices"] == {"good": 95, "bridged": 0, "bad": 5}
     assert quality["pairs"] == 294 and 0 < quality["pair_residual_px"]["median"] < 1.0

@@ -35,6 +35,7 @@ import requests
 from conftest import ServicePool, unique_bucket
 
 from emprocess import storage
+from emprocess.layout import RunLayout, process_bucket
 
 log = logging.getLogger(__name__)
 
@@ -148,13 +149,9 @@ def env(local_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("EMPROCESS_STORAGE_ROOT", str(local_root))
         src = unique_bucket("hostile")
-        e: dict[str, Any] = {
-            "src": src,
-            "tmp": f"{src}_tmp_{RUN_ID}",
-            "ng": f"{src}_ng_{RUN_ID}",
-            "chunk": f"{src}_chunk_{RUN_ID}",
-        }
-        for b in (src, f"{src}_process", e["tmp"], e["ng"], e["chunk"]):
+        run = RunLayout(src, RUN_ID)
+        e: dict[str, Any] = {"src": src, "tmp": run.tmp, "ng": run.ng, "chunk": run.chunk}
+        for b in (src, run.process, e["tmp"], e["ng"], e["chunk"]):
             storage.create_bucket(b)
         slice512 = np.random.default_rng(0).integers(0, 255, (512, 512), np.uint8)
         for z in (0, 1):
@@ -387,7 +384,7 @@ def test_lax_types_are_refused_before_any_write(
         return
     base = env["slice"] if path == "/alignedslice" else env["volume"]
     attack(emwrite, path, {**base, **change}, names=(name,), what=f"{name}={change}")
-    for bucket in (env["tmp"], env["ng"], env["chunk"], f"{env['src']}_process"):
+    for bucket in (env["tmp"], env["ng"], env["chunk"], process_bucket(env["src"])):
         assert not storage.list_keys(f"gs://{bucket}/"), bucket
 
 

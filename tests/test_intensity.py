@@ -22,6 +22,7 @@ from emprocess import storage
 from emprocess.errors import InvalidInput
 from emprocess.kernels import tiles
 from emprocess.kernels.intensity import check_window, to_uint8, window_from_histogram
+from emprocess.layout import RunLayout, thumbnail_key
 from emprocess.services.emwrite import tiles_url
 from emprocess.workflow.conf import parse_conf
 from emprocess.workflow.stages import SliceProblems, check_slice_format, validate_run
@@ -98,7 +99,7 @@ def _slice_body(source: str, img: str, window: list[float] | None) -> dict[str, 
         "transform": [1, 0, 0, 1, 3.5, -2.25],
         "bbox": [530, 515],
         "dest": source,
-        "dest-tmp": f"{source}_tmp_r",
+        "dest-tmp": RunLayout(source, "r").tmp,
         "slice": int(img[:2]),
         "run_id": "r",
     }
@@ -108,13 +109,14 @@ def _slice_body(source: str, img: str, window: list[float] | None) -> dict[str, 
 
 
 def _tiles(source: str, z: int) -> np.ndarray:
-    return tiles.decode_tiled_slice(storage.read_bytes(tiles_url(f"{source}_tmp_r", z)))
+    return tiles.decode_tiled_slice(storage.read_bytes(tiles_url(RunLayout(source, "r").tmp, z)))
 
 
 def test_emwrite_applies_the_window(service_pool: ServicePool, slices8: list[np.ndarray]) -> None:
     url = service_pool.url("emwrite", "local")
     source = unique_bucket("win")
-    for b in (source, f"{source}_tmp_r", f"{source}_process"):
+    run = RunLayout(source, "r")
+    for b in (source, run.tmp, run.process):
         storage.create_bucket(b)
     image8, image16 = slices8[0], to_12bit(slices8[0])
     put(source, "10.png", image8)
@@ -144,7 +146,7 @@ def test_emwrite_applies_the_window(service_pool: ServicePool, slices8: list[np.
     # warp blends in the fill 0, which the stretch moves relative to the data.
     diff = np.abs(_tiles(source, 13).astype(int) - reference)[5:508, 8:518]
     assert diff.mean() < 1.5 and diff.max() <= 6, (diff.mean(), diff.max())
-    thumb = storage.read_bytes(f"gs://{source}_process/r/align/11.png")
+    thumb = storage.read_bytes(storage.bucket_url(run.process, thumbnail_key("r", "11.png")))
     assert cv2.imdecode(np.frombuffer(thumb, np.uint8), cv2.IMREAD_UNCHANGED).dtype == np.uint8
 
 
@@ -304,8 +306,9 @@ def test_raw_volume_keeps_16_bits_when_asked(
 
     url = service_pool.url("emwrite", "local")
     source = unique_bucket("w16")
-    tmp, ng, chunk = f"{source}_tmp_r", f"{source}_ng_r", f"{source}_chunk_r"
-    for b in (source, tmp, f"{source}_process", ng, chunk):
+    run = RunLayout(source, "r")
+    tmp, ng, chunk = run.tmp, run.ng, run.chunk
+    for b in (source, tmp, run.process, ng, chunk):
         storage.create_bucket(b)
     transform, bbox = [1.0, 0.0, 0.0, 1.0, 3.5, -2.25], (530, 515)
     expected = []
@@ -336,12 +339,12 @@ def test_raw_volume_keeps_16_bits_when_asked(
         if s:
             level = mean_steps(level, (2, 2, 2))
         for read in (read_tensorstore, read_cloudvolume):
-            got, _ = read(f"gs://{chunk}/neuroglancer/raw", s)
+            got, _ = read(run.raw_url, s)
             assert got.dtype == np.uint16
             np.testing.assert_array_equal(got, level, err_msg=f"scale {s} {read.__name__}")
     # The JPEG volume is the 8-bit rendering: the 8-bit original's tiles (as without
     # raw_dtype), within JPEG error.
-    jpeg, _ = read_tensorstore(f"gs://{ng}/neuroglancer/jpeg", 0)
+    jpeg, _ = read_tensorstore(run.jpeg_url, 0)
     assert jpeg.dtype == np.uint8
     assert np.abs(jpeg[0].astype(int) - _tiles(source, 10)).mean() < 8
     # A /ngshard that forgets raw_dtype would mix dtypes: refused, naming both.
@@ -357,7 +360,7 @@ def test_raw_volume_keeps_16_bits_when_asked(
     body = {**_slice_body(source, "12.png", None), "raw_dtype": "uint16"}
     r = requests.post(url + "/alignedslice", json=body, timeout=60)
     assert r.status_code == 400 and "is uint8" in r.json()["error"]
-    assert not storage.exists(f"gs://{tmp}/aligned/000012.tiles")
+    assert not storage.exists(tiles_url(tmp, 12))
 
 
 def test_raw_bits_16_needs_16bit_slices_and_the_raw_volume(slices8: list[np.ndarray]) -> None:

@@ -25,7 +25,7 @@ from conftest import SHARED_DATA, ServicePool, unique_bucket
 from dags_conftest_helpers import E2ERun, read_volume, run_on_local
 from test_emwrite_service import read_cloudvolume
 
-from emprocess import affine, storage
+from emprocess import affine, layout, storage
 from emprocess.kernels.intensity import AUTO_SATURATED_PERCENT
 from emprocess.workflow import dag_id
 
@@ -93,7 +93,7 @@ def runs(
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("EMPROCESS_STORAGE_ROOT", str(local_root))
         run16 = _run(mp, dag_bag, service_pool, local_root, 16, raw_bits=16)
-        init16 = json.loads(storage.read_bytes(f"{run16.process}/init.json"))
+        init16 = json.loads(storage.read_bytes(run16.layout.process_url(layout.INIT)))
         window8 = [(v - OFFSET) / SCALE for v in init16["intensity_window"]]
         run8 = _run(mp, dag_bag, service_pool, local_root, 8, window8)
         return {8: run8, 16: run16}
@@ -116,8 +116,8 @@ def test_16bit_run_records_its_window_and_sends_it_to_both_services(
     run8, run16 = runs[8], runs[16]
     for run in (run8, run16):
         assert run.state == "success", run.task_states
-    init8 = json.loads(storage.read_bytes(f"{run8.process}/init.json"))
-    init16 = json.loads(storage.read_bytes(f"{run16.process}/init.json"))
+    init8 = json.loads(storage.read_bytes(run8.layout.process_url(layout.INIT)))
+    init16 = json.loads(storage.read_bytes(run16.layout.process_url(layout.INIT)))
     window = expected_window()
     assert init16["slice_bits"] == 16 and init16["intensity_window"] == window
     assert init16["conf"]["intensity"] == "auto"
@@ -135,30 +135,30 @@ def test_16bit_run_records_its_window_and_sends_it_to_both_services(
 
 def test_16bit_volume_equals_the_8bit_volume(runs: dict[int, E2ERun]) -> None:
     run8, run16 = runs[8], runs[16]
-    for record in ("align/canvas.json", "align/transforms.json"):
-        a = json.loads(storage.read_bytes(f"{run8.process}/{record}"))
-        b = json.loads(storage.read_bytes(f"{run16.process}/{record}"))
+    for record in (layout.CANVAS, layout.TRANSFORMS):
+        a = json.loads(storage.read_bytes(run8.layout.process_url(record)))
+        b = json.loads(storage.read_bytes(run16.layout.process_url(record)))
         assert {k: v for k, v in a.items() if k != "transforms"} == {
             k: v for k, v in b.items() if k != "transforms"
         }, record
-    bbox = json.loads(storage.read_bytes(f"{run8.process}/align/canvas.json"))["bbox"]
-    info = json.loads(storage.read_bytes(f"gs://{run16.ng_bucket}/neuroglancer/jpeg/info"))
+    bbox = json.loads(storage.read_bytes(run8.layout.process_url(layout.CANVAS)))["bbox"]
+    info = json.loads(storage.read_bytes(f"{run16.layout.jpeg_url}/info"))
     assert [s["resolution"] for s in info["scales"]] == [
         [10, 10, 40], [20, 20, 40], [40, 40, 40], [80, 80, 80], [160, 160, 160], [320, 320, 320]
     ]  # fmt: skip
     for scale in (0, 2):
-        a = read_volume(f"gs://{run8.ng_bucket}/neuroglancer/jpeg", scale)
-        b = read_volume(f"gs://{run16.ng_bucket}/neuroglancer/jpeg", scale)
+        a = read_volume(run8.layout.jpeg_url, scale)
+        b = read_volume(run16.layout.jpeg_url, scale)
         if scale == 0:
             assert a.shape == (SLICES, bbox[1], bbox[0])
             assert a.std() > 30  # contrast: not the nearly black result of v / 257
         np.testing.assert_array_equal(a, b)
     # The 8-bit run's lossless volume holds the JPEG volume's voxels; the 16-bit run's
     # (raw_bits 16) each slice's own 12-bit-in-16 values, warped by the run's transform.
-    raw8 = read_volume(f"gs://{run8.chunk_bucket}/neuroglancer/raw")
+    raw8 = read_volume(run8.layout.raw_url)
     assert raw8.dtype == np.uint8 and raw8.shape == (SLICES, bbox[1], bbox[0])
-    raw16 = read_volume(f"gs://{run16.chunk_bucket}/neuroglancer/raw")
-    transforms = json.loads(storage.read_bytes(f"{run16.process}/align/transforms.json"))
+    raw16 = read_volume(run16.layout.raw_url)
+    transforms = json.loads(storage.read_bytes(run16.layout.process_url(layout.TRANSFORMS)))
     for z in range(SLICES):
         source = to_12bit(cv2.imread(str(_fibsem(z)), cv2.IMREAD_UNCHANGED))
         warped = cv2.warpAffine(
@@ -167,10 +167,10 @@ def test_16bit_volume_equals_the_8bit_volume(runs: dict[int, E2ERun]) -> None:
         )  # fmt: skip
         np.testing.assert_array_equal(raw16[z], warped, err_msg=f"slice {z}")
     # Read back through cloud-volume as well: the same JPEG voxels.
-    cv8, _ = read_cloudvolume(f"gs://{run8.ng_bucket}/neuroglancer/jpeg", 0)
-    cv16, _ = read_cloudvolume(f"gs://{run16.ng_bucket}/neuroglancer/jpeg", 0)
+    cv8, _ = read_cloudvolume(run8.layout.jpeg_url, 0)
+    cv16, _ = read_cloudvolume(run16.layout.jpeg_url, 0)
     np.testing.assert_array_equal(cv8, cv16)
-    np.testing.assert_array_equal(cv8, read_volume(f"gs://{run8.ng_bucket}/neuroglancer/jpeg"))
+    np.testing.assert_array_equal(cv8, read_volume(run8.layout.jpeg_url))
 
 
 def test_report_counts_the_16bit_run_complete(runs: dict[int, E2ERun]) -> None:
@@ -191,7 +191,7 @@ def test_anisotropic_run_scales_equal_numpy_downsampling(runs: dict[int, E2ERun]
 
     from emprocess.kernels.ngmeta import downsample_factors_xyz
 
-    url = f"gs://{runs[16].chunk_bucket}/neuroglancer/raw"  # uint16 (raw_bits 16)
+    url = runs[16].layout.raw_url  # uint16 (raw_bits 16)
     factors = downsample_factors_xyz([10, 10, 40], 6)
     assert factors[:4] == [(1, 1, 1), (2, 2, 1), (4, 4, 1), (8, 8, 2)]
     level = read_volume(url, 0)

@@ -6,6 +6,7 @@ import psutil
 import pytest
 import requests
 
+from emprocess import storage
 from emprocess.localrun import local_services
 from emprocess.localsize import GIB, machine_cores, size_local_run
 
@@ -37,7 +38,14 @@ def test_overrides_and_defaults() -> None:
 
 
 def test_services_start_with_the_workers_asked(tmp_path) -> None:
-    with local_services(tmp_path, workers={"align": 3, "emwrite": 2}) as services:
+    """...and the storage they are given (not this process's environment, which has none)."""
+    from emprocess.settings import StorageEnv, load
+
+    chosen = load(StorageEnv, storage_root=tmp_path / "root")
+    assert storage.local_root() is None
+    with local_services(
+        tmp_path, workers={"align": 3, "emwrite": 2}, storage_settings=chosen
+    ) as services:
         assert requests.get(services.emwrite + "/health", timeout=10).ok
         counts = {}
         for name, url in (("align", services.align), ("emwrite", services.emwrite)):
@@ -49,3 +57,6 @@ def test_services_start_with_the_workers_asked(tmp_path) -> None:
             ]
             counts[name] = len(master.children())  # gunicorn's master forks the workers
     assert counts == {"align": 3, "emwrite": 2}
+    for name in ("align", "emwrite"):
+        said = (tmp_path / f"{name}.log").read_text()
+        assert f"{name}: local storage root {tmp_path / 'root'}" in said, said

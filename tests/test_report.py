@@ -30,7 +30,19 @@ from nbclient import NotebookClient
 
 from emprocess import storage
 from emprocess.errors import InvalidInput
-from emprocess.layout import AFFINE_CACHE, NG_CACHE, WRITE_CACHE
+from emprocess.layout import (
+    AFFINE_CACHE,
+    CANVAS,
+    COMPLETE,
+    INIT,
+    NG_CACHE,
+    QC,
+    TRANSFORMS,
+    TRANSFORMS_CSV,
+    WRITE_CACHE,
+    RunLayout,
+    slice_task_name,
+)
 from emprocess.report import (
     FAILED,
     FEW_INLIERS,
@@ -301,15 +313,13 @@ def _spread_local(runs: Runs) -> None:
     t0 = runs.t0
     for info in (runs.finished, runs.partial):
         conf = info.conf
-        _rewrite_json(
-            conf.process_url("init.json"), started=t0.isoformat(), first_started=t0.isoformat()
-        )
-        _set_time(conf.process_url("init.json"), t0)
+        _rewrite_json(conf.process_url(INIT), started=t0.isoformat(), first_started=t0.isoformat())
+        _set_time(conf.process_url(INIT), t0)
         pairs = [t.name for t in plan_align_pairs(conf)]
         _spread(conf.process_url(AFFINE_CACHE), pairs, t0, *AFFINE_T)
-        for name in ("transforms.json", "transforms.csv", "qc.csv", "canvas.json"):
-            _set_time(conf.process_url("align", name), t0 + timedelta(seconds=300))
-        slices = [f"z{z:06d}" for z in range(MINZ, MAXZ + 1)]
+        for name in (TRANSFORMS, TRANSFORMS_CSV, QC, CANVAS):
+            _set_time(conf.process_url(name), t0 + timedelta(seconds=300))
+        slices = [slice_task_name(z) for z in range(MINZ, MAXZ + 1)]
         _spread(conf.process_url(WRITE_CACHE), slices, t0, *WRITE_T)
     conf = runs.finished.conf
     cubes = [t.name for t in shard_plan(runs.finished, runs.canvas)]
@@ -317,12 +327,12 @@ def _spread_local(runs: Runs) -> None:
     _spread(conf.process_url(NG_CACHE), cubes, t0, *NGSHARD_T)
     end = t0 + timedelta(seconds=620)
     _rewrite_json(
-        conf.process_url("complete.json"),
+        conf.process_url(COMPLETE),
         started=t0.isoformat(),
         finished=end.isoformat(),
         elapsed_s=620.0,
     )
-    _set_time(conf.process_url("complete.json"), end)
+    _set_time(conf.process_url(COMPLETE), end)
     part = runs.partial.conf
     _set_time(part.process_url("failures", "write", "z000120.json"), t0 + timedelta(seconds=340))
     _set_time(part.process_url(WRITE_CACHE, "z000100.0123456789ab.json"), t0)
@@ -579,7 +589,7 @@ def test_canvas_comes_from_canvas_json(runs: Runs) -> None:
     conf = runs.partial.conf
     canvas_url = conf.process_url("align", "canvas.json")
     written = json.loads(storage.read_bytes(canvas_url))
-    assert written == {**runs.canvas, "transforms": conf.process_url("align", "transforms.json")}
+    assert written == {**runs.canvas, "transforms": conf.process_url(TRANSFORMS)}
     assert load_run(runs.source, "part").bbox_xy == tuple(written["bbox"])
     try:
         storage.write_bytes(canvas_url, json.dumps({**written, "bbox": [7, 5]}).encode())
@@ -609,7 +619,7 @@ def test_report_of_a_real_finished_run(
     assert all(s.complete and s.matched_by == "key" and s.stale == 0 for s in report.stages)
     assert [s.retried for s in report.stages] == [1, 1, 0, 0]
     assert report.failures == () and report.current_stage() is None
-    canvas = json.loads(storage.read_bytes(f"gs://{source}_process/{run_id}/align/canvas.json"))
+    canvas = json.loads(storage.read_bytes(RunLayout(source, run_id).process_url(CANVAS)))
     assert report.bbox_xy == tuple(canvas["bbox"]) == tuple(report.complete["bbox"])
     assert report.qc_source == "qc.csv"
     assert [p.pre for p in report.qc] == list(range(11))
@@ -719,10 +729,11 @@ def test_a_damaged_complete_json_is_a_clear_error(
     from emprocess.report.load import MalformedRecord
 
     monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", str(tmp_path))
-    storage.create_bucket("src_process")
+    run = RunLayout("src", "r1")
+    storage.create_bucket(run.process)
     conf = {"id": "r1", "image": "img.%05d.png", "minz": 0, "maxz": 3, "source": "src"}
     init = {"conf": conf, "started": "2024-01-01T00:00:00+00:00"}
-    storage.write_bytes("gs://src_process/r1/init.json", json.dumps(init).encode())
-    storage.write_bytes("gs://src_process/r1/complete.json", complete)
+    storage.write_bytes(run.process_url(INIT), json.dumps(init).encode())
+    storage.write_bytes(run.process_url(COMPLETE), complete)
     with pytest.raises(MalformedRecord, match=re.escape(message)):
         load_run("src", "r1")

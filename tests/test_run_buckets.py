@@ -17,6 +17,7 @@ from conftest import _emulator_binary, unique_bucket
 from faultproxy import FaultProxy
 
 from emprocess import storage
+from emprocess.layout import INIT
 from emprocess.localrun import free_port, stop_process, wait_http
 from emprocess.workflow import stages
 from emprocess.workflow.conf import InvalidRunConf, parse_conf
@@ -78,7 +79,7 @@ def test_run_buckets_go_where_the_source_is(proxy: FaultProxy) -> None:
         names[role]: (REGION, "STANDARD") for role in ("process", "tmp", "ng", "chunk")
     }
     assert storage.bucket_settings(names["ng"])["location"] == REGION
-    init = json.loads(storage.read_bytes(info.conf.process_url("init.json")))
+    init = json.loads(storage.read_bytes(info.conf.process_url(INIT)))
     assert init["location"] == REGION
 
 

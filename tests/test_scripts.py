@@ -683,10 +683,10 @@ def test_ingest_is_a_run_of_the_pipeline(
 ) -> None:
     """The run configuration it runs (``--print-conf``): the slices found, the channels
     of the first slice, taken as aligned, CLAHE off; a folder's parent is the root."""
-    monkeypatch.setenv(storage.ROOT_ENV, "unused")  # the script sets it; restored after
+    monkeypatch.setenv(storage.ROOT_ENV, "unused")  # the folder's parent replaces it
     _rgb_stack(tmp_path / "rgba-stack", range(3, 10), (37, 70), 4)
     conf = _conf_of(ingest, capsys, str(tmp_path / "rgba-stack"), "--resolution", "4", "4", "8")
-    assert os.environ[storage.ROOT_ENV] == str(tmp_path)
+    assert os.environ[storage.ROOT_ENV] == "unused"  # chosen explicitly, not written
     assert {k: conf[k] for k in ("id", "image", "minz", "maxz", "source", "channels")} == {
         "id": "rgba-stack-rgb",
         "image": "img.%05d.png",

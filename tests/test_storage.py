@@ -24,6 +24,7 @@ from emprocess.errors import (
     ObjectNotFound,
     StorageError,
 )
+from emprocess.settings import StorageEnv, env_name, environ, load
 from emprocess.storage import gcs as gcs_backend
 
 
@@ -224,6 +225,47 @@ def test_apply_lifecycle_needs_a_local_root(monkeypatch: pytest.MonkeyPatch) -> 
         storage.apply_lifecycle()
 
 
+def test_the_storage_choice_is_explicit_and_refused_when_bad(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``storage.use`` steers this process without touching os.environ; ``environ`` hands
+    the same settings to a child; a root that is a file is refused, naming the variable."""
+    assert env_name(StorageEnv, "storage_root") == storage.ROOT_ENV
+    monkeypatch.delenv("EMPROCESS_STORAGE_ROOT", raising=False)
+    chosen = load(StorageEnv, storage_root=tmp_path / "sub" / ".." / "root")
+    assert chosen.storage_root == tmp_path / "root"  # absolute, for children elsewhere
+    before = dict(os.environ)
+    with storage.use(chosen):
+        assert storage.local_root() == tmp_path / "root"
+        storage.create_bucket("chosen-bucket")
+        assert (tmp_path / "root" / "chosen-bucket").is_dir()
+    assert dict(os.environ) == before
+    assert storage.local_root() is None  # the environment's choice again: GCS
+    child = environ(chosen)
+    assert child == {
+        "EMPROCESS_STORAGE_ROOT": str(tmp_path / "root"),
+        "EMPROCESS_STORAGE_RETRY_S": "120.0",
+    }
+    monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", child["EMPROCESS_STORAGE_ROOT"])
+    assert storage.settings() == chosen
+    # Written for GCS, the root is empty: the child does not inherit its parent's root.
+    assert environ(load(StorageEnv, storage_root=None))["EMPROCESS_STORAGE_ROOT"] == ""
+    monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", "")
+    assert storage.local_root() is None
+    (tmp_path / "a-file").write_bytes(b"")
+    monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", str(tmp_path / "a-file"))
+    with pytest.raises(InvalidInput, match=r"EMPROCESS_STORAGE_ROOT='.*a-file'.* is not a folder"):
+        storage.local_root()
+    from emprocess.services.align import create_app
+
+    with pytest.raises(InvalidInput, match="EMPROCESS_STORAGE_ROOT"):
+        create_app()  # a service refuses it at start-up
+    monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", str(tmp_path))
+    monkeypatch.setenv("EMPROCESS_STORAGE_RETRY_S", "soon")
+    with pytest.raises(InvalidInput, match="EMPROCESS_STORAGE_RETRY_S='soon'"):
+        storage.settings()
+
+
 def test_make_public_is_a_local_noop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", str(tmp_path))
     storage.create_bucket("src_ng_run1")
@@ -318,7 +360,7 @@ def test_client_errors_are_not_retried(proxied: FaultProxy) -> None:
 
 
 def test_retries_can_be_turned_off(proxied: FaultProxy, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(gcs_backend.RETRY_DEADLINE_ENV, "0")
+    monkeypatch.setenv(env_name(StorageEnv, "storage_retry_s"), "0")
     name = unique_bucket()
     storage.create_bucket(name)
     storage.write_bytes(f"gs://{name}/k", b"payload")

@@ -22,6 +22,7 @@ from volumes import BuiltVolume, build_test_volume
 
 from emprocess import storage
 from emprocess.errors import InvalidInput, NotFound
+from emprocess.layout import JPEG_PATH
 from emprocess.view import (
     Access,
     DataServer,
@@ -398,11 +399,7 @@ def test_gcs_view_of_a_public_bucket(built_run: BuiltRun, monkeypatch: pytest.Mo
     """A DataServer plays public GCS (bucket/key paths, CORS); no storage root, no cloud."""
     monkeypatch.delenv(storage.ROOT_ENV, raising=False)
     volume = built_run.volume
-    mounts = {
-        f"{volume.ng_bucket}/neuroglancer/jpeg": built_run.root
-        / volume.ng_bucket
-        / "neuroglancer/jpeg"
-    }
+    mounts = {f"{volume.ng_bucket}/{JPEG_PATH}": built_run.root / volume.ng_bucket / JPEG_PATH}
     with DataServer(mounts) as fake_gcs:
         result = gcs_view(volume.source, volume.run_id, raw=True, gcs_url=fake_gcs.url)
     assert [(c.access, c.cors) for c in result.checks] == [

@@ -13,6 +13,7 @@ from tenacity import RetryCallState, Retrying
 
 from emprocess import storage
 from emprocess.errors import EmprocessError
+from emprocess.layout import NG_CACHE, WRITE_CACHE
 from emprocess.workflow import auth, batch
 from emprocess.workflow.batch import (
     BatchError,
@@ -54,7 +55,7 @@ def test_transient_failures_and_a_timeout_are_retried(local_bucket: str) -> None
             return Answer(200, {"slice": 5}, delay_s=1.5)  # longer than the read timeout
         return echo(req)
 
-    cache = f"gs://{local_bucket}/run/align/write_cache"
+    cache = f"gs://{local_bucket}/run/{WRITE_CACHE}"
     settings = HttpSettings(
         threads=3, attempts=6, backoff_s=0.01, max_backoff_s=0.05, read_timeout_s=0.5
     )
@@ -75,7 +76,7 @@ def test_client_error_fails_at_once_naming_the_mini_task(local_bucket: str) -> N
             return Answer(400, {"error": "transform must hold 6 numbers, got 5"})
         return echo(req)
 
-    cache = f"gs://{local_bucket}/run/align/write_cache"
+    cache = f"gs://{local_bucket}/run/{WRITE_CACHE}"
     inline = HttpSettings(threads=1, attempts=5, backoff_s=0.01)
     with ScriptedServer(refuse_3) as server, pytest.raises(BatchError) as info:
         run_batch(plan(8), base_url=server.url, cache_url=cache, settings=inline)
@@ -125,7 +126,7 @@ def test_cache_is_listed_once_and_skips_finished_work(
 
     monkeypatch.setattr(storage, "list_keys", counting_list)
     monkeypatch.setattr(storage, "exists", counting_exists)
-    cache = f"gs://{bucket}/run/neuroglancer/cache"
+    cache = f"gs://{bucket}/run/{NG_CACHE}"
     with ScriptedServer(echo) as server:
         first = run_batch(plan(10), base_url=server.url, cache_url=cache, settings=FAST)
         assert len(server.requests) == 10

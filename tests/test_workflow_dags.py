@@ -27,6 +27,8 @@ from dags_conftest_helpers import (
     write_slices,
 )
 
+from emprocess import layout
+from emprocess.layout import RunLayout
 from emprocess.workflow import POOL, VERSION, WIDTHS, dag_id
 
 BATCH_STAGES = ("align.affine", "align.write", "ngingest.write_ng_shards")
@@ -271,20 +273,20 @@ def test_width1_dag_aligns_and_writes_a_volume_with_the_real_services(
     assert shard["start"] == [0, 0, 0] and shard["writeRaw"] is True
     assert shard["source"] == f"{source}_tmp_e2e1" and shard["dest_raw"] == f"{source}_chunk_e2e1"
 
-    proc = run.process
-    complete = json.loads(storage.read_bytes(f"{proc}/complete.json"))
+    complete = json.loads(storage.read_bytes(run.layout.process_url(layout.COMPLETE)))
     assert complete["stages"]["align.affine"]["sent"] == 11
     assert complete["stages"]["align.affine"]["attempts"] == 12
     assert complete["stages"]["align.write"]["attempts"] == 13
     assert (
-        complete["models"] == json.loads(storage.read_bytes(f"{proc}/align/canvas.json"))["models"]
+        complete["models"]
+        == json.loads(storage.read_bytes(run.layout.process_url(layout.CANVAS)))["models"]
     )
     # The volume: info of both pyramids and shard files of scale 0.
-    info = json.loads(storage.read_bytes(f"gs://{run.ng_bucket}/neuroglancer/jpeg/info"))
+    info = json.loads(storage.read_bytes(f"{run.layout.jpeg_url}/info"))
     assert info["scales"][0]["size"] == [*complete["bbox"], 12]
-    assert storage.list_keys(f"gs://{run.ng_bucket}/neuroglancer/jpeg/{info['scales'][0]['key']}/")
-    assert storage.exists(f"gs://{run.chunk_bucket}/neuroglancer/raw/info")
-    assert storage.bucket_settings(f"{source}_tmp_e2e1")["lifecycle_delete_age_days"] == 3
+    assert storage.list_keys(f"{run.layout.jpeg_url}/{info['scales'][0]['key']}/")
+    assert storage.exists(f"{run.layout.raw_url}/info")
+    assert storage.bucket_settings(run.layout.tmp)["lifecycle_delete_age_days"] == 3
     # The conf's address got the "ready" message through Airflow's SMTP connection.
     assert [m["rcpt"] for m in run.smtp_messages] == [["<someone@example.org>"]]
     assert "Subject: emprocess: e2e1 is ready (12 slices)" in run.smtp_messages[0]["data"]
@@ -325,7 +327,8 @@ def test_dynamic_dag_maps_workers_from_the_conf(
         r.body["slice"] for r in recording_emwrite.requests if r.path == "/alignedslice"
     )
     assert slices == [0, 1, 2, 3, 4]
-    complete = json.loads(storage.read_bytes("gs://dyn-src_process/d1/complete.json"))
+    done = RunLayout("dyn-src", "d1").process_url(layout.COMPLETE)
+    complete = json.loads(storage.read_bytes(done))
     assert complete["conf"]["project"] == "legacy-key" and complete["conf"]["width"] == 2
     assert complete["stages"]["align.write"]["tasks"] == 2
     assert complete["stages"]["align.write"]["sent"] == 5

@@ -17,7 +17,7 @@ from dags_conftest_helpers import (
     write_slices,
 )
 
-from emprocess import affine, storage
+from emprocess import affine, layout, storage
 from emprocess.errors import EmprocessError, InvalidInput
 from emprocess.workflow import stages
 from emprocess.workflow.batch import HttpSettings, MiniTask
@@ -74,15 +74,15 @@ def test_create_env_is_idempotent(root: Path) -> None:
     info = run_info("src", createRawPyramid=False, project="proj")
     first = stages.create_env(info, "manual__1")
     assert first["buckets_created"] == {"src_process": True, "src_tmp_r1": True, "src_ng_r1": True}
-    init1 = json.loads(storage.read_bytes("gs://src_process/r1/init.json"))
+    init1 = json.loads(storage.read_bytes(info.conf.process_url(layout.INIT)))
     second = stages.create_env(info, "manual__2")
     assert set(second["buckets_created"].values()) == {False}
-    init2 = json.loads(storage.read_bytes("gs://src_process/r1/init.json"))
+    init2 = json.loads(storage.read_bytes(info.conf.process_url(layout.INIT)))
     assert init2["first_started"] == init1["started"]
     assert init2["airflow_run_id"] == "manual__2"
     assert init2["conf"] == info.conf.to_json() and init2["slice_size_xy"] == [40, 30]
     assert set(init2["versions"]) >= {"python", "clio-ingest", "pydantic"}
-    assert not storage.bucket_exists("src_chunk_r1")
+    assert not storage.bucket_exists(info.conf.layout.chunk)
     assert "environ" not in json.dumps(init2).lower()
 
 
@@ -104,9 +104,9 @@ def test_align_and_collect_compose_the_cached_answers(root: Path) -> None:
         4: affine.translation(6, 0),
         5: affine.translation(0, 1),
     }
-    csv = storage.read_bytes("gs://src_process/r1/align/transforms.csv").decode().splitlines()
+    csv = storage.read_bytes(info.conf.process_url(layout.TRANSFORMS_CSV)).decode().splitlines()
     assert csv[0] == "slice,m00,m10,m01,m11,m02,m12" and csv[2] == "4,1.0,0.0,0.0,1.0,6.0,0.0"
-    qc = storage.read_bytes("gs://src_process/r1/align/qc.csv").decode().splitlines()
+    qc = storage.read_bytes(info.conf.process_url(layout.QC)).decode().splitlines()
     assert qc[1] == "3,4,translation,0.0,40,44,0.3,0.4"
 
 
@@ -128,7 +128,7 @@ def test_align_from_takes_an_earlier_runs_alignment(root: Path) -> None:
     assert stages.align_pairs(info, 0, "http://127.0.0.1:9", FAST)["planned"] == 0
     canvas = stages.collect_alignment(info)
     assert canvas["bbox"] == before["bbox"] and canvas["aligned_from"] == "r1"
-    assert canvas["transforms"] == "gs://src_process/r2/align/transforms.json"
+    assert canvas["transforms"] == info.conf.process_url(layout.TRANSFORMS)
     whole = stages.read_transforms(first.conf)
     assert stages.read_transforms(info.conf) == {4: whole[4], 5: whole[5]}
     assert stages.write_plan(info, canvas)[0].payload["transform"] == whole[4]
@@ -178,7 +178,7 @@ def test_ngingest_written_check_and_status(root: Path, emwrite: ScriptedServer) 
         "volume complete: 1 cubes and gs://src_ng_r1/neuroglancer/jpeg/info",
     )
     assert "deleted 3 days after" in stages.cleanup_images(info)
-    assert storage.bucket_settings("src_tmp_r1")["lifecycle_delete_age_days"] == 3
+    assert storage.bucket_settings(info.conf.layout.tmp)["lifecycle_delete_age_days"] == 3
     assert "public-read is a no-op" in stages.set_public_read(info)
     records = [
         {"task_id": "validate", "started": "2026-01-01T00:00:00+00:00", "finished": "2026-01-01T00:00:02+00:00"},
@@ -188,7 +188,7 @@ def test_ngingest_written_check_and_status(root: Path, emwrite: ScriptedServer) 
          "finished": "2026-01-01T00:00:06+00:00", "batch": {"planned": 0, "cached": 0, "sent": 0, "attempts": 0}},
     ]  # fmt: skip
     doc = stages.write_status(info, canvas, records, "manual__1")
-    assert json.loads(storage.read_bytes("gs://src_process/r1/complete.json")) == doc
+    assert json.loads(storage.read_bytes(info.conf.process_url(layout.COMPLETE))) == doc
     assert doc["stages"] == {
         "validate": {"tasks": 1, "started": records[0]["started"], "finished": records[0]["finished"], "elapsed_s": 2.0},
         "ngingest.write_ng_shards": {"tasks": 2, "started": records[2]["started"], "finished": records[1]["finished"],

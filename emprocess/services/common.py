@@ -11,7 +11,7 @@ from flask import Flask, jsonify, request
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
 
-from emprocess import __version__
+from emprocess import __version__, storage
 from emprocess.errors import EmprocessError, InvalidInput, NotFound
 from emprocess.models import describe_validation_error, parse
 from emprocess.settings import ServiceEnv, load
@@ -81,6 +81,8 @@ def create_service_app(name: str) -> Flask:
         level=load(ServiceEnv).log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # A bad EMPROCESS_STORAGE_* stops the service here, naming it, not at its first request.
+    log.info("%s: %s", name, storage.backend_description())
 
     @app.get("/health")
     def health() -> Any:

@@ -1,9 +1,10 @@
 """The one storage layer: objects and buckets on Google Cloud Storage or on local disk.
 
 URLs:
-    ``gs://BUCKET/KEY``: Google Cloud Storage, unless ``EMPROCESS_STORAGE_ROOT``
-    names a directory, in which case every bucket is a subdirectory of it (the
-    embedded default; the same run and conf work on a laptop and in the cloud).
+    ``gs://BUCKET/KEY``: Google Cloud Storage, unless the storage settings name a
+    local root (``EMPROCESS_STORAGE_ROOT``, or the caller's choice through :func:`use`),
+    in which case every bucket is a subdirectory of it (the embedded default; the same
+    run and conf work on a laptop and in the cloud).
     ``file:///abs/path`` or a plain path: the local file system, anywhere. Only the
     CLI and scripts use these, for the user's own files; the services' request models
     take ``gs://`` URLs only (:func:`check_service_url`), and under the storage root
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -33,6 +36,7 @@ from emprocess.storage.names import (
 )
 
 if TYPE_CHECKING:
+    from emprocess.settings import StorageEnv
     from emprocess.storage.gcs import GCSBackend
 
 __all__ = [
@@ -68,12 +72,15 @@ __all__ = [
     "read_bytes",
     "set_lifecycle_delete",
     "set_storage_class",
+    "settings",
+    "use",
     "write_bytes",
 ]
 
 log = logging.getLogger(__name__)
 
 ROOT_ENV = "EMPROCESS_STORAGE_ROOT"
+"""The variable of ``StorageEnv.storage_root`` (for messages; the schema reads it)."""
 
 
 class ObjectTooLarge(InvalidInput):
@@ -99,10 +106,43 @@ class Backend(Protocol):
     def bucket_settings(self, bucket: str) -> dict: ...
 
 
+_chosen: StorageEnv | None = None
+
+
+def settings() -> StorageEnv:
+    """The storage settings in force: the caller's choice (:func:`use`), else the environment's.
+
+    Raises:
+        InvalidInput: a bad ``EMPROCESS_STORAGE_*`` variable, named.
+    """
+    if _chosen is not None:
+        return _chosen
+    # Here, not at import: the DAG file imports this package, and pydantic-settings
+    # would add a quarter of a second to every parse.
+    from emprocess.settings import StorageEnv, current
+
+    return current(StorageEnv)
+
+
+@contextmanager
+def use(chosen: StorageEnv) -> Iterator[StorageEnv]:
+    """Storage goes where ``chosen`` says while the block runs, in every thread of the process.
+
+    The CLI's explicit choice (``emprocess run FOLDER``, ``demo``): it replaces the
+    environment's settings for this process without writing ``os.environ``; processes it
+    starts get the same settings through :func:`emprocess.settings.environ`.
+    """
+    global _chosen
+    saved, _chosen = _chosen, chosen
+    try:
+        yield chosen
+    finally:
+        _chosen = saved
+
+
 def local_root() -> Path | None:
-    """The local storage root from ``EMPROCESS_STORAGE_ROOT``, or None for GCS."""
-    root = os.environ.get(ROOT_ENV)
-    return Path(root).expanduser().resolve() if root else None
+    """The local storage root of :func:`settings`, or None for GCS."""
+    return settings().storage_root
 
 
 def _gcs() -> GCSBackend:

@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 TIMEOUT_S = (10.0, 120.0)  # (connect, read) seconds for every request
-RETRY_DEADLINE_ENV = "EMPROCESS_STORAGE_RETRY_S"
 
 # Public-read for neuroglancer: any origin may GET/HEAD, with Range support.
 NEUROGLANCER_CORS = [
@@ -61,9 +60,9 @@ def client(project: str | None = None) -> Client:
 
 def retry_policy() -> Retry | None:
     """DEFAULT_RETRY bounded by EMPROCESS_STORAGE_RETRY_S seconds (0 turns retries off)."""
-    from emprocess.settings import StorageEnv, load
+    from emprocess import storage
 
-    deadline = load(StorageEnv).storage_retry_s
+    deadline = storage.settings().storage_retry_s
     return DEFAULT_RETRY.with_timeout(deadline) if deadline > 0 else None
 
 

@@ -261,12 +261,12 @@ def plan_gap_pairs(
     n = maxz - minz + 1
     models = {key: _solve_model(r, downsample_factor) for key, r in results.items()}
     bad = _evidence_bad(n, minz, results, models, skip_slices)
-    trusted = [
-        (a - minz, b - minz)
-        for (a, b), m in models.items()
-        if m is not None and a - minz not in bad and b - minz not in bad
-    ]
-    pairs: list[tuple[int, int]] = []
+    trusted: dict[int, list[int]] = {}  # good pre -> good posts with a trusted model
+    for (a, b), m in models.items():
+        if m is not None and a - minz not in bad and b - minz not in bad:
+            trusted.setdefault(a - minz, []).append(b - minz)
+    span = max((b - a for a, posts in trusted.items() for b in posts), default=1)
+    asked: set[tuple[int, int]] = set()
     gaps: list[tuple[int, int]] = []
     too_long: list[tuple[int, int]] = []
     for first, last in _runs(sorted(bad)):
@@ -276,7 +276,7 @@ def plan_gap_pairs(
             too_long.append((minz + first, minz + last))
             continue
         gaps.append((minz + first, minz + last))
-        have = sum(a < first and b > last for a, b in trusted)
+        have = sum(b > last for a in range(max(0, last - span), first) for b in trusted.get(a, ()))
         before = _good_near(first - 1, -1, n, bad, GAP_PAIRS)
         after = _good_near(last + 1, 1, n, bad, GAP_PAIRS)
         candidates = sorted(
@@ -286,10 +286,10 @@ def plan_gap_pairs(
             if have >= GAP_PAIRS:
                 break
             pair = (minz + a, minz + b)
-            if pair not in results and pair not in pairs:
-                pairs.append(pair)
+            if pair not in results and pair not in asked:
+                asked.add(pair)
                 have += 1
-    return GapPlan(sorted(pairs), gaps, too_long)
+    return GapPlan(sorted(asked), gaps, too_long)
 
 
 def global_alignment(

@@ -189,9 +189,51 @@ def run_drift_benchmark(
             "injected": injected,
             "cached": cached,
             "gap_round": gap_round,
+            "pair_noise": _pair_noise(answers, base_answers, truth, injected, crop),
         }
     )
     return rows
+
+
+def _pair_noise(
+    answers: dict[tuple[int, int], dict[str, Any]],
+    base_answers: dict[tuple[int, int], dict[str, Any]],
+    truth: dict[str, Any],
+    injected: dict[int, str],
+    crop: int,
+) -> dict[int, dict[str, float]]:
+    """Per distance d: how far the drifted pairs' affines are from the undrifted pairs'
+    composed with the known drift (sd of the rotation in mrad and of the centre's shift in
+    px; both pairs' errors count), and the median inliers: what the solve accumulates."""
+    world = {int(z): t for z, t in truth["world"].items()}
+    centre = np.array([[(crop - 1) / 2.0] * 2])
+    out: dict[int, dict[str, float]] = {}
+    for d in sorted({b - a for a, b in answers}):
+        angles, shifts, inliers = [], [], []
+        for (a, b), r in answers.items():
+            base = base_answers.get((a, b))
+            if b - a != d or base is None or any(z in injected for z in range(a, b + 1)):
+                continue
+            if not (r.get("affine_found") and base.get("affine_found")):
+                continue
+            expect = affine.compose(
+                affine.invert(world[a]), affine.compose(base["affine"], world[b])
+            )
+            angles.append(_angle(r["affine"]) - _angle(expect))
+            shifts.append((affine.apply(r["affine"], centre) - affine.apply(expect, centre))[0])
+            inliers.append(r.get("affine_inliers") or 0)
+        if len(angles) >= 2:
+            out[d] = {
+                "pairs": len(angles),
+                "rotation_mrad": round(1e3 * float(np.std(angles)), 3),
+                "centre_px": round(float(np.std(shifts, axis=0).mean()), 3),
+                "inliers": float(np.median(inliers)),
+            }
+    return out
+
+
+def _angle(m: Sequence[float]) -> float:
+    return float(np.arctan2(m[1] - m[2], m[0] + m[3]))
 
 
 def _last_slice_motion(transforms: dict[int, list[float]], crop: int) -> dict[str, float]:
@@ -264,6 +306,12 @@ def print_drift_benchmark(rows: Sequence[dict[str, Any]], n: int, downsample: in
         floor = f"{r['floor']['anywhere']:6.2f} {r['floor']['neighbours']:6.2f}"
         flagged = "none" if not r["flagged"] else r["flagged"]
         print(f"  {label:<22} {cells[0]} {cells[1]} {floor}   {flagged}")
+    print("pair noise (drifted pair vs undrifted pair + known drift, sd; what the solve sums up):")
+    for d, f in info["pair_noise"].items():
+        print(
+            f"  d={d}: rotation {f['rotation_mrad']} mrad, centre {f['centre_px']} px "
+            f"over {f['pairs']} pairs, median inliers {f['inliers']:g}"
+        )
     for r in settings:
         label = "chain (today)" if r["mode"] == "chain" else f"solve, {r['neighbors']} neighbours"
         f = r["floor"]

@@ -17,6 +17,9 @@ def test_drift_benchmark_keeps_its_answers_and_reports_the_floor(tmp_path: Path)
     first = run_drift_benchmark(FIBSEM, n=12, crop=200, neighbors=(2,), answers_file=answers)
     *rows, info = first
     assert not info["cached"] and info["pairs"] == 2 * (11 + 10) and info["injected"] == {}
+    noise = info["pair_noise"]  # 200 px crops: about 1 mrad and 0.5 px per pair
+    assert set(noise) == {1, 2} and noise[1]["pairs"] == 11
+    assert 0 < noise[1]["rotation_mrad"] < 5 and 0 < noise[1]["centre_px"] < 2
     doc = json.loads(answers.read_text())
     assert doc["stack"] == {"n": 12, "crop": 200, "downsample": 1, "seed": 3, "faults": True}
     assert len(doc["drifted"]) == len(doc["undrifted"]) == 21

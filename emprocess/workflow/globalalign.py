@@ -49,7 +49,8 @@ DOUBTFUL_BAD_FRACTION = 0.05
 """... or whose share of bad or bridged slices exceeds this."""
 
 MAX_GAP_SLICES = 8
-"""A run of more bad slices in a row than this is not bridged by matching (reported)."""
+"""A run of more bad slices in a row than this is not bridged by matching (reported);
+conf ``neighbors``' description names it."""
 GAP_PAIRS = 2
 """Pairs between good slices the solve should have across a gap: the nearest and one more."""
 

@@ -36,7 +36,7 @@ from emprocess.drift import BLANK, DUPLICATE, NOISE, errors_px, reslice
 from emprocess.kernels.align import align_pair, downsample_image
 from emprocess.workflow.compose import compose_alignment
 from emprocess.workflow.conf import RunConf
-from emprocess.workflow.globalalign import BAD, global_alignment
+from emprocess.workflow.globalalign import BAD, GapPlan, global_alignment, plan_gap_pairs
 
 FAULTS = {20: BLANK, 40: NOISE, 60: BLANK, 61: NOISE, 80: DUPLICATE}
 
@@ -72,6 +72,19 @@ def _align_all(
     return {(a, b): found[(same[a], same[b])] for a, b in pairs}
 
 
+def _first_round(
+    answers: dict[tuple[int, int], dict[str, Any]], k: int
+) -> dict[tuple[int, int], dict[str, Any]]:
+    return {p: a for p, a in answers.items() if p[1] - p[0] <= k}
+
+
+def _gap_plan(
+    answers: dict[tuple[int, int], dict[str, Any]], k: int, n: int, downsample: int
+) -> GapPlan:
+    """collect's second align round after the first round of ``k`` neighbours."""
+    return plan_gap_pairs(_first_round(answers, k), 0, n - 1, downsample)
+
+
 def _align(
     answers: dict[tuple[int, int], dict[str, Any]],
     mode: str,
@@ -80,15 +93,20 @@ def _align(
     size: tuple[int, int],
     downsample: int,
     regularization: float,
-) -> tuple[dict[int, list[float]], list[int], list[int]]:
-    """Transforms, slices not placed by the solve, and slices flagged bad."""
-    sub = {p: a for p, a in answers.items() if p[1] - p[0] <= k}
+    gap_round: bool,
+) -> tuple[dict[int, list[float]], list[int], list[int], int]:
+    """Transforms, slices not placed by the solve, slices flagged bad, pairs across gaps."""
+    sub = _first_round(answers, k)
     if mode == "chain":
         chain = {p[0]: a for p, a in sub.items()}
-        return compose_alignment(chain, 0, n - 1, size, downsample).transforms, [], []
-    result = global_alignment(sub, 0, n - 1, size, downsample, regularization)
+        return compose_alignment(chain, 0, n - 1, size, downsample).transforms, [], [], 0
+    plan = _gap_plan(answers, k, n, downsample) if gap_round else None
+    if plan is not None:
+        sub.update({p: answers[p] for p in plan.pairs})
+    result = global_alignment(sub, 0, n - 1, size, downsample, regularization, gap_plan=plan)
     bad = [s.z for s in result.slices if s.status != "good"]
-    return result.composition.transforms, bad, [s.z for s in result.slices if s.status == BAD]
+    flagged = [s.z for s in result.slices if s.status == BAD]
+    return result.composition.transforms, bad, flagged, 0 if plan is None else len(plan.pairs)
 
 
 def _content_truth(
@@ -116,8 +134,10 @@ def run_drift_benchmark(
     faults: bool = True,
     seed: int = 3,
     answers_file: Path | None = None,
+    gap_round: bool = True,
 ) -> list[dict[str, Any]]:
-    """Figures (px) per setting: the chain (neighbors 1, no solve) and the solve per k."""
+    """Figures (px) per setting: the chain (neighbors 1, no solve) and the solve per k
+    (with collect's second align round across gaps unless ``gap_round`` is False)."""
     images = load_pingpong(folder, n)
     injected = {z: k for z, k in FAULTS.items() if z < n} if faults else {}
     drifted, truth = reslice(images, crop, seed=seed, faults=injected)
@@ -126,23 +146,35 @@ def run_drift_benchmark(
     pairs = [(z, z + d) for z in range(n - 1) for d in range(1, k_max + 1) if z + d < n]
     stack = {"n": n, "crop": crop, "downsample": downsample, "seed": seed, "faults": faults}
     t0 = time.perf_counter()
-    cached = _read_answers(answers_file, stack, pairs)
-    if cached is None:
-        answers = _align_all(drifted, pairs, downsample)
-        base_answers = _align_all(still, pairs, downsample)
-        if answers_file is not None:
-            _write_answers(answers_file, stack, answers, base_answers)
-    else:
-        answers, base_answers = cached
+    answers, base_answers = _read_answers(answers_file, stack)
+    kept = len(answers) + len(base_answers)
+    for stack_images, found in ((drifted, answers), (still, base_answers)):
+        missing = [p for p in pairs if p not in found]
+        found.update(_align_all(stack_images, missing, downsample))
+        if gap_round:  # the second round's pairs depend on the first round's answers
+            wanted = {p for k in neighbors for p in _gap_plan(found, k, n, downsample).pairs}
+            found.update(_align_all(stack_images, sorted(wanted - set(found)), downsample))
+    cached = len(answers) + len(base_answers) == kept
+    if answers_file is not None and not cached:
+        _write_answers(answers_file, stack, answers, base_answers)
     align_s = time.perf_counter() - t0
     size = (crop, crop)
     rows = []
     settings: list[tuple[str, int]] = [("chain", 1)] + [("solve", k) for k in neighbors]
     for mode, k in settings:
-        transforms, bad, flagged_bad = _align(answers, mode, k, n, size, downsample, regularization)
-        base, _, _ = _align(base_answers, mode, k, n, size, downsample, regularization)
+        transforms, bad, flagged_bad, across = _align(
+            answers, mode, k, n, size, downsample, regularization, gap_round
+        )
+        base, _, _, _ = _align(
+            base_answers, mode, k, n, size, downsample, regularization, gap_round
+        )
         content = _content_truth(truth, truth0, base, injected)
-        row: dict[str, Any] = {"mode": mode, "neighbors": k, "flagged": flagged_bad}
+        row: dict[str, Any] = {
+            "mode": mode,
+            "neighbors": k,
+            "flagged": flagged_bad,
+            "gap_pairs": across,
+        }
         for name, t in (("raw", truth), ("content", content)):
             figs = errors_px(transforms, t, bad)
             row[name] = {key: round(figs[key], 2) for key in ("anywhere", "neighbours", "bridged")}
@@ -150,9 +182,58 @@ def run_drift_benchmark(
         row["floor"] = {key: round(floor[key], 2) for key in ("anywhere", "neighbours")}
         row["floor"].update(_last_slice_motion(base, crop))
         rows.append(row)
-    info = {"align_s": round(align_s, 1), "pairs": 2 * len(pairs), "injected": injected}
-    rows.append({**info, "cached": cached is not None})
+    rows.append(
+        {
+            "align_s": round(align_s, 1),
+            "pairs": len(answers) + len(base_answers),
+            "injected": injected,
+            "cached": cached,
+            "gap_round": gap_round,
+            "pair_noise": _pair_noise(answers, base_answers, truth, injected, crop),
+        }
+    )
     return rows
+
+
+def _pair_noise(
+    answers: dict[tuple[int, int], dict[str, Any]],
+    base_answers: dict[tuple[int, int], dict[str, Any]],
+    truth: dict[str, Any],
+    injected: dict[int, str],
+    crop: int,
+) -> dict[int, dict[str, float]]:
+    """Per distance d: how far the drifted pairs' affines are from the undrifted pairs'
+    composed with the known drift (sd of the rotation in mrad and of the centre's shift in
+    px; both pairs' errors count), and the median inliers: what the solve accumulates."""
+    world = {int(z): t for z, t in truth["world"].items()}
+    centre = np.array([[(crop - 1) / 2.0] * 2])
+    out: dict[int, dict[str, float]] = {}
+    for d in sorted({b - a for a, b in answers}):
+        angles, shifts, inliers = [], [], []
+        for (a, b), r in answers.items():
+            base = base_answers.get((a, b))
+            if b - a != d or base is None or any(z in injected for z in range(a, b + 1)):
+                continue
+            if not (r.get("affine_found") and base.get("affine_found")):
+                continue
+            expect = affine.compose(
+                affine.invert(world[a]), affine.compose(base["affine"], world[b])
+            )
+            angles.append(_angle(r["affine"]) - _angle(expect))
+            shifts.append((affine.apply(r["affine"], centre) - affine.apply(expect, centre))[0])
+            inliers.append(r.get("affine_inliers") or 0)
+        if len(angles) >= 2:
+            out[d] = {
+                "pairs": len(angles),
+                "rotation_mrad": round(1e3 * float(np.std(angles)), 3),
+                "centre_px": round(float(np.std(shifts, axis=0).mean()), 3),
+                "inliers": float(np.median(inliers)),
+            }
+    return out
+
+
+def _angle(m: Sequence[float]) -> float:
+    return float(np.arctan2(m[1] - m[2], m[0] + m[3]))
 
 
 def _last_slice_motion(transforms: dict[int, list[float]], crop: int) -> dict[str, float]:
@@ -184,22 +265,26 @@ def _write_answers(
 
 
 def _read_answers(
-    path: Path | None, stack: dict[str, Any], pairs: Sequence[tuple[int, int]]
-) -> tuple[dict[tuple[int, int], dict[str, Any]], ...] | None:
-    """The kept answers when the file holds this stack's and every pair; else None."""
+    path: Path | None, stack: dict[str, Any]
+) -> tuple[dict[tuple[int, int], dict[str, Any]], dict[tuple[int, int], dict[str, Any]]]:
+    """The kept answers (drifted, undrifted) when the file holds this stack's; else empty."""
     if path is None or not path.exists():
-        return None
+        return {}, {}
     doc = json.loads(path.read_text())
     if doc.get("stack") != stack:
-        return None
-    out = tuple({(a, b): r for a, b, r in doc[key]} for key in ("drifted", "undrifted"))
-    return out if all(set(pairs) <= set(d) for d in out) else None
+        return {}, {}
+    drifted, undrifted = ({(a, b): r for a, b, r in doc[key]} for key in ("drifted", "undrifted"))
+    return drifted, undrifted
 
 
 def print_drift_benchmark(rows: Sequence[dict[str, Any]], n: int, downsample: int) -> None:
     *settings, info = rows
     how = "read from the answers file" if info["cached"] else f"aligned in {info['align_s']} s"
     print(f"{n} slices, align downsample {downsample}: {info['pairs']} pairs {how}")
+    print(
+        "second align round: "
+        + ("on (+N: pairs it asked across gaps)" if info["gap_round"] else "off")
+    )
     print(f"injected {info['injected']}")
     print("px, worst over a 5x5 grid of points (targets: 1.5 anywhere, 0.5 neighbours, 1 bridged)")
     print("  anywhere | between neighbouring good slices | bad slices vs their interpolated truth")
@@ -211,6 +296,8 @@ def print_drift_benchmark(rows: Sequence[dict[str, Any]], n: int, downsample: in
     )
     for r in settings:
         label = "chain (today)" if r["mode"] == "chain" else f"solve, {r['neighbors']} neighbours"
+        if r["gap_pairs"]:
+            label += f" +{r['gap_pairs']}"
         cells = []
         for key in ("raw", "content"):
             f = r[key]
@@ -219,6 +306,12 @@ def print_drift_benchmark(rows: Sequence[dict[str, Any]], n: int, downsample: in
         floor = f"{r['floor']['anywhere']:6.2f} {r['floor']['neighbours']:6.2f}"
         flagged = "none" if not r["flagged"] else r["flagged"]
         print(f"  {label:<22} {cells[0]} {cells[1]} {floor}   {flagged}")
+    print("pair noise (drifted pair vs undrifted pair + known drift, sd; what the solve sums up):")
+    for d, f in info["pair_noise"].items():
+        print(
+            f"  d={d}: rotation {f['rotation_mrad']} mrad, centre {f['centre_px']} px "
+            f"over {f['pairs']} pairs, median inliers {f['inliers']:g}"
+        )
     for r in settings:
         label = "chain (today)" if r["mode"] == "chain" else f"solve, {r['neighbors']} neighbours"
         f = r["floor"]

@@ -218,6 +218,9 @@ def bench_drift(
     answers: str | None = typer.Option(
         None, help="JSON file keeping the pair answers: written when missing, else reused."
     ),
+    gap_round: bool = typer.Option(
+        True, help="collect's second align round: pairs across runs of bad slices."
+    ),
 ) -> None:
     """Accuracy on real FIB-SEM resliced with known drift: today's chain vs the global solve."""
     from pathlib import Path
@@ -233,6 +236,7 @@ def bench_drift(
         regularization,
         faults,
         answers_file=None if answers is None else Path(answers),
+        gap_round=gap_round,
     )
     print_drift_benchmark(rows, slices, downsample)
 

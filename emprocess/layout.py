@@ -57,6 +57,8 @@ QC = "align/qc.csv"
 """Alignment quality per pair."""
 SLICES = "align/slices.csv"
 """Per slice status of the global solve (good, bad, bridged)."""
+GAPS = "align/gaps.json"
+"""The second align round: pairs asked across runs of bad slices, and the runs."""
 FILL = "align/fill.json"
 """Bad slice -> the slice written in its place (null: zeros); {} when all show their own."""
 CANVAS = "align/canvas.json"
@@ -66,6 +68,7 @@ THUMBNAILS = "align"
 COMPLETE = "complete.json"
 """Written last by write_status: the run is finished."""
 AFFINE_CACHE = "align/affine_cache"
+"""Answers of the align pairs, the second round's (across gaps) among them."""
 WRITE_CACHE = "align/write_cache"
 NG_CACHE = "neuroglancer/cache"
 CACHES = {"affine": AFFINE_CACHE, "write": WRITE_CACHE, "ngmeta": NG_CACHE, "ngshard": NG_CACHE}
@@ -166,7 +169,7 @@ NGMETA = "ngmeta"
 
 def pair_name(pre: int, post: int) -> str:
     """Mini-task name of the pair (pre, post): ``z000012`` for post = pre + 1 (as before),
-    ``z000012-000014`` for farther neighbours."""
+    ``z000012-000014`` for farther neighbours and the pairs across gaps."""
     return f"z{pre:06d}" if post == pre + 1 else f"z{pre:06d}-{post:06d}"
 
 

@@ -17,6 +17,9 @@ def test_drift_benchmark_keeps_its_answers_and_reports_the_floor(tmp_path: Path)
     first = run_drift_benchmark(FIBSEM, n=12, crop=200, neighbors=(2,), answers_file=answers)
     *rows, info = first
     assert not info["cached"] and info["pairs"] == 2 * (11 + 10) and info["injected"] == {}
+    noise = info["pair_noise"]  # 200 px crops: about 1 mrad and 0.5 px per pair
+    assert set(noise) == {1, 2} and noise[1]["pairs"] == 11
+    assert 0 < noise[1]["rotation_mrad"] < 5 and 0 < noise[1]["centre_px"] < 2
     doc = json.loads(answers.read_text())
     assert doc["stack"] == {"n": 12, "crop": 200, "downsample": 1, "seed": 3, "faults": True}
     assert len(doc["drifted"]) == len(doc["undrifted"]) == 21
@@ -31,11 +34,11 @@ def test_drift_benchmark_keeps_its_answers_and_reports_the_floor(tmp_path: Path)
         FIBSEM, n=12, crop=200, neighbors=(2,), answers_file=answers
     )
     assert info2["cached"] and again == rows
-    # Answers of another stack are not reused.
-    pairs = [(0, 1)]
-    assert _read_answers(answers, {**doc["stack"], "seed": 4}, pairs) is None
-    assert _read_answers(answers, doc["stack"], [(0, 3)]) is None
-    assert _read_answers(tmp_path / "missing.json", doc["stack"], pairs) is None
+    # Answers of another stack are not reused; a longer run aligns only the pairs missing.
+    drifted, undrifted = _read_answers(answers, doc["stack"])
+    assert len(drifted) == len(undrifted) == 21 and (0, 3) not in drifted
+    assert _read_answers(answers, {**doc["stack"], "seed": 4}) == ({}, {})
+    assert _read_answers(tmp_path / "missing.json", doc["stack"]) == ({}, {})
 
 
 def test_pairs_of_repeated_slices_are_aligned_once() -> None:

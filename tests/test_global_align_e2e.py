@@ -3,8 +3,9 @@
 One combined run of the width-4 DAG on the GCS emulator with both real services:
 100 slices (440 px crops of ../shared/data/fibsem), a rigid random walk of up to 0.15
 degree and 6 px per slice, a blank slice (20), a noise slice (40), two bad slices in a
-row (60 blank, 61 noise) and an exact duplicate (80 of 79); the default neighbours (3:
-two bad in a row need 3) and regularization, downsample 2, no lossless volume.
+row (60 blank, 61 noise) and an exact duplicate (80 of 79); the default neighbours (3)
+and regularization, downsample 2, no lossless volume. collect's second align round asks
+one more pair across 60-61 (the first round has only (59, 62) across it).
 """
 
 from __future__ import annotations
@@ -79,7 +80,12 @@ def test_neighbours_solve_and_bad_slices_on_real_fibsem(
             backend="gcs",
         )
     assert run.state == "success", run.task_states
-    assert len(run.bodies("/")) == 99 + 98 + 97  # pairs (z, z+1..3), each sent once
+    gaps = json.loads(storage.read_bytes(run.layout.process_url(layout.GAPS)))
+    assert gaps["gaps"] == [[20, 20], [40, 40], [60, 61], [80, 80]] and gaps["too_long"] == []
+    assert gaps["pairs"] == [[59, 63]]  # nearest after (59, 62); 20, 40, 80 had 3 across
+    first_round = 99 + 98 + 97  # pairs (z, z+1..3)
+    sent = sorted((b["pre"][-9:-4], b["post"][-9:-4]) for b in run.bodies("/"))
+    assert len(sent) == len(set(sent)) == first_round + 1 and ("00059", "00063") in sent
     doc = json.loads(storage.read_bytes(run.layout.process_url(layout.TRANSFORMS)))
     transforms = {int(z): t for z, t in doc.items()}
     rows = list(
@@ -103,7 +109,8 @@ def test_neighbours_solve_and_bad_slices_on_real_fibsem(
     complete = json.loads(storage.read_bytes(run.layout.process_url(layout.COMPLETE)))
     quality = complete["alignment"]
     assert quality["slices"] == {"good": 95, "bridged": 0, "bad": 5}
-    assert quality["pairs"] == 294 and 0 < quality["pair_residual_px"]["median"] < 1.0
+    assert quality["pairs"] == first_round + 1 and quality["gap_pairs"] == 1
+    assert quality["gaps"] == [] and 0 < quality["pair_residual_px"]["median"] < 1.0
     assert quality["doubtful"] is False and quality["why"] == ""  # 5% bad is still allowed
     # The report names every bad slice with its reason, and draws them along z.
     report = run_report(source, "drift", tmp_path)
@@ -112,6 +119,8 @@ def test_neighbours_solve_and_bad_slices_on_real_fibsem(
     assert "slice 61 bad: no model to any neighbour" in text
     assert "slice 80 bad: exact duplicate of slice 79" in text
     assert "ALIGNMENT DOUBTFUL" not in text
+    assert "second align round: 1 pairs across bad slices" in text
+    assert report.stage("affine").done == report.stage("affine").total == first_round + 1
     html = (tmp_path / "report.html").read_text()
     assert "slice 20 bad: textureless" in html
     assert report.to_json()["alignment"]["slices"]["bad"] == 5

@@ -29,6 +29,7 @@ from emprocess.layout import (
     COMPLETE,
     FAILURES,
     FILL,
+    GAPS,
     INIT,
     NG_CACHE,
     NGMETA,
@@ -353,7 +354,15 @@ def load_run(
     fill = None
     if (doc := _read_json(f"{process}/{FILL}")) is not None:
         fill = {int(z): (None if v is None else int(v)) for z, v in doc[0].items()}
-    plans = plan_stages(conf, run_conf, transforms, bbox, window, fill)
+    gap_pairs: list[tuple[int, int]] = []
+    if (doc := _read_json(f"{process}/{GAPS}")) is not None:
+        try:
+            gap_pairs = [(int(a), int(b)) for a, b in doc[0].get("pairs", [])]
+        except (TypeError, ValueError):
+            raise MalformedRecord(
+                f"{process}/{GAPS} is damaged: its pairs are not [[pre, post], ...]"
+            ) from None
+    plans = plan_stages(conf, run_conf, transforms, bbox, window, fill, gap_pairs)
 
     listings: dict[str, list[ObjectInfo]] = {}  # ngmeta and ngshard share one prefix
     counted: dict[str, Counted] = {}

@@ -383,6 +383,11 @@ class RunReport:
                 f"slices good {counts.get('good')}, bridged {counts.get('bridged')}, "
                 f"bad {counts.get('bad')}"
             )
+            if a.get("gap_pairs"):
+                lines.append(f"  second align round: {a['gap_pairs']} pairs across bad slices")
+            if a.get("gaps_too_long"):
+                runs = ", ".join(f"{g[0]}..{g[1]}" for g in a["gaps_too_long"])
+                lines.append(f"  bad slices too many in a row to match across: {runs}")
             if a.get("doubtful"):
                 lines.append(f"  ALIGNMENT DOUBTFUL: {a.get('why')}")
         lines.extend(

@@ -26,6 +26,7 @@ from emprocess.workflow.payloads import (
     plan_aligned_slices,
     plan_cube_starts,
     plan_ng_shards,
+    plan_pair_tasks,
 )
 
 log = logging.getLogger(__name__)
@@ -80,12 +81,14 @@ def plan_stages(
     bbox: tuple[int, int] | None,
     window: tuple[float, float] | None = None,
     fill: Mapping[int, int | None] | None = None,
+    gap_pairs: Sequence[tuple[int, int]] = (),
 ) -> dict[str, Plan]:
     """Each stage's planned names, and with a parsable conf this code's exact cache keys.
 
     ``window`` is the run's intensity window (init.json ``intensity_window``): it is part
     of the alignment and /alignedslice requests, so of their cache keys. ``fill`` is
     align/fill.json (bad slice -> stand-in), which shapes the write requests.
+    ``gap_pairs`` are the second align round's pairs (align/gaps.json), align pairs too.
     """
     minz, maxz = int(conf["minz"]), int(conf["maxz"])
     skip = bool(conf.get("skip_align", False) or conf.get("align_from"))
@@ -96,6 +99,7 @@ def plan_stages(
         else [
             pair_name(z, z + d) for z in range(minz, maxz) for d in range(1, k + 1) if z + d <= maxz
         ]
+        + [pair_name(a, b) for a, b in gap_pairs]
     )
     slices = [slice_task_name(z) for z in range(minz, maxz + 1)]
     cubes = None
@@ -110,7 +114,9 @@ def plan_stages(
     if run_conf is None:
         return plans
     if not skip:
-        plans["affine"].keys = _keys(plan_align_pairs(run_conf, window))
+        plans["affine"].keys = _keys(
+            [*plan_align_pairs(run_conf, window), *plan_pair_tasks(run_conf, gap_pairs, window)]
+        )
     if bbox is not None:
         if transforms is not None and len(transforms) == len(slices):
             written = plan_aligned_slices(run_conf, transforms, bbox, window, fill)

@@ -267,8 +267,8 @@ class RunConf(BaseModel):
     neighbors: int = Field(
         default=3,
         title="Alignment neighbours",
-        description="Match slice z with z+1 .. z+neighbors (1 is the plain chain); k bad "
-        "slices in a row are bridged when neighbors > k (the default 3 bridges two).",
+        description="Match slice z with z+1 .. z+neighbors (1 is the plain chain); with the "
+        "global solve, pairs across runs of up to 8 bad slices are asked in a second round.",
         ge=1,
         le=MAX_NEIGHBORS,
     )

@@ -11,6 +11,10 @@ and fits the canvas with :func:`emprocess.workflow.compose.fit_canvas`. Slice st
   its transform bridged from the nearest good slices, its pixels per ``bad_slice_fill``.
 * ``bridged``: its image looked fine, but every pair around it disagreed with the solve
   (dropped by the robust step); bridged like a bad slice, its own pixels kept.
+
+Before the solve, :func:`plan_gap_pairs` asks for a second align round: pairs from the
+good slices just before a run of bad slices to those just after it, so the solve has
+evidence across the gap even when the run is as long as ``neighbors`` or longer.
 """
 
 from __future__ import annotations
@@ -44,6 +48,12 @@ DOUBTFUL_RESIDUAL_PX = 2.0
 DOUBTFUL_BAD_FRACTION = 0.05
 """... or whose share of bad or bridged slices exceeds this."""
 
+MAX_GAP_SLICES = 8
+"""A run of more bad slices in a row than this is not bridged by matching (reported);
+conf ``neighbors``' description names it."""
+GAP_PAIRS = 2
+"""Pairs between good slices the solve should have across a gap: the nearest and one more."""
+
 GOOD, BRIDGED, BAD = "good", "bridged", "bad"
 
 
@@ -59,6 +69,31 @@ class SliceQC:
 
 
 @dataclass(frozen=True)
+class GapPlan:
+    """The second align round of :func:`plan_gap_pairs`.
+
+    Attributes:
+        pairs: (pre, post) slice pairs to align in addition to the first round's.
+        gaps: runs (first, last) of bad slices with good slices on both sides, bridged
+            by matching.
+        too_long: runs (first, last) longer than the limit: left to interpolation.
+    """
+
+    pairs: list[tuple[int, int]]
+    gaps: list[tuple[int, int]]
+    too_long: list[tuple[int, int]]
+
+    def to_json(self) -> dict[str, Any]:
+        """align/gaps.json: the pairs asked and the gaps, as lists."""
+        return {
+            "pairs": [list(p) for p in self.pairs],
+            "gaps": [list(g) for g in self.gaps],
+            "too_long": [list(g) for g in self.too_long],
+            "max_gap_slices": MAX_GAP_SLICES,
+        }
+
+
+@dataclass(frozen=True)
 class GlobalAlignment:
     """Result of :func:`global_alignment`: the composition plus the quality records."""
 
@@ -67,6 +102,7 @@ class GlobalAlignment:
     pair_residual_px: list[float | None]
     pair_used: list[bool]
     gaps: list[int]
+    gap_plan: GapPlan | None = None
 
     def fill(self, mode: str) -> dict[int, int | None]:
         """Bad slice z -> the slice standing in for it (``nearest``) or None (``zeros``)."""
@@ -98,6 +134,7 @@ class GlobalAlignment:
         if self.gaps:
             why.append(f"no pair crosses before slices {self.gaps[:10]} (identity link)")
         flagged = [s for s in self.slices if s.status != GOOD]
+        plan = self.gap_plan
         return {
             "pairs": len(self.pair_used),
             "pairs_used": len(used),
@@ -108,6 +145,8 @@ class GlobalAlignment:
             "slices": counts,
             "flagged": [{"z": s.z, "status": s.status, "reason": s.reason} for s in flagged[:100]],
             "gaps": self.gaps[:100],
+            "gap_pairs": 0 if plan is None else len(plan.pairs),
+            "gaps_too_long": [] if plan is None else [list(g) for g in plan.too_long[:100]],
             "doubtful": bool(why),
             "why": "; ".join(why),
         }
@@ -181,6 +220,79 @@ def _evidence_bad(
     return reasons
 
 
+def _runs(indices: Sequence[int]) -> list[tuple[int, int]]:
+    """Maximal runs (first, last) of consecutive integers in sorted ``indices``."""
+    out: list[tuple[int, int]] = []
+    for i in indices:
+        if out and i == out[-1][1] + 1:
+            out[-1] = (out[-1][0], i)
+        else:
+            out.append((i, i))
+    return out
+
+
+def _good_near(start: int, step: int, n: int, bad: Mapping[int, str], count: int) -> list[int]:
+    """The ``count`` nearest good slice indices from ``start`` on in direction ``step``."""
+    out: list[int] = []
+    i = start
+    while 0 <= i < n and len(out) < count and abs(i - start) <= MAX_GAP_SLICES:
+        if i not in bad:
+            out.append(i)
+        i += step
+    return out
+
+
+def plan_gap_pairs(
+    results: Mapping[tuple[int, int], Mapping[str, Any]],
+    minz: int,
+    maxz: int,
+    downsample_factor: int = 1,
+    skip_slices: Sequence[int] = (),
+    max_gap: int = MAX_GAP_SLICES,
+) -> GapPlan:
+    """Pairs across every run of bad slices that the first round left with too few.
+
+    For a run of bad slices (by the evidence of the first round's ``results``, and
+    ``skip_slices``) with good slices on both sides, the pairs between the two nearest
+    good slices before it and the two nearest after it are taken nearest first (by
+    distance in z) until :data:`GAP_PAIRS` good pairs with a trusted model cross the run;
+    pairs already asked are not asked again. Runs longer than ``max_gap`` slices, where
+    matching across is unlikely to succeed, are only reported.
+    """
+    n = maxz - minz + 1
+    models = {key: _solve_model(r, downsample_factor) for key, r in results.items()}
+    bad = _evidence_bad(n, minz, results, models, skip_slices)
+    trusted: dict[int, list[int]] = {}  # good pre -> good posts with a trusted model
+    for (a, b), m in models.items():
+        if m is not None and a - minz not in bad and b - minz not in bad:
+            trusted.setdefault(a - minz, []).append(b - minz)
+    span = max((b - a for a, posts in trusted.items() for b in posts), default=1)
+    asked: set[tuple[int, int]] = set()
+    gaps: list[tuple[int, int]] = []
+    too_long: list[tuple[int, int]] = []
+    for first, last in _runs(sorted(bad)):
+        if first == 0 or last == n - 1:
+            continue  # nothing beyond the stack's end to match with
+        if last - first + 1 > max_gap:
+            too_long.append((minz + first, minz + last))
+            continue
+        gaps.append((minz + first, minz + last))
+        have = sum(b > last for a in range(max(0, last - span), first) for b in trusted.get(a, ()))
+        before = _good_near(first - 1, -1, n, bad, GAP_PAIRS)
+        after = _good_near(last + 1, 1, n, bad, GAP_PAIRS)
+        candidates = sorted(
+            ((a, b) for a in before for b in after), key=lambda p: (p[1] - p[0], -p[0])
+        )
+        for a, b in candidates:
+            if have >= GAP_PAIRS:
+                break
+            pair = (minz + a, minz + b)
+            if pair not in results and pair not in asked:
+                asked.add(pair)
+                have += 1
+    return GapPlan(sorted(asked), gaps, too_long)
+
+
 def global_alignment(
     results: Mapping[tuple[int, int], Mapping[str, Any]],
     minz: int,
@@ -189,6 +301,7 @@ def global_alignment(
     downsample_factor: int = 1,
     regularization: float = DEFAULT_REGULARIZATION,
     skip_slices: Sequence[int] = (),
+    gap_plan: GapPlan | None = None,
 ) -> GlobalAlignment:
     """Global transforms of slices minz..maxz from the answers of all pairs (pre, post).
 
@@ -201,6 +314,7 @@ def global_alignment(
         downsample_factor: the factor the service shrank the slices by.
         regularization: the solve's pull toward rigid (conf ``regularization``).
         skip_slices: slices named bad by hand.
+        gap_plan: the second align round whose answers ``results`` holds (for the records).
     """
     n = maxz - minz + 1
     keys = sorted(results)
@@ -243,6 +357,7 @@ def global_alignment(
         pair_residual_px=[residual.get(key) for key in keys],
         pair_used=[used.get(key, False) for key in keys],
         gaps=[minz + g for g in solved.gaps],
+        gap_plan=gap_plan,
     )
 
 

@@ -55,6 +55,14 @@ def plan_align_pairs(conf: RunConf, window: Window = None) -> list[MiniTask]:
 
     With ``neighbors`` 1 the plan is the original one: pairs (z, z + 1), index z - minz.
     """
+    return plan_pair_tasks(conf, align_pair_list(conf), window)
+
+
+def plan_pair_tasks(
+    conf: RunConf, pairs: Sequence[tuple[int, int]], window: Window = None
+) -> list[MiniTask]:
+    """One POST / per (pre, post) pair, named :func:`~emprocess.layout.pair_name`; index =
+    position (the second align round's pairs across gaps use it too)."""
     source = conf.source
     return [
         MiniTask(
@@ -71,7 +79,7 @@ def plan_align_pairs(conf: RunConf, window: Window = None) -> list[MiniTask]:
                 post_channels=_more_channels(conf, post, f"gs://{source}/"),
             ).payload(),
         )
-        for i, (pre, post) in enumerate(align_pair_list(conf))
+        for i, (pre, post) in enumerate(pairs)
     ]
 
 

@@ -175,10 +175,13 @@ def affine(worker_id: int) -> dict[str, Any]:
 @task(task_id="collect", multiple_outputs=False)
 @timed
 def collect() -> dict[str, Any]:
-    """Compose the global transforms; returns the canvas ``{"bbox": [w, h], ...}``."""
+    """Align pairs across gaps, solve the global transforms; returns the canvas."""
     from emprocess.workflow.stages import collect_alignment
 
-    return collect_alignment(_info())
+    info = _info()
+    conf = info.conf
+    aligns = conf.global_solve and not (conf.skip_align or conf.align_from)
+    return collect_alignment(info, service_url(ALIGN_CONN_ID) if aligns else None)
 
 
 @task(task_id="write", multiple_outputs=False)

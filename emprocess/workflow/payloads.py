@@ -9,7 +9,7 @@ numbers, booleans as booleans, CONTRACTS.md's key spelling.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal
 
 from emprocess import affine
@@ -24,6 +24,15 @@ SHARD_SIZE = 1024
 
 Window = tuple[float, float] | None
 """The run's intensity window (``RunInfo.intensity_window``): None sends no window."""
+
+Share = tuple[int, int] | None
+"""``(worker_id, width)``: plan only that batch task's mini-tasks (``index % width ==
+worker_id``), with the indexes of the whole plan; None plans the whole stage. A wide
+stage's tasks each build their own share, so a stage plans N mini-tasks, not width x N."""
+
+
+def _owns(index: int, share: Share) -> bool:
+    return share is None or index % share[1] == share[0]
 
 
 def _window(window: Window) -> list[float] | None:
@@ -50,10 +59,11 @@ def align_pair_list(conf: RunConf) -> list[tuple[int, int]]:
     ]
 
 
-def plan_align_pairs(conf: RunConf, window: Window = None) -> list[MiniTask]:
+def plan_align_pairs(conf: RunConf, window: Window = None, share: Share = None) -> list[MiniTask]:
     """One POST / per pair (z, z + d) of :func:`align_pair_list`; index = position.
 
     With ``neighbors`` 1 the plan is the original one: pairs (z, z + 1), index z - minz.
+    ``share`` plans only one batch task's pairs (:data:`Share`).
     """
     source = conf.source
     return [
@@ -70,6 +80,7 @@ def plan_align_pairs(conf: RunConf, window: Window = None) -> list[MiniTask]:
             ).payload(),
         )
         for i, (pre, post) in enumerate(align_pair_list(conf))
+        if _owns(i, share)
     ]
 
 
@@ -79,6 +90,7 @@ def plan_aligned_slices(
     bbox_xy: Sequence[int],
     window: Window = None,
     fill: Mapping[int, int | None] | None = None,
+    zs: Iterable[int] | None = None,
 ) -> list[MiniTask]:
     """One POST /alignedslice per slice z from minz to maxz; index = z - minz.
 
@@ -90,6 +102,8 @@ def plan_aligned_slices(
         fill: bad slice z -> the slice whose pixels (at its own transform) stand in for
             it, or None for a black slice (the image is placed just outside the canvas,
             so the service writes zeros); slices not named show their own pixels.
+        zs: plan only these slices (a batch task's share, the slices of some cubes),
+            in this order; default minz..maxz.
     """
     fill = fill or {}
     outside = affine.translation(float(bbox_xy[0]) + 16.0, 0.0)
@@ -103,7 +117,7 @@ def plan_aligned_slices(
         return stand_in, [float(v) for v in transforms[stand_in]]
 
     tasks = []
-    for z in range(conf.minz, conf.maxz + 1):
+    for z in range(conf.minz, conf.maxz + 1) if zs is None else zs:
         img_z, transform = source_of(z)
         tasks.append(
             MiniTask(
@@ -168,33 +182,54 @@ def cube_slices(conf: RunConf, cube_z: int) -> range:
     return range(first, min(conf.maxz, first + SHARD_SIZE - 1) + 1)
 
 
-def tiles_digest(written: Sequence[MiniTask], zs: range, minz: int) -> str:
-    """A digest of the /alignedslice requests of slices ``zs`` (``written`` starts at minz).
+def tiles_digest(keys: Sequence[str]) -> str:
+    """A digest of the cache keys of the /alignedslice requests of a cube's slices.
 
     Those requests' cache keys cover everything that shaped the tiles (transform,
     canvas, contrast, window, fill), so the digest changes exactly when the tiles do.
     """
-    keys = [t.cache_key() for t in written[zs.start - minz : zs.stop - minz]]
     return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
 
 
+def shard_slices(conf: RunConf, bbox_xy: Sequence[int], share: Share = None) -> list[int]:
+    """The slices whose write requests key the cubes of ``share`` (all slices for None)."""
+    starts = plan_cube_starts(bbox_xy, conf.minz, conf.maxz)
+    layers = sorted({z for i, (_, _, z) in enumerate(starts) if _owns(i, share)})
+    return [z for cz in layers for z in cube_slices(conf, cz)]
+
+
 def plan_ng_shards(
-    conf: RunConf, bbox_xy: Sequence[int], written: Sequence[MiniTask]
+    conf: RunConf, bbox_xy: Sequence[int], written: Sequence[MiniTask], share: Share = None
 ) -> list[MiniTask]:
     """One POST /ngshard per 1024^3 cube of the volume, in :func:`plan_cube_starts` order.
 
     Args:
         conf: the run's conf.
         bbox_xy: the canvas (width, height) in pixels.
-        written: the run's /alignedslice plan (:func:`plan_aligned_slices`, index z - minz):
-            each cube's cache key covers the requests that wrote the tiles it reads, so a
-            re-triggered run whose tiles changed (other clip-limit, transforms...) redoes
-            the cubes, and only those.
+        written: the run's /alignedslice requests (:func:`plan_aligned_slices`, index
+            z - minz), at least those of :func:`shard_slices`: each cube's cache key
+            covers the requests that wrote the tiles it reads, so a re-triggered run whose
+            tiles changed (other clip-limit, transforms...) redoes the cubes, and only those.
+        share: plan only one batch task's cubes (:data:`Share`).
+
+    Raises:
+        ValueError: ``written`` lacks a slice that a planned cube reads.
     """
-    if len(written) != conf.maxz - conf.minz + 1:
-        raise ValueError(
-            f"the write plan has {len(written)} slices, the run {conf.maxz - conf.minz + 1}"
-        )
+    keys = {t.index + conf.minz: t.cache_key() for t in written}
+    digests: dict[int, str] = {}  # the cubes of one z-layer read the same slices
+
+    def digest(cz: int) -> str:
+        if cz not in digests:
+            zs = cube_slices(conf, cz)
+            missing = [z for z in zs if z not in keys]
+            if missing:
+                raise ValueError(
+                    f"the write plan has {len(written)} slices; the cubes of z-layer {cz} "
+                    f"read slices {zs.start}..{zs.stop - 1}, {len(missing)} of them missing"
+                )
+            digests[cz] = tiles_digest([keys[z] for z in zs])
+        return digests[cz]
+
     fields = _volume_fields(conf, bbox_xy)
     tmp = conf.layout.tmp
     return [
@@ -203,7 +238,8 @@ def plan_ng_shards(
             name=cube_name(x, y, z),
             path="/ngshard",
             payload=NgShardRequest(**fields, source=tmp, start=[x, y, z]).payload(),
-            inputs=tiles_digest(written, cube_slices(conf, z), conf.minz),
+            inputs=digest(z),
         )
         for i, (x, y, z) in enumerate(plan_cube_starts(bbox_xy, conf.minz, conf.maxz))
+        if _owns(i, share)
     ]

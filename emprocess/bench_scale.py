@@ -98,17 +98,25 @@ def _rss_kib(field_name: str) -> int:
     return 0
 
 
-def _in_child(stage: str, args: dict[str, Any]) -> tuple[float, int, int, Any]:
-    """Run ``stage`` here; (seconds, RSS before in bytes, peak RSS in bytes, result)."""
+def _cpu_s() -> float:
+    """CPU seconds (user + system) of this process and the children it reaped."""
+    return sum(
+        r.ru_utime + r.ru_stime
+        for r in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    )
+
+
+def _in_child(stage: str, args: dict[str, Any]) -> tuple[float, float, int, int, Any]:
+    """Run ``stage`` here; (seconds, CPU seconds, RSS before and peak RSS in bytes, result)."""
     os.environ.update(args["env"])
     fn = STAGE_FUNCTIONS[stage]
     before = _rss_kib("VmRSS") * 1024
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu_s()
     result = fn(args)
-    seconds = time.perf_counter() - t0
+    seconds, cpu_s = time.perf_counter() - t0, _cpu_s() - c0
     # A process it started and reaped (the notebook's kernel) counts too.
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return seconds, before, max(_rss_kib("VmHWM"), children) * 1024, result
+    return seconds, cpu_s, before, max(_rss_kib("VmHWM"), children) * 1024, result
 
 
 def _info(a: dict[str, Any]) -> Any:
@@ -241,6 +249,8 @@ STAGE_FUNCTIONS: dict[str, Callable[[dict[str, Any]], Any]] = {
 @dataclass
 class Measure:
     seconds: float
+    cpu_s: float
+    """CPU seconds of the stage's process: what it costs, whatever else loads the machine."""
     rss_before: int
     peak_rss: int
 
@@ -256,9 +266,9 @@ class ScaleResult:
 
     def report(self) -> str:
         mib = 1 << 20
-        head = " ".join(f"{n:>15,}" for n in self.counts)
+        head = " ".join(f"{n:>23,}" for n in self.counts)
         lines = [
-            f"stage time s / peak RSS MiB at N slices (width {self.width}; 'one task' = "
+            f"stage wall s (CPU s) / peak RSS MiB at N slices (width {self.width}; 'one task' = "
             f"worker 0, run after the others filled the cache; '{THE_OTHERS}' = the other "
             f"{self.width - 1} batch tasks one after another in one process, not one task)",
             f"{'stage':<22}{head}    k  at {TARGET_SLICES:,}: s, MiB",
@@ -266,7 +276,8 @@ class ScaleResult:
         worst = []
         for stage, by_n in self.stages.items():
             cells = " ".join(
-                f"{by_n[n].seconds:8.2f} /{by_n[n].peak_rss / mib:5.0f}" for n in self.counts
+                f"{by_n[n].seconds:8.2f} ({by_n[n].cpu_s:6.2f}) /{by_n[n].peak_rss / mib:5.0f}"
+                for n in self.counts
             )
             k, t50, m50 = self.extrapolate(by_n)
             one_task = not stage.endswith(THE_OTHERS)
@@ -365,15 +376,17 @@ def run_scale_benchmark(
                 plan.append(("notebook", "notebook", {}))
             for stage, label, extra in plan:
                 with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-                    secs, before, peak, out = pool.submit(
+                    secs, cpu_s, before, peak, out = pool.submit(
                         _in_child, stage, {**args, **extra}
                     ).result()
                 if stage == "validate":
                     args["info"] = out
                 elif stage == "collect":
                     args["canvas"] = out
-                result.stages.setdefault(label, {})[n] = Measure(secs, before, peak)
-                on_line(f"{n} slices: {label} {secs:.2f} s, peak {peak >> 20} MiB")
+                result.stages.setdefault(label, {})[n] = Measure(secs, cpu_s, before, peak)
+                on_line(
+                    f"{n} slices: {label} {secs:.2f} s ({cpu_s:.2f} s CPU), peak {peak >> 20} MiB"
+                )
         for n in dag_counts:
             result.dag_runs.append(run_dag_simulated(workdir, n, width, url, on_line))
     finally:

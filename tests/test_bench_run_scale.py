@@ -60,5 +60,5 @@ def test_bench_scale_measures_every_stage(tmp_path: Path, restored_env: None) ->
         assert found, row
         wall, cpu, mib, k, t50, m50 = map(float, found.groups())
         assert wall > 0 and cpu > 0 and 30 < mib < 2048, row
-        assert k == 1.0 and abs(t50 - wall) <= 0.05 and m50 == mib, row  # one count: constant
+        assert k == 1.0 and abs(t50 - wall) <= 0.06 and m50 == mib, row  # one count: constant
     assert re.search(r"largest at 50,000 slices: \d+ s, \d+ MiB per task", out.output)

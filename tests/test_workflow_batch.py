@@ -175,6 +175,17 @@ def test_a_wide_stage_looks_up_only_its_own_answers(
     assert calls == {"list": 0, "exists": 3 + 4 + 4}  # one per own mini-task and run
 
 
+def test_costliest_mini_tasks_are_sent_first(local_bucket: str) -> None:
+    costs = [1.0, 8.0, 0.0, 8.0, 3.0]
+    tasks = [
+        MiniTask(i, f"z{i:06d}", "/alignedslice", {"slice": i}, cost=c) for i, c in enumerate(costs)
+    ]
+    inline = replace(FAST, threads=1)
+    with ScriptedServer(echo) as server:
+        run_batch(tasks, base_url=server.url, cache_url=f"gs://{local_bucket}/c", settings=inline)
+    assert [r.body["slice"] for r in server.requests] == [1, 3, 4, 0, 2]  # ties: plan order
+
+
 def test_worker_sends_only_its_round_robin_share(local_bucket: str) -> None:
     with ScriptedServer(echo) as server:
         summary = run_batch(

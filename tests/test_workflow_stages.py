@@ -222,6 +222,8 @@ def test_cube_plan_covers_the_volume_round_robin(root: Path) -> None:
     assert [t.index for t in tasks] == list(range(12))
     assert {t.payload["minz"] for t in tasks} == {5}
     assert tasks[4].name == "cube_1_1_0"
+    # Each cube's cost is its voxels: edge cubes are thinner, the last z-layer 2 deep.
+    assert tasks[0].cost == 1024 * 1024 * 1024 and tasks[-1].cost == 452 * 76 * 2
     # A cube's cache key follows the write requests of its own slices, and only those:
     # slice 1029 (position 1024) lies in the cubes of z-start 1.
     changed = list(written)

@@ -91,6 +91,9 @@ class MiniTask:
         inputs: a digest of what earlier stages produced that the service reads but the
             payload does not name (the tiles of an /ngshard cube: the cache keys of the
             /alignedslice requests that wrote them); part of the cache key, not sent.
+        cost: the work it asks for, in any unit shared by its stage (an /ngshard cube's
+            voxels); a batch task sends its costliest mini-tasks first, so the last ones
+            are short and the service's workers finish together. Not sent, not cached.
     """
 
     index: int
@@ -98,6 +101,7 @@ class MiniTask:
     path: str
     payload: Mapping[str, Any]
     inputs: str = ""
+    cost: float = 0.0
 
     def cache_key(self) -> str:
         """``NAME.DIGEST.json``; the digest changes when the request or its inputs do."""
@@ -383,7 +387,9 @@ def run_batch(
         cached = [t for t in mine if t.cache_key() in done]
         redo = redo(cached) if cached else ()
     done -= {t.cache_key() for t in mine if t.name in redo}
-    todo = [t for t in mine if t.cache_key() not in done]
+    # Costliest first (a stable sort: plan order among equals), so no large request is
+    # left to start last while the other workers run out of work.
+    todo = sorted((t for t in mine if t.cache_key() not in done), key=lambda t: -t.cost)
     summary.cached = len(mine) - len(todo)
     records = FailureRecords(failure_url if mine else None, stage)
     for task in mine:

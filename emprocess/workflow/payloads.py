@@ -232,6 +232,12 @@ def plan_ng_shards(
 
     fields = _volume_fields(conf, bbox_xy)
     tmp = conf.layout.tmp
+
+    def voxels(x: int, y: int, z: int) -> float:  # edge cubes are thinner
+        wx = min(SHARD_SIZE, int(bbox_xy[0]) - x * SHARD_SIZE)
+        wy = min(SHARD_SIZE, int(bbox_xy[1]) - y * SHARD_SIZE)
+        return float(wx * wy * len(cube_slices(conf, z)))
+
     return [
         MiniTask(
             index=i,
@@ -239,6 +245,7 @@ def plan_ng_shards(
             path="/ngshard",
             payload=NgShardRequest(**fields, source=tmp, start=[x, y, z]).payload(),
             inputs=digest(z),
+            cost=voxels(x, y, z),
         )
         for i, (x, y, z) in enumerate(plan_cube_starts(bbox_xy, conf.minz, conf.maxz))
         if _owns(i, share)

@@ -264,3 +264,5 @@ def test_a_batch_task_plans_its_own_share_as_the_whole_plan_would(root: Path) ->
         ]
     # 18 cubes, 6 per z-layer: worker 1 of 12 has cubes 1 and 13, of z-layers 0 and 2.
     assert shard_slices(conf, bbox, (1, 12)) == [*range(5, 1029), *range(2053, 2101)]
+    with pytest.raises(EmprocessError, match=r"worker_id 4 is outside 0\.\.3 \(width 4\)"):
+        plan_align_pairs(conf, None, (4, 4))

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal
 
 from emprocess import affine
+from emprocess.errors import EmprocessError
 from emprocess.layout import NGMETA, cube_name, pair_name, slice_task_name
 from emprocess.models import AlignedSliceRequest, AlignRequest, NgMetaRequest, NgShardRequest
 from emprocess.workflow.batch import MiniTask
@@ -33,6 +34,14 @@ stage's tasks each build their own share, so a stage plans N mini-tasks, not wid
 
 def _owns(index: int, share: Share) -> bool:
     return share is None or index % share[1] == share[0]
+
+
+def _checked(share: Share) -> Share:
+    if share is not None and not (share[1] >= 1 and 0 <= share[0] < share[1]):
+        raise EmprocessError(
+            f"worker_id {share[0]} is outside 0..{share[1] - 1} (width {share[1]})"
+        )
+    return share
 
 
 def _window(window: Window) -> list[float] | None:
@@ -65,6 +74,7 @@ def plan_align_pairs(conf: RunConf, window: Window = None, share: Share = None) 
     With ``neighbors`` 1 the plan is the original one: pairs (z, z + 1), index z - minz.
     ``share`` plans only one batch task's pairs (:data:`Share`).
     """
+    share = _checked(share)
     source = conf.source
     return [
         MiniTask(
@@ -193,6 +203,7 @@ def tiles_digest(keys: Sequence[str]) -> str:
 
 def shard_slices(conf: RunConf, bbox_xy: Sequence[int], share: Share = None) -> list[int]:
     """The slices whose write requests key the cubes of ``share`` (all slices for None)."""
+    share = _checked(share)
     starts = plan_cube_starts(bbox_xy, conf.minz, conf.maxz)
     layers = sorted({z for i, (_, _, z) in enumerate(starts) if _owns(i, share)})
     return [z for cz in layers for z in cube_slices(conf, cz)]
@@ -215,6 +226,7 @@ def plan_ng_shards(
     Raises:
         ValueError: ``written`` lacks a slice that a planned cube reads.
     """
+    share = _checked(share)
     keys = {t.index + conf.minz: t.cache_key() for t in written}
     digests: dict[int, str] = {}  # the cubes of one z-layer read the same slices
 

@@ -49,6 +49,7 @@ from emprocess.workflow.batch import (
     cached_keys,
     read_cached,
     run_batch,
+    select_worker,
 )
 from emprocess.workflow.conf import RunConf, parse_conf, template_prefix
 from emprocess.workflow.payloads import (
@@ -562,6 +563,7 @@ def write_slices(
 ) -> dict[str, Any]:
     """Batch task ``write_{i}``: /alignedslice for this worker's slices (only those planned)."""
     conf = info.conf
+    select_worker([], worker_id, info.width)  # a worker outside the width is refused
     tasks = write_plan(info, canvas, range(conf.minz + worker_id, conf.maxz + 1, info.width))
 
     def redo(cached: list[MiniTask]) -> set[str]:

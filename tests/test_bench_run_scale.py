@@ -22,6 +22,7 @@ def restored_env(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(key)
 
 
+@pytest.mark.slow
 def test_bench_run_prints_each_stage_and_the_whole_run(tmp_path: Path, restored_env: None) -> None:
     """A real local run (services under gunicorn, `airflow dags test`) of 3 slices."""
     argv = ["bench", "run", "--workdir", str(tmp_path), "--slices", "3", "--size", "256"]
@@ -41,6 +42,7 @@ def test_bench_run_prints_each_stage_and_the_whole_run(tmp_path: Path, restored_
     assert re.search(rf"end to end: 0 MB in, {NUMBER} MB/s per core", text)  # 0.2 MB
 
 
+@pytest.mark.slow
 def test_bench_scale_measures_every_stage(tmp_path: Path, restored_env: None) -> None:
     """Every stage in its own process at 12 slices (iswritten raises unless the stand-ins
     answered every request); one count extrapolates as a constant."""

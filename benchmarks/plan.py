@@ -78,6 +78,20 @@ COLDLINE_GB_MONTH_USD = 0.004
 TMP_DAYS = 3
 """The tmp bucket's lifecycle rule deletes its tiles after 3 days (TMP_LIFECYCLE_DAYS)."""
 
+# -- Cloud Composer 3 (cloud.google.com/composer/pricing and
+#    cloud.google.com/composer/docs/composer-3/scale-environments, as stored in 2025) ----
+COMPOSER_DCU_HOUR_USD = 0.06
+"""Composer 3 "standard milli DCU-hours": $0.06 per 1,000 milli DCU-hours (default price)."""
+COMPOSER_PRESETS = {"small": 18, "medium": 100, "large": 400, "extra large": 2250}
+"""Environment presets by the concurrent tasks Google recommends each for."""
+COMPOSER_BASE_DCU = {"small": 4.0, "medium": 8.0, "large": 16.0, "extra large": 32.0}
+"""Assumed: DCUs of a preset's scheduler, DAG processor, triggerer, web server and
+database (not on the pricing page; about 1 DCU per vCPU, memory included)."""
+COMPOSER_WORKER_DCU = 2.0
+"""Assumed: one Airflow worker of 2 vCPU / 8 GiB (docs/scale.md's sizing) = 2 DCU."""
+COMPOSER_WORKER_GIB, COMPOSER_WORKER_SLOTS = 8.0, 32
+"""A worker's memory and its ``celery.worker_concurrency`` (create_composer_env.sh)."""
+
 # -- GCS request-rate guidelines (cloud.google.com/storage/docs/request-rate) ------------
 BUCKET_WRITES_PER_S = 1000
 BUCKET_READS_PER_S = 5000
@@ -125,6 +139,25 @@ class Plan:
     def compute_usd(self) -> float:
         per_s = INSTANCE_VCPU * VCPU_S_USD + INSTANCE_GIB * GIB_S_USD
         return sum(s.requests * (s.wall_s * per_s + CLOUD_RUN_REQUEST_USD) for s in self.stages)
+
+    def composer(self, width: int) -> tuple[str, int, float]:
+        """(preset, workers, USD per hour) of a Composer 3 environment for ``width``.
+
+        A run keeps at most width + 1 tasks running (a stage's batch tasks and one
+        more); each needs a task slot of TASK_RSS_GIB on an autoscaled worker.
+        """
+        tasks = width + 1
+        preset = next(name for name, most in COMPOSER_PRESETS.items() if most >= tasks)
+        workers = max(
+            math.ceil(width * TASK_RSS_GIB / COMPOSER_WORKER_GIB),
+            math.ceil(width / COMPOSER_WORKER_SLOTS),
+        )
+        dcu = COMPOSER_BASE_DCU[preset] + workers * COMPOSER_WORKER_DCU
+        return preset, workers, dcu * COMPOSER_DCU_HOUR_USD
+
+    def composer_usd(self, width: int) -> float:
+        """Composer's price for the run's wall time at ``width`` (workers scaled up)."""
+        return self.composer(width)[2] * self.wall_s(width) / 3600
 
     def request_usd(self) -> float:
         a = sum(s.requests * s.writes for s in self.stages)
@@ -205,4 +238,13 @@ def report(plan: Plan) -> str:
         f"Composer: width W needs W task slots of ~{TASK_RSS_GIB} GiB: "
         + ", ".join(f"{w}: {w * TASK_RSS_GIB:.0f} GiB" for w in WIDTHS),
     ]
+    for w in WIDTHS:
+        preset, workers, per_h = plan.composer(w)
+        run_usd = plan.composer_usd(w)
+        lines.append(
+            f"  width {w}: Composer 3 {preset} + {workers} workers of 2 vCPU / "
+            f"{COMPOSER_WORKER_GIB:.0f} GiB, ${per_h:.2f}/h: ${run_usd / tb:.2f} per TB over the "
+            f"run ({run_usd / (compute + requests + run_usd):.0%} of compute + requests + "
+            f"Composer), ${per_h * 730:,.0f} a month if left running"
+        )
     return "\n".join(lines)

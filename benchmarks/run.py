@@ -14,16 +14,18 @@ same window is printed beside it, to show how much others took.
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import psutil
+
+if TYPE_CHECKING:
+    from emprocess.settings import StorageEnv
 
 STAGES = {"align": "align.affine", "write": "align.write", "shards": "ngingest.write_ng_shards"}
 """Stages whose utilisation is measured: label -> stage name in complete.json."""
@@ -160,14 +162,32 @@ def run_benchmark(
 ) -> RunBenchmark:
     """A real local run on a synthetic stack under ``workdir``; the stack is kept for reuse."""
     from emprocess import storage
+    from emprocess.settings import StorageEnv, load
+
+    workdir = workdir.resolve()
+    chosen = load(StorageEnv, storage_root=workdir / "storage")
+    with storage.use(chosen):
+        return _run(workdir, chosen, slices, size, width, downsample, workers, threads)
+
+
+def _run(
+    workdir: Path,
+    chosen: StorageEnv,
+    slices: int,
+    size: int,
+    width: int,
+    downsample: int,
+    workers: int | None,
+    threads: int | None,
+) -> RunBenchmark:
+    """:func:`run_benchmark` with its storage chosen."""
+    from emprocess import storage
     from emprocess.localrun import run_dag
     from emprocess.localsize import size_local_run
     from emprocess.sample import write_sample
     from emprocess.workflow import WIDTHS, dag_id
     from emprocess.workflow.conf import parse_conf
 
-    workdir = workdir.resolve()
-    os.environ[storage.ROOT_ENV] = str(workdir / "storage")
     storage.create_bucket(SOURCE)
     truth = storage.bucket_url(SOURCE, "truth.json")
     stack = storage.bucket_url(SOURCE)
@@ -188,7 +208,10 @@ def run_benchmark(
     sizing = size_local_run(workers=workers, threads=threads)
     t0 = time.time()
     with CpuSampler() as sampler:
-        doc = run_dag(conf, dag_id(width if fixed else None), workdir, sizing=sizing)
+        doc = run_dag(
+            conf, dag_id(width if fixed else None), workdir, sizing=sizing,
+            storage_settings=chosen,
+        )  # fmt: skip
     t1 = time.time()
     cpu_s, _ = sampler.between(t0, t1)
     figures = []

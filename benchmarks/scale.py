@@ -26,7 +26,9 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
+from datetime import datetime
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -98,17 +100,25 @@ def _rss_kib(field_name: str) -> int:
     return 0
 
 
-def _in_child(stage: str, args: dict[str, Any]) -> tuple[float, int, int, Any]:
-    """Run ``stage`` here; (seconds, RSS before in bytes, peak RSS in bytes, result)."""
+def _cpu_s() -> float:
+    """CPU seconds (user + system) of this process and the children it reaped."""
+    return sum(
+        r.ru_utime + r.ru_stime
+        for r in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    )
+
+
+def _in_child(stage: str, args: dict[str, Any]) -> tuple[float, float, int, int, Any]:
+    """Run ``stage`` here; (seconds, CPU seconds, RSS before and peak RSS in bytes, result)."""
     os.environ.update(args["env"])
     fn = STAGE_FUNCTIONS[stage]
     before = _rss_kib("VmRSS") * 1024
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu_s()
     result = fn(args)
-    seconds = time.perf_counter() - t0
+    seconds, cpu_s = time.perf_counter() - t0, _cpu_s() - c0
     # A process it started and reaped (the notebook's kernel) counts too.
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return seconds, before, max(_rss_kib("VmHWM"), children) * 1024, result
+    return seconds, cpu_s, before, max(_rss_kib("VmHWM"), children) * 1024, result
 
 
 def _info(a: dict[str, Any]) -> Any:
@@ -241,6 +251,8 @@ STAGE_FUNCTIONS: dict[str, Callable[[dict[str, Any]], Any]] = {
 @dataclass
 class Measure:
     seconds: float
+    cpu_s: float
+    """CPU seconds of the stage's process: what it costs, whatever else loads the machine."""
     rss_before: int
     peak_rss: int
 
@@ -256,9 +268,9 @@ class ScaleResult:
 
     def report(self) -> str:
         mib = 1 << 20
-        head = " ".join(f"{n:>15,}" for n in self.counts)
+        head = " ".join(f"{n:>23,}" for n in self.counts)
         lines = [
-            f"stage time s / peak RSS MiB at N slices (width {self.width}; 'one task' = "
+            f"stage wall s (CPU s) / peak RSS MiB at N slices (width {self.width}; 'one task' = "
             f"worker 0, run after the others filled the cache; '{THE_OTHERS}' = the other "
             f"{self.width - 1} batch tasks one after another in one process, not one task)",
             f"{'stage':<22}{head}    k  at {TARGET_SLICES:,}: s, MiB",
@@ -266,7 +278,8 @@ class ScaleResult:
         worst = []
         for stage, by_n in self.stages.items():
             cells = " ".join(
-                f"{by_n[n].seconds:8.2f} /{by_n[n].peak_rss / mib:5.0f}" for n in self.counts
+                f"{by_n[n].seconds:8.2f} ({by_n[n].cpu_s:6.2f}) /{by_n[n].peak_rss / mib:5.0f}"
+                for n in self.counts
             )
             k, t50, m50 = self.extrapolate(by_n)
             one_task = not stage.endswith(THE_OTHERS)
@@ -325,16 +338,20 @@ def run_scale_benchmark(
     """Measure the stages at each count; then run the real DAG at each of ``dag_counts``."""
     from emprocess import storage
     from emprocess.localrun import stop_process
+    from emprocess.settings import StorageEnv, load
     from emprocess.workflow import dag_id
     from emprocess.workflow.conf import parse_conf
 
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     env = {**ENV, storage.ROOT_ENV: str(workdir / "storage")}
-    os.environ.update(env)
+    os.environ.update(env)  # the stage processes and the stand-in services inherit it
     result = ScaleResult(width=width, counts=list(counts))
     proc, url = _start_standin(workdir / "standin.log")
-    try:
+    # This process's storage too: the command's choice (emprocess --storage-root) yields here.
+    with ExitStack() as here:
+        here.callback(stop_process, proc)
+        here.enter_context(storage.use(load(StorageEnv, storage_root=workdir / "storage")))
         for n in counts:
             on_line(f"{n} slices: writing the stack ...")
             make_stack(n)
@@ -365,19 +382,19 @@ def run_scale_benchmark(
                 plan.append(("notebook", "notebook", {}))
             for stage, label, extra in plan:
                 with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-                    secs, before, peak, out = pool.submit(
+                    secs, cpu_s, before, peak, out = pool.submit(
                         _in_child, stage, {**args, **extra}
                     ).result()
                 if stage == "validate":
                     args["info"] = out
                 elif stage == "collect":
                     args["canvas"] = out
-                result.stages.setdefault(label, {})[n] = Measure(secs, before, peak)
-                on_line(f"{n} slices: {label} {secs:.2f} s, peak {peak >> 20} MiB")
+                result.stages.setdefault(label, {})[n] = Measure(secs, cpu_s, before, peak)
+                on_line(
+                    f"{n} slices: {label} {secs:.2f} s ({cpu_s:.2f} s CPU), peak {peak >> 20} MiB"
+                )
         for n in dag_counts:
             result.dag_runs.append(run_dag_simulated(workdir, n, width, url, on_line))
-    finally:
-        stop_process(proc)
     return result
 
 
@@ -399,7 +416,7 @@ def run_dag_simulated(
         data["width"] = width
     conf = parse_conf(data)
     fresh_run(conf)
-    peak = 0
+    samples: list[tuple[float, int]] = []  # (time, RSS of the largest process)
     me = psutil.Process()
     standin = {p.pid for p in me.children() if str(STANDIN) in " ".join(p.cmdline())}
     t0 = time.monotonic()
@@ -407,14 +424,15 @@ def run_dag_simulated(
     done = threading.Event()
 
     def watch() -> None:  # the largest process: `dags test` runs every task in one
-        nonlocal peak
         while not done.wait(0.5):
+            rss = 0
             for p in me.children(recursive=True):
                 try:
                     if p.pid not in standin:
-                        peak = max(peak, p.memory_info().rss)
+                        rss = max(rss, p.memory_info().rss)
                 except psutil.Error:
                     continue
+            samples.append((time.time(), rss))
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
@@ -429,10 +447,20 @@ def run_dag_simulated(
         done.set()
         watcher.join()
     wall = time.monotonic() - t0
+    peak = max((rss for _, rss in samples), default=0)
+
+    def stage_mib(st: dict[str, Any]) -> int:
+        """The largest process's peak RSS while the stage ran (its high-water mark)."""
+        s0, s1 = (datetime.fromisoformat(st[k]).timestamp() for k in ("started", "finished"))
+        inside = [rss for t, rss in samples if s0 - 0.5 <= t <= s1 + 0.5]
+        return max(inside, default=0) >> 20
+
     stages = ", ".join(
-        f"{name.split('.')[-1]} {st['elapsed_s']:.0f} s" for name, st in doc["stages"].items()
+        f"{name.split('.')[-1]} {st['elapsed_s']:.0f} s / {stage_mib(st)} MiB"
+        for name, st in doc["stages"].items()
     )
     return (
         f"real DAG {doc['dag_id']} (airflow dags test) on {n:,} slices: {wall:.0f} s in all, "
-        f"largest process {peak >> 20} MiB; stages: {stages}"
+        f"largest process {peak >> 20} MiB; stages (wall / that process's peak RSS meanwhile): "
+        f"{stages}"
     )

@@ -32,3 +32,21 @@ def test_bench_plan_prints_the_headline_numbers() -> None:
     assert "original: about 1 h and $100 of compute per TB" in out.output
     for width in bp.WIDTHS:
         assert any(line.split()[:2] == [str(width)] * 2 for line in out.output.splitlines())
+
+
+def test_composer_is_sized_by_the_width_and_priced_for_the_run() -> None:
+    plan = bp.make_plan(10e12, 20_000, neighbors=3)
+    # A run keeps width + 1 tasks running: the presets' recommended concurrent tasks.
+    assert [plan.composer(w)[0] for w in (16, 32, 99, 128)] == [
+        "small",
+        "medium",
+        "medium",
+        "large",
+    ]
+    _, workers, per_h = plan.composer(128)
+    assert workers == 5  # 38 GiB of task slots on workers of 8 GiB
+    dcu = bp.COMPOSER_BASE_DCU["large"] + 5 * bp.COMPOSER_WORKER_DCU
+    assert math.isclose(per_h, dcu * bp.COMPOSER_DCU_HOUR_USD)
+    assert math.isclose(plan.composer_usd(128), per_h * plan.wall_s(128) / 3600)
+    out = CliRunner().invoke(app, ["bench", "plan"])
+    assert "width 128: Composer 3 large + 5 workers" in out.output

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -142,6 +143,50 @@ def test_cache_is_listed_once_and_skips_finished_work(
     assert calls == {"list": 3, "exists": 0}
     record = json.loads(storage.read_bytes(f"{cache}/{plan(10)[4].cache_key()}"))
     assert record["request"] == {"slice": 4} and record["response"] == {"slice": 4, "ok": True}
+
+
+def test_a_wide_stage_looks_up_only_its_own_answers(
+    local_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At width CHECK_EACH_MIN_WIDTH a task checks its own answers one by one, never
+    listing the whole stage's cache, and still skips exactly what is finished."""
+    width = batch.CHECK_EACH_MIN_WIDTH
+    calls = {"list": 0, "exists": 0}
+    real_list, real_exists = storage.list_keys, storage.exists
+
+    def counting_list(url: str) -> list[str]:
+        calls["list"] += 1 if "/cache" in url else 0
+        return real_list(url)
+
+    def counting_exists(url: str) -> bool:
+        calls["exists"] += 1
+        return real_exists(url)
+
+    monkeypatch.setattr(storage, "list_keys", counting_list)
+    monkeypatch.setattr(storage, "exists", counting_exists)
+    cache = f"gs://{local_bucket}/run/align/write_cache"
+    tasks = plan(3 * width + 2)  # worker 1 owns 1, 65, 129, 193 at width 64
+    with ScriptedServer(echo) as server:
+        fast = replace(FAST, stagger_step_s=0.0)
+        args = {"base_url": server.url, "cache_url": cache, "width": width, "settings": fast}
+        run_batch(tasks, worker_id=2, **args)  # another worker's answers are not ours
+        first = run_batch(tasks, worker_id=1, **args)
+        again = run_batch(tasks, worker_id=1, **args)
+    ours = [1, width + 1, 2 * width + 1, 3 * width + 1]
+    assert sorted(r.body["slice"] for r in server.requests[3:]) == ours  # after 2, 66, 130
+    assert (first.sent, first.cached, again.sent, again.cached) == (4, 0, 0, 4)
+    assert calls == {"list": 0, "exists": 3 + 4 + 4}  # one per own mini-task and run
+
+
+def test_costliest_mini_tasks_are_sent_first(local_bucket: str) -> None:
+    costs = [1.0, 8.0, 0.0, 8.0, 3.0]
+    tasks = [
+        MiniTask(i, f"z{i:06d}", "/alignedslice", {"slice": i}, cost=c) for i, c in enumerate(costs)
+    ]
+    inline = replace(FAST, threads=1)
+    with ScriptedServer(echo) as server:
+        run_batch(tasks, base_url=server.url, cache_url=f"gs://{local_bucket}/c", settings=inline)
+    assert [r.body["slice"] for r in server.requests] == [1, 3, 4, 0, 2]  # ties: plan order
 
 
 def test_worker_sends_only_its_round_robin_share(local_bucket: str) -> None:

@@ -20,8 +20,13 @@ from dags_conftest_helpers import (
 from emprocess import affine, layout, storage
 from emprocess.errors import EmprocessError, InvalidInput
 from emprocess.workflow import stages
-from emprocess.workflow.batch import HttpSettings, MiniTask
-from emprocess.workflow.payloads import plan_ng_shards
+from emprocess.workflow.batch import HttpSettings, MiniTask, select_worker
+from emprocess.workflow.payloads import (
+    plan_align_pairs,
+    plan_aligned_slices,
+    plan_ng_shards,
+    shard_slices,
+)
 from emprocess.workflow.stages import RunInfo
 
 FAST = HttpSettings(threads=2, attempts=2, backoff_s=0.01, max_backoff_s=0.02)
@@ -217,6 +222,8 @@ def test_cube_plan_covers_the_volume_round_robin(root: Path) -> None:
     assert [t.index for t in tasks] == list(range(12))
     assert {t.payload["minz"] for t in tasks} == {5}
     assert tasks[4].name == "cube_1_1_0"
+    # Each cube's cost is its voxels: edge cubes are thinner, the last z-layer 2 deep.
+    assert tasks[0].cost == 1024 * 1024 * 1024 and tasks[-1].cost == 452 * 76 * 2
     # A cube's cache key follows the write requests of its own slices, and only those:
     # slice 1029 (position 1024) lies in the cubes of z-start 1.
     changed = list(written)
@@ -227,3 +234,35 @@ def test_cube_plan_covers_the_volume_round_robin(root: Path) -> None:
     assert [t.payload for t in again] == [t.payload for t in tasks]
     with pytest.raises(ValueError, match="write plan has 3 slices"):
         plan_ng_shards(conf, [2500, 1100], written[:3])
+
+
+def test_a_batch_task_plans_its_own_share_as_the_whole_plan_would(root: Path) -> None:
+    """Planned with a share, each stage gives exactly the whole plan's mini-tasks of that
+    worker (same indexes, payloads and cache keys); a share's cubes need only the write
+    requests of their own z-layers."""
+    storage.create_bucket("src")
+    conf = run_info("src").conf.model_copy(update={"minz": 5, "maxz": 2100, "neighbors": 3})
+    transforms = {z: affine.translation(z % 7, 1) for z in range(5, 2101)}
+    bbox = [2500, 1100]
+    pairs = plan_align_pairs(conf, (0.0, 255.0))
+    written = plan_aligned_slices(conf, transforms, bbox)
+    cubes = plan_ng_shards(conf, bbox, written)
+    width = 4
+    for w in range(width):
+        share = (w, width)
+        assert plan_align_pairs(conf, (0.0, 255.0), share) == select_worker(pairs, w, width)
+        zs = range(conf.minz + w, conf.maxz + 1, width)
+        assert plan_aligned_slices(conf, transforms, bbox, zs=zs) == select_worker(
+            written, w, width
+        )
+        layers = shard_slices(conf, bbox, share)
+        own = plan_ng_shards(
+            conf, bbox, plan_aligned_slices(conf, transforms, bbox, zs=layers), share
+        )
+        assert [t.cache_key() for t in own] == [
+            t.cache_key() for t in select_worker(cubes, w, width)
+        ]
+    # 18 cubes, 6 per z-layer: worker 1 of 12 has cubes 1 and 13, of z-layers 0 and 2.
+    assert shard_slices(conf, bbox, (1, 12)) == [*range(5, 1029), *range(2053, 2101)]
+    with pytest.raises(EmprocessError, match=r"worker_id 4 is outside 0\.\.3 \(width 4\)"):
+        plan_align_pairs(conf, None, (4, 4))

@@ -6,6 +6,7 @@ name that works on a laptop works in the cloud. Keys may not leave their bucket.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import re
@@ -45,6 +46,12 @@ def check_bucket_name(name: str) -> str:
     """
     if not isinstance(name, str) or not name:
         raise InvalidBucketName(f"bucket name must be a non-empty string, got {name!r}")
+    return _checked_bucket_name(name)
+
+
+@functools.lru_cache(maxsize=1024)
+def _checked_bucket_name(name: str) -> str:
+    # Remembered: a stage's plan names the same few buckets in each of its N requests.
     limit = 222 if "." in name else 63
     if not 3 <= len(name) <= limit:
         raise InvalidBucketName(

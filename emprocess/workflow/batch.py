@@ -5,7 +5,8 @@ Every batch task of the DAG calls :func:`run_batch`. A stage is planned as a lis
 mini-tasks with ``index % W == w``. Each answer is cached as one JSON object under the
 stage's cache prefix in the process bucket, named after the mini-task and a digest of
 its request, so a retried or cleared task (or a re-triggered run with the same
-requests) skips finished work, found with one listing of the prefix.
+requests) skips finished work, found with one listing of the prefix (in DAGs of width
+:data:`CHECK_EACH_MIN_WIDTH` and more, by looking up each of its own answers).
 
 A mini-task that finally fails leaves a failure record ``NAME.json`` under the stage's
 failure prefix (``RUN_ID/failures/STAGE/`` in the process bucket) for the monitoring
@@ -47,6 +48,14 @@ log = logging.getLogger(__name__)
 
 STAGGER_MIN_WIDTH = 32
 """Batch tasks of DAGs at least this wide start staggered, so serverless services scale up."""
+
+CHECK_EACH_MIN_WIDTH = 64
+"""From this width a batch task looks up its own mini-tasks' answers one by one (in
+parallel) instead of listing the stage's cache: a listing returns the answers of all
+``width`` tasks, 1,000 per sequential page, so at 50,000 slices and width 128 each of the
+128 tasks would read 50 pages (150 for the alignment pairs) for the 390 (1,170) it owns;
+looked up over the request threads those take a few rounds, and the stage reads N
+objects in all, not width x N."""
 
 TokenSource = Callable[[], str]
 
@@ -98,6 +107,9 @@ class MiniTask:
         inputs: a digest of what earlier stages produced that the service reads but the
             payload does not name (the tiles of an /ngshard cube: the cache keys of the
             /alignedslice requests that wrote them); part of the cache key, not sent.
+        cost: the work it asks for, in any unit shared by its stage (an /ngshard cube's
+            voxels); a batch task sends its costliest mini-tasks first, so the last ones
+            are short and the service's workers finish together. Not sent, not cached.
     """
 
     index: int
@@ -105,6 +117,7 @@ class MiniTask:
     path: str
     payload: Mapping[str, Any]
     inputs: str = ""
+    cost: float = 0.0
 
     def cache_key(self) -> str:
         """``NAME.DIGEST.json``; the digest changes when the request or its inputs do."""
@@ -234,6 +247,17 @@ def cached_keys(cache_url: str) -> set[str]:
     """Names (relative to ``cache_url``) of the cached answers, from one listing."""
     prefix = storage.parse_url(cache_url.rstrip("/") + "/").key
     return {k[len(prefix) :] for k in storage.list_keys(cache_url.rstrip("/") + "/")}
+
+
+def cached_among(tasks: Sequence[MiniTask], cache_url: str, threads: int = 16) -> set[str]:
+    """Cache keys of ``tasks`` whose answer is cached, one existence check each (in parallel)."""
+
+    def answered(task: MiniTask) -> bool:
+        return storage.exists(storage.join(cache_url, task.cache_key()))
+
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        found = list(pool.map(answered, tasks))
+    return {t.cache_key() for t, ok in zip(tasks, found, strict=True) if ok}
 
 
 def read_cached(tasks: Iterable[MiniTask], cache_url: str, threads: int = 16) -> dict[str, Any]:
@@ -384,12 +408,13 @@ def run_batch(
     settings: HttpSettings | None = None,
     token_source: TokenSource | None = None,
     failure_url: str | None = None,
-    redo: Collection[str] = (),
+    redo: Collection[str] | Callable[[list[MiniTask]], Collection[str]] = (),
 ) -> BatchSummary:
     """Send this worker's mini-tasks to the service and cache every answer.
 
     Args:
-        tasks: the stage's whole plan (every worker's mini-tasks).
+        tasks: the stage's plan: every worker's mini-tasks, or only this worker's
+            (with their indexes in the whole plan).
         base_url: the service, e.g. ``http://127.0.0.1:8080`` or a Cloud Run URL.
         cache_url: the stage's cache prefix in the process bucket.
         worker_id: this worker, 0 <= worker_id < width.
@@ -402,7 +427,9 @@ def run_batch(
             (``RUN_ID/failures/STAGE``): a mini-task that finally fails writes ``NAME.json``
             there, and its success (now or found cached) deletes it. None: no records.
         redo: names of mini-tasks to send even when their answer is cached, because
-            what they wrote is gone (e.g. tiles the tmp bucket's lifecycle deleted).
+            what they wrote is gone (e.g. tiles the tmp bucket's lifecycle deleted); or
+            a function of this worker's cached mini-tasks giving those names, so the
+            check costs nothing when none is cached (a first run).
 
     Raises:
         BatchError: naming the mini-tasks that failed and why (after finishing or, on a
@@ -413,9 +440,19 @@ def run_batch(
     summary = BatchSummary(stage=stage, worker_id=worker_id, width=width, planned=len(mine))
     summary.started = _now()
     t0 = time.monotonic()
-    done = cached_keys(cache_url) if mine else set()
+    if not mine:
+        done: set[str] = set()
+    elif width >= CHECK_EACH_MIN_WIDTH:
+        done = cached_among(mine, cache_url, settings.threads)
+    else:
+        done = cached_keys(cache_url)
+    if callable(redo):
+        cached = [t for t in mine if t.cache_key() in done]
+        redo = redo(cached) if cached else ()
     done -= {t.cache_key() for t in mine if t.name in redo}
-    todo = [t for t in mine if t.cache_key() not in done]
+    # Costliest first (a stable sort: plan order among equals), so no large request is
+    # left to start last while the other workers run out of work.
+    todo = sorted((t for t in mine if t.cache_key() not in done), key=lambda t: -t.cost)
     summary.cached = len(mine) - len(todo)
     records = FailureRecords(failure_url if mine else None, stage)
     for task in mine:

@@ -9,10 +9,11 @@ numbers, booleans as booleans, CONTRACTS.md's key spelling.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal
 
 from emprocess import affine
+from emprocess.errors import EmprocessError
 from emprocess.layout import NGMETA, cube_name, pair_name, slice_task_name
 from emprocess.models import AlignedSliceRequest, AlignRequest, NgMetaRequest, NgShardRequest
 from emprocess.workflow.batch import MiniTask
@@ -24,6 +25,23 @@ SHARD_SIZE = 1024
 
 Window = tuple[float, float] | None
 """The run's intensity window (``RunInfo.intensity_window``): None sends no window."""
+
+Share = tuple[int, int] | None
+"""``(worker_id, width)``: plan only that batch task's mini-tasks (``index % width ==
+worker_id``), with the indexes of the whole plan; None plans the whole stage. A wide
+stage's tasks each build their own share, so a stage plans N mini-tasks, not width x N."""
+
+
+def _owns(index: int, share: Share) -> bool:
+    return share is None or index % share[1] == share[0]
+
+
+def _checked(share: Share) -> Share:
+    if share is not None and not (share[1] >= 1 and 0 <= share[0] < share[1]):
+        raise EmprocessError(
+            f"worker_id {share[0]} is outside 0..{share[1] - 1} (width {share[1]})"
+        )
+    return share
 
 
 def _window(window: Window) -> list[float] | None:
@@ -50,19 +68,25 @@ def align_pair_list(conf: RunConf) -> list[tuple[int, int]]:
     ]
 
 
-def plan_align_pairs(conf: RunConf, window: Window = None) -> list[MiniTask]:
+def plan_align_pairs(conf: RunConf, window: Window = None, share: Share = None) -> list[MiniTask]:
     """One POST / per pair (z, z + d) of :func:`align_pair_list`; index = position.
 
     With ``neighbors`` 1 the plan is the original one: pairs (z, z + 1), index z - minz.
+    ``share`` plans only one batch task's pairs (:data:`Share`).
     """
-    return plan_pair_tasks(conf, align_pair_list(conf), window)
+    return plan_pair_tasks(conf, align_pair_list(conf), window, share)
 
 
 def plan_pair_tasks(
-    conf: RunConf, pairs: Sequence[tuple[int, int]], window: Window = None
+    conf: RunConf,
+    pairs: Sequence[tuple[int, int]],
+    window: Window = None,
+    share: Share = None,
 ) -> list[MiniTask]:
     """One POST / per (pre, post) pair, named :func:`~emprocess.layout.pair_name`; index =
-    position (the second align round's pairs across gaps use it too)."""
+    position (the second align round's pairs across gaps use it too); ``share`` keeps
+    one batch task's."""
+    share = _checked(share)
     source = conf.source
     return [
         MiniTask(
@@ -80,6 +104,7 @@ def plan_pair_tasks(
             ).payload(),
         )
         for i, (pre, post) in enumerate(pairs)
+        if _owns(i, share)
     ]
 
 
@@ -97,6 +122,7 @@ def plan_aligned_slices(
     bbox_xy: Sequence[int],
     window: Window = None,
     fill: Mapping[int, int | None] | None = None,
+    zs: Iterable[int] | None = None,
 ) -> list[MiniTask]:
     """One POST /alignedslice per slice z from minz to maxz; index = z - minz.
 
@@ -108,6 +134,8 @@ def plan_aligned_slices(
         fill: bad slice z -> the slice whose pixels (at its own transform) stand in for
             it, or None for a black slice (the image is placed just outside the canvas,
             so the service writes zeros); slices not named show their own pixels.
+        zs: plan only these slices (a batch task's share, the slices of some cubes),
+            in this order; default minz..maxz.
     """
     fill = fill or {}
     outside = affine.translation(float(bbox_xy[0]) + 16.0, 0.0)
@@ -121,7 +149,7 @@ def plan_aligned_slices(
         return stand_in, [float(v) for v in transforms[stand_in]]
 
     tasks = []
-    for z in range(conf.minz, conf.maxz + 1):
+    for z in range(conf.minz, conf.maxz + 1) if zs is None else zs:
         img_z, transform = source_of(z)
         tasks.append(
             MiniTask(
@@ -187,42 +215,73 @@ def cube_slices(conf: RunConf, cube_z: int) -> range:
     return range(first, min(conf.maxz, first + SHARD_SIZE - 1) + 1)
 
 
-def tiles_digest(written: Sequence[MiniTask], zs: range, minz: int) -> str:
-    """A digest of the /alignedslice requests of slices ``zs`` (``written`` starts at minz).
+def tiles_digest(keys: Sequence[str]) -> str:
+    """A digest of the cache keys of the /alignedslice requests of a cube's slices.
 
     Those requests' cache keys cover everything that shaped the tiles (transform,
     canvas, contrast, window, fill), so the digest changes exactly when the tiles do.
     """
-    keys = [t.cache_key() for t in written[zs.start - minz : zs.stop - minz]]
     return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
 
 
+def shard_slices(conf: RunConf, bbox_xy: Sequence[int], share: Share = None) -> list[int]:
+    """The slices whose write requests key the cubes of ``share`` (all slices for None)."""
+    share = _checked(share)
+    starts = plan_cube_starts(bbox_xy, conf.minz, conf.maxz)
+    layers = sorted({z for i, (_, _, z) in enumerate(starts) if _owns(i, share)})
+    return [z for cz in layers for z in cube_slices(conf, cz)]
+
+
 def plan_ng_shards(
-    conf: RunConf, bbox_xy: Sequence[int], written: Sequence[MiniTask]
+    conf: RunConf, bbox_xy: Sequence[int], written: Sequence[MiniTask], share: Share = None
 ) -> list[MiniTask]:
     """One POST /ngshard per 1024^3 cube of the volume, in :func:`plan_cube_starts` order.
 
     Args:
         conf: the run's conf.
         bbox_xy: the canvas (width, height) in pixels.
-        written: the run's /alignedslice plan (:func:`plan_aligned_slices`, index z - minz):
-            each cube's cache key covers the requests that wrote the tiles it reads, so a
-            re-triggered run whose tiles changed (other clip-limit, transforms...) redoes
-            the cubes, and only those.
+        written: the run's /alignedslice requests (:func:`plan_aligned_slices`, index
+            z - minz), at least those of :func:`shard_slices`: each cube's cache key
+            covers the requests that wrote the tiles it reads, so a re-triggered run whose
+            tiles changed (other clip-limit, transforms...) redoes the cubes, and only those.
+        share: plan only one batch task's cubes (:data:`Share`).
+
+    Raises:
+        ValueError: ``written`` lacks a slice that a planned cube reads.
     """
-    if len(written) != conf.maxz - conf.minz + 1:
-        raise ValueError(
-            f"the write plan has {len(written)} slices, the run {conf.maxz - conf.minz + 1}"
-        )
+    share = _checked(share)
+    keys = {t.index + conf.minz: t.cache_key() for t in written}
+    digests: dict[int, str] = {}  # the cubes of one z-layer read the same slices
+
+    def digest(cz: int) -> str:
+        if cz not in digests:
+            zs = cube_slices(conf, cz)
+            missing = [z for z in zs if z not in keys]
+            if missing:
+                raise ValueError(
+                    f"the write plan has {len(written)} slices; the cubes of z-layer {cz} "
+                    f"read slices {zs.start}..{zs.stop - 1}, {len(missing)} of them missing"
+                )
+            digests[cz] = tiles_digest([keys[z] for z in zs])
+        return digests[cz]
+
     fields = _volume_fields(conf, bbox_xy)
     tmp = conf.layout.tmp
+
+    def voxels(x: int, y: int, z: int) -> float:  # edge cubes are thinner
+        wx = min(SHARD_SIZE, int(bbox_xy[0]) - x * SHARD_SIZE)
+        wy = min(SHARD_SIZE, int(bbox_xy[1]) - y * SHARD_SIZE)
+        return float(wx * wy * len(cube_slices(conf, z)))
+
     return [
         MiniTask(
             index=i,
             name=cube_name(x, y, z),
             path="/ngshard",
             payload=NgShardRequest(**fields, source=tmp, start=[x, y, z]).payload(),
-            inputs=tiles_digest(written, cube_slices(conf, z), conf.minz),
+            inputs=digest(z),
+            cost=voxels(x, y, z),
         )
         for i, (x, y, z) in enumerate(plan_cube_starts(bbox_xy, conf.minz, conf.maxz))
+        if _owns(i, share)
     ]

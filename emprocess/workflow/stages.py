@@ -12,7 +12,7 @@ import logging
 import platform
 import re
 from collections import Counter, defaultdict
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -50,15 +50,18 @@ from emprocess.workflow.batch import (
     cached_keys,
     read_cached,
     run_batch,
+    select_worker,
 )
 from emprocess.workflow.conf import RunConf, parse_conf, template_prefix
 from emprocess.workflow.payloads import (
+    Share,
     cube_slices,
     ngmeta_task,
     plan_align_pairs,
     plan_aligned_slices,
     plan_ng_shards,
     plan_pair_tasks,
+    shard_slices,
 )
 from emprocess.workflow.window import decide_window, measured_channels, sample_slices
 
@@ -353,7 +356,7 @@ def _send(
     settings: HttpSettings | None,
     worker_id: int = 0,
     width: int = 1,
-    redo: Collection[str] = (),
+    redo: Collection[str] | Callable[[list[MiniTask]], Collection[str]] = (),
 ) -> dict[str, Any]:
     """Run one batch task of ``stage``: its answers under ``cache``, its failures beside."""
     conf = info.conf
@@ -378,7 +381,7 @@ def align_pairs(
     if conf.skip_align or conf.align_from is not None:
         log.info("skip_align or align_from: no alignment requests")
         return BatchSummary("affine", worker_id, info.width, 0).to_json()
-    tasks = plan_align_pairs(conf, info.intensity_window)
+    tasks = plan_align_pairs(conf, info.intensity_window, (worker_id, info.width))
     return _send(info, tasks, "affine", AFFINE_CACHE, base_url, settings, worker_id, info.width)
 
 
@@ -611,17 +614,25 @@ def read_fill(conf: RunConf) -> dict[int, int | None]:
     return {int(z): (None if s is None else int(s)) for z, s in doc.items()}
 
 
-def write_plan(info: RunInfo, canvas: Mapping[str, Any]) -> list[MiniTask]:
-    """The run's /alignedslice requests, from its transforms.json, fill.json and canvas."""
+def write_plan(
+    info: RunInfo, canvas: Mapping[str, Any], zs: Iterable[int] | None = None
+) -> list[MiniTask]:
+    """The run's /alignedslice requests (of slices ``zs`` only, if given), from its
+    transforms.json, fill.json and canvas."""
     conf = info.conf
     return plan_aligned_slices(
-        conf, read_transforms(conf), canvas["bbox"], info.intensity_window, read_fill(conf)
+        conf, read_transforms(conf), canvas["bbox"], info.intensity_window, read_fill(conf), zs
     )
 
 
-def shard_plan(info: RunInfo, canvas: Mapping[str, Any]) -> list[MiniTask]:
-    """The run's /ngshard requests, each keyed on the write requests of the tiles it reads."""
-    return plan_ng_shards(info.conf, canvas["bbox"], write_plan(info, canvas))
+def shard_plan(info: RunInfo, canvas: Mapping[str, Any], share: Share = None) -> list[MiniTask]:
+    """The run's /ngshard requests (one batch task's, with ``share``), each keyed on the
+    write requests of the tiles it reads: only those of its cubes' slices are planned."""
+    bbox = canvas["bbox"]
+    written = write_plan(
+        info, canvas, None if share is None else shard_slices(info.conf, bbox, share)
+    )
+    return plan_ng_shards(info.conf, bbox, written, share)
 
 
 def write_slices(
@@ -631,29 +642,38 @@ def write_slices(
     base_url: str,
     settings: HttpSettings | None = None,
 ) -> dict[str, Any]:
-    """Batch task ``write_{i}``: /alignedslice for this worker's slices."""
-    tasks = write_plan(info, canvas)
-    redo = tiles_to_rewrite(info, canvas, tasks)
+    """Batch task ``write_{i}``: /alignedslice for this worker's slices (only those planned)."""
+    conf = info.conf
+    select_worker([], worker_id, info.width)  # a worker outside the width is refused
+    tasks = write_plan(info, canvas, range(conf.minz + worker_id, conf.maxz + 1, info.width))
+
+    def redo(cached: list[MiniTask]) -> set[str]:
+        return tiles_to_rewrite(info, canvas, cached)
+
     return _send(info, tasks, "write", WRITE_CACHE, base_url, settings, worker_id, info.width, redo)
 
 
 def tiles_to_rewrite(
-    info: RunInfo, canvas: Mapping[str, Any], written: Sequence[MiniTask]
+    info: RunInfo, canvas: Mapping[str, Any], cached: Sequence[MiniTask]
 ) -> set[str]:
-    """Slices whose tiles are gone but are still needed: read by a cube not yet written.
+    """Of the slices ``cached`` (answered before), those whose tiles are gone but are still
+    needed: read by a cube not yet written.
 
     The tmp bucket's lifecycle deletes the tiles once the volume is done; a cleared or
     re-triggered run rewrites them only for the cubes it must (re)build, so a finished
-    run triggered again sends nothing.
+    run triggered again sends nothing. Only a batch task with cached answers asks (a
+    retry, a re-triggered run), so a first run plans and lists nothing here.
     """
     conf = info.conf
     done = cached_keys(conf.process_url(NG_CACHE))
-    cubes = plan_ng_shards(conf, canvas["bbox"], written)
+    cubes = shard_plan(info, canvas)
+    mine = {t.index + conf.minz for t in cached}
     needed = {
         z
         for t in cubes
         if t.cache_key() not in done
         for z in cube_slices(conf, t.payload["start"][2])
+        if z in mine
     }
     if not needed:
         return set()
@@ -698,8 +718,8 @@ def write_ng_shards(
     base_url: str,
     settings: HttpSettings | None = None,
 ) -> dict[str, Any]:
-    """Batch task ``write_ng_shards_{i}``: /ngshard for this worker's cubes."""
-    tasks = shard_plan(info, canvas)
+    """Batch task ``write_ng_shards_{i}``: /ngshard for this worker's cubes (only those planned)."""
+    tasks = shard_plan(info, canvas, (worker_id, info.width))
     return _send(info, tasks, "ngshard", NG_CACHE, base_url, settings, worker_id, info.width)
 
 

@@ -111,14 +111,14 @@ def test_exhausted_retries_name_the_mini_task_and_status(local_bucket: str) -> N
     assert (summary.cached, summary.sent) == (3, 1)
 
 
-def test_cache_is_listed_once_and_skips_finished_work(
-    bucket: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def cache_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Counts of the listings of a cache (URLs naming one) and of storage.exists calls."""
     calls = {"list": 0, "exists": 0}
     real_list, real_exists = storage.list_keys, storage.exists
 
     def counting_list(url: str) -> list[str]:
-        calls["list"] += 1
+        calls["list"] += 1 if "cache" in url else 0
         return real_list(url)
 
     def counting_exists(url: str) -> bool:
@@ -127,6 +127,13 @@ def test_cache_is_listed_once_and_skips_finished_work(
 
     monkeypatch.setattr(storage, "list_keys", counting_list)
     monkeypatch.setattr(storage, "exists", counting_exists)
+    return calls
+
+
+def test_cache_is_listed_once_and_skips_finished_work(
+    bucket: str, cache_calls: dict[str, int]
+) -> None:
+    calls = cache_calls
     cache = f"gs://{bucket}/run/{NG_CACHE}"
     with ScriptedServer(echo) as server:
         first = run_batch(plan(10), base_url=server.url, cache_url=cache, settings=FAST)
@@ -146,24 +153,12 @@ def test_cache_is_listed_once_and_skips_finished_work(
 
 
 def test_a_wide_stage_looks_up_only_its_own_answers(
-    local_bucket: str, monkeypatch: pytest.MonkeyPatch
+    local_bucket: str, cache_calls: dict[str, int]
 ) -> None:
     """At width CHECK_EACH_MIN_WIDTH a task checks its own answers one by one, never
     listing the whole stage's cache, and still skips exactly what is finished."""
     width = batch.CHECK_EACH_MIN_WIDTH
-    calls = {"list": 0, "exists": 0}
-    real_list, real_exists = storage.list_keys, storage.exists
-
-    def counting_list(url: str) -> list[str]:
-        calls["list"] += 1 if "/cache" in url else 0
-        return real_list(url)
-
-    def counting_exists(url: str) -> bool:
-        calls["exists"] += 1
-        return real_exists(url)
-
-    monkeypatch.setattr(storage, "list_keys", counting_list)
-    monkeypatch.setattr(storage, "exists", counting_exists)
+    calls = cache_calls
     cache = f"gs://{local_bucket}/run/align/write_cache"
     tasks = plan(3 * width + 2)  # worker 1 owns 1, 65, 129, 193 at width 64
     with ScriptedServer(echo) as server:

@@ -32,12 +32,18 @@ def test_bench_run_prints_each_stage_and_the_whole_run(tmp_path: Path, restored_
     text = out.output
     assert "local run of 3 slices of 256^2 px (8-bit), width 1" in text
     assert "align 1 workers, emwrite 1 workers" in text
+    stage_cpu = 0.0
     for stage in ("align", "write", "shards"):
         row = re.search(rf"^  {stage} +{NUMBER} +{NUMBER} +{NUMBER}% +{NUMBER}%$", text, re.M)
         assert row, (stage, text)
         wall, cpu, ours, busy = map(float, row.groups())
-        assert wall > 0 and cpu > 0
-        assert ours <= busy + 1  # our processes are part of the machine's busy time
+        # A stage of 3 tiny slices can round to 0.0 s (shards: one thin cube); align cannot.
+        assert wall >= 0 and cpu >= 0 and (stage != "align" or wall > 0), text
+        # Our processes are part of the machine's busy time; the two are sampled apart
+        # (per process and system-wide), which on a sub-second stage differs by a few points.
+        assert ours <= busy + 10, text
+        stage_cpu += cpu
+    assert stage_cpu > 0, text
     whole = re.search(rf"whole run .*: {NUMBER} s wall, {NUMBER} s CPU", text)
     assert whole and float(whole[2]) > 0 and float(whole[1]) > 0
     assert re.search(rf"end to end: 0 MB in, {NUMBER} MB/s per core", text)  # 0.2 MB

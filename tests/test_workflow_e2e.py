@@ -153,6 +153,11 @@ def test_width4_dag_on_gcs_aligns_the_stack_within_a_pixel(
     complete = json.loads(storage.read_bytes(run.layout.process_url(layout.COMPLETE)))
     stages = complete["stages"]
     assert (stages["align.affine"]["tasks"], stages["align.affine"]["sent"]) == (4, PAIRS)
+    # Each slice's features once (issue 19), stored, before any pair.
+    assert (stages["align.features"]["tasks"], stages["align.features"]["sent"]) == (4, SLICES)
+    assert len({b["img"] for b in run.bodies("/features")}) == len(run.bodies("/features"))
+    assert run.paths("align")[:SLICES] == ["/features"] * SLICES
+    assert len(storage.list_keys(run.layout.process_url(layout.FEATURES) + "/")) == SLICES
     assert (stages["align.write"]["tasks"], stages["align.write"]["planned"]) == (4, SLICES)
     assert stages["ngingest.write_ng_shards"]["planned"] == 1
 
@@ -211,11 +216,12 @@ def test_faults_on_every_service_give_the_same_bytes(
     # Every request was answered with a 503, timed out, or answered once for good.
     align, emwrite = len(run.align_requests), len(run.emwrite_requests)
     assert injected["delayed"] == 1
-    assert align == PAIRS + injected["align"] + 1
+    assert align == SLICES + PAIRS + injected["align"] + 1
     assert emwrite == SLICES + 2 + injected["emwrite"]
     assert injected["align"] == align // 3 and injected["emwrite"] == emwrite // 3
     complete = json.loads(storage.read_bytes(run.layout.process_url(layout.COMPLETE)))
-    assert complete["stages"]["align.affine"]["attempts"] == align
+    stages = complete["stages"]
+    assert stages["align.features"]["attempts"] + stages["align.affine"]["attempts"] == align
     objects = assert_same_outputs(run, clean_width4)
     print(
         f"fault run: {align} alignment requests ({injected['align']} answered 503, 1 timed "
@@ -358,7 +364,7 @@ def test_a_rerun_with_another_clip_limit_redoes_only_what_changes(
     dag = dag_bag.dags[dag_id(1)]
     first = _run(monkeypatch, dag, stack, service_pool, "reclip", conf={"clip-limit": 0.05})
     assert first.state == "success", first.task_states
-    assert len(first.align_requests) == PAIRS
+    assert len(first.align_requests) == SLICES + PAIRS  # features once per slice, pairs
     first_volume = bucket_bytes(f"gs://{first.ng_bucket}/")
 
     again = _run(monkeypatch, dag, stack, service_pool, "reclip")

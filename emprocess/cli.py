@@ -164,8 +164,13 @@ def bench_neighbors(
     from benchmarks.neighbors import print_neighbors_benchmark, run_neighbors_benchmark
 
     cv2.setNumThreads(1)
-    logging.getLogger("emprocess.services").setLevel(logging.WARNING)  # one line per pair
-    rows = run_neighbors_benchmark(slices, size, tuple(neighbors), downsample)
+    services = logging.getLogger("emprocess.services")
+    level = services.level
+    services.setLevel(logging.WARNING)  # not one line per pair
+    try:
+        rows = run_neighbors_benchmark(slices, size, tuple(neighbors), downsample)
+    finally:
+        services.setLevel(level)
     print_neighbors_benchmark(rows)
 
 

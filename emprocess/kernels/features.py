@@ -71,11 +71,13 @@ def decode_features(data: bytes, max_bytes: int) -> tuple[SliceFeatures, dict[st
         raise InvalidInput(f"features header is not JSON: {e}") from None
     if not isinstance(header, dict):
         raise InvalidInput("features header is not a JSON object")
-    n, width, height = (header.get(k) for k in ("count", "width", "height"))
-    for name, value in (("count", n), ("width", width), ("height", height)):
+    counts: dict[str, int] = {}
+    for name in ("count", "width", "height"):
+        value = header.get(name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise InvalidInput(f"features header {name}={value!r} is not a count")
-    assert isinstance(n, int) and isinstance(width, int) and isinstance(height, int)
+        counts[name] = value
+    n, width, height = counts["count"], counts["width"], counts["height"]
     body = start + head_len
     if len(data) - body != n * BYTES_PER_FEATURE:
         raise InvalidInput(

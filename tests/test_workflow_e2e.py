@@ -303,7 +303,8 @@ def test_dynamic_dag_retries_a_dead_write_task_from_its_cache(
         env={"EMPROCESS_HTTP_ATTEMPTS": "1"},
     )
     mapped = sorted(k for k in run.task_states if "[" in k)
-    assert mapped == [f"{t}[{i}]" for t in ("align.affine", "align.write") for i in range(3)] + [
+    stages = ("align.affine", "align.features", "align.write")
+    assert mapped == [f"{t}[{i}]" for t in stages for i in range(3)] + [
         f"ngingest.write_ng_shards[{i}]" for i in range(3)
     ]
     figures = check_finished_run(run)  # also: no failure record is left

@@ -10,6 +10,7 @@ import pytest
 import requests
 
 from emprocess import layout, storage
+from emprocess.kernels.align import SliceFeatures
 from emprocess.kernels.features import decode_features
 
 FIBSEM = Path(__file__).resolve().parents[2] / "shared" / "data" / "fibsem"
@@ -133,3 +134,29 @@ def test_refusals_name_the_problem(align_service: str, bucket: str, stack: list[
     storage.write_bytes(lone, storage.read_bytes(stack[0]))
     bad("/", {"pre": lone, "post": lone, "run_id": RUN}, f"{bucket}l_process", "does not exist")
     bad("/features", {"img": stack[0], "run_id": RUN, "downsample": 64}, "fewer than 16")
+
+
+def test_a_planted_object_is_bounded_checked_and_replaced(
+    align_service: str, bucket: str, stack: list[str]
+) -> None:
+    """What lies at a features key is read with a byte bound and used only when its
+    header names the same digest; anything else is extracted again and overwritten."""
+    from emprocess.kernels.align import AlignParams
+    from emprocess.kernels.features import encode_features, max_encoded_bytes
+    from emprocess.models import FeaturesRequest
+    from emprocess.services.features import features_url
+
+    body = {"img": stack[2], "run_id": RUN}
+    url, described = features_url(FeaturesRequest(**body), AlignParams())
+    assert url.startswith(f"gs://{layout.process_bucket(bucket)}/{RUN}/{layout.FEATURES}/")
+    too_big = b"\0" * (max_encoded_bytes(1000) + 1)
+    foreign = encode_features(
+        SliceFeatures(520, 520, np.zeros((1, 2)), np.zeros((1, 128), np.float32)),
+        {**described, "digest": "0" * 16, "source_width": 520, "source_height": 520},
+    )
+    for planted in (too_big, b"\x80\x04not features", foreign):
+        storage.write_bytes(url, planted)
+        answer = post(align_service + "/features", body).json()
+        assert answer["already_stored"] is False and answer["count"] > 100
+        _, header = decode_features(storage.read_bytes(url), len(storage.read_bytes(url)))
+        assert header["digest"] == described["digest"]

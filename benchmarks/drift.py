@@ -2,7 +2,9 @@
 
 Reslices the registered slices of a folder (``img.%05d.png``) with a rigid random walk
 (:mod:`emprocess.drift`), injects bad slices, aligns every pair with the alignment
-service's own kernel (in this process, two threads) and runs collect's global solve.
+service's own kernel (in this process, two threads; each slice's features extracted once
+and matched by its pairs, as the service does since issue 19) and runs collect's global
+solve.
 It compares the transforms with two truths:
 
 * ``raw``: the registered volume's frame. SIFT sees the registered volume itself move
@@ -33,7 +35,13 @@ import numpy as np
 
 from emprocess import affine
 from emprocess.drift import BLANK, DUPLICATE, NOISE, errors_px, reslice
-from emprocess.kernels.align import align_pair, downsample_image
+from emprocess.kernels.align import (
+    SliceFeatures,
+    align_features,
+    downsample_image,
+    extract_features,
+)
+from emprocess.kernels.features import decode_features, encode_features
 from emprocess.workflow.compose import compose_alignment
 from emprocess.workflow.conf import RunConf
 from emprocess.workflow.globalalign import BAD, GapPlan, global_alignment, plan_gap_pairs
@@ -66,9 +74,21 @@ def _align_all(
     first: dict[bytes, int] = {}
     same = [first.setdefault(s.tobytes(), z) for z, s in enumerate(small)]
     distinct = sorted({(same[a], same[b]) for a, b in pairs})
-    with ThreadPoolExecutor(2) as pool:
-        answers = pool.map(lambda p: align_pair(small[p[0]], small[p[1]]).model_dump(), distinct)
-        found = dict(zip(distinct, answers, strict=True))
+    used = sorted({z for pair in distinct for z in pair})
+
+    def stored(z: int) -> SliceFeatures:
+        # Through the bytes the service stores, as its pairs read them.
+        return decode_features(encode_features(extract_features(small[z])), 1 << 30)[0]
+
+    def align(p: tuple[int, int]) -> dict[str, Any]:
+        a, b = p
+        return align_features(
+            features[a], features[b], images=lambda: (small[a], small[b])
+        ).model_dump()
+
+    with ThreadPoolExecutor(2) as pool:  # features once per slice, as the service's runs
+        features = dict(zip(used, pool.map(stored, used), strict=True))
+        found = dict(zip(distinct, pool.map(align, distinct), strict=True))
     return {(a, b): found[(same[a], same[b])] for a, b in pairs}
 
 

@@ -27,7 +27,12 @@ import psutil
 if TYPE_CHECKING:
     from emprocess.settings import StorageEnv
 
-STAGES = {"align": "align.affine", "write": "align.write", "shards": "ngingest.write_ng_shards"}
+STAGES = {
+    "features": "align.features",
+    "align": "align.affine",
+    "write": "align.write",
+    "shards": "ngingest.write_ng_shards",
+}
 """Stages whose utilisation is measured: label -> stage name in complete.json."""
 
 SOURCE = "bench-stack"

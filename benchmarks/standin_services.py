@@ -1,7 +1,7 @@
 """Stand-in for both services in scale benchmarks: instant answers, no image work.
 
 POST / answers as the alignment service does with an identity transform (the answer of
-``moc_server.py``); /alignedslice and /ngshard answer "success" as emwrite does; /ngmeta
+``moc_server.py``), /features with no features; /alignedslice and /ngshard answer "success" as emwrite does; /ngmeta
 also writes the volume's ``info`` (``gs://DEST/neuroglancer/jpeg/info`` through
 emprocess.storage), which the DAG's ``iswritten`` checks. Not part of the package: only
 ``emprocess bench scale`` starts it. Usage:
@@ -50,6 +50,8 @@ class Handler(BaseHTTPRequestHandler):
             return
         if self.path == "/":
             self._answer(200, ALIGN_ANSWER)
+        elif self.path == "/features":  # stores nothing: its pairs answer the identity
+            self._answer(200, b'{"count": 0}')
         elif self.path in ("/alignedslice", "/ngshard"):
             self._answer(200, b"success", "text/plain")
         elif self.path == "/ngmeta":

@@ -151,6 +151,29 @@ def bench_align(
     print_align_benchmark(run_align_benchmark(tuple(sizes), tuple(downsamples), repeats))
 
 
+@bench_app.command("neighbors")
+def bench_neighbors(
+    slices: int = typer.Option(16, min=2, help="Slices of the synthetic stack."),
+    size: int = typer.Option(2048, min=64, help="Side of each slice in px."),
+    neighbors: list[int] = typer.Option([1, 3, 6], help="Neighbour counts (conf neighbors)."),
+    downsample: int = typer.Option(1, min=1, max=64, help="Alignment downsample factor."),
+) -> None:
+    """Align CPU per neighbour count: pairs decoding both slices vs features once per slice."""
+    import cv2
+
+    from benchmarks.neighbors import print_neighbors_benchmark, run_neighbors_benchmark
+
+    cv2.setNumThreads(1)
+    services = logging.getLogger("emprocess.services")
+    level = services.level
+    services.setLevel(logging.WARNING)  # not one line per pair
+    try:
+        rows = run_neighbors_benchmark(slices, size, tuple(neighbors), downsample)
+    finally:
+        services.setLevel(level)
+    print_neighbors_benchmark(rows)
+
+
 @bench_app.command("emwrite")
 def bench_emwrite(
     slices: int = typer.Option(64, min=0, help="Slices of the synthetic stack (0: none)."),
@@ -194,7 +217,7 @@ def bench_emwrite(
 @bench_app.command("solve")
 def bench_solve(
     sizes: list[int] = typer.Option([1000, 10_000, 50_000], "--slices", help="Stack sizes."),
-    neighbors: int = typer.Option(4, min=1, max=4, help="Neighbours per slice."),
+    neighbors: int = typer.Option(4, min=1, max=6, help="Neighbours per slice."),
 ) -> None:
     """Time and peak memory of collect's global solve (targets at 50,000: < 60 s, < 2 GiB)."""
     from benchmarks.solve import print_solve_benchmark, run_solve_benchmark

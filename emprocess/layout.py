@@ -70,8 +70,19 @@ COMPLETE = "complete.json"
 AFFINE_CACHE = "align/affine_cache"
 """Answers of the align pairs, the second round's (across gaps) among them."""
 WRITE_CACHE = "align/write_cache"
+FEATURES_CACHE = "align/features_cache"
+"""Answers of the features mini-tasks (one per slice, before the align pairs)."""
+FEATURES = "align/features"
+"""Each slice's stored SIFT features (``align/features/STEM.DIGEST.feat``), written by the
+alignment service (:func:`features_key`) and read by every pair of that slice."""
 NG_CACHE = "neuroglancer/cache"
-CACHES = {"affine": AFFINE_CACHE, "write": WRITE_CACHE, "ngmeta": NG_CACHE, "ngshard": NG_CACHE}
+CACHES = {
+    "features": FEATURES_CACHE,
+    "affine": AFFINE_CACHE,
+    "write": WRITE_CACHE,
+    "ngmeta": NG_CACHE,
+    "ngshard": NG_CACHE,
+}
 """Cache prefix of each stage's answers (``NAME.DIGEST.json``)."""
 FAILURES = "failures"
 """Failure records of mini-tasks: ``RUN_ID/failures/STAGE/NAME.json``."""
@@ -159,6 +170,14 @@ class RunLayout:
     def neuroglancer_source(self) -> str:
         """The neuroglancer layer source of the JPEG pyramid."""
         return f"precomputed://{self.jpeg_url}"
+
+
+def features_key(run_id: str, slice_key: str, digest: str) -> str:
+    """Key in ``SOURCE_process`` of the stored features of slice object ``slice_key`` made
+    by the recipe of ``digest``: ``RUN_ID/align/features/STEM.DIGEST.feat`` (STEM: the
+    slice's file name without its extension, for people listing the folder)."""
+    stem = slice_key.rsplit("/", 1)[-1].rsplit(".", 1)[0] or "slice"
+    return f"{run_id}/{FEATURES}/{stem}.{digest}.feat"
 
 
 # -- mini-task names ------------------------------------------------------------------

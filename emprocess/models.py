@@ -261,6 +261,12 @@ class AlignRequest(_Request):
     )
     pre_channels: ChannelURLs = Field(default=None, description=_CHANNEL_URLS_DESCRIPTION)
     post_channels: ChannelURLs = Field(default=None, description=_CHANNEL_URLS_DESCRIPTION)
+    run_id: RunId | None = Field(
+        default=None,
+        description="Match the slices' stored features of this run (SOURCE_process/RUN_ID/"
+        "align/features/, computed and stored when missing) instead of decoding both "
+        "slices; absent: decode both, as before.",
+    )
 
     @model_validator(mode="after")
     def _check_channel_files(self) -> AlignRequest:
@@ -470,3 +476,57 @@ class NgShardRequest(_VolumeRequest):
     start: Start3 = Field(
         description="Cube position [x, y, z] in units of 1024; z counts from minz."
     )
+
+
+# -- features once per slice (issue 19) ------------------------------------------------
+
+
+class FeaturesRequest(_Request):
+    """POST /features of the alignment service: extract slice ``img``'s SIFT features once
+    (as a pair request with the same fields would) and store them in the run's process
+    bucket, ``SOURCE_process/RUN_ID/align/features/`` (SOURCE: ``img``'s bucket)."""
+
+    img: StorageURL = Field(description="gs:// URL of the slice (channel 0's file).")
+    run_id: RunId = Field(description="The run whose process folder keeps the features.")
+    downsample: int = Field(
+        default=1, ge=1, le=64, description="Shrink the slice by this factor before extraction."
+    )
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        max_length=32,
+        description="Overrides of the matching recipe (AlignParams fields), as the pairs send.",
+    )
+    intensity_window: IntensityWindow = Field(default=None, description=_WINDOW_DESCRIPTION)
+    channel: AlignChannel = Field(
+        default=None, description="Channel to extract from, as AlignRequest's channel."
+    )
+    channel_files: ChannelURLs = Field(default=None, description=_CHANNEL_URLS_DESCRIPTION)
+
+    @model_validator(mode="after")
+    def _check_channel_files(self) -> FeaturesRequest:
+        files = self.channel_files
+        if files is None:
+            return self
+        if self.channel is None:
+            raise ValueError('channel_files needs channel (an index or "mean")')
+        if isinstance(self.channel, int) and self.channel > len(files):
+            raise ValueError(
+                f"channel {self.channel} is not one of the {len(files) + 1} channel files"
+            )
+        return self
+
+    @classmethod
+    def of_pair(cls, req: AlignRequest, role: Literal["pre", "post"]) -> FeaturesRequest:
+        """The features request of the ``pre`` or ``post`` slice of a pair request with a
+        ``run_id``: same slice, downsample, recipe, window and channel."""
+        if req.run_id is None:
+            raise InvalidInput("a pair request without run_id has no stored features")
+        return cls(
+            img=req.pre if role == "pre" else req.post,
+            run_id=req.run_id,
+            downsample=req.downsample,
+            params=req.params,
+            intensity_window=req.intensity_window,
+            channel=req.channel,
+            channel_files=req.pre_channels if role == "pre" else req.post_channels,
+        )

@@ -292,7 +292,7 @@ class E2ERun:
 
     def bodies(self, path: str) -> list[dict[str, Any]]:
         """JSON bodies of the requests to ``path`` (``/`` for alignment), in arrival order."""
-        reqs = self.align_requests if path == "/" else self.emwrite_requests
+        reqs = self.align_requests if path in ("/", "/features") else self.emwrite_requests
         return [json.loads(r.body) for r in reqs if r.path == path]
 
 
@@ -388,8 +388,8 @@ def run_width1_e2e(
     root: Path,
 ) -> E2ERun:
     """The session's width-1 run on the local backend (``EMPROCESS_STORAGE_ROOT`` set by the
-    caller): each service answers its first request (of /alignedslice for emwrite) with a
-    503, and the conf's email goes to an SMTP sink."""
+    caller): each service answers its first request (of / for the alignment service, of
+    /alignedslice for emwrite) with a 503, and the conf's email goes to an SMTP sink."""
     from emprocess.workflow import dag_id
 
     storage.create_bucket(source)
@@ -404,7 +404,7 @@ def run_width1_e2e(
         emwrite_url,
         backend="local",
         root=root,
-        align_rules=[fail_first(1, 503)],
+        align_rules=[fail_first(1, 503, lambda r: r.path == "/")],
         emwrite_rules=[fail_first(1, 503, lambda r: r.path == "/alignedslice")],
         smtp=True,
     )

@@ -262,7 +262,7 @@ def test_a_cleared_task_redoes_only_what_it_owns_that_is_missing(
     parsed = parse_conf(conf)
     run, run_id = parsed.layout, parsed.id
     caches = tuple(f"{prefix.removeprefix(layout.THUMBNAILS + '/')}/" for prefix in (
-        layout.AFFINE_CACHE, layout.WRITE_CACHE))  # fmt: skip
+        layout.AFFINE_CACHE, layout.WRITE_CACHE, layout.FEATURES_CACHE))  # fmt: skip
 
     def outputs() -> dict[str, dict[str, bytes]]:
         """The volume, the tiles, and the thumbnails, transforms and QC (not the caches,

@@ -269,7 +269,7 @@ def test_run_takes_every_simple_conf_key(tmp_path: Path) -> None:
             "--maxz", "3", "--workdir", str(tmp_path / "work")]  # fmt: skip
     for extra, said in (
         (["--email", "not-an-address"], "is not an email address"),
-        (["--neighbors", "9"], "'--neighbors': Input should be less than or equal to 4"),
+        (["--neighbors", "9"], "'--neighbors': Input should be less than or equal to 6"),
         (["--bad-slice-fill", "grey"], "'grey' is not one of 'own', 'nearest', 'zeros'"),
     ):
         result = runner.invoke(app, [*base, *extra])

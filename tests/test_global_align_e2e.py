@@ -86,6 +86,9 @@ def test_neighbours_solve_and_bad_slices_on_real_fibsem(
     first_round = 99 + 98 + 97  # pairs (z, z+1..3)
     sent = sorted((b["pre"][-9:-4], b["post"][-9:-4]) for b in run.bodies("/"))
     assert len(sent) == len(set(sent)) == first_round + 1 and ("00059", "00063") in sent
+    # Each slice's features were extracted once; every pair (gap pair too) matched them.
+    assert len({b["img"] for b in run.bodies("/features")}) == len(run.bodies("/features")) == 100
+    assert {b["run_id"] for b in run.bodies("/")} == {conf["id"]}
     doc = json.loads(storage.read_bytes(run.layout.process_url(layout.TRANSFORMS)))
     transforms = {int(z): t for z, t in doc.items()}
     rows = list(

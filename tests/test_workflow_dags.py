@@ -31,7 +31,7 @@ from emprocess import layout
 from emprocess.layout import RunLayout
 from emprocess.workflow import POOL, VERSION, WIDTHS, dag_id
 
-BATCH_STAGES = ("align.affine", "align.write", "ngingest.write_ng_shards")
+BATCH_STAGES = ("align.features", "align.affine", "align.write", "ngingest.write_ng_shards")
 REQUIRED = {"id", "image", "minz", "maxz", "source"}
 
 
@@ -76,6 +76,7 @@ def contract_edges(width: int) -> set[tuple[str, str]]:
     edges = {
         ("validate", "create_env"),
         ("create_env", "align.start_align"),
+        ("align.check_features", "align.affine_0"),
         ("align.finish_align", "ngingest.write_ngmeta"),
         ("ngingest.finish_ngwrite", "iswritten"),
         ("iswritten", "cleanup_images"),
@@ -84,7 +85,9 @@ def contract_edges(width: int) -> set[tuple[str, str]]:
     }
     for i in range(width):
         edges |= {
-            ("align.start_align", f"align.affine_{i}"),
+            ("align.start_align", f"align.features_{i}"),
+            (f"align.features_{i}", "align.check_features"),
+            ("align.check_features", f"align.affine_{i}"),
             (f"align.affine_{i}", "align.collect"),
             ("align.collect", f"align.write_{i}"),
             (f"align.write_{i}", "align.finish_align"),
@@ -113,7 +116,7 @@ def test_fixed_width_graph_is_the_contract(dagbag: Any, width: int) -> None:
     edges = contract_edges(width)
     assert set(dag.task_ids) == {n for e in edges for n in e}
     assert edges_of(dag) == edges
-    assert len(dag.tasks) == 11 + 3 * width
+    assert len(dag.tasks) == 12 + 4 * width
     assert dag.timetable.can_be_scheduled is False  # schedule=None
     assert {"emprocess", f"v{VERSION}", f"width{width}"} <= set(dag.tags)
     assert dag.doc_md.startswith(f"# {dag_id(width)}")
@@ -130,7 +133,8 @@ def test_fixed_width_graph_is_the_contract(dagbag: Any, width: int) -> None:
 def test_dynamic_dag_maps_the_batch_stages(dagbag: Any) -> None:
     dag = dagbag.dags[f"emprocess_v{VERSION}"]
     assert set(dag.task_ids) == {
-        "validate", "create_env", "align.start_align", "align.affine", "align.collect",
+        "validate", "create_env", "align.start_align", "align.features",
+        "align.check_features", "align.affine", "align.collect",
         "align.write", "align.finish_align", "ngingest.write_ngmeta",
         "ngingest.write_ng_shards", "ngingest.finish_ngwrite", "iswritten", "cleanup_images",
         "set_public_read", "write_status",
@@ -139,7 +143,9 @@ def test_dynamic_dag_maps_the_batch_stages(dagbag: Any) -> None:
     assert mapped == set(BATCH_STAGES)
     # The contract's order; each mapped stage also reads the worker ids from start_align.
     assert edges_of(dag) >= {
-        ("align.start_align", "align.affine"),
+        ("align.start_align", "align.features"),
+        ("align.features", "align.check_features"),
+        ("align.check_features", "align.affine"),
         ("align.affine", "align.collect"),
         ("align.collect", "align.write"),
         ("align.write", "align.finish_align"),
@@ -234,7 +240,7 @@ def test_parse_is_cheap_and_imports_nothing_heavy(bench_process: subprocess.Pope
     )
     assert result["heavy_modules"] == []
     assert result["import_errors"] == {}
-    assert len(result["dag_ids"]) == 6 and result["tasks"] == 5 * 11 + 3 * 229 + 14
+    assert len(result["dag_ids"]) == 6 and result["tasks"] == 5 * 12 + 4 * 229 + 16
     # Target < 1 s; the bound leaves room for a busy 2-core test machine.
     assert result["median_parse_s"] < 3.0
 
@@ -267,6 +273,15 @@ def test_width1_dag_aligns_and_writes_a_volume_with_the_real_services(
         for z in range(11)
     ]
     assert {b["downsample"] for b in run.bodies("/")} == {1}
+    # Each slice's features were extracted once, before any pair; every pair matched them.
+    align_paths = run.paths("align")
+    assert align_paths == ["/features"] * 12 + ["/"] * 12
+    assert sorted(b["img"] for b in run.bodies("/features")) == [
+        f"gs://{source}/stack/img.{z:05d}.png" for z in range(12)
+    ]
+    assert {b["run_id"] for b in run.bodies("/")} == {"e2e1"}
+    features = storage.list_keys(run.layout.process_url(layout.FEATURES) + "/")
+    assert len(features) == 12
     assert run.paths() == ["/alignedslice"] * 13 + ["/ngmeta", "/ngshard"]
     assert sorted({b["slice"] for b in run.bodies("/alignedslice")}) == list(range(12))
     shard = run.bodies("/ngshard")[0]
@@ -274,6 +289,7 @@ def test_width1_dag_aligns_and_writes_a_volume_with_the_real_services(
     assert shard["source"] == f"{source}_tmp_e2e1" and shard["dest_raw"] == f"{source}_chunk_e2e1"
 
     complete = json.loads(storage.read_bytes(run.layout.process_url(layout.COMPLETE)))
+    assert complete["stages"]["align.features"]["sent"] == 12
     assert complete["stages"]["align.affine"]["sent"] == 11
     assert complete["stages"]["align.affine"]["attempts"] == 12
     assert complete["stages"]["align.write"]["attempts"] == 13

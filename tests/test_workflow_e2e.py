@@ -153,6 +153,11 @@ def test_width4_dag_on_gcs_aligns_the_stack_within_a_pixel(
     complete = json.loads(storage.read_bytes(run.layout.process_url(layout.COMPLETE)))
     stages = complete["stages"]
     assert (stages["align.affine"]["tasks"], stages["align.affine"]["sent"]) == (4, PAIRS)
+    # Each slice's features once (issue 19), stored, before any pair.
+    assert (stages["align.features"]["tasks"], stages["align.features"]["sent"]) == (4, SLICES)
+    assert len({b["img"] for b in run.bodies("/features")}) == len(run.bodies("/features"))
+    assert run.paths("align")[:SLICES] == ["/features"] * SLICES
+    assert len(storage.list_keys(run.layout.process_url(layout.FEATURES) + "/")) == SLICES
     assert (stages["align.write"]["tasks"], stages["align.write"]["planned"]) == (4, SLICES)
     assert stages["ngingest.write_ng_shards"]["planned"] == 1
 
@@ -186,7 +191,7 @@ def test_faults_on_every_service_give_the_same_bytes(
         # The first (not 503'd) request for pair 5 -> 6 waits past the client's timeout,
         # then goes on to the service: the service answers a request nobody waits for.
         with lock:
-            if injected["delayed"] or json.loads(rec.body)["pre"][-9:] != "00005.png":
+            if injected["delayed"] or json.loads(rec.body).get("pre", "")[-9:] != "00005.png":
                 return None
             injected["delayed"] += 1
         time.sleep(TIMEOUT_S + 1.0)
@@ -211,11 +216,12 @@ def test_faults_on_every_service_give_the_same_bytes(
     # Every request was answered with a 503, timed out, or answered once for good.
     align, emwrite = len(run.align_requests), len(run.emwrite_requests)
     assert injected["delayed"] == 1
-    assert align == PAIRS + injected["align"] + 1
+    assert align == SLICES + PAIRS + injected["align"] + 1
     assert emwrite == SLICES + 2 + injected["emwrite"]
     assert injected["align"] == align // 3 and injected["emwrite"] == emwrite // 3
     complete = json.loads(storage.read_bytes(run.layout.process_url(layout.COMPLETE)))
-    assert complete["stages"]["align.affine"]["attempts"] == align
+    stages = complete["stages"]
+    assert stages["align.features"]["attempts"] + stages["align.affine"]["attempts"] == align
     objects = assert_same_outputs(run, clean_width4)
     print(
         f"fault run: {align} alignment requests ({injected['align']} answered 503, 1 timed "
@@ -297,7 +303,8 @@ def test_dynamic_dag_retries_a_dead_write_task_from_its_cache(
         env={"EMPROCESS_HTTP_ATTEMPTS": "1"},
     )
     mapped = sorted(k for k in run.task_states if "[" in k)
-    assert mapped == [f"{t}[{i}]" for t in ("align.affine", "align.write") for i in range(3)] + [
+    stages = ("align.affine", "align.features", "align.write")
+    assert mapped == [f"{t}[{i}]" for t in stages for i in range(3)] + [
         f"ngingest.write_ng_shards[{i}]" for i in range(3)
     ]
     figures = check_finished_run(run)  # also: no failure record is left
@@ -358,7 +365,7 @@ def test_a_rerun_with_another_clip_limit_redoes_only_what_changes(
     dag = dag_bag.dags[dag_id(1)]
     first = _run(monkeypatch, dag, stack, service_pool, "reclip", conf={"clip-limit": 0.05})
     assert first.state == "success", first.task_states
-    assert len(first.align_requests) == PAIRS
+    assert len(first.align_requests) == SLICES + PAIRS  # features once per slice, pairs
     first_volume = bucket_bytes(f"gs://{first.ng_bucket}/")
 
     again = _run(monkeypatch, dag, stack, service_pool, "reclip")

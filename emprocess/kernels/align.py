@@ -475,6 +475,84 @@ def _features_in_input_px(
     return _Features(features.xy * factor + (factor - 1) / 2.0, features.descriptors)
 
 
+EXTRACTION_FIELDS = (
+    "saturated_percent",
+    "min_octave_size",
+    "max_octave_size",
+    "initial_sigma",
+    "steps",
+    "dense_max_size",
+    "max_features",
+    "contrast_threshold",
+)
+"""The :class:`AlignParams` fields that shape a slice's first-attempt features; the
+others (ratio test, RANSAC, retries) act only on matching."""
+
+
+def extraction_recipe(params: AlignParams) -> dict[str, float | int]:
+    """The fields of ``params`` that shape :func:`extract_features`' answer (a cache key)."""
+    return {name: getattr(params, name) for name in EXTRACTION_FIELDS}
+
+
+@dataclass(frozen=True)
+class SliceFeatures:
+    """One slice's SIFT features of the ladder's first attempt (``steps``, ``initial_sigma``).
+
+    Computed once per slice and matched against every neighbour: matching two stored
+    sets gives exactly the answer of :func:`align_pair` on the two images, because the
+    first attempt of a pair extracts each image's features on its own (nothing in the
+    extraction depends on the other slice).
+
+    Attributes:
+        width: width (px) of the array the features were extracted from.
+        height: its height (px).
+        xy: (N, 2) float64 positions (x, y) in px of that array.
+        descriptors: (N, 128) float32 SIFT descriptors.
+    """
+
+    width: int
+    height: int
+    xy: np.ndarray
+    descriptors: np.ndarray
+
+    def __post_init__(self) -> None:
+        n = len(self.xy)
+        if self.xy.shape != (n, 2) or self.descriptors.shape != (n, 128):
+            raise InvalidInput(
+                f"features need (N, 2) positions and (N, 128) descriptors, got "
+                f"{self.xy.shape} and {self.descriptors.shape}"
+            )
+
+
+def extract_features(image: np.ndarray, params: AlignParams | None = None) -> SliceFeatures:
+    """The first attempt's features of one slice, as :func:`align_pair` extracts them.
+
+    Args:
+        image: (H, W) uint8 or uint16 image (already downsampled and windowed as the
+            pair's images would be).
+        params: Matching recipe; only :data:`EXTRACTION_FIELDS` matter.
+
+    Raises:
+        InvalidInput: When the image is not a non-empty 2-D uint8/uint16 array.
+    """
+    _check_image(image, "image")
+    p = params or AlignParams()
+    image8, factor = _prepare(image, p)
+    f = _features_in_input_px(image8, factor, p, p.steps, p.initial_sigma)
+    return SliceFeatures(image.shape[1], image.shape[0], f.xy, f.descriptors)
+
+
+LaterFeatures = Callable[[int, float], tuple[_Features, _Features]]
+"""(steps, sigma) -> the (pre, post) features of a retry."""
+
+
+def _ladder(p: AlignParams) -> list[tuple[int, float]]:
+    ladder = [(steps, p.initial_sigma) for steps in range(p.steps, p.max_steps + 1)]
+    if p.retry_initial_sigma is not None:
+        ladder.append((p.max_steps, p.retry_initial_sigma))
+    return ladder
+
+
 def align_pair(pre: np.ndarray, post: np.ndarray, params: AlignParams | None = None) -> AlignResult:
     """Find the affine and the translation that map ``post`` onto ``pre``.
 
@@ -503,15 +581,78 @@ def align_pair(pre: np.ndarray, post: np.ndarray, params: AlignParams | None = N
     pre8, pre_factor = _prepare(pre, p)
     post8, post_factor = _prepare(post, p)
 
-    ladder = [(steps, p.initial_sigma) for steps in range(p.steps, p.max_steps + 1)]
-    if p.retry_initial_sigma is not None:
-        ladder.append((p.max_steps, p.retry_initial_sigma))
+    def features(steps: int, sigma: float) -> tuple[_Features, _Features]:
+        return (
+            _features_in_input_px(pre8, pre_factor, p, steps, sigma),
+            _features_in_input_px(post8, post_factor, p, steps, sigma),
+        )
+
+    first = features(p.steps, p.initial_sigma)
+    return _run_ladder(pre.shape, post.shape, first, features, p, started)
+
+
+def align_features(
+    pre: SliceFeatures,
+    post: SliceFeatures,
+    params: AlignParams | None = None,
+    images: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None,
+) -> AlignResult:
+    """:func:`align_pair` from stored first-attempt features; same answer, no decoding.
+
+    The retries (more steps, a smaller sigma) need other features than the stored
+    ones: only when the first attempt leaves a model missing is ``images`` called for
+    the (pre, post) images, and the rest of the ladder runs on them as
+    :func:`align_pair` would. Without ``images`` the answer is the first attempt's.
+
+    Args:
+        pre: features of slice z (:func:`extract_features`, same ``params``).
+        post: features of slice z+1.
+        params: Matching recipe; must be the one that extracted the features.
+        images: gives the (pre, post) images the features were extracted from.
+    """
+    started = time.perf_counter()
+    p = params or AlignParams()
+    first = (_Features(pre.xy, pre.descriptors), _Features(post.xy, post.descriptors))
+    later: LaterFeatures | None = None
+    if images is not None:
+        prepared: list[tuple[np.ndarray, int]] = []
+
+        def later_features(steps: int, sigma: float) -> tuple[_Features, _Features]:
+            if not prepared:
+                pre_image, post_image = images()
+                _check_image(pre_image, "pre")
+                _check_image(post_image, "post")
+                prepared.extend([_prepare(pre_image, p), _prepare(post_image, p)])
+            (pre8, pre_factor), (post8, post_factor) = prepared
+            return (
+                _features_in_input_px(pre8, pre_factor, p, steps, sigma),
+                _features_in_input_px(post8, post_factor, p, steps, sigma),
+            )
+
+        later = later_features
+    shapes = (pre.height, pre.width), (post.height, post.width)
+    return _run_ladder(shapes[0], shapes[1], first, later, p, started)
+
+
+def _run_ladder(
+    pre_shape: tuple[int, ...],
+    post_shape: tuple[int, ...],
+    first: tuple[_Features, _Features],
+    later: LaterFeatures | None,
+    p: AlignParams,
+    started: float,
+) -> AlignResult:
+    """Match the first attempt's features, then retry up the ladder while a model is missing."""
     best_affine = best_translation = _NO_FIT
     n_pre = n_post = n_matches = attempts = 0
-    for steps, sigma in ladder:
+    for steps, sigma in _ladder(p):
+        if not attempts:
+            f_pre, f_post = first
+        elif later is None:
+            break
+        else:
+            f_pre, f_post = later(steps, sigma)
         attempts += 1
-        f_pre = _features_in_input_px(pre8, pre_factor, p, steps, sigma)
-        f_post = _features_in_input_px(post8, post_factor, p, steps, sigma)
         src, dst = _match(f_post, f_pre, p.ratio)
         n_pre, n_post, n_matches = len(f_pre.xy), len(f_post.xy), len(src)
         if best_affine.matrix is None:
@@ -528,10 +669,10 @@ def align_pair(pre: np.ndarray, post: np.ndarray, params: AlignParams | None = N
             break
 
     return AlignResult(
-        width=post.shape[1],
-        height=post.shape[0],
-        width0=pre.shape[1],
-        height0=pre.shape[0],
+        width=post_shape[1],
+        height=post_shape[0],
+        width0=pre_shape[1],
+        height0=pre_shape[0],
         affine=_params6(best_affine),
         translation=_params6(best_translation),
         affine_found=best_affine.matrix is not None,

@@ -126,10 +126,17 @@ def align_request(req: AlignRequest) -> dict[str, Any]:
 
 def create_app() -> Flask:
     """The WSGI app (gunicorn: ``'emprocess.services.align:create_app()'``)."""
+    from emprocess.services.features import align_with_features, register_features
+
     app = create_service_app("align")
 
     @app.post("/")
     def align() -> Any:
-        return jsonify(align_request(AlignRequest.from_payload(json_body())))
+        req = AlignRequest.from_payload(json_body())
+        if req.run_id is not None:  # features once per slice (services/features.py)
+            return jsonify(align_with_features(req))
+        return jsonify(align_request(req))
+
+    register_features(app)
 
     return app

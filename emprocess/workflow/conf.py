@@ -39,7 +39,9 @@ from emprocess.workflow import dag_id
 MAX_WIDTH = 1024
 MAX_DOWNSAMPLE = 64
 MAX_GREY = 65535
-MAX_NEIGHBORS = 4
+MAX_NEIGHBORS = 6
+"""Janelia's FIB-SEM alignments match 6 neighbours per slice; with features extracted once
+per slice (issue 19) each neighbour costs one match, not two extractions."""
 
 # One flat JSON schema per union-typed key: Airflow's trigger form validates a param
 # against ``type``, and pydantic's ``anyOf`` of the union does not flatten into one.

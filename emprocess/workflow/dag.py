@@ -2,13 +2,17 @@
 
 Task graph (CONTRACTS.md), for a fixed width W::
 
-    validate -> create_env -> align.start_align -> align.affine_{0..W-1} -> align.collect
+    validate -> create_env -> align.start_align -> align.features_{0..W-1}
+      -> align.check_features -> align.affine_{0..W-1} -> align.collect
       -> align.write_{0..W-1} -> align.finish_align -> ngingest.write_ngmeta
       -> ngingest.write_ng_shards_{0..W-1} -> ngingest.finish_ngwrite -> iswritten
       -> cleanup_images -> set_public_read -> write_status
 
-The dynamic DAG (``width`` None) has the same graph with the three batch stages as
-mapped tasks ``align.affine``, ``align.write`` and ``ngingest.write_ng_shards``,
+``align.features_{i}`` (issue 19) extracts each slice's SIFT features once, so the
+pairs match stored features instead of decoding both slices each.
+
+The dynamic DAG (``width`` None) has the same graph with the four batch stages as mapped
+tasks ``align.features``, ``align.affine``, ``align.write`` and ``ngingest.write_ng_shards``,
 expanded over the worker ids that ``align.start_align`` returns for the conf's width.
 """
 
@@ -71,7 +75,7 @@ def doc_md(width: int | None) -> str:
     )
     if width is None:
         shape = (
-            "Width comes from the conf key `width`: the three batch stages are mapped "
+            "Width comes from the conf key `width`: the four batch stages are mapped "
             "tasks expanded over that many workers."
         )
     else:
@@ -121,6 +125,14 @@ def build_dag(width: int | None) -> DAG:
         with TaskGroup("align"):
             start = t.start_align()
             if width is None:
+                features: Any = t.features.override(pool=POOL).expand(worker_id=start)
+            else:
+                features = [
+                    t.features.override(task_id=f"features_{i}", pool=POOL)(worker_id=i)
+                    for i in range(width)
+                ]
+            check_features = t.check_features()
+            if width is None:
                 affines: Any = t.affine.override(pool=POOL).expand(worker_id=start)
             else:
                 affines = [
@@ -154,7 +166,9 @@ def build_dag(width: int | None) -> DAG:
         status = t.write_status()
 
         validate >> create_env >> start
-        start >> affines
+        start >> features
+        features >> check_features
+        check_features >> affines
         affines >> collect
         collect >> writes
         writes >> finish_align

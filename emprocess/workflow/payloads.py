@@ -15,7 +15,13 @@ from typing import Literal
 from emprocess import affine
 from emprocess.errors import EmprocessError
 from emprocess.layout import NGMETA, cube_name, pair_name, slice_task_name
-from emprocess.models import AlignedSliceRequest, AlignRequest, NgMetaRequest, NgShardRequest
+from emprocess.models import (
+    AlignedSliceRequest,
+    AlignRequest,
+    FeaturesRequest,
+    NgMetaRequest,
+    NgShardRequest,
+)
 from emprocess.workflow.batch import MiniTask
 from emprocess.workflow.conf import RunConf
 
@@ -101,10 +107,40 @@ def plan_pair_tasks(
                 channel=conf.align_channel if conf.channels > 1 else None,
                 pre_channels=_more_channels(conf, pre, f"gs://{source}/"),
                 post_channels=_more_channels(conf, post, f"gs://{source}/"),
+                run_id=conf.id,
             ).payload(),
         )
         for i, (pre, post) in enumerate(pairs)
         if _owns(i, share)
+    ]
+
+
+def plan_features(conf: RunConf, window: Window = None, share: Share = None) -> list[MiniTask]:
+    """One POST /features per slice z from minz to maxz, named ``z000012``; index z - minz.
+
+    Each slice's SIFT features are extracted once and stored by the alignment service;
+    the pairs of :func:`plan_pair_tasks` (same slice URLs, downsample, window and channel,
+    and ``run_id``) then match the stored features instead of decoding both slices.
+    ``share`` plans only one batch task's slices (:data:`Share`).
+    """
+    share = _checked(share)
+    prefix = f"gs://{conf.source}/"
+    return [
+        MiniTask(
+            index=z - conf.minz,
+            name=slice_task_name(z),
+            path="/features",
+            payload=FeaturesRequest(
+                img=prefix + conf.slice_name(z),
+                run_id=conf.id,
+                downsample=conf.downsample_factor,
+                intensity_window=_window(window),
+                channel=conf.align_channel if conf.channels > 1 else None,
+                channel_files=_more_channels(conf, z, prefix),
+            ).payload(),
+        )
+        for z in range(conf.minz, conf.maxz + 1)
+        if _owns(z - conf.minz, share)
     ]
 
 

@@ -26,6 +26,7 @@ from emprocess.layout import (
     AFFINE_CACHE,
     CANVAS,
     COMPLETE,
+    FEATURES_CACHE,
     FILL,
     GAPS,
     INIT,
@@ -59,6 +60,7 @@ from emprocess.workflow.payloads import (
     ngmeta_task,
     plan_align_pairs,
     plan_aligned_slices,
+    plan_features,
     plan_ng_shards,
     plan_pair_tasks,
     shard_slices,
@@ -383,6 +385,41 @@ def align_pairs(
         return BatchSummary("affine", worker_id, info.width, 0).to_json()
     tasks = plan_align_pairs(conf, info.intensity_window, (worker_id, info.width))
     return _send(info, tasks, "affine", AFFINE_CACHE, base_url, settings, worker_id, info.width)
+
+
+def extract_slice_features(
+    info: RunInfo, worker_id: int, base_url: str, settings: HttpSettings | None = None
+) -> dict[str, Any]:
+    """Batch task ``features_{i}``: each of this worker's slices' features, extracted once
+    and stored by the alignment service (nothing when skip_align or align_from)."""
+    conf = info.conf
+    if conf.skip_align or conf.align_from is not None:
+        log.info("skip_align or align_from: no features requests")
+        return BatchSummary("features", worker_id, info.width, 0).to_json()
+    tasks = plan_features(conf, info.intensity_window, (worker_id, info.width))
+    return _send(info, tasks, "features", FEATURES_CACHE, base_url, settings, worker_id, info.width)
+
+
+def check_features(info: RunInfo) -> dict[str, Any]:
+    """``check_features``: every slice's features request was answered (one listing).
+
+    A pair whose slice has no stored features would still align (the service extracts
+    them), but each of its ``2 x neighbors`` pairs would extract them again.
+
+    Raises:
+        EmprocessError: naming the slices without an answer.
+    """
+    conf = info.conf
+    if conf.skip_align or conf.align_from is not None:
+        return {"slices": 0}
+    tasks = plan_features(conf, info.intensity_window)
+    done = cached_keys(conf.process_url(FEATURES_CACHE))
+    missing = [t.name for t in tasks if t.cache_key() not in done]
+    if missing:
+        raise EmprocessError(
+            f"{len(missing)} of {len(tasks)} slices have no features: {_names(missing)}"
+        )
+    return {"slices": len(tasks)}
 
 
 def align_across_gaps(

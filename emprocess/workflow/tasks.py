@@ -34,7 +34,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 VALIDATE = "validate"
 COLLECT = "align.collect"
-BATCH_TASKS = ("align.affine", "align.write", "ngingest.write_ng_shards")
+BATCH_TASKS = ("align.features", "align.affine", "align.write", "ngingest.write_ng_shards")
 """Task ids (before ``_{i}``) of the batch stages; their one XCom is their timing record."""
 TIMING = "timing"
 
@@ -158,6 +158,27 @@ def start_align() -> list[int]:
     info = _info()
     log.info("%d pairs over %d workers", info.conf.maxz - info.conf.minz, info.width)
     return list(range(info.width))
+
+
+@task(task_id="features", multiple_outputs=False)
+@timed
+def features(worker_id: int) -> dict[str, Any]:
+    """Extract and store this worker's slices' features once (POST /features)."""
+    from emprocess.workflow.stages import extract_slice_features
+
+    info = _info()
+    aligns = not (info.conf.skip_align or info.conf.align_from)
+    url = service_url(ALIGN_CONN_ID) if aligns else ""
+    return extract_slice_features(info, worker_id, url)
+
+
+@task(task_id="check_features", multiple_outputs=False)
+@timed
+def check_features() -> dict[str, Any]:
+    """Every slice has its features before the pairs are sent."""
+    from emprocess.workflow.stages import check_features as check
+
+    return check(_info())
 
 
 @task(task_id="affine", multiple_outputs=False)

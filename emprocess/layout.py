@@ -168,6 +168,16 @@ class RunLayout:
         """The neuroglancer layer source of the JPEG pyramid."""
         return f"precomputed://{self.jpeg_url}"
 
+    def raw_sources(self, raw_format: str = "precomputed") -> list[str]:
+        """The neuroglancer sources of the lossless volume(s) of conf ``raw_format``
+        (precomputed, ome-zarr or both); none when ``raw`` is false."""
+        if not self.raw:
+            return []
+        out = [] if raw_format == "ome-zarr" else [f"precomputed://{self.raw_url}"]
+        if raw_format in ("ome-zarr", "both"):
+            out.append(f"zarr3://{self.raw_ome_zarr_url}/")
+        return out
+
 
 # -- mini-task names ------------------------------------------------------------------
 

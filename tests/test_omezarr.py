@@ -21,6 +21,7 @@ import pytest
 import requests
 import tensorstore as ts
 from conftest import SHARED_DATA, ServicePool, unique_bucket
+from test_view_browser import chromium  # noqa: F401  (the fixture)
 
 from emprocess import storage
 from emprocess.errors import InvalidInput
@@ -429,3 +430,151 @@ def test_16bit_anisotropic_and_colour_volumes(
     else:
         assert a0.shape == (3, 4, height, width)
         assert tuple(group["0"].metadata.dimension_names) == ("c", "z", "y", "x")
+
+
+# -- a real run of the DAG ----------------------------------------------------------------
+
+E2E_SLICES = 5
+
+
+@pytest.fixture(scope="module")
+def zarr_run(airflow_db: Path, dag_bag: Any, service_pool: ServicePool, local_root: Path) -> Any:
+    """Five real FIB-SEM slices through the width-1 DAG with ``raw_format: both``."""
+    from dags_conftest_helpers import run_on_local
+
+    from emprocess.workflow import dag_id
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EMPROCESS_STORAGE_ROOT", str(local_root))
+        source = unique_bucket("ozrun")
+        storage.create_bucket(source)
+        for z in range(E2E_SLICES):
+            storage.write_bytes(
+                f"gs://{source}/img.{z:05d}.png", cv2.imencode(".png", fibsem(z))[1].tobytes()
+            )
+        conf = {
+            "id": "run",
+            "image": "img.%05d.png",
+            "minz": 0,
+            "maxz": E2E_SLICES - 1,
+            "source": source,
+            "resolution": 10,
+            "neighbors": 1,
+            "raw_format": "both",
+        }
+        return run_on_local(mp, dag_bag.dags[dag_id(1)], conf, service_pool, local_root)
+
+
+@pytest.mark.slow
+def test_dag_run_writes_an_ome_zarr_equal_to_the_precomputed_volume(
+    zarr_run: Any, local_root: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from emprocess.report import load_run
+
+    monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", str(local_root))
+    assert zarr_run.state == "success", zarr_run.task_states
+    for path in ("/ngmeta", "/ngshard"):
+        assert all(b["raw_format"] == "both" for b in zarr_run.bodies(path)), path
+    assert all("raw_format" not in b for b in zarr_run.bodies("/alignedslice"))
+    group = assert_zarr_equals_precomputed(zarr_run.layout, tmp_path / "copy")
+    assert group["0"].shape[0] == E2E_SLICES
+    report = load_run(zarr_run.source, zarr_run.run_id)
+    assert report.raw_volumes() == [
+        f"precomputed://{zarr_run.layout.raw_url}",
+        f"zarr3://{zarr_run.layout.raw_ome_zarr_url}/",
+    ]
+    assert f"zarr3://{zarr_run.layout.raw_ome_zarr_url}/" in report.summary_text()
+
+
+# -- viewing ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def zarr_volume(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    """A 256 x 256 x 64 run at 8 nm whose lossless volume is OME-Zarr only."""
+    from volumes import build_test_volume
+
+    root = tmp_path_factory.mktemp("view-zarr")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(storage.ROOT_ENV, str(root))
+        volume = build_test_volume(
+            "viewzarr", "run1", 64, 256, 256, minz=5, write_raw=True, raw_format="ome-zarr"
+        )
+    return root, volume
+
+
+def test_view_and_link_show_the_ome_zarr_layer(
+    zarr_volume: tuple[Path, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import urllib.parse
+
+    from emprocess.view import DataServer, gcs_view, serve_run
+
+    root, volume = zarr_volume
+    monkeypatch.setenv(storage.ROOT_ENV, str(root))
+    with serve_run(volume.source, volume.run_id, raw=True) as session:
+        names = [layer.name for layer in session.viewer.state.layers]
+        assert names == ["run1", "run1-ome-zarr"]
+        source = session.viewer.state.layers[1].source[0].url
+        assert source == f"zarr3://{session.data_server.url}/{RAW_OME_ZARR_PATH}/"
+        r = requests.get(f"{session.data_server.url}/{RAW_OME_ZARR_PATH}/zarr.json", timeout=10)
+        assert r.status_code == 200 and r.json()["attributes"]["ome"]["version"] == "0.5"
+    # A public bucket (a DataServer playing GCS): the link has the zarr3:// layer.
+    monkeypatch.delenv(storage.ROOT_ENV)
+    layout = RunLayout(volume.source, volume.run_id)
+    mounts = {
+        f"{layout.ng}/neuroglancer/jpeg": root / layout.ng / "neuroglancer" / "jpeg",
+        f"{layout.chunk}/{RAW_OME_ZARR_PATH}": root / layout.chunk / RAW_OME_ZARR_PATH,
+    }
+    with DataServer(mounts) as fake_gcs:
+        result = gcs_view(volume.source, volume.run_id, raw=True, gcs_url=fake_gcs.url)
+    assert not result.warnings(), result.warnings()
+    state = json.loads(urllib.parse.unquote(result.link.split("#!", 1)[1]))
+    assert [layer["source"] for layer in state["layers"]] == [
+        layout.neuroglancer_source(),
+        f"zarr3://{layout.raw_ome_zarr_url}/",
+    ]
+
+
+@pytest.mark.slow
+def test_browser_shows_the_ome_zarr_volume(
+    zarr_volume: tuple[Path, Any],
+    monkeypatch: pytest.MonkeyPatch,
+    chromium: Any,  # noqa: F811  (test_view_browser's fixture)
+    tmp_path: Path,
+) -> None:
+    """Headless Chromium, the JPEG layer hidden: what is drawn comes from raw.ome.zarr."""
+    import time
+
+    from test_view_browser import LOAD_TIMEOUT_S, MIN_XY_CORRELATION, measure_screenshot
+
+    from emprocess.view import serve_run
+
+    root, volume = zarr_volume
+    monkeypatch.setenv(storage.ROOT_ENV, str(root))
+    group = read_zarr(RunLayout(volume.source, volume.run_id).raw_ome_zarr_url, tmp_path / "z")
+    with serve_run(volume.source, volume.run_id, raw=True) as session:
+        with session.viewer.txn() as s:
+            s.layers["run1"].visible = False
+        z = int(session.viewer.state.position[2])  # a slice number: index z - minz
+        truth = np.asarray(group["0"][z - volume.minz])
+        t0 = time.monotonic()
+        chromium.get(session.url)
+        while True:
+            png = chromium.get_screenshot_as_png()
+            metrics = measure_screenshot(png, truth)
+            if metrics.ok() or time.monotonic() - t0 > LOAD_TIMEOUT_S:
+                break
+            time.sleep(1.0)
+        (tmp_path / "viewer.png").write_bytes(png)
+        records = session.data_server.records
+    # Neuroglancer asks a shard's size (HEAD), then its index and chunks by byte range.
+    shards = [r for r in records if f"/{RAW_OME_ZARR_PATH}/0/c/" in r.path and r.method == "GET"]
+    context = (
+        f"{metrics}; screenshot {tmp_path / 'viewer.png'}; requests "
+        f"{[(r.path, r.range, r.status) for r in records[:30]]}; browser log "
+        f"{[e.get('message') for e in chromium.get_log('browser')][-10:]}"
+    )
+    assert shards and all(r.range and r.status == 206 for r in shards), context
+    assert not any("/neuroglancer/jpeg/" in r.path and r.path.endswith(".shard") for r in records)
+    assert metrics.ok() and metrics.xy_correlation >= MIN_XY_CORRELATION, context

@@ -111,25 +111,31 @@ class OmeZarrWriter:
 
         self.layouts = list(layouts)
         self.z_offsets = [omezarr.z_offset(minz, layout) for layout in self.layouts]
-        self.stores = [
-            ts.open(
-                {
-                    "driver": "zarr3",
-                    "kvstore": storage.kvstore_spec(storage.join(url, omezarr.dataset_path(s))),
-                },
-                open=True,
-                context=context,
-            ).result()
+        specs = [
+            storage.kvstore_spec(storage.join(url, omezarr.dataset_path(s)))
             for s in range(len(self.layouts))
         ]
+        self.stores = [
+            ts.open({"driver": "zarr3", "kvstore": spec}, open=True, context=context).result()
+            for spec in specs
+        ]
+        self.kvstores = [ts.KvStore.open(spec, context=context).result() for spec in specs]
 
     def write(self, scale: int, lo_xyz: tuple[int, int, int], data_zyx: np.ndarray) -> None:
-        """Write the block, one transaction per shard: as :meth:`PrecomputedWriter.write`,
-        each transaction covers every chunk of one shard, so tensorstore writes the shard
-        file whole without reading what is there."""
+        """Write the block, one transaction per shard, each shard file deleted first.
+
+        As :meth:`PrecomputedWriter.write`, each transaction covers every chunk of one
+        shard that lies in the array. A shard that reaches past the array's end (the
+        volume's edge, or a stack thinner than a shard) has chunks no one writes, and
+        tensorstore then reads the shard to keep them: a truncated or damaged file left by
+        a failed request would fail every retry ("DATA_LOSS"). The shard belongs to this
+        request alone, so it is deleted first and written anew: a repeated request gives
+        the same bytes, and a damaged shard is replaced.
+        """
         import tensorstore as ts
 
-        store = self.stores[scale]
+        store, kv = self.stores[scale], self.kvstores[scale]
+        channels = ["0"] if data_zyx.ndim == 4 else []
         nz, ny, nx = data_zyx.shape[:3]
         x, y, z = lo_xyz
         z -= self.z_offsets[scale]
@@ -144,6 +150,8 @@ class OmeZarrWriter:
                         slice(y + dy, y + dy + py),
                         slice(x + dx, x + dx + px),
                     )
+                    grid = [str(b.start // n) for b, n in zip(box, (sz, sy, sx), strict=True)]
+                    kv.write("/".join(["c", *channels, *grid]), None).result()  # delete
                     txn = ts.Transaction()
                     if part.ndim == 4:  # (z, y, x, c) -> (c, z, y, x)
                         view = store.with_transaction(txn)[(slice(None), *box)]
@@ -180,18 +188,17 @@ class OmeZarrVolume:
         except ValueError:
             return ...
 
-    def _differing(self) -> list[str]:
-        """Keys whose stored document is absent or another than ours."""
-        return [
-            key for key, data in self.documents.items() if self._stored(key) != json.loads(data)
-        ]
+    def _differing(self) -> dict[str, Any]:
+        """Keys whose stored document is absent (None) or another than ours, with it."""
+        stored = {key: self._stored(key) for key in self.documents}
+        return {key: doc for key, doc in stored.items() if doc != json.loads(self.documents[key])}
 
     def check_no_other_volume(self) -> None:
         """Refuse when the group describes another volume that already has data.
 
         Metadata alone (no shard written yet) may be replaced: nothing is lost.
         """
-        differing = [k for k in self._differing() if self._stored(k) is not None]
+        differing = [key for key, doc in self._differing().items() if doc is not None]
         if not differing:
             return
         # Shards (S/c/...) sort before S/zarr.json, and scale 0 is written first.
@@ -217,13 +224,13 @@ class OmeZarrVolume:
 
     def check_metadata(self) -> None:
         """The group and its arrays must exist and describe this volume (before /ngshard)."""
-        differing = self._differing()
-        if differing:
-            key = storage.join(self.url, differing[0])
-            state = "does not exist" if self._stored(differing[0]) is None else "is another"
+        for key, doc in self._differing().items():
+            url = storage.join(self.url, key)
+            if doc is None:
+                raise InvalidInput(f"{url} does not exist; run /ngmeta first")
             raise InvalidInput(
-                f"{key} {state} than this request's OME-Zarr volume; run /ngmeta with the "
-                "same bbox, minz, maxz, resolution, raw_dtype and channels"
+                f"{url} describes another volume than this request's OME-Zarr volume; run "
+                "/ngmeta with the same bbox, minz, maxz, resolution, raw_dtype and channels"
             )
 
 

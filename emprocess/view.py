@@ -398,14 +398,23 @@ def gcs_view(
     is skipped too: its retries would only keep the user waiting for minutes.
     """
     chunk = chunk_bucket(source, run_id)
-    pre, zarr = (True, False)
-    if raw:
-        pre, zarr = raw_formats(
-            lambda prefix: (
-                check_public_read(chunk, metadata_key(prefix), timeout_s, gcs_url).access
-                is not Access.MISSING
-            )
-        )
+
+    def has_raw(prefix: str) -> bool:
+        """Whether the chunk bucket holds volume ``prefix``: anonymously, else (GCS
+        unreachable anonymously: offline) through a local root only; not when neither
+        can tell (the storage layer's retries would keep the user waiting)."""
+        access = check_public_read(chunk, metadata_key(prefix), timeout_s, gcs_url).access
+        if access is not Access.UNKNOWN:
+            return access is not Access.MISSING
+        if storage.local_root() is None:
+            return False
+        try:
+            return storage.exists(storage.bucket_url(chunk, metadata_key(prefix)))
+        except Exception as e:  # no credentials, offline: the link leaves it out
+            log.debug("could not look for %s in %s: %s", prefix, chunk, e)
+            return False
+
+    pre, zarr = raw_formats(has_raw) if raw else (True, False)
     volumes = _volumes(source, run_id, raw and pre, ome_zarr=zarr)
     checks = [
         check_public_read(bucket, metadata_key(prefix), timeout_s, gcs_url)

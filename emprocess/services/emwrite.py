@@ -1,7 +1,8 @@
 """The emwrite service: aligned slices to tiles, tiles to neuroglancer pyramids.
 
 POST /alignedslice  warp one slice into the global canvas, CLAHE, thumbnail, tiles
-POST /ngmeta        write the ``info`` of neuroglancer/jpeg (and neuroglancer/raw)
+POST /ngmeta        write the ``info`` of neuroglancer/jpeg (and neuroglancer/raw, and/or the
+                    OME-Zarr metadata of raw.ome.zarr: ``raw_format``)
 POST /ngshard       build one 1024^3 cube from the tiles and write its pyramid shards
 
 The service parses, checks, reads and writes; the work is elsewhere: a slice's

@@ -543,6 +543,25 @@ def test_view_and_link_show_the_ome_zarr_layer(
     ]
 
 
+@pytest.mark.parametrize(
+    ("found", "shown"),
+    [
+        (set(), (True, False)),  # neither: the precomputed one, so its absence is reported
+        ({"neuroglancer/raw"}, (True, False)),
+        ({RAW_OME_ZARR_PATH}, (False, True)),
+        ({"neuroglancer/raw", RAW_OME_ZARR_PATH}, (True, True)),
+    ],
+)
+def test_raw_layers_are_the_volumes_found(found: set[str], shown: tuple[bool, bool]) -> None:
+    from emprocess.view import layer_source, metadata_key, raw_formats
+
+    assert raw_formats(lambda prefix: prefix in found) == shown
+    assert metadata_key(RAW_OME_ZARR_PATH) == f"{RAW_OME_ZARR_PATH}/zarr.json"
+    assert metadata_key("neuroglancer/raw") == "neuroglancer/raw/info"
+    assert layer_source("gs://b", RAW_OME_ZARR_PATH) == f"zarr3://gs://b/{RAW_OME_ZARR_PATH}/"
+    assert layer_source("gs://b", "neuroglancer/raw") == "precomputed://gs://b/neuroglancer/raw"
+
+
 @pytest.mark.slow
 def test_browser_shows_the_ome_zarr_volume(
     zarr_volume: tuple[Path, Any],

@@ -386,6 +386,10 @@ def test_ome_zarr_alone_writes_no_precomputed_raw(
     storage.delete(storage.join(alone.raw_ome_zarr_url, "zarr.json"))
     text = _post(service + "/ngshard", {**volume, "source": alone.tmp, "start": [0, 0, 0]}, 400)
     assert "zarr.json does not exist" in text and "/ngmeta" in text
+    # A chunk bucket that does not exist: 400 before any write.
+    missing = unique_bucket("ozm")
+    text = _post(service + "/ngmeta", {**volume, "dest_raw": missing}, 400)
+    assert f"destination bucket {missing!r} does not exist" in text
 
 
 def _smooth(shape: tuple[int, ...], seed: int, dtype: Any, high: int) -> np.ndarray:

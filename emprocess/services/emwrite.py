@@ -370,9 +370,8 @@ def ng_meta(req: NgMetaRequest) -> None:
         info = _info(req, encoding, count)
         _check_no_other_volume(url, info)
         infos.append((url, json.dumps(info, indent=1).encode()))
-    zarr = ome_zarr_volume(req, NUM_SCALES, CUBE_PX) if req.writes_ome_zarr else None
+    zarr = ome_zarr_volume(req, NUM_SCALES, CUBE_PX)
     if zarr is not None:
-        _require_bucket(storage.parse_url(zarr.url).bucket, "destination")
         zarr.check_no_other_volume()
     for url, data in infos:
         storage.write_bytes(storage.join(url, "info"), data, "application/json")
@@ -537,9 +536,8 @@ def ng_shard(req: NgShardRequest) -> dict[str, Any]:
     for (url, encoding), (_, count) in zip(targets, target_channels(req), strict=True):
         _require_bucket(storage.parse_url(url).bucket, "destination")
         _check_info(url, _info(req, encoding, count))
-    zarr = ome_zarr_volume(req, NUM_SCALES, CUBE_PX) if req.writes_ome_zarr else None
+    zarr = ome_zarr_volume(req, NUM_SCALES, CUBE_PX)
     if zarr is not None:
-        _require_bucket(storage.parse_url(zarr.url).bucket, "destination")
         zarr.check_metadata()
     import tensorstore as ts
 

@@ -193,11 +193,18 @@ class OmeZarrVolume:
         stored = {key: self._stored(key) for key in self.documents}
         return {key: doc for key, doc in stored.items() if doc != json.loads(self.documents[key])}
 
+    def _require_bucket(self) -> None:
+        bucket = storage.parse_url(self.url).bucket
+        if not storage.bucket_exists(bucket):
+            raise InvalidInput(f"destination bucket {bucket!r} does not exist")
+
     def check_no_other_volume(self) -> None:
-        """Refuse when the group describes another volume that already has data.
+        """Refuse when the bucket is missing, or the group describes another volume that
+        already has data.
 
         Metadata alone (no shard written yet) may be replaced: nothing is lost.
         """
+        self._require_bucket()
         differing = [key for key, doc in self._differing().items() if doc is not None]
         if not differing:
             return
@@ -224,6 +231,7 @@ class OmeZarrVolume:
 
     def check_metadata(self) -> None:
         """The group and its arrays must exist and describe this volume (before /ngshard)."""
+        self._require_bucket()
         for key, doc in self._differing().items():
             url = storage.join(self.url, key)
             if doc is None:
@@ -236,9 +244,12 @@ class OmeZarrVolume:
 
 def ome_zarr_volume(
     req: NgMetaRequest | NgShardRequest, num_scales: int, cube: int
-) -> OmeZarrVolume:
+) -> OmeZarrVolume | None:
     """The OME-Zarr lossless volume of a /ngmeta or /ngshard request (``raw_format``):
-    ``dest_raw``'s ``raw.ome.zarr``, named after that bucket (SOURCE_chunk_RUN_ID)."""
+    ``dest_raw``'s ``raw.ome.zarr``, named after that bucket (SOURCE_chunk_RUN_ID); None
+    when the request writes none."""
+    if not req.writes_ome_zarr:
+        return None
     assert req.dest_raw is not None  # writeRaw needs it (the model checks)
     documents = omezarr.volume_documents(
         (req.bbox[0], req.bbox[1]),

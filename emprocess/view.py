@@ -38,7 +38,7 @@ from werkzeug.wrappers import Request, Response
 
 from emprocess import storage
 from emprocess.errors import EmprocessError, InvalidInput, NotFound
-from emprocess.kernels.omezarr import ZARR_JSON
+from emprocess.kernels.omezarr import ZARR_JSON, dataset_path
 from emprocess.layout import (
     COMPLETE,
     JPEG_PATH,
@@ -115,6 +115,31 @@ def layer_source(base_url: str, prefix: str) -> str:
     if prefix == RAW_OME_ZARR_PATH:
         return f"zarr3://{base_url}/{prefix}/"
     return f"precomputed://{base_url}/{prefix}"
+
+
+def ome_zarr_layer(
+    run_id: str, source: str, array_json: bytes | None, resolution_nm: Sequence[float]
+) -> dict[str, dict[str, Any]]:
+    """Layer options of a colour OME-Zarr volume (scale 0's ``zarr.json`` is
+    ``array_json``; None or grey: none).
+
+    Neuroglancer makes an OME-Zarr ``c`` axis a local dimension (``c'``: one channel at
+    a time, grey); the source's transform renames it ``c^``, a channel dimension, so the
+    shader's ``getDataValue(i)`` reads channel i and draws the colour image.
+    """
+    try:
+        array = json.loads(array_json) if array_json else {}
+        names, shape = array.get("dimension_names") or [], array.get("shape") or []
+        channels = int(shape[0]) if names[:1] == ["c"] else 1
+    except (ValueError, TypeError, AttributeError, IndexError):
+        channels = 1
+    shader = channel_shader(channels) if 1 < channels <= MAX_CHANNELS else None
+    if shader is None:
+        return {}
+    rx, ry, rz = (float(r) for r in resolution_nm)
+    dims = {"c^": [1, ""], "z": [rz / 1e9, "m"], "y": [ry / 1e9, "m"], "x": [rx / 1e9, "m"]}
+    layer_source = {"url": source, "transform": {"outputDimensions": dims}}
+    return {f"{run_id}-ome-zarr": {"source": layer_source, "shader": shader}}
 
 
 def raw_formats(has_volume: Callable[[str], bool]) -> tuple[bool, bool]:
@@ -461,7 +486,15 @@ def gcs_view(
         volumes = _volumes(source, run_id, raw and pre, count, zarr)
         checks = [checks[0], *found, *checks[1:]]
     layers = [(name, layer_source(f"gs://{b}", p)) for name, b, p in volumes]
-    state = viewer_state(layers, geometry, layer_options=_layer_options(run_id, count))
+    options = _layer_options(run_id, count)
+    if zarr:
+        array_key = f"{RAW_OME_ZARR_PATH}/{dataset_path(0)}/{ZARR_JSON}"
+        body = check_public_read(chunk, array_key, timeout_s, gcs_url).body
+        if body is None and storage.local_root() is not None:
+            body = storage.read_bytes(storage.bucket_url(chunk, array_key), max_bytes=1 << 20)
+        res = geometry.resolution_nm if geometry else (DEFAULT_RESOLUTION_NM,) * 3
+        options.update(ome_zarr_layer(run_id, layers[-1][1], body, res))
+    state = viewer_state(layers, geometry, layer_options=options)
     return GcsView(neuroglancer_link(state, app_url), checks, geometry)
 
 
@@ -714,7 +747,15 @@ def serve_run(
     data_server = DataServer(mounts, port=data_port)
     try:
         layers = [(name, layer_source(data_server.url, prefix)) for name, _, prefix in volumes]
-        state = viewer_state(layers, geometry, layout, _layer_options(run_id, count))
+        options = _layer_options(run_id, count)
+        if RAW_OME_ZARR_PATH in mounts:
+            array_json = mounts[RAW_OME_ZARR_PATH] / dataset_path(0) / ZARR_JSON
+            options.update(
+                ome_zarr_layer(
+                    run_id, layers[-1][1], array_json.read_bytes(), geometry.resolution_nm
+                )
+            )
+        state = viewer_state(layers, geometry, layout, options)
         neuroglancer.set_server_bind_address("127.0.0.1", bind_port=port)
         viewer = neuroglancer.Viewer()
         with viewer.txn() as s:

@@ -566,6 +566,25 @@ def test_raw_layers_are_the_volumes_found(found: set[str], shown: tuple[bool, bo
     assert layer_source("gs://b", "neuroglancer/raw") == "precomputed://gs://b/neuroglancer/raw"
 
 
+def test_a_colour_ome_zarr_layer_makes_c_a_channel_dimension() -> None:
+    from emprocess.view import RGB_SHADER, ome_zarr_layer
+
+    docs = {
+        k: v
+        for k, v in omezarr.volume_documents((64, 64), 0, 3, 8, 2, "uint8", 3, "v", CUBE).items()
+    }
+    options = ome_zarr_layer("r", "zarr3://gs://b/raw.ome.zarr/", docs["0/zarr.json"], (4, 4, 40))
+    layer = options["r-ome-zarr"]
+    assert layer["shader"] == RGB_SHADER
+    assert layer["source"]["transform"]["outputDimensions"] == {
+        "c^": [1, ""], "z": [4e-08, "m"], "y": [4e-09, "m"], "x": [4e-09, "m"]
+    }  # fmt: skip
+    grey = omezarr.volume_documents((64, 64), 0, 3, 8, 2, "uint8", 1, "v", CUBE)["0/zarr.json"]
+    assert ome_zarr_layer("r", "zarr3://x/", grey, (8, 8, 8)) == {}
+    assert ome_zarr_layer("r", "zarr3://x/", None, (8, 8, 8)) == {}
+    assert ome_zarr_layer("r", "zarr3://x/", b"not json", (8, 8, 8)) == {}
+
+
 @pytest.mark.slow
 def test_browser_shows_the_ome_zarr_volume(
     zarr_volume: tuple[Path, Any],
@@ -608,3 +627,62 @@ def test_browser_shows_the_ome_zarr_volume(
     assert shards and all(r.range and r.status == 206 for r in shards), context
     assert not any("/neuroglancer/jpeg/" in r.path and r.path.endswith(".shard") for r in records)
     assert metrics.ok() and metrics.xy_correlation >= MIN_XY_CORRELATION, context
+
+
+@pytest.mark.slow
+def test_browser_shows_a_colour_ome_zarr_volume_in_colour(
+    chromium: Any,  # noqa: F811  (test_view_browser's fixture)
+    tmp_path_factory: pytest.TempPathFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """Three bands (red, green, blue) kept as a ``c`` axis: with the JPEG layers hidden, the
+    OME-Zarr layer's RGB shader draws them left to right (neuroglancer reads ``c`` as the
+    channel dimension)."""
+    import time
+
+    from test_view_browser import (
+        LOAD_TIMEOUT_S,
+        MIN_BAND,
+        TOP_BARS_PX,
+        colour_fractions,
+    )
+    from volumes import build_test_volume
+
+    from emprocess.view import serve_run
+
+    root = tmp_path_factory.mktemp("view-zarr-rgb")
+    monkeypatch.setenv(storage.ROOT_ENV, str(root))
+    volume = build_test_volume(
+        "viewzrgb", "rgb", 8, 192, 128, colour_bands=True, write_raw=True, raw_format="ome-zarr"
+    )
+    with serve_run(volume.source, volume.run_id, raw=True, layout="xy") as session:
+        names = [layer.name for layer in session.viewer.state.layers]
+        assert names == ["rgb-c0", "rgb-c1", "rgb-c2", "rgb-ome-zarr"]
+        zarr_layer = session.viewer.state.layers["rgb-ome-zarr"].to_json()
+        assert "c^" in zarr_layer["source"][0]["transform"]["outputDimensions"]
+        assert "getDataValue(2)" in zarr_layer["shader"]
+        with session.viewer.txn() as s:
+            for name in names[:3]:
+                s.layers[name].visible = False
+        t0 = time.monotonic()
+        chromium.get(session.url)
+        while True:
+            png = chromium.get_screenshot_as_png()
+            bgr = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
+            found = colour_fractions(bgr[TOP_BARS_PX:])
+            if (
+                min(f for f, _ in found.values()) >= MIN_BAND
+                or time.monotonic() - t0 > LOAD_TIMEOUT_S
+            ):
+                break
+            time.sleep(1.0)
+        records = session.data_server.records
+    (tmp_path / "colour.png").write_bytes(png)
+    context = (
+        f"{found}; screenshot {tmp_path / 'colour.png'}; browser log "
+        f"{[e.get('message') for e in chromium.get_log('browser')][-10:]}"
+    )
+    assert not any("/neuroglancer/jpeg" in r.path and "/c" in r.path for r in records)
+    assert all(fraction >= MIN_BAND for fraction, _ in found.values()), context
+    assert found["red"][1] < found["green"][1] < found["blue"][1], context

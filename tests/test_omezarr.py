@@ -386,6 +386,12 @@ def test_ome_zarr_alone_writes_no_precomputed_raw(
     storage.delete(storage.join(alone.raw_ome_zarr_url, "zarr.json"))
     text = _post(service + "/ngshard", {**volume, "source": alone.tmp, "start": [0, 0, 0]}, 400)
     assert "zarr.json does not exist" in text and "/ngmeta" in text
+    # /ngmeta puts the missing document back; one that is not JSON over shards is refused.
+    _post(service + "/ngmeta", volume)
+    _post(service + "/ngshard", {**volume, "source": alone.tmp, "start": [0, 0, 0]})
+    storage.write_bytes(storage.join(alone.raw_ome_zarr_url, "zarr.json"), b"not json")
+    text = _post(service + "/ngmeta", volume, 400)
+    assert "zarr.json describes another volume that already has data" in text
     # A chunk bucket that does not exist: 400 before any write.
     missing = unique_bucket("ozm")
     text = _post(service + "/ngmeta", {**volume, "dest_raw": missing}, 400)

@@ -709,7 +709,10 @@ def view(
         help="Local runs: port of the data server; 0 picks a free one.",
     ),
     raw: bool = typer.Option(
-        False, "--raw", help="Also show the lossless volume SOURCE_chunk_RUN_ID/neuroglancer/raw."
+        False,
+        "--raw",
+        help="Also show the lossless volume(s): SOURCE_chunk_RUN_ID/neuroglancer/raw and/or "
+        "SOURCE_chunk_RUN_ID/raw.ome.zarr.",
     ),
     timeout: float = typer.Option(
         5.0,

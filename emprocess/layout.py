@@ -3,7 +3,8 @@
 The one place that spells them. A run is named by its source bucket and id; its buckets
 are ``SOURCE_process`` (records of every run, under ``RUN_ID/``), ``SOURCE_tmp_RUN_ID``
 (tiled aligned slices), ``SOURCE_ng_RUN_ID`` (the JPEG volume under ``neuroglancer/jpeg``)
-and ``SOURCE_chunk_RUN_ID`` (the lossless volume under ``neuroglancer/raw``). The DAG,
+and ``SOURCE_chunk_RUN_ID`` (the lossless volume under ``neuroglancer/raw``, and/or as
+OME-Zarr under ``raw.ome.zarr``). The DAG,
 the services, the report, ``view``, the benchmarks and the tests ask :class:`RunLayout`
 (or the functions below, for a service that knows only a bucket and a run id).
 
@@ -19,6 +20,8 @@ JPEG_PATH = "neuroglancer/jpeg"
 """Path of the JPEG volume in the ng bucket."""
 RAW_PATH = "neuroglancer/raw"
 """Path of the lossless volume in the chunk bucket."""
+RAW_OME_ZARR_PATH = "raw.ome.zarr"
+"""Path of the lossless volume as OME-Zarr 0.5 (conf ``raw_format``) in the chunk bucket."""
 
 TILES_PREFIX = "aligned/"
 """Folder of the tiled aligned slices in the tmp bucket (``aligned/ZZZZZZ.tiles``)."""
@@ -167,9 +170,24 @@ class RunLayout:
         """``gs://SOURCE_chunk_ID/neuroglancer/raw``."""
         return f"gs://{self.chunk}/{RAW_PATH}"
 
+    @property
+    def raw_ome_zarr_url(self) -> str:
+        """``gs://SOURCE_chunk_ID/raw.ome.zarr``: the OME-Zarr lossless volume."""
+        return f"gs://{self.chunk}/{RAW_OME_ZARR_PATH}"
+
     def neuroglancer_source(self) -> str:
         """The neuroglancer layer source of the JPEG pyramid."""
         return f"precomputed://{self.jpeg_url}"
+
+    def raw_sources(self, raw_format: str = "precomputed") -> list[str]:
+        """The neuroglancer sources of the lossless volume(s) of conf ``raw_format``
+        (precomputed, ome-zarr or both); none when ``raw`` is false."""
+        if not self.raw:
+            return []
+        out = [] if raw_format == "ome-zarr" else [f"precomputed://{self.raw_url}"]
+        if raw_format in ("ome-zarr", "both"):
+            out.append(f"zarr3://{self.raw_ome_zarr_url}/")
+        return out
 
 
 def features_key(run_id: str, slice_key: str, digest: str) -> str:

@@ -226,6 +226,13 @@ _CHANNEL_URLS_DESCRIPTION = (
 ChannelKeys = Annotated[list[ObjectKey], Field(min_length=1, max_length=MAX_CHANNELS - 1)] | None
 
 
+RawFormat = Literal["ome-zarr", "both"] | None
+_RAW_FORMAT_DESCRIPTION = (
+    '"ome-zarr": the lossless volume is an OME-Zarr 0.5 multiscale (dest_raw\'s '
+    'raw.ome.zarr) instead of neuroglancer/raw; "both": both; absent: neuroglancer/raw only.'
+)
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True, strict=True)
 
@@ -445,10 +452,23 @@ class _VolumeRequest(_Request):
     raw_dtype: RawDtype = Field(default=None, description=_RAW_DTYPE_DESCRIPTION)
     channels: Channels = Field(default=None, description=_CHANNELS_DESCRIPTION)
     jpeg_channels: JpegChannels = Field(default=None, description=_JPEG_CHANNELS_DESCRIPTION)
+    raw_format: RawFormat = Field(default=None, description=_RAW_FORMAT_DESCRIPTION)
+
+    @property
+    def writes_precomputed_raw(self) -> bool:
+        """Whether the request writes neuroglancer/raw."""
+        return self.write_raw and self.raw_format != "ome-zarr"
+
+    @property
+    def writes_ome_zarr(self) -> bool:
+        """Whether the request writes the OME-Zarr lossless volume."""
+        return self.write_raw and self.raw_format is not None
 
     @model_validator(mode="after")
     def _check(self) -> _VolumeRequest:
         _check_channels_dtype(self.channels, self.raw_dtype)
+        if self.raw_format is not None and not self.write_raw:
+            raise ValueError(f"raw_format {self.raw_format!r} needs writeRaw true")
         if self.jpeg_channels is not None and self.channels is None:
             raise ValueError('jpeg_channels "each" needs channels (2 to 4)')
         if self.minz > self.maxz:

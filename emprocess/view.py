@@ -1,7 +1,9 @@
 """Viewing a run's volume in neuroglancer: links for gs:// outputs, local serving for local runs.
 
 A run's JPEG pyramid is ``gs://SOURCE_ng_RUN_ID/neuroglancer/jpeg`` and its lossless one
-``gs://SOURCE_chunk_RUN_ID/neuroglancer/raw``. On Google Cloud Storage the viewer reads
+``gs://SOURCE_chunk_RUN_ID/neuroglancer/raw`` (precomputed) and/or
+``gs://SOURCE_chunk_RUN_ID/raw.ome.zarr`` (OME-Zarr 0.5, conf ``raw_format``, shown as a
+``zarr3://`` layer). On Google Cloud Storage the viewer reads
 the bucket itself, so a link to the public neuroglancer app is all a user needs, as long
 as the bucket is publicly readable and answers CORS. With ``EMPROCESS_STORAGE_ROOT`` the
 buckets are folders: :func:`serve_run` serves them over HTTP on 127.0.0.1 (with the byte
@@ -36,7 +38,15 @@ from werkzeug.wrappers import Request, Response
 
 from emprocess import storage
 from emprocess.errors import EmprocessError, InvalidInput, NotFound
-from emprocess.layout import COMPLETE, JPEG_PATH, RAW_PATH, RunLayout, jpeg_channel_path
+from emprocess.kernels.omezarr import ZARR_JSON, dataset_path
+from emprocess.layout import (
+    COMPLETE,
+    JPEG_PATH,
+    RAW_OME_ZARR_PATH,
+    RAW_PATH,
+    RunLayout,
+    jpeg_channel_path,
+)
 from emprocess.models import MAX_CHANNELS
 
 if TYPE_CHECKING:
@@ -70,11 +80,13 @@ def neuroglancer_source(source: str, run_id: str, raw: bool = False) -> str:
 
 
 def _volumes(
-    source: str, run_id: str, raw: bool, jpeg_channels: int = 1
+    source: str, run_id: str, raw: bool, jpeg_channels: int = 1, ome_zarr: bool = False
 ) -> list[tuple[str, str, str]]:
     """(layer name, bucket, key prefix) of each volume to show, JPEG first.
 
     Args:
+        raw: show the precomputed lossless volume (layer RUN_ID-raw).
+        ome_zarr: show the OME-Zarr lossless volume (layer RUN_ID-ome-zarr).
         jpeg_channels: how many JPEG volumes the run has: 1, or one per channel
             (``jpeg_channels`` "each": neuroglancer/jpeg and neuroglancer/jpeg_cC,
             shown as layers RUN_ID-cC).
@@ -86,7 +98,56 @@ def _volumes(
         out = [(f"{run_id}-c{c}", ng, jpeg_channel_path(c)) for c in range(jpeg_channels)]
     if raw:
         out.append((f"{run_id}-raw", chunk_bucket(source, run_id), RAW_PATH))
+    if ome_zarr:
+        out.append((f"{run_id}-ome-zarr", chunk_bucket(source, run_id), RAW_OME_ZARR_PATH))
     return out
+
+
+def metadata_key(prefix: str) -> str:
+    """The object that says a volume exists: ``PREFIX/info``, or the OME-Zarr group's
+    ``PREFIX/zarr.json``."""
+    return f"{prefix}/{ZARR_JSON if prefix == RAW_OME_ZARR_PATH else 'info'}"
+
+
+def layer_source(base_url: str, prefix: str) -> str:
+    """The neuroglancer source of volume ``prefix`` under ``base_url`` (``gs://BUCKET`` or
+    the data server's URL): ``precomputed://...``, or ``zarr3://.../`` for OME-Zarr."""
+    if prefix == RAW_OME_ZARR_PATH:
+        return f"zarr3://{base_url}/{prefix}/"
+    return f"precomputed://{base_url}/{prefix}"
+
+
+def ome_zarr_layer(
+    run_id: str, source: str, array_json: bytes | None, resolution_nm: Sequence[float]
+) -> dict[str, dict[str, Any]]:
+    """Layer options of a colour OME-Zarr volume (scale 0's ``zarr.json`` is
+    ``array_json``; None or grey: none).
+
+    Neuroglancer makes an OME-Zarr ``c`` axis a local dimension (``c'``: one channel at
+    a time, grey); the source's transform renames it ``c^``, a channel dimension, so the
+    shader's ``getDataValue(i)`` reads channel i and draws the colour image.
+    """
+    try:
+        array = json.loads(array_json) if array_json else {}
+        names, shape = array.get("dimension_names") or [], array.get("shape") or []
+        channels = int(shape[0]) if names[:1] == ["c"] else 1
+    except (ValueError, TypeError, AttributeError, IndexError):
+        channels = 1
+    shader = channel_shader(channels) if 1 < channels <= MAX_CHANNELS else None
+    if shader is None:
+        return {}
+    rx, ry, rz = (float(r) for r in resolution_nm)
+    dims = {"c^": [1, ""], "z": [rz / 1e9, "m"], "y": [ry / 1e9, "m"], "x": [rx / 1e9, "m"]}
+    layer_source = {"url": source, "transform": {"outputDimensions": dims}}
+    return {f"{run_id}-ome-zarr": {"source": layer_source, "shader": shader}}
+
+
+def raw_formats(has_volume: Callable[[str], bool]) -> tuple[bool, bool]:
+    """(precomputed, OME-Zarr): the lossless volumes ``--raw`` shows, those that
+    ``has_volume(prefix)`` finds; the precomputed one when neither is found (its absence
+    is then reported)."""
+    zarr = has_volume(RAW_OME_ZARR_PATH)
+    return (not zarr) or has_volume(RAW_PATH), zarr
 
 
 def _jpeg_channel_count(has_volume: Callable[[str], bool | None]) -> int:
@@ -105,6 +166,7 @@ def _layer_options(run_id: str, jpeg_channels: int) -> dict[str, dict[str, Any]]
         return {}
     options = {f"{run_id}-c{c}": channel_layer(c) for c in range(jpeg_channels)}
     options[f"{run_id}-raw"] = {"shader": channel_shader(jpeg_channels)}
+    options[f"{run_id}-ome-zarr"] = options[f"{run_id}-raw"]
     return options
 
 
@@ -360,9 +422,27 @@ def gcs_view(
     credentials). When the anonymous check could not reach GCS at all, the storage read
     is skipped too: its retries would only keep the user waiting for minutes.
     """
-    volumes = _volumes(source, run_id, raw)
+    chunk = chunk_bucket(source, run_id)
+
+    def has_raw(prefix: str) -> bool:
+        """Whether the chunk bucket holds volume ``prefix``: anonymously, else (GCS
+        unreachable anonymously: offline) through a local root only; not when neither
+        can tell (the storage layer's retries would keep the user waiting)."""
+        access = check_public_read(chunk, metadata_key(prefix), timeout_s, gcs_url).access
+        if access is not Access.UNKNOWN:
+            return access is not Access.MISSING
+        if storage.local_root() is None:
+            return False
+        try:
+            return storage.exists(storage.bucket_url(chunk, metadata_key(prefix)))
+        except Exception as e:  # no credentials, offline: the link leaves it out
+            log.debug("could not look for %s in %s: %s", prefix, chunk, e)
+            return False
+
+    pre, zarr = raw_formats(has_raw) if raw else (True, False)
+    volumes = _volumes(source, run_id, raw and pre, ome_zarr=zarr)
     checks = [
-        check_public_read(bucket, f"{prefix}/info", timeout_s, gcs_url)
+        check_public_read(bucket, metadata_key(prefix), timeout_s, gcs_url)
         for _, bucket, prefix in volumes
     ]
     geometry = None
@@ -403,10 +483,18 @@ def gcs_view(
     if not offline and geometry is not None and geometry.num_channels == 1:
         count = _jpeg_channel_count(has_volume)
     if count > 1:
-        volumes = _volumes(source, run_id, raw, count)
+        volumes = _volumes(source, run_id, raw and pre, count, zarr)
         checks = [checks[0], *found, *checks[1:]]
-    layers = [(name, f"precomputed://gs://{b}/{p}") for name, b, p in volumes]
-    state = viewer_state(layers, geometry, layer_options=_layer_options(run_id, count))
+    layers = [(name, layer_source(f"gs://{b}", p)) for name, b, p in volumes]
+    options = _layer_options(run_id, count)
+    if zarr:
+        array_key = f"{RAW_OME_ZARR_PATH}/{dataset_path(0)}/{ZARR_JSON}"
+        body = check_public_read(chunk, array_key, timeout_s, gcs_url).body
+        if body is None and storage.local_root() is not None:
+            body = storage.read_bytes(storage.bucket_url(chunk, array_key), max_bytes=1 << 20)
+        res = geometry.resolution_nm if geometry else (DEFAULT_RESOLUTION_NM,) * 3
+        options.update(ome_zarr_layer(run_id, layers[-1][1], body, res))
+    state = viewer_state(layers, geometry, layer_options=options)
     return GcsView(neuroglancer_link(state, app_url), checks, geometry)
 
 
@@ -616,7 +704,7 @@ def serve_run(
 
     Needs ``EMPROCESS_STORAGE_ROOT``. The data server exposes the JPEG pyramid at
     ``/neuroglancer/jpeg`` (and with ``raw`` the lossless one at ``/neuroglancer/raw``,
-    as a second layer on top). Neuroglancer's server is process-wide: one session at a
+    and/or the OME-Zarr one at ``/raw.ome.zarr``, whichever the run has, as layers on top). Neuroglancer's server is process-wide: one session at a
     time, and :meth:`ViewSession.stop` stops it.
 
     Args:
@@ -624,7 +712,8 @@ def serve_run(
         run_id: the run id.
         port: port of neuroglancer's server (the URL to open); 0 picks a free one.
         data_port: port of the data server; 0 picks a free one.
-        raw: also show SOURCE_chunk_RUN_ID/neuroglancer/raw.
+        raw: also show the lossless volume(s): SOURCE_chunk_RUN_ID/neuroglancer/raw and/or
+            SOURCE_chunk_RUN_ID/raw.ome.zarr.
         layout: neuroglancer layout ("4panel", "xy", ...).
 
     Raises:
@@ -637,13 +726,17 @@ def serve_run(
         )
     ng_folder = root / ng_bucket(source, run_id)
     count = _jpeg_channel_count(lambda path: (ng_folder / path / "info").is_file())
-    volumes = _volumes(source, run_id, raw, count)
+    chunk_folder = root / chunk_bucket(source, run_id)
+    pre, zarr = raw_formats(lambda prefix: (chunk_folder / metadata_key(prefix)).is_file())
+    volumes = _volumes(source, run_id, raw and pre, count, raw and zarr)
     mounts: dict[str, Path] = {}
     for _, bucket, prefix in volumes:
         folder = root / bucket / prefix
-        if not (folder / "info").is_file():
+        if not (root / bucket / metadata_key(prefix)).is_file():
             hint = " (was createRawPyramid false?)" if prefix == RAW_PATH else ""
-            raise NotFound(f"no volume at {folder}: {folder / 'info'} is missing{hint}")
+            raise NotFound(
+                f"no volume at {folder}: {root / bucket / metadata_key(prefix)} is missing{hint}"
+            )
         mounts[prefix] = folder
     complete = RunLayout(source, run_id).process_url(COMPLETE)
     if not storage.exists(complete):
@@ -653,10 +746,16 @@ def serve_run(
     neuroglancer = _import_neuroglancer()
     data_server = DataServer(mounts, port=data_port)
     try:
-        layers = [
-            (name, f"precomputed://{data_server.url}/{prefix}") for name, _, prefix in volumes
-        ]
-        state = viewer_state(layers, geometry, layout, _layer_options(run_id, count))
+        layers = [(name, layer_source(data_server.url, prefix)) for name, _, prefix in volumes]
+        options = _layer_options(run_id, count)
+        if RAW_OME_ZARR_PATH in mounts:
+            array_json = mounts[RAW_OME_ZARR_PATH] / dataset_path(0) / ZARR_JSON
+            options.update(
+                ome_zarr_layer(
+                    run_id, layers[-1][1], array_json.read_bytes(), geometry.resolution_nm
+                )
+            )
+        state = viewer_state(layers, geometry, layout, options)
         neuroglancer.set_server_bind_address("127.0.0.1", bind_port=port)
         viewer = neuroglancer.Viewer()
         with viewer.txn() as s:

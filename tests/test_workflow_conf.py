@@ -51,6 +51,7 @@ def test_defaults_and_contract_keys() -> None:
         "resolution": 8.0,
         "intensity": "auto",
         "raw_bits": 8,
+        "raw_format": "precomputed",
         "public": False,
         "width": None,
         "neighbors": 3,

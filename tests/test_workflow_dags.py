@@ -164,7 +164,7 @@ def test_params_carry_defaults_and_descriptions(dagbag: Any, dynamic: bool) -> N
     params = {k: dag.params.get_param(k) for k in dag.params}
     keys = {"id", "image", "minz", "maxz", "source", "project", "email", "downsample_factor",
             "skip_align", "clip-limit", "createRawPyramid", "resolution", "public"}  # fmt: skip
-    keys |= {"intensity", "raw_bits"}
+    keys |= {"intensity", "raw_bits", "raw_format"}
     keys |= {"neighbors", "global_solve", "regularization", "skip_slices", "bad_slice_fill"}
     keys |= {"align_from"}
     keys |= {"channels", "align_channel", "jpeg_channels", "channel_templates"}

@@ -55,6 +55,7 @@ def build_test_volume(
     write_raw: bool = False,
     seed: int = 0,
     colour_bands: bool = False,
+    raw_format: str | None = None,
 ) -> BuiltVolume:
     """Write a synthetic stack and the run's pyramids through the emwrite service functions.
 
@@ -64,7 +65,8 @@ def build_test_volume(
     The stack is placed with identity transforms (no alignment), with the run's
     bucket layout: SOURCE (slices), SOURCE_process, SOURCE_tmp_RUN_ID (tiles),
     SOURCE_ng_RUN_ID/neuroglancer/jpeg and, with ``write_raw``,
-    SOURCE_chunk_RUN_ID/neuroglancer/raw. Needs ``EMPROCESS_STORAGE_ROOT`` (a
+    SOURCE_chunk_RUN_ID/neuroglancer/raw (``raw_format`` "ome-zarr": raw.ome.zarr instead,
+    "both": both). Needs ``EMPROCESS_STORAGE_ROOT`` (a
     local storage root), so no cloud is touched.
 
     Returns:
@@ -113,6 +115,7 @@ def build_test_volume(
         "writeRaw": write_raw,
         "resolution": resolution_nm,
         **colour,
+        **({"raw_format": raw_format} if raw_format else {}),
     }
     emwrite.ng_meta(NgMetaRequest.model_validate(volume))
     for start in plan_cubes((width, height), minz, maxz):

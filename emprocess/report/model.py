@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from emprocess.layout import RunLayout
+
 RUNNING = "running"
 FINISHED = "finished"
 STALLED = "stalled"
@@ -293,6 +295,7 @@ class RunReport:
             "finished": iso(self.finished),
             "elapsed_s": (self.complete or {}).get("elapsed_s"),
             "neuroglancer": (self.complete or {}).get("neuroglancer"),
+            "raw_volumes": self.raw_volumes(),
             "stages": [s.to_json() for s in self.stages],
             "qc": {
                 "source": self.qc_source,
@@ -309,6 +312,15 @@ class RunReport:
                 for f in self.failures
             ],
         }
+
+    def raw_volumes(self) -> list[str]:
+        """Neuroglancer sources of the run's lossless volume(s), from its conf
+        (``createRawPyramid``, ``raw_format``): precomputed and/or OME-Zarr."""
+        conf = self.conf
+        raw = conf.get("createRawPyramid", conf.get("rawPyramid", True)) is not False
+        return RunLayout(self.source, self.run_id, raw).raw_sources(
+            str(conf.get("raw_format") or "precomputed")
+        )
 
     def summary_text(self) -> str:
         """A plain-text summary: run, state, one line per stage, QC flags."""
@@ -332,6 +344,8 @@ class RunReport:
         lines.append(f"Started {iso(self.started)}; report at {iso(self.generated)} (UTC)")
         if self.complete:
             lines.append(f"View: {self.complete.get('neuroglancer')}")
+        if self.raw_volumes():
+            lines.append(f"Lossless volume: {', '.join(self.raw_volumes())}")
         lines.append("")
         header = (
             f"{'stage':<22}{'done/total':>10}{'%':>7}{'rate/min':>10}  "

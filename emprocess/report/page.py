@@ -108,6 +108,7 @@ def write_html(
         f"<tr><td class=l>{_e(k)}</td><td class=l>{_e(v)}</td></tr>" for k, v in report.conf.items()
     )
     view = (report.complete or {}).get("neuroglancer")
+    raw = "".join(f" Lossless: <code>{_e(src)}</code>" for src in report.raw_volumes())
     body = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <title>emprocess run {_e(report.run_id)}</title><style>{CSS}</style></head><body>
@@ -115,7 +116,7 @@ def write_html(
 <p>{_e(report.state_reason)}</p>
 <p>Records: <code>{_e(report.process_url)}</code> ({_e(report.backend)}); report at
 {_e(iso(report.generated))}; started {_e(iso(report.started))}; canvas
-{_e(report.bbox_xy)} px.{f" View: <code>{_e(view)}</code>" if view else ""}</p>
+{_e(report.bbox_xy)} px.{f" View: <code>{_e(view)}</code>" if view else ""}{raw}</p>
 <h2>Progress</h2>
 {_stage_table(report)}
 {_img(progress, "mini-tasks done over time")}

@@ -1,7 +1,8 @@
 """The emwrite service: aligned slices to tiles, tiles to neuroglancer pyramids.
 
 POST /alignedslice  warp one slice into the global canvas, CLAHE, thumbnail, tiles
-POST /ngmeta        write the ``info`` of neuroglancer/jpeg (and neuroglancer/raw)
+POST /ngmeta        write the ``info`` of neuroglancer/jpeg (and neuroglancer/raw, and/or the
+                    OME-Zarr metadata of raw.ome.zarr: ``raw_format``)
 POST /ngshard       build one 1024^3 cube from the tiles and write its pyramid shards
 
 The service parses, checks, reads and writes; the work is elsewhere: a slice's
@@ -77,8 +78,10 @@ from emprocess.services.common import create_service_app, json_body, parse
 from emprocess.services.pyramid import (
     Box,
     ChannelsWriter,
+    OmeZarrVolume,
     PrecomputedWriter,
     VolumeWriter,
+    ome_zarr_volume,
     write_pyramid,
 )
 from emprocess.settings import ServiceEnv, load
@@ -296,7 +299,7 @@ def target_channels(req: NgMetaRequest | NgShardRequest) -> list[tuple[int, int]
     c = req.channels or 1
     each = req.jpeg_channels == "each"
     jpeg = [(i, 1) for i in range(c)] if each else [(0, 3 if c >= 3 else 1)]
-    return jpeg + ([(0, c)] if req.write_raw else [])
+    return jpeg + ([(0, c)] if req.writes_precomputed_raw else [])
 
 
 def volume_targets(req: NgMetaRequest | NgShardRequest) -> list[tuple[str, ngmeta.Encoding]]:
@@ -305,7 +308,7 @@ def volume_targets(req: NgMetaRequest | NgShardRequest) -> list[tuple[str, ngmet
     if req.jpeg_channels == "each" and req.channels is not None:
         for c in range(1, req.channels):
             out.append((storage.bucket_url(req.dest, jpeg_channel_path(c)), "jpeg"))
-    if req.write_raw:
+    if req.writes_precomputed_raw:
         assert req.dest_raw is not None  # checked by the model
         out.append((storage.bucket_url(req.dest_raw, RAW_PATH), "raw"))
     return out
@@ -367,8 +370,13 @@ def ng_meta(req: NgMetaRequest) -> None:
         info = _info(req, encoding, count)
         _check_no_other_volume(url, info)
         infos.append((url, json.dumps(info, indent=1).encode()))
+    zarr = ome_zarr_volume(req, NUM_SCALES, CUBE_PX)
+    if zarr is not None:
+        zarr.check_no_other_volume()
     for url, data in infos:
         storage.write_bytes(storage.join(url, "info"), data, "application/json")
+    if zarr is not None:
+        zarr.write_metadata()
 
 
 # -- /ngshard ------------------------------------------------------------------
@@ -528,6 +536,9 @@ def ng_shard(req: NgShardRequest) -> dict[str, Any]:
     for (url, encoding), (_, count) in zip(targets, target_channels(req), strict=True):
         _require_bucket(storage.parse_url(url).bucket, "destination")
         _check_info(url, _info(req, encoding, count))
+    zarr = ome_zarr_volume(req, NUM_SCALES, CUBE_PX)
+    if zarr is not None:
+        zarr.check_metadata()
     import tensorstore as ts
 
     context = _ts_context()
@@ -535,17 +546,21 @@ def ng_shard(req: NgShardRequest) -> dict[str, Any]:
     # One pass per source of voxels: the 8-bit tiles feed the JPEG volume (and the
     # lossless one, unless it keeps the 16-bit source tiles, read in a second pass).
     wide = req.raw_dtype == "uint16"
-    passes: list[tuple[str, type, list[str]]] = [
-        (TILES_PREFIX, np.uint8, [u for u, e in targets if not (wide and e == "raw")])
+    # The last element: whether the pass feeds the lossless volume (its OME-Zarr too).
+    passes: list[tuple[str, type, list[str], bool]] = [
+        (TILES_PREFIX, np.uint8, [u for u, e in targets if not (wide and e == "raw")], not wide)
     ]
     if wide and req.write_raw:
-        passes.append((SOURCE_TILES_PREFIX, np.uint16, [u for u, e in targets if e == "raw"]))
+        urls = [u for u, e in targets if e == "raw"]
+        passes.append((SOURCE_TILES_PREFIX, np.uint16, urls, True))
     timings: dict[str, float] = {}
     if req.channels is not None:
         passes = []  # one pass reads every channel's tiles: voxels (z, y, x, channel)
-        timings = _write_channels(req, scale_boxes, layouts, targets, context)
-    for prefix, dtype, urls in passes:
-        writers = [PrecomputedWriter(url, layouts, context) for url in urls]
+        timings = _write_channels(req, scale_boxes, layouts, targets, context, zarr)
+    for prefix, dtype, urls, lossless in passes:
+        writers: list[VolumeWriter] = [PrecomputedWriter(url, layouts, context) for url in urls]
+        if zarr is not None and lossless:
+            writers.append(zarr.writer(layouts, req.minz, context))
         spec = storage.kvstore_spec(storage.bucket_url(req.source, prefix))
         kv = ts.KvStore.open(spec, context=context).result()
 
@@ -567,6 +582,7 @@ def _write_channels(
     layouts: list[ngmeta.ScaleLayout],
     targets: list[tuple[str, ngmeta.Encoding]],
     context: Any,
+    zarr: OmeZarrVolume | None = None,
 ) -> dict[str, float]:
     """Every scale of a colour cube: its slabs are (z, y, x, channel), read from each
     channel's tiles; the lossless volume takes all channels, the JPEG one its own."""
@@ -584,6 +600,8 @@ def _write_channels(
         ChannelsWriter(PrecomputedWriter(url, layouts, context), first, count)
         for (url, _), (first, count) in zip(targets, target_channels(req), strict=True)
     ]
+    if zarr is not None:  # the OME-Zarr volume holds every channel
+        writers.append(ChannelsWriter(zarr.writer(layouts, req.minz, context), 0, req.channels))
 
     def read(z_lo: int, z_hi: int) -> np.ndarray:
         slab = np.empty((z_hi - z_lo, hy - ly, hx - lx, len(kvs)), np.uint8)

@@ -4,12 +4,15 @@
 to each :class:`VolumeWriter`, and downsamples per :class:`~emprocess.kernels.ngmeta.ScaleLayout`
 (2x2x2, or 2x2x1 while anisotropic voxels keep z). A writer owns the format:
 :class:`PrecomputedWriter` writes neuroglancer precomputed shards with tensorstore;
-another format (OME-Zarr) is another writer, not edits across the service.
+:class:`OmeZarrWriter` writes the OME-Zarr 0.5 multiscale of the lossless volume (sharded
+Zarr v3 through tensorstore's ``zarr3`` driver), whose metadata :class:`OmeZarrVolume`
+writes (/ngmeta) and checks (/ngshard).
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -17,8 +20,12 @@ from typing import Any, Protocol
 import numpy as np
 
 from emprocess import storage
+from emprocess.errors import InvalidInput, NotFound
+from emprocess.kernels import omezarr
 from emprocess.kernels.downsample import downsample_mean_steps
 from emprocess.kernels.ngmeta import ScaleLayout
+from emprocess.layout import RAW_OME_ZARR_PATH
+from emprocess.models import NgMetaRequest, NgShardRequest
 
 Box = tuple[tuple[int, int, int], tuple[int, int, int]]
 """[lo, hi) voxel box (x, y, z) of one scale, in the scale's coordinates."""
@@ -90,6 +97,172 @@ class PrecomputedWriter:
                     ]
                     view.write(np.swapaxes(part, 0, 2)).result()
                     txn.commit_async().result()
+
+
+class OmeZarrWriter:
+    """The OME-Zarr multiscale at ``url`` (its metadata written already), one shard at a time.
+
+    Blocks come in precomputed coordinates (z from ``minz // f_z``); the arrays start at
+    slice ``minz`` (see :mod:`emprocess.kernels.omezarr`), so z is shifted per scale.
+    """
+
+    def __init__(self, url: str, layouts: Sequence[ScaleLayout], minz: int, context: Any) -> None:
+        import tensorstore as ts
+
+        self.layouts = list(layouts)
+        self.z_offsets = [omezarr.z_offset(minz, layout) for layout in self.layouts]
+        specs = [
+            storage.kvstore_spec(storage.join(url, omezarr.dataset_path(s)))
+            for s in range(len(self.layouts))
+        ]
+        self.stores = [
+            ts.open({"driver": "zarr3", "kvstore": spec}, open=True, context=context).result()
+            for spec in specs
+        ]
+        self.kvstores = [ts.KvStore.open(spec, context=context).result() for spec in specs]
+
+    def write(self, scale: int, lo_xyz: tuple[int, int, int], data_zyx: np.ndarray) -> None:
+        """Write the block, one transaction per shard, each shard file deleted first.
+
+        As :meth:`PrecomputedWriter.write`, each transaction covers every chunk of one
+        shard that lies in the array. A shard that reaches past the array's end (the
+        volume's edge, or a stack thinner than a shard) has chunks no one writes, and
+        tensorstore then reads the shard to keep them: a truncated or damaged file left by
+        a failed request would fail every retry ("DATA_LOSS"). The shard belongs to this
+        request alone, so it is deleted first and written anew: a repeated request gives
+        the same bytes, and a damaged shard is replaced.
+        """
+        import tensorstore as ts
+
+        store, kv = self.stores[scale], self.kvstores[scale]
+        channels = ["0"] if data_zyx.ndim == 4 else []
+        nz, ny, nx = data_zyx.shape[:3]
+        x, y, z = lo_xyz
+        z -= self.z_offsets[scale]
+        sx, sy, sz = self.layouts[scale].shard
+        for dz in range(0, nz, sz):
+            for dy in range(0, ny, sy):
+                for dx in range(0, nx, sx):
+                    part = data_zyx[dz : dz + sz, dy : dy + sy, dx : dx + sx]
+                    pz, py, px = part.shape[:3]
+                    box = (
+                        slice(z + dz, z + dz + pz),
+                        slice(y + dy, y + dy + py),
+                        slice(x + dx, x + dx + px),
+                    )
+                    grid = [str(b.start // n) for b, n in zip(box, (sz, sy, sx), strict=True)]
+                    kv.write("/".join(["c", *channels, *grid]), None).result()  # delete
+                    txn = ts.Transaction()
+                    if part.ndim == 4:  # (z, y, x, c) -> (c, z, y, x)
+                        view = store.with_transaction(txn)[(slice(None), *box)]
+                        view.write(np.moveaxis(part, 3, 0)).result()
+                    else:
+                        store.with_transaction(txn)[box].write(part).result()
+                    txn.commit_async().result()
+
+
+MAX_ZARR_JSON_BYTES = 1 << 20  # a group of 6 scales is about 2 KB
+
+
+class OmeZarrVolume:
+    """The metadata of one OME-Zarr multiscale at ``url``: written once, never replaced.
+
+    Args:
+        url: the group's URL (``gs://SOURCE_chunk_ID/raw.ome.zarr``).
+        documents: every ``zarr.json`` by key relative to the group
+            (:func:`~emprocess.kernels.omezarr.volume_documents`).
+    """
+
+    def __init__(self, url: str, documents: dict[str, bytes]) -> None:
+        self.url = url.rstrip("/")
+        self.documents = documents
+
+    def _stored(self, key: str) -> Any:
+        """The parsed document at ``key``; None when absent, ``...`` when not JSON."""
+        try:
+            data = storage.read_bytes(storage.join(self.url, key), max_bytes=MAX_ZARR_JSON_BYTES)
+        except NotFound:
+            return None
+        try:
+            return json.loads(data)
+        except ValueError:
+            return ...
+
+    def _differing(self) -> dict[str, Any]:
+        """Keys whose stored document is absent (None) or another than ours, with it."""
+        stored = {key: self._stored(key) for key in self.documents}
+        return {key: doc for key, doc in stored.items() if doc != json.loads(self.documents[key])}
+
+    def _require_bucket(self) -> None:
+        bucket = storage.parse_url(self.url).bucket
+        if not storage.bucket_exists(bucket):
+            raise InvalidInput(f"destination bucket {bucket!r} does not exist")
+
+    def check_no_other_volume(self) -> None:
+        """Refuse when the bucket is missing, or the group describes another volume that
+        already has data.
+
+        Metadata alone (no shard written yet) may be replaced: nothing is lost.
+        """
+        self._require_bucket()
+        differing = [key for key, doc in self._differing().items() if doc is not None]
+        if not differing:
+            return
+        # Shards (S/c/...) sort before S/zarr.json, and scale 0 is written first.
+        listed = storage.list_keys(self.url + "/", limit=2 * len(self.documents) + 2)
+        prefix = storage.parse_url(self.url + "/").key
+        data = [k for k in listed if not k.removeprefix(prefix).endswith(omezarr.ZARR_JSON)]
+        if data:
+            raise InvalidInput(
+                f"{storage.join(self.url, differing[0])} describes another volume that "
+                "already has data than this request; an existing volume is never "
+                "replaced: use another run id, or delete it first"
+            )
+
+    def write_metadata(self) -> None:
+        """Write every document (the same request, the same bytes); check first."""
+        self.check_no_other_volume()
+        for key, data in self.documents.items():
+            storage.write_bytes(storage.join(self.url, key), data, "application/json")
+
+    def writer(self, layouts: Sequence[ScaleLayout], minz: int, context: Any) -> OmeZarrWriter:
+        """The volume's writer (after :meth:`check_metadata`)."""
+        return OmeZarrWriter(self.url, layouts, minz, context)
+
+    def check_metadata(self) -> None:
+        """The group and its arrays must exist and describe this volume (before /ngshard)."""
+        self._require_bucket()
+        for key, doc in self._differing().items():
+            url = storage.join(self.url, key)
+            if doc is None:
+                raise InvalidInput(f"{url} does not exist; run /ngmeta first")
+            raise InvalidInput(
+                f"{url} describes another volume than this request's OME-Zarr volume; run "
+                "/ngmeta with the same bbox, minz, maxz, resolution, raw_dtype and channels"
+            )
+
+
+def ome_zarr_volume(
+    req: NgMetaRequest | NgShardRequest, num_scales: int, cube: int
+) -> OmeZarrVolume | None:
+    """The OME-Zarr lossless volume of a /ngmeta or /ngshard request (``raw_format``):
+    ``dest_raw``'s ``raw.ome.zarr``, named after that bucket (SOURCE_chunk_RUN_ID); None
+    when the request writes none."""
+    if not req.writes_ome_zarr:
+        return None
+    assert req.dest_raw is not None  # writeRaw needs it (the model checks)
+    documents = omezarr.volume_documents(
+        (req.bbox[0], req.bbox[1]),
+        req.minz,
+        req.maxz,
+        req.resolution,
+        num_scales,
+        req.raw_dtype or "uint8",
+        req.channels or 1,
+        req.dest_raw,
+        cube,
+    )
+    return OmeZarrVolume(storage.bucket_url(req.dest_raw, RAW_OME_ZARR_PATH), documents)
 
 
 ReadSlab = Callable[[int, int], np.ndarray]

@@ -250,6 +250,14 @@ class RunConf(BaseModel):
         "slices only): it keeps the slices' own values, warped, without the window or "
         "CLAHE; the JPEG volume stays 8-bit.",
     )
+    raw_format: Literal["precomputed", "ome-zarr", "both"] = Field(
+        default="precomputed",
+        title="Format of the raw volume",
+        description="precomputed: the lossless volume is SOURCE_chunk_ID/neuroglancer/raw. "
+        "ome-zarr: it is an OME-Zarr 0.5 multiscale (sharded Zarr v3, the same scales) at "
+        "SOURCE_chunk_ID/raw.ome.zarr, which napari, Fiji, webknossos, zarr-python and "
+        "neuroglancer open. both: both. The JPEG volume stays precomputed.",
+    )
     public: bool = Field(
         default=False,
         title="Public read",
@@ -484,6 +492,11 @@ class RunConf(BaseModel):
             raise ValueError(
                 f"channels {self.channels} with raw_bits 16: a 16-bit lossless volume keeps "
                 "one grey channel only"
+            )
+        if self.raw_format != "precomputed" and not self.create_raw_pyramid:
+            raise ValueError(
+                f"raw_format {self.raw_format!r} asks for a raw volume, but createRawPyramid "
+                "is false"
             )
         if self.raw_bits == 16 and not self.create_raw_pyramid:
             raise ValueError(

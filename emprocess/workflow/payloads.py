@@ -225,6 +225,8 @@ def _volume_fields(conf: RunConf, bbox_xy: Sequence[int]) -> dict:
         "raw_dtype": _raw_dtype(conf),
         "channels": _channels(conf),
         "jpeg_channels": "each" if conf.channels > 1 and conf.jpeg_channels == "each" else None,
+        # Sent only when not precomputed: the original payloads and cache keys stay as they were.
+        "raw_format": None if conf.raw_format == "precomputed" else conf.raw_format,
     }
 
 

@@ -139,9 +139,7 @@ def _notch(n: int, angle_deg: float) -> _Notch:
     # frequencies it is weaker than on it; times |f|^2 both compare like for like.
     weight = np.broadcast_to(fx**2 + fy**2, across.shape)
     on_line = (np.abs(across) <= NOTCH_HALF_WIDTH_BINS).ravel()
-    beside = (
-        (np.abs(across) >= REFERENCE_BINS[0]) & (np.abs(across) <= REFERENCE_BINS[1])
-    ).ravel()
+    beside = ((np.abs(across) >= REFERENCE_BINS[0]) & (np.abs(across) <= REFERENCE_BINS[1])).ravel()
     line_idx, beside_idx = np.flatnonzero(on_line), np.flatnonzero(beside)
     flat_bin, flat_weight = along_bin.ravel(), weight.ravel()
     return _Notch(
@@ -231,7 +229,7 @@ def destreak(
 def _read_mirrored(image: np.ndarray, y0: int, x0: int, size: int) -> np.ndarray:
     """The ``size`` x ``size`` block at (y0, x0) as float32, mirrored (edge pixel once) outside."""
     height, width = image.shape
-    if 0 <= y0 and y0 + size <= height and 0 <= x0 and x0 + size <= width:
+    if y0 >= 0 and y0 + size <= height and x0 >= 0 and x0 + size <= width:
         return image[y0 : y0 + size, x0 : x0 + size].astype(np.float32)
     ys = _mirror_index(np.arange(y0, y0 + size), height)
     xs = _mirror_index(np.arange(x0, x0 + size), width)

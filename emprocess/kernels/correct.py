@@ -172,7 +172,7 @@ def _apply_notch(spectrum: np.ndarray, angle_deg: float) -> None:
     reference = _mean_power(flat, g.beside_idx, g.beside_bin, g.beside_weight, g.nbins)
     # Wiener gain content / (content + stripes) where the line stands out, else 1.
     ratio = reference / np.maximum(line, 1e-30)
-    factor = np.where(ratio * EXCESS < 1.0, ratio, 1.0)
+    factor = np.where(ratio < 1.0 / EXCESS, ratio, 1.0)
     factor[:MIN_PERIOD_FRACTION] = 1.0
     flat[g.line_idx] *= factor[g.line_bin]
 

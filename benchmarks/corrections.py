@@ -53,7 +53,10 @@ def load_stack(folder: Path, n: int) -> list[np.ndarray]:
     files = sorted(folder.glob("img.*.png"))[:n]
     if len(files) < 2:
         raise ValueError(f"{folder} holds fewer than 2 slices named img.NNNNN.png")
-    return [cv2.imread(str(f), cv2.IMREAD_UNCHANGED) for f in files]
+    stack = [cv2.imread(str(f), cv2.IMREAD_UNCHANGED) for f in files]
+    if any(im is None or im.dtype != np.uint8 or im.ndim != 2 for im in stack):
+        raise ValueError(f"{folder}: the slices must be 8-bit grey images")
+    return [np.asarray(im) for im in stack]
 
 
 def stripe_profile(width: int, std: float, rng: np.random.Generator) -> np.ndarray:
@@ -107,7 +110,7 @@ def volume_voxels(image: np.ndarray, clip_limit: float) -> np.ndarray:
 def jpeg(image: np.ndarray) -> np.ndarray:
     ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
     assert ok
-    return cv2.imdecode(data, cv2.IMREAD_GRAYSCALE)
+    return np.asarray(cv2.imdecode(data, cv2.IMREAD_GRAYSCALE))
 
 
 def _corrections(

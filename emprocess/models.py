@@ -458,6 +458,29 @@ class AlignedSliceRequest(_Request):
         return self
 
 
+class SliceStatsRequest(_Request):
+    """POST /slicestats: grey statistics of one slice warped into the canvas, inside a box."""
+
+    img: ObjectKey = Field(description="Slice image name in the source bucket.")
+    dest: Bucket = Field(description="Source bucket holding the slices.")
+    transform: Affine6 = Field(
+        description="6 numbers (mpicbg order) mapping slice pixels into the canvas."
+    )
+    area: Annotated[list[int], Field(min_length=4, max_length=4)] = Field(
+        description="Canvas box [x0, y0, x1, y1] measured (the run's common area)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> SliceStatsRequest:
+        x0, y0, x1, y1 = self.area
+        if not (0 <= x0 < x1 <= MAX_CANVAS_PX and 0 <= y0 < y1 <= MAX_CANVAS_PX):
+            raise ValueError(
+                f"area {self.area} must be [x0, y0, x1, y1] with 0 <= x0 < x1 and "
+                f"0 <= y0 < y1, sides <= {MAX_CANVAS_PX}"
+            )
+        return self
+
+
 def _check_channels_dtype(channels: int | None, raw_dtype: str | None) -> None:
     if channels is not None and raw_dtype is not None:
         raise ValueError(

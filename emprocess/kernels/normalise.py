@@ -61,7 +61,9 @@ def common_area(
     return math.ceil(x0), math.ceil(y0), math.floor(x1), math.floor(y1)
 
 
-def footprint(transform: Sequence[float], width: int, height: int) -> tuple[float, ...]:
+def footprint(
+    transform: Sequence[float], width: int, height: int
+) -> tuple[float, float, float, float]:
     """Canvas (x0, y0, x1, y1) of the largest box inside a ``width`` x ``height`` slice
     placed by ``transform`` (mpicbg order), for rotations and shears of a few degrees:
     the corners' inner bounds."""

@@ -73,7 +73,12 @@ from emprocess.layout import (
     tile_prefixes,
     tiles_key,
 )
-from emprocess.models import AlignedSliceRequest, NgMetaRequest, NgShardRequest
+from emprocess.models import (
+    AlignedSliceRequest,
+    NgMetaRequest,
+    NgShardRequest,
+    SliceStatsRequest,
+)
 from emprocess.services.common import create_service_app, json_body, parse
 from emprocess.services.pyramid import (
     Box,
@@ -82,6 +87,7 @@ from emprocess.services.pyramid import (
     VolumeWriter,
     write_pyramid,
 )
+from emprocess.services.slicestats import slice_stats
 from emprocess.settings import ServiceEnv, load
 
 log = logging.getLogger(__name__)
@@ -610,6 +616,11 @@ def create_app() -> Flask:
     def alignedslice() -> Any:
         aligned_slice(parse(AlignedSliceRequest, json_body()))
         return "success", 200, {"Content-Type": "text/plain"}
+
+    @app.post("/slicestats")
+    def slicestats() -> Any:
+        req = parse(SliceStatsRequest, json_body())
+        return slice_stats(req, MAX_PIXELS, MAX_DECODED_BYTES, MAX_FILE_BYTES)
 
     @app.post("/ngmeta")
     def ngmeta_route() -> Any:

@@ -75,6 +75,8 @@ STATS_CACHE = "align/stats_cache"
 """Answers of /slicestats: each slice's grey statistics (intensity_correction "slice")."""
 INTENSITY = "align/intensity.csv"
 """Per slice: its statistics in the common area and the gain and offset applied."""
+QUALITY = "align/quality.csv"
+"""Per slice: the NCC of the aligned slice with the next (thumbnails, common area), doubtful."""
 CACHES = {"affine": AFFINE_CACHE, "write": WRITE_CACHE, "ngmeta": NG_CACHE, "ngshard": NG_CACHE}
 """Cache prefix of each stage's answers (``NAME.DIGEST.json``)."""
 FAILURES = "failures"

@@ -10,6 +10,9 @@ bytes.
 
 from __future__ import annotations
 
+import csv
+import io
+
 import cv2
 import numpy as np
 import pytest
@@ -20,11 +23,12 @@ from benchmarks.corrections import Faults, inject
 from emprocess import storage
 from emprocess.errors import EmprocessError
 from emprocess.kernels import tiles
-from emprocess.layout import INTENSITY, STATS_CACHE
+from emprocess.layout import INTENSITY, QUALITY, STATS_CACHE
 from emprocess.services import emwrite
 from emprocess.workflow.conf import InvalidRunConf, RunConf, parse_conf
 from emprocess.workflow.corrections import measure_intensity, read_gain_offset, run_common_area
 from emprocess.workflow.payloads import plan_aligned_slices
+from emprocess.workflow.quality import record_quality
 
 N = 20
 
@@ -98,6 +102,18 @@ def test_slice_correction_of_a_run_follows_the_clean_stack(
             assert err[:, 1].max() < 2.0, err[:, 1]
         else:
             assert err[:, 0].max() > 10.0  # the flicker as acquired
+
+    # Quality along z from the thumbnails just written: real neighbours correlate, none
+    # is doubtful; slice 12 written 12 px off makes pairs (11, 12) and (12, 13) doubtful.
+    quality = record_quality(conf, transforms, (520, 520), bbox)
+    rows = list(csv.DictReader(io.StringIO(storage.read_bytes(conf.process_url(QUALITY)).decode())))
+    assert [int(r["z"]) for r in rows] == list(range(N)) and rows[-1]["ncc_next"] == ""
+    assert min(float(r["ncc_next"]) for r in rows[:-1]) > 0.9
+    assert quality["doubtful"] == [] and 0.5 <= quality["threshold"] < 0.95
+    moved = {**transforms, 12: [1.0, 0.0, 0.0, 1.0, 24.0, 10.0 - 6]}
+    task = plan_aligned_slices(_run(source, "none"), moved, bbox, zs=[12])[0]
+    assert requests.post(emwrite_service + task.path, json=task.payload, timeout=120).ok
+    assert record_quality(conf, transforms, (520, 520), bbox)["doubtful"] == [11, 12]
 
     # A repeat: every answer cached, the same record.
     before = set(storage.list_keys(conf.process_url(STATS_CACHE) + "/"))

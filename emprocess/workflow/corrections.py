@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from emprocess import storage
-from emprocess.errors import EmprocessError
+from emprocess.errors import EmprocessError, InvalidInput
 from emprocess.kernels.normalise import SliceStats, common_area, footprint, plan_gain_offset
 from emprocess.layout import INTENSITY, STATS_CACHE, slice_task_name
 from emprocess.models import SliceStatsRequest
@@ -31,11 +31,21 @@ INTENSITY_COLUMNS = ["z", "mean", "std", "pixels", "gain", "offset"]
 
 
 def run_common_area(
-    transforms: Mapping[int, Sequence[float]], slice_size_xy: tuple[int, int]
+    transforms: Mapping[int, Sequence[float]],
+    slice_size_xy: tuple[int, int],
+    bbox_xy: Sequence[int] | None = None,
 ) -> tuple[int, int, int, int]:
-    """Canvas box (x0, y0, x1, y1) every slice covers."""
+    """Canvas box (x0, y0, x1, y1) every slice covers; with ``bbox_xy``, the whole canvas
+    when there is no such box (a drift larger than the slice: each slice is then measured
+    on its own pixels wherever they are)."""
     w, h = slice_size_xy
-    return common_area([footprint(t, w, h) for t in transforms.values()])
+    try:
+        return common_area([footprint(t, w, h) for t in transforms.values()])
+    except InvalidInput:
+        if bbox_xy is None:
+            raise
+        log.warning("the slices have no common area: measuring the whole canvas")
+        return 0, 0, int(bbox_xy[0]), int(bbox_xy[1])
 
 
 def plan_slice_stats(
@@ -66,13 +76,14 @@ def measure_intensity(
     slice_size_xy: tuple[int, int],
     base_url: str,
     settings: HttpSettings | None = None,
+    bbox_xy: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Measure every slice, plan the gains and offsets, write align/intensity.csv.
 
     Returns:
         ``{"area": [x0, y0, x1, y1], "gain": [min, max], "offset": [min, max]}``.
     """
-    area = run_common_area(transforms, slice_size_xy)
+    area = run_common_area(transforms, slice_size_xy, bbox_xy)
     tasks = plan_slice_stats(conf, transforms, area)
     cache = conf.process_url(STATS_CACHE)
     run_batch(

@@ -190,7 +190,11 @@ def collect() -> dict[str, Any]:
         from emprocess.workflow.stages import read_transforms
 
         canvas["intensity"] = measure_intensity(
-            conf, read_transforms(conf), info.slice_size_xy, service_url(EMWRITE_CONN_ID)
+            conf,
+            read_transforms(conf),
+            info.slice_size_xy,
+            service_url(EMWRITE_CONN_ID),
+            bbox_xy=canvas["bbox"],
         )
     return canvas
 
@@ -207,10 +211,15 @@ def write(worker_id: int) -> dict[str, Any]:
 @task(task_id="finish_align", multiple_outputs=False)
 @timed
 def finish_align() -> dict[str, Any]:
-    """Close the align stage: every slice must have been written."""
-    from emprocess.workflow.stages import check_slices_written
+    """Close the align stage: every slice must have been written; record the quality along z."""
+    from emprocess.workflow.quality import record_quality
+    from emprocess.workflow.stages import check_slices_written, read_transforms
 
-    return check_slices_written(_info(), _canvas())
+    info, canvas = _info(), _canvas()
+    done = check_slices_written(info, canvas)
+    transforms = read_transforms(info.conf)
+    done["quality"] = record_quality(info.conf, transforms, info.slice_size_xy, canvas["bbox"])
+    return done
 
 
 @task(task_id="write_ngmeta", multiple_outputs=False)

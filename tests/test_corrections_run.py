@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import csv
 import io
+from datetime import UTC, datetime
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -24,6 +26,9 @@ from emprocess import storage
 from emprocess.errors import EmprocessError
 from emprocess.kernels import tiles
 from emprocess.layout import INTENSITY, QUALITY, STATS_CACHE
+from emprocess.report.model import RunReport
+from emprocess.report.page import write_html
+from emprocess.report.quality import plot_quality, read_quality
 from emprocess.services import emwrite
 from emprocess.workflow.conf import InvalidRunConf, RunConf, parse_conf
 from emprocess.workflow.corrections import measure_intensity, read_gain_offset, run_common_area
@@ -48,7 +53,7 @@ def _run(source: str, correction: str) -> RunConf:
 
 
 def test_slice_correction_of_a_run_follows_the_clean_stack(
-    backend: str, emwrite_service: str
+    backend: str, emwrite_service: str, tmp_path: Path
 ) -> None:
     files = [SHARED_DATA / "fibsem" / f"img.{z:05d}.png" for z in range(N)]
     clean = [cv2.imread(str(f), cv2.IMREAD_UNCHANGED) for f in files]
@@ -114,6 +119,20 @@ def test_slice_correction_of_a_run_follows_the_clean_stack(
     task = plan_aligned_slices(_run(source, "none"), moved, bbox, zs=[12])[0]
     assert requests.post(emwrite_service + task.path, json=task.payload, timeout=120).ok
     assert record_quality(conf, transforms, (520, 520), bbox)["doubtful"] == [11, 12]
+
+    # The report reads the record: doubtful slices in its summary, page and figure.
+    report = RunReport(
+        source=source, run_id=conf.id, process_url=conf.process_url(), backend="test",
+        generated=datetime.now(UTC), state="finished", state_reason="", last_activity=None,
+        init={"conf": {"minz": 0, "maxz": N - 1}}, complete=None, bbox_xy=bbox, stages=(),
+        slice_ncc=read_quality(conf.process_url()),
+    )  # fmt: skip
+    assert report.quality is not None and report.quality["doubtful"] == [11, 12]
+    assert report.to_json()["quality_along_z"]["doubtful"] == [11, 12]
+    other = plot_quality(report, tmp_path / "other.png")  # stands in for the figures of stages
+    page = write_html(report, tmp_path, other, other).read_text()
+    assert "<h2>Quality along z</h2>" in page and "below " in page and ": 11, 12</p>" in page
+    assert (tmp_path / "quality.png").stat().st_size > 5000
 
     # A repeat: every answer cached, the same record.
     before = set(storage.list_keys(conf.process_url(STATS_CACHE) + "/"))

@@ -235,3 +235,40 @@ def print_corrections_benchmark(rows: Sequence[dict[str, Any]], slices: int, bit
         "CLAHE columns: the default clip-limit 0.02, which equalises each slice's histogram "
         "and so already hides a global flicker; the lossless and JPEG columns are clip 0."
     )
+
+
+def destreak_cost(folder: Path, side_px: int, bits: int = 8) -> dict[str, float]:
+    """CPU seconds and peak traced memory of destreaking one ``side_px`` square slice
+    tiled from the folder's first slice (a real slice size without a real slice that big)."""
+    import tracemalloc
+
+    tile = load_stack(folder, 2)[0]
+    reps = -(-side_px // tile.shape[0]), -(-side_px // tile.shape[1])
+    image = np.tile(tile, reps)[:side_px, :side_px]
+    if bits == 16:
+        image = (image.astype(np.uint16) * 257).astype(np.uint16)
+    image = np.ascontiguousarray(image)
+    tracemalloc.start()
+    t0 = time.process_time()
+    out = correct_slice(image, SliceCorrection(destreak_deg=0.0))
+    cpu = time.process_time() - t0
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    del out
+    megapixels = side_px * side_px / 1e6
+    return {
+        "side_px": side_px,
+        "cpu_s": cpu,
+        "cpu_s_per_mpx": cpu / megapixels,
+        "peak_mib": peak / 2**20,
+        "slice_mib": image.nbytes / 2**20,
+    }
+
+
+def print_destreak_cost(row: dict[str, float]) -> None:
+    print(
+        f"destreak of one {row['side_px']:.0f} x {row['side_px']:.0f} slice: CPU "
+        f"{row['cpu_s']:.1f} s ({row['cpu_s_per_mpx']:.3f} s per megapixel), peak memory "
+        f"traced {row['peak_mib']:.0f} MiB (the slice itself {row['slice_mib']:.0f} MiB, "
+        "its output as much)"
+    )

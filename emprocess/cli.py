@@ -252,6 +252,9 @@ def bench_corrections(
     offset: float = typer.Option(10.0, min=0.0, max=60.0, help="Flicker offset: +- grey levels."),
     stripe: float = typer.Option(12.0, min=0.0, max=60.0, help="Stripes' std, grey levels."),
     seed: int = typer.Option(0, help="Seed of the injected faults."),
+    big: int = typer.Option(
+        0, min=0, max=32768, help="Also time destreaking one slice this many px square (0: no)."
+    ),
 ) -> None:
     """Destreaking and per-slice normalisation on real FIB-SEM with known faults vs the clean stack."""
     from pathlib import Path
@@ -268,6 +271,10 @@ def bench_corrections(
         Path(folder), slices, Faults(gain, offset, stripe, seed), bits=bits
     )
     print_corrections_benchmark(rows, slices, bits)
+    if big:
+        from benchmarks.corrections import destreak_cost, print_destreak_cost
+
+        print_destreak_cost(destreak_cost(Path(folder), big, bits))
 
 
 @bench_app.command("run")
@@ -917,7 +924,7 @@ def report(
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
     print(rep.summary_text())
-    print(f"\nwrote report.html, report.json, progress.png and qc.png to {out}")
+    print(f"\nwrote report.html, report.json, progress.png, qc.png and quality.png to {out}")
 
 
 @app.command("conf-reference")

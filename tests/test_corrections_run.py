@@ -160,3 +160,36 @@ def test_slice_correction_is_refused_for_colour_runs_and_missing_records(backend
     with pytest.raises(EmprocessError, match=r"intensity\.csv is missing"):
         read_gain_offset(conf)
     assert read_gain_offset(_run(source, "none")) is None
+
+
+def test_slicestats_answers_known_figures_and_refuses_bad_requests(
+    backend: str, emwrite_service: str
+) -> None:
+    source = unique_bucket("stats")
+    storage.create_bucket(source)
+    image = np.full((80, 100), 50, np.uint8)
+    image[:, 50:] = 150  # mean 100, std 50
+    storage.write_bytes(f"gs://{source}/img.00000.png", cv2.imencode(".png", image)[1].tobytes())
+    colour = np.dstack([image] * 3)
+    storage.write_bytes(f"gs://{source}/rgb.png", cv2.imencode(".png", colour)[1].tobytes())
+    body = {
+        "img": "img.00000.png",
+        "dest": source,
+        "transform": [1.0, 0.0, 0.0, 1.0, 10.0, 0.0],
+        "area": [10, 0, 110, 80],
+    }
+    r = requests.post(emwrite_service + "/slicestats", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json() == {"mean": 100.0, "std": 50.0, "pixels": 8000}
+    # A colour slice is measured grey, as /alignedslice makes it without channels.
+    r = requests.post(emwrite_service + "/slicestats", json={**body, "img": "rgb.png"}, timeout=60)
+    assert r.status_code == 200 and r.json() == {"mean": 100.0, "std": 50.0, "pixels": 8000}
+    for change, words in [
+        ({"area": [10, 0, 10, 80]}, "area"),
+        ({"area": [0, 0, 1]}, "area"),
+        ({"img": "missing.png"}, "missing.png"),
+        ({"transform": [1, 0, 0]}, "transform"),
+        ({"colour": 1}, "colour"),
+    ]:
+        r = requests.post(emwrite_service + "/slicestats", json={**body, **change}, timeout=60)
+        assert r.status_code == 400 and words in r.text, (change, r.text)

@@ -699,7 +699,9 @@ def test_notebook_reports_the_finished_run(
     assert "State: FINISHED" in texts
     assert "3 pairs flagged" in texts
     pngs = [base64.b64decode(d["image/png"]) for d in data if "image/png" in d]
-    assert len(pngs) == 2 and all(p.startswith(b"\x89PNG") and len(p) > 1000 for p in pngs)
+    # progress, QC and quality along z (this run has no quality record: said so)
+    assert len(pngs) == 3 and all(p.startswith(b"\x89PNG") and len(p) > 1000 for p in pngs)
+    assert "No quality record yet." in markdown
     doc = next(d["application/json"] for d in data if "application/json" in d)
     assert doc["state"] == FINISHED
     assert {s["name"]: (s["done"], s["total"]) for s in doc["stages"]} == {

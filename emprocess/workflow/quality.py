@@ -5,8 +5,8 @@ slices' thumbnails from the process bucket (the canvas at 1/4 or less, as writte
 included), crops them to the canvas's common area, shrinks them to at most
 ``QUALITY_MAX_PX`` per side, and writes align/quality.csv: per slice z its NCC with
 z + 1 (:func:`emprocess.kernels.quality.ncc`) and whether it is doubtful (below the
-run's threshold, :func:`emprocess.kernels.quality.ncc_threshold`). Only two shrunk
-thumbnails per thread are in memory at a time.
+run's threshold, :func:`emprocess.kernels.quality.ncc_threshold`). Each of 8 threads
+holds one decoded thumbnail (at most 4096^2 px) and two shrunk ones at a time.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def slice_ncc(
     transforms: Mapping[int, Sequence[float]],
     slice_size_xy: tuple[int, int],
     bbox_xy: Sequence[int],
-    threads: int = 16,
+    threads: int = 8,
 ) -> dict[int, float | None]:
     """Slice z -> NCC of its thumbnail with slice z + 1's (None for the last or a missing one)."""
     area = run_common_area(transforms, slice_size_xy, bbox_xy)

@@ -32,6 +32,7 @@ from emprocess.errors import InvalidInput
 from emprocess.kernels import correct, tiles
 from emprocess.kernels.correct import SliceCorrection, apply_gain_offset, correct_slice, destreak
 from emprocess.kernels.normalise import (
+    MAX_GAIN,
     SliceStats,
     common_area,
     footprint,
@@ -201,6 +202,9 @@ def test_plan_gain_offset_leaves_unmeasured_slices_alone() -> None:
     assert max(abs(a - b) for a, b in itertools.pairwise(means)) < 2.0  # was 10
     with pytest.raises(InvalidInput, match="odd"):
         plan_gain_offset(stats, window=4)
+    # A nearly blank slice (a broken one) gets at most MAX_GAIN, not its spread's 1000x.
+    stats[6] = SliceStats(3.0, 0.02, 10_000)
+    assert plan_gain_offset(stats, window=9)[6][0] == MAX_GAIN
 
 
 # -- quality along z ---------------------------------------------------------------------

@@ -31,6 +31,10 @@ flicker: per-slice mean error median / max 2.7 / 8.3 grey levels with 15 slices,
 small (the clean stack's mean moves by 7 grey levels over 100 slices)."""
 MIN_PIXELS = 64
 """A measurement on fewer pixels (a slice barely in the common area) is not used."""
+MAX_GAIN = 4.0
+"""Gains are kept within [1 / MAX_GAIN, MAX_GAIN]: beam flicker is a few percent; a
+slice that would need more is broken (blank, noise), and a huge gain would only blow
+its noise up (the /alignedslice request also refuses gains above 64)."""
 
 
 @dataclass(frozen=True)
@@ -163,9 +167,9 @@ def plan_gain_offset(
     stds = np.array([stats[z].std for z in usable])
     # Gain first (the spread is not moved by an offset), then the offset of the slices
     # with their gain corrected: their means no longer carry the gain's flicker.
-    gains = running_reference(stds, window) / stds
+    gains = np.clip(running_reference(stds, window) / stds, 1.0 / MAX_GAIN, MAX_GAIN)
     scaled = gains * means
-    offsets = running_reference(scaled, window) - scaled
+    offsets = np.clip(running_reference(scaled, window) - scaled, -65535.0, 65535.0)
     for i, z in enumerate(usable):
         out[z] = (float(gains[i]), float(offsets[i]))
     return out

@@ -264,6 +264,42 @@ def bench_drift(
     print_drift_benchmark(rows, slices, downsample)
 
 
+@bench_app.command("corrections")
+def bench_corrections(
+    folder: str = typer.Option(
+        "../shared/data/fibsem", help="Folder of registered slices img.NNNNN.png (real FIB-SEM)."
+    ),
+    slices: int = typer.Option(100, min=2, help="Slices of the folder used (the first ones)."),
+    bits: int = typer.Option(8, min=8, max=16, help="8, or 16 (the slices x 257)."),
+    gain: float = typer.Option(0.1, min=0.0, max=0.5, help="Flicker gain: 1 +- this."),
+    offset: float = typer.Option(10.0, min=0.0, max=60.0, help="Flicker offset: +- grey levels."),
+    stripe: float = typer.Option(12.0, min=0.0, max=60.0, help="Stripes' std, grey levels."),
+    seed: int = typer.Option(0, help="Seed of the injected faults."),
+    big: int = typer.Option(
+        0, min=0, max=32768, help="Also time destreaking one slice this many px square (0: no)."
+    ),
+) -> None:
+    """Destreaking and per-slice normalisation on real FIB-SEM with known faults vs the clean stack."""
+    from pathlib import Path
+
+    from benchmarks.corrections import (
+        Faults,
+        print_corrections_benchmark,
+        run_corrections_benchmark,
+    )
+
+    if bits not in (8, 16):
+        raise typer.BadParameter(f"bits must be 8 or 16, got {bits}")
+    rows = run_corrections_benchmark(
+        Path(folder), slices, Faults(gain, offset, stripe, seed), bits=bits
+    )
+    print_corrections_benchmark(rows, slices, bits)
+    if big:
+        from benchmarks.corrections import destreak_cost, print_destreak_cost
+
+        print_destreak_cost(destreak_cost(Path(folder), big, bits))
+
+
 @bench_app.command("run")
 def bench_run(
     workdir: str = typer.Option("work-bench", help="Folder for the stack, Airflow and logs."),
@@ -914,7 +950,7 @@ def report(
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
     print(rep.summary_text())
-    print(f"\nwrote report.html, report.json, progress.png and qc.png to {out}")
+    print(f"\nwrote report.html, report.json, progress.png, qc.png and quality.png to {out}")
 
 
 @app.command("conf-reference")

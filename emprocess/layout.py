@@ -79,6 +79,12 @@ FEATURES = "align/features"
 """Each slice's stored SIFT features (``align/features/STEM.DIGEST.feat``), written by the
 alignment service (:func:`features_key`) and read by every pair of that slice."""
 NG_CACHE = "neuroglancer/cache"
+STATS_CACHE = "align/stats_cache"
+"""Answers of /slicestats: each slice's grey statistics (intensity_correction "slice")."""
+INTENSITY = "align/intensity.csv"
+"""Per slice: its statistics in the common area and the gain and offset applied."""
+QUALITY = "align/quality.csv"
+"""Per slice: the NCC of the aligned slice with the next (thumbnails, common area), doubtful."""
 CACHES = {
     "features": FEATURES_CACHE,
     "affine": AFFINE_CACHE,

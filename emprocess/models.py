@@ -182,6 +182,43 @@ def _resolution(value: Any) -> Any:
 Resolution = Annotated[float | list[float], BeforeValidator(_resolution)]
 """A voxel size in nm: one number (isotropic) or [x, y, z]."""
 
+
+def _destreak(value: Any) -> Any:
+    """The stripe angle in degrees from vertical, a number in [-90, 90]; None: no destreak."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"destreak must be a stripe angle in degrees, got {value!r}")
+    if not -90.0 <= float(value) <= 90.0:  # also refuses NaN
+        raise ValueError(f"destreak angle {value!r} must be within [-90, 90] degrees")
+    return float(value)
+
+
+MAX_CORRECTION_GAIN = 64.0
+
+
+def _gain_offset(value: Any) -> Any:
+    """[gain, offset] with 0 < gain <= MAX_CORRECTION_GAIN, |offset| <= 65535; None: none."""
+    if value is None:
+        return None
+    if (
+        not isinstance(value, list)
+        or len(value) != 2
+        or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+    ):
+        raise ValueError(f"intensity_gain_offset must be [gain, offset] numbers, got {value!r}")
+    gain, offset = float(value[0]), float(value[1])
+    if not 0.0 < gain <= MAX_CORRECTION_GAIN or not -65535.0 <= offset <= 65535.0:
+        raise ValueError(
+            f"intensity_gain_offset [{gain:g}, {offset:g}]: gain must be in "
+            f"(0, {MAX_CORRECTION_GAIN:g}] and offset in [-65535, 65535]"
+        )
+    return [gain, offset]
+
+
+DestreakAngle = Annotated[float | None, BeforeValidator(_destreak)]
+GainOffset = Annotated[list[float] | None, BeforeValidator(_gain_offset)]
+
 IntensityWindow = Annotated[list[float] | None, BeforeValidator(_window)]
 """Optional [low, high] grey levels mapped to 0 and 255; absent: uint8 as is, uint16 / 257."""
 _WINDOW_DESCRIPTION = (
@@ -395,6 +432,17 @@ class AlignedSliceRequest(_Request):
     intensity_window: IntensityWindow = Field(default=None, description=_WINDOW_DESCRIPTION)
     raw_dtype: RawDtype = Field(default=None, description=_RAW_DTYPE_DESCRIPTION)
     channels: Channels = Field(default=None, description=_CHANNELS_DESCRIPTION)
+    destreak: DestreakAngle = Field(
+        default=None,
+        description="Remove curtaining stripes at this angle (degrees from vertical) "
+        "before warping, in the lossless volume too; absent: no destreaking.",
+    )
+    intensity_gain_offset: GainOffset = Field(
+        default=None,
+        description="[gain, offset]: grey value v becomes gain * v + offset (slice units) "
+        "before the window, warping and CLAHE, in the lossless volume too; the run's "
+        "per-slice intensity correction. Absent: unchanged.",
+    )
     channel_imgs: ChannelKeys = Field(
         default=None,
         description="Slices stored as one grey file per channel: the names (in dest) of "
@@ -420,6 +468,29 @@ class AlignedSliceRequest(_Request):
         if self.shard_size != 1024:
             raise ValueError(f"shard-size must be 1024, got {self.shard_size}")
         check_bucket_name(process_bucket(self.dest))  # where the thumbnail goes
+        return self
+
+
+class SliceStatsRequest(_Request):
+    """POST /slicestats: grey statistics of one slice warped into the canvas, inside a box."""
+
+    img: ObjectKey = Field(description="Slice image name in the source bucket.")
+    dest: Bucket = Field(description="Source bucket holding the slices.")
+    transform: Affine6 = Field(
+        description="6 numbers (mpicbg order) mapping slice pixels into the canvas."
+    )
+    area: Annotated[list[int], Field(min_length=4, max_length=4)] = Field(
+        description="Canvas box [x0, y0, x1, y1] measured (the run's common area)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> SliceStatsRequest:
+        x0, y0, x1, y1 = self.area
+        if not (0 <= x0 < x1 <= MAX_CANVAS_PX and 0 <= y0 < y1 <= MAX_CANVAS_PX):
+            raise ValueError(
+                f"area {self.area} must be [x0, y0, x1, y1] with 0 <= x0 < x1 and "
+                f"0 <= y0 < y1, sides <= {MAX_CANVAS_PX}"
+            )
         return self
 
 

@@ -503,7 +503,7 @@ def _png_size(path: Path) -> tuple[int, int]:
 def test_run_report_writes_figures_html_and_json(runs: Runs, tmp_path: Path) -> None:
     report = run_report(runs.source, "fin", tmp_path / "out")
     out = tmp_path / "out"
-    for name in ("progress.png", "qc.png"):
+    for name in ("progress.png", "qc.png", "quality.png"):
         w, h = _png_size(out / name)
         assert w > 300 and h > 200
     page = (out / "report.html").read_text()
@@ -511,7 +511,7 @@ def test_run_report_writes_figures_html_and_json(runs: Runs, tmp_path: Path) -> 
     assert ">finished</span>" in page
     assert "<td class=l>align pairs</td><td>39</td><td>39</td>" in page
     assert "<td class=l>ng shards</td><td>9</td><td>9</td>" in page
-    assert page.count("data:image/png;base64,") == 2
+    assert page.count("data:image/png;base64,") == 3  # progress, QC, quality along z
     embedded = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page)
     assert base64.b64decode(embedded[0]) == (out / "progress.png").read_bytes()
     for z, flags in EXPECTED_FLAGS.items():
@@ -699,7 +699,9 @@ def test_notebook_reports_the_finished_run(
     assert "State: FINISHED" in texts
     assert "3 pairs flagged" in texts
     pngs = [base64.b64decode(d["image/png"]) for d in data if "image/png" in d]
-    assert len(pngs) == 2 and all(p.startswith(b"\x89PNG") and len(p) > 1000 for p in pngs)
+    # progress, QC and quality along z (this run has no quality record: said so)
+    assert len(pngs) == 3 and all(p.startswith(b"\x89PNG") and len(p) > 1000 for p in pngs)
+    assert "No quality record yet." in markdown
     doc = next(d["application/json"] for d in data if "application/json" in d)
     assert doc["state"] == FINISHED
     assert {s["name"]: (s["done"], s["total"]) for s in doc["stages"]} == {

@@ -60,6 +60,8 @@ def test_defaults_and_contract_keys() -> None:
         "skip_slices": [],
         "bad_slice_fill": "own",
         "align_from": None,
+        "destreak": False,
+        "intensity_correction": "none",
         "channels": 1,
         "align_channel": "mean",
         "jpeg_channels": "rgb",

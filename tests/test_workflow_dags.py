@@ -169,6 +169,7 @@ def test_params_carry_defaults_and_descriptions(dagbag: Any, dynamic: bool) -> N
     keys |= {"align_from"}
     keys |= {"channels", "align_channel", "jpeg_channels", "channel_templates"}
     keys |= {"location"}
+    keys |= {"destreak", "intensity_correction"}
     assert set(params) == keys | ({"width"} if dynamic else set())
     for key, p in params.items():
         assert p.description, key
@@ -190,6 +191,7 @@ def test_params_carry_defaults_and_descriptions(dagbag: Any, dynamic: bool) -> N
         params["minz"].resolve("ten")
     # Keys of two shapes: a number or [x, y, z]; a word or [low, high].
     assert params["resolution"].resolve([4, 4, 40]) == [4, 4, 40]
+    assert params["destreak"].resolve(True) is True and params["destreak"].resolve(12.5) == 12.5
     assert params["resolution"].resolve(8) == 8
     assert params["intensity"].resolve([100, 4000]) == [100, 4000]
     assert params["intensity"].resolve("full") == "full"

@@ -107,7 +107,7 @@ def _drawing(name: str) -> Any:
 
 
 def run_report(source: str, run_id: str, out_dir: str | Path, **options: Any) -> RunReport:
-    """Load the run and write ``out_dir``/progress.png, qc.png, report.html and report.json.
+    """Load the run and write ``out_dir``/progress.png, qc.png, quality.png, report.html, report.json.
 
     Args:
         source: the run's source bucket.
@@ -122,7 +122,10 @@ def run_report(source: str, run_id: str, out_dir: str | Path, **options: Any) ->
     out.mkdir(parents=True, exist_ok=True)
     progress = plot_progress(report, out / "progress.png")
     qc = plot_qc(report, out / "qc.png")
-    write_html(report, out, progress, qc)
+    from emprocess.report.quality import plot_quality
+
+    quality = plot_quality(report, out / "quality.png")
+    write_html(report, out, progress, qc, quality)
     (out / "report.json").write_text(json.dumps(report.to_json(), indent=2) + "\n")
     log.info("report of %s (%s) in %s", run_id, report.state, out)
     return report

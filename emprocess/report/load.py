@@ -60,6 +60,7 @@ from emprocess.report.progress import (
     task_name,
 )
 from emprocess.report.qc import qc_from_answers, qc_from_csv
+from emprocess.report.quality import read_quality
 from emprocess.storage import ObjectInfo
 from emprocess.workflow.conf import RunConf, parse_conf
 
@@ -441,6 +442,7 @@ def load_run(
         failures=tuple(failure_notes),
         slice_qc=tuple(slice_qc),
         alignment=alignment,
+        slice_ncc=read_quality(process),
     )
     log.info(
         "run %s: %s; %s",

@@ -232,6 +232,23 @@ class RunReport:
     """Rows of align/slices.csv (global solve): z, status, residual_px, features, reason."""
     alignment: dict[str, Any] | None = None
     """Quality figures of the global solve (canvas.json / complete.json ``alignment``)."""
+    slice_ncc: tuple[dict[str, Any], ...] = ()
+    """Rows of align/quality.csv: z, ncc_next (NCC with z + 1), doubtful."""
+
+    @property
+    def quality(self) -> dict[str, Any] | None:
+        """Quality along z: threshold, median and doubtful slices; None before it is recorded."""
+        values = [r["ncc_next"] for r in self.slice_ncc if r["ncc_next"] is not None]
+        if not values:
+            return None
+        from emprocess.kernels.quality import ncc_threshold
+
+        return {
+            "threshold": ncc_threshold(dict(enumerate(values))),
+            "median": sorted(values)[len(values) // 2],
+            "min": min(values),
+            "doubtful": [r["z"] for r in self.slice_ncc if r["doubtful"]],
+        }
 
     # -- derived ---------------------------------------------------------------
 
@@ -307,6 +324,7 @@ class RunReport:
             },
             "alignment": self.alignment,
             "slices_not_good": [r for r in self.slice_qc if r.get("status") != "good"],
+            "quality_along_z": self.quality,
             "failures": [
                 {"stage": f.stage, "name": f.name, "error": f.error, "when": iso(f.when)}
                 for f in self.failures
@@ -381,7 +399,17 @@ class RunReport:
             f"  {len(self.flagged)} pairs flagged" + (":" if self.flagged else ""),
         ]
         lines.extend("  " + p.describe() for p in self.flagged)
-        return lines + self._slice_lines()
+        return lines + self._slice_lines() + self._quality_lines()
+
+    def _quality_lines(self) -> list[str]:
+        q = self.quality
+        if q is None:
+            return []
+        doubtful = ", ".join(map(str, q["doubtful"])) or "none"
+        return [
+            f"Quality along z (NCC of slice z with z + 1): median {q['median']:.3f}, lowest "
+            f"{q['min']:.3f}; doubtful below {q['threshold']:.3f}: {doubtful}"
+        ]
 
     def _slice_lines(self) -> list[str]:
         """The global solve's figures and every slice not placed by its own pairs."""

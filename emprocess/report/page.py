@@ -9,6 +9,7 @@ from pathlib import Path
 
 from emprocess.report.model import FINISHED, RUNNING, RunReport, iso, short_time
 from emprocess.report.plots import plot_progress, plot_qc
+from emprocess.report.quality import plot_quality
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ def write_html(
     dest_dir: str | Path,
     progress_png: str | Path | None = None,
     qc_png: str | Path | None = None,
+    quality_png: str | Path | None = None,
 ) -> Path:
     """Write ``dest_dir/report.html``: state, stage table, QC flags and both figures.
 
@@ -95,6 +97,7 @@ def write_html(
         dest_dir: a local folder (created if needed).
         progress_png: the progress figure, if already drawn; else drawn into dest_dir.
         qc_png: the QC figure, likewise.
+        quality_png: the quality-along-z figure, likewise.
 
     Returns:
         The path of report.html; the figures are embedded, so it can be sent alone.
@@ -103,6 +106,16 @@ def write_html(
     dest.mkdir(parents=True, exist_ok=True)
     progress = Path(progress_png) if progress_png else plot_progress(report, dest / "progress.png")
     qc = Path(qc_png) if qc_png else plot_qc(report, dest / "qc.png")
+    quality = Path(quality_png) if quality_png else plot_quality(report, dest / "quality.png")
+    q = report.quality
+    doubtful = (
+        ""
+        if q is None
+        else (
+            f"<p>Median NCC {q['median']:.3f}, lowest {q['min']:.3f}; doubtful (below "
+            f"{q['threshold']:.3f}): {_e(', '.join(map(str, q['doubtful'])) or 'none')}</p>"
+        )
+    )
     colour = STATE_COLOURS.get(report.state, "#c62828")
     conf_rows = "".join(
         f"<tr><td class=l>{_e(k)}</td><td class=l>{_e(v)}</td></tr>" for k, v in report.conf.items()
@@ -123,6 +136,9 @@ def write_html(
 <h2>Alignment QC</h2>
 {_flag_table(report)}
 {_img(qc, "inliers and residual along z")}
+<h2>Quality along z</h2>
+{doubtful}
+{_img(quality, "NCC of each slice with the next along z")}
 <h2>Summary</h2>
 <pre>{_e(report.summary_text())}</pre>
 <h2>Conf</h2>

@@ -52,6 +52,7 @@ from emprocess.errors import InvalidInput, NotFound
 from emprocess.imageinfo import HEADER_BYTES, ImageLayout, UnreadableHeader, image_layout
 from emprocess.images import decode_image
 from emprocess.kernels import ngmeta, tiles
+from emprocess.kernels.correct import SliceCorrection, correct_slice
 from emprocess.kernels.render import (  # noqa: F401  (THUMB_* : the service's, re-exported)
     THUMB_MAX_PX,
     THUMB_MIN_FACTOR,
@@ -73,7 +74,12 @@ from emprocess.layout import (
     tile_prefixes,
     tiles_key,
 )
-from emprocess.models import AlignedSliceRequest, NgMetaRequest, NgShardRequest
+from emprocess.models import (
+    AlignedSliceRequest,
+    NgMetaRequest,
+    NgShardRequest,
+    SliceStatsRequest,
+)
 from emprocess.services.common import create_service_app, json_body, parse
 from emprocess.services.pyramid import (
     Box,
@@ -84,6 +90,7 @@ from emprocess.services.pyramid import (
     ome_zarr_volume,
     write_pyramid,
 )
+from emprocess.services.slicestats import slice_stats
 from emprocess.settings import ServiceEnv, load
 
 log = logging.getLogger(__name__)
@@ -174,6 +181,7 @@ def aligned_slice(req: AlignedSliceRequest) -> dict[str, Any]:
             f"bbox {req.bbox} is more than {MAX_CANVAS_RATIO}x (+{TILE_PX} px) the "
             f"{layout.width}x{layout.height} slice {req.img}"
         )
+    correction = SliceCorrection(req.destreak, *(req.intensity_gain_offset or (1.0, 0.0)))
     if req.channel_imgs is not None:
         channel_files = _check_channel_files(req, source_url, layout)
         planes: list[np.ndarray] | None = None
@@ -182,6 +190,7 @@ def aligned_slice(req: AlignedSliceRequest) -> dict[str, Any]:
         del data
         planes = [image] if image.ndim == 2 else [image[:, :, c] for c in range(image.shape[2])]
         del image  # the planes keep it
+        planes = [correct_slice(p, correction) for p in planes]
     t_read = time.perf_counter()
     source_tiles = None
     if req.raw_dtype is not None:  # one grey file (channels exclude raw_dtype)
@@ -205,7 +214,10 @@ def aligned_slice(req: AlignedSliceRequest) -> dict[str, Any]:
         else:  # one file per channel: read and decode one at a time (channel 0's is read)
             if c > 0:
                 data = storage.read_bytes(channel_files[c], max_bytes=MAX_FILE_BYTES)
-            plane = decode_image(data, channel_files[c], MAX_PIXELS, MAX_DECODED_BYTES, 1)
+            plane = correct_slice(
+                decode_image(data, channel_files[c], MAX_PIXELS, MAX_DECODED_BYTES, 1),
+                correction,
+            )
             data = b""
         rendered = render_slice(
             np.ascontiguousarray(plane),
@@ -622,6 +634,11 @@ def create_app() -> Flask:
     def alignedslice() -> Any:
         aligned_slice(parse(AlignedSliceRequest, json_body()))
         return "success", 200, {"Content-Type": "text/plain"}
+
+    @app.post("/slicestats")
+    def slicestats() -> Any:
+        req = parse(SliceStatsRequest, json_body())
+        return slice_stats(req, MAX_PIXELS, MAX_DECODED_BYTES, MAX_FILE_BYTES)
 
     @app.post("/ngmeta")
     def ngmeta_route() -> Any:

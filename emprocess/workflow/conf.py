@@ -58,6 +58,7 @@ _INTENSITY_SCHEMA = {
     "maxItems": 2,
 }
 Resolution = Annotated[models.Resolution, WithJsonSchema(_RESOLUTION_SCHEMA)]
+Destreak = Annotated[bool | float, WithJsonSchema({"type": ["boolean", "number"]})]
 Intensity = Annotated[Literal["auto", "full"] | list[float], WithJsonSchema(_INTENSITY_SCHEMA)]
 AlignChannel = Annotated[
     int | Literal["mean"],
@@ -319,6 +320,35 @@ class RunConf(BaseModel):
         max_length=63,
     )
 
+    # -- FIB-SEM corrections (issue 24) ------------------------------------
+    destreak: Destreak = Field(
+        default=False,
+        title="Destreak",
+        description="Remove curtaining stripes before warping (JPEG and lossless volume): "
+        "false, true (vertical stripes) or the stripe angle in degrees from vertical "
+        "(-90 to 90; positive tilts their top to the left). Only frequencies where stripes "
+        "stand out of the content are damped.",
+    )
+    intensity_correction: Literal["none", "slice"] = Field(
+        default="none",
+        title="Intensity correction",
+        description="'slice': map each slice's mean and spread (measured at reduced "
+        "resolution in the canvas's common area) to a reference smoothed along z, before "
+        "the window and CLAHE, in the JPEG and the lossless volume (removes beam-current "
+        "flicker); grey slices only. 'none': as acquired.",
+    )
+
+    @field_validator("destreak", mode="before")
+    @classmethod
+    def _destreak_angle(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int | float) and -90.0 <= float(value) <= 90.0:
+            return float(value)
+        raise ValueError(
+            f"destreak must be false, true or a stripe angle in degrees in [-90, 90], got {value!r}"
+        )
+
     @model_validator(mode="after")
     def _align_from_is_another_run(self) -> RunConf:
         if self.align_from is None:
@@ -488,6 +518,11 @@ class RunConf(BaseModel):
                     f"channels {self.channels} but channel_templates has "
                     f"{len(self.channel_templates)} templates; leave channels out or match them"
                 )
+        if self.intensity_correction != "none" and self.channels > 1:
+            raise ValueError(
+                f"intensity_correction {self.intensity_correction!r} works on grey slices; "
+                f"these have {self.channels} channels"
+            )
         if self.channels > 1 and self.raw_bits == 16:
             raise ValueError(
                 f"channels {self.channels} with raw_bits 16: a 16-bit lossless volume keeps "
@@ -530,6 +565,13 @@ class RunConf(BaseModel):
         return self
 
     # -- derived names -------------------------------------------------------
+
+    @property
+    def destreak_deg(self) -> float | None:
+        """The stripe angle to remove (degrees from vertical), or None without destreaking."""
+        if self.destreak is False:
+            return None
+        return 0.0 if self.destreak is True else float(self.destreak)
 
     @property
     def layout(self) -> RunLayout:

@@ -54,6 +54,13 @@ def _window(window: Window) -> list[float] | None:
     return None if window is None else [float(window[0]), float(window[1])]
 
 
+def _gain_offset(table: Mapping[int, Sequence[float]] | None, z: int) -> list[float] | None:
+    """Slice z's [gain, offset]; absent (None) without correction, so payloads stay as before."""
+    if table is None or z not in table:
+        return None
+    return [float(table[z][0]), float(table[z][1])]
+
+
 def _raw_dtype(conf: RunConf) -> Literal["uint16"] | None:
     """The requests' ``raw_dtype``: absent unless the raw volume keeps 16 bits."""
     return "uint16" if conf.raw_bits == 16 else None
@@ -159,6 +166,7 @@ def plan_aligned_slices(
     window: Window = None,
     fill: Mapping[int, int | None] | None = None,
     zs: Iterable[int] | None = None,
+    gain_offset: Mapping[int, Sequence[float]] | None = None,
 ) -> list[MiniTask]:
     """One POST /alignedslice per slice z from minz to maxz; index = z - minz.
 
@@ -172,6 +180,8 @@ def plan_aligned_slices(
             so the service writes zeros); slices not named show their own pixels.
         zs: plan only these slices (a batch task's share, the slices of some cubes),
             in this order; default minz..maxz.
+        gain_offset: slice z -> its intensity correction [gain, offset] (a stand-in's
+            own applies to its pixels); slices not named, or None, get none.
     """
     fill = fill or {}
     outside = affine.translation(float(bbox_xy[0]) + 16.0, 0.0)
@@ -206,6 +216,8 @@ def plan_aligned_slices(
                     raw_dtype=_raw_dtype(conf),
                     channels=_channels(conf),
                     channel_imgs=_more_channels(conf, img_z),
+                    destreak=conf.destreak_deg,
+                    intensity_gain_offset=_gain_offset(gain_offset, img_z),
                 ).payload(),
             )
         )

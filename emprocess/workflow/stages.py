@@ -656,9 +656,17 @@ def write_plan(
 ) -> list[MiniTask]:
     """The run's /alignedslice requests (of slices ``zs`` only, if given), from its
     transforms.json, fill.json and canvas."""
+    from emprocess.workflow.corrections import read_gain_offset
+
     conf = info.conf
     return plan_aligned_slices(
-        conf, read_transforms(conf), canvas["bbox"], info.intensity_window, read_fill(conf), zs
+        conf,
+        read_transforms(conf),
+        canvas["bbox"],
+        info.intensity_window,
+        read_fill(conf),
+        zs,
+        read_gain_offset(conf),
     )
 
 

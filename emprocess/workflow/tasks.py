@@ -196,13 +196,28 @@ def affine(worker_id: int) -> dict[str, Any]:
 @task(task_id="collect", multiple_outputs=False)
 @timed
 def collect() -> dict[str, Any]:
-    """Align pairs across gaps, solve the global transforms; returns the canvas."""
+    """Align pairs across gaps, solve the global transforms; returns the canvas.
+
+    With ``intensity_correction`` "slice" it then measures every slice (POST /slicestats
+    of the emwrite service) and records each slice's gain and offset."""
     from emprocess.workflow.stages import collect_alignment
 
     info = _info()
     conf = info.conf
     aligns = conf.global_solve and not (conf.skip_align or conf.align_from)
-    return collect_alignment(info, service_url(ALIGN_CONN_ID) if aligns else None)
+    canvas = collect_alignment(info, service_url(ALIGN_CONN_ID) if aligns else None)
+    if conf.intensity_correction != "none":  # measured once the canvas is known
+        from emprocess.workflow.corrections import measure_intensity
+        from emprocess.workflow.stages import read_transforms
+
+        canvas["intensity"] = measure_intensity(
+            conf,
+            read_transforms(conf),
+            info.slice_size_xy,
+            service_url(EMWRITE_CONN_ID),
+            bbox_xy=canvas["bbox"],
+        )
+    return canvas
 
 
 @task(task_id="write", multiple_outputs=False)
@@ -217,10 +232,15 @@ def write(worker_id: int) -> dict[str, Any]:
 @task(task_id="finish_align", multiple_outputs=False)
 @timed
 def finish_align() -> dict[str, Any]:
-    """Close the align stage: every slice must have been written."""
-    from emprocess.workflow.stages import check_slices_written
+    """Close the align stage: every slice must have been written; record the quality along z."""
+    from emprocess.workflow.quality import record_quality
+    from emprocess.workflow.stages import check_slices_written, read_transforms
 
-    return check_slices_written(_info(), _canvas())
+    info, canvas = _info(), _canvas()
+    done = check_slices_written(info, canvas)
+    transforms = read_transforms(info.conf)
+    done["quality"] = record_quality(info.conf, transforms, info.slice_size_xy, canvas["bbox"])
+    return done
 
 
 @task(task_id="write_ngmeta", multiple_outputs=False)

@@ -1,0 +1,144 @@
+"""Per-slice intensity correction of a run: measure every slice, decide the mapping once, record it.
+
+With ``intensity_correction: slice``, ``collect`` ends by measuring every slice's mean
+and spread in the canvas's common area (one POST /slicestats mini-task per slice,
+cached under ``align/stats_cache/`` like every stage's answers), plans each slice's
+gain and offset (:func:`emprocess.kernels.normalise.plan_gain_offset`) and records
+them in ``align/intensity.csv``; the write stage sends each slice's pair in its
+/alignedslice request. The measurements run inside ``collect`` (its threads), so the
+task graph is unchanged.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from emprocess import storage
+from emprocess.errors import EmprocessError, InvalidInput
+from emprocess.kernels.normalise import SliceStats, common_area, footprint, plan_gain_offset
+from emprocess.layout import INTENSITY, STATS_CACHE, slice_task_name
+from emprocess.models import SliceStatsRequest
+from emprocess.workflow.batch import HttpSettings, MiniTask, read_cached, run_batch
+from emprocess.workflow.conf import RunConf
+
+log = logging.getLogger(__name__)
+
+INTENSITY_COLUMNS = ["z", "mean", "std", "pixels", "gain", "offset"]
+
+
+def run_common_area(
+    transforms: Mapping[int, Sequence[float]],
+    slice_size_xy: tuple[int, int],
+    bbox_xy: Sequence[int] | None = None,
+) -> tuple[int, int, int, int]:
+    """Canvas box (x0, y0, x1, y1) every slice covers; with ``bbox_xy``, the whole canvas
+    when there is no such box (a drift larger than the slice: each slice is then measured
+    on its own pixels wherever they are)."""
+    w, h = slice_size_xy
+    try:
+        return common_area([footprint(t, w, h) for t in transforms.values()])
+    except InvalidInput:
+        if bbox_xy is None:
+            raise
+        log.warning("the slices have no common area: measuring the whole canvas")
+        return 0, 0, int(bbox_xy[0]), int(bbox_xy[1])
+
+
+def plan_slice_stats(
+    conf: RunConf,
+    transforms: Mapping[int, Sequence[float]],
+    area: Sequence[int],
+) -> list[MiniTask]:
+    """One POST /slicestats per slice z (its own pixels at its transform); index = z - minz."""
+    return [
+        MiniTask(
+            index=z - conf.minz,
+            name=slice_task_name(z),
+            path="/slicestats",
+            payload=SliceStatsRequest(
+                img=conf.slice_name(z),
+                dest=conf.source,
+                transform=[float(v) for v in transforms[z]],
+                area=[int(v) for v in area],
+            ).payload(),
+        )
+        for z in range(conf.minz, conf.maxz + 1)
+    ]
+
+
+def measure_intensity(
+    conf: RunConf,
+    transforms: Mapping[int, Sequence[float]],
+    slice_size_xy: tuple[int, int],
+    base_url: str,
+    settings: HttpSettings | None = None,
+    bbox_xy: Sequence[int] | None = None,
+) -> dict[str, Any]:
+    """Measure every slice, plan the gains and offsets, write align/intensity.csv.
+
+    Returns:
+        ``{"area": [x0, y0, x1, y1], "gain": [min, max], "offset": [min, max]}``.
+    """
+    area = run_common_area(transforms, slice_size_xy, bbox_xy)
+    tasks = plan_slice_stats(conf, transforms, area)
+    cache = conf.process_url(STATS_CACHE)
+    run_batch(
+        tasks,
+        base_url=base_url,
+        cache_url=cache,
+        stage="slicestats",
+        settings=settings,
+        failure_url=conf.layout.failure_url("slicestats"),
+    )
+    answers = read_cached(tasks, cache)
+    stats = {
+        z: SliceStats(
+            float(answers[slice_task_name(z)]["mean"]),
+            float(answers[slice_task_name(z)]["std"]),
+            int(answers[slice_task_name(z)]["pixels"]),
+        )
+        for z in range(conf.minz, conf.maxz + 1)
+    }
+    table = plan_gain_offset(stats)
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(INTENSITY_COLUMNS)
+    for z in sorted(stats):
+        s, (gain, offset) = stats[z], table[z]
+        writer.writerow(
+            [z, f"{s.mean:.4f}", f"{s.std:.4f}", s.pixels, f"{gain:.6f}", f"{offset:.4f}"]
+        )
+    storage.write_bytes(
+        conf.process_url(INTENSITY), out.getvalue().encode(), content_type="text/csv"
+    )
+    gains = [g for g, _ in table.values()]
+    offsets = [o for _, o in table.values()]
+    summary = {
+        "area": list(area),
+        "gain": [min(gains), max(gains)],
+        "offset": [min(offsets), max(offsets)],
+    }
+    log.info("intensity correction of %d slices: %s", len(table), summary)
+    return summary
+
+
+def read_gain_offset(conf: RunConf) -> dict[int, tuple[float, float]] | None:
+    """Slice z -> (gain, offset) from align/intensity.csv; None when the run does not correct.
+
+    Raises:
+        EmprocessError: when the run corrects but collect has not recorded the table.
+    """
+    if conf.intensity_correction == "none":
+        return None
+    url = conf.process_url(INTENSITY)
+    if not storage.exists(url):
+        raise EmprocessError(
+            f"intensity_correction {conf.intensity_correction!r} but {url} is missing: "
+            "collect measures the slices and writes it"
+        )
+    rows = csv.DictReader(io.StringIO(storage.read_bytes(url).decode()))
+    return {int(r["z"]): (float(r["gain"]), float(r["offset"])) for r in rows}

@@ -26,8 +26,15 @@ ReadRange = Callable[[int, int], bytes]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _TIFF_WIDTH, _TIFF_HEIGHT, _TIFF_BITS, _TIFF_PHOTOMETRIC, _TIFF_SAMPLES = 256, 257, 258, 262, 277
 _TIFF_TAGS = (_TIFF_WIDTH, _TIFF_HEIGHT, _TIFF_BITS, _TIFF_PHOTOMETRIC, _TIFF_SAMPLES)
-# TIFF field type -> (struct code, size in bytes) for the integer types a size may use.
-_TIFF_INT_TYPES = {1: ("B", 1), 3: ("H", 2), 4: ("I", 4), 16: ("Q", 8)}
+# TIFF field type -> (struct code, size in bytes): every integer type libtiff reads a size
+# from (BYTE, SHORT, LONG, SBYTE, SSHORT, SLONG, IFD, LONG8, SLONG8, IFD8). A size tag of
+# another type (ASCII, RATIONAL, FLOAT, ...) is refused, not skipped.
+_TIFF_INT_TYPES = {
+    1: ("B", 1), 3: ("H", 2), 4: ("I", 4), 6: ("b", 1), 8: ("h", 2), 9: ("i", 4),
+    13: ("I", 4), 16: ("Q", 8), 17: ("q", 8), 18: ("Q", 8),
+}  # fmt: skip
+# No slice file is a TiB: an offset beyond this is a lie (BigTIFF offsets reach 2^64).
+_TIFF_MAX_OFFSET = 1 << 40
 # A first directory with more entries than this is not a slice's (a real one has ~20).
 _TIFF_MAX_ENTRIES = 4096
 # PNG colour type -> channels OpenCV decodes (IMREAD_UNCHANGED): palette and grey+alpha
@@ -156,6 +163,10 @@ def _tiff_layout(data: bytes, read_range: ReadRange | None) -> ImageLayout:
         count_fmt, count_size, entry_size = "H", 2, 12
 
     def fetch(start: int, end: int) -> bytes:
+        if end > _TIFF_MAX_OFFSET:
+            raise UnreadableHeader(
+                f"TIFF whose first directory points at byte {start}, beyond any slice file"
+            )
         if end <= len(data):
             return data[start:end]
         if read_range is None:
@@ -181,8 +192,12 @@ def _tiff_layout(data: bytes, read_range: ReadRange | None) -> ImageLayout:
     for i in range(count):
         entry = entries[i * entry_size : (i + 1) * entry_size]
         tag, kind = struct.unpack(order + "HH", entry[:4])
-        if tag not in _TIFF_TAGS or kind not in _TIFF_INT_TYPES:
+        if tag not in _TIFF_TAGS:
             continue
+        if kind not in _TIFF_INT_TYPES:
+            raise UnreadableHeader(f"TIFF whose tag {tag} has the non-integer field type {kind}")
+        if tag in values:  # libtiff takes the first, another reader the last: a lie
+            raise UnreadableHeader(f"TIFF whose first directory lists tag {tag} twice")
         (n,) = struct.unpack(order + ("Q" if big else "I"), entry[4:head])
         code, size = _TIFF_INT_TYPES[kind]
         n = min(int(n), 16)  # a per-sample list: more than 16 samples is refused below
@@ -191,6 +206,11 @@ def _tiff_layout(data: bytes, read_range: ReadRange | None) -> ImageLayout:
             (at,) = struct.unpack(order + ("Q" if big else "I"), entry[head : head + inline])
             raw = fetch(at, at + n * size)
         values[tag] = list(struct.unpack(order + code * n, raw))
+        if any(v < 0 for v in values[tag]):
+            raise UnreadableHeader(f"TIFF whose tag {tag} holds a negative value {values[tag]}")
+    for tag in (_TIFF_WIDTH, _TIFF_HEIGHT, _TIFF_PHOTOMETRIC, _TIFF_SAMPLES):
+        if len(values.get(tag, ())) > 1:
+            raise UnreadableHeader(f"TIFF whose tag {tag} holds {len(values[tag])} values")
     if not values.get(_TIFF_WIDTH) or not values.get(_TIFF_HEIGHT):
         raise UnreadableHeader("TIFF whose first directory has no ImageWidth/ImageLength")
     samples = (values.get(_TIFF_SAMPLES) or [1])[0]

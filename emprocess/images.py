@@ -50,6 +50,7 @@ def decode_image(
     max_decoded_bytes: int | None = None,
     channels: int | Literal["all"] | None = None,
     factor: int = 1,
+    subsample: bool = False,
 ) -> np.ndarray:
     """Decode PNG, TIFF or JPEG bytes to a uint8 or uint16 array: grey, or every channel.
 
@@ -70,6 +71,8 @@ def decode_image(
             factor x factor block (right and bottom rows that fill no block dropped), as
             :func:`emprocess.kernels.align.downsample_image` gives it within one grey
             level; full-resolution rows are decoded and averaged a band at a time.
+        subsample: with ``factor``, keep the first pixel of each block instead of the
+            mean (the values keep their distribution: for histograms).
 
     Raises:
         InvalidInput: not a PNG, TIFF or JPEG image, an unsupported pixel type, too
@@ -83,7 +86,7 @@ def decode_image(
             f"{name} of {layout.width}x{layout.height} px is smaller than downsample factor "
             f"{factor}"
         )
-    image = _decode(data, name, layout, factor)
+    image = _decode(data, name, layout, factor, subsample)
     if channels is not None:
         found = 1 if image.ndim == 2 else image.shape[2]
         if channels != "all" and found != channels:
@@ -141,7 +144,9 @@ def _pyvips() -> Any:
     return pyvips
 
 
-def _decode(data: bytes, name: str, layout: ImageLayout, factor: int) -> np.ndarray:
+def _decode(
+    data: bytes, name: str, layout: ImageLayout, factor: int, subsample: bool = False
+) -> np.ndarray:
     """Decode with libvips (after :func:`check_image`); (H, W) or (H, W, C) in RGB(A) order."""
     pyvips = _pyvips()
     jpeg = data.startswith(b"\xff\xd8")
@@ -160,7 +165,11 @@ def _decode(data: bytes, name: str, layout: ImageLayout, factor: int) -> np.ndar
             _check_agrees(image, layout, name)
             if factor > 1:
                 w, h = layout.width // factor, layout.height // factor
-                image = image.crop(0, 0, w * factor, h * factor).shrink(factor, factor)
+                image = image.crop(0, 0, w * factor, h * factor)
+                if subsample:
+                    image = image.subsample(factor, factor)
+                else:
+                    image = image.shrink(factor, factor)
             dtype = _FORMATS.get(image.format)
             if dtype is None:
                 raise InvalidInput(

@@ -28,7 +28,14 @@ import numpy as np
 
 from emprocess.errors import InvalidInput
 from emprocess.imagebounds import check_structure
-from emprocess.imageinfo import HEADER_BYTES, ImageLayout, UnreadableHeader, image_layout
+from emprocess.imageinfo import (
+    HEADER_BYTES,
+    PROGRESSIVE_NOTE,
+    ImageLayout,
+    UnreadableHeader,
+    decoder_peak_bytes,
+    image_layout,
+)
 
 _FORMATS = {"uchar": np.uint8, "ushort": np.uint16}
 # libvips's names of the pixel types it refuses, as numpy spells them in messages.
@@ -62,8 +69,10 @@ def decode_image(
         data: the encoded file.
         name: how to call it in error messages (its URL).
         max_pixels: refuse images with more pixels than this.
-        max_decoded_bytes: refuse images whose full-resolution array (pixels x channels x
-            bytes per sample, palette and alpha counted as 4 channels) is larger than this.
+        max_decoded_bytes: refuse images whose decoding holds more than this at its peak
+            (:attr:`ImageLayout.peak_bytes`: the full-resolution array, pixels x channels x
+            bytes per sample with palette and alpha counted as 4 channels, plus a
+            progressive JPEG's coefficients), whatever ``factor``.
         channels: None makes colour grey and returns (H, W); n returns (H, W, n) in
             RGB(A) order (grey + alpha: grey, alpha) and refuses another channel count;
             "all" returns the image's own channels ((H, W) when grey).
@@ -110,10 +119,12 @@ def check_image(
         raise InvalidInput(f"{name} is not a PNG, TIFF or JPEG image: {e}") from None
     if max_pixels is not None:
         _check_pixels(name, layout.width, layout.height, max_pixels)
-    if max_decoded_bytes is not None and layout.decoded_bytes > max_decoded_bytes:
+    peak = decoder_peak_bytes(layout, data[:HEADER_BYTES])
+    if max_decoded_bytes is not None and peak > max_decoded_bytes:
         raise InvalidInput(
             f"{name} is {layout.width}x{layout.height} px with {layout.channels} channel(s) of "
-            f"{layout.sample_bytes} byte(s): {layout.decoded_bytes} bytes decoded, over the "
+            f"{layout.sample_bytes} byte(s): {peak} bytes decoded"
+            f"{PROGRESSIVE_NOTE if peak > layout.decoded_bytes else ''}, over the "
             f"limit of {max_decoded_bytes}"
         )
     check_structure(data, name)
@@ -151,17 +162,18 @@ def _decode(
     pyvips = _pyvips()
     jpeg = data.startswith(b"\xff\xd8")
     loader = (
-        pyvips.Image.jpegload_buffer
+        pyvips.Image.jpegload_source
         if jpeg
-        else pyvips.Image.pngload_buffer
+        else pyvips.Image.pngload_source
         if data.startswith(b"\x89PNG")
-        else pyvips.Image.tiffload_buffer
+        else pyvips.Image.tiffload_source
     )
+    source = pyvips.Source.new_from_memory(data)  # not copied (a *_buffer loader copies)
     with _JPEG_LOCK if jpeg else contextlib.nullcontext():
         if jpeg:
             pyvips.vips_lib.vips_error_clear()
         try:
-            image = loader(data, access="sequential", fail_on="warning" if jpeg else "error")
+            image = loader(source, access="sequential", fail_on="warning" if jpeg else "error")
             _check_agrees(image, layout, name)
             if factor > 1:
                 w, h = layout.width // factor, layout.height // factor

@@ -30,13 +30,14 @@ from test_hostile import (  # noqa: F401  (fixtures)
     align,
     attack,
     emwrite,
+    zero_png,
 )
 
 from emprocess import storage
 from emprocess.errors import InvalidInput
 from emprocess.imagebounds import MAX_JPEG_SCANS, check_structure
 from emprocess.imageinfo import UnreadableHeader, image_header
-from emprocess.images import decode_image
+from emprocess.images import check_image, decode_image
 from emprocess.layout import RunLayout
 
 # -- crafted files ---------------------------------------------------------------------
@@ -204,6 +205,29 @@ def test_valid_files_pass_the_structure_check() -> None:
         assert decode_image(data, ext).shape == image.shape
     # a few bytes of padding after the end marker are allowed
     check_structure(cv2.imencode(".png", image)[1].tobytes() + bytes(100), "pad.png")
+
+
+def test_bounds_count_the_decoders_peak() -> None:
+    """A progressive JPEG holds its coefficients (2 bytes a sample) besides the array."""
+    image = _texture()
+    baseline = cv2.imencode(".jpg", image)[1].tobytes()
+    progressive = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes()
+    assert decode_image(baseline, "b.jpg", max_decoded_bytes=256 * 256).shape == (256, 256)
+    with pytest.raises(
+        InvalidInput, match=r"196608 bytes decoded \(with the progressive JPEG.s coefficients"
+    ):
+        decode_image(progressive, "p.jpg", max_decoded_bytes=256 * 256)
+    assert decode_image(progressive, "p.jpg", max_decoded_bytes=3 * 256 * 256).shape == (256, 256)
+
+
+def test_the_largest_documented_slice_is_judged_by_its_header() -> None:
+    """emwrite's largest slice, 32,768^2 8-bit, passes every check before decoding (its
+    peak is its array); one row more, or 16 bits, is refused by the header alone."""
+    limits = {"max_pixels": 32768 * 32768, "max_decoded_bytes": 1 << 30}
+    assert check_image(zero_png(32768, 32768, 8, 0), "big.png", **limits).width == 32768
+    for width, depth in ((32769, 8), (32768, 16)):
+        with pytest.raises(InvalidInput, match="over the limit"):
+            check_image(zero_png(width, 32768, depth, 0), "big.png", **limits)
 
 
 # -- through the services ---------------------------------------------------------------

@@ -19,7 +19,14 @@ from flask import Flask, jsonify
 
 from emprocess import storage
 from emprocess.errors import InvalidInput
-from emprocess.imageinfo import HEADER_BYTES, ImageLayout, UnreadableHeader, image_layout
+from emprocess.imageinfo import (
+    HEADER_BYTES,
+    PROGRESSIVE_NOTE,
+    ImageLayout,
+    UnreadableHeader,
+    decoder_peak_bytes,
+    image_layout,
+)
 from emprocess.images import align_plane, decode_image
 from emprocess.kernels.align import AlignParams, align_pair
 from emprocess.kernels.intensity import to_uint8
@@ -57,8 +64,8 @@ def read_image(url: str, channel: int | str | None = None, factor: int = 1) -> n
     that channel or the mean of all.
     """
     limit = max_pixels() * DECODED_BYTES_PER_PIXEL
-    layout = _header(url)
-    _check_limits(url, layout, limit)
+    layout, peak = _header(url)
+    _check_limits(url, layout, peak, limit)
     file_bytes = layout.decoded_bytes * 9 // 8 + FILE_SLACK_BYTES
     with _BIG_FILE if file_bytes > BIG_FILE_BYTES else contextlib.nullcontext():
         data = storage.read_bytes(url, max_bytes=file_bytes)
@@ -72,30 +79,33 @@ def read_image(url: str, channel: int | str | None = None, factor: int = 1) -> n
         raise InvalidInput(f"{url}: {e}") from None
 
 
-def _header(url: str) -> ImageLayout:
-    """The slice's layout by its header: one range read (two for a TIFF whose first
-    directory lies beyond it)."""
+def _header(url: str) -> tuple[ImageLayout, int]:
+    """The slice's layout by its header, and the decoder's peak bytes: one range read
+    (two for a TIFF whose first directory lies beyond it)."""
 
     def read_range(start: int, end: int) -> bytes:
         return storage.read_bytes(url, start, end, max_bytes=end - start)
 
+    header = storage.read_bytes(url, 0, HEADER_BYTES)
     try:
-        return image_layout(storage.read_bytes(url, 0, HEADER_BYTES), read_range)
+        layout = image_layout(header, read_range)
     except UnreadableHeader as e:
         raise InvalidInput(f"{url} is not a PNG, TIFF or JPEG image: {e}") from None
+    return layout, decoder_peak_bytes(layout, header)
 
 
-def _check_limits(url: str, layout: ImageLayout, limit: int) -> None:
+def _check_limits(url: str, layout: ImageLayout, peak: int, limit: int) -> None:
     pixels = layout.width * layout.height
     if pixels > max_pixels():
         raise InvalidInput(
             f"{url} is {layout.width}x{layout.height} = {pixels} pixels, over the limit of "
             f"{max_pixels()}"
         )
-    if layout.decoded_bytes > limit:
+    if peak > limit:
         raise InvalidInput(
             f"{url} is {layout.width}x{layout.height} px with {layout.channels} channel(s) of "
-            f"{layout.sample_bytes} byte(s): {layout.decoded_bytes} bytes decoded, over the "
+            f"{layout.sample_bytes} byte(s): {peak} bytes decoded"
+            f"{PROGRESSIVE_NOTE if peak > layout.decoded_bytes else ''}, over the "
             f"limit of {limit}"
         )
 

@@ -64,11 +64,14 @@ def read_image(url: str, channel: int | str | None = None, factor: int = 1) -> n
     that channel or the mean of all.
     """
     limit = max_pixels() * DECODED_BYTES_PER_PIXEL
-    layout, peak = _header(url)
+    header = storage.read_bytes(url, 0, HEADER_BYTES)
+    layout, peak = _header(url, header)
     _check_limits(url, layout, peak, limit)
     file_bytes = layout.decoded_bytes * 9 // 8 + FILE_SLACK_BYTES
     with _BIG_FILE if file_bytes > BIG_FILE_BYTES else contextlib.nullcontext():
-        data = storage.read_bytes(url, max_bytes=file_bytes)
+        whole = len(header) < HEADER_BYTES  # a small file: the header read was all of it
+        data = header if whole else storage.read_bytes(url, max_bytes=file_bytes)
+        del header
         if channel is None:
             return decode_image(data, url, max_pixels(), limit, factor=factor)
         image = decode_image(data, url, max_pixels(), limit, channels="all", factor=factor)
@@ -79,14 +82,13 @@ def read_image(url: str, channel: int | str | None = None, factor: int = 1) -> n
         raise InvalidInput(f"{url}: {e}") from None
 
 
-def _header(url: str) -> tuple[ImageLayout, int]:
-    """The slice's layout by its header, and the decoder's peak bytes: one range read
-    (two for a TIFF whose first directory lies beyond it)."""
+def _header(url: str, header: bytes) -> tuple[ImageLayout, int]:
+    """The slice's layout by its ``header`` (the file's first bytes), and the decoder's peak
+    bytes (one more range read for a TIFF whose first directory lies beyond ``header``)."""
 
     def read_range(start: int, end: int) -> bytes:
         return storage.read_bytes(url, start, end, max_bytes=end - start)
 
-    header = storage.read_bytes(url, 0, HEADER_BYTES)
     try:
         layout = image_layout(header, read_range)
     except UnreadableHeader as e:

@@ -122,3 +122,34 @@ def test_real_pair_aligns_alike_through_the_reader() -> None:
         affine.rescale(new.affine, 2), affine.rescale(old.affine, 2), 520, 520
     )
     assert error < 0.25, (old.affine, new.affine)
+
+
+def test_auto_window_from_a_subsample_is_the_full_one_within_two_levels(
+    local_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``validate``'s auto window measured on every 4th pixel of every 4th row of the real
+    slices (as 20,000^2 slices are: every 5th) is the full measurement's within 2 levels."""
+    from conftest import unique_bucket
+
+    from emprocess import storage
+    from emprocess.workflow import window
+    from emprocess.workflow.conf import parse_conf
+
+    paths = [SHARED_DATA / "fibsem" / f"img.{z:05d}.png" for z in range(4)]
+    if not all(p.is_file() for p in paths):
+        pytest.skip(f"real FIB-SEM stack not found in {paths[0].parent}")
+    monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", str(local_root))
+    source = unique_bucket("subwin")
+    storage.create_bucket(source)
+    for z, path in enumerate(paths):
+        image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED).astype(np.uint16) * 16 + 300
+        storage.write_bytes(f"gs://{source}/s{z:03d}.png", cv2.imencode(".png", image)[1])
+    conf = parse_conf(
+        {"id": "r", "image": "s%03d.png", "minz": 0, "maxz": 3, "source": source,
+         "intensity": "auto"}
+    )  # fmt: skip
+    full = window.measure_window(conf)
+    monkeypatch.setattr(window, "AUTO_SAMPLE_PIXELS", 260 * 260)  # 520 px: every 2nd
+    sampled = window.measure_window(conf)
+    level = (full[1] - full[0]) / 255
+    assert abs(sampled[0] - full[0]) <= 2 * level and abs(sampled[1] - full[1]) <= 2 * level

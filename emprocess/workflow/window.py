@@ -78,7 +78,7 @@ def measure_window(conf: RunConf, count: int = AUTO_SAMPLE_SLICES) -> tuple[floa
             url = f"gs://{conf.source}/{name}"
             data = storage.read_bytes(url)
             layout = check_image(data, url, MAX_SAMPLE_PIXELS)
-            step = sample_step(layout.width, layout.height)
+            step = sample_step(layout.width, layout.height, AUTO_SAMPLE_PIXELS)
             channels: Literal["all"] | None = "all" if colour else None
             image = decode_image(
                 data, url, MAX_SAMPLE_PIXELS, channels=channels, factor=step, subsample=True

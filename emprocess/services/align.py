@@ -12,7 +12,7 @@ import contextlib
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from flask import Flask, jsonify
@@ -72,10 +72,11 @@ def read_image(url: str, channel: int | str | None = None, factor: int = 1) -> n
         whole = len(header) < HEADER_BYTES  # a small file: the header read was all of it
         data = header if whole else storage.read_bytes(url, max_bytes=file_bytes)
         del header
-        if channel is None:
-            return decode_image(data, url, max_pixels(), limit, factor=factor)
-        image = decode_image(data, url, max_pixels(), limit, channels="all", factor=factor)
-        del data
+        channels: Literal["all"] | None = None if channel is None else "all"
+        image = decode_image(data, url, max_pixels(), limit, channels=channels, factor=factor)
+        del data  # before the next big file may be read
+    if channel is None:
+        return image
     try:
         return align_plane(image, channel)
     except InvalidInput as e:

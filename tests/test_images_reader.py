@@ -5,13 +5,11 @@ real FIB-SEM pair read at 1/2 recovers the same transform as the full-decode pat
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-import tifffile
 from conftest import SHARED_DATA
 
 from emprocess import affine
@@ -27,9 +25,8 @@ def _texture(shape: tuple[int, int], seed: int = 0) -> np.ndarray:
 
 
 def _tiff(image: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    tifffile.imwrite(out, image, photometric="rgb" if image.ndim == 3 else "minisblack")
-    return out.getvalue()
+    """A TIFF written by OpenCV (libtiff): RGB order in the file for an RGB ``image``."""
+    return cv2.imencode(".tif", image if image.ndim == 2 else image[:, :, ::-1])[1].tobytes()
 
 
 def _files() -> dict[str, tuple[bytes, np.ndarray]]:

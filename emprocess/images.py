@@ -200,8 +200,11 @@ def _decode(
             warning = pyvips.ffi.string(pyvips.vips_lib.vips_error_buffer()).decode(
                 "utf-8", "replace"
             )
-            if warning.strip():
-                raise InvalidInput(f"{name} is damaged: {' '.join(warning.split())[:300]}")
+            # libjpeg's own lines ("VipsJpeg: ..."): another thread's PNG or TIFF decode
+            # may add its lines to the buffer meanwhile, JPEG decodes do not (the lock).
+            jpeg_lines = [line for line in warning.splitlines() if line.startswith("VipsJpeg")]
+            if jpeg_lines:
+                raise InvalidInput(f"{name} is damaged: {' '.join(jpeg_lines)[:300]}")
     return pixels[:, :, 0] if pixels.shape[2] == 1 else pixels
 
 

@@ -174,6 +174,29 @@ def bench_neighbors(
     print_neighbors_benchmark(rows)
 
 
+@bench_app.command("align-service")
+def bench_align_service(
+    sizes: list[int] = typer.Option([20000], "--size", help="Square slice side(s) in px."),
+    bits: list[int] = typer.Option([8, 16], "--bits", help="8 and/or 16."),
+    downsample: int = typer.Option(4, min=1, help="The request's downsample factor."),
+    max_pixels: int = typer.Option(0, help="EMPROCESS_ALIGN_MAX_PIXELS (0: the default)."),
+) -> None:
+    """Peak RSS and wall time of one alignment request of a big pair, through the service."""
+    from benchmarks.align_service import (
+        print_align_service_benchmark,
+        run_align_service_benchmark,
+    )
+
+    if any(b not in (8, 16) for b in bits):
+        raise typer.BadParameter(f"--bits must be 8 or 16, got {bits}")
+    rows = [
+        run_align_service_benchmark(size, b, downsample, max_pixels or None)
+        for size in sizes
+        for b in bits
+    ]
+    print_align_service_benchmark(rows)
+
+
 @bench_app.command("emwrite")
 def bench_emwrite(
     slices: int = typer.Option(64, min=0, help="Slices of the synthetic stack (0: none)."),

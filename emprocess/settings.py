@@ -55,7 +55,7 @@ class ServiceEnv(_Settings):
         "INFO", description="Log level of the services."
     )
     align_max_pixels: int = Field(
-        16384 * 16384, gt=0, description="Largest slice (pixels) the alignment service takes."
+        32768 * 32768, gt=0, description="Largest slice (pixels) the alignment service takes."
     )
     emwrite_max_pixels: int = Field(
         32768 * 32768, gt=0, description="Largest canvas (pixels) /alignedslice takes."

@@ -8,17 +8,27 @@ command and script are read for names only and never executed. Answers with
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from flask import Flask, jsonify
 
 from emprocess import storage
 from emprocess.errors import InvalidInput
+from emprocess.imageinfo import (
+    HEADER_BYTES,
+    PROGRESSIVE_NOTE,
+    ImageLayout,
+    UnreadableHeader,
+    decoder_peak_bytes,
+    image_layout,
+)
 from emprocess.images import align_plane, decode_image
-from emprocess.kernels.align import AlignParams, align_pair, downsample_image
+from emprocess.kernels.align import AlignParams, align_pair
 from emprocess.kernels.intensity import to_uint8
 from emprocess.models import AlignRequest
 from emprocess.services.common import create_service_app, json_body, parse
@@ -32,45 +42,92 @@ MAX_SIZE_RATIO = 1.5
 # Bytes a decoded slice may take per pixel of the pixel limit: a 16-bit grey slice
 # at the limit, or 8-bit colour of two thirds of it (16-bit RGBA needs 8).
 DECODED_BYTES_PER_PIXEL = 2
-# A slice file is at most its decoded size plus this (an uncompressed TIFF's header).
+# A slice file is at most its decoded size plus 1/8 (deflate at its worst) plus this.
 FILE_SLACK_BYTES = 1 << 20
+# Slices are read at the request's downsample (emprocess.images), so memory is their
+# files': files larger than this are read one at a time (two 32,768^2 16-bit TIFFs
+# would not fit an instance of 4 GiB together).
+BIG_FILE_BYTES = 1 << 30
+_BIG_FILE = threading.Lock()
 
 
 def max_pixels() -> int:
     return load(ServiceEnv).align_max_pixels
 
 
-def read_image(url: str, channel: int | str | None = None) -> np.ndarray:
-    """Read and decode one slice through the storage layer, within the size limits.
+def read_image(url: str, channel: int | str | None = None, factor: int = 1) -> np.ndarray:
+    """Read and decode one slice at 1/``factor`` of its resolution, within the size limits.
 
-    With ``channel`` (colour slices), the plane of that channel or the mean of all.
+    The header is read first (one range read) and the slice refused by it before its
+    file is read; the file is then decoded a band of rows at a time, so memory is the
+    file's bytes and the reduced slice. With ``channel`` (colour slices), the plane of
+    that channel or the mean of all.
     """
     limit = max_pixels() * DECODED_BYTES_PER_PIXEL
-    data = storage.read_bytes(url, max_bytes=limit + FILE_SLACK_BYTES)
+    header = storage.read_bytes(url, 0, HEADER_BYTES)
+    layout, peak = _header(url, header)
+    _check_limits(url, layout, peak, limit)
+    file_bytes = layout.decoded_bytes * 9 // 8 + FILE_SLACK_BYTES
+    with _BIG_FILE if file_bytes > BIG_FILE_BYTES else contextlib.nullcontext():
+        whole = len(header) < HEADER_BYTES  # a small file: the header read was all of it
+        data = header if whole else storage.read_bytes(url, max_bytes=file_bytes)
+        del header
+        channels: Literal["all"] | None = None if channel is None else "all"
+        image = decode_image(data, url, max_pixels(), limit, channels=channels, factor=factor)
+        del data  # before the next big file may be read
     if channel is None:
-        return decode_image(data, url, max_pixels(), limit)
-    image = decode_image(data, url, max_pixels(), limit, channels="all")
+        return image
     try:
         return align_plane(image, channel)
     except InvalidInput as e:
         raise InvalidInput(f"{url}: {e}") from None
 
 
-def read_channel_files(urls: list[str], channel: int | str) -> np.ndarray:
+def _header(url: str, header: bytes) -> tuple[ImageLayout, int]:
+    """The slice's layout by its ``header`` (the file's first bytes), and the decoder's peak
+    bytes (one more range read for a TIFF whose first directory lies beyond ``header``)."""
+
+    def read_range(start: int, end: int) -> bytes:
+        return storage.read_bytes(url, start, end, max_bytes=end - start)
+
+    try:
+        layout = image_layout(header, read_range)
+    except UnreadableHeader as e:
+        raise InvalidInput(f"{url} is not a PNG, TIFF or JPEG image: {e}") from None
+    return layout, decoder_peak_bytes(layout, header)
+
+
+def _check_limits(url: str, layout: ImageLayout, peak: int, limit: int) -> None:
+    pixels = layout.width * layout.height
+    if pixels > max_pixels():
+        raise InvalidInput(
+            f"{url} is {layout.width}x{layout.height} = {pixels} pixels, over the limit of "
+            f"{max_pixels()}"
+        )
+    if peak > limit:
+        raise InvalidInput(
+            f"{url} is {layout.width}x{layout.height} px with {layout.channels} channel(s) of "
+            f"{layout.sample_bytes} byte(s): {peak} bytes decoded"
+            f"{PROGRESSIVE_NOTE if peak > layout.decoded_bytes else ''}, over the "
+            f"limit of {limit}"
+        )
+
+
+def read_channel_files(urls: list[str], channel: int | str, factor: int = 1) -> np.ndarray:
     """A slice stored as one grey file per channel: the plane of ``channel`` (only that
-    file is read) or the mean of all files."""
+    file is read) or the mean of all files, each read at 1/``factor``."""
     if isinstance(channel, int):
-        return read_image(urls[channel])
+        return read_image(urls[channel], factor=factor)
     # The mean as align_plane takes it of a colour file (rint of the exact mean: sums of
-    # at most 4 x 65535 are exact in float32), one decoded file in memory at a time.
-    first = read_image(urls[0])
+    # at most 4 x 65535 are exact in float32), one file in memory at a time.
+    first = read_image(urls[0], factor=factor)
     total = first.astype(np.float32)
     for url in urls[1:]:
-        plane = read_image(url)
+        plane = read_image(url, factor=factor)
         if plane.shape != first.shape or plane.dtype != first.dtype:
             raise InvalidInput(
                 f"channel file {url} is {plane.shape[1]}x{plane.shape[0]} {plane.dtype}, but "
-                f"{urls[0]} is {first.shape[1]}x{first.shape[0]} {first.dtype}"
+                f"{urls[0]} is {first.shape[1]}x{first.shape[0]} {first.dtype} (at 1/{factor})"
             )
         total += plane
         del plane
@@ -79,16 +136,17 @@ def read_channel_files(urls: list[str], channel: int | str) -> np.ndarray:
 
 
 def check_sizes(pre: np.ndarray, post: np.ndarray, req: AlignRequest) -> None:
+    """Refuse a pair whose (downsampled) sizes differ too much or leave too few pixels."""
     (h0, w0), (h1, w1) = pre.shape, post.shape
     if max(w0, w1) > MAX_SIZE_RATIO * min(w0, w1) or max(h0, h1) > MAX_SIZE_RATIO * min(h0, h1):
         raise InvalidInput(
-            f"pre {req.pre} is {w0}x{h0} but post {req.post} is {w1}x{h1}: "
+            f"pre {req.pre} is {w0}x{h0} but post {req.post} is {w1}x{h1} at 1/{req.downsample}: "
             f"sizes differ by more than {MAX_SIZE_RATIO}x"
         )
     smallest = min(w0, h0, w1, h1)
-    if smallest // req.downsample < 16:
+    if smallest < 16:
         raise InvalidInput(
-            f"downsample {req.downsample} leaves fewer than 16 pixels of a {smallest}-pixel side"
+            f"downsample {req.downsample} leaves fewer than 16 pixels ({smallest}) of a side"
         )
 
 
@@ -100,14 +158,17 @@ def align_request(req: AlignRequest) -> dict[str, Any]:
             channel = req.channel
             assert channel is not None  # checked by the model
             files = ([req.pre, *req.pre_channels], [req.post, *req.post_channels])
-            pre, post = pool.map(lambda urls: read_channel_files(urls, channel), files)
+            pre, post = pool.map(
+                lambda urls: read_channel_files(urls, channel, req.downsample), files
+            )
         else:
-            pre, post = pool.map(lambda url: read_image(url, req.channel), (req.pre, req.post))
+            pre, post = pool.map(
+                lambda url: read_image(url, req.channel, req.downsample), (req.pre, req.post)
+            )
     check_sizes(pre, post, req)
-    pre, post = downsample_image(pre, req.downsample), downsample_image(post, req.downsample)
     if req.intensity_window is not None:
         # The run's window, as emwrite applies it: both stages see the same 8-bit pixels
-        # (after the shrink, which averages before the lookup: cheaper, same within 1 level).
+        # (read at the downsample, which averages before the lookup: same within 1 level).
         window = (req.intensity_window[0], req.intensity_window[1])
         pre, post = to_uint8(pre, window), to_uint8(post, window)
     result = align_pair(pre, post, params)

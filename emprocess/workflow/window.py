@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Literal
 
 from emprocess import storage
 from emprocess.errors import InvalidInput
@@ -13,8 +14,15 @@ log = logging.getLogger(__name__)
 AUTO_SAMPLE_SLICES = 8
 """How many slices, spread evenly from minz to maxz, ``auto`` measures. Their summed
 histogram gives the percentiles, so a stack whose contrast drifts gets one window that
-covers its whole range; each slice is decoded and dropped before the next, so the
-Airflow worker holds one decoded slice at a time (2 bytes per pixel)."""
+covers its whole range; each slice is read at reduced resolution (at most
+``AUTO_SAMPLE_PIXELS`` of its pixels, one per block, decoded a band of rows at a time)
+and dropped before the next, so the Airflow worker holds one slice's file and a small
+sample, never a decoded full slice."""
+
+AUTO_SAMPLE_PIXELS = 4096 * 4096
+"""Pixels of each sampled slice that ``auto`` counts: a slice with more is subsampled
+(every n-th pixel of every n-th row, which keeps the distribution of the values, where
+a block mean would narrow it)."""
 
 MAX_SAMPLE_PIXELS = 32768 * 32768
 """The largest slice ``auto`` decodes (emwrite's limit)."""
@@ -26,6 +34,14 @@ def sample_slices(minz: int, maxz: int, count: int = AUTO_SAMPLE_SLICES) -> list
     if n <= count:
         return list(range(minz, maxz + 1))
     return sorted({minz + round(i * (n - 1) / (count - 1)) for i in range(count)})
+
+
+def sample_step(width: int, height: int, pixels: int = AUTO_SAMPLE_PIXELS) -> int:
+    """The smallest n such that every n-th pixel of every n-th row is at most ``pixels``."""
+    step = 1
+    while (width // step) * (height // step) > pixels:
+        step += 1
+    return step
 
 
 def measured_channels(conf: RunConf) -> int:
@@ -50,7 +66,7 @@ def measure_window(conf: RunConf, count: int = AUTO_SAMPLE_SLICES) -> tuple[floa
     """
     import numpy as np
 
-    from emprocess.images import decode_image
+    from emprocess.images import check_image, decode_image
     from emprocess.kernels.intensity import histogram, window_from_histogram
 
     colour = conf.channels > 1 and conf.channel_templates is None
@@ -61,7 +77,12 @@ def measure_window(conf: RunConf, count: int = AUTO_SAMPLE_SLICES) -> tuple[floa
         for name in conf.channel_files(z):
             url = f"gs://{conf.source}/{name}"
             data = storage.read_bytes(url)
-            image = decode_image(data, url, MAX_SAMPLE_PIXELS, channels="all" if colour else None)
+            layout = check_image(data, url, MAX_SAMPLE_PIXELS)
+            step = sample_step(layout.width, layout.height, AUTO_SAMPLE_PIXELS)
+            channels: Literal["all"] | None = "all" if colour else None
+            image = decode_image(
+                data, url, MAX_SAMPLE_PIXELS, channels=channels, factor=step, subsample=True
+            )
             del data
             if colour:
                 image = image[:, :, :kept]

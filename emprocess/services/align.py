@@ -83,6 +83,12 @@ def read_image(url: str, channel: int | str | None = None, factor: int = 1) -> n
         raise InvalidInput(f"{url}: {e}") from None
 
 
+def source_size(url: str) -> tuple[int, int]:
+    """(width, height) of the slice at ``url`` at full resolution, by its header alone."""
+    layout, _ = _header(url, storage.read_bytes(url, 0, HEADER_BYTES))
+    return layout.width, layout.height
+
+
 def _header(url: str, header: bytes) -> tuple[ImageLayout, int]:
     """The slice's layout by its ``header`` (the file's first bytes), and the decoder's peak
     bytes (one more range read for a TIFF whose first directory lies beyond ``header``)."""

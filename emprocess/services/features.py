@@ -41,7 +41,6 @@ from emprocess.kernels.align import (
     AlignParams,
     SliceFeatures,
     align_features,
-    downsample_image,
     extract_features,
     extraction_recipe,
 )
@@ -49,7 +48,7 @@ from emprocess.kernels.features import decode_features, encode_features, max_enc
 from emprocess.kernels.intensity import to_uint8
 from emprocess.layout import features_key, process_bucket
 from emprocess.models import AlignRequest, FeaturesRequest
-from emprocess.services.align import MAX_SIZE_RATIO, read_channel_files, read_image
+from emprocess.services.align import MAX_SIZE_RATIO, read_channel_files, read_image, source_size
 from emprocess.services.common import json_body, parse
 
 log = logging.getLogger(__name__)
@@ -90,18 +89,18 @@ def features_url(req: FeaturesRequest, params: AlignParams) -> tuple[str, dict[s
 def load_slice(req: FeaturesRequest) -> tuple[np.ndarray, tuple[int, int]]:
     """The slice as a pair request sees it (read, downsampled, windowed) and its size
     (width, height) before the downsampling."""
-    if req.channel_files is not None:
-        channel = req.channel
-        assert channel is not None  # checked by the model
-        image = read_channel_files([req.img, *req.channel_files], channel)
-    else:
-        image = read_image(req.img, req.channel)
-    size = (image.shape[1], image.shape[0])
+    size = source_size(req.img)
     if min(size) // req.downsample < 16:
         raise InvalidInput(
             f"downsample {req.downsample} leaves fewer than 16 pixels of a {min(size)}-pixel side"
         )
-    image = downsample_image(image, req.downsample)
+    # Read at the downsample (emprocess.images): the full-resolution slice is never held.
+    if req.channel_files is not None:
+        channel = req.channel
+        assert channel is not None  # checked by the model
+        image = read_channel_files([req.img, *req.channel_files], channel, req.downsample)
+    else:
+        image = read_image(req.img, req.channel, req.downsample)
     if req.intensity_window is not None:
         image = to_uint8(image, (req.intensity_window[0], req.intensity_window[1]))
     return image, size

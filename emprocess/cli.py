@@ -191,6 +191,31 @@ def bench_emwrite(
     )
 
 
+@bench_app.command("memory")
+def bench_memory(
+    slice_case: list[str] = typer.Option(
+        ["20000:8", "20000:16", "32768:8"],
+        "--slice",
+        help="SIDE:BITS of an /alignedslice (16-bit with a window); repeat for more.",
+    ),
+    cube_channels: int = typer.Option(
+        4, min=0, help="Channels of one /ngshard cube (jpeg_channels each + raw); 0: none."
+    ),
+    cube_depth: int = typer.Option(1024, min=1, max=1024, help="Slices of that cube."),
+    code: str = typer.Option("", help="Serve the emprocess of this checkout (before/after)."),
+) -> None:
+    """Wall time and the emwrite worker's peak memory (VmHWM) of each request."""
+    from pathlib import Path
+
+    from benchmarks.memory import parse_case, run_memory_benchmark
+
+    try:
+        cases = [parse_case(c) for c in slice_case]
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    run_memory_benchmark(cases, cube_channels, cube_depth, Path(code).resolve() if code else None)
+
+
 @bench_app.command("solve")
 def bench_solve(
     sizes: list[int] = typer.Option([1000, 10_000, 50_000], "--slices", help="Stack sizes."),

@@ -41,6 +41,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -51,13 +52,17 @@ from emprocess.errors import InvalidInput, NotFound
 from emprocess.imageinfo import HEADER_BYTES, ImageLayout, UnreadableHeader, image_layout
 from emprocess.images import decode_image
 from emprocess.kernels import ngmeta, tiles
+from emprocess.kernels.intensity import to_uint8
 from emprocess.kernels.render import (  # noqa: F401  (THUMB_* : the service's, re-exported)
     THUMB_MAX_PX,
     THUMB_MIN_FACTOR,
+    StreamedTiles,
     colour_thumbnail,
     encode_thumbnail,
     render_slice,
     render_source_tiles,
+    stream_slice,
+    stream_source_tiles,
     thumbnail_factor,
 )
 from emprocess.layout import (
@@ -173,64 +178,79 @@ def aligned_slice(req: AlignedSliceRequest) -> dict[str, Any]:
         )
     if req.channel_imgs is not None:
         channel_files = _check_channel_files(req, source_url, layout)
-        planes: list[np.ndarray] | None = None
+        planes: list[np.ndarray] = []
     else:
         image = decode_image(data, source_url, MAX_PIXELS, MAX_DECODED_BYTES, req.channels)
         del data
         planes = [image] if image.ndim == 2 else [image[:, :, c] for c in range(image.shape[2])]
-        del image  # the planes keep it
+        del image  # the planes keep it; each is dropped once rendered
     t_read = time.perf_counter()
-    source_tiles = None
+    compute = [0.0]  # seconds spent making tiles while they are written
     if req.raw_dtype is not None:  # one grey file (channels exclude raw_dtype)
-        assert planes is not None
         if planes[0].dtype != np.dtype(req.raw_dtype):
             raise InvalidInput(
                 f"raw_dtype {req.raw_dtype!r} keeps a 16-bit slice's values, but {source_url} "
                 f"is {planes[0].dtype}"
             )
-        source_tiles = render_source_tiles(
+        source = stream_source_tiles(
             planes[0], req.transform, (width, height), tile_px=TILE_PX, window_px=WINDOW_PX
         )
+        _write_streamed(outputs[2], source, compute)
     iw = req.intensity_window
-    thumbs, write_s = [], 0.0
-    # Every channel: the same transform, its own CLAHE; each written as soon as it is
-    # rendered, so one channel's tiles (and, with one file per channel, one decoded
-    # channel) are in memory at a time.
+    thumbs = []
+    # Every channel: the same transform, its own CLAHE; each channel's tiles are written
+    # while they are made, and its source plane is let go once it is mapped to 8 bits, so
+    # memory holds one 8-bit channel, one processing window and one row of windows' tiles.
     for c, url in enumerate(channel_urls):
-        if planes is not None:
-            plane = planes[c]
+        if planes:
+            plane = planes.pop(0)
         else:  # one file per channel: read and decode one at a time (channel 0's is read)
             if c > 0:
                 data = storage.read_bytes(channel_files[c], max_bytes=MAX_FILE_BYTES)
             plane = decode_image(data, channel_files[c], MAX_PIXELS, MAX_DECODED_BYTES, 1)
             data = b""
-        rendered = render_slice(
-            np.ascontiguousarray(plane),
+        t = time.perf_counter()
+        plane8 = np.ascontiguousarray(to_uint8(plane, None if iw is None else (iw[0], iw[1])))
+        compute[0] += time.perf_counter() - t
+        del plane
+        streamed = stream_slice(
+            plane8,
             req.transform,
             (width, height),
             req.clip_limit,
-            None if iw is None else (iw[0], iw[1]),
             tile_px=TILE_PX,
             window_px=WINDOW_PX,
             codec=TILE_CODEC,
         )
-        t_write = time.perf_counter()
-        storage.write_bytes(url, rendered.tiles_object)
-        write_s += time.perf_counter() - t_write
-        thumbs.append(rendered.thumbnail)
-        del rendered, plane
-    planes = None
-    t_compute = time.perf_counter()
-    if source_tiles is not None:
-        storage.write_bytes(outputs[2], source_tiles)
+        del plane8
+        _write_streamed(url, streamed, compute)
+        assert streamed.thumbnail is not None
+        thumbs.append(streamed.thumbnail)
     storage.write_bytes(outputs[1], encode_thumbnail(colour_thumbnail(thumbs), req.img))
+    end = time.perf_counter()
     timings = {
         "read_s": t_read - t0,
-        "compute_s": t_compute - t_read - write_s,
-        "write_s": time.perf_counter() - t_compute + write_s,
+        "compute_s": compute[0],
+        "write_s": end - t_read - compute[0],
     }
     log.info("aligned slice %d (%s) %dx%d: %s", req.slice, req.img, width, height, timings)
     return timings
+
+
+def _write_streamed(url: str, streamed: StreamedTiles, compute: list[float]) -> None:
+    """Write a tiles object while it is made; add the seconds spent making it to compute[0]."""
+
+    def timed() -> Iterator[bytes]:
+        parts = iter(streamed.parts)
+        while True:
+            t = time.perf_counter()
+            part = next(parts, None)
+            compute[0] += time.perf_counter() - t
+            if part is None:
+                return
+            yield part
+
+    storage.write_stream(url, timed(), streamed.header, streamed.header_nbytes)
 
 
 def _check_channel_files(req: AlignedSliceRequest, first_url: str, first: ImageLayout) -> list[str]:

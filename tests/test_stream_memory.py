@@ -16,6 +16,7 @@ from emprocess.errors import InvalidInput
 from emprocess.kernels import intensity, tiles
 from emprocess.kernels.clahe import clahe_source_region, clahe_window
 from emprocess.kernels.downsample import shrink_mean
+from emprocess.kernels.ngmeta import ScaleLayout
 from emprocess.kernels.render import (
     render_slice,
     stream_slice,
@@ -23,6 +24,8 @@ from emprocess.kernels.render import (
     thumbnail_factor,
 )
 from emprocess.kernels.warp import warp_window
+from emprocess.services import pyramid
+from emprocess.services.pyramid import Box, write_pyramid
 
 
 def vectorised_to_uint8(image: np.ndarray, window: tuple[float, float] | None = None) -> np.ndarray:
@@ -166,3 +169,51 @@ def test_a_failed_stream_leaves_the_old_object(bucket: str, local_root: Path, ba
     assert storage.list_keys(f"gs://{bucket}/run/") == ["run/x.tiles"]
     if backend == "local":
         assert sorted(p.name for p in (local_root / bucket / "run").iterdir()) == ["x.tiles"]
+
+
+class VolumeInMemory:
+    """A writer that places every block into one array per scale, counting the blocks."""
+
+    def __init__(self, boxes: list[Box], channels: int) -> None:
+        self.lo = [lo for lo, _ in boxes]
+        self.scales = [
+            np.full((hi[2] - lo[2], hi[1] - lo[1], hi[0] - lo[0], channels), 7, np.uint8)
+            for lo, hi in boxes
+        ]
+        self.blocks = [0] * len(boxes)
+
+    def write(self, scale: int, lo_xyz: tuple[int, int, int], data_zyx: np.ndarray) -> None:
+        x, y, z = (a - b for a, b in zip(lo_xyz, self.lo[scale], strict=True))
+        nz, ny, nx = data_zyx.shape[:3]
+        self.scales[scale][z : z + nz, y : y + ny, x : x + nx] = data_zyx
+        self.blocks[scale] += 1
+
+
+@pytest.mark.parametrize("anisotropic", [False, True])
+def test_a_big_cube_written_in_columns_equals_one_slab(
+    anisotropic: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A 64 x 60 (an edge cube) x 40 cube of 4 channels; scale-0 shards of 32^3.
+    steps = [(1, 1, 1), (2, 2, 1 if anisotropic else 2), (4, 4, 2 if anisotropic else 4)]
+    layouts = [ScaleLayout(f, (64 // f[0], 64 // f[1], 64 // f[2]), (8, 8, 8), (32, 32, 32)) for f in steps]  # fmt: skip
+    boxes: list[Box] = [((0, 0, 0), (64 // f[0], -(-60 // f[1]), -(-40 // f[2]))) for f in steps]
+    vol = np.random.default_rng(4).integers(0, 256, (40, 60, 64, 4), np.uint8)
+    reads: list[tuple[int, int, tuple[int, int, int, int]]] = []
+
+    def read(z_lo: int, z_hi: int, box: tuple[int, int, int, int]) -> np.ndarray:
+        reads.append((z_lo, z_hi, box))
+        x0, y0, x1, y1 = box
+        return vol[z_lo:z_hi, y0:y1, x0:x1].copy()
+
+    whole = VolumeInMemory(boxes, 4)
+    write_pyramid(read, boxes, layouts, [whole], 32, voxel_bytes=4)
+    assert [r[2] for r in reads] == [(0, 0, 64, 60)] * 2  # 2 slabs, each whole
+    reads.clear()
+    monkeypatch.setattr(pyramid, "MAX_BLOCK_BYTES", 32 * 64 * 60 * 4 - 1)
+    columns = VolumeInMemory(boxes, 4)
+    write_pyramid(read, boxes, layouts, [columns], 32, voxel_bytes=4)
+    assert [r[2] for r in reads[:4]] == [(0, 0, 32, 32), (32, 0, 64, 32), (0, 32, 32, 60), (32, 32, 64, 60)]  # fmt: skip
+    assert len(reads) == 8 and columns.blocks == [8, 1, 1]
+    for s in range(3):
+        np.testing.assert_array_equal(columns.scales[s], whole.scales[s], err_msg=f"scale {s}")
+    assert (whole.scales[0] == vol).all()

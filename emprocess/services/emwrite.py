@@ -423,7 +423,8 @@ def read_cube_slab(
     dtype: type = np.uint8,
     prefix: str = TILES_PREFIX,
 ) -> np.ndarray:
-    """Tiles (start x, start y) of slices z_lo..z_hi-1 as a (z, y, x) ``dtype`` array.
+    """Tiles (start x, start y) of slices z_lo..z_hi-1, within ``xy_box`` (x0, y0, x1, y1,
+    canvas pixels inside the tile), as a (z, y, x) ``dtype`` array.
 
     ``kv`` is a tensorstore kvstore of the tmp bucket's ``aligned/`` folder. Each
     slice costs two range reads, its header and then its tile (the tile's offset
@@ -463,7 +464,8 @@ def read_cube_slab(
                 raise InvalidInput(
                     f"aligned slice {z} ({url}) is {tile.dtype}, expected {np.dtype(dtype)}"
                 )
-            slab[z - z_lo] = tile
+            ox, oy = x0 - cx * TILE_PX, y0 - cy * TILE_PX
+            slab[z - z_lo] = tile[oy : oy + y1 - y0, ox : ox + x1 - x0]
     return slab
 
 
@@ -551,7 +553,6 @@ def ng_shard(req: NgShardRequest) -> dict[str, Any]:
     import tensorstore as ts
 
     context = _ts_context()
-    (lx, ly, _), (hx, hy, _) = scale_boxes[0]
     # One pass per source of voxels: the 8-bit tiles feed the JPEG volume (and the
     # lossless one, unless it keeps the 16-bit source tiles, read in a second pass).
     wide = req.raw_dtype == "uint16"
@@ -570,11 +571,17 @@ def ng_shard(req: NgShardRequest) -> dict[str, Any]:
         kv = ts.KvStore.open(spec, context=context).result()
 
         def read(
-            z_lo: int, z_hi: int, kv: Any = kv, dtype: type = dtype, prefix: str = prefix
+            z_lo: int,
+            z_hi: int,
+            xy_box: tuple[int, int, int, int],
+            kv: Any = kv,
+            dtype: type = dtype,
+            prefix: str = prefix,
         ) -> Any:
-            return read_cube_slab(req, z_lo, z_hi, (lx, ly, hx, hy), kv, dtype, prefix)
+            return read_cube_slab(req, z_lo, z_hi, xy_box, kv, dtype, prefix)
 
-        part = write_pyramid(read, scale_boxes, layouts, writers, SLAB_Z)
+        size = np.dtype(dtype).itemsize
+        part = write_pyramid(read, scale_boxes, layouts, writers, SLAB_Z, size)
         timings = {k: timings.get(k, 0.0) + v for k, v in part.items()}
     timings["total_s"] = time.perf_counter() - t0
     log.info("cube %s written: %s", req.start, {k: round(v, 3) for k, v in timings.items()})
@@ -593,7 +600,6 @@ def _write_channels(
     import tensorstore as ts
 
     assert req.channels is not None
-    (lx, ly, _), (hx, hy, _) = scale_boxes[0]
     kvs = [
         ts.KvStore.open(
             storage.kvstore_spec(storage.bucket_url(req.source, prefix)), context=context
@@ -605,15 +611,14 @@ def _write_channels(
         for (url, _), (first, count) in zip(targets, target_channels(req), strict=True)
     ]
 
-    def read(z_lo: int, z_hi: int) -> np.ndarray:
-        slab = np.empty((z_hi - z_lo, hy - ly, hx - lx, len(kvs)), np.uint8)
+    def read(z_lo: int, z_hi: int, xy_box: tuple[int, int, int, int]) -> np.ndarray:
+        x0, y0, x1, y1 = xy_box
+        slab = np.empty((z_hi - z_lo, y1 - y0, x1 - x0, len(kvs)), np.uint8)
         for c, kv in enumerate(kvs):
-            slab[..., c] = read_cube_slab(
-                req, z_lo, z_hi, (lx, ly, hx, hy), kv, np.uint8, channel_prefix(c)
-            )
+            slab[..., c] = read_cube_slab(req, z_lo, z_hi, xy_box, kv, np.uint8, channel_prefix(c))
         return slab
 
-    return write_pyramid(read, scale_boxes, layouts, writers, SLAB_Z)
+    return write_pyramid(read, scale_boxes, layouts, writers, SLAB_Z, len(kvs))
 
 
 def create_app() -> Flask:

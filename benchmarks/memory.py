@@ -211,13 +211,27 @@ def parse_case(text: str) -> tuple[int, int]:
 
 
 def _slice_row(
-    url: str, pid: int, root: Path, side: int, bits: int, z: int, code: Path | None
+    url: str,
+    pid: int,
+    root: Path,
+    side: int,
+    bits: int,
+    z: int,
+    code: Path | None,
+    data_dir: Path | None,
 ) -> dict[str, Any]:
-    name = f"mem.{side}.{bits}.png"
+    name = f"mem.{side}.{bits}.{z}.png"
     path = root / SOURCE / name
-    t0 = time.perf_counter()
-    file_bytes = write_png(path, em_slice(side, bits, seed=z))
-    log.info("%s: %.0f MB in %.1f s", name, file_bytes / 1e6, time.perf_counter() - t0)
+    kept = None if data_dir is None else data_dir / name
+    if kept is not None and kept.exists():
+        os.link(kept, path)
+    else:
+        t0 = time.perf_counter()
+        write_png(path, em_slice(side, bits, seed=z))
+        log.info("%s made in %.1f s", name, time.perf_counter() - t0)
+        if kept is not None:
+            os.link(path, kept)
+    file_bytes = path.stat().st_size
     body: dict[str, Any] = {
         "img": name,
         "transform": _rotation(side, 0.3),
@@ -293,10 +307,17 @@ def run_memory_benchmark(
     cube_channels: int = 0,
     cube_depth: int = 1024,
     code: Path | None = None,
+    data_dir: Path | None = None,
 ) -> list[dict[str, Any]]:
-    """Send each slice case (and the cube) to a fresh emwrite worker; one row per request."""
+    """Send each slice case (and the cube) to a fresh emwrite worker; one row per request.
+
+    ``data_dir`` keeps the slices made (on the storage root's file system) for the next
+    run: slice i of the cases is ``mem.SIDE.BITS.i.png``, the same for the same cases.
+    """
     rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
+    if data_dir is not None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="bench-memory-", dir=data_dir) as tmp:
         root = Path(tmp) / "storage"
         root.mkdir()
         with storage.use(storage.settings().model_copy(update={"storage_root": root})):
@@ -304,7 +325,7 @@ def run_memory_benchmark(
                 storage.create_bucket(bucket)
             with emwrite_worker(root, Path(tmp) / "emwrite.log", code) as (url, pid):
                 for z, (side, bits) in enumerate(cases):
-                    rows.append(_slice_row(url, pid, root, side, bits, z, code))
+                    rows.append(_slice_row(url, pid, root, side, bits, z, code, data_dir))
                     print_row(rows[-1])
                 if cube_channels:
                     for row in _cube_rows(url, pid, root, cube_channels, cube_depth):

@@ -203,6 +203,9 @@ def bench_memory(
     ),
     cube_depth: int = typer.Option(1024, min=1, max=1024, help="Slices of that cube."),
     code: str = typer.Option("", help="Serve the emprocess of this checkout (before/after)."),
+    data_dir: str = typer.Option(
+        "", help="Keep the slices made here and reuse them next time (never in the repo)."
+    ),
 ) -> None:
     """Wall time and the emwrite worker's peak memory (VmHWM) of each request."""
     from pathlib import Path
@@ -213,7 +216,13 @@ def bench_memory(
         cases = [parse_case(c) for c in slice_case]
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
-    run_memory_benchmark(cases, cube_channels, cube_depth, Path(code).resolve() if code else None)
+    run_memory_benchmark(
+        cases,
+        cube_channels,
+        cube_depth,
+        Path(code).resolve() if code else None,
+        Path(data_dir).resolve() if data_dir else None,
+    )
 
 
 @bench_app.command("solve")

@@ -235,7 +235,7 @@ def _slice_row(
     body: dict[str, Any] = {
         "img": name,
         "transform": _rotation(side, 0.3),
-        "bbox": [side + 2 * _margin(side), side + 2 * _margin(side)],
+        "bbox": [canvas_side(side)] * 2,
         "dest": SOURCE,
         "dest-tmp": LAYOUT.tmp,
         "slice": z,
@@ -252,17 +252,21 @@ def _slice_row(
             "decode_mib": decode, **row}  # fmt: skip
 
 
-def _margin(side: int) -> int:
-    """Canvas margin of a slice rotated by 0.3 degrees about its centre (and a bit)."""
-    return int(side * 0.003) + 16
+MAX_CANVAS_SIDE = 32768
+"""The service's default canvas limit is 32768^2 pixels: a larger slice's canvas is cut
+to it (the corners the rotation moves out are left out, as a crop of the canvas)."""
+
+
+def canvas_side(side: int) -> int:
+    """Side of the canvas of a slice rotated by 0.3 degrees about its centre (and a bit)."""
+    return min(MAX_CANVAS_SIDE, side + 2 * (int(side * 0.003) + 16))
 
 
 def _rotation(side: int, degrees: float) -> list[float]:
-    """The 6 numbers (mpicbg order) rotating a slice about its centre into its canvas."""
+    """The 6 numbers (mpicbg order) rotating a slice about its centre to the canvas centre."""
     a = np.radians(degrees)
     c, s = float(np.cos(a)), float(np.sin(a))
-    centre = side / 2.0
-    shift = centre + _margin(side)
+    centre, shift = side / 2.0, canvas_side(side) / 2.0
     # x' = c x - s y + tx, y' = s x + c y + ty, the centre going to the canvas centre.
     return [c, s, -s, c, shift - (c * centre - s * centre), shift - (s * centre + c * centre)]
 

@@ -1,10 +1,14 @@
 """One aligned slice rendered: intensity window, warp, CLAHE, tiles and thumbnail, arrays in, bytes out.
 
 The work of POST /alignedslice without its storage: the service decodes the slice,
-calls :func:`render_slice` and writes what it returns; the benchmark drives the same
-function through the service. Memory stays bounded: the canvas is processed in
-windows of at most ``window_px`` per side (plus one CLAHE tile of context), which
-stitch bit-identically (see :mod:`emprocess.kernels.clahe`).
+maps it to 8 bits, lets the source go, calls :func:`stream_slice` and writes its tiles
+while they are made (``storage.write_stream``); the benchmark drives the same function
+through the service. Memory stays bounded: the canvas is processed in windows of at
+most ``window_px`` per side (plus one CLAHE tile of context), which stitch
+bit-identically (see :mod:`emprocess.kernels.clahe`), and a tile is held only until
+every tile before it in the object's row-major order is made (at most one row of
+windows), never the whole tiles object. :func:`render_slice` joins the same bytes in
+memory.
 """
 
 from __future__ import annotations

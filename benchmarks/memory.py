@@ -53,7 +53,7 @@ MIB = 1 << 20
 BITS16_GAIN, BITS16_OFFSET = 200.0, 2000.0
 """A 16-bit slice is the 8-bit texture (before rounding) as v * 200 + 2000 plus noise of
 a few grey levels; the window [2000, 2000 + 255 * 200] maps it back to 8 bits."""
-BAND_PX = 1024
+BAND_PX = 512
 COARSE = (16, 4)  # the two texture fields are drawn at 1/16 and 1/4 of the resolution
 
 

@@ -229,7 +229,7 @@ def _slice_row(
         t0 = time.perf_counter()
         write_png(path, em_slice(side, bits, seed=z))
         log.info("%s made in %.1f s", name, time.perf_counter() - t0)
-        if kept is not None:
+        if kept is not None and not kept.exists():
             os.link(path, kept)
     file_bytes = path.stat().st_size
     body: dict[str, Any] = {

@@ -26,6 +26,7 @@ from emprocess.kernels.render import (
 from emprocess.kernels.warp import warp_window
 from emprocess.services import pyramid
 from emprocess.services.pyramid import Box, write_pyramid
+from emprocess.storage import gcs as gcs_backend
 
 
 def vectorised_to_uint8(image: np.ndarray, window: tuple[float, float] | None = None) -> np.ndarray:
@@ -134,9 +135,12 @@ def test_streamed_source_tiles_equal_the_whole_warp() -> None:
     assert got.join() == want
 
 
-def test_written_while_made_reads_back_whole(bucket: str, backend: str) -> None:
+def test_written_while_made_reads_back_whole(
+    bucket: str, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(gcs_backend, "STREAM_CHUNK_BYTES", 256 << 10)  # 8 chunks on GCS
     url = f"gs://{bucket}/run/aligned/000001.tiles"
-    parts = [bytes([i]) * 1000 for i in range(50)]
+    parts = [bytes([i]) * 100_000 for i in range(20)]
     made = []
 
     def each() -> Iterator[bytes]:

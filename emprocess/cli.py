@@ -363,6 +363,9 @@ SERVICES = {
 }
 
 
+MMAP_THRESHOLD_BYTES = 128 << 10  # glibc's initial value, kept fixed (the containers set it too)
+
+
 @app.command()
 def serve(
     service: str = typer.Argument(..., help="Which service: align or emwrite."),
@@ -384,6 +387,10 @@ def serve(
     # As in the containers: glibc's per-thread malloc arenas strand the buffers that
     # tensorstore's threads free, which nearly doubles the peak RSS of /ngshard.
     os.environ.setdefault("MALLOC_ARENA_MAX", "2")
+    # And a fixed mmap threshold: glibc raises it (up to 32 MiB) as large blocks are
+    # freed, after which tensorstore's chunk buffers stay in the heap once freed; an
+    # RGB 1024^3 /ngshard cube peaked 13% higher (1.97 against 1.74 GiB).
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD_BYTES))
     gunicorn = shutil.which("gunicorn", path=os.path.dirname(sys.executable)) or "gunicorn"
     argv = [
         gunicorn,

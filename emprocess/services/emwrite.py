@@ -9,9 +9,12 @@ rendering (intensity window, warp, CLAHE, tiles, thumbnail) in
 :mod:`emprocess.kernels.render`, a cube's scales and their output format in
 :mod:`emprocess.services.pyramid`.
 
-Memory stays bounded: a slice is processed in windows of at most
-``WINDOW_PX`` per side (plus one CLAHE tile of context), and a cube is read
-and written in z-slabs of ``SLAB_Z`` slices (one z-layer of scale-0 shards),
+Memory stays bounded: a slice is mapped to 8 bits in row blocks (its 16-bit source
+let go), processed in windows of at most ``WINDOW_PX`` per side (plus one CLAHE tile
+of context), and its tiles object is written while it is made
+(``storage.write_stream``), never whole in memory; a cube is read
+and written in z-slabs of ``SLAB_Z`` slices (one z-layer of scale-0 shards; a slab
+over 1 GiB, as of an RGB(A) cube, in shard-wide columns),
 each shard committed in its own tensorstore transaction so every shard file is
 written once, whole: a repeated request rewrites the same bytes, also over a
 shard that a failed request left truncated. Peak RSS measured 0.9 GiB for a

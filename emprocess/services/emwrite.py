@@ -23,7 +23,9 @@ MALLOC_ARENA_MAX=2, as the container sets it). With anisotropic voxels the first
 scales keep every slice (x and y halve, z does not), so scale 1 of a cube is 1024 x
 512 x 512 voxels, 128 MiB more than the isotropic 512^3. Colour (``channels``) multiplies a
 cube's voxels by the channel count: slabs are (z, y, x, channel), so a full 1024^3 RGB
-cube peaked at 2.8 GiB (``bench emwrite --cube --channels 3``). A slice stored one grey
+cube peaked at 2.8 GiB (``bench emwrite --cube --channels 3``) before such slabs were
+read in columns, and 1.7 GiB after, with a JPEG volume per channel (``bench memory
+--cube-channels 3``). A slice stored one grey
 file per channel (``channel_imgs``) is checked by its files' headers, then each file is
 read, decoded and rendered in turn, so one channel is in memory at a time.
 

@@ -147,18 +147,23 @@ def _status_kib(pid: int, field: str) -> int:
 
 
 def send(url: str, pid: int, path: str, body: dict[str, Any]) -> dict[str, Any]:
-    """POST one request; its status, wall seconds, and the worker's peak RSS during it."""
+    """POST one request; its status, wall and worker CPU seconds (every thread), and the
+    worker's peak RSS during it."""
+    worker = psutil.Process(pid)
     Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
     base = _status_kib(pid, "VmRSS")
+    cpu0 = sum(worker.cpu_times()[:2])
     t0 = time.perf_counter()
     r = requests.post(url + path, json=body, timeout=3600)
     wall = time.perf_counter() - t0
+    cpu = sum(worker.cpu_times()[:2]) - cpu0
     peak = _status_kib(pid, "VmHWM")
     if r.status_code != 200:
         log.warning("%s answered %d: %s", path, r.status_code, r.text[:300])
     return {
         "status": r.status_code,
         "wall_s": wall,
+        "cpu_s": cpu,
         "peak_mib": peak / 1024,
         "base_mib": base / 1024,
     }
@@ -338,8 +343,10 @@ def run_memory_benchmark(
     return rows
 
 
-HEADER = f"{'endpoint':<14} {'case':<32} {'status':>6} {'wall s':>7} {'peak MiB':>9} " + (
-    f"{'base MiB':>9} {'file MB':>8} {'decode MiB':>10}"
+HEADER = (
+    f"{'endpoint':<14} {'case':<32} {'status':>6} {'wall s':>7} {'cpu s':>7} "
+    + (f"{'peak MiB':>9} ")
+    + (f"{'base MiB':>9} {'file MB':>8} {'decode MiB':>10}")
 )
 
 
@@ -351,6 +358,6 @@ def print_row(row: dict[str, Any]) -> None:
     extra = f" {row['file_mb']:>8.0f} {row['decode_mib']:>10.0f}" if "file_mb" in row else ""
     print(
         f"{row['endpoint']:<14} {row['case']:<32} {row['status']:>6} {row['wall_s']:>7.1f} "
-        f"{row['peak_mib']:>9.0f} {row['base_mib']:>9.0f}{extra}",
+        f"{row['cpu_s']:>7.1f} {row['peak_mib']:>9.0f} {row['base_mib']:>9.0f}{extra}",
         flush=True,
     )

@@ -42,8 +42,9 @@ def test_bench_memory_prints_a_row_per_request(tmp_path: Path) -> None:
     header = out.splitlines()[0].split()
     assert header[:3] == ["endpoint", "case", "status"]
     for row in rows:
-        status, wall_s, peak, base = row[-6:-2] if row[0] == "/alignedslice" else row[-4:]
-        assert status == "200" and float(wall_s) >= 0 and float(peak) >= float(base) > 30, row
+        status, wall_s, cpu_s, peak, base = row[-7:-2] if row[0] == "/alignedslice" else row[-5:]
+        assert status == "200" and float(wall_s) >= 0 and float(cpu_s) >= 0, row
+        assert float(peak) >= float(base) > 30, row
     assert sorted(p.name for p in (tmp_path / "kept").glob("*.png")) == [
         "mem.600.16.1.png",
         "mem.700.8.0.png",

@@ -71,12 +71,12 @@ def test_colour_pyramid_is_each_channels_grey_pyramid() -> None:
     vol = RNG.integers(0, 256, (10, 48, 64, 3), np.uint8)
     colour, first = MemoryWriter(), MemoryWriter()
     write_pyramid(
-        lambda lo, hi: vol[lo:hi], boxes, layouts, [colour, ChannelsWriter(first, 0, 1)], 32
+        lambda lo, hi, _box: vol[lo:hi], boxes, layouts, [colour, ChannelsWriter(first, 0, 1)], 32
     )
     for c in range(3):
         grey = MemoryWriter()
         plane = np.ascontiguousarray(vol[..., c])
-        write_pyramid(lambda lo, hi, p=plane: p[lo:hi], boxes, layouts, [grey], 32)
+        write_pyramid(lambda lo, hi, _box, p=plane: p[lo:hi], boxes, layouts, [grey], 32)
         for s in range(4):
             assert np.array_equal(colour.blocks[s][..., c], grey.blocks[s]), (c, s)
             if c == 0:

@@ -147,20 +147,90 @@ def build_header(
     payloads: Sequence[bytes],
 ) -> bytes:
     """Header for ``payloads`` (the encoded tiles, row-major) of a width x height slice."""
+    return header_from_tiles(
+        width,
+        height,
+        tile_px,
+        dtype,
+        codec,
+        [len(p) for p in payloads],
+        [tile_checksum(p) for p in payloads],
+    )
+
+
+def tile_checksum(payload: bytes) -> int:
+    """The checksum the header stores for one tile's bytes (CRC-32C)."""
+    return _CHECKSUMS[VERSION](payload)
+
+
+def header_from_tiles(
+    width: int,
+    height: int,
+    tile_px: int,
+    dtype: np.dtype | type,
+    codec: Codec,
+    sizes: Sequence[int],
+    crcs: Sequence[int],
+) -> bytes:
+    """Header of a slice whose tiles (row-major) have these byte sizes and checksums."""
     nx, ny = _grid_xy(width, height, tile_px)
-    if len(payloads) != nx * ny:
-        raise InvalidInput(f"expected {nx * ny} tiles ({nx} x {ny}), got {len(payloads)}")
+    if len(sizes) != nx * ny or len(crcs) != len(sizes):
+        raise InvalidInput(f"expected {nx * ny} tiles ({nx} x {ny}), got {len(sizes)}")
     dt = np.dtype(dtype)
     if dt not in _DTYPES or codec not in _CODECS:
         raise InvalidInput(f"unsupported dtype {dt} or codec {codec!r}")
     offsets = [header_nbytes(width, height, tile_px)]
-    for p in payloads:
-        offsets.append(offsets[-1] + len(p))
+    for size in sizes:
+        offsets.append(offsets[-1] + size)
     head = _PREFIX.pack(MAGIC, VERSION, _CODECS[codec], _DTYPES[dt], tile_px, width, height)
     head += struct.pack(f"<{len(offsets)}Q", *offsets)
-    crc = _CHECKSUMS[VERSION]
-    head += struct.pack(f"<{len(payloads)}I", *(crc(p) for p in payloads))
-    return head + struct.pack("<I", crc(head))
+    head += struct.pack(f"<{len(crcs)}I", *crcs)
+    return head + struct.pack("<I", _CHECKSUMS[VERSION](head))
+
+
+class TileOrder:
+    """Tiles of one slice made in any order, handed on row-major as soon as every tile
+    before them is made: what lets a slice be written while it is rendered.
+
+    Only the tiles that wait for an earlier one are held (rendered window by window, a
+    band of windows' tiles at most); of those handed on, only sizes and checksums are
+    kept, for :meth:`header`.
+    """
+
+    def __init__(self, width: int, height: int, tile_px: int, dtype: np.dtype | type, codec: Codec):
+        self.width, self.height, self.tile_px = width, height, tile_px
+        self.dtype, self.codec = np.dtype(dtype), codec
+        nx, ny = _grid_xy(width, height, tile_px)
+        self.count = nx * ny
+        self._waiting: dict[int, bytes] = {}
+        self._sizes: list[int] = []
+        self._crcs: list[int] = []
+
+    @property
+    def header_nbytes(self) -> int:
+        """Length of the header (known before any tile)."""
+        return header_nbytes(self.width, self.height, self.tile_px)
+
+    def add(self, index: int, payload: bytes) -> list[bytes]:
+        """Take tile ``index`` (row-major); return the tiles now ready, in order."""
+        if not 0 <= index < self.count or index < len(self._sizes) or index in self._waiting:
+            raise InvalidInput(f"tile {index} is outside 0..{self.count - 1} or given twice")
+        self._waiting[index] = payload
+        ready = []
+        while len(self._sizes) in self._waiting:
+            part = self._waiting.pop(len(self._sizes))
+            self._sizes.append(len(part))
+            self._crcs.append(tile_checksum(part))
+            ready.append(part)
+        return ready
+
+    def header(self) -> bytes:
+        """The header, once every tile has been handed on."""
+        if len(self._sizes) != self.count:
+            raise InvalidInput(f"{len(self._sizes)} of {self.count} tiles are made")
+        return header_from_tiles(
+            self.width, self.height, self.tile_px, self.dtype, self.codec, self._sizes, self._crcs
+        )
 
 
 def encode_tiled_slice(

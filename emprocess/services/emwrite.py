@@ -10,9 +10,12 @@ rendering (intensity window, warp, CLAHE, tiles, thumbnail) in
 :mod:`emprocess.kernels.render`, a cube's scales and their output format in
 :mod:`emprocess.services.pyramid`.
 
-Memory stays bounded: a slice is processed in windows of at most
-``WINDOW_PX`` per side (plus one CLAHE tile of context), and a cube is read
-and written in z-slabs of ``SLAB_Z`` slices (one z-layer of scale-0 shards),
+Memory stays bounded: a slice is mapped to 8 bits in row blocks (its 16-bit source
+let go), processed in windows of at most ``WINDOW_PX`` per side (plus one CLAHE tile
+of context), and its tiles object is written while it is made
+(``storage.write_stream``), never whole in memory; a cube is read
+and written in z-slabs of ``SLAB_Z`` slices (one z-layer of scale-0 shards; a slab
+over 1 GiB, as of an RGB(A) cube, in shard-wide columns),
 each shard committed in its own tensorstore transaction so every shard file is
 written once, whole: a repeated request rewrites the same bytes, also over a
 shard that a failed request left truncated. Peak RSS measured 0.9 GiB for a
@@ -21,7 +24,9 @@ MALLOC_ARENA_MAX=2, as the container sets it). With anisotropic voxels the first
 scales keep every slice (x and y halve, z does not), so scale 1 of a cube is 1024 x
 512 x 512 voxels, 128 MiB more than the isotropic 512^3. Colour (``channels``) multiplies a
 cube's voxels by the channel count: slabs are (z, y, x, channel), so a full 1024^3 RGB
-cube peaked at 2.8 GiB (``bench emwrite --cube --channels 3``). A slice stored one grey
+cube peaked at 2.8 GiB (``bench emwrite --cube --channels 3``) before such slabs were
+read in columns, and 1.7 GiB after, with a JPEG volume per channel (``bench memory
+--cube-channels 3``). A slice stored one grey
 file per channel (``channel_imgs``) is checked by its files' headers, then each file is
 read, decoded and rendered in turn, so one channel is in memory at a time.
 
@@ -42,6 +47,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -53,13 +59,17 @@ from emprocess.imageinfo import HEADER_BYTES, ImageLayout, UnreadableHeader, ima
 from emprocess.images import decode_image
 from emprocess.kernels import ngmeta, tiles
 from emprocess.kernels.correct import SliceCorrection, correct_slice
+from emprocess.kernels.intensity import to_uint8
 from emprocess.kernels.render import (  # noqa: F401  (THUMB_* : the service's, re-exported)
     THUMB_MAX_PX,
     THUMB_MIN_FACTOR,
+    StreamedTiles,
     colour_thumbnail,
     encode_thumbnail,
     render_slice,
     render_source_tiles,
+    stream_slice,
+    stream_source_tiles,
     thumbnail_factor,
 )
 from emprocess.layout import (
@@ -184,33 +194,33 @@ def aligned_slice(req: AlignedSliceRequest) -> dict[str, Any]:
     correction = SliceCorrection(req.destreak, *(req.intensity_gain_offset or (1.0, 0.0)))
     if req.channel_imgs is not None:
         channel_files = _check_channel_files(req, source_url, layout)
-        planes: list[np.ndarray] | None = None
+        planes: list[np.ndarray] = []
     else:
         image = decode_image(data, source_url, MAX_PIXELS, MAX_DECODED_BYTES, req.channels)
         del data
         planes = [image] if image.ndim == 2 else [image[:, :, c] for c in range(image.shape[2])]
-        del image  # the planes keep it
+        del image  # the planes keep it; each is dropped once rendered
         planes = [correct_slice(p, correction) for p in planes]
     t_read = time.perf_counter()
-    source_tiles = None
+    compute = [0.0]  # seconds spent making tiles while they are written
     if req.raw_dtype is not None:  # one grey file (channels exclude raw_dtype)
-        assert planes is not None
         if planes[0].dtype != np.dtype(req.raw_dtype):
             raise InvalidInput(
                 f"raw_dtype {req.raw_dtype!r} keeps a 16-bit slice's values, but {source_url} "
                 f"is {planes[0].dtype}"
             )
-        source_tiles = render_source_tiles(
+        source = stream_source_tiles(
             planes[0], req.transform, (width, height), tile_px=TILE_PX, window_px=WINDOW_PX
         )
+        _write_streamed(outputs[2], source, compute)
     iw = req.intensity_window
-    thumbs, write_s = [], 0.0
-    # Every channel: the same transform, its own CLAHE; each written as soon as it is
-    # rendered, so one channel's tiles (and, with one file per channel, one decoded
-    # channel) are in memory at a time.
+    thumbs = []
+    # Every channel: the same transform, its own CLAHE; each channel's tiles are written
+    # while they are made, and its source plane is let go once it is mapped to 8 bits, so
+    # memory holds one 8-bit channel, one processing window and one row of windows' tiles.
     for c, url in enumerate(channel_urls):
-        if planes is not None:
-            plane = planes[c]
+        if planes:
+            plane = planes.pop(0)
         else:  # one file per channel: read and decode one at a time (channel 0's is read)
             if c > 0:
                 data = storage.read_bytes(channel_files[c], max_bytes=MAX_FILE_BYTES)
@@ -219,33 +229,48 @@ def aligned_slice(req: AlignedSliceRequest) -> dict[str, Any]:
                 correction,
             )
             data = b""
-        rendered = render_slice(
-            np.ascontiguousarray(plane),
+        t = time.perf_counter()
+        plane8 = np.ascontiguousarray(to_uint8(plane, None if iw is None else (iw[0], iw[1])))
+        compute[0] += time.perf_counter() - t
+        del plane
+        streamed = stream_slice(
+            plane8,
             req.transform,
             (width, height),
             req.clip_limit,
-            None if iw is None else (iw[0], iw[1]),
             tile_px=TILE_PX,
             window_px=WINDOW_PX,
             codec=TILE_CODEC,
         )
-        t_write = time.perf_counter()
-        storage.write_bytes(url, rendered.tiles_object)
-        write_s += time.perf_counter() - t_write
-        thumbs.append(rendered.thumbnail)
-        del rendered, plane
-    planes = None
-    t_compute = time.perf_counter()
-    if source_tiles is not None:
-        storage.write_bytes(outputs[2], source_tiles)
+        del plane8
+        _write_streamed(url, streamed, compute)
+        assert streamed.thumbnail is not None
+        thumbs.append(streamed.thumbnail)
     storage.write_bytes(outputs[1], encode_thumbnail(colour_thumbnail(thumbs), req.img))
+    end = time.perf_counter()
     timings = {
         "read_s": t_read - t0,
-        "compute_s": t_compute - t_read - write_s,
-        "write_s": time.perf_counter() - t_compute + write_s,
+        "compute_s": compute[0],
+        "write_s": end - t_read - compute[0],
     }
     log.info("aligned slice %d (%s) %dx%d: %s", req.slice, req.img, width, height, timings)
     return timings
+
+
+def _write_streamed(url: str, streamed: StreamedTiles, compute: list[float]) -> None:
+    """Write a tiles object while it is made; add the seconds spent making it to compute[0]."""
+
+    def timed() -> Iterator[bytes]:
+        parts = iter(streamed.parts)
+        while True:
+            t = time.perf_counter()
+            part = next(parts, None)
+            compute[0] += time.perf_counter() - t
+            if part is None:
+                return
+            yield part
+
+    storage.write_stream(url, timed(), streamed.header, streamed.header_nbytes)
 
 
 def _check_channel_files(req: AlignedSliceRequest, first_url: str, first: ImageLayout) -> list[str]:
@@ -423,7 +448,8 @@ def read_cube_slab(
     dtype: type = np.uint8,
     prefix: str = TILES_PREFIX,
 ) -> np.ndarray:
-    """Tiles (start x, start y) of slices z_lo..z_hi-1 as a (z, y, x) ``dtype`` array.
+    """Tiles (start x, start y) of slices z_lo..z_hi-1, within ``xy_box`` (x0, y0, x1, y1,
+    canvas pixels inside the tile), as a (z, y, x) ``dtype`` array.
 
     ``kv`` is a tensorstore kvstore of the tmp bucket's ``aligned/`` folder. Each
     slice costs two range reads, its header and then its tile (the tile's offset
@@ -463,7 +489,8 @@ def read_cube_slab(
                 raise InvalidInput(
                     f"aligned slice {z} ({url}) is {tile.dtype}, expected {np.dtype(dtype)}"
                 )
-            slab[z - z_lo] = tile
+            ox, oy = x0 - cx * TILE_PX, y0 - cy * TILE_PX
+            slab[z - z_lo] = tile[oy : oy + y1 - y0, ox : ox + x1 - x0]
     return slab
 
 
@@ -554,7 +581,6 @@ def ng_shard(req: NgShardRequest) -> dict[str, Any]:
     import tensorstore as ts
 
     context = _ts_context()
-    (lx, ly, _), (hx, hy, _) = scale_boxes[0]
     # One pass per source of voxels: the 8-bit tiles feed the JPEG volume (and the
     # lossless one, unless it keeps the 16-bit source tiles, read in a second pass).
     wide = req.raw_dtype == "uint16"
@@ -577,11 +603,17 @@ def ng_shard(req: NgShardRequest) -> dict[str, Any]:
         kv = ts.KvStore.open(spec, context=context).result()
 
         def read(
-            z_lo: int, z_hi: int, kv: Any = kv, dtype: type = dtype, prefix: str = prefix
+            z_lo: int,
+            z_hi: int,
+            xy_box: tuple[int, int, int, int],
+            kv: Any = kv,
+            dtype: type = dtype,
+            prefix: str = prefix,
         ) -> Any:
-            return read_cube_slab(req, z_lo, z_hi, (lx, ly, hx, hy), kv, dtype, prefix)
+            return read_cube_slab(req, z_lo, z_hi, xy_box, kv, dtype, prefix)
 
-        part = write_pyramid(read, scale_boxes, layouts, writers, SLAB_Z)
+        size = np.dtype(dtype).itemsize
+        part = write_pyramid(read, scale_boxes, layouts, writers, SLAB_Z, size)
         timings = {k: timings.get(k, 0.0) + v for k, v in part.items()}
     timings["total_s"] = time.perf_counter() - t0
     log.info("cube %s written: %s", req.start, {k: round(v, 3) for k, v in timings.items()})
@@ -601,7 +633,6 @@ def _write_channels(
     import tensorstore as ts
 
     assert req.channels is not None
-    (lx, ly, _), (hx, hy, _) = scale_boxes[0]
     kvs = [
         ts.KvStore.open(
             storage.kvstore_spec(storage.bucket_url(req.source, prefix)), context=context
@@ -615,15 +646,14 @@ def _write_channels(
     if zarr is not None:  # the OME-Zarr volume holds every channel
         writers.append(ChannelsWriter(zarr.writer(layouts, req.minz, context), 0, req.channels))
 
-    def read(z_lo: int, z_hi: int) -> np.ndarray:
-        slab = np.empty((z_hi - z_lo, hy - ly, hx - lx, len(kvs)), np.uint8)
+    def read(z_lo: int, z_hi: int, xy_box: tuple[int, int, int, int]) -> np.ndarray:
+        x0, y0, x1, y1 = xy_box
+        slab = np.empty((z_hi - z_lo, y1 - y0, x1 - x0, len(kvs)), np.uint8)
         for c, kv in enumerate(kvs):
-            slab[..., c] = read_cube_slab(
-                req, z_lo, z_hi, (lx, ly, hx, hy), kv, np.uint8, channel_prefix(c)
-            )
+            slab[..., c] = read_cube_slab(req, z_lo, z_hi, xy_box, kv, np.uint8, channel_prefix(c))
         return slab
 
-    return write_pyramid(read, scale_boxes, layouts, writers, SLAB_Z)
+    return write_pyramid(read, scale_boxes, layouts, writers, SLAB_Z, len(kvs))
 
 
 def create_app() -> Flask:

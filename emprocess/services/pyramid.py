@@ -265,8 +265,36 @@ def ome_zarr_volume(
     return OmeZarrVolume(storage.bucket_url(req.dest_raw, RAW_OME_ZARR_PATH), documents)
 
 
-ReadSlab = Callable[[int, int], np.ndarray]
-"""Reads scale-0 slices [z_lo, z_hi) of the cube as a (z, y, x) array."""
+ReadSlab = Callable[[int, int, tuple[int, int, int, int]], np.ndarray]
+"""Reads scale-0 slices [z_lo, z_hi) of the cube, within (x0, y0, x1, y1), as a (z, y, x)
+or (z, y, x, channel) array."""
+
+MAX_BLOCK_BYTES = 1 << 30
+"""Largest scale-0 block read at once: a slab of the whole cube when it fits (a grey
+8-bit slab is 512 MiB, a 16-bit or two-channel one 1 GiB), else the slab is read and
+written in shard-wide columns (an RGBA slab of 2 GiB in 4 blocks of 512 MiB, each of its
+tiles then read once per column)."""
+
+
+def plan_columns(
+    box: Box, shard_xy: tuple[int, int], slab_z: int, voxel_bytes: int
+) -> list[tuple[int, int, int, int]]:
+    """The (x0, y0, x1, y1) columns each scale-0 slab of ``box`` is read and written in.
+
+    The whole box when a slab of it takes at most ``MAX_BLOCK_BYTES``; else columns one
+    scale-0 shard wide (their edges lie on the shard grid, so each writer transaction
+    still covers whole shards, and on even voxels, so the 2x downsampling of the columns
+    equals that of the whole slab).
+    """
+    (lx, ly, _), (hx, hy, _) = box
+    if slab_z * (hx - lx) * (hy - ly) * voxel_bytes <= MAX_BLOCK_BYTES:
+        return [(lx, ly, hx, hy)]
+    sx, sy = shard_xy
+    return [
+        (x0, y0, min(hx, x0 + sx), min(hy, y0 + sy))
+        for y0 in range(ly, hy, sy)
+        for x0 in range(lx, hx, sx)
+    ]
 
 
 def write_pyramid(
@@ -275,18 +303,21 @@ def write_pyramid(
     layouts: Sequence[ScaleLayout],
     writers: Sequence[VolumeWriter],
     slab_z: int,
+    voxel_bytes: int = 1,
 ) -> dict[str, float]:
     """Write every scale of one cube to every writer.
 
-    Scale 0 is read and written in z-slabs of ``slab_z`` (bounded memory); scale 1 is
-    collected slab by slab, and each further scale is the previous one downsampled.
+    Scale 0 is read and written in z-slabs of ``slab_z`` (bounded memory), each in
+    columns when it is large (:func:`plan_columns`); scale 1 is filled block by block
+    into one array, and each further scale is the previous one downsampled.
 
     Args:
-        read_slab: the cube's scale-0 voxels of slices [z_lo, z_hi).
+        read_slab: the cube's scale-0 voxels of slices [z_lo, z_hi) within a column.
         boxes: the cube's [lo, hi) box at every scale (``ngmeta.cube_bounds_xyz``).
         layouts: every scale's layout (``ngmeta.scale_layouts``).
         writers: the output volumes.
         slab_z: slices per scale-0 slab, a multiple of the scale-0 shard depth.
+        voxel_bytes: bytes of one voxel (channels x bytes per sample), for the columns.
 
     Returns:
         Seconds spent reading, writing and downsampling.
@@ -296,25 +327,40 @@ def write_pyramid(
         for a, b in itertools.pairwise(layouts)
     ]
     (lx, ly, lz), (_, _, hz) = boxes[0]
+    shard = layouts[0].shard
+    columns = plan_columns(boxes[0], (shard[0], shard[1]), slab_z, voxel_bytes)
     timings = {"read_s": 0.0, "write_s": 0.0, "downsample_s": 0.0}
-    halves: list[np.ndarray] = []
+    level: np.ndarray | None = None
+    if steps:
+        lo1, hi1 = boxes[1]
+        shape1 = (hi1[2] - lo1[2], hi1[1] - lo1[1], hi1[0] - lo1[0])
     for z_lo in range(lz, hz, slab_z):
-        t = time.perf_counter()
-        slab = read_slab(z_lo, min(hz, z_lo + slab_z))
-        timings["read_s"] += time.perf_counter() - t
-        t = time.perf_counter()
-        for writer in writers:
-            writer.write(0, (lx, ly, z_lo), slab)
-        timings["write_s"] += time.perf_counter() - t
-        if steps:
+        for x0, y0, x1, y1 in columns:
             t = time.perf_counter()
-            halves.append(_downsample(slab, steps[0]))
-            timings["downsample_s"] += time.perf_counter() - t
-        del slab
-    if not steps:
+            block = read_slab(z_lo, min(hz, z_lo + slab_z), (x0, y0, x1, y1))
+            timings["read_s"] += time.perf_counter() - t
+            t = time.perf_counter()
+            for writer in writers:
+                writer.write(0, (x0, y0, z_lo), block)
+            timings["write_s"] += time.perf_counter() - t
+            if steps:
+                t = time.perf_counter()
+                half = _downsample(block, steps[0])
+                del block
+                if level is None:
+                    level = np.empty(shape1 + half.shape[3:], half.dtype)
+                sz, sy, sx = steps[0]
+                oz, oy, ox = (z_lo - lz) // sz, (y0 - ly) // sy, (x0 - lx) // sx
+                hz1, hy1, hx1 = half.shape[:3]
+                if oz + hz1 > shape1[0] or oy + hy1 > shape1[1] or ox + hx1 > shape1[2]:
+                    raise RuntimeError(f"scale 1 block {half.shape} at {(oz, oy, ox)} > {shape1}")
+                level[oz : oz + hz1, oy : oy + hy1, ox : ox + hx1] = half
+                del half
+                timings["downsample_s"] += time.perf_counter() - t
+            else:
+                del block
+    if level is None:
         return timings
-    level = np.concatenate(halves) if len(halves) > 1 else halves[0]
-    del halves
     for s in range(1, len(layouts)):
         lo, hi = boxes[s]
         expected = (hi[2] - lo[2], hi[1] - lo[1], hi[0] - lo[0])

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -95,6 +95,15 @@ class Backend(Protocol):
     ) -> bytes: ...
     def write(
         self, bucket: str, key: str, data: bytes, content_type: str | None = None
+    ) -> None: ...
+    def write_stream(
+        self,
+        bucket: str,
+        key: str,
+        parts: Iterable[bytes],
+        head: Callable[[], bytes],
+        head_nbytes: int,
+        content_type: str | None = None,
     ) -> None: ...
     def exists(self, bucket: str, key: str) -> bool: ...
     def delete(self, bucket: str, key: str, missing_ok: bool = True) -> None: ...
@@ -215,6 +224,26 @@ def write_bytes(url: str, data: bytes, content_type: str | None = None) -> None:
     """Write an object atomically (no reader sees half of it); repeating it is harmless."""
     backend, loc = _resolve(url)
     backend.write(loc.bucket, loc.key, data, content_type)
+
+
+def write_stream(
+    url: str,
+    parts: Iterable[bytes],
+    head: Callable[[], bytes],
+    head_nbytes: int,
+    content_type: str | None = None,
+) -> None:
+    """Write an object made while it is written, whose head is known only at the end.
+
+    The object is ``head()`` (exactly ``head_nbytes`` long, called once ``parts`` is
+    exhausted) followed by every part, in order; parts are written as they come, so
+    the object is never whole in memory. Atomic as :func:`write_bytes`: a local file is
+    written under a temporary name (parts after a gap of ``head_nbytes``, then the
+    head) and renamed; on GCS the parts are a resumable upload to a temporary object,
+    composed behind the head into the object, and the temporary objects deleted.
+    """
+    backend, loc = _resolve(url)
+    backend.write_stream(loc.bucket, loc.key, parts, head, head_nbytes, content_type)
 
 
 def exists(url: str) -> bool:

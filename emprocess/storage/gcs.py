@@ -9,10 +9,12 @@ project is idempotent (the same key always gets the same bytes). With
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 from google.api_core import exceptions as gexc
@@ -28,6 +30,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 TIMEOUT_S = (10.0, 120.0)  # (connect, read) seconds for every request
+STREAM_CHUNK_BYTES = 16 << 20  # a streamed upload holds this much (a multiple of 256 KiB)
+TMP_PART = "emprocess-part-"  # temporary objects of a streamed upload: KEY.emprocess-part-*
 
 # Public-read for neuroglancer: any origin may GET/HEAD, with Range support.
 NEUROGLANCER_CORS = [
@@ -121,6 +125,42 @@ class GCSBackend:
                 retry=retry_policy(),
             ),
         )
+
+    def write_stream(
+        self,
+        bucket: str,
+        key: str,
+        parts: Iterable[bytes],
+        head: Callable[[], bytes],
+        head_nbytes: int,
+        content_type: str | None = None,
+    ) -> None:
+        blob = self._blob(bucket, key)
+        stamp = uuid.uuid4().hex
+        body, top = (self._blob(bucket, f"{key}.{TMP_PART}{stamp}.{n}") for n in ("body", "head"))
+        kind = content_type or "application/octet-stream"
+
+        def upload() -> None:
+            with body.open(
+                "wb", chunk_size=STREAM_CHUNK_BYTES, content_type=kind, retry=retry_policy()
+            ) as f:
+                for part in parts:
+                    f.write(part)
+            data = head()
+            if len(data) != head_nbytes:
+                raise StorageError(
+                    f"the head of {key!r} is {len(data)} bytes, {head_nbytes} were reserved"
+                )
+            top.upload_from_string(data, content_type=kind, timeout=TIMEOUT_S, retry=retry_policy())
+            blob.content_type = kind
+            blob.compose([top, body], timeout=TIMEOUT_S, retry=retry_policy())
+
+        try:
+            self._call("write", bucket, key, upload)
+        finally:
+            for temporary in (top, body):  # a leftover is harmless: tmp buckets expire
+                with contextlib.suppress(gexc.GoogleAPICallError):
+                    temporary.delete(timeout=TIMEOUT_S)
 
     def exists(self, bucket: str, key: str) -> bool:
         blob = self._blob(bucket, key)

@@ -15,7 +15,7 @@ import shutil
 import stat
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -124,6 +124,17 @@ class LocalBackend:
             return f.read(max(0, end - (start or 0)))
 
     def write(self, bucket: str, key: str, data: bytes, content_type: str | None = None) -> None:
+        self.write_stream(bucket, key, [data], lambda: b"", 0, content_type)
+
+    def write_stream(
+        self,
+        bucket: str,
+        key: str,
+        parts: Iterable[bytes],
+        head: Callable[[], bytes],
+        head_nbytes: int,
+        content_type: str | None = None,
+    ) -> None:
         del content_type  # files carry no content type
         self._require_bucket(bucket)
         path = self.resolve_inside(bucket, key, self._path(bucket, key))
@@ -137,7 +148,12 @@ class LocalBackend:
             ) from e
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(data)
+                f.seek(head_nbytes)
+                for part in parts:
+                    f.write(part)
+                if head_nbytes:
+                    f.seek(0)
+                    f.write(_exact(head(), head_nbytes, key))
             os.chmod(tmp, 0o644)
             os.replace(tmp, path)
         except BaseException:
@@ -261,3 +277,10 @@ class LocalBackend:
                     deleted += 1
             log.info("lifecycle: bucket %s, rule delete after %s days applied", bucket, age)
         return deleted
+
+
+def _exact(head: bytes, nbytes: int, key: str) -> bytes:
+    """``head`` if it is ``nbytes`` long (what the writer reserved for it)."""
+    if len(head) != nbytes:
+        raise StorageError(f"the head of {key!r} is {len(head)} bytes, {nbytes} were reserved")
+    return head

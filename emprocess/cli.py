@@ -323,6 +323,10 @@ def bench_parse(repeats: int = typer.Option(5, min=1, help="Parses; the median c
 SERVE_TIMEOUT_S = 900
 """gunicorn's worker timeout, here and in the containers: a stuck worker is restarted."""
 
+WORKER_CLASS = "emprocess.services.worker.DeadlineSyncWorker"
+"""gunicorn's sync worker with a deadline on receiving a request, here and in the containers."""
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
 SERVICES = {
     "align": "emprocess.services.align:create_app()",
     "emwrite": "emprocess.services.emwrite:create_app()",
@@ -350,6 +354,8 @@ def serve(
     # As in the containers: glibc's per-thread malloc arenas strand the buffers that
     # tensorstore's threads free, which nearly doubles the peak RSS of /ngshard.
     os.environ.setdefault("MALLOC_ARENA_MAX", "2")
+    if host in LOCAL_HOSTS:  # only local names in Host: no DNS rebinding from a web page
+        os.environ.setdefault("EMPROCESS_ALLOWED_HOSTS", ",".join(LOCAL_HOSTS))
     gunicorn = shutil.which("gunicorn", path=os.path.dirname(sys.executable)) or "gunicorn"
     argv = [
         gunicorn,
@@ -357,6 +363,8 @@ def serve(
         "--workers", str(workers),
         "--threads", str(threads),
         "--timeout", str(timeout),
+        # More threads: gunicorn's gthread worker (which it picks itself for a plain sync).
+        "--worker-class", WORKER_CLASS if threads == 1 else "gthread",
         SERVICES[service],
     ]  # fmt: skip
     os.execv(gunicorn, argv) if os.path.isabs(gunicorn) else os.execvp(gunicorn, argv)

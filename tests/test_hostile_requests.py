@@ -11,7 +11,10 @@ original DAG's string payloads (20.10). The image decoders' cases are elsewhere.
 
 from __future__ import annotations
 
+import json
 import os
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,7 @@ from conftest import ServicePool, unique_bucket
 from emprocess import storage
 from emprocess.kernels import tiles
 from emprocess.layout import RunLayout
+from emprocess.services.worker import RECEIVE_DEADLINE_S
 
 Service = hostile.Service
 attack = hostile.attack
@@ -282,3 +286,206 @@ def test_an_all_zero_cube_replaces_what_was_there(emwrite: Service) -> None:
     for url in (run.raw_url, run.jpeg_url):
         for scale in range(6):
             assert not _read_volume(url, scale).any(), (url, scale)
+
+
+# -- 20.7: what a web page can send; slow clients ----------------------------------------
+
+
+def send(
+    service: Service,
+    path: str,
+    data: bytes,
+    headers: dict[str, str],
+    status: int,
+    names: tuple[str, ...] = (),
+) -> None:
+    """``hostile.attack`` with the headers as given: status, message, peak RSS, /health."""
+    pid = service.worker_pid()
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+    before = hostile._status_kb(pid, "VmRSS")
+    r = requests.post(service.url + path, data=data, headers=headers, timeout=30)
+    growth_mb = (hostile._status_kb(pid, "VmHWM") - before) / 1024
+    assert r.status_code == status, r.text[:300]
+    for name in names:
+        assert name in r.json()["error"], (name, r.text[:300])
+    assert growth_mb < hostile.MAX_GROWTH_MB
+    assert service.worker_pid() == pid
+    assert requests.get(service.url + "/health", timeout=10).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        None, "text/plain", "text/plain;charset=UTF-8", "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x", "application/jsonp", "application/json-patch+json",
+    ],
+)  # fmt: skip
+def test_a_json_body_must_say_so(
+    align: Service, emwrite: Service, runs: dict[str, RunLayout], content_type: str | None
+) -> None:
+    """What a page can post without a preflight (text/plain, form, multipart): 415."""
+    run = runs["attacker"]
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    data = json.dumps(volume_body(run)).encode()
+    send(emwrite, "/ngmeta", data, headers, 415, ("Content-Type must be application/json",))
+    pre, post_ = (f"gs://{run.source}/img.{z:05d}.png" for z in (0, 1))
+    data = json.dumps({"pre": pre, "post": post_}).encode()
+    send(align, "/", data, headers, 415, ("Content-Type must be application/json",))
+
+
+@pytest.mark.parametrize(
+    ("host", "status"),
+    [
+        ("evil.example", 400), ("evil.example:80", 400), ("127.0.0.2", 400), ("", 400),
+        ("127.0.0.1", 200), ("localhost:{port}", 200), ("LOCALHOST", 200), ("[::1]:{port}", 200),
+    ],
+)  # fmt: skip
+def test_the_host_is_a_local_name(align: Service, emwrite: Service, host: str, status: int) -> None:
+    """A page that rebinds its own name to 127.0.0.1 sends its own Host: refused (400)."""
+    for service in (align, emwrite):
+        port = service.url.rpartition(":")[2]
+        with socket.create_connection(("127.0.0.1", int(port)), 10) as s:
+            s.sendall(f"GET /health HTTP/1.1\r\nHost: {host.format(port=port)}\r\n\r\n".encode())
+            reply = b""
+            while chunk := s.recv(65536):  # the answer, then the server closes
+                reply += chunk
+        assert reply.startswith(f"HTTP/1.1 {status} ".encode()), reply[:200]
+        if status == 400:
+            assert b"is not one this service answers" in reply
+
+
+def test_a_slow_client_does_not_hold_the_worker(emwrite: Service) -> None:
+    """Slowloris: headers a byte at a time. The worker drops it at the receive deadline,
+    and /health answers meanwhile within the deadline (not gunicorn's 900 s timeout)."""
+    port = int(emwrite.url.rpartition(":")[2])
+    slow = socket.create_connection(("127.0.0.1", port), 10)
+    try:
+        slow.sendall(b"POST /ngmeta HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        t0 = time.monotonic()
+        health = requests.get(emwrite.url + "/health", timeout=RECEIVE_DEADLINE_S + 20)
+        waited = time.monotonic() - t0
+        assert health.status_code == 200
+        assert waited < RECEIVE_DEADLINE_S + 5, waited
+        slow.settimeout(5)
+        try:
+            for _ in range(20):  # keep sending: the server has closed the connection
+                slow.sendall(b"X-Slow: 1\r\n")
+                time.sleep(0.1)
+            closed = slow.recv(1) == b""
+        except (ConnectionResetError, BrokenPipeError):
+            closed = True
+        assert closed
+    finally:
+        slow.close()
+    assert requests.get(emwrite.url + "/health", timeout=5).status_code == 200
+
+
+# -- 20.9: smaller items ---------------------------------------------------------------------
+
+
+def test_a_300_byte_path_component_is_a_bad_request(
+    align: Service, emwrite: Service, runs: dict[str, RunLayout]
+) -> None:
+    run = runs["attacker"]
+    long_name = "a" * 300 + ".png"
+    attack(emwrite, "/alignedslice", {**slice_body(run), "img": long_name}, names=("img", "255"))
+    pre, post_ = f"gs://{run.source}/{long_name}", f"gs://{run.source}/img.00001.png"
+    attack(align, "/", {"pre": pre, "post": post_}, names=("pre", "255"))
+
+
+@pytest.mark.parametrize(
+    "query", ["1_6", "\u0661\u0666", "+2", " 2", "2 ", "2&downsample=3", "%32", "", "0x2", "2.0"]
+)
+def test_legacy_downsample_is_parsed_strictly(
+    align: Service, runs: dict[str, RunLayout], query: str
+) -> None:
+    run = runs["attacker"]
+    pre, post_ = (f"gs://{run.source}/img.{z:05d}.png" for z in (0, 1))
+    body = {
+        "command": '-Dpre="a.png" -Dpost="b.png" -- --headless "fiji_align.bsh"',
+        "input-map": {"a.png": f"{pre}?downsample={query}", "b.png": f"{post_}?downsample=2"},
+        "input-str": {"fiji_align.bsh": "script"},
+    }
+    attack(align, "/", body, names=("downsample",), what=repr(query))
+
+
+def test_an_error_does_not_echo_every_key(align: Service, emwrite: Service) -> None:
+    """25,000 input-map keys (or unknown keys; 0.8 MB): a short message naming a few."""
+    keys = {f"k{i:05d}": "gs://b/x.png" for i in range(25_000)}
+    body = {"command": '-Dpre="nope" -Dpost="k00001"', "input-map": keys}
+    pid = align.worker_pid()
+    r = requests.post(align.url + "/", json=body, timeout=30)
+    assert r.status_code == 400 and len(r.content) < 2000, len(r.content)
+    assert "'nope' is not a key of 'input-map'" in r.json()["error"]
+    assert "and 24992 more" in r.json()["error"]
+    r = requests.post(emwrite.url + "/ngmeta", json=keys, timeout=30)
+    assert r.status_code == 400 and len(r.content) < 2000, len(r.content)
+    assert "unknown key 'k00000'" in r.json()["error"] and "more problems" in r.json()["error"]
+    assert align.worker_pid() == pid
+
+
+def test_a_chunked_body_over_1_mib_is_too_large(emwrite: Service) -> None:
+    """Without Content-Length (chunked): 413, as with one."""
+    pid = emwrite.worker_pid()
+
+    def chunks() -> Iterator[bytes]:
+        yield b'{"dest": "'
+        for _ in range(2048):
+            yield b"a" * 1024
+        yield b'"}'
+
+    r = requests.post(
+        emwrite.url + "/ngmeta",
+        data=chunks(),
+        headers={"Content-Type": "application/json"},
+        timeout=30,
+    )
+    assert r.status_code == 413, r.text[:300]
+    assert emwrite.worker_pid() == pid
+    assert requests.get(emwrite.url + "/health", timeout=10).status_code == 200
+
+
+# -- 20.10: the original DAG's payloads, as it sent them ------------------------------------
+
+
+def test_the_original_payloads_write_the_same_volume(emwrite: Service) -> None:
+    """/ngmeta and /ngshard with the original's strings give 200 and the same bytes as
+    the typed payload: info files and every shard file."""
+    written = []
+    for legacy in (False, True):
+        run = make_run(unique_bucket("orig"), "r", slices=2, px=128)
+        for z in (0, 1):
+            assert post(emwrite, "/alignedslice", slice_body(run, z, 128)).status_code == 200
+        if legacy:
+            body = {
+                "dest": run.ng, "dest_raw": run.chunk, "minz": "0", "maxz": "1",
+                "bbox": "[128, 128]", "shard-size": "1024", "writeRaw": "True",
+                "resolution": "8",
+            }  # fmt: skip
+            shard = {**body, "source": run.tmp, "start": "[0, 0, 0]"}
+        else:
+            body = {**volume_body(run, maxz=1, px=128), "writeRaw": True, "resolution": 8}
+            shard = {**body, "source": run.tmp, "start": [0, 0, 0]}
+        for path, payload in (("/ngmeta", body), ("/ngshard", shard)):
+            r = post(emwrite, path, payload)
+            assert r.status_code == 200, (path, r.text)
+        written.append([objects(run.ng), objects(run.chunk)])
+    assert written[0] == written[1]
+    assert any(k.endswith(".shard") for k in written[0][0])
+
+
+@pytest.mark.parametrize(
+    ("change", "name"),
+    [
+        ({"minz": "-1"}, "minz"), ({"maxz": "6e1"}, "maxz"), ({"minz": " 0"}, "minz"),
+        ({"writeRaw": "yes"}, "writeRaw"), ({"writeRaw": 1}, "writeRaw"),
+        ({"resolution": "8nm"}, "resolution"), ({"resolution": "[8, 8, 8]"}, "resolution"),
+        ({"resolution": "nan"}, "resolution"), ({"resolution": "0"}, "resolution"),
+        ({"bbox": "[128, 128"}, "bbox"), ({"minz": 0.0}, "minz"),
+    ],
+)  # fmt: skip
+def test_only_the_original_string_forms_are_accepted(
+    emwrite: Service, runs: dict[str, RunLayout], change: dict, name: str
+) -> None:
+    run = runs["attacker"]
+    attack(emwrite, "/ngmeta", {**volume_body(run), **change}, names=(name,), what=str(change))

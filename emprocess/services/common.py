@@ -9,7 +9,7 @@ from typing import Any
 
 from flask import Flask, jsonify, request
 from pydantic import ValidationError
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from emprocess import __version__, storage
 from emprocess.errors import EmprocessError, InvalidInput, NotFound
@@ -41,11 +41,17 @@ def _depth(value: Any) -> int:
 def json_body() -> Any:
     """The request's JSON body, or InvalidInput naming what is wrong with it.
 
-    The body is at most ``MAX_BODY_BYTES`` (Flask answers 413 beyond) and nests at
+    The body is at most ``MAX_BODY_BYTES`` (413 beyond, also when it comes chunked,
+    without a Content-Length) and nests at
     most ``MAX_JSON_DEPTH`` levels; ``NaN`` and ``Infinity``, which are not JSON, are
     refused.
     """
-    data = request.get_data(cache=False)
+    if request.content_length is None:  # chunked: read one byte past the limit to know
+        data = request.environ["wsgi.input"].read(MAX_BODY_BYTES + 1)
+        if len(data) > MAX_BODY_BYTES:
+            raise RequestEntityTooLarge(f"a chunked body over {MAX_BODY_BYTES} bytes")
+    else:
+        data = request.get_data(cache=False)
     try:
         body = json.loads(data, parse_constant=_not_json)
     except RecursionError:

@@ -344,7 +344,12 @@ def serve(
         SERVE_TIMEOUT_S, min=0, help="Seconds a request may take; 0 = no limit."
     ),
 ) -> None:
-    """Run a service under gunicorn, as its container does (one worker, one request at a time)."""
+    """Run a service under gunicorn, as its container does (one worker, one request at a time).
+
+    Each connection must send its request within 10 s (a slow client cannot hold the
+    worker); on a loopback address the service answers only a loopback Host
+    (EMPROCESS_ALLOWED_HOSTS), so a web page cannot reach it by DNS rebinding.
+    """
     import os
     import shutil
     import sys

@@ -11,9 +11,11 @@ original DAG's string payloads (20.10). The image decoders' cases are elsewhere.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +32,12 @@ from emprocess import storage
 from emprocess.kernels import tiles
 from emprocess.layout import RunLayout
 from emprocess.services.worker import RECEIVE_DEADLINE_S
+from emprocess.view import (
+    DATA_SERVER_READ_TIMEOUT_S,
+    DATA_SERVER_THREADS,
+    NEUROGLANCER_APP,
+    DataServer,
+)
 
 Service = hostile.Service
 attack = hostile.attack
@@ -489,3 +497,74 @@ def test_only_the_original_string_forms_are_accepted(
 ) -> None:
     run = runs["attacker"]
     attack(emwrite, "/ngmeta", {**volume_body(run), **change}, names=(name,), what=str(change))
+
+
+# -- 20.7: the viewer's data server ---------------------------------------------------------
+
+
+def _get(port: int, path: str, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("GET", path, headers=headers)
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def data_server(tmp_path: Path) -> Iterator[tuple[DataServer, Path]]:
+    folder = tmp_path / "vol"
+    folder.mkdir()
+    (folder / "info").write_text('{"type": "image"}')
+    (tmp_path / "secret.txt").write_text("not for the web")
+    os.link(tmp_path / "secret.txt", folder / "hardlink")
+    server = DataServer({"neuroglancer/jpeg": folder})
+    try:
+        yield server, folder
+    finally:
+        server.stop()
+
+
+def test_the_data_server_answers_cors_only_for_neuroglancer(
+    data_server: tuple[DataServer, Path],
+) -> None:
+    server, _ = data_server
+    app = NEUROGLANCER_APP.rstrip("/")
+    status, headers, _ = _get(server.port, "/neuroglancer/jpeg/info", {"Origin": app})
+    assert status == 200 and headers["access-control-allow-origin"] == app
+    for origin in ("https://evil.example", "null", "http://127.0.0.1:9"):
+        status, headers, _ = _get(server.port, "/neuroglancer/jpeg/info", {"Origin": origin})
+        assert "access-control-allow-origin" not in headers, origin
+    server.allow_origin("http://127.0.0.1:9/")  # a local viewer's origin (serve_run's)
+    _, headers, _ = _get(server.port, "/neuroglancer/jpeg/info", {"Origin": "http://127.0.0.1:9"})
+    assert headers["access-control-allow-origin"] == "http://127.0.0.1:9"
+
+
+def test_the_data_server_checks_host_and_hard_links(data_server: tuple[DataServer, Path]) -> None:
+    server, _ = data_server
+    for host in ("evil.example", f"evil.example:{server.port}", "127.0.0.2"):
+        status, _, body = _get(server.port, "/neuroglancer/jpeg/info", {"Host": host})
+        assert status == 400 and b"Host" in body, host
+    for host in ("localhost", f"127.0.0.1:{server.port}", f"[::1]:{server.port}"):
+        assert _get(server.port, "/neuroglancer/jpeg/info", {"Host": host})[0] == 200, host
+    status, _, body = _get(server.port, "/neuroglancer/jpeg/hardlink", {})
+    assert status == 403 and b"not for the web" not in body
+
+
+def test_the_data_server_threads_are_bounded(data_server: tuple[DataServer, Path]) -> None:
+    """12 idle connections start at most DATA_SERVER_THREADS threads; the server answers
+    again once they are dropped for their silence (one read timeout later)."""
+    server, _ = data_server
+    before = threading.active_count()
+    idle = [socket.create_connection(("127.0.0.1", server.port), 10) for _ in range(12)]
+    try:
+        time.sleep(1.0)
+        assert threading.active_count() - before <= DATA_SERVER_THREADS
+        t0 = time.monotonic()
+        status, _, _ = _get(server.port, "/neuroglancer/jpeg/info", {})
+        assert status == 200
+        assert time.monotonic() - t0 < 2 * DATA_SERVER_READ_TIMEOUT_S + 5
+    finally:
+        for s in idle:
+            s.close()

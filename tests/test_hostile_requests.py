@@ -568,3 +568,14 @@ def test_the_data_server_threads_are_bounded(data_server: tuple[DataServer, Path
     finally:
         for s in idle:
             s.close()
+
+
+def test_a_bucket_name_is_read_back_as_every_run_it_can_be() -> None:
+    """A source or run id holding ``_ng_`` splits more than one way; the fields of one
+    request must share a split."""
+    from emprocess.services.guard import runs_of
+
+    assert runs_of("src-a_ng_b_ng_c", "ng") == {("src-a", "b_ng_c"), ("src-a_ng_b", "c")}
+    assert runs_of("src-a_chunk_b_ng_c", "chunk") == {("src-a", "b_ng_c")}
+    assert runs_of("src-a_ng_", "ng") == set() and runs_of("abc_ng_c", "ng") == {("abc", "c")}
+    assert runs_of("_ng_c", "ng") == set() and runs_of("src_tmp_c", "ng") == set()

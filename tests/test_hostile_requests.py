@@ -71,7 +71,9 @@ def make_run(source: str, run_id: str, slices: int = 2, px: int = 256) -> RunLay
     rng = np.random.default_rng(len(run_id))
     for z in range(slices):
         image = rng.integers(1, 255, (px, px), np.uint8)
-        storage.write_bytes(f"gs://{source}/img.{z:05d}.png", cv2.imencode(".png", image)[1].tobytes())
+        storage.write_bytes(
+            f"gs://{source}/img.{z:05d}.png", cv2.imencode(".png", image)[1].tobytes()
+        )
     return run
 
 
@@ -296,7 +298,9 @@ def test_an_all_zero_cube_replaces_what_was_there(
     assert _read_volume(run.raw_url, 0).any() and _read_volume(run.jpeg_url, 0).any()
     black = np.zeros((128, 128), np.uint8)
     for z in (0, 1):
-        storage.write_bytes(f"gs://{run.source}/img.{z:05d}.png", cv2.imencode(".png", black)[1].tobytes())
+        storage.write_bytes(
+            f"gs://{run.source}/img.{z:05d}.png", cv2.imencode(".png", black)[1].tobytes()
+        )
         assert post(emwrite, "/alignedslice", slice_body(run, z, 128)).status_code == 200
     assert post(emwrite, "/ngshard", shard).status_code == 200
     for url in (run.raw_url, run.jpeg_url):

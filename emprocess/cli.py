@@ -324,7 +324,7 @@ SERVE_TIMEOUT_S = 900
 """gunicorn's worker timeout, here and in the containers: a stuck worker is restarted."""
 
 WORKER_CLASS = "emprocess.services.worker.DeadlineSyncWorker"
-"""gunicorn's sync worker with a deadline on receiving a request, here and in the containers."""
+"""gunicorn's sync worker that runs a request once received, here and in the containers."""
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 SERVICES = {
@@ -346,8 +346,8 @@ def serve(
 ) -> None:
     """Run a service under gunicorn, as its container does (one worker, one request at a time).
 
-    Each connection must send its request within 10 s (a slow client cannot hold the
-    worker); on a loopback address the service answers only a loopback Host
+    A request runs once it has arrived, within 10 s of its connection (a slow client
+    cannot hold the worker); on a loopback address the service answers only a loopback Host
     (EMPROCESS_ALLOWED_HOSTS), so a web page cannot reach it by DNS rebinding.
     """
     import os

@@ -5,8 +5,9 @@ test_hostile.py: each case asserts the status, the field or value named in the m
 the worker's peak RSS (VmHWM) and /health afterwards (``hostile.attack``). Covered here:
 buckets tied to one run and marked as ours (20.1), the canvas bounded by the slice's area
 (20.3), links and FIFOs on tensorstore's paths (20.5), JSON content type, Host and slow
-clients (20.7), all-zero cubes rewritten (20.8), the smaller items of 20.9 and the
-original DAG's string payloads (20.10). The image decoders' cases are elsewhere.
+clients, and the viewer's data server (CORS, Host, hard links, threads) (20.7), all-zero
+cubes rewritten (20.8), the smaller items of 20.9 and the original DAG's string payloads
+(20.10). The image decoders' cases are elsewhere.
 """
 
 from __future__ import annotations

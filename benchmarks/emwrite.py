@@ -161,13 +161,14 @@ def volume_payload(
     minz: int,
     maxz: int,
     write_raw: bool,
-    tag: str,
+    run: RunLayout = LAYOUT,
     raw_bits: int = 8,
     channels: int = 1,
 ) -> dict[str, Any]:
-    """The /ngmeta body (its buckets created); /ngshard adds ``source`` and ``start``."""
+    """The /ngmeta body of ``run``'s volumes (buckets created); /ngshard adds ``source``
+    (the run's tmp bucket: emwrite takes only one run's buckets) and ``start``."""
     body: dict[str, Any] = {
-        "dest": RunLayout(SOURCE, RUN_ID + tag).ng,
+        "dest": run.ng,
         "minz": minz,
         "maxz": maxz,
         "bbox": list(bbox),
@@ -178,7 +179,7 @@ def volume_payload(
     }
     storage.create_bucket(body["dest"])
     if write_raw:
-        body["dest_raw"] = RunLayout(SOURCE, RUN_ID + tag).chunk
+        body["dest_raw"] = run.chunk
         storage.create_bucket(body["dest_raw"])
     return body
 
@@ -480,7 +481,7 @@ def _run_stack(
     phases["alignedslice"] = _rates(row, input_mb, "input")
     variants = [("jpeg", False)] + ([("raw", True)] if write_raw else [])
     for tag, raw in variants:
-        meta = volume_payload(bbox, minz, maxz, raw, f"-{tag}", stack["raw_bits"], channels)
+        meta = volume_payload(bbox, minz, maxz, raw, LAYOUT, stack["raw_bits"], channels)
         volumes = [b for b in (meta["dest"], meta.get("dest_raw")) if b]
         row = run_phase(
             "ngshard",
@@ -550,7 +551,8 @@ def measure_full_cube(
     (``channels`` 3: an RGB cube, see :func:`colour_slice`)."""
     from emprocess.kernels.tiles import encode_tiled_slice
 
-    src = f"{SOURCE}-cube"
+    cube_run = RunLayout(f"{SOURCE}-cube", RUN_ID)
+    src = cube_run.tmp
     storage.create_bucket(src)
     texture = _em_texture(2048, seed=2)
     rng = np.random.default_rng(0)
@@ -565,7 +567,7 @@ def measure_full_cube(
                 storage.bucket_url(src, key),
                 encode_tiled_slice(np.ascontiguousarray(plane), codec="raw"),
             )
-    meta = volume_payload((1024, 1024), 0, depth - 1, True, "-cube", channels=channels)
+    meta = volume_payload((1024, 1024), 0, depth - 1, True, cube_run, channels=channels)
     row = run_phase("ngshard", meta, src, cv_threads=cv_threads, repeats=repeats)
     return {"shape_xyz": [1024, 1024, depth], **_rates(row, depth * 1024 * 1024 / MB, "canvas")}
 

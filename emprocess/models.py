@@ -4,7 +4,9 @@ Fields are plain JSON with strict types: numbers as numbers, booleans as boolean
 nothing coerced (``true`` is not 1, ``"1"`` is not 1, ``1.0`` is not an integer).
 The original DAG sent some fields as strings (``"transform": "[1, 0, ...]"``,
 ``"bbox": "[w, h]"``, ``"slice": "12"``, ``"shard-size": "1024"``,
-``"clip-limit": "0.02"``, ``"writeRaw": "true"``, ``"start": "[x, y, z]"``); exactly
+``"clip-limit": "0.02"``, ``"writeRaw": "true"``, ``"start": "[x, y, z]"``, and on
+/ngmeta and /ngshard ``"minz": "0"``, ``"maxz": "63"``, ``"bbox": "[2048, 2048]"``,
+``"writeRaw": "True"``, ``"resolution": "8"``); exactly
 those legacy forms are accepted, here at the edge, and nowhere else. Keys keep
 CONTRACTS.md's spelling (``dest-tmp``, ``shard-size``, ``clip-limit``, ``writeRaw``)
 through aliases.
@@ -21,7 +23,6 @@ import json
 import re
 import shlex
 from typing import Annotated, Any, Literal, TypeVar
-from urllib.parse import parse_qs
 
 from pydantic import (
     AfterValidator,
@@ -55,13 +56,18 @@ MAX_RESOLUTION_NM = 1_000_000.0
 MAX_TRANSFORM_ABS = 1e7
 MIN_TRANSFORM_DET, MAX_TRANSFORM_DET = 1e-3, 1e3
 
+MAX_PROBLEMS = 10
+"""Problems of one request named in its error message."""
+
 M = TypeVar("M", bound=BaseModel)
 
 
 def describe_validation_error(err: ValidationError) -> str:
-    """One phrase per problem, each naming the key and the value it got."""
+    """One phrase per problem, each naming the key and the value it got (the first
+    ``MAX_PROBLEMS``: a body with thousands of bad keys gets a short answer)."""
     parts = []
-    for e in err.errors():
+    errors = err.errors()
+    for e in errors[:MAX_PROBLEMS]:
         loc = ".".join(str(p) for p in e["loc"]) or "request"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
@@ -72,6 +78,8 @@ def describe_validation_error(err: ValidationError) -> str:
             parts.append(msg)
         else:
             parts.append(f"{loc}: {msg} (got {e.get('input')!r})"[:300])
+    if len(errors) > MAX_PROBLEMS:
+        parts.append(f"and {len(errors) - MAX_PROBLEMS} more problems")
     return "; ".join(parts)
 
 
@@ -163,7 +171,11 @@ def _window(value: Any) -> Any:
 
 
 def _resolution(value: Any) -> Any:
-    """One number or [x, y, z], each a voxel side in (0, MAX_RESOLUTION_NM] nm."""
+    """One number or [x, y, z], each a voxel side in (0, MAX_RESOLUTION_NM] nm.
+
+    The original DAG's decimal string of one number (``"8"``) is accepted too.
+    """
+    value = _legacy_float(value)
     values = value if isinstance(value, list) else [value]
     if (isinstance(value, list) and len(value) != 3) or not all(
         isinstance(v, int | float) and not isinstance(v, bool) for v in values
@@ -344,7 +356,9 @@ class AlignRequest(_Request):
             return parse(cls, body)
         unknown = sorted(set(body) - {"command", "input-map", "input-str"})
         if unknown:
-            raise InvalidInput(f"unknown keys in legacy alignment request: {unknown}")
+            raise InvalidInput(
+                f"unknown keys in legacy alignment request: {_some_keys(dict.fromkeys(unknown))}"
+            )
         command, input_map = body.get("command"), body.get("input-map")
         if not isinstance(command, str) or not isinstance(input_map, dict):
             raise InvalidInput(
@@ -358,7 +372,7 @@ class AlignRequest(_Request):
                 raise InvalidInput(f"legacy 'command' has no -D{role}=NAME: {command[:200]!r}")
             if name not in input_map:
                 raise InvalidInput(
-                    f"-D{role}={name!r} is not a key of 'input-map' {sorted(input_map)}"
+                    f"-D{role}={name[:200]!r} is not a key of 'input-map' {_some_keys(input_map)}"
                 )
             urls[role], factor = _split_downsample(str(input_map[name]))
             factors.add(factor)
@@ -384,22 +398,30 @@ def _legacy_names(command: str) -> dict[str, str]:
 
 
 def _split_downsample(url: str) -> tuple[str, int]:
-    """``gs://b/x.png?downsample=4`` -> (``gs://b/x.png``, 4); no query -> factor 1."""
+    """``gs://b/x.png?downsample=4`` -> (``gs://b/x.png``, 4); no query -> factor 1.
+
+    The query is parsed strictly: exactly ``downsample=`` and 1 to 3 ASCII digits (no
+    ``+2``, ``1_6``, other digits, escapes or a second value); the model bounds it.
+    """
     base, sep, query = url.partition("?")
     if not sep:
         return url, 1
-    values = parse_qs(query).get("downsample")
-    if not values or set(parse_qs(query)) != {"downsample"}:
-        raise InvalidInput(f"input URL {url!r}: only '?downsample=N' is understood")
-    try:
-        factor = int(values[0])
-    except ValueError:
+    m = re.fullmatch(r"downsample=([0-9]{1,3})", query)
+    if m is None:
         raise InvalidInput(
-            f"input URL {url!r}: downsample {values[0]!r} is not an integer"
-        ) from None
+            f"input URL {url[:300]!r}: only '?downsample=N' (N: 1 to 3 digits 0-9) is understood"
+        )
+    factor = int(m.group(1))
     if factor < 1:
-        raise InvalidInput(f"input URL {url!r}: downsample must be >= 1, got {factor}")
+        raise InvalidInput(f"input URL {url[:300]!r}: downsample must be >= 1, got {factor}")
     return base, factor
+
+
+def _some_keys(mapping: dict[str, Any], most: int = 8) -> str:
+    """A few keys of a mapping for a message, so an error never echoes thousands."""
+    keys = [k[:100] for k in list(mapping)[:most]]
+    more = f" and {len(mapping) - most} more" if len(mapping) > most else ""
+    return f"{keys}{more}"
 
 
 # -- emwrite -----------------------------------------------------------------
@@ -408,7 +430,15 @@ ClipLimit = Annotated[float, BeforeValidator(_legacy_float), Field(ge=0.0, le=1.
 
 
 class AlignedSliceRequest(_Request):
-    """POST /alignedslice: warp one slice into the global canvas, CLAHE, tile it."""
+    """POST /alignedslice: warp one slice into the global canvas, CLAHE, tile it.
+
+    The canvas (``bbox``) is bounded here (each side 1 to ``MAX_CANVAS_PX``) and, once
+    the slice's header is read, by the slice (``emwrite.check_canvas``): each side at
+    most 4 x the slice's longer side + 1024 px, and the area at most
+    (4 x sqrt(slice width x height) + 1024)^2 px, so a 7,936 x 1 px slice cannot ask for
+    a 32,768^2 canvas. ``dest-tmp`` must be the tmp bucket of run (``dest``, ``run_id``)
+    (``emprocess.services.guard``).
+    """
 
     img: ObjectKey = Field(description="Slice image name in the source bucket, e.g. img.00012.png.")
     transform: Affine6 = Field(
@@ -508,8 +538,8 @@ class _VolumeRequest(_Request):
         default=None,
         description="Bucket of the lossless volume (neuroglancer/raw); needed when writeRaw.",
     )
-    minz: int = Field(ge=0, le=MAX_Z, description="First slice number.")
-    maxz: int = Field(ge=0, le=MAX_Z, description="Last slice number, inclusive.")
+    minz: SliceZ = Field(description="First slice number.")
+    maxz: SliceZ = Field(description="Last slice number, inclusive.")
     bbox: CanvasSize2 = Field(description="Canvas size [width, height] in pixels.")
     shard_size: ShardSize = Field(
         default=1024, alias="shard-size", description="Cube edge in voxels; must be 1024."

@@ -73,6 +73,13 @@ class ServiceEnv(_Settings):
         "raw", description="Encoding of the tmp bucket's tiles."
     )
     io_threads: int = Field(16, ge=1, le=256, description="Storage reads and writes in flight.")
+    allowed_hosts: str = Field(
+        "",
+        max_length=1000,
+        description="Comma-separated host names (no port) a service answers in the Host "
+        "header; empty: any (Cloud Run checks its own). `emprocess serve` on 127.0.0.1 "
+        "sets 127.0.0.1,localhost, so a web page cannot reach it by DNS rebinding.",
+    )
 
 
 class StorageEnv(_Settings):

@@ -32,7 +32,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from werkzeug.exceptions import HTTPException
-from werkzeug.serving import WSGIRequestHandler, make_server
+from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
 from werkzeug.utils import send_file
 from werkzeug.wrappers import Request, Response
 
@@ -512,9 +512,17 @@ class RequestRecord:
 
 
 _CORS = {
-    "Access-Control-Allow-Origin": "*",
     "Access-Control-Expose-Headers": "Content-Range, Content-Length, Accept-Ranges, Content-Type, ETag",
+    "Vary": "Origin",
 }
+DATA_SERVER_THREADS = 8
+"""Requests the data server answers at once; more connections wait to be accepted."""
+DATA_SERVER_READ_TIMEOUT_S = 10.0
+"""A client that sends nothing for this long is dropped (a slow one cannot hold a thread)."""
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+DEFAULT_ORIGINS = frozenset({NEUROGLANCER_APP.rstrip("/")})
+"""Origins answered with CORS by default: the public neuroglancer app (``serve_run`` adds
+its own viewer's); another web page the user visits gets no CORS, so cannot read data."""
 _PREFLIGHT = {
     "Access-Control-Allow-Methods": "GET, HEAD, OPTIONS",
     "Access-Control-Allow-Headers": "Range, Content-Type, If-None-Match",
@@ -529,7 +537,11 @@ class _DataApp:
     range the file cannot satisfy) and the conditional requests (ETag, 304).
     """
 
-    def __init__(self, mounts: Mapping[str, Path]) -> None:
+    def __init__(
+        self, mounts: Mapping[str, Path], origins: Iterable[str], hosts: frozenset[str]
+    ) -> None:
+        self.origins = set(origins)
+        self.hosts = hosts  # empty: any Host
         # Longest prefix first, so "a/b" wins over "a".
         self.mounts = sorted(
             ((tuple(p for p in k.split("/") if p), Path(v).resolve()) for k, v in mounts.items()),
@@ -545,6 +557,9 @@ class _DataApp:
         except HTTPException as e:  # 416 from send_file, with its Content-Range
             response = e.get_response(environ)
         response.headers.update(_CORS)
+        origin = request.headers.get("Origin")
+        if origin is not None and origin in self.origins:
+            response.headers["Access-Control-Allow-Origin"] = origin
         rec = RequestRecord(
             request.method,
             environ.get("REQUEST_URI") or request.full_path,
@@ -556,6 +571,8 @@ class _DataApp:
         return response(environ, start_response)
 
     def _answer(self, request: Request) -> Response:
+        if self.hosts and _host_name(request.host) not in self.hosts:
+            return _plain(400, "bad request: Host is not this server's")  # DNS rebinding
         if request.method == "OPTIONS":
             return Response(status=204, headers=_PREFLIGHT)
         if request.method not in ("GET", "HEAD"):
@@ -583,8 +600,42 @@ class _DataApp:
                 target = root.joinpath(*parts[len(prefix) :]).resolve()
                 if not target.is_relative_to(root):  # e.g. a symlink out of the folder
                     return 403
-                return target if target.is_file() else 404
+                if not target.is_file():
+                    return 404
+                # A hard link may be a file from anywhere (the volumes' writers rename
+                # whole files into place: one link each).
+                return target if target.stat().st_nlink == 1 else 403
         return 404
+
+
+def _host_name(host: str) -> str:
+    """The host of a Host header without its port, lowercase."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
+
+
+class _BoundedServer(ThreadedWSGIServer):
+    """werkzeug's threaded server with at most ``DATA_SERVER_THREADS`` requests at once."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.slots = threading.BoundedSemaphore(DATA_SERVER_THREADS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self.slots.acquire()  # in the accepting thread: beyond the bound, connections wait
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
 
 
 def _plain(status: int, text: str) -> Response:
@@ -593,6 +644,8 @@ def _plain(status: int, text: str) -> Response:
 
 class _QuietHandler(WSGIRequestHandler):
     """werkzeug's request handler, logging each request at DEBUG instead of INFO."""
+
+    timeout = DATA_SERVER_READ_TIMEOUT_S
 
     def log(self, type: str, message: str, *args: Any) -> None:
         log.debug("data server: " + message, *args)
@@ -603,23 +656,34 @@ class DataServer:
 
     werkzeug serves the files: byte ranges (206 Partial Content, which sharded volumes
     need; 416 for one the file cannot satisfy, or several), ETags with 304 Not Modified,
-    HEAD; we add OPTIONS preflight and ``Access-Control-Allow-Origin: *``. Paths outside
-    the folders are refused (403) and missing files are 404. Runs in a background thread.
+    HEAD; we add OPTIONS preflight and CORS for the ``origins`` neuroglancer runs in (not
+    ``*``: another page the user visits cannot read the data). Paths outside the folders,
+    and hard links, are refused (403), missing files are 404. Bound to a loopback address,
+    it answers only requests whose Host is a loopback name (no DNS rebinding). At most
+    ``DATA_SERVER_THREADS`` requests at once, each client dropped after
+    ``DATA_SERVER_READ_TIMEOUT_S`` of silence. Runs in a background thread.
 
     Args:
         mounts: URL path prefix (e.g. "neuroglancer/jpeg") -> folder served under it.
         host: address to bind; keep 127.0.0.1 unless you mean to share the data.
         port: port to bind; 0 picks a free one.
+        origins: origins answered with CORS (more with :meth:`allow_origin`).
     """
 
-    def __init__(self, mounts: Mapping[str, Path], host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        mounts: Mapping[str, Path],
+        host: str = "127.0.0.1",
+        port: int = 0,
+        origins: Iterable[str] = DEFAULT_ORIGINS,
+    ) -> None:
         for prefix, folder in mounts.items():
             if not Path(folder).is_dir():
                 raise NotFound(f"cannot serve {prefix!r}: {folder} is not a folder")
-        self._app = _DataApp(mounts)
-        self._httpd = make_server(
-            host, port, self._app, threaded=True, request_handler=_QuietHandler
+        self._app = _DataApp(
+            mounts, origins, LOOPBACK_HOSTS if host in LOOPBACK_HOSTS else frozenset()
         )
+        self._httpd = _BoundedServer(host, port, self._app, handler=_QuietHandler)
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, args=(0.1,), name="emprocess-data-server", daemon=True
         )
@@ -630,6 +694,10 @@ class DataServer:
     @property
     def port(self) -> int:
         return int(self._httpd.server_address[1])
+
+    def allow_origin(self, origin: str) -> None:
+        """Answer CORS for ``origin`` too (e.g. ``http://127.0.0.1:PORT`` of a viewer)."""
+        self._app.origins.add(origin.rstrip("/"))
 
     @property
     def records(self) -> list[RequestRecord]:
@@ -772,6 +840,8 @@ def serve_run(
             s.projection_scale = state["projectionScale"]
             s.layout = layout
         url = str(viewer.get_viewer_url())
+        parts = urllib.parse.urlsplit(url)
+        data_server.allow_origin(f"{parts.scheme}://{parts.netloc}")
     except BaseException:
         data_server.stop()
         raise

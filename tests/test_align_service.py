@@ -145,7 +145,8 @@ def test_bad_requests_get_400_naming_the_problem(
         "input-map": {"a": pre_url + "?downsample=2", "b": post_url + "?downsample=4"},
     }
     _bad(align_service, legacy, "different downsample")
-    r = requests.post(align_service + "/", data=b"{not json", timeout=10)
+    json_type = {"Content-Type": "application/json"}
+    r = requests.post(align_service + "/", data=b"{not json", headers=json_type, timeout=10)
     assert r.status_code == 400 and "JSON" in r.json()["error"]
 
 

@@ -29,7 +29,7 @@ def test_benchmark_phases_report_rates_and_repeat_on_fresh_outputs(
         "aligned/000000.tiles",
         "aligned/000001.tiles",
     ]
-    jpeg = f"{SOURCE}_ng_{RUN_ID}-jpeg"
+    jpeg = f"{SOURCE}_ng_{RUN_ID}"  # the run's own ng bucket (emwrite takes no other)
     assert "neuroglancer/jpeg/info" in storage.list_keys(storage.bucket_url(jpeg, ""))
     # Between repeats every object of the phase's buckets goes, whatever its name.
     storage.write_bytes(storage.bucket_url(tmp, "aligned/stale.tiles"), b"old")

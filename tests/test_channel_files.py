@@ -216,14 +216,14 @@ def test_emwrite_refuses_bad_channel_files_before_writing(
     storage.write_bytes(f"gs://{bucket}/green/img.00000.png", _png(np.dstack([grey] * 3)))
     storage.write_bytes(f"gs://{bucket}/blue/img.00000.png", _png(grey[:, :20]))
     storage.write_bytes(f"gs://{bucket}/text.png", b"not an image at all")
-    for b in (f"{bucket}-tmp", f"{bucket}_process"):
+    for b in (f"{bucket}_tmp_run", f"{bucket}_process"):
         storage.create_bucket(b)
     body = {
         "img": "red/img.00000.png",
         "transform": [1, 0, 0, 1, 0, 0],
         "bbox": [40, 30],
         "dest": bucket,
-        "dest-tmp": f"{bucket}-tmp",
+        "dest-tmp": f"{bucket}_tmp_run",
         "slice": 0,
         "run_id": "run",
         "channels": 2,
@@ -236,7 +236,7 @@ def test_emwrite_refuses_bad_channel_files_before_writing(
     ):
         r = requests.post(emwrite_service + "/alignedslice", json={**body, "channel_imgs": [other]}, timeout=60)  # fmt: skip
         assert r.status_code == 400 and message in r.json()["error"], r.text
-    assert storage.list_keys(f"gs://{bucket}-tmp/") == []
+    assert storage.list_keys(f"gs://{bucket}_tmp_run/") == []
 
 
 def test_mean_of_channel_files_is_the_mean_of_a_colour_file(

@@ -215,7 +215,7 @@ def test_emwrite_writes_a_grey_jpeg_volume_per_channel(emwrite_service: str, bac
     from conftest import unique_bucket
 
     src = unique_bucket("each")
-    tmp, ng, raw = (f"{src}{s}" for s in ("-tmp", "-ng", "-raw"))
+    tmp, ng, raw = (f"{src}_{role}_run" for role in ("tmp", "ng", "chunk"))
     for bucket in (src, layout.process_bucket(src), tmp, ng, raw):
         storage.create_bucket(bucket)
     for z in range(4):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from emprocess.cli import SERVE_TIMEOUT_S, SERVICES
+from emprocess.cli import SERVE_TIMEOUT_S, SERVICES, WORKER_CLASS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,6 +29,8 @@ def test_dockerfile_matches_the_project(folder: str, service: str) -> None:
     # The same worker timeout as `emprocess serve`, and not as root.
     timeout = re.search(r"--timeout (\d+)", dockerfile)
     assert timeout and int(timeout.group(1)) == SERVE_TIMEOUT_S > 0
+    # A client that sends its request slowly cannot hold the one worker (issue 20.7).
+    assert f"--worker-class {WORKER_CLASS} " in dockerfile
     users = re.findall(r"^USER (\S+)", dockerfile, re.MULTILINE)
     assert users and users[-1] not in ("root", "0")
     cloudbuild = (ROOT / folder / "cloudbuild.yaml").read_text()

@@ -523,6 +523,14 @@ def bad_env(backend: str, emwrite_service: str) -> dict[str, Any]:
     return env
 
 
+def _other_run(env: dict[str, Any], roles: tuple[str, ...]) -> dict[str, Any]:
+    """The /ngshard body of a new run of the same source whose ``roles`` buckets exist."""
+    run = RunLayout(env["src"], unique_bucket("r"))
+    for role in roles:
+        storage.create_bucket(run.bucket_names()[role])
+    return {**env["shard"], "dest": run.ng, "dest_raw": run.chunk, "source": run.tmp}
+
+
 def _without(body: dict, key: str) -> dict:
     return {k: v for k, v in body.items() if k != key}
 
@@ -573,13 +581,13 @@ BAD_REQUESTS: list[tuple[str, str, Callable[[dict], Any], str]] = [
     (
         "no tmp bucket",
         "/alignedslice",
-        lambda e: {**e["slice"], "dest-tmp": e["missing"]},
+        lambda e: {**e["slice"], "run_id": "gone", "dest-tmp": e["src"] + "_tmp_gone"},
         "does not exist",
     ),
     (
         "no source bucket",
         "/alignedslice",
-        lambda e: {**e["slice"], "dest": e["missing"]},
+        lambda e: {**e["slice"], "dest": e["missing"], "dest-tmp": f"{e['missing']}_tmp_{RUN_ID}"},
         "does not exist",
     ),
     ("body not JSON", "/alignedslice", lambda e: None, "must be JSON"),
@@ -595,13 +603,17 @@ BAD_REQUESTS: list[tuple[str, str, Callable[[dict], Any], str]] = [
     (
         "no dest bucket",
         "/ngmeta",
-        lambda e: {**e["volume"], "dest": e["missing"]},
+        lambda e: {
+            **e["volume"],
+            "dest": e["src"] + "_ng_gone",
+            "dest_raw": e["src"] + "_chunk_gone",
+        },
         "does not exist",
     ),
     (
         "ngshard before ngmeta",
         "/ngshard",
-        lambda e: {**e["shard"], "dest": e["src"]},
+        lambda e: _other_run(e, ("tmp", "ng", "chunk")),
         "run /ngmeta first",
     ),
     ("missing tile object", "/ngshard", lambda e: e["shard"], "aligned slice 0 is missing"),
@@ -633,7 +645,7 @@ BAD_REQUESTS: list[tuple[str, str, Callable[[dict], Any], str]] = [
         "describes another volume",
     ),
     ("start of 2", "/ngshard", lambda e: {**e["shard"], "start": [0, 0]}, "start"),
-    ("no source", "/ngshard", lambda e: {**e["shard"], "source": e["missing"]}, "does not exist"),
+    ("no source", "/ngshard", lambda e: _other_run(e, ("ng", "chunk")), "does not exist"),
     (
         "other volume",
         "/ngshard",
@@ -653,7 +665,8 @@ def test_bad_requests_get_400_naming_the_problem(
 ) -> None:
     body = make(bad_env)
     if body is None:
-        r = requests.post(emwrite_service + path, data=b"{not json", timeout=60)
+        json_type = {"Content-Type": "application/json"}
+        r = requests.post(emwrite_service + path, data=b"{not json", headers=json_type, timeout=60)
     else:
         r = post(emwrite_service, path, body)
     assert r.status_code == 400, r.text

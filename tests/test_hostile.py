@@ -324,7 +324,7 @@ def test_canvas_is_bounded(emwrite: Service, env: dict, change: dict, names: tup
 
 
 def test_ngmeta_keeps_an_existing_volume(emwrite: Service, env: dict) -> None:
-    volume = {**env["volume"], "dest": unique_bucket("ngvol"), "writeRaw": False}
+    volume = {**env["volume"], "dest": RunLayout(env["src"], "ngvol").ng, "writeRaw": False}
     storage.create_bucket(volume["dest"])
     info_url = f"gs://{volume['dest']}/neuroglancer/jpeg/info"
     assert requests.post(emwrite.url + "/ngmeta", json=volume, timeout=60).status_code == 200
@@ -371,7 +371,7 @@ def test_ngmeta_geometry_is_bounded(emwrite: Service, env: dict, change: dict, n
         ("/alignedslice", {"dest": "/etc"}, "dest"),
         ("/alignedslice", {"dest-tmp": "gs://x/y"}, "dest-tmp"),
         ("/ngmeta", {"writeRaw": "yes"}, "writeRaw"),
-        ("/ngmeta", {"minz": "1"}, "minz"),
+        ("/ngmeta", {"minz": "+1"}, "minz"),
         ("/ngmeta", {"minz": 1.0}, "minz"),
     ],
 )
@@ -395,7 +395,7 @@ def test_non_finite_numbers_are_not_json(emwrite: Service, env: dict) -> None:
 
 
 def test_writes_through_a_link_out_of_the_root_are_refused(emwrite: Service, env: dict) -> None:
-    body = {**env["slice"], "dest-tmp": env["tmp_link"]}
+    body = {**env["slice"], "dest-tmp": env["tmp_link"], "run_id": "link"}
     attack(emwrite, "/alignedslice", body, names=("aligned/000000.tiles", "link leading out"))
     assert sorted(p.name for p in env["outside"].iterdir()) == ["secret.png"]
 
@@ -412,7 +412,7 @@ def test_deep_nesting_and_big_bodies(align: Service, emwrite: Service) -> None:
     pid = emwrite.worker_pid()
     with socket.create_connection(("127.0.0.1", int(emwrite.url.rpartition(":")[2])), 30) as s:
         s.sendall(
-            b"POST /ngmeta HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"POST /ngmeta HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             + f"Content-Length: {75 * 10**6}\r\n\r\n".encode()
             + b"[" * 65536
         )
@@ -428,7 +428,8 @@ def test_deep_nesting_and_big_bodies(align: Service, emwrite: Service) -> None:
 def test_ngshard_reads_no_tile_through_a_link(
     emwrite: Service, env: dict, local_root: Path
 ) -> None:
-    dest, tmp = unique_bucket("ngshard"), unique_bucket("tiles")
+    run = RunLayout(unique_bucket("ngshard"), "tiles")
+    dest, tmp = run.ng, run.tmp
     for bucket in (dest, tmp):
         storage.create_bucket(bucket)
     volume = {"dest": dest, "writeRaw": False, "minz": 0, "maxz": 0, "bbox": [64, 64]}

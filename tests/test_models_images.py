@@ -62,7 +62,7 @@ def test_legacy_alignment_payload_is_read_without_running_it() -> None:
                 "command": '-Dpre="a" -Dpost="b"',
                 "input-map": {"a": "gs://src/a?downsample=two", "b": "gs://src/b"},
             },
-            "'two'",
+            "'gs://src/a?downsample=two': only '?downsample=N'",
         ),
         ({"pre": "gs://src/a", "post": "gs://src/b", "downsample": 65}, "downsample"),
         ("text", "JSON object"),
@@ -133,12 +133,12 @@ def test_aligned_slice_types_are_strict(change: dict, message: str) -> None:
     [
         ({"writeRaw": "yes"}, "writeRaw: Input should be a valid boolean"),
         ({"writeRaw": 1}, "writeRaw: Input should be a valid boolean"),
-        ({"minz": "1"}, "minz: Input should be a valid integer"),
+        ({"minz": "+1"}, "minz: Input should be a valid integer"),
         ({"maxz": 10**9}, "maxz: Input should be less than or equal to 99999999"),
         ({"maxz": 2_000_000}, "2000001 slices; at most 1000000"),
         ({"resolution": 1e308}, "resolution 1e+308 nm is not in (0, 1e+06]"),
         ({"resolution": float("nan")}, "resolution nan nm is not in (0, 1e+06]"),
-        ({"resolution": "8"}, "resolution must be one number or [x, y, z] in nm (got '8')"),
+        ({"resolution": "8nm"}, "resolution must be one number or [x, y, z] in nm (got '8nm')"),
         ({"bbox": [1e21, 5]}, "bbox.0: Input should be a valid integer"),
     ],
 )

@@ -24,6 +24,7 @@ from emprocess import storage
 from emprocess.errors import InvalidInput, NotFound
 from emprocess.layout import JPEG_PATH
 from emprocess.view import (
+    NEUROGLANCER_APP,
     Access,
     DataServer,
     ViewSession,
@@ -94,7 +95,7 @@ def _request(
     """Send one request with the path exactly as given (no client-side normalisation)."""
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
     try:
-        conn.request(method, path, headers=headers or {})
+        conn.request(method, path, headers={"Origin": NG_ORIGIN, **(headers or {})})
         resp = conn.getresponse()
         return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
     finally:
@@ -102,6 +103,7 @@ def _request(
 
 
 SHARD = "/neuroglancer/jpeg/8_8_8/0.shard"
+NG_ORIGIN = NEUROGLANCER_APP.rstrip("/")  # an origin the data server answers CORS for
 
 
 @pytest.mark.parametrize(
@@ -118,7 +120,7 @@ def test_range_answers_206_with_those_bytes(
     assert headers["content-range"] == f"bytes {first}-{last}/{len(payload)}"
     assert headers["content-length"] == str(last - first + 1)
     assert headers["accept-ranges"] == "bytes"
-    assert headers["access-control-allow-origin"] == "*"
+    assert headers["access-control-allow-origin"] == NG_ORIGIN
     assert "Content-Range" in headers["access-control-expose-headers"]
     assert server.records[-1].range == header and server.records[-1].status == 206
 
@@ -128,7 +130,7 @@ def test_no_range_answers_200_with_the_whole_file(served: tuple[DataServer, byte
     status, headers, body = _request(server, "GET", SHARD)
     assert (status, body) == (200, payload)
     assert headers["accept-ranges"] == "bytes"
-    assert headers["access-control-allow-origin"] == "*"
+    assert headers["access-control-allow-origin"] == NG_ORIGIN
     status, headers, body = _request(server, "GET", "/neuroglancer/jpeg/info?x=1")
     assert (status, body, headers["content-type"]) == (200, b'{"scales": []}', "application/json")
 
@@ -140,7 +142,7 @@ def test_head_and_unsatisfiable_range(served: tuple[DataServer, bytes, Path]) ->
     status, headers, _ = _request(server, "GET", SHARD, {"Range": "bytes=5000-"})
     assert status == 416
     assert headers["content-range"] == f"bytes */{len(payload)}"
-    assert headers["access-control-allow-origin"] == "*"
+    assert headers["access-control-allow-origin"] == NG_ORIGIN
 
 
 def test_a_raw_nul_in_the_path_is_a_bad_request(served: tuple[DataServer, bytes, Path]) -> None:
@@ -148,7 +150,7 @@ def test_a_raw_nul_in_the_path_is_a_bad_request(served: tuple[DataServer, bytes,
 
     server, _, _ = served
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-        sock.sendall(b"GET /neuroglancer/jpeg/in\x00fo HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.sendall(b"GET /neuroglancer/jpeg/in\x00fo HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         reply = sock.recv(4096)
     assert reply.startswith(b"HTTP/1.0 400") or reply.startswith(b"HTTP/1.1 400"), reply[:80]
 
@@ -172,7 +174,7 @@ def test_refuses_paths_outside_and_missing_files(
     got, headers, body = _request(server, "GET", path)
     assert got == status
     assert b"outside the served folder" not in body
-    assert headers["access-control-allow-origin"] == "*"
+    assert headers["access-control-allow-origin"] == NG_ORIGIN
 
 
 def test_options_preflight(served: tuple[DataServer, bytes, Path]) -> None:
@@ -182,13 +184,12 @@ def test_options_preflight(served: tuple[DataServer, bytes, Path]) -> None:
         "OPTIONS",
         SHARD,
         {
-            "Origin": "http://127.0.0.1:9",
             "Access-Control-Request-Method": "GET",
             "Access-Control-Request-Headers": "range",
         },
     )
     assert (status, body) == (204, b"")
-    assert headers["access-control-allow-origin"] == "*"
+    assert headers["access-control-allow-origin"] == NG_ORIGIN
     assert "Range" in headers["access-control-allow-headers"]
     assert "GET" in headers["access-control-allow-methods"]
 
@@ -228,7 +229,7 @@ def test_range_edge_cases(
         assert body == payload[first : last + 1]
     else:
         assert headers["content-range"] == f"bytes */{len(payload)}"
-    assert headers["access-control-allow-origin"] == "*"
+    assert headers["access-control-allow-origin"] == NG_ORIGIN
 
 
 def test_etag_revalidation_answers_304_and_a_changed_file_200(
@@ -241,7 +242,7 @@ def test_etag_revalidation_answers_304_and_a_changed_file_200(
     assert status == 200 and "ETag" in headers["access-control-expose-headers"]
     status, headers, body = _request(server, "GET", SHARD, {"If-None-Match": etag})
     assert (status, body) == (304, b"")
-    assert headers["access-control-allow-origin"] == "*"
+    assert headers["access-control-allow-origin"] == NG_ORIGIN
     shard = tmp_path / "vol" / "8_8_8" / "0.shard"
     shard.write_bytes(payload[::-1])
     os.utime(shard, (time.time() + 5, time.time() + 5))  # a new mtime even on coarse clocks

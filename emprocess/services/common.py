@@ -9,7 +9,7 @@ from typing import Any
 
 from flask import Flask, jsonify, request
 from pydantic import ValidationError
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from emprocess import __version__, storage
 from emprocess.errors import EmprocessError, InvalidInput, NotFound
@@ -41,11 +41,17 @@ def _depth(value: Any) -> int:
 def json_body() -> Any:
     """The request's JSON body, or InvalidInput naming what is wrong with it.
 
-    The body is at most ``MAX_BODY_BYTES`` (Flask answers 413 beyond) and nests at
+    The body is at most ``MAX_BODY_BYTES`` (413 beyond, also when it comes chunked,
+    without a Content-Length) and nests at
     most ``MAX_JSON_DEPTH`` levels; ``NaN`` and ``Infinity``, which are not JSON, are
     refused.
     """
-    data = request.get_data(cache=False)
+    if request.content_length is None:  # chunked: read one byte past the limit to know
+        data = request.environ["wsgi.input"].read(MAX_BODY_BYTES + 1)
+        if len(data) > MAX_BODY_BYTES:
+            raise RequestEntityTooLarge(f"a chunked body over {MAX_BODY_BYTES} bytes")
+    else:
+        data = request.get_data(cache=False)
     try:
         body = json.loads(data, parse_constant=_not_json)
     except RecursionError:
@@ -67,6 +73,40 @@ def _not_json(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
+def allowed_hosts(setting: str) -> frozenset[str]:
+    """The host names of ``ServiceEnv.allowed_hosts`` (lowercase); empty: any host."""
+    return frozenset(h.strip().lower() for h in setting.split(",") if h.strip())
+
+
+def host_name(host_header: str) -> str:
+    """The host of a Host header without its port (``[::1]:8080`` -> ``::1``), lowercase."""
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
+
+
+def refuse_headers(hosts: frozenset[str]) -> tuple[str, int] | None:
+    """Why the current request is refused by its headers, and the status; None: accepted.
+
+    A web page the user visits can post to a local service without a preflight only
+    as ``text/plain``, a form or multipart, and reach it under another name only by DNS
+    rebinding (its own Host): so a POST must say ``Content-Type: application/json``
+    (415 otherwise), and with ``hosts`` set the Host must be one of them (400).
+    """
+    if hosts:
+        host = request.headers.get("Host", "")
+        if host_name(host) not in hosts:
+            return (
+                f"Host {host[:100]!r} is not one this service answers ({', '.join(sorted(hosts))})",
+                400,
+            )
+    if request.method == "POST" and request.mimetype != "application/json":
+        shown = (request.content_type or "none")[:100]
+        return f"Content-Type must be application/json, got {shown!r}", 415
+    return None
+
+
 def create_service_app(name: str) -> Flask:
     """A Flask app with /health and JSON errors: 400 for bad requests, 500 for ours.
 
@@ -77,12 +117,22 @@ def create_service_app(name: str) -> Flask:
     app = Flask(name)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     started = time.time()
+    env = load(ServiceEnv)
+    hosts = allowed_hosts(env.allowed_hosts)
     logging.basicConfig(
-        level=load(ServiceEnv).log_level,
+        level=env.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     # A bad EMPROCESS_STORAGE_* stops the service here, naming it, not at its first request.
     log.info("%s: %s", name, storage.backend_description())
+
+    @app.before_request
+    def check_headers() -> Any:
+        refusal = refuse_headers(hosts)
+        if refusal is not None:
+            log.info("%d %s %s: %s", refusal[1], request.method, request.path, refusal[0])
+            return jsonify(error=refusal[0]), refusal[1]
+        return None
 
     @app.get("/health")
     def health() -> Any:

@@ -45,6 +45,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -90,6 +91,7 @@ from emprocess.models import (
     NgShardRequest,
     SliceStatsRequest,
 )
+from emprocess.services import guard
 from emprocess.services.common import create_service_app, json_body, parse
 from emprocess.services.pyramid import (
     Box,
@@ -149,6 +151,31 @@ def thumbnail_url(req: AlignedSliceRequest) -> str:
 # -- /alignedslice -------------------------------------------------------------
 
 
+def check_canvas(bbox: list[int], layout: ImageLayout, img: str) -> None:
+    """The canvas ``bbox`` [width, height] must be in proportion to the slice.
+
+    Each side at most ``MAX_CANVAS_RATIO`` x the slice's longer side + one tile (a turned
+    slice keeps its longer side), and the area at most that of the square whose side is
+    ``MAX_CANVAS_RATIO`` x the side of the slice's own square (sqrt(width x height)) +
+    one tile: for a square slice both say the same; a 7936 x 1 px slice gets at most
+    1380^2 px, not 32768^2, so a request's work stays in proportion to its input.
+    """
+    width, height = bbox
+    longest = max(layout.width, layout.height)
+    if max(width, height) > MAX_CANVAS_RATIO * longest + TILE_PX:
+        raise InvalidInput(
+            f"bbox {bbox} is more than {MAX_CANVAS_RATIO}x (+{TILE_PX} px) the "
+            f"{layout.width}x{layout.height} slice {img}"
+        )
+    side = MAX_CANVAS_RATIO * math.isqrt(layout.width * layout.height) + TILE_PX
+    if width * height > side * side:
+        raise InvalidInput(
+            f"bbox {bbox} has {width * height} pixels, more than the {side}^2 = {side * side} "
+            f"allowed for the {layout.width}x{layout.height} slice {img} ({MAX_CANVAS_RATIO}x "
+            f"the side of its square + {TILE_PX} px)"
+        )
+
+
 def _layout(data: bytes, url: str) -> ImageLayout:
     """The slice's header; another format than PNG, TIFF or JPEG is refused here."""
     try:
@@ -180,17 +207,10 @@ def aligned_slice(req: AlignedSliceRequest) -> dict[str, Any]:
         storage.bucket_url(req.dest_tmp, p + tiles_key(req.slice))
         for p in tile_prefixes(req.channels)
     ]
-    for bucket in (req.dest_tmp, process_bucket(req.dest)):
-        if not storage.bucket_exists(bucket):
-            raise InvalidInput(f"bucket {bucket!r} does not exist")
+    guard.check_slice_buckets(req)
     data = storage.read_bytes(source_url, max_bytes=MAX_FILE_BYTES)
     layout = _layout(data, source_url)
-    longest = max(layout.width, layout.height)
-    if max(width, height) > MAX_CANVAS_RATIO * longest + TILE_PX:
-        raise InvalidInput(
-            f"bbox {req.bbox} is more than {MAX_CANVAS_RATIO}x (+{TILE_PX} px) the "
-            f"{layout.width}x{layout.height} slice {req.img}"
-        )
+    check_canvas(req.bbox, layout, req.img)
     correction = SliceCorrection(req.destreak, *(req.intensity_gain_offset or (1.0, 0.0)))
     if req.channel_imgs is not None:
         channel_files = _check_channel_files(req, source_url, layout)
@@ -401,9 +421,9 @@ def ng_meta(req: NgMetaRequest) -> None:
     Everything is checked before the first write: the buckets, and that no info
     of another volume with data would be replaced.
     """
+    guard.check_volume_buckets(req)
     infos = []
     for (url, encoding), (_, count) in zip(volume_targets(req), target_channels(req), strict=True):
-        _require_bucket(storage.parse_url(url).bucket, "destination")
         info = _info(req, encoding, count)
         _check_no_other_volume(url, info)
         infos.append((url, json.dumps(info, indent=1).encode()))
@@ -552,6 +572,28 @@ def _ts_context() -> Any:
     )
 
 
+def _check_tile_paths(req: NgShardRequest, box: Box) -> None:
+    """tensorstore follows links and opens FIFOs: every tiles object the cube reads (8-bit,
+    every channel's, and the 16-bit ones of ``raw_dtype``) must be a regular file (or
+    missing) inside its bucket, its folders too."""
+    prefixes = tile_prefixes(req.channels)
+    if req.raw_dtype == "uint16" and req.write_raw:
+        prefixes.append(SOURCE_TILES_PREFIX)
+    (_, _, z_first), (_, _, z_end) = box
+    for prefix in prefixes:
+        storage.check_inside(storage.bucket_url(req.source, prefix.rstrip("/")))
+        for z in range(z_first, z_end):
+            url = storage.bucket_url(req.source, prefix + tiles_key(z))
+            storage.check_inside(url, regular_file=True)
+
+
+def _check_volume_paths(url: str, info: dict[str, Any]) -> None:
+    """No scale folder of the volume may be a link out of its bucket (tensorstore writes
+    through it); a link at a shard file is replaced, not followed (written by rename)."""
+    for scale in info["scales"]:
+        storage.check_inside(storage.join(url, scale["key"]))
+
+
 def ng_shard(req: NgShardRequest) -> dict[str, Any]:
     """Build cube ``start`` from the tiles and write every scale of every volume.
 
@@ -565,19 +607,17 @@ def ng_shard(req: NgShardRequest) -> dict[str, Any]:
         ngmeta.cube_bounds_xyz(req.start, bbox, req.minz, req.maxz, s, CUBE_PX, layout.factor)
         for s, layout in enumerate(layouts)
     ]
-    _require_bucket(req.source, "source")
-    # tensorstore follows links: no tiles object of the cube may lead out of its bucket.
-    (_, _, z_first), (_, _, z_end) = scale_boxes[0]
-    for z in range(z_first, z_end):
-        for prefix in tile_prefixes(req.channels):
-            storage.check_inside(storage.bucket_url(req.source, prefix + tiles_key(z)))
+    guard.check_volume_buckets(req)
     targets = volume_targets(req)
     for (url, encoding), (_, count) in zip(targets, target_channels(req), strict=True):
-        _require_bucket(storage.parse_url(url).bucket, "destination")
-        _check_info(url, _info(req, encoding, count))
+        info = _info(req, encoding, count)
+        _check_info(url, info)
+        _check_volume_paths(url, info)
+    _check_tile_paths(req, scale_boxes[0])
     zarr = ome_zarr_volume(req, NUM_SCALES, CUBE_PX)
     if zarr is not None:
         zarr.check_metadata()
+        zarr.check_paths()
     import tensorstore as ts
 
     context = _ts_context()

@@ -21,7 +21,7 @@ import numpy as np
 
 from emprocess import storage
 from emprocess.errors import InvalidInput, NotFound
-from emprocess.kernels import omezarr
+from emprocess.kernels import ngmeta, omezarr
 from emprocess.kernels.downsample import downsample_mean_steps
 from emprocess.kernels.ngmeta import ScaleLayout
 from emprocess.layout import RAW_OME_ZARR_PATH
@@ -60,6 +60,8 @@ class PrecomputedWriter:
         import tensorstore as ts
 
         spec = storage.kvstore_spec(url)
+        self.url = url
+        self.scales = json.loads(storage.read_bytes(storage.join(url, "info")))["scales"]
         self.layouts = list(layouts)
         self.stores = [
             ts.open(
@@ -77,7 +79,9 @@ class PrecomputedWriter:
         each transaction overwrites every chunk of exactly one shard: tensorstore then
         writes the shard file whole, without reading what is there (a truncated file
         left by a failed request is replaced), and holds one shard's chunks at a time
-        (128 MiB uncompressed at 512^3) rather than the block's.
+        (128 MiB uncompressed at 512^3) rather than the block's. A shard whose voxels are
+        all 0 is deleted instead: tensorstore stores no chunk equal to the fill value and
+        then leaves the file as it was, so old data would still be read back.
         """
         import tensorstore as ts
 
@@ -91,12 +95,26 @@ class PrecomputedWriter:
                 for dx in range(0, nx, sx):
                     part = data_zyx[dz : dz + sz, dy : dy + sy, dx : dx + sx]
                     pz, py, px = part.shape[:3]
+                    if not part.any():
+                        self._delete_shard(scale, (x + dx, y + dy, z + dz))
+                        continue
                     txn = ts.Transaction()
                     view = store.with_transaction(txn)[
                         x + dx : x + dx + px, y + dy : y + dy + py, z + dz : z + dz + pz, channels
                     ]
                     view.write(np.swapaxes(part, 0, 2)).result()
                     txn.commit_async().result()
+
+    def _delete_shard(self, scale: int, lo_xyz: tuple[int, int, int]) -> None:
+        """Delete the shard file whose region starts at voxel ``lo_xyz`` of ``scale``."""
+        info = self.scales[scale]
+        chunk = info["chunk_sizes"][0]
+        grid_size = [-(-n // c) for n, c in zip(info["size"], chunk, strict=True)]
+        grid = [(v - o) // c for v, o, c in zip(lo_xyz, info["voxel_offset"], chunk, strict=True)]
+        sharding = info["sharding"]
+        shard = ngmeta.shard_number(ngmeta.compressed_morton_code(grid, grid_size), sharding)
+        name = ngmeta.shard_filename(shard, sharding["shard_bits"])
+        storage.delete(storage.join(self.url, info["key"], name))
 
 
 class OmeZarrWriter:
@@ -224,6 +242,15 @@ class OmeZarrVolume:
         self.check_no_other_volume()
         for key, data in self.documents.items():
             storage.write_bytes(storage.join(self.url, key), data, "application/json")
+
+    def check_paths(self) -> None:
+        """No array folder (nor its ``c`` folder of shards) may be a link out of the bucket:
+        tensorstore writes through links, as for the precomputed scale folders."""
+        for key in self.documents:
+            folder = key.removesuffix(omezarr.ZARR_JSON).rstrip("/")
+            if folder:
+                storage.check_inside(storage.join(self.url, folder))
+                storage.check_inside(storage.join(self.url, folder, "c"))
 
     def writer(self, layouts: Sequence[ScaleLayout], minz: int, context: Any) -> OmeZarrWriter:
         """The volume's writer (after :meth:`check_metadata`)."""

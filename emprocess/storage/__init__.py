@@ -209,15 +209,19 @@ def read_bytes(
     return data
 
 
-def check_inside(url: str) -> None:
+def check_inside(url: str, *, regular_file: bool = False) -> None:
     """Refuse an object under the local root that is a link leading out of its bucket.
 
-    For readers that do not go through this layer (tensorstore follows links); on
-    GCS, and for an object that does not exist, there is nothing to check.
+    For readers and writers that do not go through this layer (tensorstore follows
+    links, and opens a FIFO or device as if it were a file); ``regular_file`` also
+    refuses an existing object that is not a regular file (a folder, FIFO, device or
+    socket). On GCS, and for an object that does not exist, there is nothing to check.
     """
     backend, loc = _resolve(url)
     if isinstance(backend, LocalBackend) and loc.bucket:
-        backend.resolve_inside(loc.bucket, loc.key, backend.root / loc.bucket / loc.key)
+        real = backend.resolve_inside(loc.bucket, loc.key, backend.root / loc.bucket / loc.key)
+        if regular_file:
+            backend.check_regular(loc.bucket, loc.key, real)
 
 
 def write_bytes(url: str, data: bytes, content_type: str | None = None) -> None:

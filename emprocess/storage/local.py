@@ -100,6 +100,15 @@ class LocalBackend:
             raise InvalidKey(f"object {key!r} of bucket {bucket!r} is a link leading out of it")
         return Path(real) / path.relative_to(probe) if probe != path else Path(real)
 
+    def check_regular(self, bucket: str, key: str, real: Path) -> None:
+        """Refuse ``real`` (a resolved path) when it exists and is not a regular file."""
+        try:
+            mode = os.stat(real).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        if not stat.S_ISREG(mode):
+            raise InvalidInput(f"object {key!r} of bucket {bucket or '/'!r} is not a regular file")
+
     def read(
         self, bucket: str, key: str, start: int | None = None, end: int | None = None
     ) -> bytes:

@@ -20,6 +20,8 @@ _BUCKET_CHARS = re.compile(r"^[a-z0-9][a-z0-9._-]*[a-z0-9]$")
 # "google" and close misspellings may not appear in a bucket name.
 _GOOGLE_LIKE = re.compile(r"g[o0][o0]g[l1]e")
 MAX_KEY_BYTES = 1024
+MAX_PART_BYTES = 255
+"""Longest part between slashes: a file name on local disk (GCS would take more)."""
 # A run id becomes part of bucket names and object keys, and is passed on command lines:
 # lowercase letters, digits, '-' and '_', starting and ending with a letter or digit.
 RUN_ID_RE = re.compile(r"^[a-z0-9](?:[a-z0-9_-]{0,61}[a-z0-9])?$")
@@ -85,7 +87,7 @@ def check_key(key: str, *, allow_empty: bool = False) -> str:
     """Return ``key`` if it stays inside its bucket, else raise InvalidKey.
 
     Refused: NUL and line breaks, a leading ``/``, ``.`` or ``..`` path parts,
-    more than 1024 bytes of UTF-8. ``allow_empty`` admits "" (a whole-bucket prefix).
+    more than 1024 bytes of UTF-8, a part of more than 255. ``allow_empty`` admits "" (a whole-bucket prefix).
     """
     if not isinstance(key, str):
         raise InvalidKey(f"object key must be a string, got {key!r}")
@@ -101,6 +103,11 @@ def check_key(key: str, *, allow_empty: bool = False) -> str:
         raise InvalidKey(f"object key {key!r} has a '.' or '..' part that would leave its bucket")
     if len(key.encode("utf-8")) > MAX_KEY_BYTES:
         raise InvalidKey(f"object key {key[:60]!r}... is longer than {MAX_KEY_BYTES} bytes")
+    if any(len(part.encode("utf-8")) > MAX_PART_BYTES for part in key.split("/")):
+        raise InvalidKey(
+            f"object key {key[:60]!r}... has a part longer than {MAX_PART_BYTES} bytes "
+            "(a file name under a local storage root)"
+        )
     return key
 
 

@@ -15,6 +15,7 @@ from emprocess import __version__, storage
 from emprocess.errors import EmprocessError, InvalidInput, NotFound
 from emprocess.models import describe_validation_error, parse
 from emprocess.settings import ServiceEnv, load
+from emprocess.storage.failures import describe_failure
 
 __all__ = ["create_service_app", "json_body", "parse"]
 
@@ -107,6 +108,9 @@ def create_service_app(name: str) -> Flask:
     @app.errorhandler(Exception)
     def internal_error(e: Exception) -> Any:
         log.exception("500 %s %s", request.method, request.path)
+        # A storage failure says its cause and object (gs://B/K), never a server path.
+        if failed := describe_failure(e, storage.local_root()):
+            return jsonify(error=f"{name}: storage failed: {failed}"[:500]), 500
         detail = str(e) if isinstance(e, EmprocessError) else type(e).__name__
         return jsonify(error=f"internal error in {name}: {detail}"[:500]), 500
 

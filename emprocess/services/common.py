@@ -7,11 +7,11 @@ import logging
 import time
 from typing import Any
 
-from flask import Flask, jsonify, request
+from flask import Flask, Response, g, jsonify, request
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
 
-from emprocess import __version__, storage
+from emprocess import __version__, answers, storage
 from emprocess.errors import EmprocessError, InvalidInput, NotFound
 from emprocess.models import describe_validation_error, parse
 from emprocess.settings import ServiceEnv, load
@@ -61,6 +61,7 @@ def json_body() -> Any:
         raise InvalidInput(
             f"request body nests deeper than {MAX_JSON_DEPTH} levels of arrays and objects"
         )
+    g.json_body = body  # for the answer the service caches itself (after_request)
     return body
 
 
@@ -90,6 +91,23 @@ def create_service_app(name: str) -> Flask:
         return jsonify(
             status="ok", service=name, version=__version__, uptime_s=round(time.time() - started, 1)
         )
+
+    @app.before_request
+    def start_clock() -> None:
+        g.started = time.monotonic()
+
+    @app.after_request
+    def cache_answer(response: Response) -> Response:
+        # The client may have died while this request ran: cache its answer here too.
+        if response.status_code == 200 and request.headers.get(answers.KEY_HEADER):
+            answers.write_service_answer(
+                request.path,
+                g.get("json_body"),
+                {name: request.headers.get(name, "") for name in answers.HEADERS},
+                response.get_data(),
+                time.monotonic() - g.get("started", time.monotonic()),
+            )
+        return response
 
     @app.errorhandler(InvalidInput)
     @app.errorhandler(NotFound)

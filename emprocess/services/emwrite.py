@@ -81,6 +81,7 @@ from emprocess.services.pyramid import (
     VolumeWriter,
     write_pyramid,
 )
+from emprocess.services.shardfiles import FILE_IO_LOCKING
 from emprocess.settings import ServiceEnv, load
 
 log = logging.getLogger(__name__)
@@ -501,6 +502,7 @@ def _ts_context() -> Any:
             "file_io_concurrency": {"limit": IO_THREADS},
             "file_io_sync": False,
             "cache_pool": {"total_bytes_limit": 0},
+            **FILE_IO_LOCKING,  # a killed writer's lock file is never reused (shardfiles)
         }
     )
 

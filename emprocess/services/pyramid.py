@@ -19,6 +19,7 @@ import numpy as np
 from emprocess import storage
 from emprocess.kernels.downsample import downsample_mean_steps
 from emprocess.kernels.ngmeta import ScaleLayout
+from emprocess.services.shardfiles import ShardFiles
 
 Box = tuple[tuple[int, int, int], tuple[int, int, int]]
 """[lo, hi) voxel box (x, y, z) of one scale, in the scale's coordinates."""
@@ -53,6 +54,7 @@ class PrecomputedWriter:
         import tensorstore as ts
 
         spec = storage.kvstore_spec(url)
+        self.shards = ShardFiles.of(url)  # stale locks removed, each shard read back
         self.layouts = list(layouts)
         self.stores = [
             ts.open(
@@ -84,12 +86,17 @@ class PrecomputedWriter:
                 for dx in range(0, nx, sx):
                     part = data_zyx[dz : dz + sz, dy : dy + sy, dx : dx + sx]
                     pz, py, px = part.shape[:3]
+                    key = self.shards.key(scale, (x + dx, y + dy, z + dz))
+                    if key:
+                        self.shards.remove_stale_locks(key)
                     txn = ts.Transaction()
                     view = store.with_transaction(txn)[
                         x + dx : x + dx + px, y + dy : y + dy + py, z + dz : z + dz + pz, channels
                     ]
                     view.write(np.swapaxes(part, 0, 2)).result()
                     txn.commit_async().result()
+                    if key:
+                        self.shards.check(scale, key)
 
 
 ReadSlab = Callable[[int, int], np.ndarray]

@@ -347,12 +347,14 @@ def serve(
 
     if service not in SERVICES:
         raise typer.BadParameter(f"unknown service {service!r}; choose from {sorted(SERVICES)}")
+    _require_service_extra(service)
     # As in the containers: glibc's per-thread malloc arenas strand the buffers that
     # tensorstore's threads free, which nearly doubles the peak RSS of /ngshard.
     os.environ.setdefault("MALLOC_ARENA_MAX", "2")
     gunicorn = shutil.which("gunicorn", path=os.path.dirname(sys.executable)) or "gunicorn"
     argv = [
         gunicorn,
+        "--config", GUNICORN_CONFIG,
         "--bind", f"{host}:{port}",
         "--workers", str(workers),
         "--threads", str(threads),
@@ -360,6 +362,26 @@ def serve(
         SERVICES[service],
     ]  # fmt: skip
     os.execv(gunicorn, argv) if os.path.isabs(gunicorn) else os.execvp(gunicorn, argv)
+
+
+GUNICORN_CONFIG = "python:emprocess.services.gunicorn_conf"
+"""Its workers stop when their master is killed (no orphan keeps the port)."""
+SERVICE_MODULES = {"align": ("flask", "gunicorn"), "emwrite": ("flask", "gunicorn", "tensorstore")}
+
+
+def _require_service_extra(service: str) -> None:
+    """Stop with the extra to install when the service's packages are missing."""
+    import importlib.util
+
+    missing = [m for m in SERVICE_MODULES[service] if importlib.util.find_spec(m) is None]
+    if missing:
+        typer.echo(
+            f"error: emprocess serve {service} needs {', '.join(missing)}: "
+            f"pip install -e '.[{service}]' (or '.[airflow-server]' for everything the "
+            "self-managed Airflow needs)",
+            err=True,
+        )
+        raise typer.Exit(1)
 
 
 def _storage_for(source: str) -> tuple[str, StorageEnv]:

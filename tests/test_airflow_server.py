@@ -393,3 +393,12 @@ def test_clear_redoes_a_run_from_its_cache_and_its_wait_outlives_an_api_server_r
     assert after == {task: n + 1 for task, n in before.items()}  # every task ran again
     assert recorders["align"].requests == [] and recorders["emwrite"].requests == []
     print(f"clear --wait: {len(after)} tasks again, 0 requests; api-server restarted mid-wait")
+
+    # A run started elsewhere is followed by its id alone: its DAG and conf come from Airflow.
+    attach = subprocess.run(
+        [sys.executable, "-m", "emprocess.cli", "trigger", "--attach", run_id, "--api-url",
+         airflow.api_url, "--username", airflow.username, "--poll-s", "1"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert attach.returncode == 0, attach.stdout[-2000:] + attach.stderr[-2000:]
+    assert f"run {run_id} of {dag}: success" in attach.stdout

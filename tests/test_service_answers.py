@@ -25,7 +25,7 @@ from faultproxy import FaultProxy
 
 from emprocess import answers, layout, storage
 from emprocess.errors import InvalidInput
-from emprocess.models import AlignedSliceRequest, NgShardRequest
+from emprocess.models import AlignedSliceRequest, AlignRequest, NgShardRequest
 from emprocess.workflow.batch import HttpSettings, MiniTask, run_batch
 
 RUN_ID = test_emwrite_service.RUN_ID
@@ -158,3 +158,16 @@ def test_the_service_writes_only_its_runs_own_key() -> None:
         other = answers.request_headers("r2", answers.answer_key(
             slice_task.name, slice_task.path, slice_task.payload))  # fmt: skip
         answers.service_answer_url(slice_task.path, slice_task.payload, other)
+
+
+def test_an_align_answer_goes_to_its_sources_affine_cache() -> None:
+    """The align request names no run: the header does; the source is the slices' bucket."""
+    payload = AlignRequest(
+        pre="gs://src-b/img.00001.png", post="gs://src-b/img.00002.png", downsample=2
+    ).payload()
+    key = answers.answer_key(layout.pair_name(1, 2), "/", payload)
+    url = answers.service_answer_url("/", payload, answers.request_headers("r1", key))
+    assert url == f"gs://src-b_process/r1/align/affine_cache/{key}"
+    with pytest.raises(InvalidInput, match="not named after"):
+        bad = answers.answer_key("cube_0_0_0", "/", payload)
+        answers.service_answer_url("/", payload, answers.request_headers("r1", bad))

@@ -23,6 +23,8 @@ from emprocess.errors import EmprocessError
 log = logging.getLogger(__name__)
 
 TIMEOUT_S = 30.0
+FOLLOW_RETRY_S = 600.0
+"""How long a command following a run retries an api-server that is away (restart, upgrade)."""
 PAGE = 100
 """Task instances per request (Airflow's default ``[api] maximum_page_limit``)."""
 

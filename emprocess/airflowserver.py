@@ -224,7 +224,7 @@ def run_with_scheduler(
         RunFailed: the run failed; the message names the task that failed first.
     """
     from emprocess import storage
-    from emprocess.airflow_api import AirflowApi
+    from emprocess.airflow_api import FOLLOW_RETRY_S, AirflowApi
     from emprocess.localrun import RunFailed, local_services
     from emprocess.trigger import check_ready, follow_run, trigger_run
 
@@ -246,6 +246,7 @@ def run_with_scheduler(
         check_ready(api, dag_id, width, unpause=True)
         run_id = f"{conf.id}-{time.strftime('%Y%m%dT%H%M%S')}"  # a re-run redoes nothing cached
         trigger_run(api, dag_id, run_id, conf.to_json())
+        api.retry_s = FOLLOW_RETRY_S  # sent: from now on an api-server hiccup is waited out
         on_poll = progress.poll if progress else None
         outcome = follow_run(api, dag_id, run_id, on_poll, poll_s=poll_s)
         if outcome.state == "success":

@@ -16,8 +16,7 @@ if TYPE_CHECKING:
     from emprocess.airflow_api import AirflowApi
     from emprocess.workflow.conf import RunConf
 
-RETRY_S = 600.0
-"""Default time a waiting command retries an api-server that is away (restart, upgrade)."""
+from emprocess.airflow_api import FOLLOW_RETRY_S
 
 API_URL = typer.Option(None, "--api-url", help="Airflow REST API base URL, instead of Composer.")
 TOKEN = typer.Option(None, envvar="AIRFLOW_API_TOKEN", help="Bearer token for --api-url.")
@@ -34,7 +33,7 @@ TIMEOUT_S = typer.Option(
     None, "--timeout-s", min=1, help="Give up waiting for the run after this many seconds."
 )
 RETRY_S_OPTION = typer.Option(
-    RETRY_S,
+    FOLLOW_RETRY_S,
     "--retry-s",
     min=0,
     help="While waiting, how long to retry an api-server that does not answer (connection "

@@ -4,7 +4,9 @@ The conf is built and validated by the same schema as the DAG's Params
 (:class:`emprocess.workflow.conf.RunConf`), so a bad conf fails here, before
 anything is sent. Through the REST API, :func:`check_ready` first checks what would
 otherwise leave a run waiting forever (a paused DAG, a missing or small pool, a
-concurrency limit below the width), and :func:`follow_run` follows the run to its end.
+concurrency limit below the width), :func:`follow_run` follows the run to its end
+(through api-server restarts when the :class:`AirflowApi` has a ``retry_s``),
+:func:`clear_run` redoes a run's tasks and :func:`find_run` finds the DAG of a run id.
 """
 
 from __future__ import annotations

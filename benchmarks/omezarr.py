@@ -20,6 +20,7 @@ import numpy as np
 from benchmarks.emwrite import (
     CONTAINER_MALLOC_ARENA_MAX,
     MB,
+    RUN_ID,
     SOURCE,
     _em_texture,
     clear_buckets,
@@ -29,6 +30,7 @@ from benchmarks.emwrite import (
     volume_payload,
 )
 from emprocess import storage
+from emprocess.layout import RunLayout
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "jpeg only": {"writeRaw": False},
@@ -57,11 +59,12 @@ def write_cube_tiles(bucket: str, depth: int) -> None:
 def measure_cube_formats(depth: int = 1024, repeats: int = 1) -> dict[str, dict[str, Any]]:
     """CPU s, wall s and peak RSS (MiB) of /ngmeta + /ngshard of one 1024^2 x ``depth``
     cube for every :data:`VARIANTS` entry, and the objects each writes."""
-    src = f"{SOURCE}-cube"
+    cube_run = RunLayout(f"{SOURCE}-cube", RUN_ID)  # emwrite takes one run's buckets
+    src = cube_run.tmp
     write_cube_tiles(src, depth)
     out: dict[str, dict[str, Any]] = {}
     for name, fields in VARIANTS.items():
-        meta = volume_payload((1024, 1024), 0, depth - 1, True, "-fmt", **{})
+        meta = volume_payload((1024, 1024), 0, depth - 1, True, cube_run)
         meta.update(fields)
         if meta.get("writeRaw") is False:
             meta.pop("dest_raw", None)

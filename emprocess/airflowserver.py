@@ -48,9 +48,31 @@ class AirflowServer:
     home: Path
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
+    api_workers: int = 1
+
     def log_text(self, name: str) -> str:
         """The log of one of the processes (``api-server``, ``scheduler``, ``dag-processor``)."""
         return (self.home / f"{name}.log").read_text(errors="replace")
+
+    def start(self, name: str) -> None:
+        """Start one of the processes in its own process group (its log appended to)."""
+        args = [name] + (["--workers", str(self.api_workers)] if name == "api-server" else [])
+        with open(self.home / f"{name}.log", "ab") as out:
+            self.procs[name] = subprocess.Popen(
+                [_airflow(), *args],
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        log.info("airflow %s started (pid %d)", name, self.procs[name].pid)
+
+    def restart(self, name: str, down_s: float = 0.0) -> None:
+        """Stop one process with its children (SIGTERM to its group), wait ``down_s``,
+        start it again: an api-server restart or upgrade as an operator does it."""
+        stop_groups([self.procs[name]])
+        time.sleep(down_s)
+        self.start(name)
 
 
 def server_env(
@@ -146,19 +168,12 @@ def airflow_server(
         storage_settings=storage_settings, password=password,
     )  # fmt: skip
     _run_cli(env, ["db", "migrate"], home / "db-migrate.log")
-    server = AirflowServer(f"http://127.0.0.1:{port}", USERNAME, password, env, home)
+    server = AirflowServer(
+        f"http://127.0.0.1:{port}", USERNAME, password, env, home, api_workers=api_workers
+    )
     try:
         for name in PROCESSES:
-            args = [name] + (["--workers", str(api_workers)] if name == "api-server" else [])
-            with open(home / f"{name}.log", "ab") as out:
-                server.procs[name] = subprocess.Popen(
-                    [_airflow(), *args],
-                    env=env,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            log.info("airflow %s started (pid %d)", name, server.procs[name].pid)
+            server.start(name)
         # While the api-server starts up (the pool only has to exist before a run).
         _run_cli(env, ["pools", "set", POOL, str(pool_slots), POOL_DESCRIPTION], home / "cli.log")
         wait_http(
@@ -209,7 +224,7 @@ def run_with_scheduler(
         RunFailed: the run failed; the message names the task that failed first.
     """
     from emprocess import storage
-    from emprocess.airflow_api import AirflowApi
+    from emprocess.airflow_api import FOLLOW_RETRY_S, AirflowApi
     from emprocess.localrun import RunFailed, local_services
     from emprocess.trigger import check_ready, follow_run, trigger_run
 
@@ -231,6 +246,7 @@ def run_with_scheduler(
         check_ready(api, dag_id, width, unpause=True)
         run_id = f"{conf.id}-{time.strftime('%Y%m%dT%H%M%S')}"  # a re-run redoes nothing cached
         trigger_run(api, dag_id, run_id, conf.to_json())
+        api.retry_s = FOLLOW_RETRY_S  # sent: from now on an api-server hiccup is waited out
         on_poll = progress.poll if progress else None
         outcome = follow_run(api, dag_id, run_id, on_poll, poll_s=poll_s)
         if outcome.state == "success":

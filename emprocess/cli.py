@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 from typer.core import TyperGroup
 
-from emprocess import __version__
+from emprocess import __version__, cli_airflow
 from emprocess.cli_options import (
     INTENSITY,
     RAW,
@@ -475,6 +475,7 @@ def serve(
 
     if service not in SERVICES:
         raise typer.BadParameter(f"unknown service {service!r}; choose from {sorted(SERVICES)}")
+    _require_service_extra(service)
     # As in the containers: glibc's per-thread malloc arenas strand the buffers that
     # tensorstore's threads free, which nearly doubles the peak RSS of /ngshard.
     os.environ.setdefault("MALLOC_ARENA_MAX", "2")
@@ -487,6 +488,7 @@ def serve(
     gunicorn = shutil.which("gunicorn", path=os.path.dirname(sys.executable)) or "gunicorn"
     argv = [
         gunicorn,
+        "--config", GUNICORN_CONFIG,
         "--bind", f"{host}:{port}",
         "--workers", str(workers),
         "--threads", str(threads),
@@ -496,6 +498,26 @@ def serve(
         SERVICES[service],
     ]  # fmt: skip
     os.execv(gunicorn, argv) if os.path.isabs(gunicorn) else os.execvp(gunicorn, argv)
+
+
+GUNICORN_CONFIG = "python:emprocess.services.gunicorn_conf"
+"""Its workers stop when their master is killed (no orphan keeps the port)."""
+SERVICE_MODULES = {"align": ("flask", "gunicorn"), "emwrite": ("flask", "gunicorn", "tensorstore")}
+
+
+def _require_service_extra(service: str) -> None:
+    """Stop with the extra to install when the service's packages are missing."""
+    import importlib.util
+
+    missing = [m for m in SERVICE_MODULES[service] if importlib.util.find_spec(m) is None]
+    if missing:
+        typer.echo(
+            f"error: emprocess serve {service} needs {', '.join(missing)}: "
+            f"pip install -e '.[{service}]' (or '.[airflow-server]' for everything the "
+            "self-managed Airflow needs)",
+            err=True,
+        )
+        raise typer.Exit(1)
 
 
 def _storage_for(source: str) -> tuple[str, StorageEnv]:
@@ -624,7 +646,11 @@ def trigger(
     maxz: int = conf_option("maxz", default=None),
     run_id: str = conf_option("id", "--id", default=None),
     width: int = typer.Option(
-        32, min=1, help="DAG width: a fixed DAG for 1, 4, 32, 64, 128, else the dynamic one."
+        None,
+        min=1,
+        help="DAG width: a fixed DAG for 1, 4, 32, 64, 128, else the dynamic one. Default: "
+        "the --conf's width, else 4.",
+        show_default=False,
     ),
     raw: bool = RAW,
     resolution: str = RESOLUTION,
@@ -666,6 +692,13 @@ def trigger(
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Print what would be sent; send nothing."
     ),
+    attach: str = typer.Option(
+        None,
+        "--attach",
+        metavar="RUN_ID",
+        help="Trigger nothing: follow the run RUN_ID (started elsewhere) as --wait does.",
+    ),
+    retry_s: float = cli_airflow.RETRY_S_OPTION,
     more_conf: dict[str, Any] | None = None,
 ) -> None:
     """Trigger a run on Cloud Composer (gcloud) or an Airflow REST API, conf checked first."""
@@ -675,6 +708,9 @@ def trigger(
     from emprocess import trigger as trig
     from emprocess.errors import EmprocessError
 
+    if attach:
+        _attach(attach, width, api_url, token, username, password, poll_s, timeout_s, retry_s)
+        return
     if bool(composer_env) == bool(api_url):
         raise typer.BadParameter("give either --composer-env with --location, or --api-url")
     if composer_env and not location:
@@ -687,7 +723,7 @@ def trigger(
     if conf_json:
         conf = _read_conf_json(conf_json)
         parsed = _build_conf(**conf)
-        dag, conf_width = _dag_for(parsed.width or width)
+        dag, conf_width = _dag_for(parsed.width or width or TRIGGER_WIDTH)
         if conf_width is not None and "width" not in conf:
             conf["width"] = conf_width
     else:
@@ -695,14 +731,14 @@ def trigger(
                    ("--maxz", maxz), ("--id", run_id)) if v is None]  # fmt: skip
         if missing:
             raise typer.BadParameter(f"missing {', '.join(missing)} (or give --conf)")
-        dag, conf_width = _dag_for(width)
+        dag, conf_width = _dag_for(width or TRIGGER_WIDTH)
         parsed = _build_conf(
             id=run_id, image=image, minz=minz, maxz=maxz, source=source, createRawPyramid=raw,
             resolution=numbers(resolution, "resolution"),
             intensity=numbers(intensity, "intensity"), width=conf_width, **(more_conf or {}),
         )  # fmt: skip
         conf = parsed.to_json()
-    run_width = parsed.width or width
+    run_width = parsed.width or width or TRIGGER_WIDTH
     try:
         if composer_env:
             command = trig.composer_command(composer_env, location, dag, parsed.id, conf)
@@ -718,6 +754,7 @@ def trigger(
         _trigger_rest(
             api_url, token, username, password, dag, parsed, conf, run_width,
             check=check, unpause=unpause, wait=wait, poll_s=poll_s, timeout_s=timeout_s,
+            retry_s=retry_s,
         )  # fmt: skip
     except EmprocessError as e:
         print(f"trigger failed: {e}")
@@ -754,19 +791,14 @@ def _trigger_rest(
     wait: bool,
     poll_s: float,
     timeout_s: float | None,
+    retry_s: float,
 ) -> None:
     """``emprocess trigger --api-url``: check, send, and with ``wait`` follow the run."""
     import json
 
     from emprocess import trigger as trig
-    from emprocess.airflow_api import AirflowApi
-    from emprocess.localrun import RunProgress
 
-    api = AirflowApi(api_url, token=token)
-    if username and not token:
-        if password is None:
-            raise typer.BadParameter("--username needs --password (or AIRFLOW_PASSWORD)")
-        api.login(username, password)
+    api = cli_airflow.connect(api_url, token, username, password, retry_s=0.0)
     if check:
         for note in trig.check_ready(api, dag, width, unpause=unpause):
             print(note)
@@ -774,35 +806,41 @@ def _trigger_rest(
         api.set_paused(dag, False)
     answer = trig.trigger_run(api, dag, parsed.id, conf)
     print(json.dumps(answer, indent=2))
-    if not wait:
-        return
-    print(f"following run {parsed.id} of {dag} ...", flush=True)
-    logging.getLogger("emprocess.report").setLevel(logging.WARNING)  # one line per poll
-    with RunProgress(parsed.source, parsed.id) as progress:
-        outcome = trig.follow_run(
-            api, dag, parsed.id, progress.poll, poll_s=poll_s, timeout_s=timeout_s
-        )
-    peak = trig.peak_concurrency(outcome.task_instances)
-    print(
-        f"\nrun {parsed.id} of {dag}: {outcome.state} after {outcome.seconds:.0f} s; "
-        f"batch tasks ran up to {peak} at once (width {width})"
-    )
-    _print_report_summary(parsed)
-    if outcome.state != "success":
-        print(f"failed tasks: {', '.join(outcome.failed) or 'none'}")
-        if outcome.error:
-            print(f"error: {outcome.error}")
-        raise typer.Exit(1)
+    if wait:
+        api.retry_s = retry_s  # sent: from now on an api-server restart is waited out
+        cli_airflow.follow(api, dag, parsed, width, poll_s=poll_s, timeout_s=timeout_s)
 
 
-def _print_report_summary(conf: RunConf) -> None:
+def _attach(
+    run_id: str,
+    width: int | None,
+    api_url: str | None,
+    token: str | None,
+    username: str | None,
+    password: str | None,
+    poll_s: float,
+    timeout_s: float | None,
+    retry_s: float,
+) -> None:
+    """``emprocess trigger --attach RUN``: follow a run triggered elsewhere."""
     from emprocess.errors import EmprocessError
-    from emprocess.report import load_run
 
+    if not api_url:
+        raise typer.BadParameter("--attach needs --api-url")
     try:
-        print("\n" + load_run(conf.source, conf.id).summary_text())
+        api = cli_airflow.connect(api_url, token, username, password, retry_s)
+        dag = cli_airflow.dag_of(api, run_id, width)
+        conf = cli_airflow.run_conf(api, dag, run_id)
+        cli_airflow.follow(api, dag, conf, width, poll_s=poll_s, timeout_s=timeout_s)
     except EmprocessError as e:
-        print(f"\nno report: {e}")
+        print(f"trigger failed: {e}")
+        raise typer.Exit(1) from None
+
+
+app.command()(cli_airflow.clear)
+
+TRIGGER_WIDTH = 4
+"""``trigger``'s width when neither ``--width`` nor the conf gives one, as ``run --scheduler``."""
 
 
 @app.command()

@@ -48,3 +48,6 @@ class ObjectNotFound(NotFound):
 
 class StorageError(EmprocessError):
     """A storage operation failed for a reason other than bad input or absence."""
+
+    status: int | None = None
+    """The HTTP status of Google Cloud Storage's answer, when it answered."""

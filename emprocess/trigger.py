@@ -4,7 +4,9 @@ The conf is built and validated by the same schema as the DAG's Params
 (:class:`emprocess.workflow.conf.RunConf`), so a bad conf fails here, before
 anything is sent. Through the REST API, :func:`check_ready` first checks what would
 otherwise leave a run waiting forever (a paused DAG, a missing or small pool, a
-concurrency limit below the width), and :func:`follow_run` follows the run to its end.
+concurrency limit below the width), :func:`follow_run` follows the run to its end
+(through api-server restarts when the :class:`AirflowApi` has a ``retry_s``),
+:func:`clear_run` redoes a run's tasks and :func:`find_run` finds the DAG of a run id.
 """
 
 from __future__ import annotations
@@ -146,9 +148,69 @@ def trigger_run(api: AirflowApi, dag_id: str, run_id: str, conf: dict[str, Any])
         existing = {}
     raise RunIdTaken(
         f"DAG {dag_id} already has a run with id {run_id!r} (state "
-        f"{existing.get('state', '?')}): trigger with another --id, or clear that run "
-        f"to redo it (`airflow tasks clear {dag_id} -r {run_id}`; finished work is cached)"
+        f"{existing.get('state', '?')}): trigger with another --id, or redo that run with "
+        f"`emprocess clear {run_id} --api-url {api.url} [--failed] --wait` (finished work "
+        "is cached, so only what is missing is sent again)"
     )
+
+
+def find_run(api: AirflowApi, run_id: str, dag_ids: Iterable[str] | None = None) -> str:
+    """The id of the one emprocess DAG that has a run ``run_id``.
+
+    Raises:
+        EmprocessError: no DAG has it, or several do (then ``--width`` picks one).
+    """
+    from emprocess.workflow import WIDTHS, dag_id
+
+    candidates = list(dag_ids) if dag_ids is not None else [
+        dag_id(w) for w in (*WIDTHS, None)
+    ]  # fmt: skip
+    found = [dag for dag in candidates if api.dag(dag) and api.dag_run(dag, run_id)]
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise EmprocessError(f"no run {run_id!r} in the DAGs {', '.join(candidates)}")
+    raise EmprocessError(
+        f"run {run_id!r} is in several DAGs ({', '.join(found)}): pick one with --width"
+    )
+
+
+def clear_run(
+    api: AirflowApi,
+    dag_id: str,
+    run_id: str,
+    *,
+    failed_only: bool = False,
+    task_ids: list[str] | None = None,
+    downstream: bool = False,
+) -> list[str]:
+    """Clear a run's tasks so that the scheduler runs them again; returns their names.
+
+    Every task by default (the whole run again: batch tasks find their finished work
+    in the cache and send only the rest), only the failed ones with ``failed_only``, or
+    ``task_ids`` (with ``downstream``, also every task after them).
+
+    Raises:
+        EmprocessError: the run does not exist, a task id is not in the DAG, or nothing
+            matched (e.g. ``failed_only`` on a run without failed tasks).
+    """
+    if api.dag_run(dag_id, run_id) is None:
+        raise EmprocessError(f"DAG {dag_id} has no run {run_id!r}")
+    if task_ids:
+        known = {str(ti["task_id"]) for ti in api.task_instances(dag_id, run_id)}
+        unknown = sorted(set(task_ids) - known)
+        if unknown:
+            raise EmprocessError(
+                f"no task {', '.join(unknown)} in run {run_id!r} of {dag_id}; its tasks: "
+                f"{', '.join(sorted(known))}"
+            )
+    cleared = api.clear_tasks(
+        dag_id, run_id, task_ids or None, downstream=downstream, only_failed=failed_only
+    )
+    if not cleared:
+        what = "failed tasks" if failed_only else "tasks"
+        raise EmprocessError(f"run {run_id!r} of {dag_id} has no {what} to clear")
+    return sorted(_ti_name(ti) for ti in cleared)
 
 
 def peak_concurrency(
@@ -221,7 +283,9 @@ def follow_run(
     first = failed[0] if failed else None
     if first is not None:
         try:
-            error = _error_of(api.task_log(dag_id, run_id, first))
+            error = api.task_exception(dag_id, run_id, first) or _error_of(
+                api.task_log(dag_id, run_id, first)
+            )
         except AirflowApiError as e:
             error = f"(log not readable: {e})"
     return RunOutcome(

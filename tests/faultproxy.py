@@ -6,6 +6,7 @@ the upstream look flaky (503s) or refuse (403), without mocking the client.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import threading
@@ -31,6 +32,10 @@ class FaultProxy:
     upstream: str
     rules: list[Rule] = field(default_factory=list)
     requests: list[Recorded] = field(default_factory=list)
+    answered: list[Recorded] = field(default_factory=list)
+    """Requests the upstream has answered (before the answer is passed on)."""
+    hold: threading.Event | None = None
+    """When set to an unset Event, upstream answers wait for it before they go out."""
 
     def __post_init__(self) -> None:
         up = urlsplit(self.upstream)
@@ -60,13 +65,17 @@ class FaultProxy:
                 conn.request(self.command, self.path, body=body or None, headers=headers)
                 resp = conn.getresponse()
                 data = resp.read()
+                proxy.answered.append(rec)
+                if proxy.hold is not None:
+                    proxy.hold.wait()
                 self.send_response(resp.status)
                 for k, v in resp.getheaders():
                     if k.lower() not in ("transfer-encoding", "content-length", "connection"):
                         self.send_header(k, v)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                self.wfile.write(data)
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    self.wfile.write(data)  # fails when a test killed the client
                 conn.close()
 
             do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle

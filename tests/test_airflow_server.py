@@ -215,6 +215,8 @@ def test_runs_through_the_rest_api_with_a_real_scheduler(
     # validate failed first (its error is the one shown); iswritten only says so.
     assert "failed tasks: validate, iswritten\n" in out["bad"], out["bad"][-3000:]
     assert "missing 5 of 17 slices" in out["bad"], out["bad"][-3000:]
+    # The exception's message, not Airflow's structured line with every frame.
+    assert "'frames'" not in out["bad"] and "error: AirflowFailException: " in out["bad"]
     tis = {ti["task_id"]: ti for ti in api.task_instances(dag_id(4), "bad")}
     assert tis["validate"]["state"] == "failed"
     assert tis["iswritten"]["state"] == "failed"
@@ -228,7 +230,9 @@ def test_runs_through_the_rest_api_with_a_real_scheduler(
     # A taken run id gets a clear message; the checks found nothing to refuse.
     again = trigger(airflow, tmp_path / "again.log", "--conf", json.dumps(width4), "--width", "4")
     assert again.wait(timeout=60) == 1
-    assert "already has a run with id 'w4' (state success)" in (tmp_path / "again.log").read_text()
+    said = (tmp_path / "again.log").read_text()
+    assert "already has a run with id 'w4' (state success)" in said
+    assert f"`emprocess clear w4 --api-url {airflow.api_url}" in said
 
 
 def test_a_cleared_task_redoes_only_what_it_owns_that_is_missing(
@@ -316,3 +320,85 @@ def test_a_cleared_task_redoes_only_what_it_owns_that_is_missing(
     print(f"cleared 2 of {len(tries)} tasks: done again in {seconds:.0f} s, sent "
           f"{sorted(p for p, _ in sent)}; {sum(map(len, before.values()))} objects "
           "byte-identical")  # fmt: skip
+
+
+def finished_run(api: AirflowApi, dag: str, name: str, earlier: str) -> dict[str, Any]:
+    """The conf of the finished run ``earlier`` of ``dag`` (the first test's), else of a
+    4-slice run ``name`` triggered and finished here."""
+    run = api.dag_run(dag, earlier)
+    if run is not None and run["state"] == "success":
+        return dict(run["conf"])
+    source = unique_bucket(name[:2])
+    truth = write_e2e_stack(source)
+    conf = e2e_conf(name, source, truth, maxz=truth["minz"] + 3, createRawPyramid=False)
+    check_ready(api, dag, 4 if "width4" in dag else 1, unpause=True)
+    trigger_run(api, dag, name, conf)
+    assert follow_run(api, dag, name, poll_s=1, timeout_s=RUN_TIMEOUT_S).state == "success"
+    return conf
+
+
+def test_clear_redoes_a_run_from_its_cache_and_its_wait_outlives_an_api_server_restart(
+    airflow: Any,
+    recorders: dict[str, FaultProxy],
+    local_root: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``emprocess clear RUN --wait`` on a finished run: every task runs again, finds its
+    work in the cache and sends no request; the api-server stops for 10 s while the
+    command waits (the DAG is paused meanwhile, so no task meets the outage), and the
+    command says it waits, goes on, and reports the run's success."""
+    from emprocess.localrun import wait_http
+
+    monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", str(local_root))
+    dag = dag_id(4)
+    api = AirflowApi(airflow.api_url)
+    api.login(airflow.username, airflow.password)
+    conf = finished_run(api, dag, "cw4", earlier="w4")
+    run_id = conf["id"]
+    before = {ti["task_id"]: ti["try_number"] for ti in api.task_instances(dag, run_id)}
+    for recorder in recorders.values():
+        recorder.requests.clear()
+    api.set_paused(dag, True)  # the cleared run stays queued until the api-server is back
+
+    log = tmp_path / "clear.log"
+    argv = [
+        sys.executable, "-m", "emprocess.cli", "clear", run_id, "--api-url", airflow.api_url,
+        "--username", airflow.username, "--wait", "--poll-s", "1", "--retry-s", "120",
+        "--timeout-s", str(RUN_TIMEOUT_S),
+    ]  # fmt: skip
+    env = {**os.environ, "AIRFLOW_PASSWORD": airflow.password}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while "following run" not in log.read_text() and time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.5)
+        t0 = time.monotonic()
+        airflow.restart("api-server", down_s=10)
+        wait_http(f"{airflow.api_url}/api/v2/monitor/health", timeout_s=120)
+        print(f"api-server away for {time.monotonic() - t0:.0f} s")
+        api.set_paused(dag, False)
+        assert proc.wait(timeout=RUN_TIMEOUT_S + 60) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    said = log.read_text()
+    assert f"cleared {len(before)} task(s) of run {run_id} of {dag}" in said, said[-3000:]
+    assert "waiting for the api-server" in said and "answers again" in said, said[-3000:]
+    assert f"run {run_id} of {dag}: success" in said, said[-3000:]
+    after = {ti["task_id"]: ti["try_number"] for ti in api.task_instances(dag, run_id)}
+    assert after == {task: n + 1 for task, n in before.items()}  # every task ran again
+    assert recorders["align"].requests == [] and recorders["emwrite"].requests == []
+    print(f"clear --wait: {len(after)} tasks again, 0 requests; api-server restarted mid-wait")
+
+    # A run started elsewhere is followed by its id alone: its DAG and conf come from Airflow.
+    attach = subprocess.run(
+        [sys.executable, "-m", "emprocess.cli", "trigger", "--attach", run_id, "--api-url",
+         airflow.api_url, "--username", airflow.username, "--poll-s", "1"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert attach.returncode == 0, attach.stdout[-2000:] + attach.stderr[-2000:]
+    assert f"run {run_id} of {dag}: success" in attach.stdout

@@ -169,6 +169,7 @@ def test_trigger_rest_posts_the_dag_run(tmp_path: Path) -> None:
         result = runner.invoke(app, [*taken, "--api-url", api, "--no-check"])
         assert result.exit_code == 1, result.output
         assert "already has a run with id 'taken'" in result.output
+        assert f"`emprocess clear taken --api-url {api} [--failed] --wait`" in result.output
     finally:
         server.shutdown()
         server.server_close()

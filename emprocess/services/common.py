@@ -7,14 +7,15 @@ import logging
 import time
 from typing import Any
 
-from flask import Flask, jsonify, request
+from flask import Flask, Response, g, jsonify, request
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from emprocess import __version__, storage
+from emprocess import __version__, answers, storage
 from emprocess.errors import EmprocessError, InvalidInput, NotFound
 from emprocess.models import describe_validation_error, parse
 from emprocess.settings import ServiceEnv, load
+from emprocess.storage.failures import describe_failure
 
 __all__ = ["create_service_app", "json_body", "parse"]
 
@@ -66,6 +67,7 @@ def json_body() -> Any:
         raise InvalidInput(
             f"request body nests deeper than {MAX_JSON_DEPTH} levels of arrays and objects"
         )
+    g.json_body = body  # for the answer the service caches itself (after_request)
     return body
 
 
@@ -140,6 +142,23 @@ def create_service_app(name: str) -> Flask:
             status="ok", service=name, version=__version__, uptime_s=round(time.time() - started, 1)
         )
 
+    @app.before_request
+    def start_clock() -> None:
+        g.started = time.monotonic()
+
+    @app.after_request
+    def cache_answer(response: Response) -> Response:
+        # The client may have died while this request ran: cache its answer here too.
+        if response.status_code == 200 and request.headers.get(answers.KEY_HEADER):
+            answers.write_service_answer(
+                request.path,
+                g.get("json_body"),
+                {name: request.headers.get(name, "") for name in answers.HEADERS},
+                response.get_data(),
+                time.monotonic() - g.get("started", time.monotonic()),
+            )
+        return response
+
     @app.errorhandler(InvalidInput)
     @app.errorhandler(NotFound)
     def bad_request(e: EmprocessError) -> Any:
@@ -157,6 +176,9 @@ def create_service_app(name: str) -> Flask:
     @app.errorhandler(Exception)
     def internal_error(e: Exception) -> Any:
         log.exception("500 %s %s", request.method, request.path)
+        # A storage failure says its cause and object (gs://B/K), never a server path.
+        if failed := describe_failure(e, storage.local_root()):
+            return jsonify(error=f"{name}: storage failed: {failed}"[:500]), 500
         detail = str(e) if isinstance(e, EmprocessError) else type(e).__name__
         return jsonify(error=f"internal error in {name}: {detail}"[:500]), 500
 

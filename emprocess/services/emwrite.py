@@ -102,6 +102,7 @@ from emprocess.services.pyramid import (
     ome_zarr_volume,
     write_pyramid,
 )
+from emprocess.services.shardfiles import FILE_IO_LOCKING
 from emprocess.services.slicestats import slice_stats
 from emprocess.settings import ServiceEnv, load
 
@@ -568,6 +569,7 @@ def _ts_context() -> Any:
             "file_io_concurrency": {"limit": IO_THREADS},
             "file_io_sync": False,
             "cache_pool": {"total_bytes_limit": 0},
+            **FILE_IO_LOCKING,  # a killed writer's lock file is never reused (shardfiles)
         }
     )
 

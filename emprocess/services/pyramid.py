@@ -21,11 +21,12 @@ import numpy as np
 
 from emprocess import storage
 from emprocess.errors import InvalidInput, NotFound
-from emprocess.kernels import ngmeta, omezarr
+from emprocess.kernels import omezarr
 from emprocess.kernels.downsample import downsample_mean_steps
 from emprocess.kernels.ngmeta import ScaleLayout
 from emprocess.layout import RAW_OME_ZARR_PATH
 from emprocess.models import NgMetaRequest, NgShardRequest
+from emprocess.services.shardfiles import ShardFiles
 
 Box = tuple[tuple[int, int, int], tuple[int, int, int]]
 """[lo, hi) voxel box (x, y, z) of one scale, in the scale's coordinates."""
@@ -61,7 +62,7 @@ class PrecomputedWriter:
 
         spec = storage.kvstore_spec(url)
         self.url = url
-        self.scales = json.loads(storage.read_bytes(storage.join(url, "info")))["scales"]
+        self.shards = ShardFiles.of(url)  # stale locks removed, each shard read back
         self.layouts = list(layouts)
         self.stores = [
             ts.open(
@@ -95,26 +96,20 @@ class PrecomputedWriter:
                 for dx in range(0, nx, sx):
                     part = data_zyx[dz : dz + sz, dy : dy + sy, dx : dx + sx]
                     pz, py, px = part.shape[:3]
-                    if not part.any():
-                        self._delete_shard(scale, (x + dx, y + dy, z + dz))
+                    key = self.shards.key(scale, (x + dx, y + dy, z + dz))
+                    if key and not part.any():  # no chunk: the shard goes (20.8)
+                        storage.delete(storage.join(self.url, key))
                         continue
+                    if key:
+                        self.shards.remove_stale_locks(key)
                     txn = ts.Transaction()
                     view = store.with_transaction(txn)[
                         x + dx : x + dx + px, y + dy : y + dy + py, z + dz : z + dz + pz, channels
                     ]
                     view.write(np.swapaxes(part, 0, 2)).result()
                     txn.commit_async().result()
-
-    def _delete_shard(self, scale: int, lo_xyz: tuple[int, int, int]) -> None:
-        """Delete the shard file whose region starts at voxel ``lo_xyz`` of ``scale``."""
-        info = self.scales[scale]
-        chunk = info["chunk_sizes"][0]
-        grid_size = [-(-n // c) for n, c in zip(info["size"], chunk, strict=True)]
-        grid = [(v - o) // c for v, o, c in zip(lo_xyz, info["voxel_offset"], chunk, strict=True)]
-        sharding = info["sharding"]
-        shard = ngmeta.shard_number(ngmeta.compressed_morton_code(grid, grid_size), sharding)
-        name = ngmeta.shard_filename(shard, sharding["shard_bits"])
-        storage.delete(storage.join(self.url, info["key"], name))
+                    if key:
+                        self.shards.check(scale, key)
 
 
 class OmeZarrWriter:

@@ -86,7 +86,9 @@ class GCSBackend:
             raise StorageError(f"GCS {what} bucket {bucket!r} failed: 404 {e.message}") from e
         except gexc.GoogleAPICallError as e:
             target = f"gs://{bucket}/{key}" if key is not None else f"bucket {bucket!r}"
-            raise StorageError(f"GCS {what} {target} failed: {e.code} {e.message}") from e
+            error = StorageError(f"GCS {what} {target} failed: {e.code} {e.message}")
+            error.status = e.code
+            raise error from e
 
     def _blob(self, bucket: str, key: str) -> Blob:
         if not key or key.endswith("/"):

@@ -20,7 +20,6 @@ debugging.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import threading
@@ -42,6 +41,7 @@ from tenacity import (
 )
 
 from emprocess import storage
+from emprocess.answers import answer_key, answer_record, request_headers
 from emprocess.errors import EmprocessError
 
 log = logging.getLogger(__name__)
@@ -121,11 +121,7 @@ class MiniTask:
 
     def cache_key(self) -> str:
         """``NAME.DIGEST.json``; the digest changes when the request or its inputs do."""
-        request: dict[str, Any] = {"path": self.path, "payload": self.payload}
-        if self.inputs:
-            request["inputs"] = self.inputs
-        body = json.dumps(request, sort_keys=True)
-        return f"{self.name}.{hashlib.sha256(body.encode()).hexdigest()[:12]}.json"
+        return answer_key(self.name, self.path, self.payload, self.inputs)
 
 
 @dataclass(frozen=True)
@@ -308,9 +304,12 @@ def _post_once(
     payload: Mapping[str, Any],
     settings: HttpSettings,
     token_source: TokenSource | None,
+    extra_headers: Mapping[str, str] | None = None,
 ) -> Any:
     """One POST: the JSON answer (or text); a :class:`ServiceError` that says whether to retry."""
-    headers = {"Authorization": f"Bearer {token_source()}"} if token_source else {}
+    headers = dict(extra_headers or {})
+    if token_source:
+        headers["Authorization"] = f"Bearer {token_source()}"
     timeout = (settings.connect_timeout_s, settings.read_timeout_s)
     try:
         response = session.post(url, json=payload, headers=headers, timeout=timeout)
@@ -340,6 +339,7 @@ def post_json(
     settings: HttpSettings,
     token_source: TokenSource | None = None,
     abort: threading.Event | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> tuple[Any, int]:
     """POST ``payload`` to ``url`` with retries; returns (parsed answer, attempts used).
 
@@ -376,7 +376,7 @@ def post_json(
     try:
         for attempt in retrying:
             with attempt:
-                answer = _post_once(session, url, payload, settings, token_source)
+                answer = _post_once(session, url, payload, settings, token_source, headers)
     except ServiceError as e:
         n = len(failed) + 1
         if e.retryable:
@@ -409,6 +409,7 @@ def run_batch(
     token_source: TokenSource | None = None,
     failure_url: str | None = None,
     redo: Collection[str] | Callable[[list[MiniTask]], Collection[str]] = (),
+    run_id: str | None = None,
 ) -> BatchSummary:
     """Send this worker's mini-tasks to the service and cache every answer.
 
@@ -430,6 +431,9 @@ def run_batch(
             what they wrote is gone (e.g. tiles the tmp bucket's lifecycle deleted); or
             a function of this worker's cached mini-tasks giving those names, so the
             check costs nothing when none is cached (a first run).
+        run_id: the run's id: each request then names its answer's key in headers, and
+            the service caches the answer itself as it finishes (:mod:`emprocess.answers`),
+            so what finished after this task died is not sent again. None: only here.
 
     Raises:
         BatchError: naming the mini-tasks that failed and why (after finishing or, on a
@@ -478,7 +482,9 @@ def run_batch(
         if delay:
             log.info("%s worker %d: staggered start, waiting %.1f s", stage, worker_id, delay)
             time.sleep(delay)
-        _send_all(todo, base_url, cache_url, stage, settings, token_source, summary, records)
+        _send_all(
+            todo, base_url, cache_url, stage, settings, token_source, summary, records, run_id
+        )
     summary.finished = _now()
     summary.elapsed_s = round(time.monotonic() - t0, 3)
     return summary
@@ -550,6 +556,7 @@ def _send_all(
     token_source: TokenSource | None,
     summary: BatchSummary,
     records: FailureRecords,
+    run_id: str | None = None,
 ) -> None:
     abort = threading.Event()
     local = threading.local()
@@ -569,19 +576,17 @@ def _send_all(
         url = base_url.rstrip("/") + task.path
         t_start = time.monotonic()
         attempts = 0
+        key = task.cache_key()
+        headers = request_headers(run_id, key, task.inputs) if run_id else None
         try:
-            answer, attempts = post_json(session, url, task.payload, settings, token_source, abort)
-            record = {
-                "name": task.name,
-                "path": task.path,
-                "request": task.payload,
-                "response": answer,
-                "attempts": attempts,
-                "elapsed_s": round(time.monotonic() - t_start, 3),
-                "finished": _now(),
-            }
+            answer, attempts = post_json(
+                session, url, task.payload, settings, token_source, abort, headers
+            )
+            record = answer_record(
+                task.name, task.path, task.payload, answer, attempts, time.monotonic() - t_start
+            )
             storage.write_bytes(
-                storage.join(cache_url, task.cache_key()),
+                storage.join(cache_url, key),
                 json.dumps(record, sort_keys=True).encode(),
                 content_type="application/json",
             )

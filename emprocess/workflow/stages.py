@@ -372,6 +372,7 @@ def _send(
         settings=settings,
         failure_url=conf.layout.failure_url(stage),
         redo=redo,
+        run_id=conf.id,
     ).to_json()
 
 

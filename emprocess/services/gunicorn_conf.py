@@ -1,0 +1,36 @@
+"""gunicorn settings of ``emprocess serve``: workers stop when their master dies.
+
+gunicorn's sync worker notices a dead master only between requests (it waits up to half
+the worker timeout for one), so a master killed with SIGKILL left a worker holding the
+port: a restarted service could not bind, and the orphan went on until one more request.
+Each worker asks Linux for SIGTERM when its parent dies (``PR_SET_PDEATHSIG``), which
+gunicorn handles as a graceful stop: the request in hand finishes (and its answer is
+cached), then the worker exits and the port is free. Loaded with
+``gunicorn -c python:emprocess.services.gunicorn_conf``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+PR_SET_PDEATHSIG = 1
+"""prctl(2) option: the signal the calling process gets when its parent dies."""
+
+log = logging.getLogger(__name__)
+
+
+def post_fork(server: Any, worker: Any) -> None:
+    """In each new worker: SIGTERM when the master dies (Linux); exit if it already has."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+        log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+    if os.getppid() != server.pid:  # the master died before the request above
+        os._exit(0)

@@ -167,8 +167,13 @@ def bench_emwrite(
         1, help="1, or 3: RGB slices kept in 3 channels (MB counted in pixels, as for grey)."
     ),
 ) -> None:
-    """MB/s per core and peak RSS of every emwrite endpoint, end to end."""
+    """MB/s per core and peak RSS of every emwrite endpoint, end to end.
+
+    Storage: the local root of --storage-root or EMPROCESS_STORAGE_ROOT (objects kept),
+    else a temporary folder (removed after).
+    """
     from benchmarks.emwrite import print_emwrite_benchmark, run_emwrite_benchmark
+    from emprocess import storage
 
     if bits not in (8, 16) or raw_bits not in (8, bits):
         raise typer.BadParameter(
@@ -187,6 +192,7 @@ def bench_emwrite(
             bits=bits,
             raw_bits=raw_bits,
             channels=channels,
+            root=None if storage.local_root() is None else str(storage.local_root()),
         )
     )
 

@@ -97,6 +97,8 @@ class StageFigure:
     cpu_s: float
     machine_busy_s: float
     cores: int
+    megabytes: float | None = None
+    """Input pixels (10^6) the stage went through; None for stages that move no pixels."""
 
     @property
     def utilisation(self) -> float:
@@ -105,6 +107,53 @@ class StageFigure:
     @property
     def machine_utilisation(self) -> float:
         return self.machine_busy_s / (self.wall_s * self.cores) if self.wall_s > 0 else 0.0
+
+    @property
+    def mb_per_core_s(self) -> float | None:
+        """MB per second per core of wall time (the stage's own cores, all busy or not)."""
+        if self.megabytes is None or self.wall_s <= 0:
+            return None
+        return self.megabytes / (self.wall_s * self.cores)
+
+
+@dataclass
+class RequestFigure:
+    """The requests of one endpoint of one service, from the gunicorn hooks' log."""
+
+    service: str
+    endpoint: str
+    requests: int
+    failed: int
+    peak_mib: float
+    median_peak_mib: float
+    median_s: float
+    median_cpu_s: float
+    reset: bool
+    """Each peak was reset before its request (else: the worker's peak since it started)."""
+
+
+def read_request_log(path: Path) -> list[RequestFigure]:
+    """Per (service, endpoint): count, non-2xx answers, largest and median peak, median time."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            if r["path"] != "/health":
+                groups.setdefault((r["service"], f"{r['method']} {r['path']}"), []).append(r)
+    out = []
+    for (service, endpoint), rs in sorted(groups.items()):
+        peaks = [r["peak_kib"] / 1024 for r in rs]
+        out.append(
+            RequestFigure(
+                service=service, endpoint=endpoint, requests=len(rs),
+                failed=sum(not 200 <= r["status"] < 300 for r in rs),
+                peak_mib=max(peaks), median_peak_mib=float(np.median(peaks)),
+                median_s=float(np.median([r["end"] - r["start"] for r in rs])),
+                median_cpu_s=float(np.median([r["cpu_s"] for r in rs])),
+                reset=all(r["reset"] for r in rs),
+            )
+        )  # fmt: skip
+    return out
 
 
 @dataclass
@@ -120,17 +169,23 @@ class RunBenchmark:
     cpu_s: float
     megabytes: float
     stages: list[StageFigure]
+    bits: int = 8
+    neighbors: int = 3
+    downsample: int = 2
+    requests: list[RequestFigure] = field(default_factory=list)
 
     def report(self) -> str:
         lines = [
-            f"local run of {self.slices} slices of {self.size}^2 px (8-bit), width {self.width}",
+            f"local run of {self.slices} slices of {self.size}^2 px ({self.bits}-bit), "
+            f"width {self.width}, neighbours {self.neighbors}, downsample {self.downsample}",
             f"  {self.sizing}",
-            "  stage    wall s   our CPU s   our CPU / cores   machine busy (all processes)",
+            "  stage             wall s   our CPU s   our CPU / cores   machine busy   MB/s per core",
         ]
         for s in self.stages:
+            rate = s.mb_per_core_s
             lines.append(
-                f"  {s.label:<7} {s.wall_s:7.1f} {s.cpu_s:11.1f} {s.utilisation:16.0%}"
-                f" {s.machine_utilisation:17.0%}"
+                f"  {s.label:<15} {s.wall_s:7.1f} {s.cpu_s:11.1f} {s.utilisation:16.0%}"
+                f" {s.machine_utilisation:13.0%} {'-' if rate is None else f'{rate:.2f}':>15}"
             )
         lines += [
             f"  whole run (services started to complete.json): {self.wall_s:.1f} s wall, "
@@ -139,7 +194,25 @@ class RunBenchmark:
             f"{self.megabytes / (self.wall_s * self.cores):.2f} MB/s per core of wall time, "
             f"{self.megabytes / self.cpu_s:.2f} MB per CPU second",
         ]
+        if self.requests:
+            reset = all(r.reset for r in self.requests)
+            lines += [
+                "  requests (peak: the gunicorn worker's VmHWM over the request, "
+                + ("reset before each)" if reset else "since the worker started)"),
+                "  service  endpoint            requests  failed  peak MiB  median MiB"
+                "  median s  median CPU s",
+            ]
+            for r in self.requests:
+                lines.append(
+                    f"  {r.service:<8} {r.endpoint:<19} {r.requests:8d} {r.failed:7d}"
+                    f" {r.peak_mib:9.0f} {r.median_peak_mib:11.0f} {r.median_s:9.2f}"
+                    f" {r.median_cpu_s:13.2f}"
+                )
         return "\n".join(lines)
+
+
+HOOKS = Path(__file__).with_name("gunicorn_peak.py")
+"""The services' gunicorn config: each request's peak memory (see its docstring)."""
 
 
 def _fresh_run(conf: Any) -> None:
@@ -159,15 +232,28 @@ def run_benchmark(
     downsample: int = 2,
     workers: int | None = None,
     threads: int | None = None,
+    bits: int = 8,
+    neighbors: int | None = None,
+    align_max_pixels: int | None = None,
 ) -> RunBenchmark:
-    """A real local run on a synthetic stack under ``workdir``; the stack is kept for reuse."""
+    """A real local run on a synthetic stack under ``workdir``; the stack is kept for reuse.
+
+    Args:
+        bits: 8, or 16 (slices ``v * 16 + 300``: see :mod:`benchmarks.bigslices`).
+        neighbors: the conf's ``neighbors`` (None: its default).
+        align_max_pixels: the alignment service's ``EMPROCESS_ALIGN_MAX_PIXELS`` (None:
+            the environment's, else its default).
+    """
     from emprocess import storage
     from emprocess.settings import StorageEnv, load
 
     workdir = workdir.resolve()
     chosen = load(StorageEnv, storage_root=workdir / "storage")
     with storage.use(chosen):
-        return _run(workdir, chosen, slices, size, width, downsample, workers, threads)
+        return _run(
+            workdir, chosen, slices, size, width, downsample, workers, threads, bits, neighbors,
+            align_max_pixels,
+        )  # fmt: skip
 
 
 def _run(
@@ -179,51 +265,67 @@ def _run(
     downsample: int,
     workers: int | None,
     threads: int | None,
+    bits: int,
+    neighbors: int | None,
+    align_max_pixels: int | None,
 ) -> RunBenchmark:
     """:func:`run_benchmark` with its storage chosen."""
-    from emprocess import storage
-    from emprocess.localrun import run_dag
+    import shlex
+
+    from benchmarks.bigslices import write_big_stack
+    from emprocess import settings
+    from emprocess.localrun import local_services, run_dag
     from emprocess.localsize import size_local_run
-    from emprocess.sample import write_sample
     from emprocess.workflow import WIDTHS, dag_id
     from emprocess.workflow.conf import parse_conf
 
-    storage.create_bucket(SOURCE)
-    truth = storage.bucket_url(SOURCE, "truth.json")
-    stack = storage.bucket_url(SOURCE)
-    have = json.loads(storage.read_bytes(truth)) if storage.exists(truth) else {}
-    if (have.get("maxz"), have.get("width")) != (slices - 1, size):
-        for name in storage.list_keys(stack):
-            storage.delete(storage.bucket_url(SOURCE, name))
-        write_sample(stack, slices, size, size, seed=0)
+    write_big_stack(SOURCE, slices, size, bits)
     fixed = width in WIDTHS
     conf = parse_conf(
         {
             "id": RUN_ID, "source": SOURCE, "image": "img.%05d.png", "minz": 0,
             "maxz": slices - 1, "downsample_factor": downsample,
             **({} if fixed else {"width": width}),
+            **({} if neighbors is None else {"neighbors": neighbors}),
         }
     )  # fmt: skip
     _fresh_run(conf)
     sizing = size_local_run(workers=workers, threads=threads)
+    log_dir = workdir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    request_log = log_dir / "requests.jsonl"
+    request_log.unlink(missing_ok=True)
+    chosen_limits = {} if align_max_pixels is None else {"align_max_pixels": align_max_pixels}
+    service_env = {
+        **settings.environ(settings.load(settings.ServiceEnv, **chosen_limits)),
+        "GUNICORN_CMD_ARGS": f"-c {shlex.quote(str(HOOKS))}",
+        "BENCH_REQUEST_LOG": str(request_log),
+    }
     t0 = time.time()
-    with CpuSampler() as sampler:
+    with (
+        CpuSampler() as sampler,
+        local_services(
+            log_dir, env=service_env, workers=sizing.service_workers(), storage_settings=chosen
+        ) as services,
+    ):
         doc = run_dag(
-            conf, dag_id(width if fixed else None), workdir, sizing=sizing,
+            conf, dag_id(width if fixed else None), workdir, sizing=sizing, services=services,
             storage_settings=chosen,
         )  # fmt: skip
-    t1 = time.time()
+        t1 = time.time()
     cpu_s, _ = sampler.between(t0, t1)
+    megabytes = slices * size * size / 1e6
+    moves_pixels = set(STAGES.values())
     figures = []
-    for label, name in STAGES.items():
-        st = doc["stages"].get(name)
-        if not st:
-            continue
+    for name, st in doc["stages"].items():
         s0 = datetime.fromisoformat(st["started"]).timestamp()
         s1 = datetime.fromisoformat(st["finished"]).timestamp()
         ours, busy = sampler.between(s0, s1)
-        figures.append(StageFigure(label, s1 - s0, ours, busy, sizing.cores))
+        label = next((k for k, v in STAGES.items() if v == name), name.split(".")[-1])
+        mb = megabytes if name in moves_pixels else None
+        figures.append(StageFigure(label, s1 - s0, ours, busy, sizing.cores, mb))
     return RunBenchmark(
         slices=slices, size=size, width=width, sizing=sizing.describe(), cores=sizing.cores,
-        wall_s=t1 - t0, cpu_s=cpu_s, megabytes=slices * size * size / 1e6, stages=figures,
+        wall_s=t1 - t0, cpu_s=cpu_s, megabytes=megabytes, stages=figures, bits=bits,
+        neighbors=conf.neighbors, downsample=downsample, requests=read_request_log(request_log),
     )  # fmt: skip

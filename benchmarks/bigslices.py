@@ -96,11 +96,12 @@ def write_big_stack(
     Returns:
         The stack record: side, slices, bits, base side, seed, template.
     """
+    base_side = min(side, MAX_SIZE_PX)
     record = {
         "side": side,
         "slices": slices,
         "bits": bits,
-        "base_side": min(side, MAX_SIZE_PX),
+        "base_side": base_side,
         "seed": seed,
         "template": template,
     }
@@ -110,7 +111,6 @@ def write_big_stack(
         return record
     for key in storage.list_keys(storage.bucket_url(bucket)):
         storage.delete(storage.bucket_url(bucket, key))
-    base_side = record["base_side"]
     for z, base in iter_slices(slices, base_side, base_side, seed):
         image = enlarge_slice(base, side, bits, seed=seed * 1_000_003 + z)
         del base

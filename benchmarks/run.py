@@ -1,16 +1,24 @@
-"""``emprocess bench run``: a small real local run, with each stage's CPU use and MB/s per core.
+"""``emprocess bench run``: a real local run, with each stage's CPU use and MB/s per core.
 
 The run is ``emprocess run``'s: both services under gunicorn (sized by
 :func:`emprocess.localsize.size_local_run`), the DAG through ``airflow dags test``, on a
-synthetic stack under a local storage root. A thread samples the CPU time of every
+synthetic stack (:mod:`benchmarks.bigslices`: any size, 8- or 16-bit) under a local
+storage root in the working folder. A thread samples the CPU time of every
 process this one started (the services' gunicorn masters and workers, Airflow and
 whatever it starts; processes already reaped count through their parent), so the
 figures are our processes' own use, whatever else runs on the machine. A stage's
-utilisation is its CPU seconds over its wall time (first batch task started to last
+utilisation is its CPU seconds over its wall time (first task started to last
 finished, from complete.json) times the cores. The machine-wide busy share over the
-same window is printed beside it, to show how much others took.
-"""
+same window is printed beside it, to show how much others took. Every task of the DAG
+gets a row; align, write and shards, which move the pixels, also MB/s per core (10^6
+input pixels per second of the stage's wall time per core).
 
+Each request's peak memory is its gunicorn worker's ``VmHWM``, reset before the request
+(:mod:`benchmarks.gunicorn_peak`, loaded as the services' gunicorn config), so it is the
+most the worker held while serving that request, as a Cloud Run instance with
+concurrency 1 would; the table gives the largest and the median per endpoint, with each
+request's median wall and CPU seconds (CPU / wall = the cores a request keeps busy).
+"""
 from __future__ import annotations
 
 import json

@@ -19,6 +19,7 @@ most the worker held while serving that request, as a Cloud Run instance with
 concurrency 1 would; the table gives the largest and the median per endpoint, with each
 request's median wall and CPU seconds (CPU / wall = the cores a request keeps busy).
 """
+
 from __future__ import annotations
 
 import json

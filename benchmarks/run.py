@@ -56,6 +56,19 @@ def tree_cpu_seconds(root: psutil.Process) -> float:
     return total
 
 
+def largest_other_rss(root: psutil.Process) -> int:
+    """Bytes resident in the largest of ``root``'s descendants that is not a gunicorn
+    process: the Airflow task process of ``dags test``, which runs every task."""
+    largest = 0
+    for proc in root.children(recursive=True):
+        try:
+            if "gunicorn" not in " ".join(proc.cmdline()[:3]):
+                largest = max(largest, proc.memory_info().rss)
+        except psutil.Error:
+            continue
+    return largest
+
+
 def machine_busy_seconds() -> float:
     """CPU seconds all cores of the machine spent not idle (every process, ours or not)."""
     t = psutil.cpu_times()
@@ -67,13 +80,16 @@ class CpuSampler:
     """Samples (wall time, our CPU seconds, machine busy seconds) on a thread."""
 
     period_s: float = 0.2
-    samples: list[tuple[float, float, float]] = field(default_factory=list)
+    samples: list[tuple[float, float, float, float]] = field(default_factory=list)
+    """(time, our CPU s, machine busy s, largest non-service process's RSS in bytes)."""
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
     def _sample(self) -> None:
         me = psutil.Process()
-        self.samples.append((time.time(), tree_cpu_seconds(me), machine_busy_seconds()))
+        self.samples.append(
+            (time.time(), tree_cpu_seconds(me), machine_busy_seconds(), largest_other_rss(me))
+        )
 
     def _loop(self) -> None:
         while not self._stop.wait(self.period_s):
@@ -98,6 +114,14 @@ class CpuSampler:
         busy = np.interp([t0, t1], arr[:, 0], arr[:, 2])
         return float(ours[1] - ours[0]), float(busy[1] - busy[0])
 
+    def largest_rss(self, t0: float, t1: float) -> float:
+        """The largest sampled RSS of a non-service process from ``t0`` to ``t1``, MiB
+        (the samples just before and after count too: a short stage may fall between)."""
+        arr = np.array(self.samples)
+        lo = max(int(np.searchsorted(arr[:, 0], t0)) - 1, 0)
+        hi = int(np.searchsorted(arr[:, 0], t1)) + 1
+        return float(arr[lo:hi, 3].max()) / (1 << 20)
+
 
 @dataclass
 class StageFigure:
@@ -108,6 +132,8 @@ class StageFigure:
     cores: int
     megabytes: float | None = None
     """Input pixels (10^6) the stage went through; None for stages that move no pixels."""
+    airflow_mib: float = 0.0
+    """The largest sampled RSS of the Airflow process meanwhile (every task runs in it)."""
 
     @property
     def utilisation(self) -> float:
@@ -188,13 +214,15 @@ class RunBenchmark:
             f"local run of {self.slices} slices of {self.size}^2 px ({self.bits}-bit), "
             f"width {self.width}, neighbours {self.neighbors}, downsample {self.downsample}",
             f"  {self.sizing}",
-            "  stage             wall s   our CPU s   our CPU / cores   machine busy   MB/s per core",
+            "  stage             wall s   our CPU s   our CPU / cores   machine busy   MB/s per core"
+            "   Airflow MiB",
         ]
         for s in self.stages:
             rate = s.mb_per_core_s
             lines.append(
                 f"  {s.label:<15} {s.wall_s:7.1f} {s.cpu_s:11.1f} {s.utilisation:16.0%}"
                 f" {s.machine_utilisation:13.0%} {'-' if rate is None else f'{rate:.2f}':>15}"
+                f" {s.airflow_mib:13.0f}"
             )
         lines += [
             f"  whole run (services started to complete.json): {self.wall_s:.1f} s wall, "
@@ -332,7 +360,8 @@ def _run(
         ours, busy = sampler.between(s0, s1)
         label = next((k for k, v in STAGES.items() if v == name), name.split(".")[-1])
         mb = megabytes if name in moves_pixels else None
-        figures.append(StageFigure(label, s1 - s0, ours, busy, sizing.cores, mb))
+        rss = sampler.largest_rss(s0, s1)
+        figures.append(StageFigure(label, s1 - s0, ours, busy, sizing.cores, mb, rss))
     return RunBenchmark(
         slices=slices, size=size, width=width, sizing=sizing.describe(), cores=sizing.cores,
         wall_s=t1 - t0, cpu_s=cpu_s, megabytes=megabytes, stages=figures, bits=bits,

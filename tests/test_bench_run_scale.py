@@ -35,11 +35,15 @@ def test_bench_run_prints_each_stage_and_each_request(tmp_path: Path) -> None:
     walls = {}
     for stage in RUN_STAGES:
         row = re.search(
-            rf"^  {stage} +{NUMBER} +{NUMBER} +{NUMBER}% +{NUMBER}% +({NUMBER}|-)$", text, re.M
+            rf"^  {stage} +{NUMBER} +{NUMBER} +{NUMBER}% +{NUMBER}% +({NUMBER}|-) +(\d+)$",
+            text,
+            re.M,
         )
         assert row, (stage, text)
         wall, cpu, ours, busy = map(float, row.groups()[:4])
-        rate = row[5]
+        rate, airflow_mib = row[5], int(row[7])
+        # Every task runs in the `dags test` process: Airflow and our package imported.
+        assert 100 < airflow_mib < 4096, (stage, text)
         assert wall >= 0 and cpu >= 0 and ours >= 0 and busy >= 0, (stage, text)
         # Our processes are part of the machine's busy time; the two are sampled apart
         # (per process and system-wide), which on a sub-second stage differs by a few points.

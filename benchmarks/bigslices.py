@@ -7,13 +7,16 @@ tile repeats (a mirrored or tiled texture would give SIFT matches at the period)
 tissue's profiles are that factor larger, and consecutive slices keep the sample's
 known drift, scaled by the factor. 16-bit slices are the 8-bit ones as
 ``v * 16 + 300`` (12 bits of signal in 16, as :mod:`benchmarks.emwrite` writes them)
-plus noise in the low bits. Slices are written as PNG at compression level 1.
+plus noise in the low bits; made from an 8-bit stack already written beside them when
+there is one (a decode instead of a render). Slices are written as PNG at compression
+level 1.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import cv2
@@ -71,14 +74,17 @@ def enlarge_slice(base: np.ndarray, side: int, bits: int = 8, seed: int = 0) -> 
                 borderMode=cv2.BORDER_REPLICATE,
             ).astype(np.float32)
             band += rng.normal(0.0, NOISE_SIGMA, band.shape).astype(np.float32)
-        if bits == 16:
-            band *= BITS16_SCALE
-            band += BITS16_OFFSET + rng.integers(0, BITS16_SCALE, band.shape)
-            np.clip(band, 0, 65535, out=band)
-        else:
-            np.clip(band, 0, 255, out=band)
-        out[y0 : y0 + rows] = np.rint(band)
+        np.clip(band, 0, 255, out=band)
+        eight = np.rint(band).astype(np.uint8)
+        out[y0 : y0 + rows] = eight if bits == 8 else widen(eight, rng)
     return out
+
+
+def widen(eight: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The 16-bit slice of an 8-bit one: ``v * 16 + 300`` plus noise in the low 4 bits."""
+    wide = eight.astype(np.uint16) * BITS16_SCALE
+    wide += rng.integers(BITS16_OFFSET, BITS16_OFFSET + BITS16_SCALE, eight.shape, np.uint16)
+    return wide
 
 
 def write_big_stack(
@@ -88,16 +94,19 @@ def write_big_stack(
     bits: int = 8,
     seed: int = 0,
     template: str = "img.%05d.png",
+    eight_bit: str | None = None,
 ) -> dict[str, Any]:
     """Write ``slices`` EM-like slices of ``side``^2 px to ``bucket`` (created if missing).
 
-    Keeps them when the bucket's :data:`STACK_RECORD` says the same stack is there.
+    Keeps them when the bucket's :data:`STACK_RECORD` says the same stack is there. A
+    16-bit stack is made from the 8-bit one in bucket ``eight_bit`` when that holds the
+    same stack at 8 bits, else rendered.
 
     Returns:
         The stack record: side, slices, bits, base side, seed, template.
     """
     base_side = min(side, MAX_SIZE_PX)
-    record = {
+    record: dict[str, Any] = {
         "side": side,
         "slices": slices,
         "bits": bits,
@@ -111,9 +120,15 @@ def write_big_stack(
         return record
     for key in storage.list_keys(storage.bucket_url(bucket)):
         storage.delete(storage.bucket_url(bucket, key))
-    for z, base in iter_slices(slices, base_side, base_side, seed):
-        image = enlarge_slice(base, side, bits, seed=seed * 1_000_003 + z)
-        del base
+    source = None
+    if bits == 16 and eight_bit is not None:
+        found = storage.bucket_url(eight_bit, STACK_RECORD)
+        if storage.exists(found) and json.loads(storage.read_bytes(found)) == {
+            **record,
+            "bits": 8,
+        }:
+            source = eight_bit
+    for z, image in _slices(record, source):
         ok, png = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, 1])
         if not ok:
             raise RuntimeError(f"PNG encoding of slice {z} failed")
@@ -122,3 +137,19 @@ def write_big_stack(
         log.info("wrote slice %d of %d (%d^2 px, %d-bit)", z + 1, slices, side, bits)
     storage.write_bytes(url, json.dumps(record).encode(), "application/json")
     return record
+
+
+def _slices(record: dict[str, Any], eight_bit: str | None) -> Iterator[tuple[int, np.ndarray]]:
+    """(z, image) of a stack: rendered, or widened from the 8-bit slices in ``eight_bit``."""
+    side, bits, seed = record["side"], record["bits"], record["seed"]
+    if eight_bit is None:
+        base_side = record["base_side"]
+        for z, base in iter_slices(record["slices"], base_side, base_side, seed):
+            yield z, enlarge_slice(base, side, bits, seed=seed * 1_000_003 + z)
+        return
+    for z in range(record["slices"]):
+        url = storage.bucket_url(eight_bit, record["template"] % z)
+        eight = cv2.imdecode(np.frombuffer(storage.read_bytes(url), np.uint8), cv2.IMREAD_UNCHANGED)
+        if eight is None:
+            raise RuntimeError(f"{url} could not be decoded")
+        yield z, widen(eight, np.random.default_rng(seed * 1_000_003 + z))

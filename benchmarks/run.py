@@ -316,11 +316,13 @@ def _run(
     from emprocess.workflow import WIDTHS, dag_id
     from emprocess.workflow.conf import parse_conf
 
-    write_big_stack(SOURCE, slices, size, bits)
+    # A 16-bit stack is widened from the 8-bit one when a run of it left it here.
+    source = SOURCE if bits == 8 else f"{SOURCE}{bits}"
+    write_big_stack(source, slices, size, bits, eight_bit=SOURCE)
     fixed = width in WIDTHS
     conf = parse_conf(
         {
-            "id": RUN_ID, "source": SOURCE, "image": "img.%05d.png", "minz": 0,
+            "id": RUN_ID, "source": source, "image": "img.%05d.png", "minz": 0,
             "maxz": slices - 1, "downsample_factor": downsample,
             **({} if fixed else {"width": width}),
             **({} if neighbors is None else {"neighbors": neighbors}),

@@ -58,3 +58,20 @@ def test_a_stack_is_written_once_and_rewritten_when_it_differs(tmp_path: Path) -
         keys = storage.list_keys(storage.bucket_url("big-stack"))
         assert keys == ["img.00000.png", STACK_RECORD]
         assert cv2.imread(str(folder / "img.00000.png"), cv2.IMREAD_UNCHANGED).dtype == np.uint8
+
+
+def test_a_16_bit_stack_is_widened_from_the_8_bit_one_beside_it(tmp_path: Path) -> None:
+    with storage.use(load(StorageEnv, storage_root=tmp_path)):
+        write_big_stack("eight", 2, 80, bits=8)
+        write_big_stack("other", 2, 96, bits=8)
+        for bucket, eight_bit in (("wide", "eight"), ("rendered", "other")):
+            write_big_stack(bucket, 2, 80, bits=16, eight_bit=eight_bit)
+        for z in (0, 1):
+            name = f"img.{z:05d}.png"
+            eight, wide, rendered = (
+                cv2.imread(str(tmp_path / b / name), cv2.IMREAD_UNCHANGED)
+                for b in ("eight", "wide", "rendered")
+            )
+            assert np.array_equal((wide - 300) // 16, eight)  # widened: the same slice
+            # Another 8-bit stack (another size) is not used: rendered, the same tissue.
+            assert np.abs((rendered.astype(int) - 300) // 16 - eight).max() <= 1

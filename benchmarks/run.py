@@ -150,6 +150,13 @@ class StageFigure:
             return None
         return self.megabytes / (self.wall_s * self.cores)
 
+    @property
+    def mb_per_cpu_s(self) -> float | None:
+        """MB per CPU second of our processes: MB/s per core kept busy, whatever the load."""
+        if self.megabytes is None or self.cpu_s <= 0:
+            return None
+        return self.megabytes / self.cpu_s
+
 
 @dataclass
 class RequestFigure:
@@ -215,14 +222,14 @@ class RunBenchmark:
             f"width {self.width}, neighbours {self.neighbors}, downsample {self.downsample}",
             f"  {self.sizing}",
             "  stage             wall s   our CPU s   our CPU / cores   machine busy   MB/s per core"
-            "   Airflow MiB",
+            "   MB per CPU s   Airflow MiB",
         ]
         for s in self.stages:
-            rate = s.mb_per_core_s
+            rate, per_cpu = s.mb_per_core_s, s.mb_per_cpu_s
             lines.append(
                 f"  {s.label:<15} {s.wall_s:7.1f} {s.cpu_s:11.1f} {s.utilisation:16.0%}"
                 f" {s.machine_utilisation:13.0%} {'-' if rate is None else f'{rate:.2f}':>15}"
-                f" {s.airflow_mib:13.0f}"
+                f" {'-' if per_cpu is None else f'{per_cpu:.2f}':>14} {s.airflow_mib:13.0f}"
             )
         lines += [
             f"  whole run (services started to complete.json): {self.wall_s:.1f} s wall, "

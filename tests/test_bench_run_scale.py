@@ -35,13 +35,14 @@ def test_bench_run_prints_each_stage_and_each_request(tmp_path: Path) -> None:
     walls = {}
     for stage in RUN_STAGES:
         row = re.search(
-            rf"^  {stage} +{NUMBER} +{NUMBER} +{NUMBER}% +{NUMBER}% +({NUMBER}|-) +(\d+)$",
+            rf"^  {stage} +{NUMBER} +{NUMBER} +{NUMBER}% +{NUMBER}% +({NUMBER}|-) +({NUMBER}|-)"
+            rf" +(\d+)$",
             text,
             re.M,
         )
         assert row, (stage, text)
         wall, cpu, ours, busy = map(float, row.groups()[:4])
-        rate, airflow_mib = row[5], int(row[7])
+        rate, per_cpu, airflow_mib = row[5], row[7], int(row[9])
         # Every task runs in the `dags test` process: Airflow and our package imported.
         assert 100 < airflow_mib < 4096, (stage, text)
         assert wall >= 0 and cpu >= 0 and ours >= 0 and busy >= 0, (stage, text)
@@ -50,8 +51,10 @@ def test_bench_run_prints_each_stage_and_each_request(tmp_path: Path) -> None:
         assert ours <= busy + 10, text
         if stage in ("align", "write", "shards"):  # the stages that move the pixels
             assert rate != "-" and float(rate) > 0, (stage, text)
+            # The stage's MB over its CPU seconds: at least its MB/s over all cores.
+            assert per_cpu != "-" and float(per_cpu) >= 0.8 * float(rate), (stage, text)
         else:
-            assert rate == "-", (stage, text)
+            assert rate == per_cpu == "-", (stage, text)
         walls[stage] = wall
     assert walls["align"] > 0 and walls["shards"] > 0, text  # 3 pairs; a cube of 3 slices
     whole = re.search(rf"whole run .*: {NUMBER} s wall, {NUMBER} s CPU", text)

@@ -24,14 +24,17 @@ main since issue 11's global solve); 1 is the chain of the original."""
 CUBE = 1024
 """Tile and cube edge (CONTRACTS.md's shard-size)."""
 
-# -- measured throughput (README, "Measured throughput", this 2-core machine) -------------
-DECODE_S_PER_MPX = 0.050 / 4.19
-"""PNG decode: about 50 ms per 2048^2 slice (README)."""
-ALIGN_KERNEL_S_PER_MPX = 0.40 / 67.1
-"""Alignment kernel at downsample 4: 0.40 s CPU per 8192^2 pair (``emprocess bench align``)."""
-ALIGNEDSLICE_MB_PER_CPU_S = 25.0
-"""/alignedslice: 24-26 MB/s per core of canvas, PNG decode included (``emprocess bench
-emwrite``)."""
+# -- measured throughput (this 2-core machine; docs/scale.md, "The whole workflow on big
+#    slices"): CPU seconds of the service worker per request, read by the gunicorn hooks of
+#    ``emprocess bench run --slices 8 --size 6144 --downsample 4 --width 1 --workers 1``,
+#    8-bit slices (the median of 18 pairs and of 8 slices). Per pixel: decode, SIFT at
+#    downsample 4, warp and CLAHE all grow with the pixels. ------------------------------
+ALIGN_CPU_S_PER_MPX = 0.92 / 37.75
+"""An alignment request (both PNG decodes, the kernel at downsample 4): 0.92 CPU s per
+6144^2 pair (37.75 Mpx a slice), 8-bit; 1.70 s with 16-bit slices and an auto window."""
+ALIGNEDSLICE_MB_PER_CPU_S = 39.0 / 1.10
+"""/alignedslice: 1.10 CPU s per 6144^2 slice, canvas 6257 x 6236 (39.0 MB), PNG decode
+included: 35 MB per CPU s of canvas, 8-bit; 2.06 s (19 MB per CPU s) 16-bit."""
 NGSHARD_MB_PER_CPU_S = 80.0
 """/ngshard with the lossless pyramid: 77-86 MB/s per core (full 1024^3 cube: 78)."""
 
@@ -182,7 +185,7 @@ def make_plan(
     cubes = tiles * tiles * math.ceil(slices / CUBE)
     cube_mb = canvas_mpx * slices / cubes  # average voxels per cube (edge cubes are partial)
     stages = [
-        Stage("align", sum(slices - k for k in range(1, neighbors + 1)), 2 * mpx * DECODE_S_PER_MPX + mpx * ALIGN_KERNEL_S_PER_MPX,
+        Stage("align", sum(slices - k for k in range(1, neighbors + 1)), mpx * ALIGN_CPU_S_PER_MPX,
               ALIGN_CORES_USED, reads=2, writes=1, write_bucket="process"),
         Stage("write", slices, canvas_mpx / ALIGNEDSLICE_MB_PER_CPU_S,
               EMWRITE_CORES_USED, reads=1, writes=TMP_OBJECTS_PER_SLICE + 1, write_bucket="tmp"),

@@ -215,6 +215,8 @@ class RunBenchmark:
     neighbors: int = 3
     downsample: int = 2
     requests: list[RequestFigure] = field(default_factory=list)
+    failed: str | None = None
+    """Why the run did not finish (RunFailed's message, with the Airflow log's tail)."""
 
     def report(self) -> str:
         lines = [
@@ -252,7 +254,22 @@ class RunBenchmark:
                     f" {r.peak_mib:9.0f} {r.median_peak_mib:11.0f} {r.median_s:9.2f}"
                     f" {r.median_cpu_s:13.2f}"
                 )
+        if self.failed:
+            lines.append(f"  THE RUN FAILED (no complete.json, so no stage rows): {self.failed}")
         return "\n".join(lines)
+
+
+def failure_causes(workdir: Path, message: str) -> str:
+    """The tasks' own failure messages from the newest Airflow run log (else ``message``'s
+    first line): what a service refused, not the log's tail of tracebacks."""
+    logs = sorted((workdir / "airflow").glob("run-*.log"), key=lambda p: p.stat().st_mtime)
+    causes: list[str] = []
+    for line in logs[-1].read_text(errors="replace").splitlines() if logs else []:
+        _, found, cause = line.partition("AirflowFailException: ")
+        if found and cause.strip() not in causes:
+            causes.append(cause.strip())
+    head = message.splitlines()[0] if message else "the run failed"
+    return "; ".join([head.removesuffix(":"), *(c[:400] for c in causes[:3])])
 
 
 HOOKS = Path(__file__).with_name("gunicorn_peak.py")
@@ -318,7 +335,7 @@ def _run(
 
     from benchmarks.bigslices import write_big_stack
     from emprocess import settings
-    from emprocess.localrun import local_services, run_dag
+    from emprocess.localrun import RunFailed, local_services, run_dag
     from emprocess.localsize import size_local_run
     from emprocess.workflow import WIDTHS, dag_id
     from emprocess.workflow.conf import parse_conf
@@ -354,10 +371,14 @@ def _run(
             log_dir, env=service_env, workers=sizing.service_workers(), storage_settings=chosen
         ) as services,
     ):
-        doc = run_dag(
-            conf, dag_id(width if fixed else None), workdir, sizing=sizing, services=services,
-            storage_settings=chosen,
-        )  # fmt: skip
+        try:
+            doc = run_dag(
+                conf, dag_id(width if fixed else None), workdir, sizing=sizing,
+                services=services, storage_settings=chosen,
+            )  # fmt: skip
+            failed = None
+        except RunFailed as e:  # the figures so far still print, and what failed
+            doc, failed = {"stages": {}}, failure_causes(workdir, str(e))
         t1 = time.time()
     cpu_s, _ = sampler.between(t0, t1)
     megabytes = slices * size * size / 1e6
@@ -375,4 +396,5 @@ def _run(
         slices=slices, size=size, width=width, sizing=sizing.describe(), cores=sizing.cores,
         wall_s=t1 - t0, cpu_s=cpu_s, megabytes=megabytes, stages=figures, bits=bits,
         neighbors=conf.neighbors, downsample=downsample, requests=read_request_log(request_log),
+        failed=failed,
     )  # fmt: skip

@@ -284,6 +284,8 @@ def bench_run(
         align_max_pixels=align_max_pixels,
     )  # fmt: skip
     print(result.report())
+    if result.failed:
+        raise typer.Exit(1)
 
 
 @bench_app.command("scale")

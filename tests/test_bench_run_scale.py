@@ -84,6 +84,23 @@ def test_bench_run_prints_each_stage_and_each_request(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_bench_run_says_what_failed(tmp_path: Path) -> None:
+    """A run the alignment service refuses (its pixel limit below the slices) prints the
+    figures it has, the service's answer, and exits 1."""
+    argv = ["bench", "run", "--workdir", str(tmp_path), "--slices", "3", "--size", "256"]
+    out = CliRunner().invoke(app, [*argv, "--width", "1", "--workers", "1",
+                                   "--align-max-pixels", "1000"])  # fmt: skip
+    assert out.exit_code == 1, out.output
+    text = out.output
+    assert "THE RUN FAILED" in text and "answered 400" in text, text
+    assert "256x256 = 65536 pixels, over the limit of 1000" in text, text
+    assert not re.search(r"^  (validate|align|write|shards) +-?\d", text, re.M), text  # no stage
+    row = re.search(r"^  align +POST / +(\d+) +(\d+) ", text, re.M)
+    assert row and int(row[1]) >= 1 and row[1] == row[2], text  # every pair refused
+    assert not re.search(r"^  emwrite ", text, re.M), text  # nothing written
+
+
+@pytest.mark.slow
 def test_bench_scale_measures_every_stage(tmp_path: Path) -> None:
     """Every stage in its own process at 12 slices (iswritten raises unless the stand-ins
     answered every request); one count extrapolates as a constant."""

@@ -293,25 +293,29 @@ def run_phase(
     cv_threads: int = 1,
     repeats: int = 1,
     fresh: Callable[[], None] | None = None,
+    env: dict[str, str | None] | None = None,
 ) -> dict[str, float]:
     """Run phase ``name`` in ``repeats`` fresh spawned processes, one after the other.
 
     ``fresh`` runs in this process before each repeat, unmeasured: it deletes what
     the phase writes, so every repeat writes new objects as a run does (replacing a
-    4.6 MB file cost 4 ms more than creating one on this machine's disk).
+    4.6 MB file cost 4 ms more than creating one on this machine's disk). ``env`` is
+    the phase process's environment on top of this one's (default: :func:`phase_env`
+    of this process's storage settings).
 
     Returns:
         The fastest run's CPU and wall seconds (the machine may be shared) and the
         largest peak RSS in MiB (``base_rss_mib``: after imports, before the work).
     """
     ctx = multiprocessing.get_context("spawn")
+    env = phase_env() if env is None else env
     runs = []
     for _ in range(repeats):
         if fresh is not None:
             fresh()
         recv, send = ctx.Pipe(duplex=False)
         proc = ctx.Process(target=_child, args=(name, args, cv_threads, send))
-        with _package_importable():
+        with _package_importable(), environment(**env):
             proc.start()
         send.close()
         try:
@@ -332,7 +336,11 @@ def run_phase(
 
 @contextmanager
 def environment(**values: str | None) -> Iterator[None]:
-    """Set (or, for None, remove) environment variables meanwhile; children inherit them."""
+    """Set (or, for None, remove) environment variables meanwhile; children inherit them.
+
+    Only around the start of a phase process: ``multiprocessing`` has no ``env`` argument,
+    so this is how a spawned process gets its own environment (as ``Popen(env=...)``).
+    """
     saved = {k: os.environ.get(k) for k in values}
     try:
         for k, v in values.items():
@@ -349,12 +357,34 @@ def environment(**values: str | None) -> Iterator[None]:
                 os.environ[k] = v
 
 
+def phase_env(
+    tile_codec: str | None = None, malloc_arena_max: int | None = CONTAINER_MALLOC_ARENA_MAX
+) -> dict[str, str | None]:
+    """The environment a phase process starts with, as a service's container gets it.
+
+    The storage settings in force here (:func:`emprocess.storage.settings`, so the phase
+    reads and writes where this process does), the service settings with ``tile_codec``
+    (None: the environment's), and glibc's ``MALLOC_ARENA_MAX`` (None: glibc's default).
+    """
+    from emprocess import settings
+
+    service = settings.load(
+        settings.ServiceEnv, **({} if tile_codec is None else {"tile_codec": tile_codec})
+    )
+    env: dict[str, str | None] = {**settings.environ(storage.settings(), service)}
+    env["MALLOC_ARENA_MAX"] = None if malloc_arena_max is None else str(malloc_arena_max)
+    return env
+
+
 @contextmanager
 def storage_root(root: str | None) -> Iterator[str]:
-    """Point EMPROCESS_STORAGE_ROOT at ``root`` (or a fresh temporary folder) meanwhile."""
+    """Storage under ``root`` (or a fresh temporary folder) meanwhile, in this process
+    (:func:`emprocess.storage.use`) and, through :func:`phase_env`, in the phases."""
+    from emprocess.settings import StorageEnv, load
+
     with tempfile.TemporaryDirectory(prefix="bench-emwrite-") as tmp:
         path = root or tmp
-        with environment(**{storage.ROOT_ENV: path}):
+        with storage.use(load(StorageEnv, storage_root=path)):
             yield path
 
 
@@ -418,24 +448,24 @@ def run_emwrite_benchmark(
         "malloc_arena_max": malloc_arena_max,
         "phases": {},
     }
-    arenas = None if malloc_arena_max is None else str(malloc_arena_max)
-    with (
-        storage_root(root),
-        environment(EMPROCESS_TILE_CODEC=tile_codec, MALLOC_ARENA_MAX=arenas),
-    ):
+    with storage_root(root):
+        env = phase_env(tile_codec, malloc_arena_max)
         if slices:
             out.update(
-                _run_stack(slices, size, write_raw, cv_threads, repeats, bits, raw_bits, channels)
-            )
+                _run_stack(
+                    slices, size, write_raw, cv_threads, repeats, bits, raw_bits, channels,
+                    env=env,
+                )
+            )  # fmt: skip
         if slice_px:
-            out["big_slice"] = measure_big_slice(slice_px, cv_threads, repeats)
+            out["big_slice"] = measure_big_slice(slice_px, cv_threads, repeats, env=env)
         if cube:
-            out["full_cube"] = measure_full_cube(cv_threads, repeats=repeats, channels=channels)
+            out["full_cube"] = measure_full_cube(
+                cv_threads, repeats=repeats, channels=channels, env=env
+            )
     if codecs:
         out["volume_codecs"] = measure_volume_codecs()
-    from emprocess.services import emwrite
-
-    out["tile_codec"] = tile_codec or emwrite.TILE_CODEC
+    out["tile_codec"] = env["EMPROCESS_TILE_CODEC"]
     return out
 
 
@@ -448,6 +478,8 @@ def _run_stack(
     bits: int = 8,
     raw_bits: int = 8,
     channels: int = 1,
+    *,
+    env: dict[str, str | None] | None = None,
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
     stack = write_stack(slices, size, bits=bits, channels=channels)
@@ -477,6 +509,7 @@ def _run_stack(
         cv_threads=cv_threads,
         repeats=repeats,
         fresh=functools.partial(clear_buckets, *outputs),
+        env=env,
     )
     phases["alignedslice"] = _rates(row, input_mb, "input")
     variants = [("jpeg", False)] + ([("raw", True)] if write_raw else [])
@@ -490,6 +523,7 @@ def _run_stack(
             cv_threads=cv_threads,
             repeats=repeats,
             fresh=functools.partial(clear_buckets, *volumes),
+            env=env,
         )
         phases[f"ngshard_{tag}"] = _rates(row, canvas_mb, "canvas")
     for tag, _ in variants:
@@ -517,7 +551,9 @@ def _em_texture(side: int, seed: int = 1) -> np.ndarray:
     return np.ascontiguousarray(full[:side, :side])
 
 
-def measure_big_slice(side: int, cv_threads: int = 1, repeats: int = 1) -> dict[str, Any]:
+def measure_big_slice(
+    side: int, cv_threads: int = 1, repeats: int = 1, env: dict[str, str | None] | None = None
+) -> dict[str, Any]:
     """Peak RSS and speed of one /alignedslice of a side x side slice (rotated 0.3 deg)."""
     for bucket in (SOURCE, LAYOUT.process, LAYOUT.tmp):
         storage.create_bucket(bucket)
@@ -540,12 +576,16 @@ def measure_big_slice(side: int, cv_threads: int = 1, repeats: int = 1) -> dict[
         "slice": 999_999,
         "run_id": RUN_ID,
     }
-    row = run_phase("alignedslice", [body], cv_threads=cv_threads, repeats=repeats)
+    row = run_phase("alignedslice", [body], cv_threads=cv_threads, repeats=repeats, env=env)
     return {"side": side, "canvas": list(bbox), **_rates(row, side * side / MB, "input")}
 
 
 def measure_full_cube(
-    cv_threads: int = 1, depth: int = 1024, repeats: int = 1, channels: int = 1
+    cv_threads: int = 1,
+    depth: int = 1024,
+    repeats: int = 1,
+    channels: int = 1,
+    env: dict[str, str | None] | None = None,
 ) -> dict[str, Any]:
     """Peak RSS and speed of /ngshard on one full 1024 x 1024 x ``depth`` cube, JPEG + raw
     (``channels`` 3: an RGB cube, see :func:`colour_slice`)."""
@@ -568,7 +608,7 @@ def measure_full_cube(
                 encode_tiled_slice(np.ascontiguousarray(plane), codec="raw"),
             )
     meta = volume_payload((1024, 1024), 0, depth - 1, True, cube_run, channels=channels)
-    row = run_phase("ngshard", meta, src, cv_threads=cv_threads, repeats=repeats)
+    row = run_phase("ngshard", meta, src, cv_threads=cv_threads, repeats=repeats, env=env)
     return {"shape_xyz": [1024, 1024, depth], **_rates(row, depth * 1024 * 1024 / MB, "canvas")}
 
 

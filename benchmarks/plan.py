@@ -24,14 +24,16 @@ main since issue 11's global solve); 1 is the chain of the original."""
 CUBE = 1024
 """Tile and cube edge (CONTRACTS.md's shard-size)."""
 
-# -- measured throughput (README, "Measured throughput", this 2-core machine) -------------
-DECODE_S_PER_MPX = 0.050 / 4.19
-"""PNG decode: about 50 ms per 2048^2 slice (README)."""
-ALIGN_KERNEL_S_PER_MPX = 0.40 / 67.1
-"""Alignment kernel at downsample 4: 0.40 s CPU per 8192^2 pair (``emprocess bench align``)."""
-ALIGNEDSLICE_MB_PER_CPU_S = 25.0
-"""/alignedslice: 24-26 MB/s per core of canvas, PNG decode included (``emprocess bench
-emwrite``)."""
+# -- measured throughput (this 2-core machine; docs/scale.md, "The whole workflow on big
+#    slices"): the service worker's CPU seconds per request, read by the gunicorn hooks of
+#    ``emprocess bench run --slices 8 --size 20000 --downsample 4 --width 1 --workers 1
+#    --align-max-pixels 536870912``, 8-bit slices (medians of 18 pairs and of 8 slices). --
+ALIGN_CPU_S_PER_MPX = 9.37 / 400.0
+"""An alignment request (both PNG decodes, the kernel at downsample 4): 9.37 CPU s per
+20,000^2 pair, 8-bit (0.92 s at 6144^2: linear in the pixels)."""
+ALIGNEDSLICE_MB_PER_CPU_S = 20328 * 20290 / 1e6 / 11.67
+"""/alignedslice: 11.67 CPU s per 20,000^2 slice on a 20,328 x 20,290 canvas, PNG decode
+included: 35 MB per CPU s of canvas, 8-bit."""
 NGSHARD_MB_PER_CPU_S = 80.0
 """/ngshard with the lossless pyramid: 77-86 MB/s per core (full 1024^3 cube: 78)."""
 
@@ -51,10 +53,12 @@ real DAG 276 MiB at 100 slices; a batch task at 20,000 slices under 100 MiB more
 # -- Cloud Run as deployed (scripts/deploy_cloudrun.sh) ---------------------------------
 INSTANCE_VCPU, INSTANCE_GIB = 2, 4.0
 """--cpu=2 --memory=4Gi --concurrency=1: one request per instance."""
-ALIGN_CORES_USED = 1.5
-"""Assumed: the pair's two decodes run at once, the kernel on one core."""
-EMWRITE_CORES_USED = 1.6
-"""Assumed: 80% of the instance's 2 vCPU (tensorstore and the codecs are threaded)."""
+ALIGN_CORES_USED = 1.0
+"""Measured: 9.37 CPU s in 10.92 s per 20,000^2 pair (0.86 cores, the machine shared), so
+about one core: the decodes and the kernel run one after the other."""
+EMWRITE_CORES_USED = 1.4
+"""Measured: /alignedslice 11.67 CPU s in 8.81 s (1.32 cores), /ngshard 0.18 in 0.12 s
+(1.5) at 20,000^2 (tensorstore and the codecs are threaded)."""
 COLD_START_S = 10.0
 """Assumed: one cold start per instance and stage (the batch tasks start staggered)."""
 TASK_OVERHEAD_S = 8.0
@@ -182,7 +186,7 @@ def make_plan(
     cubes = tiles * tiles * math.ceil(slices / CUBE)
     cube_mb = canvas_mpx * slices / cubes  # average voxels per cube (edge cubes are partial)
     stages = [
-        Stage("align", sum(slices - k for k in range(1, neighbors + 1)), 2 * mpx * DECODE_S_PER_MPX + mpx * ALIGN_KERNEL_S_PER_MPX,
+        Stage("align", sum(slices - k for k in range(1, neighbors + 1)), mpx * ALIGN_CPU_S_PER_MPX,
               ALIGN_CORES_USED, reads=2, writes=1, write_bucket="process"),
         Stage("write", slices, canvas_mpx / ALIGNEDSLICE_MB_PER_CPU_S,
               EMWRITE_CORES_USED, reads=1, writes=TMP_OBJECTS_PER_SLICE + 1, write_bucket="tmp"),

@@ -31,7 +31,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from emprocess.settings import HttpEnv
 
 REPO = Path(__file__).resolve().parents[1]
 STANDIN = REPO / "benchmarks" / "standin_services.py"
@@ -44,7 +47,7 @@ THE_OTHERS = "the others"
 SUPERLINEAR = 1.15
 """A time exponent above this (between the two largest counts) is extrapolated as a power law."""
 
-ENV = {"EMPROCESS_STAGGER_STEP_S": "0", "EMPROCESS_HTTP_THREADS": "16"}
+HTTP = {"stagger_step_s": 0.0, "http_threads": 16}
 """No start stagger (the stand-ins need no scale-up); 16 request threads per batch task."""
 
 
@@ -109,7 +112,11 @@ def _cpu_s() -> float:
 
 
 def _in_child(stage: str, args: dict[str, Any]) -> tuple[float, float, int, int, Any]:
-    """Run ``stage`` here; (seconds, CPU seconds, RSS before and peak RSS in bytes, result)."""
+    """Run ``stage`` here; (seconds, CPU seconds, RSS before and peak RSS in bytes, result).
+
+    ``args["env"]`` is this (spawned) process's settings as variables, as an Airflow task
+    gets them (:func:`emprocess.settings.environ`); set before any module reads them.
+    """
     os.environ.update(args["env"])
     fn = STAGE_FUNCTIONS[stage]
     before = _rss_kib("VmRSS") * 1024
@@ -310,7 +317,7 @@ class ScaleResult:
         return k, t50, m50
 
 
-def _start_standin(log_file: Path) -> tuple[subprocess.Popen, str]:
+def _start_standin(log_file: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
     from emprocess.localrun import free_port, wait_http
 
     if not STANDIN.is_file():
@@ -321,6 +328,7 @@ def _start_standin(log_file: Path) -> tuple[subprocess.Popen, str]:
             [sys.executable, str(STANDIN), "--port", str(port)],
             stdout=out,
             stderr=subprocess.STDOUT,
+            env={**os.environ, **env},
         )
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/health", proc=proc)
@@ -336,22 +344,24 @@ def run_scale_benchmark(
     on_line: Callable[[str], None] = lambda line: None,
 ) -> ScaleResult:
     """Measure the stages at each count; then run the real DAG at each of ``dag_counts``."""
-    from emprocess import storage
+    from emprocess import settings, storage
     from emprocess.localrun import stop_process
-    from emprocess.settings import StorageEnv, load
+    from emprocess.settings import HttpEnv, StorageEnv, load
     from emprocess.workflow import dag_id
     from emprocess.workflow.conf import parse_conf
 
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    env = {**ENV, storage.ROOT_ENV: str(workdir / "storage")}
-    os.environ.update(env)  # the stage processes and the stand-in services inherit it
+    # The benchmark's own storage, whatever the command's (emprocess --storage-root) was;
+    # the stage processes and the stand-ins get it, and the HTTP settings, as variables.
+    chosen = load(StorageEnv, storage_root=workdir / "storage")
+    http = load(HttpEnv, **HTTP)
+    env = settings.environ(http, chosen)
     result = ScaleResult(width=width, counts=list(counts))
-    proc, url = _start_standin(workdir / "standin.log")
-    # This process's storage too: the command's choice (emprocess --storage-root) yields here.
+    proc, url = _start_standin(workdir / "standin.log", env)
     with ExitStack() as here:
         here.callback(stop_process, proc)
-        here.enter_context(storage.use(load(StorageEnv, storage_root=workdir / "storage")))
+        here.enter_context(storage.use(chosen))
         for n in counts:
             on_line(f"{n} slices: writing the stack ...")
             make_stack(n)
@@ -394,12 +404,17 @@ def run_scale_benchmark(
                     f"{n} slices: {label} {secs:.2f} s ({cpu_s:.2f} s CPU), peak {peak >> 20} MiB"
                 )
         for n in dag_counts:
-            result.dag_runs.append(run_dag_simulated(workdir, n, width, url, on_line))
+            result.dag_runs.append(run_dag_simulated(workdir, n, width, url, on_line, http))
     return result
 
 
 def run_dag_simulated(
-    workdir: Path, n: int, width: int, url: str, on_line: Callable[[str], None]
+    workdir: Path,
+    n: int,
+    width: int,
+    url: str,
+    on_line: Callable[[str], None],
+    http: HttpEnv | None = None,
 ) -> str:
     """The real DAG through ``airflow dags test`` on N tiny slices and the stand-ins."""
     import psutil
@@ -442,6 +457,7 @@ def run_dag_simulated(
                 conf, dag_id(width if fixed else None), workdir / f"dag{n}",
                 progress=progress, poll_s=2.0,
                 sizing=size_local_run(threads=16), services=Services(align=url, emwrite=url),
+                http_settings=http,
             )  # fmt: skip
     finally:
         done.set()

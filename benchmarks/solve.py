@@ -99,7 +99,8 @@ def print_solve_benchmark(rows: Sequence[dict[str, Any]]) -> None:
         gib = r["peak_rss_mib"] / 1024
         print(
             f"  {r['slices']:>6} slices x {r['neighbors']} neighbours ({r['pairs']} pairs): "
-            f"{r['seconds']:.1f} s ({r['cpu_seconds']:.1f} s CPU), peak memory {gib:.2f} GiB (process RSS), "
+            f"{r['seconds']:.3f} s ({r['cpu_seconds']:.3f} s CPU), peak memory {gib:.2f} GiB "
+            "(process RSS), "
             f"worst corner vs truth {r['worst_corner_px']} px"
             + ("  [target < 60 s, < 2 GiB]" if r["slices"] >= 50_000 else "")
         )

@@ -213,8 +213,13 @@ def bench_emwrite(
         1, help="1, or 3: RGB slices kept in 3 channels (MB counted in pixels, as for grey)."
     ),
 ) -> None:
-    """MB/s per core and peak RSS of every emwrite endpoint, end to end."""
+    """MB/s per core and peak RSS of every emwrite endpoint, end to end.
+
+    Storage: the local root of --storage-root or EMPROCESS_STORAGE_ROOT (objects kept),
+    else a temporary folder (removed after).
+    """
     from benchmarks.emwrite import print_emwrite_benchmark, run_emwrite_benchmark
+    from emprocess import storage
 
     if bits not in (8, 16) or raw_bits not in (8, bits):
         raise typer.BadParameter(
@@ -233,6 +238,7 @@ def bench_emwrite(
             bits=bits,
             raw_bits=raw_bits,
             channels=channels,
+            root=None if storage.local_root() is None else str(storage.local_root()),
         )
     )
 
@@ -366,23 +372,36 @@ def bench_run(
     downsample: int = typer.Option(2, min=1, help="Alignment downsample factor."),
     workers: int = typer.Option(None, min=1, help=WORKERS_HELP),
     threads: int = typer.Option(None, min=1, help=THREADS_HELP),
+    bits: int = typer.Option(8, help="8, or 16: 16-bit slices (v * 16 + 300)."),
+    neighbors: int = typer.Option(None, min=1, help="The conf's neighbors (default: its own)."),
+    align_max_pixels: int = typer.Option(
+        None, min=1, help="EMPROCESS_ALIGN_MAX_PIXELS of the alignment service for this run."
+    ),
 ) -> None:
-    """A real local run: CPU use of our processes per stage (align, write, shards), MB/s per core.
+    """A real local run: wall, CPU and MB/s per core of every stage, peak memory per request.
 
     Utilisation is the CPU time of the processes the run started (services, Airflow)
     over each stage's wall time times the cores, so other load on the machine does not
-    count as ours; the machine's busy share is printed beside it.
+    count as ours; the machine's busy share is printed beside it. Each request's peak is
+    its gunicorn worker's VmHWM, reset before the request (benchmarks/gunicorn_peak.py).
+    Slices above 8192 px are the synthetic slices enlarged (benchmarks/bigslices.py);
+    at 20,000 px run it under `flock /work/bigmem.lock` on a shared machine.
     """
     from pathlib import Path
 
     from benchmarks.run import run_benchmark
 
+    if bits not in (8, 16):
+        raise typer.BadParameter(f"--bits must be 8 or 16, got {bits}")
     logging.getLogger("emprocess.report").setLevel(logging.WARNING)
     result = run_benchmark(
         Path(workdir), slices=slices, size=size, width=width, downsample=downsample,
-        workers=workers, threads=threads,
+        workers=workers, threads=threads, bits=bits, neighbors=neighbors,
+        align_max_pixels=align_max_pixels,
     )  # fmt: skip
     print(result.report())
+    if result.failed:
+        raise typer.Exit(1)
 
 
 @bench_app.command("scale")

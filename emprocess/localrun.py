@@ -244,6 +244,7 @@ def run_dag(
     sizing: LocalSizing | None = None,
     services: Services | None = None,
     storage_settings: StorageEnv | None = None,
+    http_settings: HttpEnv | None = None,
 ) -> dict[str, Any]:
     """Run ``dag_id`` on ``conf`` with local services and real Airflow; return complete.json.
 
@@ -257,6 +258,8 @@ def run_dag(
         services: services already running (a benchmark's stand-ins); default: start both.
         storage_settings: where the run's buckets are, for the services, Airflow and the
             progress read here (default: this process's, :func:`emprocess.storage.settings`).
+        http_settings: the batch tasks' HTTP settings (default: the environment's, with
+            ``sizing.threads`` request threads).
 
     Raises:
         RunFailed: Airflow reported failure; the message holds the log's tail.
@@ -275,7 +278,7 @@ def run_dag(
     )
     with storage.use(chosen), started as services:
         # `dags test` runs one task at a time, so one task's threads must fill every worker.
-        http = settings.load(HttpEnv, http_threads=sizing.threads)
+        http = http_settings or settings.load(HttpEnv, http_threads=sizing.threads)
         env = airflow_env(home, services, settings.environ(http, chosen))
         ensure_airflow_db(env, home / "db-migrate.log")
         run_log = home / f"run-{conf.id}-{time.strftime('%Y%m%dT%H%M%S')}.log"

@@ -250,8 +250,8 @@ def _slice_row(
     row = send(url, pid, "/alignedslice", body)
     decode = decode_peak_mib(path, code)
     path.unlink()
-    for key in os.listdir(root / LAYOUT.tmp / "aligned"):
-        (root / LAYOUT.tmp / "aligned" / key).unlink()
+    for written in (root / LAYOUT.tmp).glob("aligned/*"):  # none if it was refused
+        written.unlink()
     case = f"{side}^2 {bits}-bit" + (" window" if bits == 16 else "")
     return {"endpoint": "/alignedslice", "case": case, "file_mb": file_bytes / 1e6,
             "decode_mib": decode, **row}  # fmt: skip

@@ -267,3 +267,15 @@ def test_emwrite_refuses(emwrite: Service, env: dict, key: str, message: str) ->
     body = {**env["slice"], "img": key}
     attack(emwrite, "/alignedslice", body, names=(key, message), what=key)
     assert not storage.list_keys(f"gs://{env['tmp']}/")
+
+
+def test_emwrite_refuses_a_slice_wider_than_the_warp_by_its_header(
+    emwrite: Service,  # noqa: F811
+    env: dict,
+) -> None:
+    """OpenCV's warp takes source sides up to 32,766 px: a 32,767 px wide slice (a few KB
+    of PNG) is refused before it is decoded, naming the limit."""
+    storage.write_bytes(f"gs://{env['src']}/wide.png", zero_png(32767, 16, 8, 0))
+    body = {**env["slice"], "img": "wide.png", "bbox": [32767, 1024]}
+    attack(emwrite, "/alignedslice", body, names=("wide.png", "32766 px"), what="wide.png")
+    assert not storage.list_keys(f"gs://{env['tmp']}/")

@@ -73,6 +73,7 @@ from emprocess.kernels.render import (  # noqa: F401  (THUMB_* : the service's, 
     stream_source_tiles,
     thumbnail_factor,
 )
+from emprocess.kernels.warp import MAX_SOURCE_SIDE_PX
 from emprocess.layout import (
     JPEG_PATH,
     RAW_PATH,
@@ -211,6 +212,11 @@ def aligned_slice(req: AlignedSliceRequest) -> dict[str, Any]:
     guard.check_slice_buckets(req)
     data = storage.read_bytes(source_url, max_bytes=MAX_FILE_BYTES)
     layout = _layout(data, source_url)
+    if max(layout.width, layout.height) > MAX_SOURCE_SIDE_PX:  # before decoding it
+        raise InvalidInput(
+            f"{source_url} is {layout.width}x{layout.height} px; the warp takes slices of at "
+            f"most {MAX_SOURCE_SIDE_PX} px a side (OpenCV's int16 source coordinates)"
+        )
     check_canvas(req.bbox, layout, req.img)
     correction = SliceCorrection(req.destreak, *(req.intensity_gain_offset or (1.0, 0.0)))
     if req.channel_imgs is not None:

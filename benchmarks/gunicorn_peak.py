@@ -1,7 +1,8 @@
 """gunicorn hooks of ``emprocess bench run``: each request's peak memory, in a JSON-lines file.
 
-Loaded as the services' gunicorn config file (``GUNICORN_CMD_ARGS="-c THIS_FILE"``, so the
-``emprocess serve`` command line stays the containers'). Before each request the worker
+Added to the services' own gunicorn config (``EMPROCESS_GUNICORN_HOOKS=THIS_FILE``, read by
+:mod:`emprocess.services.gunicorn_conf`), so the ``emprocess serve`` command line stays the
+containers'. Before each request the worker
 resets its peak resident set size to its current size (``5`` into /proc/self/clear_refs,
 Linux 4.0 and later); after it, the worker's ``VmHWM`` is that request's peak: the most
 memory the worker (one request at a time, as on Cloud Run with concurrency 1) held while

@@ -14,7 +14,7 @@ gets a row; align, write and shards, which move the pixels, also MB/s per core (
 input pixels per second of the stage's wall time per core).
 
 Each request's peak memory is its gunicorn worker's ``VmHWM``, reset before the request
-(:mod:`benchmarks.gunicorn_peak`, loaded as the services' gunicorn config), so it is the
+(:mod:`benchmarks.gunicorn_peak`, whose hooks the services' gunicorn config adds), so it is the
 most the worker held while serving that request, as a Cloud Run instance with
 concurrency 1 would; the table gives the largest and the median per endpoint, with each
 request's median wall and CPU seconds (CPU / wall = the cores a request keeps busy).
@@ -336,7 +336,6 @@ def _run(
     align_max_pixels: int | None,
 ) -> RunBenchmark:
     """:func:`run_benchmark` with its storage chosen."""
-    import shlex
 
     from benchmarks.bigslices import write_big_stack
     from emprocess import settings
@@ -366,7 +365,7 @@ def _run(
     chosen_limits = {} if align_max_pixels is None else {"align_max_pixels": align_max_pixels}
     service_env = {
         **settings.environ(settings.load(settings.ServiceEnv, **chosen_limits)),
-        "GUNICORN_CMD_ARGS": f"-c {shlex.quote(str(HOOKS))}",
+        "EMPROCESS_GUNICORN_HOOKS": str(HOOKS),  # added by emprocess.services.gunicorn_conf
         "BENCH_REQUEST_LOG": str(request_log),
     }
     t0 = time.time()

@@ -65,8 +65,10 @@ def test_bench_run_prints_each_stage_and_each_request(tmp_path: Path) -> None:
     assert (
         "requests (peak: the gunicorn worker's VmHWM over the request, reset before each)" in text
     )
-    # Requests: 3 pairs (neighbours 3 of 3 slices), a slice each, one volume, one cube.
-    expected = {("align", "POST /"): 3, ("emwrite", "POST /alignedslice"): 3,
+    # Requests: each slice's features, 3 pairs (neighbours 3 of 3 slices), a slice each,
+    # one volume, one cube.
+    expected = {("align", "POST /features"): 3, ("align", "POST /"): 3,
+                ("emwrite", "POST /alignedslice"): 3,
                 ("emwrite", "POST /ngmeta"): 1, ("emwrite", "POST /ngshard"): 1}  # fmt: skip
     found = {}
     for service, method, path, *figures in re.findall(
@@ -95,8 +97,10 @@ def test_bench_run_says_what_failed(tmp_path: Path) -> None:
     assert "THE RUN FAILED" in text and "answered 400" in text, text
     assert "256x256 = 65536 pixels, over the limit of 1000" in text, text
     assert not re.search(r"^  (validate|align|write|shards) +-?\d", text, re.M), text  # no stage
-    row = re.search(r"^  align +POST / +(\d+) +(\d+) ", text, re.M)
-    assert row and int(row[1]) >= 1 and row[1] == row[2], text  # every pair refused
+    # The slices' features come first: every one sent is refused, no pair is sent.
+    row = re.search(r"^  align +POST /features +(\d+) +(\d+) ", text, re.M)
+    assert row and int(row[1]) >= 1 and row[1] == row[2], text
+    assert not re.search(r"^  align +POST / ", text, re.M), text
     assert not re.search(r"^  emwrite ", text, re.M), text  # nothing written
 
 

@@ -31,11 +31,14 @@ def test_one_neighbour_is_the_legacy_plan() -> None:
     tasks = plan_align_pairs(parse_conf({**BASE, "neighbors": 1}))
     assert [(t.index, t.name) for t in tasks] == [(z - 3, f"z{z:06d}") for z in range(3, 8)]
     assert [pair_name(z, z + 1) for z in range(3, 8)] == [t.name for t in tasks]
+    # The legacy pair request, with the run whose stored features the pair matches
+    # (features once per slice; without run_id the service decodes both slices as before).
     assert tasks[0].payload == {
         "pre": "gs://src/img.00003.png",
         "post": "gs://src/img.00004.png",
         "downsample": 1,
         "params": {},
+        "run_id": BASE["id"],
     }
 
 

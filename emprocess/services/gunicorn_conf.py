@@ -7,12 +7,17 @@ Each worker asks Linux for SIGTERM when its parent dies (``PR_SET_PDEATHSIG``), 
 gunicorn handles as a graceful stop: the request in hand finishes (and its answer is
 cached), then the worker exits and the port is free. Loaded with
 ``gunicorn -c python:emprocess.services.gunicorn_conf``.
+
+``EMPROCESS_GUNICORN_HOOKS`` may name a Python file whose ``pre_request`` and
+``post_request`` hooks are added (``emprocess bench run`` measures each request's peak
+memory so, with the command line the containers use: gunicorn reads one config file).
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import importlib.util
 import logging
 import os
 import signal
@@ -34,3 +39,17 @@ def post_fork(server: Any, worker: Any) -> None:
         log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
     if os.getppid() != server.pid:  # the master died before the request above
         os._exit(0)
+
+
+def _request_hooks(path: str) -> dict[str, Any]:
+    """``pre_request`` / ``post_request`` of the Python file at ``path``."""
+    spec = importlib.util.spec_from_file_location("emprocess_gunicorn_hooks", path)
+    if spec is None or spec.loader is None:
+        raise RuntimeError(f"EMPROCESS_GUNICORN_HOOKS={path!r} is not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return {n: getattr(module, n) for n in ("pre_request", "post_request") if hasattr(module, n)}
+
+
+if os.environ.get("EMPROCESS_GUNICORN_HOOKS"):  # read once, when gunicorn loads this file
+    globals().update(_request_hooks(os.environ["EMPROCESS_GUNICORN_HOOKS"]))

@@ -26,14 +26,22 @@ CUBE = 1024
 
 # -- measured throughput (this 2-core machine; docs/scale.md, "The whole workflow on big
 #    slices"): the service worker's CPU seconds per request, read by the gunicorn hooks of
-#    ``emprocess bench run --slices 8 --size 20000 --downsample 4 --width 1 --workers 1
-#    --align-max-pixels 536870912``, 8-bit slices (medians of 18 pairs and of 8 slices). --
-ALIGN_CPU_S_PER_MPX = 9.37 / 400.0
-"""An alignment request (both PNG decodes, the kernel at downsample 4): 9.37 CPU s per
-20,000^2 pair, 8-bit (0.92 s at 6144^2: linear in the pixels)."""
-ALIGNEDSLICE_MB_PER_CPU_S = 20328 * 20290 / 1e6 / 11.67
-"""/alignedslice: 11.67 CPU s per 20,000^2 slice on a 20,328 x 20,290 canvas, PNG decode
-included: 35 MB per CPU s of canvas, 8-bit."""
+#    ``emprocess bench run --slices 8 --size 20000 --downsample 4 --width 1 --workers 1``,
+#    8-bit slices (medians of 8 slices and of 18 pairs), DAG 0.3. --
+FEATURES_CPU_S_PER_MPX = 3.36 / 400.0
+"""A features request (the slice read at downsample 4 by libvips, SIFT once, the
+features stored): 3.36 CPU s per 20,000^2 slice, 8-bit (3.46 s wall: one core)."""
+PAIR_WALL_S = 0.2
+"""Assumed, not measured: a pair's wall time on Cloud Run is its GCS round trips (two
+features objects read, the answer cached: ~50 ms each) and the HTTP exchange."""
+PAIR_CPU_S = 0.02
+"""A pair request matching two slices' stored features (two small reads, matching,
+RANSAC): 0.02 CPU s, whatever the slice size (the features are capped per slice). Before
+features were stored (DAG 0.2) a pair decoded and extracted both slices: 9.37 CPU s at
+20,000^2."""
+ALIGNEDSLICE_MB_PER_CPU_S = 20328 * 20290 / 1e6 / 11.27
+"""/alignedslice: 11.27 CPU s per 20,000^2 slice on a 20,328 x 20,290 canvas, PNG decode
+included: 37 MB per CPU s of canvas, 8-bit."""
 NGSHARD_MB_PER_CPU_S = 80.0
 """/ngshard with the lossless pyramid: 77-86 MB/s per core (full 1024^3 cube: 78)."""
 
@@ -118,10 +126,12 @@ class Stage:
     writes: float
     """GCS writes per request (objects and cache records)."""
     write_bucket: str
+    min_wall_s: float = 0.0
+    """A floor on a request's wall time (its storage round trips), where CPU is tiny."""
 
     @property
     def wall_s(self) -> float:
-        return self.cpu_s / self.cores_used
+        return max(self.cpu_s / self.cores_used, self.min_wall_s)
 
 
 @dataclass
@@ -132,6 +142,10 @@ class Plan:
     canvas_side: int
     cubes: int
     stages: list[Stage]
+
+    def stage(self, name: str) -> Stage:
+        """The stage called ``name``."""
+        return next(s for s in self.stages if s.name == name)
 
     def stage_wall_s(self, stage: Stage, width: int) -> float:
         return math.ceil(stage.requests / width) * stage.wall_s + COLD_START_S + TASK_OVERHEAD_S
@@ -186,8 +200,11 @@ def make_plan(
     cubes = tiles * tiles * math.ceil(slices / CUBE)
     cube_mb = canvas_mpx * slices / cubes  # average voxels per cube (edge cubes are partial)
     stages = [
-        Stage("align", sum(slices - k for k in range(1, neighbors + 1)), mpx * ALIGN_CPU_S_PER_MPX,
-              ALIGN_CORES_USED, reads=2, writes=1, write_bucket="process"),
+        Stage("features", slices, mpx * FEATURES_CPU_S_PER_MPX, ALIGN_CORES_USED,
+              reads=1, writes=2, write_bucket="process"),
+        Stage("align", sum(slices - k for k in range(1, neighbors + 1)), PAIR_CPU_S,
+              ALIGN_CORES_USED, reads=2, writes=1, write_bucket="process",
+              min_wall_s=PAIR_WALL_S),
         Stage("write", slices, canvas_mpx / ALIGNEDSLICE_MB_PER_CPU_S,
               EMWRITE_CORES_USED, reads=1, writes=TMP_OBJECTS_PER_SLICE + 1, write_bucket="tmp"),
         Stage("shards", cubes, cube_mb / NGSHARD_MB_PER_CPU_S, EMWRITE_CORES_USED,
@@ -201,13 +218,13 @@ def report(plan: Plan) -> str:
     lines = [
         f"{tb:g} TB of 8-bit slices: {plan.slices:,} slices of {plan.side:,}^2 px, "
         f"canvas {plan.canvas_side:,}^2, {plan.cubes:,} cubes of {CUBE}^3, "
-        f"{plan.stages[0].requests / plan.slices:.0f} alignment pairs per slice",
+        f"{plan.stage('align').requests / plan.slices:.0f} alignment pairs per slice",
         "",
-        "stage   requests  CPU s/req  wall s/req  GCS reads  objects written  CPU hours",
+        "stage     requests  CPU s/req  wall s/req  GCS reads  objects written  CPU hours",
     ]
     for s in plan.stages:
         lines.append(
-            f"{s.name:<7}{s.requests:>9,}{s.cpu_s:>11.1f}{s.wall_s:>12.1f}"
+            f"{s.name:<9}{s.requests:>9,}{s.cpu_s:>11.1f}{s.wall_s:>12.1f}"
             f"{s.requests * s.reads:>11,.0f}{s.requests * s.writes:>17,.0f}"
             f"{s.requests * s.cpu_s / 3600:>11,.0f}"
         )

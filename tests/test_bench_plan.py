@@ -14,9 +14,12 @@ def test_plan_counts_follow_from_the_dataset() -> None:
     plan = bp.make_plan(10e12, 20_000, neighbors=3)
     assert plan.slices == 25_000 and plan.canvas_side == 20_600
     assert plan.cubes == 21 * 21 * 25  # 20,600 px = 21 tiles a side; 25,000 slices = 25 deep
-    align, write, shards = plan.stages
-    assert (align.requests, write.requests, shards.requests) == (74_994, 25_000, 11_025)
-    assert bp.make_plan(10e12, 20_000, neighbors=1).stages[0].requests == 24_999
+    features, align, write, shards = plan.stages
+    assert (features.requests, align.requests) == (25_000, 74_994)  # each slice's features once
+    assert (write.requests, shards.requests) == (25_000, 11_025)
+    assert bp.make_plan(10e12, 20_000, neighbors=1).stage("align").requests == 24_999
+    # Matching stored features costs far less than extracting them: neighbours are cheap.
+    assert align.requests * align.cpu_s < 0.1 * features.requests * features.cpu_s
     assert shards.reads == 1024  # one range read of a slice's tiles object per slice of the cube
     # Twice the width, about half the wall time; cost does not depend on the width.
     assert math.isclose(plan.wall_s(32) / plan.wall_s(64), 2.0, rel_tol=0.05)

@@ -246,7 +246,7 @@ def bench_emwrite(
 @bench_app.command("memory")
 def bench_memory(
     slice_case: list[str] = typer.Option(
-        ["20000:8", "20000:16", "32768:8"],
+        ["20000:8", "20000:16", "32766:8"],
         "--slice",
         help="SIDE:BITS of an /alignedslice (16-bit with a window); repeat for more.",
     ),

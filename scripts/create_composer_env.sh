@@ -16,8 +16,9 @@ the emprocess DAGs (emprocess_width{W}_v{VERSION}):
      variables AIRFLOW_CONN_ALIGN_CLOUD_RUN / AIRFLOW_CONN_IMG_WRITE holding the
      Cloud Run service URLs (looked up when not given);
   3. let the environment's service account invoke both services;
-  4. extra PyPI packages, with --pypi-file (the DAG needs none beyond the
-     Composer image: pydantic, requests, numpy, google-auth, google-cloud-storage);
+  4. the PyPI packages the DAG needs beyond the Composer image
+     (scripts/composer-requirements.txt: OpenCV, libvips, SciPy, ...), and the
+     extra packages of --pypi-file;
   5. the Airflow pool http_requests (every batch task runs in it), and the
      Airflow setting core.parallelism (tasks running at once per scheduler;
      Airflow's default, 32, would cap a width-128 run) set to the pool's slots;
@@ -43,7 +44,7 @@ Options:
   --emwrite-name NAME    emwrite service name (default emprocess-emwrite)
   --pool-slots N         slots of the pool http_requests, and core.parallelism
                          (default $DEFAULT_POOL_SLOTS: four runs of width 128)
-  --pypi-file FILE       requirements file of extra PyPI packages to install
+  --pypi-file FILE       requirements file of more PyPI packages to install
   --skip-create          the environment exists; only configure it
   --dry-run              print the gcloud commands instead of running them
   -h, --help             show this help
@@ -132,7 +133,7 @@ done
 if [[ -n $pypi_file && ! -f $pypi_file ]]; then
     die_usage "--pypi-file $(q "$pypi_file") is not a file"
 fi
-for path in "$REPO_ROOT/emprocess.py" "$REPO_ROOT/emprocess/__init__.py"; do
+for path in "$REPO_ROOT/emprocess.py" "$REPO_ROOT/emprocess/__init__.py" "$REPO_ROOT/scripts/composer-requirements.txt"; do
     if [[ ! -f $path ]]; then
         die "$path is missing; run this script from a checkout of clio-ingest"
     fi
@@ -203,13 +204,19 @@ else
     say "   skipped: grant the environment's service account access to the services yourself"
 fi
 
-if [[ -n $pypi_file ]]; then
-    say "4. installing the PyPI packages of $pypi_file"
-    run gcloud composer environments update "$env_name" "${env_flags[@]}" \
-        --update-pypi-packages-from-file="$pypi_file"
+# One update with every package: each update of an environment takes minutes.
+requirements="$REPO_ROOT/scripts/composer-requirements.txt"
+if ((DRY_RUN)); then
+    packages="PACKAGES-FILE"
 else
-    say "4. no extra PyPI packages (--pypi-file not given)"
+    packages=$(mktemp "${TMPDIR:-/tmp}/emprocess-pypi.XXXXXX")
+    TEMP_PATHS+=("$packages")
+    # Requirement lines only: comments and blank lines dropped.
+    cat "$requirements" ${pypi_file:+"$pypi_file"} | sed -e 's/#.*//' -e 's/[[:space:]]*$//' -e '/^$/d' >"$packages"
 fi
+say "4. installing the PyPI packages of scripts/composer-requirements.txt${pypi_file:+ and $pypi_file}"
+run gcloud composer environments update "$env_name" "${env_flags[@]}" \
+    --update-pypi-packages-from-file="$packages"
 
 say "5. pool $POOL with $pool_slots slots, and core.parallelism $pool_slots"
 run gcloud composer environments run "$env_name" "${env_flags[@]}" \

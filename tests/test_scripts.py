@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from types import ModuleType
 
@@ -217,6 +218,8 @@ for arg in argv:
     key, _, value = arg.partition("=")
     if key in ("--cors-file", "--lifecycle-file"):
         files[key] = json.loads(Path(value).read_text())
+    if key == "--update-pypi-packages-from-file":
+        files[key] = Path(value).read_text()
     if key == "--source":
         p = Path(value)
         sources[p.name] = (
@@ -463,6 +466,50 @@ def test_create_composer_env_uploads_a_clean_package(
     assert "__init__.py" in package and "workflow/dag.py" in package and "tools.py" in package
     assert all(p.endswith(".py") and "__pycache__" not in p for p in package)
     assert not any(p.name.startswith("emprocess-dags") for p in tmp_path.iterdir())
+    packages = [c["files"]["--update-pypi-packages-from-file"] for c in calls if c["files"]]
+    assert packages == ["\n".join(composer_requirements()) + "\n"]
+    assert not any(p.name.startswith("emprocess-pypi") for p in tmp_path.iterdir())
+
+
+def composer_requirements() -> list[str]:
+    """What the Airflow workers need beyond Airflow and its providers, from pyproject.toml:
+    the project's dependencies and its ``airflow`` extra (with the extras it names)."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+
+    def expand(reqs: list[str]) -> list[str]:
+        out: list[str] = []
+        for req in reqs:
+            if req.startswith("clio-ingest["):
+                for extra in req[len("clio-ingest[") : -1].split(","):
+                    out += expand(extras[extra])
+            elif not req.startswith("apache-airflow"):
+                out.append(req)
+        return out
+
+    return project["dependencies"] + expand(extras["airflow"])
+
+
+def test_composer_requirements_follow_pyproject() -> None:
+    lines = (REPO / "scripts" / "composer-requirements.txt").read_text().splitlines()
+    listed = [line for line in lines if line and not line.startswith("#")]
+    assert sorted(listed) == sorted(composer_requirements())
+    assert {"scipy>=1.11", "pyvips>=3.0", "opencv-python-headless>=4.9"} <= set(listed)
+
+
+def test_create_composer_env_adds_the_pypi_file(
+    recording_gcloud: dict[str, str], tmp_path: Path
+) -> None:
+    extra = tmp_path / "more.txt"
+    extra.write_text("# ours\nnapari==0.5.0  # a viewer\n\n")
+    proc = run_script(
+        "create_composer_env.sh", "emenv", "--location", "l1", "--skip-create",
+        "--pypi-file", str(extra), env=recording_gcloud,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    calls = gcloud_calls(recording_gcloud)
+    (packages,) = [c["files"]["--update-pypi-packages-from-file"] for c in calls if c["files"]]
+    assert packages.splitlines() == [*composer_requirements(), "napari==0.5.0"]
 
 
 # -- gen_uuid --------------------------------------------------------------------------------

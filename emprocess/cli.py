@@ -145,7 +145,7 @@ def bench_align(
     """Seconds of wall and CPU per pair, on one core, with the recovered error in px."""
     import cv2
 
-    from benchmarks.align import print_align_benchmark, run_align_benchmark
+    from emprocess_bench.align import print_align_benchmark, run_align_benchmark
 
     cv2.setNumThreads(1)
     print_align_benchmark(run_align_benchmark(tuple(sizes), tuple(downsamples), repeats))
@@ -161,7 +161,7 @@ def bench_neighbors(
     """Align CPU per neighbour count: pairs decoding both slices vs features once per slice."""
     import cv2
 
-    from benchmarks.neighbors import print_neighbors_benchmark, run_neighbors_benchmark
+    from emprocess_bench.neighbors import print_neighbors_benchmark, run_neighbors_benchmark
 
     cv2.setNumThreads(1)
     services = logging.getLogger("emprocess.services")
@@ -182,7 +182,7 @@ def bench_align_service(
     max_pixels: int = typer.Option(0, help="EMPROCESS_ALIGN_MAX_PIXELS (0: the default)."),
 ) -> None:
     """Peak RSS and wall time of one alignment request of a big pair, through the service."""
-    from benchmarks.align_service import (
+    from emprocess_bench.align_service import (
         print_align_service_benchmark,
         run_align_service_benchmark,
     )
@@ -218,8 +218,8 @@ def bench_emwrite(
     Storage: the local root of --storage-root or EMPROCESS_STORAGE_ROOT (objects kept),
     else a temporary folder (removed after).
     """
-    from benchmarks.emwrite import print_emwrite_benchmark, run_emwrite_benchmark
     from emprocess import storage
+    from emprocess_bench.emwrite import print_emwrite_benchmark, run_emwrite_benchmark
 
     if bits not in (8, 16) or raw_bits not in (8, bits):
         raise typer.BadParameter(
@@ -262,7 +262,7 @@ def bench_memory(
     """Wall time and the emwrite worker's peak memory (VmHWM) of each request."""
     from pathlib import Path
 
-    from benchmarks.memory import parse_case, run_memory_benchmark
+    from emprocess_bench.memory import parse_case, run_memory_benchmark
 
     try:
         cases = [parse_case(c) for c in slice_case]
@@ -283,7 +283,7 @@ def bench_solve(
     neighbors: int = typer.Option(4, min=1, max=6, help="Neighbours per slice."),
 ) -> None:
     """Time and peak memory of collect's global solve (targets at 50,000: < 60 s, < 2 GiB)."""
-    from benchmarks.solve import print_solve_benchmark, run_solve_benchmark
+    from emprocess_bench.solve import print_solve_benchmark, run_solve_benchmark
 
     print_solve_benchmark(run_solve_benchmark(sizes, neighbors))
 
@@ -311,7 +311,7 @@ def bench_drift(
     """Accuracy on real FIB-SEM resliced with known drift: today's chain vs the global solve."""
     from pathlib import Path
 
-    from benchmarks.drift import print_drift_benchmark, run_drift_benchmark
+    from emprocess_bench.drift import print_drift_benchmark, run_drift_benchmark
 
     rows = run_drift_benchmark(
         Path(folder),
@@ -345,7 +345,7 @@ def bench_corrections(
     """Destreaking and per-slice normalisation on real FIB-SEM with known faults vs the clean stack."""
     from pathlib import Path
 
-    from benchmarks.corrections import (
+    from emprocess_bench.corrections import (
         Faults,
         print_corrections_benchmark,
         run_corrections_benchmark,
@@ -358,7 +358,7 @@ def bench_corrections(
     )
     print_corrections_benchmark(rows, slices, bits)
     if big:
-        from benchmarks.corrections import destreak_cost, print_destreak_cost
+        from emprocess_bench.corrections import destreak_cost, print_destreak_cost
 
         print_destreak_cost(destreak_cost(Path(folder), big, bits))
 
@@ -383,13 +383,13 @@ def bench_run(
     Utilisation is the CPU time of the processes the run started (services, Airflow)
     over each stage's wall time times the cores, so other load on the machine does not
     count as ours; the machine's busy share is printed beside it. Each request's peak is
-    its gunicorn worker's VmHWM, reset before the request (benchmarks/gunicorn_peak.py).
-    Slices above 8192 px are the synthetic slices enlarged (benchmarks/bigslices.py);
+    its gunicorn worker's VmHWM, reset before the request (emprocess_bench/gunicorn_peak.py).
+    Slices above 8192 px are the synthetic slices enlarged (emprocess_bench/bigslices.py);
     at 20,000 px run it under `flock /work/bigmem.lock` on a shared machine.
     """
     from pathlib import Path
 
-    from benchmarks.run import run_benchmark
+    from emprocess_bench.run import run_benchmark
 
     if bits not in (8, 16):
         raise typer.BadParameter(f"--bits must be 8 or 16, got {bits}")
@@ -416,12 +416,12 @@ def bench_scale(
 ) -> None:
     """Time and peak RSS of every stage that grows with the slice count, extrapolated to 50,000.
 
-    Tiny slices and stand-in services (benchmarks/standin_services.py) that answer at
+    Tiny slices and stand-in services (emprocess_bench/standin_services.py) that answer at
     once: only the DAG's own work is measured, each stage in a fresh process.
     """
     from pathlib import Path
 
-    from benchmarks.scale import run_scale_benchmark
+    from emprocess_bench.scale import run_scale_benchmark
 
     logging.getLogger("emprocess").setLevel(logging.WARNING)
     result = run_scale_benchmark(
@@ -440,9 +440,9 @@ def bench_plan(
     """Requests, objects, GCS rates, Cloud Run time and cost of a large run (docs/scale.md).
 
     Arithmetic from the measured throughput and stated prices (constants in
-    benchmarks/plan.py, each with its source).
+    emprocess_bench/plan.py, each with its source).
     """
-    from benchmarks.plan import make_plan, report
+    from emprocess_bench.plan import make_plan, report
 
     print(report(make_plan(terabytes * 1e12, side, neighbors)))
 
@@ -450,7 +450,7 @@ def bench_plan(
 @bench_app.command("parse")
 def bench_parse(repeats: int = typer.Option(5, min=1, help="Parses; the median counts.")) -> None:
     """Seconds Airflow takes to parse emprocess.py (all DAGs); target under 1 s."""
-    from benchmarks.parse import bench_parse as run
+    from emprocess_bench.parse import bench_parse as run
 
     print(run(repeats=repeats).report())
 

@@ -22,9 +22,9 @@ from conftest import SHARED_DATA, ServicePool, unique_bucket
 from dags_conftest_helpers import run_e2e
 
 from emprocess import layout, storage
-from emprocess.drift import BLANK, DUPLICATE, NOISE, errors_px, reslice
 from emprocess.report import run_report
 from emprocess.workflow import dag_id
+from emprocess_bench.reslice import BLANK, DUPLICATE, NOISE, errors_px, reslice
 
 FIBSEM = SHARED_DATA / "fibsem"
 FAULTS = {20: BLANK, 40: NOISE, 60: BLANK, 61: NOISE, 80: DUPLICATE}

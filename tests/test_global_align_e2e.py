@@ -104,7 +104,7 @@ def test_neighbours_solve_and_bad_slices_on_real_fibsem(
     figures = errors_px(transforms, truth, bad=sorted(FAULTS))
     print({k: round(v, 2) for k, v in figures.items() if not k.startswith("per")})
     # Measured against the registered volume's frame, which SIFT itself sees turn and
-    # move: the undrifted stack aligned alike is 11.7 px off it at downsample 1 (README,
+    # move: the undrifted stack aligned alike is 11.7 px off it at downsample 1 (docs/figures.md,
     # "floor"), so the 1.5 px / 0.5 px cannot be asked here. Measured 17.5 px and
     # 1.98 px at downsample 2 (the identity link without the solve: 9 px jumps).
     assert figures["neighbours"] < 2.5

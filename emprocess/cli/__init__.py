@@ -60,6 +60,7 @@ def _root(
     ctx.with_resource(storage.use(chosen or storage_settings()))
 
 
+# In the order `emprocess --help` lists them (the bench group comes last).
 app.command("sample")(tools.sample)
 app.command("serve")(serve.serve)
 app.command("run")(run.run)
@@ -95,7 +96,3 @@ def run_as_script(command: str, argv: list[str] | None = None, prog: str | None 
 def main() -> None:
     """Console entry point."""
     app()
-
-
-if __name__ == "__main__":
-    main()

@@ -1,7 +1,7 @@
 """Decode slice images (PNG, TIFF, JPEG; 8- or 16-bit), refusing costly or unknown ones by header.
 
 Decoding is libvips's (``pyvips`` with the ``pyvips-binary`` wheel: no system library),
-chosen by measurement (``emprocess bench align-service``, docs in the README): it
+chosen by measurement (``emprocess bench align-service``, figures in docs/services.md): it
 decodes PNG row by row, TIFF strip by strip and JPEG block row by block row
 (``access="sequential"``), so a slice read at 1/n of its resolution
 (:func:`decode_image` with ``factor``) never holds more than a band of rows at full

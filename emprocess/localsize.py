@@ -16,7 +16,7 @@ GIB = 1 << 30
 
 EMWRITE_WORKER_BYTES = int(1.1 * GIB)
 """Peak RSS of an emwrite worker: a full 1024^3 /ngshard cube with the lossless pyramid
-(README, "Measured throughput")."""
+(docs/figures.md, "Throughput")."""
 
 ALIGN_WORKER_BYTES = GIB // 2
 """Peak RSS of an alignment worker on a pair of large slices."""

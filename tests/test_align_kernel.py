@@ -10,12 +10,6 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from benchmarks.align import (
-    make_pair,
-    print_align_benchmark,
-    run_align_benchmark,
-    synthetic_texture,
-)
 from emprocess import affine
 from emprocess.errors import InvalidInput
 from emprocess.kernels.align import (
@@ -24,6 +18,12 @@ from emprocess.kernels.align import (
     align_pair,
     downsample_image,
     stretch_contrast,
+)
+from emprocess_bench.align import (
+    make_pair,
+    print_align_benchmark,
+    run_align_benchmark,
+    synthetic_texture,
 )
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -8,10 +8,10 @@ import cv2
 import numpy as np
 import pytest
 
-from benchmarks.bigslices import STACK_RECORD, bits16_window, enlarge_slice, write_big_stack
 from emprocess import storage
 from emprocess.sample import generate_slice
 from emprocess.settings import StorageEnv, load
+from emprocess_bench.bigslices import STACK_RECORD, bits16_window, enlarge_slice, write_big_stack
 
 
 def test_an_enlarged_slice_keeps_the_tissue_and_its_grey_levels() -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from conftest import SHARED_DATA
 
-from benchmarks.drift import _align_all, _read_answers, load_pingpong, run_drift_benchmark
+from emprocess_bench.drift import _align_all, _read_answers, load_pingpong, run_drift_benchmark
 
 FIBSEM = SHARED_DATA / "fibsem"
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.emwrite import RUN_ID, SOURCE, clear_buckets, run_emwrite_benchmark
 from emprocess import storage
+from emprocess_bench.emwrite import RUN_ID, SOURCE, clear_buckets, run_emwrite_benchmark
 
 
 def test_benchmark_phases_report_rates_and_repeat_on_fresh_outputs(

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.memory import em_slice
+from emprocess_bench.memory import em_slice
 
 
 def test_em_slices_are_em_like_and_not_periodic() -> None:

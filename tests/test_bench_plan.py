@@ -6,8 +6,8 @@ import math
 
 from typer.testing import CliRunner
 
-from benchmarks import plan as bp
 from emprocess.cli import app
+from emprocess_bench import plan as bp
 
 
 def test_plan_counts_follow_from_the_dataset() -> None:

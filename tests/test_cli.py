@@ -180,20 +180,20 @@ def test_run_takes_a_folder_as_root_and_bucket(
 ) -> None:
     import os
 
-    from emprocess.cli import _storage_for
+    from emprocess.cli.run import storage_for
 
     monkeypatch.delenv("EMPROCESS_STORAGE_ROOT", raising=False)
     (tmp_path / "my-stack").mkdir()
     before = dict(os.environ)
-    bucket, chosen = _storage_for(str(tmp_path / "my-stack"))
+    bucket, chosen = storage_for(str(tmp_path / "my-stack"))
     assert (bucket, chosen.storage_root) == ("my-stack", tmp_path)
     assert dict(os.environ) == before  # passed on explicitly, not through os.environ
-    assert _storage_for("plain-bucket")[0] == "plain-bucket"
+    assert storage_for("plain-bucket")[0] == "plain-bucket"
     (tmp_path / "Bad_Name").mkdir()
     from emprocess.errors import InvalidBucketName
 
     with pytest.raises(InvalidBucketName, match="Bad_Name"):
-        _storage_for(str(tmp_path / "Bad_Name"))
+        storage_for(str(tmp_path / "Bad_Name"))
 
 
 def test_the_storage_root_is_one_choice_for_the_whole_command(
@@ -228,7 +228,7 @@ def test_run_options_take_their_defaults_and_help_from_the_conf_schema(command: 
     import typer
     from rich.markup import escape
 
-    from emprocess.cli_options import numbers
+    from emprocess.cli.options import numbers
     from emprocess.workflow.conf import RunConf
 
     params = typer.main.get_command(app).commands[command].params  # type: ignore[attr-defined]

@@ -19,14 +19,6 @@ import pytest
 import requests
 from conftest import SHARED_DATA, unique_bucket
 
-from benchmarks.corrections import (
-    Faults,
-    inject,
-    print_corrections_benchmark,
-    run_corrections_benchmark,
-    stripe_power,
-    stripe_profile,
-)
 from emprocess import storage
 from emprocess.errors import InvalidInput
 from emprocess.kernels import correct, tiles
@@ -42,6 +34,14 @@ from emprocess.kernels.normalise import (
 from emprocess.kernels.quality import doubtful_slices, ncc, ncc_threshold
 from emprocess.layout import RunLayout
 from emprocess.services import emwrite
+from emprocess_bench.corrections import (
+    Faults,
+    inject,
+    print_corrections_benchmark,
+    run_corrections_benchmark,
+    stripe_power,
+    stripe_profile,
+)
 
 FIBSEM = SHARED_DATA / "fibsem"
 IDENTITY = [1.0, 0.0, 0.0, 1.0, 0.0, 0.0]

@@ -21,7 +21,6 @@ import pytest
 import requests
 from conftest import SHARED_DATA, unique_bucket
 
-from benchmarks.corrections import Faults, inject
 from emprocess import storage
 from emprocess.errors import EmprocessError
 from emprocess.kernels import tiles
@@ -34,6 +33,7 @@ from emprocess.workflow.conf import InvalidRunConf, RunConf, parse_conf
 from emprocess.workflow.corrections import measure_intensity, read_gain_offset, run_common_area
 from emprocess.workflow.payloads import plan_aligned_slices
 from emprocess.workflow.quality import record_quality
+from emprocess_bench.corrections import Faults, inject
 
 N = 20
 

@@ -22,9 +22,9 @@ from conftest import SHARED_DATA, ServicePool, unique_bucket
 from dags_conftest_helpers import run_e2e
 
 from emprocess import layout, storage
-from emprocess.drift import BLANK, DUPLICATE, NOISE, errors_px, reslice
 from emprocess.report import run_report
 from emprocess.workflow import dag_id
+from emprocess_bench.reslice import BLANK, DUPLICATE, NOISE, errors_px, reslice
 
 FIBSEM = SHARED_DATA / "fibsem"
 FAULTS = {20: BLANK, 40: NOISE, 60: BLANK, 61: NOISE, 80: DUPLICATE}
@@ -104,7 +104,7 @@ def test_neighbours_solve_and_bad_slices_on_real_fibsem(
     figures = errors_px(transforms, truth, bad=sorted(FAULTS))
     print({k: round(v, 2) for k, v in figures.items() if not k.startswith("per")})
     # Measured against the registered volume's frame, which SIFT itself sees turn and
-    # move: the undrifted stack aligned alike is 11.7 px off it at downsample 1 (README,
+    # move: the undrifted stack aligned alike is 11.7 px off it at downsample 1 (docs/figures.md,
     # "floor"), so the 1.5 px / 0.5 px cannot be asked here. Measured 17.5 px and
     # 1.98 px at downsample 2 (the identity link without the solve: 9 px jumps).
     assert figures["neighbours"] < 2.5

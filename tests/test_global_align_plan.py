@@ -59,7 +59,7 @@ def test_fills_of_bad_slices() -> None:
 
 
 def test_reslice_drift_and_faults_follow_the_truth() -> None:
-    from emprocess.drift import BLANK, DUPLICATE, reslice
+    from emprocess_bench.reslice import BLANK, DUPLICATE, reslice
 
     rng = np.random.default_rng(0)
     smooth = cv2.GaussianBlur(rng.uniform(0, 255, (200, 200)), (0, 0), 6)

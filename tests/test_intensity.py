@@ -277,7 +277,7 @@ def test_benchmark_of_16bit_slices_drives_the_same_rendering(tmp_path: Path) -> 
     """``emprocess bench emwrite --bits 16 --raw-bits 16``: the 16-bit stack through the
     window gives the 8-bit stack's tiles, byte for byte (so its figures measure the same
     work plus the 16-bit decode and lookup), and the 16-bit source tiles beside them."""
-    from benchmarks.emwrite import RUN_ID, SOURCE, run_emwrite_benchmark
+    from emprocess_bench.emwrite import RUN_ID, SOURCE, run_emwrite_benchmark
 
     objects = {}
     for bits in (8, 16):

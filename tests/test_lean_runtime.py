@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 # Not in the service images: the report's figures, the benchmarks and what only they,
 # Airflow, the viewer or the CLI use.
-NOT_IN_IMAGES = ("matplotlib", "benchmarks", "psutil", "nbclient", "airflow", "neuroglancer")
+NOT_IN_IMAGES = ("matplotlib", "emprocess_bench", "psutil", "nbclient", "airflow", "neuroglancer")
 
 SERVE_WITHOUT_THEM = f"""
 import json, sys
@@ -30,7 +30,7 @@ answer = align.create_app().test_client().post(
 health = emwrite.create_app().test_client().get("/health")
 refused = emwrite.create_app().test_client().post("/ngmeta", json={{"dest": 7}})
 loaded = sorted(m for m, module in sys.modules.items() if module is not None and (
-    m.split(".")[0] in ("benchmarks", "typer", "rich")
+    m.split(".")[0] in ("emprocess_bench", "typer", "rich")
     or m.startswith(("emprocess.report", "emprocess.workflow", "emprocess.cli"))))
 print(json.dumps({{"align": [answer.status_code, answer.get_json()], "health": health.status_code,
                   "refused": [refused.status_code, refused.get_json()], "loaded": loaded}}))
@@ -58,7 +58,7 @@ def _extras_closure(extra: str) -> set[str]:
 def test_service_images_install_only_their_extra(dockerfile: str, extra: str) -> None:
     text = (REPO / dockerfile / "Dockerfile").read_text()
     assert re.findall(r"pip install [^\n]*'(\.\[[a-z,]*\])'", text) == [f".[{extra}]"]
-    assert "COPY emprocess ./emprocess" in text and "COPY benchmarks" not in text
+    assert "COPY emprocess ./emprocess" in text and "COPY emprocess_bench" not in text
     installed = _extras_closure(extra)
     assert "flask" in installed
     assert not installed & {"matplotlib", "psutil", "apache-airflow", "neuroglancer", "nbclient"}
@@ -94,7 +94,7 @@ def test_services_answer_with_the_report_bench_and_airflow_modules_blocked(tmp_p
             ["report", "r1", "--source", "lean"],
             "[report] extra: pip install 'clio-ingest[report]'",
         ),
-        ("benchmarks", ["bench", "plan"], "[bench] extra: pip install -e '.[bench]'"),
+        ("emprocess_bench", ["bench", "plan"], "[bench] extra: pip install -e '.[bench]'"),
         (
             "psutil",
             ["bench", "run", "--slices", "2"],

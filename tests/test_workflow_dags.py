@@ -42,7 +42,7 @@ def bench_process(airflow_home: Path) -> Iterator[subprocess.Popen]:
         [
             sys.executable,
             "-m",
-            "benchmarks.parse",
+            "emprocess_bench.parse",
             "--json",
             "--repeats",
             "3",

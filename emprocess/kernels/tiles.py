@@ -22,7 +22,7 @@ read and each tile with another.
 
 Codec "png" (default) is a PNG per tile at zlib level 1 with the "up" filter and the
 RLE strategy: lossless, a standard format one can inspect, and on EM data (the real
-520 px slices mirrored into a 1024 px tile; ``python -m benchmarks.kernels``) 0.665
+520 px slices mirrored into a 1024 px tile; ``python -m emprocess_bench.kernels``) 0.665
 of the raw size at 60-80 MB/s encode and 100-170 MB/s decode on one core, where the
 previous pipeline's PNG level 6 (adaptive filters) gave 0.655 at about 20 MB/s, zlib
 level 1 0.81 at 40 MB/s and PNG level 0 no compression. Black canvas margins shrink

@@ -30,7 +30,7 @@ read in columns, and 1.7 GiB after, with a JPEG volume per channel (``bench memo
 file per channel (``channel_imgs``) is checked by its files' headers, then each file is
 read, decoded and rendered in turn, so one channel is in memory at a time.
 
-Codecs, chosen by measurement (``emprocess bench emwrite``, benchmarks/emwrite.py): tiles in
+Codecs, chosen by measurement (``emprocess bench emwrite``, emprocess_bench/emwrite.py): tiles in
 the tmp bucket are "raw" (PNG tiles cost 1.4x the /alignedslice CPU and 2x the
 /ngshard CPU, to save a third of the bytes of a bucket that a lifecycle rule
 empties), the JPEG pyramid uses tensorstore's JPEG (quality 75), and the

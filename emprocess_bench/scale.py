@@ -2,7 +2,7 @@
 
 Orchestration at the scale of a real dataset, simulated on this machine: a stack of N
 tiny slices (one 64x64 PNG, stored N times) under a local storage root, and
-``benchmarks/standin_services.py`` answering every request at once in place of both
+``emprocess_bench/standin_services.py`` answering every request at once in place of both
 services, so only what the DAG's own tasks do is measured: validate's listing and
 header reads, the plans, each batch task's cache listing and cache writes, collect's
 reads of N answers and its transforms files, finish_align's and iswritten's listings,
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from emprocess.settings import HttpEnv
 
 REPO = Path(__file__).resolve().parents[1]
-STANDIN = REPO / "benchmarks" / "standin_services.py"
+STANDIN = Path(__file__).with_name("standin_services.py")
 NOTEBOOK = REPO / "clio_report.ipynb"
 TARGET_SLICES = 50_000
 LIMIT_S, LIMIT_BYTES = 600.0, 2 << 30

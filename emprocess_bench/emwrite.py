@@ -1,4 +1,4 @@
-"""Throughput and peak memory of the emwrite service: ``python -m benchmarks.emwrite``.
+"""Throughput and peak memory of the emwrite service: ``python -m emprocess_bench.emwrite``.
 
 A synthetic stack (``emprocess.sample``, known drift) goes through the service
 functions in-process, under a temporary local storage root:
@@ -270,7 +270,7 @@ def _package_importable() -> Iterator[None]:
 
     A spawned process starts with its parent's sys.path; once Airflow has loaded a DAG
     folder it is first there (tests, a run on an Airflow worker), and ``import
-    benchmarks.emwrite`` in the child would find the DAG file instead.
+    emprocess_bench.emwrite`` in the child would find the DAG file instead.
     """
     import sys
 
@@ -629,8 +629,8 @@ def measure_volume_codecs(depth: int = 128, side: int = 512) -> dict[str, dict[s
     """
     import tensorstore as ts
 
-    from benchmarks.kernels import em_tile
     from emprocess.kernels import ngmeta
+    from emprocess_bench.kernels import em_tile
 
     tile = em_tile()
     big = np.block([[tile, tile[:, ::-1]], [tile[::-1], tile[::-1, ::-1]]])

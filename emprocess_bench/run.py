@@ -2,7 +2,7 @@
 
 The run is ``emprocess run``'s: both services under gunicorn (sized by
 :func:`emprocess.localsize.size_local_run`), the DAG through ``airflow dags test``, on a
-synthetic stack (:mod:`benchmarks.bigslices`: any size, 8- or 16-bit) under a local
+synthetic stack (:mod:`emprocess_bench.bigslices`: any size, 8- or 16-bit) under a local
 storage root in the working folder. A thread samples the CPU time of every
 process this one started (the services' gunicorn masters and workers, Airflow and
 whatever it starts; processes already reaped count through their parent), so the
@@ -14,7 +14,7 @@ gets a row; align, write and shards, which move the pixels, also MB/s per core (
 input pixels per second of the stage's wall time per core).
 
 Each request's peak memory is its gunicorn worker's ``VmHWM``, reset before the request
-(:mod:`benchmarks.gunicorn_peak`, whose hooks the services' gunicorn config adds), so it is the
+(:mod:`emprocess_bench.gunicorn_peak`, whose hooks the services' gunicorn config adds), so it is the
 most the worker held while serving that request, as a Cloud Run instance with
 concurrency 1 would; the table gives the largest and the median per endpoint, with each
 request's median wall and CPU seconds (CPU / wall = the cores a request keeps busy).
@@ -305,7 +305,7 @@ def run_benchmark(
     """A real local run on a synthetic stack under ``workdir``; the stack is kept for reuse.
 
     Args:
-        bits: 8, or 16 (slices ``v * 16 + 300``: see :mod:`benchmarks.bigslices`).
+        bits: 8, or 16 (slices ``v * 16 + 300``: see :mod:`emprocess_bench.bigslices`).
         neighbors: the conf's ``neighbors`` (None: its default).
         align_max_pixels: the alignment service's ``EMPROCESS_ALIGN_MAX_PIXELS`` (None:
             the environment's, else its default).
@@ -337,12 +337,12 @@ def _run(
 ) -> RunBenchmark:
     """:func:`run_benchmark` with its storage chosen."""
 
-    from benchmarks.bigslices import write_big_stack
     from emprocess import settings
     from emprocess.localrun import RunFailed, local_services, run_dag
     from emprocess.localsize import size_local_run
     from emprocess.workflow import WIDTHS, dag_id
     from emprocess.workflow.conf import parse_conf
+    from emprocess_bench.bigslices import write_big_stack
 
     # A 16-bit stack is widened from the 8-bit one when a run of it left it here.
     source = SOURCE if bits == 8 else f"{SOURCE}{bits}"

@@ -1,7 +1,7 @@
 """``emprocess bench drift``: alignment accuracy on real FIB-SEM resliced with known drift.
 
 Reslices the registered slices of a folder (``img.%05d.png``) with a rigid random walk
-(:mod:`emprocess.drift`), injects bad slices, aligns every pair with the alignment
+(:mod:`emprocess_bench.reslice`), injects bad slices, aligns every pair with the alignment
 service's own kernel (in this process, two threads; each slice's features extracted once
 and matched by its pairs, as the service does since issue 19) and runs collect's global
 solve.
@@ -34,7 +34,6 @@ import cv2
 import numpy as np
 
 from emprocess import affine
-from emprocess.drift import BLANK, DUPLICATE, NOISE, errors_px, reslice
 from emprocess.kernels.align import (
     SliceFeatures,
     align_features,
@@ -45,6 +44,7 @@ from emprocess.kernels.features import decode_features, encode_features
 from emprocess.workflow.compose import compose_alignment
 from emprocess.workflow.conf import RunConf
 from emprocess.workflow.globalalign import BAD, GapPlan, global_alignment, plan_gap_pairs
+from emprocess_bench.reslice import BLANK, DUPLICATE, NOISE, errors_px, reslice
 
 FAULTS = {20: BLANK, 40: NOISE, 60: BLANK, 61: NOISE, 80: DUPLICATE}
 

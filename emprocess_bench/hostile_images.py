@@ -1,6 +1,6 @@
 """Time and peak memory of decoding each hostile image of issue 20 at the issue's size.
 
-``python -m benchmarks.hostile_images [--code DIR] [--skip-gib]`` builds, in a temporary
+``python -m emprocess_bench.hostile_images [--code DIR] [--skip-gib]`` builds, in a temporary
 folder, the files the issue describes (a TIFF listing its size twice, a progressive
 8,192^2 JPEG whose last scan is repeated 1,000 times, a 16 x 16 PNG followed by 1 GiB
 of zlib data, 1,000 zTXt chunks, a JPEG with damaged scan data, 1 MiB after IEND) and

@@ -26,10 +26,10 @@ from typing import Any
 import cv2
 import numpy as np
 
-from benchmarks.align import add_noise, synthetic_texture
 from emprocess import layout, storage
 from emprocess.models import AlignRequest, FeaturesRequest
 from emprocess.settings import StorageEnv
+from emprocess_bench.align import add_noise, synthetic_texture
 
 BUCKET = "bench-neighbors"
 MAX_SHIFT_PX = 12

@@ -6,7 +6,7 @@ the image is never held as floats) with fresh detector noise at full resolution:
 tile repeats (a mirrored or tiled texture would give SIFT matches at the period), the
 tissue's profiles are that factor larger, and consecutive slices keep the sample's
 known drift, scaled by the factor. 16-bit slices are the 8-bit ones as
-``v * 16 + 300`` (12 bits of signal in 16, as :mod:`benchmarks.emwrite` writes them)
+``v * 16 + 300`` (12 bits of signal in 16, as :mod:`emprocess_bench.emwrite` writes them)
 plus noise in the low bits; made from an 8-bit stack already written beside them when
 there is one (a decode instead of a render). Slices are written as PNG at compression
 level 1.

@@ -2,10 +2,10 @@
 precomputed (conf ``raw_format``).
 
 One cube's 1024 tiled slices are written once into the tmp bucket (as
-:func:`benchmarks.emwrite.measure_full_cube` does), then /ngmeta + /ngshard run in a fresh
+:func:`emprocess_bench.emwrite.measure_full_cube` does), then /ngmeta + /ngshard run in a fresh
 process per variant: JPEG only, JPEG + precomputed raw (``raw_format`` absent), JPEG +
 OME-Zarr, JPEG + both. The lossless volume's own cost is a variant's CPU less the JPEG-only
-one's. Run as ``python -m benchmarks.omezarr [--depth N] [--repeats N]``.
+one's. Run as ``python -m emprocess_bench.omezarr [--depth N] [--repeats N]``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.emwrite import (
+from emprocess import storage
+from emprocess.layout import RunLayout
+from emprocess_bench.emwrite import (
     CONTAINER_MALLOC_ARENA_MAX,
     MB,
     RUN_ID,
@@ -29,8 +31,6 @@ from benchmarks.emwrite import (
     storage_root,
     volume_payload,
 )
-from emprocess import storage
-from emprocess.layout import RunLayout
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "jpeg only": {"writeRaw": False},

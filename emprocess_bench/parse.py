@@ -5,7 +5,7 @@ processor, not per parse), the first parse of ``emprocess.py`` (imports this pac
 then repeated parses through Airflow's own ``DagBag``; and lists any heavy module the
 DAG file pulled in. Run it in a fresh process::
 
-    python -m benchmarks.parse [--repeats N] [--json] [DAG_FILE]
+    python -m emprocess_bench.parse [--repeats N] [--json] [DAG_FILE]
 """
 
 from __future__ import annotations

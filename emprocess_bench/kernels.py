@@ -1,4 +1,4 @@
-"""Micro-benchmarks of the emwrite kernels: ``python -m benchmarks.kernels [--slice PX]``.
+"""Micro-benchmarks of the emwrite kernels: ``python -m emprocess_bench.kernels [--slice PX]``.
 
 Single-threaded OpenCV unless ``--threads`` says otherwise, so numbers are per core.
 ``--slice 16384`` also runs the /alignedslice path (warp, CLAHE, tile encoding) on a

@@ -1,7 +1,7 @@
 """Peak memory and time of one alignment request on big slices, through the real service.
 
 ``emprocess bench align-service --size 20000 --bits 16`` builds a pair of non-periodic
-EM-like slices (:func:`benchmarks.align.synthetic_texture`, cut with a known affine,
+EM-like slices (:func:`emprocess_bench.align.synthetic_texture`, cut with a known affine,
 independent noise; 16-bit as ``v * 16 + 300`` plus 4 bits of noise) as PNG files in a
 temporary local storage root, starts the alignment service under gunicorn (one worker,
 its default settings unless ``--max-pixels``), posts the pair at ``--downsample`` and
@@ -23,10 +23,10 @@ import cv2
 import numpy as np
 import requests
 
-from benchmarks.align import BENCH_TRUTH, make_pair, synthetic_texture
 from emprocess import affine, storage
 from emprocess.localrun import local_services
 from emprocess.settings import StorageEnv
+from emprocess_bench.align import BENCH_TRUTH, make_pair, synthetic_texture
 
 SOURCE = "bench-align-src"
 MARGIN = 128

@@ -6,7 +6,7 @@ also writes the volume's ``info`` (``gs://DEST/neuroglancer/jpeg/info`` through
 emprocess.storage), which the DAG's ``iswritten`` checks. Not part of the package: only
 ``emprocess bench scale`` starts it. Usage:
 
-    python benchmarks/standin_services.py --port 8090
+    python emprocess_bench/standin_services.py --port 8090
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """``emprocess bench plan``: requests, objects, GCS rates, Cloud Run time and cost of a large run.
 
-Arithmetic only: every input is a constant below with where it comes from (the README's
+Arithmetic only: every input is a constant below with where it comes from (docs/figures.md's
 measured throughput, a benchmark of this repository, or a price page), so the figures of
 docs/scale.md can be re-derived and re-run when a measurement or a price changes.
 """

@@ -18,8 +18,9 @@ whose noise is measured along the stripes).
 The slice is cut into blocks of about ``block_px`` (a slice up to 1.5 blocks is one
 block: no padding, every measurement inside the slice), overlapping by half and blended
 by weights that sum to 1 (a sin^2 cross-fade), so the correction varies smoothly and
-follows stripes that come and go. Memory stays bounded at any slice size: about two
-bands of ``block_px`` rows by the slice width (float32) besides the slice and its output.
+follows stripes that come and go. Memory stays bounded at any slice size: one band of
+``block_px`` rows by the slice width and half of one (float32) besides the slice and its
+output.
 
 Per-slice intensity correction maps grey value ``v`` to ``gain * v + offset`` (clipped to
 the dtype's range, rounded), with the gain and offset decided once per run by
@@ -113,9 +114,9 @@ def destreak(
         image: (H, W) uint8 or uint16 slice.
         angle_deg: stripe direction in degrees from vertical, in [-90, 90] (see
             :class:`SliceCorrection`).
-        block_px: block side (even, >= 16); memory is about ``3 * block_px * W * 4``
-            bytes (W the slice's side across the stripes) plus a few blocks of
-            ``block_px**2 * 8`` bytes.
+        block_px: block side (even, >= 16); memory besides the slice and the output is
+            about ``1.5 * block_px * W * 4`` bytes (W the slice's side across the
+            stripes) plus a few blocks of ``block_px**2 * 8`` bytes.
 
     Returns:
         (H, W) array of ``image``'s dtype, rounded and clipped to its range; ``image``'s
@@ -143,10 +144,14 @@ def _destreak_into(image: np.ndarray, out: np.ndarray, angle_deg: float, block_p
     # Along a stripe, x moves by `shear` px per row down (positive angle: a backslash).
     shear = math.tan(math.radians(angle_deg))
     col_spans = _spans(width, block_px)
-    carry = np.zeros((0, width), np.float32)  # rows of the band finished by the next one
-    for y0, y_done, y1, wy in _spans(height, block_px):
-        band = np.zeros((y1 - y0, width), np.float32)  # the correction to subtract
-        band[: carry.shape[0]] += carry
+    row_spans = _spans(height, block_px)
+    # The correction to subtract, rows y0 .. y1 of the current band; the rows the next
+    # band shares (y_done .. y1) move to its top when this one is done.
+    buffer = np.zeros((max(y1 - y0 for y0, _, y1, _ in row_spans), width), np.float32)
+    carried = 0
+    for y0, y_done, y1, wy in row_spans:
+        band = buffer[: y1 - y0]
+        band[carried:] = 0.0
         for x0, _, x1, wx in col_spans:
             field = _stripe_field(image[y0:y1, x0:x1], shear)
             if field is not None:
@@ -156,7 +161,9 @@ def _destreak_into(image: np.ndarray, out: np.ndarray, angle_deg: float, block_p
         rows = image[y0:y_done].astype(np.float32)
         rows -= band[:done]
         out[y0:y_done] = np.clip(np.rint(rows, out=rows), 0, top, out=rows)
-        carry = band[done:].copy()  # (a view would keep the whole band)
+        del rows
+        carried = y1 - y_done
+        buffer[:carried] = band[done:]
 
 
 def _spans(length: int, block_px: int) -> list[tuple[int, int, int, np.ndarray]]:

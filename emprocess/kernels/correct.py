@@ -29,8 +29,10 @@ the dtype's range, rounded), with the gain and offset decided once per run by
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 
@@ -199,36 +201,29 @@ def _stripe_field(block: np.ndarray, shear: float) -> np.ndarray | None:
     a (1, w) row (vertical stripes) to broadcast.
     """
     rows, cols = block.shape
-    strips = max(2, round(rows / STRIP_PX))
     if rows < 2 * MIN_STRIP_PX or cols < 16:
         return None
-    edges = np.linspace(0, rows, strips + 1).round().astype(np.int64)
-    # Profile coordinate u = x - shear * y (+ offset so that u >= 0), 1 px bins.
-    offset = max(0.0, (rows - 1) * shear)
-    nbins = cols + math.ceil((rows - 1) * abs(shear)) + 1
-    sums = np.zeros((strips, nbins))
-    counts = np.zeros((strips, nbins))
-    for k in range(strips):
-        part = block[edges[k] : edges[k + 1]]
-        if shear == 0.0:
-            sums[k, :cols] = part.sum(axis=0, dtype=np.float64)
-            counts[k, :cols] = part.shape[0]
-            continue
-        y = np.arange(edges[k], edges[k + 1], dtype=np.float64)[:, None]
-        u = (np.arange(cols, dtype=np.float64)[None, :] - shear * y + offset).ravel()
-        lo = np.floor(u).astype(np.int64)
-        frac = u - lo
-        values = part.ravel().astype(np.float64)
-        for bins, w in ((lo, 1.0 - frac), (lo + 1, frac)):
-            sums[k] += np.bincount(bins, w * values, nbins)
-            counts[k] += np.bincount(bins, w, nbins)
-    total = counts.sum(axis=0)
-    seen = total > 0.5
+    edges = _strip_edges(rows)
     if shear == 0.0:
-        nbins, seen = cols, seen[:cols]
-        sums, counts, total = sums[:, :cols], counts[:, :cols], total[:cols]
-    grid = np.arange(nbins)
-    mean = np.interp(grid, grid[seen], sums.sum(axis=0)[seen] / total[seen])
+        sums = np.stack([block[a:b].sum(axis=0, dtype=np.float64) for a, b in pairwise(edges)])
+        counts = np.diff(edges).astype(np.float64)[:, None]
+        mean = sums.sum(axis=0) / rows
+    else:
+        geometry = _tilt_geometry(rows, cols, shear)
+        nbins = geometry.counts.shape[1]
+        sums = np.zeros((len(edges) - 1, nbins))
+        for k, (a, b) in enumerate(pairwise(edges)):
+            values = block[a:b].ravel().astype(np.float64)
+            upper = geometry.frac[a * cols : b * cols] * values
+            lo = geometry.lo[a * cols : b * cols]
+            sums[k] = np.bincount(lo, values - upper, nbins)
+            sums[k] += np.bincount(lo + 1, upper, nbins)
+        counts = geometry.counts
+        total = counts.sum(axis=0)
+        seen = total > 0.5
+        grid = np.flatnonzero(seen)
+        # Bins no pixel reaches (none but at the ends) take their neighbours' value.
+        mean = np.interp(np.arange(total.size), grid, sums.sum(axis=0)[seen] / total[seen])
     each = np.where(counts > 0.5, sums / np.maximum(counts, 1e-9), mean)
     profile = _shrink(mean, each - mean)
     if profile is None:
@@ -236,8 +231,40 @@ def _stripe_field(block: np.ndarray, shear: float) -> np.ndarray | None:
     if shear == 0.0:
         return profile[None, :].astype(np.float32)
     y = np.arange(rows, dtype=np.float64)[:, None]
-    u = np.arange(cols, dtype=np.float64)[None, :] - shear * y + offset
-    return np.interp(u, grid, profile).astype(np.float32)
+    u = np.arange(cols, dtype=np.float64)[None, :] - shear * y + max(0.0, (rows - 1) * shear)
+    return np.interp(u, np.arange(profile.size), profile).astype(np.float32)
+
+
+def _strip_edges(rows: int) -> np.ndarray:
+    """Where the strips along the stripes of a block ``rows`` long start and end."""
+    strips = max(2, round(rows / STRIP_PX))
+    return np.linspace(0, rows, strips + 1).round().astype(np.int64)
+
+
+@dataclass(frozen=True)
+class _TiltGeometry:
+    """Each pixel's profile bin along tilted stripes (row-major), linear weights."""
+
+    lo: np.ndarray  # (rows * cols,) int: the bin at or before the pixel's u
+    frac: np.ndarray  # (rows * cols,) float32: the weight of bin lo + 1
+    counts: np.ndarray  # (strips, nbins): the weight each strip puts in each bin
+
+
+@functools.lru_cache(maxsize=4)
+def _tilt_geometry(rows: int, cols: int, shear: float) -> _TiltGeometry:
+    """Profile coordinate u = x - shear * y (+ an offset so that u >= 0), 1 px bins."""
+    y = np.arange(rows, dtype=np.float64)[:, None]
+    u = (np.arange(cols, dtype=np.float64)[None, :] - shear * y).ravel()
+    u += max(0.0, (rows - 1) * shear)
+    lo = np.floor(u).astype(np.int32)
+    frac = (u - lo).astype(np.float32)
+    nbins = cols + math.ceil((rows - 1) * abs(shear)) + 1
+    counts = np.zeros((len(_strip_edges(rows)) - 1, nbins))
+    for k, (a, b) in enumerate(pairwise(_strip_edges(rows))):
+        upper = frac[a * cols : b * cols].astype(np.float64)
+        counts[k] = np.bincount(lo[a * cols : b * cols], 1.0 - upper, nbins)
+        counts[k] += np.bincount(lo[a * cols : b * cols] + 1, upper, nbins)
+    return _TiltGeometry(lo, frac, counts)
 
 
 def _shrink(mean: np.ndarray, deviations: np.ndarray) -> np.ndarray | None:

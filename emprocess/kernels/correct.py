@@ -13,7 +13,8 @@ and that estimate subtracted from every line of the block. Where there are no st
 ``P`` is about ``N`` and nothing is removed; structures along ``d`` shorter than the
 block vary between strips and are kept (Münch et al. 2009 damp a fixed band of wavelet
 coefficients instead; this shrinkage follows the measured spectrum, like a Wiener filter
-whose noise is measured along the stripes).
+whose noise is measured along the stripes). The price: stripes much shorter than a
+block along ``d`` are only partly removed, as the strips disagree on them.
 
 The slice is cut into blocks of about ``block_px`` (a slice up to 1.5 blocks is one
 block: no padding, every measurement inside the slice), overlapping by half and blended
@@ -288,6 +289,9 @@ def _shrink(mean: np.ndarray, deviations: np.ndarray) -> np.ndarray | None:
 
 
 def _smooth(power: np.ndarray) -> np.ndarray:
-    kernel = np.ones(SMOOTH_BINS)
-    total = np.convolve(power, kernel, mode="same")
-    return total / np.convolve(np.ones_like(power), kernel, mode="same")
+    """The mean over the SMOOTH_BINS bins around each (fewer at the ends)."""
+    half = SMOOTH_BINS // 2
+    total = np.concatenate([[0.0], np.cumsum(power)])
+    at = np.arange(power.size)
+    lo, hi = np.maximum(at - half, 0), np.minimum(at + half + 1, power.size)
+    return (total[hi] - total[lo]) / (hi - lo)

@@ -21,8 +21,10 @@ from conftest import SHARED_DATA, unique_bucket
 
 from benchmarks.corrections import (
     Faults,
+    destreak_cost,
     inject,
     print_corrections_benchmark,
+    print_destreak_cost,
     run_corrections_benchmark,
     stripe_power,
     stripe_profile,
@@ -340,6 +342,16 @@ def test_bench_corrections_prints_its_figures(capsys: pytest.CaptureFixture[str]
     assert by[("flicker", "slice")]["mean_err_0"][1] < by[("flicker", "none")]["mean_err_0"][1]
     assert by[("stripes", "destreak")]["stripe_reduction"][1] >= 10.0
     assert by[("stripes", "destreak")]["corr_clean"][1] >= 0.98
+
+
+def test_bench_destreak_cost_prints_cpu_and_memory(capsys: pytest.CaptureFixture[str]) -> None:
+    """A 2048^2 16-bit slice: besides its output, one band of 512 rows and half of one
+    (float32, 6 MiB) and a few blocks."""
+    row = destreak_cost(FIBSEM, 2048, bits=16)
+    print_destreak_cost(row)
+    assert "2048 x 2048 slice: CPU" in capsys.readouterr().out
+    assert row["slice_mib"] == 8.0 and 4.0 < row["beyond_mib"] < 10.0, row
+    assert row["cpu_s"] > 0.0
 
 
 def test_real_slices_are_where_the_tests_read_them() -> None:

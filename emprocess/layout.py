@@ -15,6 +15,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from emprocess.records import RunRecords
 
 JPEG_PATH = "neuroglancer/jpeg"
 """Path of the JPEG volume in the ng bucket."""
@@ -161,6 +165,13 @@ class RunLayout:
         """``gs://SOURCE_process/ID/<parts>``."""
         tail = "/".join(p.strip("/") for p in parts if p)
         return f"gs://{self.process}/{self.run_id}" + (f"/{tail}" if tail else "")
+
+    @property
+    def records(self) -> RunRecords:
+        """The run's records in the process bucket, read and written as their models."""
+        from emprocess.records import RunRecords
+
+        return RunRecords(self)
 
     def failure_url(self, stage: str) -> str:
         """The failure records of ``stage``: ``gs://SOURCE_process/ID/failures/STAGE``."""

@@ -16,6 +16,7 @@ from typing import Any
 
 from emprocess import affine
 from emprocess.layout import NGMETA, cube_name, pair_name, slice_task_name
+from emprocess.records import AnswerRecord
 from emprocess.report.model import StageProgress
 from emprocess.storage import ObjectInfo
 from emprocess.workflow.batch import MiniTask
@@ -188,7 +189,7 @@ def stage_progress(
     running: bool,
     now: datetime,
     failures: int | None,
-    records: Mapping[str, Mapping[str, Any]] | None,
+    records: Mapping[str, AnswerRecord] | None,
     skipped: bool,
 ) -> StageProgress:
     """A stage's progress: counts, rate over its finish times, ETA (only while ``running``).
@@ -208,9 +209,9 @@ def stage_progress(
         failures = 0  # every planned mini-task has its answer
     retried = attempts = mean_s = None
     if records is not None:
-        tries = [int(r.get("attempts", 1)) for r in records.values()]
+        tries = [r.attempts for r in records.values()]
         retried, attempts = sum(1 for n in tries if n > 1), sum(tries)
-        secs = [float(r["elapsed_s"]) for r in records.values() if r.get("elapsed_s") is not None]
+        secs = [r.elapsed_s for r in records.values() if r.elapsed_s is not None]
         mean_s = round(sum(secs) / len(secs), 3) if secs else None
     return StageProgress(
         name=stage,

@@ -89,12 +89,27 @@ INTENSITY = "align/intensity.csv"
 """Per slice: its statistics in the common area and the gain and offset applied."""
 QUALITY = "align/quality.csv"
 """Per slice: the NCC of the aligned slice with the next (thumbnails, common area), doubtful."""
+# Stage names: of the batch stages' logs, summaries, failure records (failures/STAGE/)
+# and the report's rows.
+STAGE_FEATURES = "features"
+"""/features: each slice's SIFT features, stored once."""
+STAGE_AFFINE = "affine"
+"""/ (align): the pairs, the second round's across gaps among them."""
+STAGE_SLICESTATS = "slicestats"
+"""/slicestats: each slice's grey statistics (intensity_correction "slice")."""
+STAGE_WRITE = "write"
+"""/alignedslice: each slice warped into the canvas and tiled."""
+STAGE_NGMETA = "ngmeta"
+"""/ngmeta: the volumes' info."""
+STAGE_NGSHARD = "ngshard"
+"""/ngshard: the 1024^3 cubes of the volumes."""
+
 CACHES = {
-    "features": FEATURES_CACHE,
-    "affine": AFFINE_CACHE,
-    "write": WRITE_CACHE,
-    "ngmeta": NG_CACHE,
-    "ngshard": NG_CACHE,
+    STAGE_FEATURES: FEATURES_CACHE,
+    STAGE_AFFINE: AFFINE_CACHE,
+    STAGE_WRITE: WRITE_CACHE,
+    STAGE_NGMETA: NG_CACHE,
+    STAGE_NGSHARD: NG_CACHE,
 }
 """Cache prefix of each stage's answers (``NAME.DIGEST.json``)."""
 FAILURES = "failures"

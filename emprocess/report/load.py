@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from emprocess import storage
+from emprocess.answers import AnswerCache
 from emprocess.errors import EmprocessError, InvalidBucketName, InvalidInput, NotFound
 from emprocess.layout import (
     AFFINE_CACHE,
@@ -33,6 +34,10 @@ from emprocess.layout import (
     NGMETA,
     QC,
     SLICES,
+    STAGE_AFFINE,
+    STAGE_NGMETA,
+    STAGE_NGSHARD,
+    STAGE_WRITE,
     TRANSFORMS,
     WRITE_CACHE,
     RunLayout,
@@ -65,7 +70,6 @@ from emprocess.report.progress import (
     count_answers,
     plan_stages,
     stage_progress,
-    task_name,
 )
 from emprocess.report.qc import qc_from_answers, qc_from_csv
 from emprocess.report.quality import read_quality
@@ -86,10 +90,10 @@ FAILURES_SHOWN = 10
 """Failure records read (for their message) per stage."""
 
 STAGES: tuple[tuple[str, str, str], ...] = (
-    ("affine", "align pairs", AFFINE_CACHE),
-    ("write", "aligned slices", WRITE_CACHE),
-    ("ngmeta", "ngmeta (info)", NG_CACHE),
-    ("ngshard", "ng shards", NG_CACHE),
+    (STAGE_AFFINE, "align pairs", AFFINE_CACHE),
+    (STAGE_WRITE, "aligned slices", WRITE_CACHE),
+    (STAGE_NGMETA, "ngmeta (info)", NG_CACHE),
+    (STAGE_NGSHARD, "ng shards", NG_CACHE),
 )
 """(stage, label, cache prefix) in run order; stage names are the batch helper's."""
 
@@ -301,20 +305,18 @@ def load_run(
     gap_pairs = [] if gaps is None else list(gaps.pairs)
     plans = plan_stages(conf, run_conf, transforms, bbox, window, fill, gap_pairs)
 
-    listings: dict[str, list[ObjectInfo]] = {}  # ngmeta and ngshard share one prefix
+    listings: dict[str, dict[str, ObjectInfo]] = {}  # ngmeta and ngshard share one prefix
     counted: dict[str, Counted] = {}
     for stage, _, prefix in STAGES:
-        url = f"{process}/{prefix}/"
-        if url not in listings:
-            listings[url] = storage.list_objects(url)
-        prefix_key = storage.parse_url(url).key
-        listing = listings[url]
+        if prefix not in listings:
+            listings[prefix] = AnswerCache(layout.process_url(prefix)).listing()
+        listing = listings[prefix]
         if prefix == NG_CACHE:
-            is_meta = stage == "ngmeta"
-            listing = [
-                i for i in listing if (task_name(i.key[len(prefix_key) :]) == NGMETA) == is_meta
-            ]
-        counted[stage] = count_answers(stage, listing, prefix_key, plans[stage])
+            is_meta = stage == STAGE_NGMETA
+            listing = {
+                k: i for k, i in listing.items() if (AnswerCache.name_of(k) == NGMETA) == is_meta
+            }
+        counted[stage] = count_answers(stage, listing, plans[stage])
         times.extend(i.updated for i in counted[stage].objects.values())
 
     failure_counts, failure_notes = _failures(
@@ -340,7 +342,7 @@ def load_run(
             now=now,
             failures=failure_counts.get(stage),
             records=records.get(stage),
-            skipped=stage == "affine" and bool(conf.get("skip_align", False)),
+            skipped=stage == STAGE_AFFINE and bool(conf.get("skip_align", False)),
         )
         for stage, label, prefix in STAGES
     )
@@ -349,11 +351,11 @@ def load_run(
     qc_source = None
     if qc_text is not None:
         qc, qc_source = qc_from_csv(qc_text, min_inliers, max_residual_px), "qc.csv"
-    elif records.get("affine"):
-        pairs = {name: parse_pair_name(name) for name in records["affine"]}
+    elif records.get(STAGE_AFFINE):
+        pairs = {name: parse_pair_name(name) for name in records[STAGE_AFFINE]}
         answers = {  # the (z, z + 1) pairs, as qc.csv's first rows
             pairs[name][0]: r.response
-            for name, r in records["affine"].items()
+            for name, r in records[STAGE_AFFINE].items()
             if r.response is not None and pairs[name][1] == pairs[name][0] + 1
         }
         qc, qc_source = qc_from_answers(answers, min_inliers, max_residual_px), "affine_cache"

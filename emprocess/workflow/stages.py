@@ -31,6 +31,11 @@ from emprocess.layout import (
     NGMETA,
     QC,
     SLICES,
+    STAGE_AFFINE,
+    STAGE_FEATURES,
+    STAGE_NGMETA,
+    STAGE_NGSHARD,
+    STAGE_WRITE,
     TILES_PREFIX,
     TRANSFORMS,
     TRANSFORMS_CSV,
@@ -48,10 +53,10 @@ from emprocess.records import (
     InitRecord,
     IntensitySample,
 )
+from emprocess.settings import HttpEnv
 from emprocess.workflow import DEFAULT_DYNAMIC_WIDTH, VERSION
 from emprocess.workflow.batch import (
     BatchSummary,
-    HttpSettings,
     MiniTask,
     cached_keys,
     read_cached,
@@ -356,7 +361,7 @@ def _send(
     stage: str,
     cache: str,
     base_url: str,
-    settings: HttpSettings | None,
+    settings: HttpEnv | None,
     worker_id: int = 0,
     width: int = 1,
     redo: Collection[str] | Callable[[list[MiniTask]], Collection[str]] = (),
@@ -378,28 +383,30 @@ def _send(
 
 
 def align_pairs(
-    info: RunInfo, worker_id: int, base_url: str, settings: HttpSettings | None = None
+    info: RunInfo, worker_id: int, base_url: str, settings: HttpEnv | None = None
 ) -> dict[str, Any]:
     """Batch task ``affine_{i}``: align this worker's pairs (nothing when skip_align)."""
     conf = info.conf
     if conf.skip_align or conf.align_from is not None:
         log.info("skip_align or align_from: no alignment requests")
-        return BatchSummary("affine", worker_id, info.width, 0).to_json()
+        return BatchSummary(STAGE_AFFINE, worker_id, info.width, 0).to_json()
     tasks = plan_align_pairs(conf, info.intensity_window, (worker_id, info.width))
-    return _send(info, tasks, "affine", AFFINE_CACHE, base_url, settings, worker_id, info.width)
+    return _send(info, tasks, STAGE_AFFINE, AFFINE_CACHE, base_url, settings, worker_id, info.width)
 
 
 def extract_slice_features(
-    info: RunInfo, worker_id: int, base_url: str, settings: HttpSettings | None = None
+    info: RunInfo, worker_id: int, base_url: str, settings: HttpEnv | None = None
 ) -> dict[str, Any]:
     """Batch task ``features_{i}``: each of this worker's slices' features, extracted once
     and stored by the alignment service (nothing when skip_align or align_from)."""
     conf = info.conf
     if conf.skip_align or conf.align_from is not None:
         log.info("skip_align or align_from: no features requests")
-        return BatchSummary("features", worker_id, info.width, 0).to_json()
+        return BatchSummary(STAGE_FEATURES, worker_id, info.width, 0).to_json()
     tasks = plan_features(conf, info.intensity_window, (worker_id, info.width))
-    return _send(info, tasks, "features", FEATURES_CACHE, base_url, settings, worker_id, info.width)
+    return _send(
+        info, tasks, STAGE_FEATURES, FEATURES_CACHE, base_url, settings, worker_id, info.width
+    )
 
 
 def check_features(info: RunInfo) -> dict[str, Any]:
@@ -428,7 +435,7 @@ def align_across_gaps(
     info: RunInfo,
     results: Mapping[tuple[int, int], Mapping[str, Any]],
     base_url: str,
-    settings: HttpSettings | None = None,
+    settings: HttpEnv | None = None,
 ) -> tuple[GapPlan, dict[tuple[int, int], Any]]:
     """The second align round, run by ``collect``: pairs across runs of bad slices.
 
@@ -453,13 +460,13 @@ def align_across_gaps(
     if not plan.pairs:
         return plan, {}
     tasks = plan_pair_tasks(conf, plan.pairs, info.intensity_window)
-    _send(info, tasks, "affine", AFFINE_CACHE, base_url, settings)
+    _send(info, tasks, STAGE_AFFINE, AFFINE_CACHE, base_url, settings)
     answers = read_cached(tasks, conf.process_url(AFFINE_CACHE))
     return plan, {parse_pair_name(t.name): answers[t.name] for t in tasks}
 
 
 def collect_alignment(
-    info: RunInfo, base_url: str | None = None, settings: HttpSettings | None = None
+    info: RunInfo, base_url: str | None = None, settings: HttpEnv | None = None
 ) -> dict[str, Any]:
     """``collect``: global transforms, transforms.json/.csv, qc.csv, slices.csv, canvas.json.
 
@@ -665,7 +672,7 @@ def write_slices(
     canvas: Mapping[str, Any],
     worker_id: int,
     base_url: str,
-    settings: HttpSettings | None = None,
+    settings: HttpEnv | None = None,
 ) -> dict[str, Any]:
     """Batch task ``write_{i}``: /alignedslice for this worker's slices (only those planned)."""
     conf = info.conf
@@ -675,7 +682,9 @@ def write_slices(
     def redo(cached: list[MiniTask]) -> set[str]:
         return tiles_to_rewrite(info, canvas, cached)
 
-    return _send(info, tasks, "write", WRITE_CACHE, base_url, settings, worker_id, info.width, redo)
+    return _send(
+        info, tasks, STAGE_WRITE, WRITE_CACHE, base_url, settings, worker_id, info.width, redo
+    )
 
 
 def tiles_to_rewrite(
@@ -728,12 +737,12 @@ def check_slices_written(info: RunInfo, canvas: Mapping[str, Any]) -> dict[str, 
 
 
 def write_ngmeta(
-    info: RunInfo, canvas: Mapping[str, Any], base_url: str, settings: HttpSettings | None = None
+    info: RunInfo, canvas: Mapping[str, Any], base_url: str, settings: HttpEnv | None = None
 ) -> dict[str, Any]:
     """``write_ngmeta``: the one /ngmeta request, through the same batch helper."""
     tasks = [ngmeta_task(info.conf, canvas["bbox"])]
     redo = () if storage.exists(f"{info.conf.layout.jpeg_url}/info") else [NGMETA]
-    return _send(info, tasks, "ngmeta", NG_CACHE, base_url, settings, redo=redo)
+    return _send(info, tasks, STAGE_NGMETA, NG_CACHE, base_url, settings, redo=redo)
 
 
 def write_ng_shards(
@@ -741,11 +750,11 @@ def write_ng_shards(
     canvas: Mapping[str, Any],
     worker_id: int,
     base_url: str,
-    settings: HttpSettings | None = None,
+    settings: HttpEnv | None = None,
 ) -> dict[str, Any]:
     """Batch task ``write_ng_shards_{i}``: /ngshard for this worker's cubes (only those planned)."""
     tasks = shard_plan(info, canvas, (worker_id, info.width))
-    return _send(info, tasks, "ngshard", NG_CACHE, base_url, settings, worker_id, info.width)
+    return _send(info, tasks, STAGE_NGSHARD, NG_CACHE, base_url, settings, worker_id, info.width)
 
 
 def check_written(info: RunInfo, canvas: Mapping[str, Any]) -> tuple[bool, str]:

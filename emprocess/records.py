@@ -12,7 +12,7 @@ transforms.json and fill.json. :class:`RunRecords` reads and writes each of them
 The bytes written are those the workflow always wrote (key order, separators, indent,
 no trailing newline), so runs made before and after read the same. Reading is lenient
 where older runs wrote less (every field but the ones a reader needs has a default) and
-strict about types: a damaged record raises :class:`MalformedRecord` naming the record,
+checks every value against its type: a damaged record raises :class:`MalformedRecord` naming the record,
 the field and the value.
 """
 
@@ -87,7 +87,7 @@ def _bbox(value: Any) -> Any:
 
 
 class Record(BaseModel):
-    """A JSON record: parsed leniently about missing fields, strictly about their types."""
+    """A JSON record: lenient about missing fields, checking the type of every value."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 

@@ -70,7 +70,7 @@ def compare(a_root: Path, b_root: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=Path(__file__).name, description=__doc__.split("\n")[0])
     parser.add_argument("a", type=Path, help="storage root of the first run (WORKDIR/storage)")
     parser.add_argument("b", type=Path, help="storage root of the second run")
     parser.add_argument("--source", default="demo-stack", help="the runs' source bucket")

@@ -114,6 +114,8 @@ CACHES = {
 """Cache prefix of each stage's answers (``NAME.DIGEST.json``)."""
 FAILURES = "failures"
 """Failure records of mini-tasks: ``RUN_ID/failures/STAGE/NAME.json``."""
+NOTIFIED = "notified"
+"""Failure mails sent: ``RUN_ID/notified/AIRFLOW_RUN_ID.json``, one mail per Airflow run."""
 
 BUCKET_ROLES = ("source", "process", "tmp", "ng", "chunk")
 LONGEST_ROLE = "chunk"

@@ -19,6 +19,7 @@ the field and the value.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Annotated, Any, ClassVar, TypeVar
@@ -41,6 +42,7 @@ from emprocess.layout import (
     FILL,
     GAPS,
     INIT,
+    NOTIFIED,
     TRANSFORMS,
     RunLayout,
 )
@@ -319,6 +321,14 @@ class FailureRecord(Record):
     finished: str | None = None
 
 
+class NotifiedRecord(Record):
+    """``notified/AIRFLOW_RUN_ID.json``: the failure of this Airflow run that was mailed."""
+
+    airflow_run_id: str
+    task: str
+    """The failed task (``task_id`` or ``task_id[map_index]``)."""
+
+
 class GapsRecord(Record):
     """align/gaps.json: the second align round's pairs across runs of bad slices."""
 
@@ -454,6 +464,18 @@ class RunRecords:
 
     def write_fill(self, fill: Mapping[int, int | None]) -> str:
         return self._write(FILL, fill_bytes(fill))
+
+    def notified_key(self, airflow_run_id: str) -> str:
+        """``notified/AIRFLOW_RUN_ID.json`` (characters other than ``A-Za-z0-9_.-`` as ``_``)."""
+        return f"{NOTIFIED}/{re.sub(r'[^A-Za-z0-9_.-]', '_', airflow_run_id)}.json"
+
+    def write_notified(self, record: NotifiedRecord) -> bool:
+        """Record the first mailed failure of an Airflow run; False when one is recorded."""
+        key = self.notified_key(record.airflow_run_id)
+        if self.exists(key):
+            return False
+        self._write(key, record.to_bytes())
+        return True
 
     def failure_url(self, stage: str) -> str:
         """Folder of ``stage``'s failure records: ``RUN_ID/failures/STAGE``."""

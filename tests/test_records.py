@@ -23,6 +23,7 @@ from emprocess.records import (
     GapsRecord,
     InitRecord,
     MalformedRecord,
+    NotifiedRecord,
     Record,
     parse_fill,
     parse_record,
@@ -286,3 +287,15 @@ def test_compare_records_ignores_only_the_run_to_run_values(tmp_path: Path) -> N
     problems = compare.compare(a, b)
     assert problems[0] == f"only in {b}: extra.json"
     assert problems[1].startswith("differs: init.json")
+
+
+def test_a_failure_mail_is_recorded_once_per_airflow_run(root: Path) -> None:
+    storage.create_bucket("src_process")
+    records = layout.RunLayout("src", "r1").records
+    first = NotifiedRecord(airflow_run_id="manual__2026-01-01T00:00:00+00:00", task="write[3]")
+    assert records.write_notified(first)
+    assert not records.write_notified(first.model_copy(update={"task": "collect"}))
+    key = "notified/manual__2026-01-01T00_00_00_00_00.json"
+    data = storage.read_bytes(records.url(key))  # as notify.py always wrote it
+    assert data == json.dumps({"airflow_run_id": first.airflow_run_id, "task": "write[3]"}).encode()
+    assert parse_record(NotifiedRecord, data, key) == first

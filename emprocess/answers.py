@@ -23,12 +23,11 @@ import json
 import logging
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
 from typing import Any
 
 from emprocess import layout, storage
 from emprocess.errors import InvalidInput
-from emprocess.records import AnswerRecord, parse_record
+from emprocess.records import AnswerRecord, now_iso, parse_record
 
 log = logging.getLogger(__name__)
 
@@ -147,11 +146,6 @@ class AnswerCache:
         return url
 
 
-def now_iso() -> str:
-    """UTC now, as the records spell it."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
-
-
 def answer_record(
     name: str,
     path: str,
@@ -231,7 +225,7 @@ def service_answer_url(
     if not run_id or not key or path not in CACHE_OF_PATH:
         return None
     storage.check_run_id(run_id)
-    name = key.partition(".")[0]
+    name = answer_name(key) or ""
     if not _expected_name(path, payload, name):
         raise InvalidInput(f"answer key {key[:80]!r} is not named after this {path} request")
     if answer_key(name, path, payload, headers.get(INPUTS_HEADER, "")) != key:

@@ -19,10 +19,12 @@ the field and the value.
 from __future__ import annotations
 
 import json
+import logging
 import re
+import threading
 from collections.abc import Iterable, Mapping
-from datetime import datetime
-from typing import Annotated, Any, ClassVar, TypeVar
+from datetime import UTC, datetime
+from typing import Annotated, Any, ClassVar, Protocol, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -34,7 +36,7 @@ from pydantic import (
 )
 
 from emprocess import storage
-from emprocess.errors import InvalidInput
+from emprocess.errors import EmprocessError, InvalidInput
 from emprocess.layout import (
     CANVAS,
     COMPLETE,
@@ -47,6 +49,8 @@ from emprocess.layout import (
     RunLayout,
 )
 
+log = logging.getLogger(__name__)
+
 MAX_RECORD_BYTES = 256 << 20
 """Largest record read (transforms.json of a million slices is about 100 MB)."""
 
@@ -55,6 +59,11 @@ JSON = "application/json"
 
 class MalformedRecord(InvalidInput):
     """A record of the run (init.json, complete.json, ...) is not what the workflow writes."""
+
+
+def now_iso() -> str:
+    """UTC now, as the records spell it (``2026-01-01T12:00:00.123+00:00``)."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 def _iso_time(value: Any) -> Any:
@@ -327,6 +336,87 @@ class NotifiedRecord(Record):
     airflow_run_id: str
     task: str
     """The failed task (``task_id`` or ``task_id[map_index]``)."""
+
+
+def failure_key(name: str) -> str:
+    """Key of mini-task ``name``'s failure record under its stage's failure prefix."""
+    return f"{name}.json"
+
+
+def failure_name(key: str) -> str:
+    """The mini-task name of failure record key ``key`` (``NAME.json``)."""
+    return key.split(".")[0]
+
+
+class _Request(Protocol):
+    """A mini-task as a failure record names it."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def payload(self) -> Mapping[str, Any]: ...
+
+
+class FailureRecords:
+    """The failure records of one stage (:class:`FailureRecord`): ``NAME.json`` under the
+    stage's failure prefix (:meth:`RunRecords.failure_url`), written by the batch tasks.
+
+    One listing at the start tells which mini-tasks have a record, so a success deletes
+    only records that exist. Records are for monitoring: failing to write or delete one
+    is logged, never raised, so it cannot hide the mini-task's own outcome.
+    """
+
+    def __init__(self, url: str | None, stage: str) -> None:
+        self.url = url.rstrip("/") if url else None
+        self.stage = stage
+        self._lock = threading.Lock()
+        self._present: set[str] = set()
+        if self.url is not None:
+            try:
+                start = len(storage.parse_url(self.url + "/").key)
+                keys = storage.list_keys(self.url + "/")
+                self._present = {failure_name(k[start:]) for k in keys}
+            except EmprocessError as e:
+                log.warning("cannot list failure records %s: %s", self.url, e)
+
+    def write(self, task: _Request, error: str, status: int | None, attempts: int) -> None:
+        """Record that ``task`` finally failed (``attempts`` requests, last ``status``)."""
+        if self.url is None:
+            return
+        record = FailureRecord(
+            name=task.name,
+            stage=self.stage,
+            path=task.path,
+            request=dict(task.payload),
+            error=error,
+            status=status,
+            attempts=attempts,
+            finished=now_iso(),
+        )
+        try:
+            storage.write_bytes(
+                storage.join(self.url, failure_key(task.name)),
+                record.to_bytes(),
+                content_type="application/json",
+            )
+        except Exception as e:  # monitoring only: keep the mini-task's own error
+            log.warning("cannot write the failure record of %s: %s", task.name, e)
+            return
+        with self._lock:
+            self._present.add(task.name)
+
+    def clear(self, task: _Request) -> None:
+        """Delete the failure record of ``task``, which has now been answered, if it has one."""
+        with self._lock:
+            if self.url is None or task.name not in self._present:
+                return
+            self._present.discard(task.name)
+        try:
+            storage.delete(storage.join(self.url, failure_key(task.name)))
+        except Exception as e:  # monitoring only
+            log.warning("cannot delete the failure record of %s: %s", task.name, e)
 
 
 class GapsRecord(Record):

@@ -48,6 +48,7 @@ from emprocess.records import (
     CompleteRecord,
     FailureRecord,
     RunRecords,
+    failure_name,
     parse_record,
 )
 from emprocess.records import (
@@ -144,7 +145,7 @@ def _failures(
     outstanding: dict[str, list[ObjectInfo]] = {}
     for info in storage.list_objects(f"{process}/{FAILURES}/"):
         stage, _, fn = info.key[len(prefix) :].partition("/")
-        name = fn.split(".")[0]
+        name = failure_name(fn)
         if stage in done and name and name not in done[stage]:
             outstanding.setdefault(stage, []).append(info)
     counts = {stage: len(infos) for stage, infos in outstanding.items()}
@@ -163,7 +164,7 @@ def _failures(
     notes = []
     for info, error in zip(shown, errors, strict=True):
         stage, _, fn = info.key[len(prefix) :].partition("/")
-        notes.append(FailureNote(stage, fn.split(".")[0], error[:500], info.updated))
+        notes.append(FailureNote(stage, failure_name(fn), error[:500], info.updated))
     return counts, notes
 
 

@@ -29,10 +29,9 @@ from typing import Any
 
 import requests
 
-from emprocess import storage
-from emprocess.answers import AnswerCache, answer_key, answer_record, now_iso, request_headers
+from emprocess.answers import AnswerCache, answer_key, answer_record, request_headers
 from emprocess.errors import EmprocessError
-from emprocess.records import FailureRecord
+from emprocess.records import FailureRecords, now_iso
 from emprocess.settings import HttpEnv, load
 from emprocess.workflow.http import (
     ServiceError,
@@ -42,7 +41,8 @@ from emprocess.workflow.http import (
     post_json,
 )
 
-__all__ = [  # the HTTP client's names, importable from here as before
+__all__ = [  # the HTTP client's and the failure records' names, importable from here as before
+    "FailureRecords",
     "ServiceError",
     "TokenSource",
     "connection_base_url",
@@ -256,65 +256,6 @@ def run_batch(
     summary.finished = now_iso()
     summary.elapsed_s = round(time.monotonic() - t0, 3)
     return summary
-
-
-class FailureRecords:
-    """The failure records of one stage: ``NAME.json`` under the stage's failure prefix.
-
-    One listing at the start tells which mini-tasks have a record, so a success deletes
-    only records that exist. Records are for monitoring: failing to write or delete one
-    is logged, never raised, so it cannot hide the mini-task's own outcome.
-    """
-
-    def __init__(self, url: str | None, stage: str) -> None:
-        self.url = url.rstrip("/") if url else None
-        self.stage = stage
-        self._lock = threading.Lock()
-        self._present: set[str] = set()
-        if self.url is not None:
-            try:
-                start = len(storage.parse_url(self.url + "/").key)
-                keys = storage.list_keys(self.url + "/")
-                self._present = {k[start:].removesuffix(".json") for k in keys}
-            except EmprocessError as e:
-                log.warning("cannot list failure records %s: %s", self.url, e)
-
-    def write(self, task: MiniTask, error: str, status: int | None, attempts: int) -> None:
-        """Record that ``task`` finally failed (``attempts`` requests, last ``status``)."""
-        if self.url is None:
-            return
-        record = FailureRecord(
-            name=task.name,
-            stage=self.stage,
-            path=task.path,
-            request=dict(task.payload),
-            error=error,
-            status=status,
-            attempts=attempts,
-            finished=now_iso(),
-        )
-        try:
-            storage.write_bytes(
-                storage.join(self.url, f"{task.name}.json"),
-                record.to_bytes(),
-                content_type="application/json",
-            )
-        except Exception as e:  # monitoring only: keep the mini-task's own error
-            log.warning("cannot write the failure record of %s: %s", task.name, e)
-            return
-        with self._lock:
-            self._present.add(task.name)
-
-    def clear(self, task: MiniTask) -> None:
-        """Delete the failure record of ``task``, which has now been answered, if it has one."""
-        with self._lock:
-            if self.url is None or task.name not in self._present:
-                return
-            self._present.discard(task.name)
-        try:
-            storage.delete(storage.join(self.url, f"{task.name}.json"))
-        except Exception as e:  # monitoring only
-            log.warning("cannot delete the failure record of %s: %s", task.name, e)
 
 
 def _send_all(

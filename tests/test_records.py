@@ -93,14 +93,18 @@ def written_run(root: Path) -> RunInfo:
             stages.align_pairs(info, worker, server.url, FAST)
         canvas = stages.collect_alignment(info, server.url, FAST)
     tasks = [
-        {"task_id": "validate", "started": "2026-01-01T00:00:00+00:00", "finished": "2026-01-01T00:00:01+00:00"},
+        {
+            "task_id": "validate",
+            "started": "2026-01-01T00:00:00+00:00",
+            "finished": "2026-01-01T00:00:01+00:00",
+        },
         {
             "task_id": "align.affine_0",
             "started": "2026-01-01T00:00:01+00:00",
             "finished": "2026-01-01T00:00:03.500+00:00",
             "batch": {"planned": 1, "cached": 0, "sent": 1, "attempts": 2},
         },
-    ]  # fmt: skip
+    ]
     stages.write_status(info, canvas, tasks, "manual__1")
     return info
 

@@ -27,6 +27,7 @@ from emprocess.records import (
     Record,
     parse_fill,
     parse_record,
+    parse_slices_csv,
     parse_transforms,
 )
 from emprocess.settings import HttpEnv
@@ -152,6 +153,12 @@ def test_every_record_of_a_run_round_trips_byte_for_byte(written_run: RunInfo) -
     assert sorted(transforms) == [3, 4, 5] and all(len(t) == 6 for t in transforms.values())
     records.write_transforms(transforms)
     assert storage.read_bytes(run.process_url(layout.TRANSFORMS)) == data
+    rows = records.read_slices()
+    assert rows is not None and [(r.z, r.status, r.features) for r in rows] == [
+        (3, "good", None),
+        (4, "good", None),
+        (5, "good", None),
+    ]
     fill = storage.read_bytes(run.process_url(layout.FILL))
     assert parse_fill(fill, "f") == records.read_fill() == {}
 
@@ -303,3 +310,15 @@ def test_a_failure_mail_is_recorded_once_per_airflow_run(root: Path) -> None:
     data = storage.read_bytes(records.url(key))  # as notify.py always wrote it
     assert data == json.dumps({"airflow_run_id": first.airflow_run_id, "task": "write[3]"}).encode()
     assert parse_record(NotifiedRecord, data, key) == first
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("z,status\n", "no column residual_px"),
+        ("z,status,residual_px,features,reason\n3,good,0.1,,\n4,bad,x,5,\n", "line 3: residual_px"),
+    ],
+)
+def test_a_damaged_slices_csv_names_the_line(text: str, message: str) -> None:
+    with pytest.raises(MalformedRecord, match=re.escape(f"s.csv is damaged: {message}")):
+        parse_slices_csv(text, "s.csv")

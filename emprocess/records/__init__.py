@@ -7,7 +7,8 @@ in canvas.json and complete.json), :class:`CompleteRecord` (complete.json, write
 :class:`AnswerRecord` (a mini-task's cached answer, ``NAME.DIGEST.json``: keys are
 :class:`emprocess.answers.AnswerCache`'s), :class:`FailureRecord` (``failures/STAGE/NAME.json``,
 written by :class:`FailureRecords`), :class:`NotifiedRecord` (``notified/``),
-:class:`GapsRecord` (align/gaps.json), and the slice maps transforms.json and fill.json.
+:class:`GapsRecord` (align/gaps.json), :class:`SliceRow` (a row of align/slices.csv), and
+the slice maps transforms.json and fill.json.
 :class:`RunRecords` (``RunLayout.records``) reads and writes each of them at the key
 :mod:`emprocess.layout` names; the workflow, the report and the CLI go through it.
 
@@ -39,9 +40,11 @@ from emprocess.records.models import (
     IntensitySample,
     NotifiedRecord,
     PairResidual,
+    SliceRow,
     StageTiming,
     fill_bytes,
     parse_fill,
+    parse_slices_csv,
     parse_transforms,
     transforms_bytes,
 )
@@ -64,6 +67,7 @@ __all__ = [
     "PairResidual",
     "Record",
     "RunRecords",
+    "SliceRow",
     "StageTiming",
     "failure_key",
     "failure_name",
@@ -72,6 +76,7 @@ __all__ = [
     "parse_fill",
     "parse_json",
     "parse_record",
+    "parse_slices_csv",
     "parse_transforms",
     "transforms_bytes",
 ]

@@ -14,6 +14,7 @@ from emprocess.layout import (
     GAPS,
     INIT,
     NOTIFIED,
+    SLICES,
     TRANSFORMS,
     RunLayout,
 )
@@ -24,8 +25,10 @@ from emprocess.records.models import (
     GapsRecord,
     InitRecord,
     NotifiedRecord,
+    SliceRow,
     fill_bytes,
     parse_fill,
+    parse_slices_csv,
     parse_transforms,
     transforms_bytes,
 )
@@ -118,6 +121,11 @@ class RunRecords:
 
     def write_fill(self, fill: Mapping[int, int | None]) -> str:
         return self._write(FILL, fill_bytes(fill))
+
+    def read_slices(self) -> list[SliceRow] | None:
+        """align/slices.csv (the global solve's status of each slice); None when absent."""
+        data = self._read(SLICES)
+        return None if data is None else parse_slices_csv(data.decode(), self.url(SLICES))
 
     def notified_key(self, airflow_run_id: str) -> str:
         """``notified/AIRFLOW_RUN_ID.json`` (characters other than ``A-Za-z0-9_.-`` as ``_``)."""

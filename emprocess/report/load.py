@@ -12,8 +12,6 @@ mini-task, so it costs more on big runs.
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +31,6 @@ from emprocess.layout import (
     NG_CACHE,
     NGMETA,
     QC,
-    SLICES,
     STAGE_AFFINE,
     STAGE_NGMETA,
     STAGE_NGSHARD,
@@ -280,13 +277,7 @@ def load_run(
         qc_text = storage.read_bytes(f"{process}/{QC}").decode()
         times.append(qc_info.updated)
 
-    slice_qc: list[dict[str, Any]] = []
-    if run_records.listed(SLICES) is not None:
-        text = storage.read_bytes(f"{process}/{SLICES}").decode()
-        slice_qc = [
-            {**r, "z": int(r["z"]), "residual_px": float(r["residual_px"])}
-            for r in csv.DictReader(io.StringIO(text))
-        ]
+    slice_qc = [row.to_json() for row in run_records.read_slices() or []]
     summary = canvas.alignment if canvas is not None else None
     if summary is None and complete is not None:
         summary = complete.alignment

@@ -52,6 +52,7 @@ from emprocess.records import (
     GapsRecord,
     InitRecord,
     IntensitySample,
+    parse_record,
 )
 from emprocess.settings import HttpEnv
 from emprocess.workflow import DEFAULT_DYNAMIC_WIDTH, VERSION
@@ -827,6 +828,7 @@ def write_status(
     """``write_status``: RUN_ID/complete.json with the canvas, timings and the viewer source."""
     conf = info.conf
     run_records = conf.layout.records
+    handed = parse_record(CanvasRecord, canvas, "the canvas collect handed on")
     init = run_records.read_init()
     started = None if init is None else init.started
     finished = _now()
@@ -842,9 +844,9 @@ def write_status(
         conf=conf.to_json(),
         slices=conf.maxz - conf.minz + 1,
         slice_size_xy=list(info.slice_size_xy),
-        bbox=list(canvas["bbox"]),
-        models=canvas.get("models", {}),
-        alignment=canvas.get("alignment"),
+        bbox=handed.bbox,
+        models=handed.models,
+        alignment=handed.alignment,
         neuroglancer=conf.layout.neuroglancer_source(),
         public=conf.public,
         started=started,

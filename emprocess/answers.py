@@ -1,8 +1,10 @@
 """A mini-task's cached answer: its key, its record, and the copy the service writes itself.
 
-The batch client caches every answer as ``NAME.DIGEST.json`` under its stage's cache
-prefix in the run's process bucket (:func:`answer_key`: the digest covers the endpoint,
-the payload and, for a cube, the inputs it reads). When the client dies while its
+The batch client caches every answer (:class:`~emprocess.records.AnswerRecord`) as
+``NAME.DIGEST.json`` under its stage's cache prefix in the run's process bucket
+(:func:`answer_key`: the digest covers the endpoint, the payload and, for a cube, the
+inputs it reads). :class:`AnswerCache` is the one owner of those keys: it builds, lists,
+parses, reads and writes them for the batch tasks, the DAG's checks and the report. When the client dies while its
 requests are still being carried out (a killed batch task), the services finish them but
 nobody would cache them, and the retried task would send them again. So the client also
 names the answer in headers (the payload, and with it every cache key, stays as it was)

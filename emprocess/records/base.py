@@ -82,6 +82,7 @@ R = TypeVar("R", bound=Record)
 
 
 def problem_of(err: Mapping[str, Any]) -> str:
+    """One pydantic error as a reader's sentence: the field, then what is wrong with it."""
     field = ".".join(str(p) for p in err["loc"]) or "record"
     msg = str(err["msg"])
     if err["type"] == "value_error":  # our validators: "VALUE is not ..."

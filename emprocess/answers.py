@@ -42,10 +42,10 @@ INPUTS_HEADER = "X-Emprocess-Inputs"
 HEADERS = (RUN_HEADER, KEY_HEADER, INPUTS_HEADER)
 
 CACHE_OF_PATH = {
-    "/": layout.AFFINE_CACHE,
-    "/alignedslice": layout.WRITE_CACHE,
-    "/ngmeta": layout.NG_CACHE,
-    "/ngshard": layout.NG_CACHE,
+    "/": layout.CACHES[layout.STAGE_AFFINE],
+    "/alignedslice": layout.CACHES[layout.STAGE_WRITE],
+    "/ngmeta": layout.CACHES[layout.STAGE_NGMETA],
+    "/ngshard": layout.CACHES[layout.STAGE_NGSHARD],
 }
 """The cache prefix (under ``RUN_ID/`` in the process bucket) of each endpoint's answers."""
 

@@ -25,7 +25,6 @@ from typing import Any
 
 from emprocess import settings
 from emprocess.errors import EmprocessError
-from emprocess.layout import COMPLETE
 from emprocess.localrun import RunProgress, Services, _airflow, airflow_env, free_port, wait_http
 from emprocess.settings import StorageEnv
 from emprocess.workflow import POOL, POOL_SLOTS
@@ -250,7 +249,10 @@ def run_with_scheduler(
         on_poll = progress.poll if progress else None
         outcome = follow_run(api, dag_id, run_id, on_poll, poll_s=poll_s)
         if outcome.state == "success":
-            return dict(json.loads(storage.read_bytes(conf.process_url(COMPLETE))))
+            complete = conf.layout.records.read_complete()
+            if complete is None:
+                raise RunFailed(f"{dag_id} run {run_id} succeeded but wrote no complete.json")
+            return complete.to_json()
     raise RunFailed(
         f"{dag_id} run {run_id} {outcome.state}: failed tasks {outcome.failed}: "
         f"{outcome.error}; logs in {workdir / 'airflow-server' / 'logs'}"

@@ -1,8 +1,10 @@
 """A mini-task's cached answer: its key, its record, and the copy the service writes itself.
 
-The batch client caches every answer as ``NAME.DIGEST.json`` under its stage's cache
-prefix in the run's process bucket (:func:`answer_key`: the digest covers the endpoint,
-the payload and, for a cube, the inputs it reads). When the client dies while its
+The batch client caches every answer (:class:`~emprocess.records.AnswerRecord`) as
+``NAME.DIGEST.json`` under its stage's cache prefix in the run's process bucket
+(:func:`answer_key`: the digest covers the endpoint, the payload and, for a cube, the
+inputs it reads). :class:`AnswerCache` is the one owner of those keys: it builds, lists,
+parses, reads and writes them for the batch tasks, the DAG's checks and the report. When the client dies while its
 requests are still being carried out (a killed batch task), the services finish them but
 nobody would cache them, and the retried task would send them again. So the client also
 names the answer in headers (the payload, and with it every cache key, stays as it was)
@@ -21,12 +23,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Mapping
-from datetime import UTC, datetime
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from emprocess import layout, storage
 from emprocess.errors import InvalidInput
+from emprocess.records import AnswerRecord, now_iso, parse_record
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +42,10 @@ INPUTS_HEADER = "X-Emprocess-Inputs"
 HEADERS = (RUN_HEADER, KEY_HEADER, INPUTS_HEADER)
 
 CACHE_OF_PATH = {
-    "/": layout.AFFINE_CACHE,
-    "/alignedslice": layout.WRITE_CACHE,
-    "/ngmeta": layout.NG_CACHE,
-    "/ngshard": layout.NG_CACHE,
+    "/": layout.CACHES[layout.STAGE_AFFINE],
+    "/alignedslice": layout.CACHES[layout.STAGE_WRITE],
+    "/ngmeta": layout.CACHES[layout.STAGE_NGMETA],
+    "/ngshard": layout.CACHES[layout.STAGE_NGSHARD],
 }
 """The cache prefix (under ``RUN_ID/`` in the process bucket) of each endpoint's answers."""
 
@@ -56,9 +59,93 @@ def answer_key(name: str, path: str, payload: Mapping[str, Any], inputs: str = "
     return f"{name}.{hashlib.sha256(body.encode()).hexdigest()[:12]}.json"
 
 
-def now_iso() -> str:
-    """UTC now, as the records spell it."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
+def answer_name(key: str) -> str | None:
+    """The mini-task name of cache key ``key``: ``z000012`` of ``z000012.0123456789ab.json``;
+    None for anything else (another file, a key with a folder)."""
+    parts = key.split(".")
+    if len(parts) != 3 or parts[2] != "json" or "/" in key:
+        return None
+    return parts[0]
+
+
+class AnswerCache:
+    """One stage's cached answers: ``NAME.DIGEST.json`` objects under one prefix.
+
+    The one owner of the cache's keys: it builds them (:meth:`key`, :func:`answer_key`),
+    parses them (:meth:`name_of`), lists, checks, reads and writes the answers as
+    :class:`~emprocess.records.AnswerRecord`. The batch tasks, the checks of the DAG and
+    the monitoring report all go through it.
+
+    Args:
+        url: the stage's cache prefix, e.g. ``gs://SOURCE_process/RUN_ID/align/affine_cache``.
+    """
+
+    key = staticmethod(answer_key)
+    name_of = staticmethod(answer_name)
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+
+    @classmethod
+    def of_stage(cls, run: layout.RunLayout, stage: str) -> AnswerCache:
+        """The cache of ``stage`` (:data:`emprocess.layout.CACHES`) of run ``run``."""
+        return cls(run.process_url(layout.CACHES[stage]))
+
+    def url_of(self, key: str) -> str:
+        """The URL of the answer cached under ``key``."""
+        return storage.join(self.url, key)
+
+    def listing(self) -> dict[str, storage.ObjectInfo]:
+        """Every object of the cache by key (relative to the prefix), from one listing;
+        its update time is when its mini-task finished."""
+        prefix = self.url + "/"
+        start = len(storage.parse_url(prefix).key)
+        return {info.key[start:]: info for info in storage.list_objects(prefix)}
+
+    def keys(self) -> set[str]:
+        """The keys of the cached answers, from one listing."""
+        prefix = self.url + "/"
+        start = len(storage.parse_url(prefix).key)
+        return {k[start:] for k in storage.list_keys(prefix)}
+
+    def present(self, keys: Iterable[str], threads: int = 16) -> set[str]:
+        """Those of ``keys`` that are cached, one existence check each (in parallel)."""
+        keys = list(keys)
+        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+            found = list(pool.map(lambda k: storage.exists(self.url_of(k)), keys))
+        return {k for k, ok in zip(keys, found, strict=True) if ok}
+
+    def read(self, key: str) -> AnswerRecord:
+        """The answer cached under ``key``.
+
+        Raises:
+            ObjectNotFound: when it has not been answered yet.
+            MalformedRecord: when the object is not an answer record.
+        """
+        url = self.url_of(key)
+        return parse_record(AnswerRecord, storage.read_bytes(url), url)
+
+    def responses(self, keys: Mapping[str, str], threads: int = 16) -> dict[str, Any]:
+        """The services' answers (``response``) of mini-tasks ``{name: key}``, by name.
+
+        Raises:
+            ObjectNotFound: when one of them has not been answered yet.
+        """
+        names = list(keys)
+
+        def read(name: str) -> Any:
+            return self.read(keys[name]).response
+
+        if threads <= 1 or len(names) <= 1:
+            return {name: read(name) for name in names}
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            return dict(zip(names, pool.map(read, names), strict=True))
+
+    def write(self, key: str, record: AnswerRecord) -> str:
+        """Cache ``record`` under ``key``; returns its URL."""
+        url = self.url_of(key)
+        storage.write_bytes(url, record.to_bytes(), content_type="application/json")
+        return url
 
 
 def answer_record(
@@ -69,23 +156,23 @@ def answer_record(
     attempts: int,
     elapsed_s: float,
     by: str = "client",
-) -> dict[str, Any]:
+) -> AnswerRecord:
     """The cached record of an answer (``response`` is what the batch tasks read back).
 
     ``by`` says who wrote it: the client, with its attempts and the time from its first
     request to the answer, or the service, with 1 (the request that finished) and the
     time it took; the client's record replaces the service's when the client lives.
     """
-    return {
-        "name": name,
-        "path": path,
-        "request": payload,
-        "response": response,
-        "attempts": attempts,
-        "elapsed_s": round(elapsed_s, 3),
-        "finished": now_iso(),
-        "by": by,
-    }
+    return AnswerRecord(
+        name=name,
+        path=path,
+        request=dict(payload),
+        response=response,
+        attempts=attempts,
+        elapsed_s=round(elapsed_s, 3),
+        finished=now_iso(),
+        by=by,
+    )
 
 
 def request_headers(run_id: str, key: str, inputs: str = "") -> dict[str, str]:
@@ -140,13 +227,13 @@ def service_answer_url(
     if not run_id or not key or path not in CACHE_OF_PATH:
         return None
     storage.check_run_id(run_id)
-    name = key.partition(".")[0]
+    name = answer_name(key) or ""
     if not _expected_name(path, payload, name):
         raise InvalidInput(f"answer key {key[:80]!r} is not named after this {path} request")
     if answer_key(name, path, payload, headers.get(INPUTS_HEADER, "")) != key:
         raise InvalidInput(f"answer key {key[:80]!r} is not the digest of this request")
     run = layout.RunLayout(_source_of(path, payload, run_id), run_id)
-    return run.process_url(CACHE_OF_PATH[path], key)
+    return AnswerCache(run.process_url(CACHE_OF_PATH[path])).url_of(key)
 
 
 def write_service_answer(
@@ -173,9 +260,7 @@ def write_service_answer(
             response = body.decode(errors="replace")
         name = url.rsplit("/", 1)[-1].partition(".")[0]
         record = answer_record(name, path, payload, response, 1, elapsed_s, by="service")
-        storage.write_bytes(
-            url, json.dumps(record, sort_keys=True).encode(), content_type="application/json"
-        )
+        storage.write_bytes(url, record.to_bytes(), content_type="application/json")
         return url
     except Exception as e:  # the client caches it too: never fail the request for this
         log.warning("answer of %s not cached by the service: %s", path, e)

@@ -15,6 +15,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from emprocess.records import RunRecords
 
 JPEG_PATH = "neuroglancer/jpeg"
 """Path of the JPEG volume in the ng bucket."""
@@ -85,16 +89,33 @@ INTENSITY = "align/intensity.csv"
 """Per slice: its statistics in the common area and the gain and offset applied."""
 QUALITY = "align/quality.csv"
 """Per slice: the NCC of the aligned slice with the next (thumbnails, common area), doubtful."""
+# Stage names: of the batch stages' logs, summaries, failure records (failures/STAGE/)
+# and the report's rows.
+STAGE_FEATURES = "features"
+"""/features: each slice's SIFT features, stored once."""
+STAGE_AFFINE = "affine"
+"""/ (align): the pairs, the second round's across gaps among them."""
+STAGE_SLICESTATS = "slicestats"
+"""/slicestats: each slice's grey statistics (intensity_correction "slice")."""
+STAGE_WRITE = "write"
+"""/alignedslice: each slice warped into the canvas and tiled."""
+STAGE_NGMETA = "ngmeta"
+"""/ngmeta: the volumes' info."""
+STAGE_NGSHARD = "ngshard"
+"""/ngshard: the 1024^3 cubes of the volumes."""
+
 CACHES = {
-    "features": FEATURES_CACHE,
-    "affine": AFFINE_CACHE,
-    "write": WRITE_CACHE,
-    "ngmeta": NG_CACHE,
-    "ngshard": NG_CACHE,
+    STAGE_FEATURES: FEATURES_CACHE,
+    STAGE_AFFINE: AFFINE_CACHE,
+    STAGE_WRITE: WRITE_CACHE,
+    STAGE_NGMETA: NG_CACHE,
+    STAGE_NGSHARD: NG_CACHE,
 }
 """Cache prefix of each stage's answers (``NAME.DIGEST.json``)."""
 FAILURES = "failures"
 """Failure records of mini-tasks: ``RUN_ID/failures/STAGE/NAME.json``."""
+NOTIFIED = "notified"
+"""Failure mails sent: ``RUN_ID/notified/AIRFLOW_RUN_ID.json``, one mail per Airflow run."""
 
 BUCKET_ROLES = ("source", "process", "tmp", "ng", "chunk")
 LONGEST_ROLE = "chunk"
@@ -161,6 +182,13 @@ class RunLayout:
         """``gs://SOURCE_process/ID/<parts>``."""
         tail = "/".join(p.strip("/") for p in parts if p)
         return f"gs://{self.process}/{self.run_id}" + (f"/{tail}" if tail else "")
+
+    @property
+    def records(self) -> RunRecords:
+        """The run's records in the process bucket, read and written as their models."""
+        from emprocess.records import RunRecords
+
+        return RunRecords(self)
 
     def failure_url(self, stage: str) -> str:
         """The failure records of ``stage``: ``gs://SOURCE_process/ID/failures/STAGE``."""

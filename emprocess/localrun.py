@@ -31,7 +31,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 
 from emprocess import settings, storage
 from emprocess.errors import EmprocessError, NotFound
-from emprocess.layout import COMPLETE
 from emprocess.localsize import LocalSizing, size_local_run
 from emprocess.settings import HttpEnv, StorageEnv
 
@@ -295,12 +294,11 @@ def run_dag(
                 stop_process(proc)
         if progress:
             progress.poll()
-        complete_url = conf.process_url(COMPLETE)
         text = run_log.read_text(errors="replace")
-        done = storage.exists(complete_url)
-        if proc.returncode != 0 or not done or "state=failed" in text.lower():
+        complete = conf.layout.records.read_complete()
+        if proc.returncode != 0 or complete is None or "state=failed" in text.lower():
             tail = "\n".join(text.splitlines()[-40:])
             raise RunFailed(
                 f"{dag_id} did not finish (exit {proc.returncode}); log {run_log}:\n{tail}"
             )
-        return dict(json.loads(storage.read_bytes(complete_url)))
+        return complete.to_json()

@@ -338,16 +338,15 @@ def test_readme_tables_are_the_schemas(command: str, expected: tuple[str, ...]) 
 def test_a_bad_setting_is_refused_naming_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     from emprocess.errors import InvalidInput
     from emprocess.settings import HttpEnv, ServiceEnv, load
-    from emprocess.workflow.batch import HttpSettings
 
     monkeypatch.setenv("EMPROCESS_HTTP_ATTEMPTS", "0")
     with pytest.raises(
         InvalidInput, match=r"EMPROCESS_HTTP_ATTEMPTS='0': .*greater than or equal to 1"
     ):
-        HttpSettings.from_env()
+        load(HttpEnv)
     monkeypatch.setenv("EMPROCESS_HTTP_ATTEMPTS", "3")
     monkeypatch.setenv("EMPROCESS_HTTP_TIMEOUT_S", "7.5")
-    assert (HttpSettings.from_env().attempts, HttpSettings.from_env().read_timeout_s) == (3, 7.5)
+    assert (load(HttpEnv).http_attempts, load(HttpEnv).http_timeout_s) == (3, 7.5)
     assert load(HttpEnv).http_threads == 8
     monkeypatch.setenv("EMPROCESS_TILE_CODEC", "gif")
     with pytest.raises(InvalidInput, match="EMPROCESS_TILE_CODEC='gif'"):

@@ -13,11 +13,11 @@ from test_solve_kernel import SIZE, _answer, truth_walk
 
 from emprocess import affine, storage
 from emprocess.report import load_run
+from emprocess.settings import HttpEnv
 from emprocess.workflow import stages
-from emprocess.workflow.batch import HttpSettings
 from emprocess.workflow.globalalign import global_alignment, plan_gap_pairs
 
-FAST = HttpSettings(threads=2, attempts=2, backoff_s=0.01, max_backoff_s=0.02)
+FAST = HttpEnv(http_threads=2, http_attempts=2, http_backoff_s=0.01, http_max_backoff_s=0.02)
 
 
 def _results(truth: list[list[float]], k: int, minz: int, bad: set[int]) -> dict:

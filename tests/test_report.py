@@ -59,8 +59,9 @@ from emprocess.report import (
     run_report,
     write_html,
 )
+from emprocess.settings import HttpEnv
 from emprocess.workflow import dag_id
-from emprocess.workflow.batch import BatchError, HttpSettings, run_batch
+from emprocess.workflow.batch import BatchError, run_batch
 from emprocess.workflow.conf import parse_conf
 from emprocess.workflow.payloads import (
     plan_align_pairs,
@@ -84,7 +85,7 @@ MINZ, MAXZ = 100, 139  # 40 slices, 39 pairs
 SLICE_XY = (2500, 2200)  # a canvas of 3 x 3 cubes of 1024 px
 WIDTH = 2
 PARTIAL_WRITES = 15
-SETTINGS = HttpSettings(threads=4, attempts=3, backoff_s=0.01, max_backoff_s=0.02)
+SETTINGS = HttpEnv(http_threads=4, http_attempts=3, http_backoff_s=0.01, http_max_backoff_s=0.02)
 
 # The finished run's alignment problems, by pre slice: what the service answers.
 FEW_INLIERS_Z = 110  # affine not found, translation with 12 inliers

@@ -55,7 +55,12 @@ def test_script_lists() -> None:
         "deploy_cloudrun.sh",
         "set_bucket_public.sh",
     ]
-    assert PY_SCRIPTS == ["create_symlinks.py", "gen_uuid.py", "ingest_multichannel_small.py"]
+    assert PY_SCRIPTS == [
+        "compare_records.py",
+        "create_symlinks.py",
+        "gen_uuid.py",
+        "ingest_multichannel_small.py",
+    ]
     for name in WRAPPERS:  # thin: the work is in emprocess's commands
         assert len((SCRIPTS / name).read_text().splitlines()) < 20
     for name in [*SHELL_SCRIPTS, *PY_SCRIPTS]:

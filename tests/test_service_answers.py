@@ -26,17 +26,19 @@ from faultproxy import FaultProxy
 from emprocess import answers, layout, storage
 from emprocess.errors import InvalidInput
 from emprocess.models import AlignedSliceRequest, AlignRequest, NgShardRequest
-from emprocess.workflow.batch import HttpSettings, MiniTask, run_batch
+from emprocess.settings import HttpEnv
+from emprocess.workflow.batch import MiniTask, run_batch
 
 RUN_ID = test_emwrite_service.RUN_ID
 bad_env = test_emwrite_service.bad_env  # a small run's buckets, ngmeta done (a fixture)
 
 CLIENT = """
 import json, sys
-from emprocess.workflow.batch import HttpSettings, MiniTask, run_batch
+from emprocess.settings import HttpEnv
+from emprocess.workflow.batch import MiniTask, run_batch
 args = json.loads(sys.argv[1])
 run_batch([MiniTask(**t) for t in args["tasks"]], base_url=args["url"],
-          cache_url=args["cache"], settings=HttpSettings(threads=8, attempts=1),
+          cache_url=args["cache"], settings=HttpEnv(http_threads=8, http_attempts=1),
           run_id=args["run_id"])
 """
 
@@ -96,7 +98,7 @@ def test_a_killed_batch_tasks_retry_sends_no_finished_request(
 ) -> None:
     run = layout.RunLayout(bad_env["src"], RUN_ID)
     cache = run.process_url(layout.WRITE_CACHE)
-    settings = HttpSettings(threads=4, attempts=1)
+    settings = HttpEnv(http_threads=4, http_attempts=1)
     with FaultProxy(emwrite_service) as proxy:
         tasks = slice_tasks(bad_env, range(0, 4))
         kill_mid_flight(proxy, tasks, cache, RUN_ID)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,18 +14,21 @@ from tenacity import RetryCallState, Retrying
 from emprocess import storage
 from emprocess.errors import EmprocessError
 from emprocess.layout import NG_CACHE, WRITE_CACHE
+from emprocess.settings import HttpEnv, load
 from emprocess.workflow import auth, batch
 from emprocess.workflow.batch import (
     BatchError,
-    HttpSettings,
     MiniTask,
     ServiceError,
     connection_base_url,
     read_cached,
     run_batch,
 )
+from emprocess.workflow.http import retry_wait
 
-FAST = HttpSettings(threads=4, attempts=5, backoff_s=0.01, max_backoff_s=0.05, read_timeout_s=5)
+FAST = HttpEnv(
+    http_threads=4, http_attempts=5, http_backoff_s=0.01, http_max_backoff_s=0.05, http_timeout_s=5
+)
 
 
 @pytest.fixture
@@ -57,8 +59,12 @@ def test_transient_failures_and_a_timeout_are_retried(local_bucket: str) -> None
         return echo(req)
 
     cache = f"gs://{local_bucket}/run/{WRITE_CACHE}"
-    settings = HttpSettings(
-        threads=3, attempts=6, backoff_s=0.01, max_backoff_s=0.05, read_timeout_s=0.5
+    settings = HttpEnv(
+        http_threads=3,
+        http_attempts=6,
+        http_backoff_s=0.01,
+        http_max_backoff_s=0.05,
+        http_timeout_s=0.5,
     )
     with ScriptedServer(flaky) as server:
         summary = run_batch(plan(12), base_url=server.url, cache_url=cache, settings=settings)
@@ -78,7 +84,7 @@ def test_client_error_fails_at_once_naming_the_mini_task(local_bucket: str) -> N
         return echo(req)
 
     cache = f"gs://{local_bucket}/run/{WRITE_CACHE}"
-    inline = HttpSettings(threads=1, attempts=5, backoff_s=0.01)
+    inline = HttpEnv(http_threads=1, http_attempts=5, http_backoff_s=0.01)
     with ScriptedServer(refuse_3) as server, pytest.raises(BatchError) as info:
         run_batch(plan(8), base_url=server.url, cache_url=cache, settings=inline)
     msg = str(info.value)
@@ -95,7 +101,9 @@ def test_exhausted_retries_name_the_mini_task_and_status(local_bucket: str) -> N
         return Answer(503, {"error": "no instance"}) if req.body["slice"] == 1 else echo(req)
 
     cache = f"gs://{local_bucket}/c"
-    settings = HttpSettings(threads=2, attempts=3, backoff_s=0.01, max_backoff_s=0.02)
+    settings = HttpEnv(
+        http_threads=2, http_attempts=3, http_backoff_s=0.01, http_max_backoff_s=0.02
+    )
     with ScriptedServer(always_503) as server:
         with pytest.raises(
             BatchError, match=r"z000001: POST .* answered 503: no instance \(after 3 attempts\)"
@@ -162,7 +170,7 @@ def test_a_wide_stage_looks_up_only_its_own_answers(
     cache = f"gs://{local_bucket}/run/align/write_cache"
     tasks = plan(3 * width + 2)  # worker 1 owns 1, 65, 129, 193 at width 64
     with ScriptedServer(echo) as server:
-        fast = replace(FAST, stagger_step_s=0.0)
+        fast = FAST.model_copy(update={"stagger_step_s": 0.0})
         args = {"base_url": server.url, "cache_url": cache, "width": width, "settings": fast}
         run_batch(tasks, worker_id=2, **args)  # another worker's answers are not ours
         first = run_batch(tasks, worker_id=1, **args)
@@ -178,7 +186,7 @@ def test_costliest_mini_tasks_are_sent_first(local_bucket: str) -> None:
     tasks = [
         MiniTask(i, f"z{i:06d}", "/alignedslice", {"slice": i}, cost=c) for i, c in enumerate(costs)
     ]
-    inline = replace(FAST, threads=1)
+    inline = FAST.model_copy(update={"http_threads": 1})
     with ScriptedServer(echo) as server:
         run_batch(tasks, base_url=server.url, cache_url=f"gs://{local_bucket}/c", settings=inline)
     assert [r.body["slice"] for r in server.requests] == [1, 3, 4, 0, 2]  # ties: plan order
@@ -256,7 +264,7 @@ def _failed_try(attempt: int, retry_after_s: float | None = None) -> RetryCallSt
 
 
 def test_backoff_doubles_with_jitter_and_honours_retry_after() -> None:
-    wait = HttpSettings(backoff_s=1.0, max_backoff_s=8.0).wait()
+    wait = retry_wait(HttpEnv(http_backoff_s=1.0, http_max_backoff_s=8.0))
     for attempt, base in [(1, 1.0), (2, 2.0), (3, 4.0), (4, 8.0), (6, 8.0)]:
         delays = [wait(_failed_try(attempt)) for _ in range(50)]
         assert all(0.5 * base <= d <= base for d in delays)
@@ -273,21 +281,21 @@ def test_which_statuses_are_retried() -> None:
 
 
 def test_stagger_only_for_wide_dags() -> None:
-    s = HttpSettings(stagger_step_s=0.5, stagger_max_s=30.0)
-    assert s.stagger_s(5, 4) == 0.0
-    assert s.stagger_s(5, batch.STAGGER_MIN_WIDTH) == 2.5
-    assert s.stagger_s(127, 128) == 30.0
+    s = HttpEnv(stagger_step_s=0.5)
+    assert batch.stagger_s(s, 5, 4) == 0.0
+    assert batch.stagger_s(s, 5, batch.STAGGER_MIN_WIDTH) == 2.5
+    assert batch.stagger_s(s, 127, 128) == batch.STAGGER_MAX_S == 60.0
 
 
 def test_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EMPROCESS_HTTP_THREADS", "1")
     monkeypatch.setenv("EMPROCESS_HTTP_ATTEMPTS", "2")
     monkeypatch.setenv("EMPROCESS_HTTP_TIMEOUT_S", "3.5")
-    s = HttpSettings.from_env()
-    assert (s.threads, s.attempts, s.read_timeout_s, s.backoff_s) == (1, 2, 3.5, 2.0)
+    s = load(HttpEnv)
+    assert (s.http_threads, s.http_attempts, s.http_timeout_s, s.http_backoff_s) == (1, 2, 3.5, 2.0)
     monkeypatch.setenv("EMPROCESS_HTTP_BACKOFF_S", "fast")
     with pytest.raises(EmprocessError, match="EMPROCESS_HTTP_BACKOFF_S='fast'"):
-        HttpSettings.from_env()
+        load(HttpEnv)
 
 
 @pytest.mark.parametrize(

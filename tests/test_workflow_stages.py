@@ -19,8 +19,9 @@ from dags_conftest_helpers import (
 
 from emprocess import affine, layout, storage
 from emprocess.errors import EmprocessError, InvalidInput
+from emprocess.settings import HttpEnv
 from emprocess.workflow import stages
-from emprocess.workflow.batch import HttpSettings, MiniTask, select_worker
+from emprocess.workflow.batch import MiniTask, select_worker
 from emprocess.workflow.payloads import (
     plan_align_pairs,
     plan_aligned_slices,
@@ -29,7 +30,7 @@ from emprocess.workflow.payloads import (
 )
 from emprocess.workflow.stages import RunInfo
 
-FAST = HttpSettings(threads=2, attempts=2, backoff_s=0.01, max_backoff_s=0.02)
+FAST = HttpEnv(http_threads=2, http_attempts=2, http_backoff_s=0.01, http_max_backoff_s=0.02)
 SHIFT_PX = {3: (2.0, -1.0), 4: (-3.0, 0.5)}  # pair (z, z+1): translation found at downsample 2
 
 

@@ -12,9 +12,6 @@ mini-task, so it costs more on big runs.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +19,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from emprocess import storage
+from emprocess.answers import AnswerCache
 from emprocess.errors import EmprocessError, InvalidBucketName, InvalidInput, NotFound
 from emprocess.layout import (
     AFFINE_CACHE,
@@ -29,16 +27,29 @@ from emprocess.layout import (
     COMPLETE,
     FAILURES,
     FILL,
-    GAPS,
     INIT,
     NG_CACHE,
     NGMETA,
     QC,
-    SLICES,
+    STAGE_AFFINE,
+    STAGE_NGMETA,
+    STAGE_NGSHARD,
+    STAGE_WRITE,
     TRANSFORMS,
     WRITE_CACHE,
     RunLayout,
     parse_pair_name,
+)
+from emprocess.records import (
+    AnswerRecord,
+    CompleteRecord,
+    FailureRecord,
+    RunRecords,
+    failure_name,
+    parse_record,
+)
+from emprocess.records import (
+    MalformedRecord as MalformedRecord,  # raised by load_run: importable from here too
 )
 from emprocess.report.model import (
     FAILED,
@@ -57,7 +68,6 @@ from emprocess.report.progress import (
     count_answers,
     plan_stages,
     stage_progress,
-    task_name,
 )
 from emprocess.report.qc import qc_from_answers, qc_from_csv
 from emprocess.report.quality import read_quality
@@ -78,10 +88,10 @@ FAILURES_SHOWN = 10
 """Failure records read (for their message) per stage."""
 
 STAGES: tuple[tuple[str, str, str], ...] = (
-    ("affine", "align pairs", AFFINE_CACHE),
-    ("write", "aligned slices", WRITE_CACHE),
-    ("ngmeta", "ngmeta (info)", NG_CACHE),
-    ("ngshard", "ng shards", NG_CACHE),
+    (STAGE_AFFINE, "align pairs", AFFINE_CACHE),
+    (STAGE_WRITE, "aligned slices", WRITE_CACHE),
+    (STAGE_NGMETA, "ngmeta (info)", NG_CACHE),
+    (STAGE_NGSHARD, "ng shards", NG_CACHE),
 )
 """(stage, label, cache prefix) in run order; stage names are the batch helper's."""
 
@@ -90,10 +100,6 @@ T = TypeVar("T")
 
 class RunNotFound(NotFound):
     """The process bucket has no init.json for the run."""
-
-
-class MalformedRecord(InvalidInput):
-    """A record of the run (init.json, complete.json, ...) is not what the workflow writes."""
 
 
 def _bucket_of(source: str) -> str:
@@ -110,53 +116,15 @@ def _check_run_id(run_id: str) -> str:
     return run_id
 
 
-def _listed(url: str) -> ObjectInfo | None:
-    """The object at ``url`` with its time, from a listing (None when absent)."""
-    key = storage.parse_url(url).key
-    return next((info for info in storage.list_objects(url) if info.key == key), None)
-
-
-MAX_RECORD_BYTES = 256 << 20  # transforms.json of a million slices is about 100 MB
-
-
-def _read_json(url: str) -> tuple[dict[str, Any], ObjectInfo] | None:
-    """A JSON-object record and its listing; None when absent, MalformedRecord when damaged."""
-    info = _listed(url)
+def _read(
+    records: RunRecords, key: str, read: Callable[[], T | None], times: list[datetime]
+) -> T | None:
+    """Record ``key`` read by ``read`` (None when absent); its update time goes to ``times``."""
+    info = records.listed(key)
     if info is None:
         return None
-    try:
-        doc = json.loads(storage.read_bytes(url, max_bytes=MAX_RECORD_BYTES))
-    except (ValueError, RecursionError) as e:
-        raise MalformedRecord(f"{url} is damaged: not JSON ({str(e)[:200]})") from None
-    if not isinstance(doc, dict):
-        raise MalformedRecord(f"{url} is damaged: a JSON {type(doc).__name__}, not an object")
-    return doc, info
-
-
-def _check_times(doc: Mapping[str, Any], keys: Sequence[str], url: str) -> None:
-    """The record's times must be ISO 8601 strings where present, or MalformedRecord."""
-    for key in keys:
-        raw = doc.get(key)
-        if raw is None:
-            continue
-        try:
-            datetime.fromisoformat(raw)
-        except (TypeError, ValueError):
-            raise MalformedRecord(
-                f"{url} is damaged: {key} {str(raw)[:100]!r} is not an ISO 8601 time"
-            ) from None
-
-
-def _bbox_of(doc: Mapping[str, Any], url: str) -> tuple[int, int]:
-    """The record's bbox [width, height] (positive integers), or MalformedRecord."""
-    bbox = doc.get("bbox")
-    if (
-        not isinstance(bbox, list)
-        or len(bbox) != 2
-        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in bbox)
-    ):
-        raise MalformedRecord(f"{url} is damaged: bbox {bbox!r} is not [width, height]")
-    return bbox[0], bbox[1]
+    times.append(info.updated)
+    return read()
 
 
 def _pmap(fn: Callable[[str], T], items: Sequence[str], threads: int) -> list[T]:
@@ -174,52 +142,53 @@ def _failures(
     outstanding: dict[str, list[ObjectInfo]] = {}
     for info in storage.list_objects(f"{process}/{FAILURES}/"):
         stage, _, fn = info.key[len(prefix) :].partition("/")
-        name = fn.split(".")[0]
+        name = failure_name(fn)
         if stage in done and name and name not in done[stage]:
             outstanding.setdefault(stage, []).append(info)
     counts = {stage: len(infos) for stage, infos in outstanding.items()}
     shown = [info for infos in outstanding.values() for info in infos[:FAILURES_SHOWN]]
 
-    def read(key: str) -> dict[str, Any]:
+    def read(key: str) -> str:
+        url = storage.bucket_url(bucket, key)
         try:
-            doc = json.loads(storage.read_bytes(storage.bucket_url(bucket, key)))
-            return doc if isinstance(doc, dict) else {}
-        except (EmprocessError, ValueError):
-            return {}
+            return parse_record(FailureRecord, storage.read_bytes(url), url).error
+        except EmprocessError as e:
+            log.warning("cannot read failure record %s: %s", key, e)
+            return "(no message)"
 
     bucket = storage.parse_url(process).bucket
-    docs = _pmap(read, [info.key for info in shown], threads)
+    errors = _pmap(read, [info.key for info in shown], threads)
     notes = []
-    for info, doc in zip(shown, docs, strict=True):
+    for info, error in zip(shown, errors, strict=True):
         stage, _, fn = info.key[len(prefix) :].partition("/")
-        error = str(doc.get("error", "(no message)"))
-        notes.append(FailureNote(stage, fn.split(".")[0], error[:500], info.updated))
+        notes.append(FailureNote(stage, failure_name(fn), error[:500], info.updated))
     return counts, notes
 
 
 def _read_cache_records(
     bucket: str, counted: Mapping[str, Counted], threads: int
-) -> dict[str, dict[str, dict[str, Any]]]:
-    """Each counted cache object's JSON record, by stage and mini-task name."""
+) -> dict[str, dict[str, AnswerRecord]]:
+    """Each counted cache object's record, by stage and mini-task name (unreadable ones
+    left out, with a warning)."""
 
-    def read(key: str) -> dict[str, Any]:
+    def read(key: str) -> AnswerRecord | None:
+        url = storage.bucket_url(bucket, key)
         try:
-            doc = json.loads(storage.read_bytes(storage.bucket_url(bucket, key)))
-        except (EmprocessError, ValueError) as e:
+            return parse_record(AnswerRecord, storage.read_bytes(url), url)
+        except EmprocessError as e:
             log.warning("cannot read cache record %s: %s", key, e)
-            return {}
-        return doc if isinstance(doc, dict) else {}
+            return None
 
     out = {}
     for stage, c in counted.items():
         names = sorted(c.objects)
         docs = _pmap(read, [c.objects[n].key for n in names], threads)
-        out[stage] = dict(zip(names, docs, strict=True))
+        out[stage] = {n: d for n, d in zip(names, docs, strict=True) if d is not None}
     return out
 
 
 def _judge_state(
-    complete: Mapping[str, Any] | None,
+    complete: CompleteRecord | None,
     last_activity: datetime,
     now: datetime,
     stall_after_s: float,
@@ -229,8 +198,8 @@ def _judge_state(
     idle_s = (now - last_activity).total_seconds()
     if complete is not None:
         return FINISHED, (
-            f"complete.json written; finished {complete.get('finished')} after "
-            f"{duration(complete.get('elapsed_s'))}"
+            f"complete.json written; finished {complete.finished} after "
+            f"{duration(complete.elapsed_s)}"
         )
     if idle_s <= stall_after_s:
         return RUNNING, f"last record {duration(max(0.0, idle_s))} ago"
@@ -283,14 +252,15 @@ def load_run(
     now = now or datetime.now(UTC)
     layout = RunLayout(bucket, run_id)
     process = layout.process_url()
-    found = _read_json(f"{process}/{INIT}")
-    if found is None:
+    run_records = layout.records
+    times: list[datetime] = []
+    init = _read(run_records, INIT, run_records.read_init, times)
+    if init is None:
         raise RunNotFound(
             f"no {process}/init.json ({storage.backend_description()}): the run has not "
             "passed create_env yet, or the source or run id is wrong"
         )
-    init, init_info = found
-    conf: dict[str, Any] = dict(init.get("conf") or {})
+    conf: dict[str, Any] = dict(init.conf)
     if "minz" not in conf or "maxz" not in conf:
         raise InvalidInput(f"{process}/init.json has no conf minz/maxz: {sorted(conf)}")
     run_conf: RunConf | None
@@ -299,86 +269,46 @@ def load_run(
     except InvalidInput as e:
         log.warning("conf of %s does not parse with this code (%s); counting by name", run_id, e)
         run_conf = None
-    times = [init_info.updated]
-
-    _check_times(init, ("first_started", "started"), f"{process}/{INIT}")
-    complete = None
-    if (doc := _read_json(f"{process}/{COMPLETE}")) is not None:
-        complete = doc[0]
-        _check_times(complete, ("finished",), f"{process}/{COMPLETE}")
-        elapsed = complete.get("elapsed_s")
-        if elapsed is not None and (
-            isinstance(elapsed, bool) or not isinstance(elapsed, int | float)
-        ):
-            raise MalformedRecord(
-                f"{process}/complete.json is damaged: elapsed_s {elapsed!r} is not a number"
-            )
-        times.append(doc[1].updated)
-    canvas = None
-    if (doc := _read_json(f"{process}/{CANVAS}")) is not None:
-        canvas = doc[0]
-        times.append(doc[1].updated)
-    transforms = None
-    if (doc := _read_json(f"{process}/{TRANSFORMS}")) is not None:
-        try:
-            transforms = {int(z): [float(v) for v in t] for z, t in doc[0].items()}
-        except (TypeError, ValueError):
-            raise MalformedRecord(
-                f"{process}/align/transforms.json is damaged: not {{slice: [6 numbers]}}"
-            ) from None
-        times.append(doc[1].updated)
+    complete = _read(run_records, COMPLETE, run_records.read_complete, times)
+    canvas = _read(run_records, CANVAS, run_records.read_canvas, times)
+    transforms = _read(run_records, TRANSFORMS, run_records.read_transforms, times)
     qc_text = None
-    if (qc_info := _listed(f"{process}/{QC}")) is not None:
+    if (qc_info := run_records.listed(QC)) is not None:
         qc_text = storage.read_bytes(f"{process}/{QC}").decode()
         times.append(qc_info.updated)
 
-    slice_qc: list[dict[str, Any]] = []
-    if _listed(f"{process}/{SLICES}") is not None:
-        text = storage.read_bytes(f"{process}/{SLICES}").decode()
-        slice_qc = [
-            {**r, "z": int(r["z"]), "residual_px": float(r["residual_px"])}
-            for r in csv.DictReader(io.StringIO(text))
-        ]
-    alignment = (canvas or {}).get("alignment") if isinstance(canvas, dict) else None
-    if alignment is None and complete:
-        alignment = complete.get("alignment")
+    slice_qc = [row.to_json() for row in run_records.read_slices() or []]
+    summary = canvas.alignment if canvas is not None else None
+    if summary is None and complete is not None:
+        summary = complete.alignment
+    alignment = None if summary is None else summary.to_json()
 
     bbox: tuple[int, int] | None = None
-    if canvas is not None and canvas.get("bbox"):
-        bbox = _bbox_of(canvas, f"{process}/{CANVAS}")
-    elif complete and complete.get("bbox"):
-        bbox = _bbox_of(complete, f"{process}/{COMPLETE}")
-    elif transforms and init.get("slice_size_xy"):
-        bbox = canvas_from_transforms(transforms, init["slice_size_xy"])
-    iw = init.get("intensity_window")
-    window = (float(iw[0]), float(iw[1])) if isinstance(iw, list) and len(iw) == 2 else None
-    fill = None
-    if (doc := _read_json(f"{process}/{FILL}")) is not None:
-        fill = {int(z): (None if v is None else int(v)) for z, v in doc[0].items()}
-    gap_pairs: list[tuple[int, int]] = []
-    if (doc := _read_json(f"{process}/{GAPS}")) is not None:
-        try:
-            gap_pairs = [(int(a), int(b)) for a, b in doc[0].get("pairs", [])]
-        except (TypeError, ValueError):
-            raise MalformedRecord(
-                f"{process}/{GAPS} is damaged: its pairs are not [[pre, post], ...]"
-            ) from None
+    if canvas is not None:
+        bbox = canvas.bbox_xy
+    elif complete is not None and complete.bbox:
+        bbox = (complete.bbox[0], complete.bbox[1])
+    elif transforms and init.slice_size_xy:
+        bbox = canvas_from_transforms(transforms, init.slice_size_xy)
+    iw = init.intensity_window
+    window = (iw[0], iw[1]) if iw is not None and len(iw) == 2 else None
+    fill = run_records.read_fill() if run_records.listed(FILL) is not None else None
+    gaps = run_records.read_gaps()
+    gap_pairs = [] if gaps is None else list(gaps.pairs)
     plans = plan_stages(conf, run_conf, transforms, bbox, window, fill, gap_pairs)
 
-    listings: dict[str, list[ObjectInfo]] = {}  # ngmeta and ngshard share one prefix
+    listings: dict[str, dict[str, ObjectInfo]] = {}  # ngmeta and ngshard share one prefix
     counted: dict[str, Counted] = {}
     for stage, _, prefix in STAGES:
-        url = f"{process}/{prefix}/"
-        if url not in listings:
-            listings[url] = storage.list_objects(url)
-        prefix_key = storage.parse_url(url).key
-        listing = listings[url]
+        if prefix not in listings:
+            listings[prefix] = AnswerCache(layout.process_url(prefix)).listing()
+        listing = listings[prefix]
         if prefix == NG_CACHE:
-            is_meta = stage == "ngmeta"
-            listing = [
-                i for i in listing if (task_name(i.key[len(prefix_key) :]) == NGMETA) == is_meta
-            ]
-        counted[stage] = count_answers(stage, listing, prefix_key, plans[stage])
+            is_meta = stage == STAGE_NGMETA
+            listing = {
+                k: i for k, i in listing.items() if (AnswerCache.name_of(k) == NGMETA) == is_meta
+            }
+        counted[stage] = count_answers(stage, listing, plans[stage])
         times.extend(i.updated for i in counted[stage].objects.values())
 
     failure_counts, failure_notes = _failures(
@@ -404,7 +334,7 @@ def load_run(
             now=now,
             failures=failure_counts.get(stage),
             records=records.get(stage),
-            skipped=stage == "affine" and bool(conf.get("skip_align", False)),
+            skipped=stage == STAGE_AFFINE and bool(conf.get("skip_align", False)),
         )
         for stage, label, prefix in STAGES
     )
@@ -413,12 +343,12 @@ def load_run(
     qc_source = None
     if qc_text is not None:
         qc, qc_source = qc_from_csv(qc_text, min_inliers, max_residual_px), "qc.csv"
-    elif records.get("affine"):
-        pairs = {name: parse_pair_name(name) for name in records["affine"]}
+    elif records.get(STAGE_AFFINE):
+        pairs = {name: parse_pair_name(name) for name in records[STAGE_AFFINE]}
         answers = {  # the (z, z + 1) pairs, as qc.csv's first rows
-            pairs[name][0]: r["response"]
-            for name, r in records["affine"].items()
-            if "response" in r and pairs[name][1] == pairs[name][0] + 1
+            pairs[name][0]: r.response
+            for name, r in records[STAGE_AFFINE].items()
+            if r.response is not None and pairs[name][1] == pairs[name][0] + 1
         }
         qc, qc_source = qc_from_answers(answers, min_inliers, max_residual_px), "affine_cache"
 
@@ -431,8 +361,8 @@ def load_run(
         state=state,
         state_reason=reason,
         last_activity=last_activity,
-        init=init,
-        complete=complete,
+        init=init.to_json(),
+        complete=None if complete is None else complete.to_json(),
         bbox_xy=bbox,
         stages=stages,
         qc=tuple(qc),

@@ -8,19 +8,29 @@ run made by code whose requests differ is still counted, by mini-task name.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from emprocess import affine
-from emprocess.layout import NGMETA, cube_name, pair_name, slice_task_name
+from emprocess.answers import AnswerCache
+from emprocess.layout import (
+    NGMETA,
+    STAGE_AFFINE,
+    STAGE_NGMETA,
+    STAGE_NGSHARD,
+    STAGE_WRITE,
+    cube_name,
+    pair_name,
+    slice_task_name,
+)
+from emprocess.records import AnswerRecord
 from emprocess.report.model import StageProgress
 from emprocess.storage import ObjectInfo
 from emprocess.workflow.batch import MiniTask
 from emprocess.workflow.conf import RunConf
 from emprocess.workflow.payloads import (
+    neighbour_pairs,
     ngmeta_task,
     plan_align_pairs,
     plan_aligned_slices,
@@ -52,22 +62,12 @@ class Counted:
 def canvas_from_transforms(
     transforms: Mapping[int, Sequence[float]], slice_size_xy: Sequence[int]
 ) -> tuple[int, int]:
-    """The canvas (width, height) collect fitted: the box of all transformed slice corners.
+    """The canvas (width, height) collect fitted: the box of all transformed slice corners,
+    as :func:`emprocess.workflow.compose.fit_canvas` computes it (for runs whose
+    canvas.json is missing; transforms.json is already shifted to start at (0, 0))."""
+    from emprocess.workflow.compose import fit_canvas
 
-    transforms.json is already shifted so that box starts at (0, 0); the rounding matches
-    :func:`emprocess.workflow.compose.compose_global`.
-    """
-    corners = affine.corners_xy(int(slice_size_xy[0]), int(slice_size_xy[1]))
-    lo = [math.inf, math.inf]
-    hi = [-math.inf, -math.inf]
-    for t in transforms.values():
-        pts = affine.apply(t, corners)
-        for d in range(2):
-            lo[d] = min(lo[d], float(pts[:, d].min()))
-            hi[d] = max(hi[d], float(pts[:, d].max()))
-    w = math.ceil(round(hi[0], 6)) - math.floor(round(lo[0], 6))
-    h = math.ceil(round(hi[1], 6)) - math.floor(round(lo[1], 6))
-    return w, h
+    return fit_canvas(transforms, (int(slice_size_xy[0]), int(slice_size_xy[1])))[1]
 
 
 def _keys(tasks: Iterable[MiniTask]) -> dict[str, str]:
@@ -94,53 +94,40 @@ def plan_stages(
     skip = bool(conf.get("skip_align", False) or conf.get("align_from"))
     k = int(conf.get("neighbors", 1) or 1)
     pairs = (
-        []
-        if skip
-        else [
-            pair_name(z, z + d) for z in range(minz, maxz) for d in range(1, k + 1) if z + d <= maxz
-        ]
-        + [pair_name(a, b) for a, b in gap_pairs]
+        [] if skip else [pair_name(a, b) for a, b in [*neighbour_pairs(minz, maxz, k), *gap_pairs]]
     )
     slices = [slice_task_name(z) for z in range(minz, maxz + 1)]
     cubes = None
     if bbox is not None:
         cubes = [cube_name(x, y, z) for x, y, z in plan_cube_starts(bbox, minz, maxz)]
     plans = {
-        "affine": Plan(pairs),
-        "write": Plan(slices),
-        "ngmeta": Plan([NGMETA]),
-        "ngshard": Plan(cubes),
+        STAGE_AFFINE: Plan(pairs),
+        STAGE_WRITE: Plan(slices),
+        STAGE_NGMETA: Plan([NGMETA]),
+        STAGE_NGSHARD: Plan(cubes),
     }
     if run_conf is None:
         return plans
     if not skip:
-        plans["affine"].keys = _keys(
+        plans[STAGE_AFFINE].keys = _keys(
             [*plan_align_pairs(run_conf, window), *plan_pair_tasks(run_conf, gap_pairs, window)]
         )
     if bbox is not None:
         if transforms is not None and len(transforms) == len(slices):
             written = plan_aligned_slices(run_conf, transforms, bbox, window, fill)
-            plans["write"].keys = _keys(written)
+            plans[STAGE_WRITE].keys = _keys(written)
             # A cube's key covers the write requests of its tiles (as the DAG's).
-            plans["ngshard"].keys = _keys(plan_ng_shards(run_conf, bbox, written))
-        plans["ngmeta"].keys = _keys([ngmeta_task(run_conf, bbox)])
+            plans[STAGE_NGSHARD].keys = _keys(plan_ng_shards(run_conf, bbox, written))
+        plans[STAGE_NGMETA].keys = _keys([ngmeta_task(run_conf, bbox)])
     for plan in plans.values():
         if plan.keys is not None:
             plan.names = list(plan.keys)  # the workflow's own names win
     return plans
 
 
-def task_name(relative_key: str) -> str | None:
-    """``z000012`` of ``z000012.0123456789ab.json``; None for anything else."""
-    parts = relative_key.split(".")
-    if len(parts) != 3 or parts[2] != "json" or "/" in relative_key:
-        return None
-    return parts[0]
-
-
-def count_answers(stage: str, listing: list[ObjectInfo], prefix_key: str, plan: Plan) -> Counted:
-    """Match the listed cache objects to the plan: by exact key if they match, else by name."""
-    by_key = {info.key[len(prefix_key) :]: info for info in listing}
+def count_answers(stage: str, by_key: Mapping[str, ObjectInfo], plan: Plan) -> Counted:
+    """Match the listed cache objects (by key relative to the cache prefix,
+    :meth:`AnswerCache.listing`) to the plan: by exact key if they match, else by name."""
     if plan.names is None:  # totals unknown: count whatever answers are there, by name
         objects = _latest_by_name(by_key, None)
         return Counted(objects, 0, "name")
@@ -163,7 +150,7 @@ def _latest_by_name(
 ) -> dict[str, ObjectInfo]:
     out: dict[str, ObjectInfo] = {}
     for rel, info in by_key.items():
-        name = task_name(rel)
+        name = AnswerCache.name_of(rel)
         if name is None or (wanted is not None and name not in wanted):
             continue
         if name not in out or info.updated > out[name].updated:
@@ -188,7 +175,7 @@ def stage_progress(
     running: bool,
     now: datetime,
     failures: int | None,
-    records: Mapping[str, Mapping[str, Any]] | None,
+    records: Mapping[str, AnswerRecord] | None,
     skipped: bool,
 ) -> StageProgress:
     """A stage's progress: counts, rate over its finish times, ETA (only while ``running``).
@@ -208,9 +195,9 @@ def stage_progress(
         failures = 0  # every planned mini-task has its answer
     retried = attempts = mean_s = None
     if records is not None:
-        tries = [int(r.get("attempts", 1)) for r in records.values()]
+        tries = [r.attempts for r in records.values()]
         retried, attempts = sum(1 for n in tries if n > 1), sum(tries)
-        secs = [float(r["elapsed_s"]) for r in records.values() if r.get("elapsed_s") is not None]
+        secs = [r.elapsed_s for r in records.values() if r.elapsed_s is not None]
         mean_s = round(sum(secs) / len(secs), 3) if secs else None
     return StageProgress(
         name=stage,

@@ -12,42 +12,51 @@ A mini-task that finally fails leaves a failure record ``NAME.json`` under the s
 failure prefix (``RUN_ID/failures/STAGE/`` in the process bucket) for the monitoring
 report; its later success deletes the record.
 
-Requests always have a timeout. Connection errors, timeouts, 408, 429 and 5xx are
-retried (tenacity) with exponential backoff and jitter; any other 4xx is the caller's
-fault and fails at once with the service's message. ``threads=1`` runs inline, for
-debugging.
+Each request goes through the one HTTP client, :func:`emprocess.workflow.http.post_json`
+(timeouts, retries with backoff and jitter); the answers through the one answer cache,
+:class:`emprocess.answers.AnswerCache`. ``http_threads=1`` runs inline, for debugging.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any
 
 import requests
-from tenacity import (
-    RetryCallState,
-    Retrying,
-    retry_if_exception,
-    stop_after_attempt,
-    wait_exponential,
-    wait_random_exponential,
+
+from emprocess.answers import AnswerCache, answer_key, answer_record, request_headers
+from emprocess.errors import EmprocessError
+from emprocess.records import FailureRecords, now_iso
+from emprocess.settings import HttpEnv, load
+from emprocess.workflow.http import (
+    ServiceError,
+    TokenSource,
+    connection_base_url,
+    is_retryable_status,
+    post_json,
 )
 
-from emprocess import storage
-from emprocess.answers import answer_key, answer_record, request_headers
-from emprocess.errors import EmprocessError
+__all__ = [  # the HTTP client's and the failure records' names, importable from here as before
+    "FailureRecords",
+    "ServiceError",
+    "TokenSource",
+    "connection_base_url",
+    "is_retryable_status",
+    "post_json",
+]
 
 log = logging.getLogger(__name__)
 
 STAGGER_MIN_WIDTH = 32
 """Batch tasks of DAGs at least this wide start staggered, so serverless services scale up."""
+
+STAGGER_MAX_S = 60.0
+"""Longest start delay of a staggered batch task, s."""
 
 CHECK_EACH_MIN_WIDTH = 64
 """From this width a batch task looks up its own mini-tasks' answers one by one (in
@@ -56,29 +65,6 @@ parallel) instead of listing the stage's cache: a listing returns the answers of
 128 tasks would read 50 pages (150 for the alignment pairs) for the 390 (1,170) it owns;
 looked up over the request threads those take a few rounds, and the stage reads N
 objects in all, not width x N."""
-
-TokenSource = Callable[[], str]
-
-
-class ServiceError(EmprocessError):
-    """A service answered with an error, or could not be reached; names the request."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        retryable: bool,
-        status: int | None = None,
-        attempts: int = 1,
-        retry_after_s: float | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.retryable = retryable
-        self.status = status
-        self.attempts = attempts
-        """Requests sent before giving up."""
-        self.retry_after_s = retry_after_s
-        """The service's Retry-After, seconds."""
 
 
 class BatchError(EmprocessError):
@@ -124,68 +110,12 @@ class MiniTask:
         return answer_key(self.name, self.path, self.payload, self.inputs)
 
 
-@dataclass(frozen=True)
-class HttpSettings:
-    """How requests are sent: threads, timeouts, retries and start stagger.
-
-    The read timeout defaults to Cloud Run's longest request (60 min): a /ngshard cube
-    can take many minutes, and giving up early would only make a retry redo it.
-
-    ``from_env`` reads them from :class:`emprocess.settings.HttpEnv` (``EMPROCESS_HTTP_*``;
-    tests make retries fast or turn them off with these).
-    """
-
-    threads: int = 8
-    attempts: int = 6
-    backoff_s: float = 2.0
-    max_backoff_s: float = 120.0
-    connect_timeout_s: float = 10.0
-    read_timeout_s: float = 3600.0
-    stagger_step_s: float = 1.0
-    stagger_max_s: float = 60.0
-
-    @classmethod
-    def from_env(cls) -> HttpSettings:
-        from emprocess.settings import HttpEnv, load
-
-        env = load(HttpEnv)
-        return cls(
-            threads=env.http_threads,
-            attempts=env.http_attempts,
-            backoff_s=env.http_backoff_s,
-            max_backoff_s=env.http_max_backoff_s,
-            connect_timeout_s=env.http_connect_timeout_s,
-            read_timeout_s=env.http_timeout_s,
-            stagger_step_s=env.stagger_step_s,
-            stagger_max_s=cls.stagger_max_s,
-        )
-
-    def wait(self) -> Callable[[RetryCallState], float]:
-        """tenacity's wait after a failed try: doubling, jittered, capped, or Retry-After.
-
-        After try n the wait lies between half and all of ``min(max_backoff_s,
-        backoff_s * 2**(n-1))``: tenacity's exponential wait for half of it plus its random
-        exponential wait for the other half. A longer Retry-After of the service (up to
-        ``max_backoff_s``) wins.
-        """
-        half = {"multiplier": self.backoff_s / 2, "max": self.max_backoff_s / 2}
-        jittered = wait_exponential(**half) + wait_random_exponential(**half)
-
-        def wait(state: RetryCallState) -> float:
-            delay = float(jittered(state))
-            error = state.outcome.exception() if state.outcome else None
-            retry_after = error.retry_after_s if isinstance(error, ServiceError) else None
-            if retry_after is not None:
-                delay = max(delay, min(retry_after, self.max_backoff_s))
-            return delay
-
-        return wait
-
-    def stagger_s(self, worker_id: int, width: int) -> float:
-        """Start delay of a worker: none below ``STAGGER_MIN_WIDTH``, else a ramp."""
-        if width < STAGGER_MIN_WIDTH:
-            return 0.0
-        return min(self.stagger_max_s, worker_id * self.stagger_step_s)
+def stagger_s(settings: HttpEnv, worker_id: int, width: int) -> float:
+    """Start delay of a worker: none below ``STAGGER_MIN_WIDTH``, else a ramp of
+    ``stagger_step_s`` per worker id up to ``STAGGER_MAX_S``."""
+    if width < STAGGER_MIN_WIDTH:
+        return 0.0
+    return min(STAGGER_MAX_S, worker_id * settings.stagger_step_s)
 
 
 @dataclass
@@ -207,31 +137,6 @@ class BatchSummary:
         return asdict(self)
 
 
-def connection_base_url(
-    conn_type: str | None, host: str | None, port: int | None, schema: str | None
-) -> str:
-    """The base URL of an Airflow HTTP connection (``ALIGN_CLOUD_RUN``, ``IMG_WRITE``).
-
-    ``AIRFLOW_CONN_IMG_WRITE=http://127.0.0.1:8080`` gives type "http", host and port;
-    ``https://svc-xyz.a.run.app`` gives type "https". A host that already holds a
-    scheme is used as is; otherwise ``schema`` (where the http provider keeps it), then
-    the connection type, then "http" give the scheme.
-    """
-    if not host:
-        raise EmprocessError(
-            f"connection of type {conn_type!r} has no host; set it to the service URL"
-        )
-    if "://" in host:
-        return host.rstrip("/")
-    if schema in ("http", "https"):
-        scheme = schema
-    elif conn_type in ("http", "https"):
-        scheme = conn_type
-    else:
-        scheme = "http"
-    return f"{scheme}://{host}" + (f":{port}" if port else "")
-
-
 def select_worker(tasks: Sequence[MiniTask], worker_id: int, width: int) -> list[MiniTask]:
     """The mini-tasks of worker ``worker_id`` of ``width``: those with index % width == worker_id."""
     if width < 1 or not 0 <= worker_id < width:
@@ -240,161 +145,25 @@ def select_worker(tasks: Sequence[MiniTask], worker_id: int, width: int) -> list
 
 
 def cached_keys(cache_url: str) -> set[str]:
-    """Names (relative to ``cache_url``) of the cached answers, from one listing."""
-    prefix = storage.parse_url(cache_url.rstrip("/") + "/").key
-    return {k[len(prefix) :] for k in storage.list_keys(cache_url.rstrip("/") + "/")}
+    """Keys (relative to ``cache_url``) of the cached answers, from one listing
+    (:meth:`AnswerCache.keys`)."""
+    return AnswerCache(cache_url).keys()
 
 
 def cached_among(tasks: Sequence[MiniTask], cache_url: str, threads: int = 16) -> set[str]:
-    """Cache keys of ``tasks`` whose answer is cached, one existence check each (in parallel)."""
-
-    def answered(task: MiniTask) -> bool:
-        return storage.exists(storage.join(cache_url, task.cache_key()))
-
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        found = list(pool.map(answered, tasks))
-    return {t.cache_key() for t, ok in zip(tasks, found, strict=True) if ok}
+    """Cache keys of ``tasks`` whose answer is cached, one existence check each
+    (:meth:`AnswerCache.present`)."""
+    return AnswerCache(cache_url).present([t.cache_key() for t in tasks], threads)
 
 
 def read_cached(tasks: Iterable[MiniTask], cache_url: str, threads: int = 16) -> dict[str, Any]:
-    """The cached answers (``response``) of ``tasks``, by mini-task name.
+    """The cached answers (``response``) of ``tasks``, by mini-task name
+    (:meth:`AnswerCache.responses`).
 
     Raises:
         ObjectNotFound: when one of them has not been answered yet.
     """
-    tasks = list(tasks)
-
-    def read(task: MiniTask) -> tuple[str, Any]:
-        record = json.loads(storage.read_bytes(storage.join(cache_url, task.cache_key())))
-        return task.name, record["response"]
-
-    if threads <= 1 or len(tasks) <= 1:
-        return dict(read(t) for t in tasks)
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        return dict(pool.map(read, tasks))
-
-
-def _excerpt(response: requests.Response, limit: int = 500) -> str:
-    text = response.text or ""
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    if isinstance(body, dict) and "error" in body:
-        text = json.dumps(body["error"]) if not isinstance(body["error"], str) else body["error"]
-    text = " ".join(text.split())
-    return text[:limit] + ("..." if len(text) > limit else "")
-
-
-def is_retryable_status(status: int) -> bool:
-    """408 (request timeout), 429 (slow down) and every 5xx are worth another try."""
-    return status in (408, 429) or status >= 500
-
-
-def _retry_after(response: requests.Response) -> float | None:
-    try:
-        return float(response.headers.get("Retry-After", ""))
-    except ValueError:
-        return None
-
-
-def _post_once(
-    session: requests.Session,
-    url: str,
-    payload: Mapping[str, Any],
-    settings: HttpSettings,
-    token_source: TokenSource | None,
-    extra_headers: Mapping[str, str] | None = None,
-) -> Any:
-    """One POST: the JSON answer (or text); a :class:`ServiceError` that says whether to retry."""
-    headers = dict(extra_headers or {})
-    if token_source:
-        headers["Authorization"] = f"Bearer {token_source()}"
-    timeout = (settings.connect_timeout_s, settings.read_timeout_s)
-    try:
-        response = session.post(url, json=payload, headers=headers, timeout=timeout)
-    except (requests.ConnectionError, requests.Timeout) as e:
-        raise ServiceError(f"POST {url} failed: {type(e).__name__}: {e}", retryable=True) from e
-    if not response.ok:
-        raise ServiceError(
-            f"POST {url} answered {response.status_code}: {_excerpt(response)}",
-            retryable=is_retryable_status(response.status_code),
-            status=response.status_code,
-            retry_after_s=_retry_after(response),
-        )
-    try:
-        return response.json()
-    except ValueError:
-        return response.text
-
-
-class _Aborted(Exception):
-    """The batch was aborted while a request waited for its next try."""
-
-
-def post_json(
-    session: requests.Session,
-    url: str,
-    payload: Mapping[str, Any],
-    settings: HttpSettings,
-    token_source: TokenSource | None = None,
-    abort: threading.Event | None = None,
-    headers: Mapping[str, str] | None = None,
-) -> tuple[Any, int]:
-    """POST ``payload`` to ``url`` with retries; returns (parsed answer, attempts used).
-
-    The answer is the JSON body, or the text when it is not JSON. tenacity retries the
-    retryable errors (:func:`is_retryable_status`, connection errors, timeouts) up to
-    ``settings.attempts`` tries, waiting :meth:`HttpSettings.wait`; ``abort`` ends a wait.
-
-    Raises:
-        ServiceError: at once on a non-retryable 4xx, or when the attempts run out.
-    """
-    failed: list[ServiceError] = []  # the error each wait follows
-
-    def log_retry(state: RetryCallState) -> None:
-        error = cast(ServiceError, state.outcome.exception() if state.outcome else None)
-        failed.append(error)  # only ServiceErrors are retried
-        delay = state.upcoming_sleep
-        n = state.attempt_number
-        log.warning("%s; retry %d/%d in %.1f s", error, n, settings.attempts - 1, delay)
-
-    def sleep(delay: float) -> None:
-        if abort is None:
-            time.sleep(delay)
-        elif abort.wait(delay):
-            raise _Aborted
-
-    retrying = Retrying(
-        stop=stop_after_attempt(settings.attempts),
-        wait=settings.wait(),
-        retry=retry_if_exception(lambda e: isinstance(e, ServiceError) and e.retryable),
-        before_sleep=log_retry,
-        sleep=sleep,
-        reraise=True,
-    )
-    try:
-        for attempt in retrying:
-            with attempt:
-                answer = _post_once(session, url, payload, settings, token_source, headers)
-    except ServiceError as e:
-        n = len(failed) + 1
-        if e.retryable:
-            raise ServiceError(
-                f"{e} (after {n} attempts)", retryable=True, status=e.status, attempts=n
-            ) from None
-        e.attempts = n
-        raise
-    except _Aborted:
-        last = failed[-1]
-        raise ServiceError(
-            f"{last} (batch aborted)", retryable=False, status=last.status, attempts=len(failed)
-        ) from None
-    return answer, len(failed) + 1
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
+    return AnswerCache(cache_url).responses({t.name: t.cache_key() for t in tasks}, threads)
 
 
 def run_batch(
@@ -405,7 +174,7 @@ def run_batch(
     worker_id: int = 0,
     width: int = 1,
     stage: str = "batch",
-    settings: HttpSettings | None = None,
+    settings: HttpEnv | None = None,
     token_source: TokenSource | None = None,
     failure_url: str | None = None,
     redo: Collection[str] | Callable[[list[MiniTask]], Collection[str]] = (),
@@ -421,7 +190,7 @@ def run_batch(
         worker_id: this worker, 0 <= worker_id < width.
         width: the number of workers of the stage.
         stage: name for logs and errors.
-        settings: threads, timeouts and retries (default: :meth:`HttpSettings.from_env`).
+        settings: threads, timeouts and retries (default: read from the environment).
         token_source: gives a bearer token per request; default: a Google ID token for
             ``https`` URLs (:func:`emprocess.workflow.auth.token_source_for`), none for http.
         failure_url: the stage's failure prefix in the process bucket
@@ -439,17 +208,18 @@ def run_batch(
         BatchError: naming the mini-tasks that failed and why (after finishing or, on a
             non-retryable 4xx, abandoning the others).
     """
-    settings = settings or HttpSettings.from_env()
+    settings = settings or load(HttpEnv)
+    cache = AnswerCache(cache_url)
     mine = select_worker(tasks, worker_id, width)
     summary = BatchSummary(stage=stage, worker_id=worker_id, width=width, planned=len(mine))
-    summary.started = _now()
+    summary.started = now_iso()
     t0 = time.monotonic()
     if not mine:
         done: set[str] = set()
     elif width >= CHECK_EACH_MIN_WIDTH:
-        done = cached_among(mine, cache_url, settings.threads)
+        done = cache.present([t.cache_key() for t in mine], settings.http_threads)
     else:
-        done = cached_keys(cache_url)
+        done = cache.keys()
     if callable(redo):
         cached = [t for t in mine if t.cache_key() in done]
         redo = redo(cached) if cached else ()
@@ -471,88 +241,29 @@ def run_batch(
         summary.cached,
         len(todo),
         base_url,
-        settings.threads,
+        settings.http_threads,
     )
     if todo:
         if token_source is None:
             from emprocess.workflow.auth import token_source_for
 
             token_source = token_source_for(base_url)
-        delay = settings.stagger_s(worker_id, width)
+        delay = stagger_s(settings, worker_id, width)
         if delay:
             log.info("%s worker %d: staggered start, waiting %.1f s", stage, worker_id, delay)
             time.sleep(delay)
-        _send_all(
-            todo, base_url, cache_url, stage, settings, token_source, summary, records, run_id
-        )
-    summary.finished = _now()
+        _send_all(todo, base_url, cache, stage, settings, token_source, summary, records, run_id)
+    summary.finished = now_iso()
     summary.elapsed_s = round(time.monotonic() - t0, 3)
     return summary
-
-
-class FailureRecords:
-    """The failure records of one stage: ``NAME.json`` under the stage's failure prefix.
-
-    One listing at the start tells which mini-tasks have a record, so a success deletes
-    only records that exist. Records are for monitoring: failing to write or delete one
-    is logged, never raised, so it cannot hide the mini-task's own outcome.
-    """
-
-    def __init__(self, url: str | None, stage: str) -> None:
-        self.url = url.rstrip("/") if url else None
-        self.stage = stage
-        self._lock = threading.Lock()
-        self._present: set[str] = set()
-        if self.url is not None:
-            try:
-                self._present = {k.removesuffix(".json") for k in cached_keys(self.url)}
-            except EmprocessError as e:
-                log.warning("cannot list failure records %s: %s", self.url, e)
-
-    def write(self, task: MiniTask, error: str, status: int | None, attempts: int) -> None:
-        """Record that ``task`` finally failed (``attempts`` requests, last ``status``)."""
-        if self.url is None:
-            return
-        record = {
-            "name": task.name,
-            "stage": self.stage,
-            "path": task.path,
-            "request": task.payload,
-            "error": error,
-            "status": status,
-            "attempts": attempts,
-            "finished": _now(),
-        }
-        try:
-            storage.write_bytes(
-                storage.join(self.url, f"{task.name}.json"),
-                json.dumps(record, sort_keys=True).encode(),
-                content_type="application/json",
-            )
-        except Exception as e:  # monitoring only: keep the mini-task's own error
-            log.warning("cannot write the failure record of %s: %s", task.name, e)
-            return
-        with self._lock:
-            self._present.add(task.name)
-
-    def clear(self, task: MiniTask) -> None:
-        """Delete the failure record of ``task``, which has now been answered, if it has one."""
-        with self._lock:
-            if self.url is None or task.name not in self._present:
-                return
-            self._present.discard(task.name)
-        try:
-            storage.delete(storage.join(self.url, f"{task.name}.json"))
-        except Exception as e:  # monitoring only
-            log.warning("cannot delete the failure record of %s: %s", task.name, e)
 
 
 def _send_all(
     todo: list[MiniTask],
     base_url: str,
-    cache_url: str,
+    cache: AnswerCache,
     stage: str,
-    settings: HttpSettings,
+    settings: HttpEnv,
     token_source: TokenSource | None,
     summary: BatchSummary,
     records: FailureRecords,
@@ -585,11 +296,7 @@ def _send_all(
             record = answer_record(
                 task.name, task.path, task.payload, answer, attempts, time.monotonic() - t_start
             )
-            storage.write_bytes(
-                storage.join(cache_url, key),
-                json.dumps(record, sort_keys=True).encode(),
-                content_type="application/json",
-            )
+            cache.write(key, record)
         except ServiceError as e:
             if not e.retryable:
                 client_error.set()
@@ -610,11 +317,13 @@ def _send_all(
             if summary.sent % progress_every == 0:
                 log.info("%s: %d/%d mini-tasks done", stage, summary.sent, len(todo))
 
-    if settings.threads <= 1:
+    if settings.http_threads <= 1:
         for task in todo:
             send(task)
     else:
-        with ThreadPoolExecutor(max_workers=settings.threads, thread_name_prefix=stage) as pool:
+        with ThreadPoolExecutor(
+            max_workers=settings.http_threads, thread_name_prefix=stage
+        ) as pool:
             list(pool.map(send, todo))
     if failures:
         # Client errors first: they are the reason the rest was abandoned.

@@ -20,9 +20,10 @@ from typing import Any
 from emprocess import storage
 from emprocess.errors import EmprocessError, InvalidInput
 from emprocess.kernels.normalise import SliceStats, common_area, footprint, plan_gain_offset
-from emprocess.layout import INTENSITY, STATS_CACHE, slice_task_name
+from emprocess.layout import INTENSITY, STAGE_SLICESTATS, STATS_CACHE, slice_task_name
 from emprocess.models import SliceStatsRequest
-from emprocess.workflow.batch import HttpSettings, MiniTask, read_cached, run_batch
+from emprocess.settings import HttpEnv
+from emprocess.workflow.batch import MiniTask, read_cached, run_batch
 from emprocess.workflow.conf import RunConf
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ def measure_intensity(
     transforms: Mapping[int, Sequence[float]],
     slice_size_xy: tuple[int, int],
     base_url: str,
-    settings: HttpSettings | None = None,
+    settings: HttpEnv | None = None,
     bbox_xy: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Measure every slice, plan the gains and offsets, write align/intensity.csv.
@@ -90,9 +91,9 @@ def measure_intensity(
         tasks,
         base_url=base_url,
         cache_url=cache,
-        stage="slicestats",
+        stage=STAGE_SLICESTATS,
         settings=settings,
-        failure_url=conf.layout.failure_url("slicestats"),
+        failure_url=conf.layout.failure_url(STAGE_SLICESTATS),
     )
     answers = read_cached(tasks, cache)
     stats = {

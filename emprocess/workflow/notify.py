@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import html
 import logging
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -72,20 +71,15 @@ def _first_failure(conf_data: Mapping[str, Any], airflow_run_id: str, task: str)
     When the bucket cannot be written (validate failed before it existed, a bad conf),
     the failure counts as the first.
     """
-    import json
-
-    from emprocess import storage
     from emprocess.errors import EmprocessError
+    from emprocess.records import NotifiedRecord
     from emprocess.workflow.conf import parse_conf
 
     try:
         conf = parse_conf(conf_data)
-        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", airflow_run_id)
-        url = conf.process_url("notified", f"{safe}.json")
-        if storage.exists(url):
+        record = NotifiedRecord(airflow_run_id=airflow_run_id, task=task)
+        if not conf.layout.records.write_notified(record):
             return False
-        body = json.dumps({"airflow_run_id": airflow_run_id, "task": task}).encode()
-        storage.write_bytes(url, body, content_type="application/json")
     except (EmprocessError, ValueError) as e:
         log.info("no failure record written (%s); sending anyway", e)
     return True

@@ -73,12 +73,12 @@ def _channels(conf: RunConf) -> int | None:
 
 def align_pair_list(conf: RunConf) -> list[tuple[int, int]]:
     """Pairs (z, z + d), d = 1 .. conf.neighbors, z from minz, post <= maxz, by z then d."""
-    return [
-        (z, z + d)
-        for z in range(conf.minz, conf.maxz)
-        for d in range(1, conf.neighbors + 1)
-        if z + d <= conf.maxz
-    ]
+    return neighbour_pairs(conf.minz, conf.maxz, conf.neighbors)
+
+
+def neighbour_pairs(minz: int, maxz: int, neighbors: int) -> list[tuple[int, int]]:
+    """Pairs (z, z + d), d = 1 .. ``neighbors``, minz <= z < z + d <= maxz, by z then d."""
+    return [(z, z + d) for z in range(minz, maxz) for d in range(1, neighbors + 1) if z + d <= maxz]
 
 
 def plan_align_pairs(conf: RunConf, window: Window = None, share: Share = None) -> list[MiniTask]:

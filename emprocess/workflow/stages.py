@@ -25,15 +25,17 @@ from emprocess.imageinfo import HEADER_BYTES, ImageHeader, image_header
 from emprocess.layout import (
     AFFINE_CACHE,
     CANVAS,
-    COMPLETE,
     FEATURES_CACHE,
-    FILL,
-    GAPS,
     INIT,
     NG_CACHE,
     NGMETA,
     QC,
     SLICES,
+    STAGE_AFFINE,
+    STAGE_FEATURES,
+    STAGE_NGMETA,
+    STAGE_NGSHARD,
+    STAGE_WRITE,
     TILES_PREFIX,
     TRANSFORMS,
     TRANSFORMS_CSV,
@@ -43,10 +45,19 @@ from emprocess.layout import (
     slice_task_name,
     tiles_key,
 )
+from emprocess.records import (
+    AlignmentSummary,
+    CanvasRecord,
+    CompleteRecord,
+    GapsRecord,
+    InitRecord,
+    IntensitySample,
+    parse_record,
+)
+from emprocess.settings import HttpEnv
 from emprocess.workflow import DEFAULT_DYNAMIC_WIDTH, VERSION
 from emprocess.workflow.batch import (
     BatchSummary,
-    HttpSettings,
     MiniTask,
     cached_keys,
     read_cached,
@@ -252,17 +263,17 @@ def validate_run(
 # -- create_env -----------------------------------------------------------------
 
 
-def intensity_sample(info: RunInfo) -> dict[str, Any] | None:
+def intensity_sample(info: RunInfo) -> IntensitySample | None:
     """What an ``auto`` window was measured on (slices, channels per slice); None when
     no window was measured."""
     conf = info.conf
     if conf.intensity != "auto" or info.intensity_window is None:
         return None
-    return {
-        "slices": sample_slices(conf.minz, conf.maxz),
-        "channels": measured_channels(conf),
-        "of": "one window for every channel: their samples' summed histogram",
-    }
+    return IntensitySample(
+        slices=sample_slices(conf.minz, conf.maxz),
+        channels=measured_channels(conf),
+        of="one window for every channel: their samples' summed histogram",
+    )
 
 
 def package_versions() -> dict[str, str]:
@@ -316,32 +327,28 @@ def create_env(info: RunInfo, airflow_run_id: str) -> dict[str, Any]:
         created[name] = storage.create_bucket(
             name, project=conf.project, location=location, storage_class=RUN_STORAGE_CLASS
         )
-    init_url = conf.process_url(INIT)
-    first_started = None
-    if storage.exists(init_url):
-        previous = json.loads(storage.read_bytes(init_url))
-        first_started = previous.get("first_started") or previous.get("started")
+    records = conf.layout.records
+    previous = records.read_init()
+    first_started = previous.first_start if previous is not None else None
     started = _now()
-    record = {
-        "id": conf.id,
-        "dag_id": info.dag_id,
-        "version": VERSION,
-        "airflow_run_id": airflow_run_id,
-        "conf": conf.to_json(),
-        "width": info.width,
-        "slice_size_xy": list(info.slice_size_xy),
-        "slice_bits": info.slice_bits,
-        "intensity_window": None if info.intensity_window is None else list(info.intensity_window),
-        "intensity_measured": intensity_sample(info),
-        "buckets": conf.bucket_names(),
-        "location": location,
-        "started": started,
-        "first_started": first_started or started,
-        "versions": package_versions(),
-    }
-    storage.write_bytes(
-        init_url, json.dumps(record, indent=2).encode(), content_type="application/json"
+    record = InitRecord(
+        id=conf.id,
+        dag_id=info.dag_id,
+        version=VERSION,
+        airflow_run_id=airflow_run_id,
+        conf=conf.to_json(),
+        width=info.width,
+        slice_size_xy=list(info.slice_size_xy),
+        slice_bits=info.slice_bits,
+        intensity_window=None if info.intensity_window is None else list(info.intensity_window),
+        intensity_measured=intensity_sample(info),
+        buckets=conf.bucket_names(),
+        location=location,
+        started=started,
+        first_started=first_started or started,
+        versions=package_versions(),
     )
+    init_url = records.write_init(record)
     log.info("buckets %s (True = created now); wrote %s", created, init_url)
     return {"buckets_created": created, "init": init_url}
 
@@ -355,7 +362,7 @@ def _send(
     stage: str,
     cache: str,
     base_url: str,
-    settings: HttpSettings | None,
+    settings: HttpEnv | None,
     worker_id: int = 0,
     width: int = 1,
     redo: Collection[str] | Callable[[list[MiniTask]], Collection[str]] = (),
@@ -377,28 +384,30 @@ def _send(
 
 
 def align_pairs(
-    info: RunInfo, worker_id: int, base_url: str, settings: HttpSettings | None = None
+    info: RunInfo, worker_id: int, base_url: str, settings: HttpEnv | None = None
 ) -> dict[str, Any]:
     """Batch task ``affine_{i}``: align this worker's pairs (nothing when skip_align)."""
     conf = info.conf
     if conf.skip_align or conf.align_from is not None:
         log.info("skip_align or align_from: no alignment requests")
-        return BatchSummary("affine", worker_id, info.width, 0).to_json()
+        return BatchSummary(STAGE_AFFINE, worker_id, info.width, 0).to_json()
     tasks = plan_align_pairs(conf, info.intensity_window, (worker_id, info.width))
-    return _send(info, tasks, "affine", AFFINE_CACHE, base_url, settings, worker_id, info.width)
+    return _send(info, tasks, STAGE_AFFINE, AFFINE_CACHE, base_url, settings, worker_id, info.width)
 
 
 def extract_slice_features(
-    info: RunInfo, worker_id: int, base_url: str, settings: HttpSettings | None = None
+    info: RunInfo, worker_id: int, base_url: str, settings: HttpEnv | None = None
 ) -> dict[str, Any]:
     """Batch task ``features_{i}``: each of this worker's slices' features, extracted once
     and stored by the alignment service (nothing when skip_align or align_from)."""
     conf = info.conf
     if conf.skip_align or conf.align_from is not None:
         log.info("skip_align or align_from: no features requests")
-        return BatchSummary("features", worker_id, info.width, 0).to_json()
+        return BatchSummary(STAGE_FEATURES, worker_id, info.width, 0).to_json()
     tasks = plan_features(conf, info.intensity_window, (worker_id, info.width))
-    return _send(info, tasks, "features", FEATURES_CACHE, base_url, settings, worker_id, info.width)
+    return _send(
+        info, tasks, STAGE_FEATURES, FEATURES_CACHE, base_url, settings, worker_id, info.width
+    )
 
 
 def check_features(info: RunInfo) -> dict[str, Any]:
@@ -427,7 +436,7 @@ def align_across_gaps(
     info: RunInfo,
     results: Mapping[tuple[int, int], Mapping[str, Any]],
     base_url: str,
-    settings: HttpSettings | None = None,
+    settings: HttpEnv | None = None,
 ) -> tuple[GapPlan, dict[tuple[int, int], Any]]:
     """The second align round, run by ``collect``: pairs across runs of bad slices.
 
@@ -444,9 +453,7 @@ def align_across_gaps(
 
     conf = info.conf
     plan = plan_gap_pairs(results, conf.minz, conf.maxz, conf.downsample_factor, conf.skip_slices)
-    storage.write_bytes(
-        conf.process_url(GAPS), json.dumps(plan.to_json()).encode(), content_type="application/json"
-    )
+    conf.layout.records.write_gaps(GapsRecord.model_validate(plan.to_json()))
     log.info(
         "second align round: %d pairs across %d gaps; %d gaps too long to match across: %s",
         len(plan.pairs), len(plan.gaps), len(plan.too_long), plan.too_long[:SHOWN],
@@ -454,13 +461,13 @@ def align_across_gaps(
     if not plan.pairs:
         return plan, {}
     tasks = plan_pair_tasks(conf, plan.pairs, info.intensity_window)
-    _send(info, tasks, "affine", AFFINE_CACHE, base_url, settings)
+    _send(info, tasks, STAGE_AFFINE, AFFINE_CACHE, base_url, settings)
     answers = read_cached(tasks, conf.process_url(AFFINE_CACHE))
     return plan, {parse_pair_name(t.name): answers[t.name] for t in tasks}
 
 
 def collect_alignment(
-    info: RunInfo, base_url: str | None = None, settings: HttpSettings | None = None
+    info: RunInfo, base_url: str | None = None, settings: HttpEnv | None = None
 ) -> dict[str, Any]:
     """``collect``: global transforms, transforms.json/.csv, qc.csv, slices.csv, canvas.json.
 
@@ -523,41 +530,38 @@ def collect_alignment(
             chain = {pre: r for (pre, post), r in results.items() if post == pre + 1}
             comp = compose_alignment(chain, conf.minz, conf.maxz, size, conf.downsample_factor)
             qc_text = qc_csv(comp.pairs)
-    transforms_url = conf.process_url(TRANSFORMS)
-    doc = {str(z): comp.transforms[z] for z in sorted(comp.transforms)}
-    storage.write_bytes(transforms_url, json.dumps(doc).encode(), content_type="application/json")
+    records = conf.layout.records
+    transforms_url = records.write_transforms(
+        {z: comp.transforms[z] for z in sorted(comp.transforms)}
+    )
     storage.write_bytes(
         conf.process_url(TRANSFORMS_CSV),
         transforms_csv(comp.transforms).encode(),
         content_type="text/csv",
     )
     storage.write_bytes(conf.process_url(QC), qc_text.encode(), content_type="text/csv")
-    storage.write_bytes(
-        conf.process_url(FILL),
-        json.dumps({str(z): s for z, s in sorted(fill.items())}).encode(),
-        content_type="application/json",
-    )
+    records.write_fill(dict(sorted(fill.items())))
     models = dict(Counter(p.model for p in comp.pairs))
     log.info("canvas %dx%d; models used %s", comp.bbox_xy[0], comp.bbox_xy[1], models)
-    canvas: dict[str, Any] = {"bbox": list(comp.bbox_xy), "models": models}
-    canvas["transforms"] = transforms_url
-    if quality is not None:
-        canvas["alignment"] = quality
-        log.info("alignment: %s", json.dumps(quality)[:2000])
-    storage.write_bytes(
-        conf.process_url(CANVAS), json.dumps(canvas).encode(), content_type="application/json"
+    canvas = CanvasRecord(
+        bbox=list(comp.bbox_xy),
+        models=models,
+        transforms=transforms_url,
+        alignment=None if quality is None else AlignmentSummary.model_validate(quality),
     )
-    return canvas
+    if quality is not None:
+        log.info("alignment: %s", json.dumps(quality)[:2000])
+    records.write_canvas(canvas)
+    return canvas.to_json()
 
 
 def read_transforms(conf: RunConf) -> dict[int, list[float]]:
-    """transforms.json of the run, by slice number."""
-    return _read_transforms(conf.process_url(TRANSFORMS))
+    """transforms.json of the run, by slice number.
 
-
-def _read_transforms(url: str) -> dict[int, list[float]]:
-    doc = json.loads(storage.read_bytes(url))
-    return {int(z): [float(v) for v in t] for z, t in doc.items()}
+    Raises:
+        ObjectNotFound: when collect has not written it.
+    """
+    return conf.layout.records.transforms()
 
 
 # -- align_from: the alignment of an earlier run ------------------------------------
@@ -579,15 +583,13 @@ def check_align_from(conf: RunConf, slice_size_xy: tuple[int, int]) -> None:
                 f"{what}: {url} does not exist: no such run of source {conf.source!r}, "
                 "or it has not finished aligning (collect)"
             )
-    init = json.loads(storage.read_bytes(earlier.process_url(INIT)))
+    init = earlier.records.read_init() or InitRecord()
     problems = []
-    if init.get("conf", {}).get("image") != conf.image:
-        problems.append(
-            f"it aligned image {init.get('conf', {}).get('image')!r}, not {conf.image!r}"
-        )
-    if list(init.get("slice_size_xy") or []) != list(slice_size_xy):
-        problems.append(f"its slices are {init.get('slice_size_xy')}, these {list(slice_size_xy)}")
-    zs = _read_transforms(earlier.process_url(TRANSFORMS))
+    if init.conf.get("image") != conf.image:
+        problems.append(f"it aligned image {init.conf.get('image')!r}, not {conf.image!r}")
+    if list(init.slice_size_xy or []) != list(slice_size_xy):
+        problems.append(f"its slices are {init.slice_size_xy}, these {list(slice_size_xy)}")
+    zs = earlier.records.transforms()
     missing = [z for z in range(conf.minz, conf.maxz + 1) if z not in zs]
     if missing:
         lo, hi = (min(zs), max(zs)) if zs else (None, None)
@@ -608,48 +610,33 @@ def take_alignment(conf: RunConf) -> dict[str, Any]:
     from emprocess.workflow.compose import transforms_csv
 
     earlier = RunLayout(conf.source, str(conf.align_from))
+    records = conf.layout.records
     zs = range(conf.minz, conf.maxz + 1)
-    every = _read_transforms(earlier.process_url(TRANSFORMS))
+    every = earlier.records.transforms()
     transforms = {z: every[z] for z in zs}
-    fill = {}
-    if storage.exists(earlier.process_url(FILL)):
-        doc = json.loads(storage.read_bytes(earlier.process_url(FILL)))
-        fill = {str(z): s for z, s in doc.items() if int(z) in zs}
-    transforms_url = conf.process_url(TRANSFORMS)
-    records = {
-        TRANSFORMS: json.dumps({str(z): t for z, t in transforms.items()}).encode(),
-        TRANSFORMS_CSV: transforms_csv(transforms).encode(),
-        FILL: json.dumps(fill).encode(),
-    }
+    fill = {z: s for z, s in earlier.records.read_fill().items() if z in zs}
+    transforms_url = records.write_transforms(transforms)
+    storage.write_bytes(
+        conf.process_url(TRANSFORMS_CSV),
+        transforms_csv(transforms).encode(),
+        content_type="text/csv",
+    )
+    records.write_fill(fill)
     for key in (QC, SLICES):
         if storage.exists(earlier.process_url(key)):
-            records[key] = storage.read_bytes(earlier.process_url(key))
-    for key, data in records.items():
-        kind = "text/csv" if key.endswith(".csv") else "application/json"
-        storage.write_bytes(conf.process_url(key), data, content_type=kind)
-    before = json.loads(storage.read_bytes(earlier.process_url(CANVAS)))
-    canvas: dict[str, Any] = {
-        "bbox": before["bbox"],
-        "models": before.get("models", {}),
-        "transforms": transforms_url,
-        "aligned_from": conf.align_from,
-    }
-    if before.get("alignment") is not None:
-        canvas["alignment"] = before["alignment"]
-    storage.write_bytes(
-        conf.process_url(CANVAS), json.dumps(canvas).encode(), content_type="application/json"
+            data = storage.read_bytes(earlier.process_url(key))
+            storage.write_bytes(conf.process_url(key), data, content_type="text/csv")
+    canvas = earlier.records.canvas().model_copy(
+        update={"transforms": transforms_url, "aligned_from": conf.align_from}
     )
-    log.info("alignment of run %s taken: canvas %s", conf.align_from, canvas["bbox"])
-    return canvas
+    records.write_canvas(canvas)
+    log.info("alignment of run %s taken: canvas %s", conf.align_from, canvas.bbox)
+    return canvas.to_json()
 
 
 def read_fill(conf: RunConf) -> dict[int, int | None]:
     """align/fill.json of the run (bad slice -> stand-in slice or None); {} when absent."""
-    url = conf.process_url(FILL)
-    if not storage.exists(url):
-        return {}
-    doc = json.loads(storage.read_bytes(url))
-    return {int(z): (None if s is None else int(s)) for z, s in doc.items()}
+    return conf.layout.records.read_fill()
 
 
 def write_plan(
@@ -686,7 +673,7 @@ def write_slices(
     canvas: Mapping[str, Any],
     worker_id: int,
     base_url: str,
-    settings: HttpSettings | None = None,
+    settings: HttpEnv | None = None,
 ) -> dict[str, Any]:
     """Batch task ``write_{i}``: /alignedslice for this worker's slices (only those planned)."""
     conf = info.conf
@@ -696,7 +683,9 @@ def write_slices(
     def redo(cached: list[MiniTask]) -> set[str]:
         return tiles_to_rewrite(info, canvas, cached)
 
-    return _send(info, tasks, "write", WRITE_CACHE, base_url, settings, worker_id, info.width, redo)
+    return _send(
+        info, tasks, STAGE_WRITE, WRITE_CACHE, base_url, settings, worker_id, info.width, redo
+    )
 
 
 def tiles_to_rewrite(
@@ -749,12 +738,12 @@ def check_slices_written(info: RunInfo, canvas: Mapping[str, Any]) -> dict[str, 
 
 
 def write_ngmeta(
-    info: RunInfo, canvas: Mapping[str, Any], base_url: str, settings: HttpSettings | None = None
+    info: RunInfo, canvas: Mapping[str, Any], base_url: str, settings: HttpEnv | None = None
 ) -> dict[str, Any]:
     """``write_ngmeta``: the one /ngmeta request, through the same batch helper."""
     tasks = [ngmeta_task(info.conf, canvas["bbox"])]
     redo = () if storage.exists(f"{info.conf.layout.jpeg_url}/info") else [NGMETA]
-    return _send(info, tasks, "ngmeta", NG_CACHE, base_url, settings, redo=redo)
+    return _send(info, tasks, STAGE_NGMETA, NG_CACHE, base_url, settings, redo=redo)
 
 
 def write_ng_shards(
@@ -762,11 +751,11 @@ def write_ng_shards(
     canvas: Mapping[str, Any],
     worker_id: int,
     base_url: str,
-    settings: HttpSettings | None = None,
+    settings: HttpEnv | None = None,
 ) -> dict[str, Any]:
     """Batch task ``write_ng_shards_{i}``: /ngshard for this worker's cubes (only those planned)."""
     tasks = shard_plan(info, canvas, (worker_id, info.width))
-    return _send(info, tasks, "ngshard", NG_CACHE, base_url, settings, worker_id, info.width)
+    return _send(info, tasks, STAGE_NGSHARD, NG_CACHE, base_url, settings, worker_id, info.width)
 
 
 def check_written(info: RunInfo, canvas: Mapping[str, Any]) -> tuple[bool, str]:
@@ -838,43 +827,37 @@ def write_status(
 ) -> dict[str, Any]:
     """``write_status``: RUN_ID/complete.json with the canvas, timings and the viewer source."""
     conf = info.conf
-    init_url = conf.process_url(INIT)
-    started = None
-    if storage.exists(init_url):
-        started = json.loads(storage.read_bytes(init_url)).get("started")
+    run_records = conf.layout.records
+    handed = parse_record(CanvasRecord, canvas, "the canvas collect handed on")
+    init = run_records.read_init()
+    started = None if init is None else init.started
     finished = _now()
-    doc = {
-        "id": conf.id,
-        "dag_id": info.dag_id,
-        "version": VERSION,
-        "airflow_run_id": airflow_run_id,
-        "conf": conf.to_json(),
-        "slices": conf.maxz - conf.minz + 1,
-        "slice_size_xy": list(info.slice_size_xy),
-        "bbox": list(canvas["bbox"]),
-        "models": canvas.get("models", {}),
-        "alignment": canvas.get("alignment"),
-        "neuroglancer": conf.neuroglancer_source(),
-        "public": conf.public,
-        "started": started,
-        "finished": finished,
-        "elapsed_s": (
-            round(
-                (
-                    datetime.fromisoformat(finished) - datetime.fromisoformat(started)
-                ).total_seconds(),
-                3,
-            )
-            if started
-            else None
-        ),
-        "stages": stage_timings(records),
-        "versions": package_versions(),
-    }
-    url = conf.process_url(COMPLETE)
-    storage.write_bytes(url, json.dumps(doc, indent=2).encode(), content_type="application/json")
-    log.info("wrote %s; view %s", url, doc["neuroglancer"])
-    return doc
+    elapsed_s = None
+    if started:
+        elapsed = datetime.fromisoformat(finished) - datetime.fromisoformat(started)
+        elapsed_s = round(elapsed.total_seconds(), 3)
+    record = CompleteRecord(
+        id=conf.id,
+        dag_id=info.dag_id,
+        version=VERSION,
+        airflow_run_id=airflow_run_id,
+        conf=conf.to_json(),
+        slices=conf.maxz - conf.minz + 1,
+        slice_size_xy=list(info.slice_size_xy),
+        bbox=handed.bbox,
+        models=handed.models,
+        alignment=handed.alignment,
+        neuroglancer=conf.layout.neuroglancer_source(),
+        public=conf.public,
+        started=started,
+        finished=finished,
+        elapsed_s=elapsed_s,
+        stages=stage_timings(records),
+        versions=package_versions(),
+    )
+    url = run_records.write_complete(record)
+    log.info("wrote %s; view %s", url, record.neuroglancer)
+    return record.to_json()
 
 
 def status_email(doc: Mapping[str, Any]) -> tuple[str, str]:

@@ -20,7 +20,7 @@ from types import ModuleType
 import cv2
 import numpy as np
 import pytest
-from conftest import unique_bucket
+from conftest import point_storage, unique_bucket
 
 from emprocess import storage
 from emprocess.errors import InvalidInput, InvalidKey, NotFound
@@ -555,7 +555,7 @@ def test_hard_links_number_a_folder_the_storage_root_can_read(
 ) -> None:
     """--hard: what a local run needs, since links out of a bucket are refused."""
     root = tmp_path / "root"
-    monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", str(root))
+    point_storage(monkeypatch, str(root))
     bucket = unique_bucket("hard")
     storage.create_bucket(bucket)
     src = _image_folder(tmp_path / "src", ["s2.png", "s10.png"])

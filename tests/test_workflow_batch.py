@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from conftest import point_storage
 from dags_conftest_helpers import Answer, Request, ScriptedServer
 from tenacity import RetryCallState, Retrying
 
@@ -31,7 +32,7 @@ FAST = HttpSettings(threads=4, attempts=5, backoff_s=0.01, max_backoff_s=0.05, r
 
 @pytest.fixture
 def local_bucket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", str(tmp_path / "root"))
+    point_storage(monkeypatch, str(tmp_path / "root"))
     (tmp_path / "root").mkdir()
     storage.create_bucket("src_process")
     return "src_process"

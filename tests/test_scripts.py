@@ -618,7 +618,7 @@ def test_create_symlinks_script(tmp_path: Path, capsys: pytest.CaptureFixture[st
 def test_apply_cleanup_deletes_old_objects(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / "root"
     root.mkdir()
-    monkeypatch.setenv(storage.ROOT_ENV, str(root))
+    point_storage(monkeypatch, root)
     storage.create_bucket("src_tmp_run1")
     storage.create_bucket("src_ng_run1")
     for bucket in ("src_tmp_run1", "src_ng_run1"):
@@ -633,7 +633,7 @@ def test_apply_cleanup_deletes_old_objects(tmp_path: Path, monkeypatch: pytest.M
     assert storage.list_keys("gs://src_ng_run1/") == ["new.bin", "old/tile.bin"]  # no rule
     assert apply_cleanup() == 0
 
-    monkeypatch.delenv(storage.ROOT_ENV)
+    point_storage(monkeypatch, None)
     storage.write_bytes(f"file://{root}/src_tmp_run1/late.bin", b"x")
     assert (
         apply_cleanup(
@@ -729,7 +729,7 @@ def test_ingest_from_a_gs_path(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    monkeypatch.delenv(storage.ROOT_ENV, raising=False)
+    point_storage(monkeypatch, None)
     bucket = unique_bucket("rgb")
     storage.create_bucket(bucket)
     _rgb_stack(tmp_path, range(0, 2), (20, 24), 3)

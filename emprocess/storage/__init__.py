@@ -123,8 +123,8 @@ _process: StorageEnv | None = None
 def configure(chosen: StorageEnv | None) -> StorageEnv | None:
     """Fix the storage settings of this process; returns the ones it replaces.
 
-    Called where a process starts (a service's app, the CLI) with the settings it read
-    once; None forgets them, so the next storage call reads the environment again (the
+    Called where a process starts (a service's app, each Airflow task) with the
+    settings it read once; None forgets them, so the next storage call reads the environment again (the
     test suite does so between tests). Without a call, the first storage call of the
     process reads the environment, once.
     """
@@ -142,15 +142,15 @@ def settings() -> StorageEnv:
     """
     if _chosen is not None:
         return _chosen
-    if _process is None:
+    found = _process
+    if found is None:
         # Here, not at import: the DAG file imports this package, and pydantic-settings
-        # would add a quarter of a second to every parse. An Airflow task runs in a
-        # process of its own, so it reads the environment at its start.
+        # would add a quarter of a second to every parse.
         from emprocess.settings import StorageEnv, load
 
-        configure(load(StorageEnv))
-    assert _process is not None
-    return _process
+        found = load(StorageEnv)
+        configure(found)
+    return found
 
 
 @contextmanager

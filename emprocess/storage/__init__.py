@@ -123,10 +123,11 @@ _process: StorageEnv | None = None
 def configure(chosen: StorageEnv | None) -> StorageEnv | None:
     """Fix the storage settings of this process; returns the ones it replaces.
 
-    Called where a process starts (a service's app, each Airflow task) with the
-    settings it read once; None forgets them, so the next storage call reads the environment again (the
-    test suite does so between tests). Without a call, the first storage call of the
-    process reads the environment, once.
+    Called where a process starts (a service's app) with the settings it read once;
+    None forgets them, so the next storage call reads the environment again (the test
+    suite does so between tests). Without a call, the first storage call of the process
+    reads the environment, once: an Airflow task runs in a process of its own, so that
+    is at its start. The CLI chooses with :func:`use`, which wins over both.
     """
     global _process
     saved, _process = _process, chosen

@@ -63,9 +63,6 @@ def is_batch_task(task_id: str) -> bool:
 def timed(fn: F) -> F:
     """Record ``{task_id, map_index, started, finished, batch}``; turn input errors fatal.
 
-    The task's storage settings are read here, at its start (a bad
-    ``EMPROCESS_STORAGE_*`` fails it, named), and hold for all it does.
-
     A batch task returns that record (its batch summary inside) as its only XCom; any
     other task pushes it as XCom ``timing`` beside its return value. An
     :class:`~emprocess.errors.InvalidInput` (bad conf, missing slices) or a batch that met
@@ -76,14 +73,12 @@ def timed(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from airflow.sdk.exceptions import AirflowFailException
 
-        from emprocess import settings, storage
         from emprocess.errors import InvalidInput
         from emprocess.workflow.batch import BatchError
 
         ti = get_current_context()["ti"]
         started = _now()
         try:
-            storage.configure(settings.load(settings.StorageEnv))  # once, at the task's start
             result = fn(*args, **kwargs)
         except InvalidInput as e:
             raise AirflowFailException(str(e)) from e

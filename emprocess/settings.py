@@ -2,16 +2,18 @@
 
 Every ``EMPROCESS_*`` variable is a described field of a pydantic-settings class here;
 a bad value is refused when it is read (at a service's start-up, when a batch task
-starts, or when the CLI starts) with an error naming the variable. Processes started here
-get their settings as variables built by :func:`environ`, from the same classes. The README's table is generated from these
-classes (``emprocess settings-reference``) and a test keeps it equal.
+starts, or when the CLI starts) with an error naming the variable. Each process reads
+them once, where it starts, and hands them down (:func:`emprocess.storage.configure`, the
+services' ``create_app``); nothing reads them per call. Processes started here get their
+settings as variables built by :func:`environ`, from the same classes. The README's
+table is generated from these classes (``emprocess settings-reference``) and a test keeps
+it equal.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, Literal, TypeVar
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -138,22 +140,6 @@ def load(cls: type[S], **chosen: Any) -> S:
             for err in e.errors()
         ]
         raise InvalidInput("bad environment: " + "; ".join(problems)) from None
-
-
-_current: dict[tuple[type[_Settings], tuple[str | None, ...]], _Settings] = {}
-
-
-def current(cls: type[S]) -> S:
-    """``cls`` as the environment sets it now, read through the schema once per distinct value.
-
-    For code called many times per request (the storage layer asks for its root on every
-    call): reading the schema costs about 0.4 ms, looking its variables up a microsecond.
-    """
-    key = (cls, tuple(os.environ.get(env_name(cls, name)) for name in cls.model_fields))
-    found = _current.get(key)
-    if found is None:
-        found = _current[key] = load(cls)
-    return cast(S, found)
 
 
 def environ(*chosen: _Settings) -> dict[str, str]:

@@ -28,7 +28,7 @@ import numpy as np
 
 from emprocess import layout, storage
 from emprocess.models import AlignRequest, FeaturesRequest
-from emprocess.settings import StorageEnv
+from emprocess.settings import ServiceEnv, StorageEnv, load
 from emprocess_bench.align import add_noise, synthetic_texture
 
 BUCKET = "bench-neighbors"
@@ -73,7 +73,7 @@ def run_neighbors_benchmark(
     from emprocess.services.align import align_request
     from emprocess.services.features import align_with_features, features_request
 
-    rows = []
+    rows, max_pixels = [], load(ServiceEnv).align_max_pixels  # as the service reads it
     with tempfile.TemporaryDirectory() as tmp, storage.use(StorageEnv(storage_root=Path(tmp))):
         urls = write_stack(n, side)
         for k in neighbors:
@@ -82,14 +82,20 @@ def run_neighbors_benchmark(
                 AlignRequest(pre=urls[a], post=urls[b], downsample=downsample) for a, b in pairs
             ]
             cpu0, wall0 = time.process_time(), time.perf_counter()
-            before = [align_request(r) for r in requests]
+            before = [align_request(r, max_pixels=max_pixels) for r in requests]
             cpu_before, wall_before = time.process_time() - cpu0, time.perf_counter() - wall0
             run_id = f"bench-k{k}"  # its own features: nothing carried over between rows
             cpu0, wall0 = time.process_time(), time.perf_counter()
             for url in urls:
-                features_request(FeaturesRequest(img=url, run_id=run_id, downsample=downsample))
+                features_request(
+                    FeaturesRequest(img=url, run_id=run_id, downsample=downsample),
+                    max_pixels=max_pixels,
+                )
             cpu_features = time.process_time() - cpu0
-            after = [align_with_features(r.model_copy(update={"run_id": run_id})) for r in requests]
+            after = [
+                align_with_features(r.model_copy(update={"run_id": run_id}), max_pixels=max_pixels)
+                for r in requests
+            ]
             cpu_after, wall_after = time.process_time() - cpu0, time.perf_counter() - wall0
             rows.append(
                 {

@@ -91,6 +91,37 @@ def unique_bucket(prefix: str = "t") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
 
 
+def point_storage(mp: pytest.MonkeyPatch, root: Path | str | None) -> None:
+    """Point storage at the local root ``root`` (None: the GCS emulator) for the rest of
+    the test (or of ``mp``'s context).
+
+    In this process through :func:`emprocess.storage.configure` (forgotten after each
+    test), and for what the test starts (services, Airflow, the CLI: each reads the
+    environment once, where it starts) through ``EMPROCESS_STORAGE_ROOT``, which ``mp``
+    undoes.
+    """
+    from emprocess import storage
+    from emprocess.settings import StorageEnv, load
+
+    if root is None:
+        mp.delenv(storage.ROOT_ENV, raising=False)
+    else:
+        mp.setenv(storage.ROOT_ENV, str(root))
+    storage.configure(load(StorageEnv))
+
+
+@pytest.fixture(autouse=True)
+def _storage_settings_per_test() -> Iterator[None]:
+    """Each test's storage starts from the environment the fixtures set (read once, at its
+    first storage call), and what a test configured (``point_storage``, a service app
+    created in this process) ends with it."""
+    from emprocess import storage
+
+    storage.configure(None)
+    yield
+    storage.configure(None)
+
+
 @pytest.fixture(scope="session")
 def local_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The storage root of the local backend, shared by tests and the services they start."""
@@ -102,10 +133,7 @@ def backend(
     request: pytest.FixtureRequest, local_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> str:
     """Run a test once on the local storage root and once on the GCS emulator."""
-    if request.param == "local":
-        monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", str(local_root))
-    else:
-        monkeypatch.delenv("EMPROCESS_STORAGE_ROOT", raising=False)
+    point_storage(monkeypatch, local_root if request.param == "local" else None)
     return str(request.param)
 
 
@@ -256,7 +284,7 @@ def width1_run(
     per session: dag.test() against both services under gunicorn, through recording proxies
     that answer each service's first request with a 503; see ``run_width1_e2e``."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("EMPROCESS_STORAGE_ROOT", str(local_root))
+        point_storage(mp, local_root)
         return run_width1_e2e(
             mp,
             dag_bag,

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ServicePool, unique_bucket
+from conftest import ServicePool, point_storage, unique_bucket
 from dags_conftest_helpers import (
     E2ERun,
     bucket_bytes,
@@ -136,7 +136,7 @@ def test_runs_through_the_rest_api_with_a_real_scheduler(
     airflow: Any, local_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The storage root of every Airflow process, also for `emprocess trigger` (its report).
-    monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", str(local_root))
+    point_storage(monkeypatch, str(local_root))
     source = unique_bucket("as")
     truth = write_e2e_stack(source)
     api = AirflowApi(airflow.api_url)
@@ -249,7 +249,7 @@ def test_a_cleared_task_redoes_only_what_it_owns_that_is_missing(
 
     The finished run is the width-1 run ``orig`` of the test above when it ran (one run
     fewer), else a 4-slice run ``clr`` of its own."""
-    monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", str(local_root))
+    point_storage(monkeypatch, str(local_root))
     dag = dag_id(1)
     api = AirflowApi(airflow.api_url)
     api.login(airflow.username, airflow.password)
@@ -350,7 +350,7 @@ def test_clear_redoes_a_run_from_its_cache_and_its_wait_outlives_an_api_server_r
     command says it waits, goes on, and reports the run's success."""
     from emprocess.localrun import wait_http
 
-    monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", str(local_root))
+    point_storage(monkeypatch, str(local_root))
     dag = dag_id(4)
     api = AirflowApi(airflow.api_url)
     api.login(airflow.username, airflow.password)

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 import requests
-from conftest import ALIGN_MAX_PIXELS, unique_bucket
+from conftest import ALIGN_MAX_PIXELS, point_storage, unique_bucket
 
 from emprocess import affine, storage
 
@@ -167,7 +167,7 @@ def test_internal_failure_is_a_short_500(monkeypatch: pytest.MonkeyPatch, tmp_pa
         raise RuntimeError("secret internal detail")
 
     monkeypatch.setattr(align_service_module, "align_pair", boom)
-    monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", str(tmp_path))
+    point_storage(monkeypatch, str(tmp_path))
     storage.create_bucket("src")
     img = np.random.default_rng(0).integers(0, 255, (100, 100), dtype=np.uint8)
     for name in ("a.png", "b.png"):

@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 import pytest
 import requests
-from conftest import ServicePool, unique_bucket
+from conftest import ServicePool, point_storage, unique_bucket
 from test_emwrite_service import read_cloudvolume, read_tensorstore
 from test_ngmeta import morton_ids
 
@@ -114,7 +114,7 @@ def mean_steps(volume: np.ndarray, step_zyx: tuple[int, int, int]) -> np.ndarray
 
 @pytest.fixture(autouse=True)
 def on_local(local_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", str(local_root))
+    point_storage(monkeypatch, str(local_root))
 
 
 def _post(url: str, body: dict[str, Any]) -> None:

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import SHARED_DATA, airflow_environ
+from conftest import SHARED_DATA, airflow_environ, point_storage
 from typer.testing import CliRunner
 
 from emprocess.cli import app
@@ -82,7 +82,7 @@ def test_bench_emwrite_runs_with_no_environment(
     if where == "--storage-root":
         argv = ["--storage-root", str(root), *argv]
     elif where == "EMPROCESS_STORAGE_ROOT":
-        monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", str(root))
+        point_storage(monkeypatch, str(root))
     text = invoke(*argv)
     assert "stack: 2 slices of 384^2, 8-bit, 1 channel(s)" in text
     canvas = re.search(r"canvas (\d+)x(\d+)", text)

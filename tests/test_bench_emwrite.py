@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import point_storage
 
 from emprocess import storage
 from emprocess_bench.emwrite import RUN_ID, SOURCE, clear_buckets, run_emwrite_benchmark
@@ -23,7 +24,7 @@ def test_benchmark_phases_report_rates_and_repeat_on_fresh_outputs(
         phases["alignedslice"]["cpu_s"] + phases["ngshard_raw"]["cpu_s"]
     )
     # What the last repeat wrote is there: one tiles object per slice, the volume.
-    monkeypatch.setenv(storage.ROOT_ENV, str(tmp_path))
+    point_storage(monkeypatch, str(tmp_path))
     tmp = f"{SOURCE}_tmp_{RUN_ID}"
     assert storage.list_keys(storage.bucket_url(tmp, "")) == [
         "aligned/000000.tiles",

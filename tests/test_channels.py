@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 import pytest
 import requests
+from conftest import point_storage
 
 from emprocess import affine, layout, storage
 from emprocess.errors import InvalidInput
@@ -190,7 +191,7 @@ def test_validate_names_a_channel_count_the_slices_lack(
 ) -> None:
     from emprocess.workflow.stages import SliceProblems, validate_run
 
-    monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", str(tmp_path))
+    point_storage(monkeypatch, str(tmp_path))
     storage.create_bucket("slices-c")
     for z in range(3):
         rgb = RNG.integers(0, 256, (30, 40, 3), np.uint8)

@@ -19,7 +19,7 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
-from conftest import SHARED_DATA, ServicePool, unique_bucket
+from conftest import SHARED_DATA, ServicePool, point_storage, unique_bucket
 from dags_conftest_helpers import E2ERun, run_on_local
 
 from emprocess import affine, layout, storage
@@ -62,7 +62,7 @@ def centroid_xy(plane: np.ndarray) -> tuple[float, float]:
 @pytest.fixture(scope="module")
 def run(airflow_db: Path, dag_bag: Any, service_pool: ServicePool, local_root: Path) -> E2ERun:
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("EMPROCESS_STORAGE_ROOT", str(local_root))
+        point_storage(mp, str(local_root))
         source = unique_bucket("rgb")
         storage.create_bucket(source)
         for z in range(len(DRIFT_XY)):
@@ -85,7 +85,7 @@ def run(airflow_db: Path, dag_bag: Any, service_pool: ServicePool, local_root: P
 
 @pytest.fixture(autouse=True)
 def on_local(local_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", str(local_root))
+    point_storage(monkeypatch, str(local_root))
 
 
 def _read_ts(url: str) -> tuple[dict[str, Any], np.ndarray]:
@@ -168,7 +168,7 @@ def files_run(
     """The stack of :func:`run`, each slice stored as three grey files (``channel_templates``),
     with one JPEG volume per channel."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("EMPROCESS_STORAGE_ROOT", str(local_root))
+        point_storage(mp, str(local_root))
         source = unique_bucket("files")
         storage.create_bucket(source)
         for z in range(len(DRIFT_XY)):
@@ -241,7 +241,7 @@ def script_run(
     """An RGBA stack run with the configuration scripts/ingest_multichannel_small.py makes."""
     script = _load_script()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("EMPROCESS_STORAGE_ROOT", str(local_root))
+        point_storage(mp, str(local_root))
         source = unique_bucket("rgba")
         storage.create_bucket(source)
         for z in range(len(DRIFT_XY)):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import cv2
 import pytest
+from conftest import point_storage
 from typer.testing import CliRunner
 
 from emprocess.cli import app
@@ -47,7 +48,7 @@ def test_sample_writes_a_stack_with_truth(tmp_path: Path) -> None:
 def test_sample_into_a_local_bucket_creates_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", str(tmp_path))
+    point_storage(monkeypatch, str(tmp_path))
     result = runner.invoke(app, ["sample", "gs://new-stack/sub", "-n", "2", "--size", "64", "64"])
     assert result.exit_code == 0, result.output
     from emprocess import storage
@@ -182,7 +183,7 @@ def test_run_takes_a_folder_as_root_and_bucket(
 
     from emprocess.cli.run import storage_for
 
-    monkeypatch.delenv("EMPROCESS_STORAGE_ROOT", raising=False)
+    point_storage(monkeypatch, None)
     (tmp_path / "my-stack").mkdir()
     before = dict(os.environ)
     bucket, chosen = storage_for(str(tmp_path / "my-stack"))
@@ -201,7 +202,7 @@ def test_the_storage_root_is_one_choice_for_the_whole_command(
 ) -> None:
     """--storage-root (or EMPROCESS_STORAGE_ROOT) steers every command; a bad one stops it
     before it does anything, naming the variable."""
-    monkeypatch.delenv("EMPROCESS_STORAGE_ROOT", raising=False)
+    point_storage(monkeypatch, None)
     args = ["sample", "gs://opt-stack", "-n", "2", "--size", "64", "64"]
     result = runner.invoke(app, ["--storage-root", str(tmp_path), *args])
     assert result.exit_code == 0, result.output

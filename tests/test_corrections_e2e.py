@@ -10,7 +10,7 @@ import io
 from typing import Any
 
 import pytest
-from conftest import ServicePool, unique_bucket
+from conftest import ServicePool, point_storage, unique_bucket
 from dags_conftest_helpers import check_finished_run, e2e_conf, run_e2e, write_e2e_stack
 
 from emprocess import layout, storage
@@ -21,7 +21,7 @@ SLICES = 12
 
 @pytest.fixture(autouse=True)
 def on_gcs(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("EMPROCESS_STORAGE_ROOT", raising=False)
+    point_storage(monkeypatch, None)
 
 
 def test_a_corrected_run_measures_sends_and_records(

@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 import pytest
-from conftest import unique_bucket
+from conftest import point_storage, unique_bucket
 from dags_conftest_helpers import e2e_conf, run_e2e, write_e2e_stack
 
 from emprocess import storage
@@ -20,7 +20,7 @@ NOWHERE = "http://127.0.0.1:9"
 @pytest.fixture(scope="module")
 def stack(gcs_emulator: str) -> tuple[str, dict[str, Any]]:
     with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("EMPROCESS_STORAGE_ROOT", raising=False)
+        point_storage(mp, None)
         source = unique_bucket("fail")
         storage.create_bucket(source)
         return source, write_e2e_stack(source)
@@ -34,7 +34,7 @@ def _text(message: dict[str, Any]) -> str:
 
 
 def _run(mp: pytest.MonkeyPatch, dag_bag: Any, stack: Any, **kw: Any) -> Any:
-    mp.delenv("EMPROCESS_STORAGE_ROOT", raising=False)
+    point_storage(mp, None)
     source, truth = stack
     conf = e2e_conf(kw.pop("run_id"), source, truth, **kw.pop("conf"))
     return run_e2e(

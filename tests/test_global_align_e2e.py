@@ -18,7 +18,7 @@ from typing import Any
 
 import cv2
 import pytest
-from conftest import SHARED_DATA, ServicePool, unique_bucket
+from conftest import SHARED_DATA, ServicePool, point_storage, unique_bucket
 from dags_conftest_helpers import run_e2e
 
 from emprocess import layout, storage
@@ -33,7 +33,7 @@ CROP = 440
 
 @pytest.fixture(autouse=True)
 def on_gcs(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("EMPROCESS_STORAGE_ROOT", raising=False)
+    point_storage(monkeypatch, None)
 
 
 def _write_stack(bucket: str) -> dict[str, Any]:

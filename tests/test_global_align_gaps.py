@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import point_storage
 from dags_conftest_helpers import Answer, Request, ScriptedServer, write_slices
 from test_solve_kernel import SIZE, _answer, truth_walk
 
@@ -83,7 +84,7 @@ def test_pairs_across_the_gap_place_the_stack_exactly() -> None:
 
 @pytest.fixture
 def root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", str(tmp_path / "root"))
+    point_storage(monkeypatch, str(tmp_path / "root"))
     (tmp_path / "root").mkdir()
     return tmp_path / "root"
 

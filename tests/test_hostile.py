@@ -32,7 +32,7 @@ import cv2
 import numpy as np
 import pytest
 import requests
-from conftest import ServicePool, unique_bucket
+from conftest import ServicePool, point_storage, unique_bucket
 
 from emprocess import storage
 from emprocess.layout import RunLayout, process_bucket
@@ -128,7 +128,7 @@ def _status_kb(pid: int, field: str) -> int:
 
 @pytest.fixture(autouse=True)
 def _local_root(local_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", str(local_root))
+    point_storage(monkeypatch, str(local_root))
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +147,7 @@ def emwrite(service_pool: ServicePool) -> Service:
 def env(local_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """One run's buckets with a 512 px slice, the bombs, links out and a FIFO in the source."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("EMPROCESS_STORAGE_ROOT", str(local_root))
+        point_storage(mp, str(local_root))
         src = unique_bucket("hostile")
         run = RunLayout(src, RUN_ID)
         e: dict[str, Any] = {"src": src, "tmp": run.tmp, "ng": run.ng, "chunk": run.chunk}

@@ -21,7 +21,7 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
-from conftest import unique_bucket
+from conftest import point_storage, unique_bucket
 from test_hostile import (  # noqa: F401  (fixtures)
     RUN_ID,
     Service,
@@ -236,7 +236,7 @@ def test_the_largest_documented_slice_is_judged_by_its_header() -> None:
 @pytest.fixture(scope="module")
 def env(local_root: Path) -> Iterator[dict[str, Any]]:
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("EMPROCESS_STORAGE_ROOT", str(local_root))
+        point_storage(mp, str(local_root))
         src = unique_bucket("hostile-img")
         run = RunLayout(src, RUN_ID)
         for b in (src, run.process, run.tmp):

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import requests
 import test_hostile as hostile
-from conftest import ServicePool, unique_bucket
+from conftest import ServicePool, point_storage, unique_bucket
 
 from emprocess import storage
 from emprocess.kernels import tiles
@@ -47,7 +47,7 @@ attack = hostile.attack
 
 @pytest.fixture(autouse=True)
 def _local_root(local_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", str(local_root))
+    point_storage(monkeypatch, str(local_root))
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def volume_body(run: RunLayout, maxz: int = 1, px: int = 256) -> dict[str, Any]:
 def runs(local_root: Path) -> Iterator[dict[str, RunLayout]]:
     """A victim's run (slices written, its volume published) and an attacker's run."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("EMPROCESS_STORAGE_ROOT", str(local_root))
+        point_storage(mp, str(local_root))
         yield {
             "victim": make_run(unique_bucket("victim"), "run1"),
             "attacker": make_run(unique_bucket("attacker"), "evil"),
@@ -287,7 +287,7 @@ def test_an_all_zero_cube_replaces_what_was_there(
     """Data first, then zeros for the same cube: zeros read back, as from a fresh volume
     (on the local root and on the GCS emulator: the shard files are deleted)."""
     if backend_name == "gcs":
-        monkeypatch.delenv("EMPROCESS_STORAGE_ROOT")
+        point_storage(monkeypatch, None)
     url = service_pool.url("emwrite", backend_name)
     emwrite = Service(url, service_pool.procs[("emwrite", backend_name)][1].pid)
     run = make_run(unique_bucket("zero"), "r", slices=2, px=128)

@@ -10,7 +10,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, point_storage
 
 from emprocess import affine
 from emprocess.errors import InvalidInput
@@ -136,7 +136,7 @@ def test_auto_window_from_a_subsample_is_the_full_one_within_two_levels(
     paths = [SHARED_DATA / "fibsem" / f"img.{z:05d}.png" for z in range(4)]
     if not all(p.is_file() for p in paths):
         pytest.skip(f"real FIB-SEM stack not found in {paths[0].parent}")
-    monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", str(local_root))
+    point_storage(monkeypatch, str(local_root))
     source = unique_bucket("subwin")
     storage.create_bucket(source)
     for z, path in enumerate(paths):

@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 import pytest
 import requests
-from conftest import SHARED_DATA, ServicePool, unique_bucket
+from conftest import SHARED_DATA, ServicePool, point_storage, unique_bucket
 
 from emprocess import storage
 from emprocess.errors import InvalidInput
@@ -35,7 +35,7 @@ EXACT = [float(OFFSET), float(OFFSET + 255 * SCALE)]
 
 @pytest.fixture(autouse=True)
 def on_local(local_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", str(local_root))
+    point_storage(monkeypatch, str(local_root))
 
 
 @pytest.fixture(scope="module")

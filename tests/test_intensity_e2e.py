@@ -21,7 +21,7 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
-from conftest import SHARED_DATA, ServicePool, unique_bucket
+from conftest import SHARED_DATA, ServicePool, point_storage, unique_bucket
 from dags_conftest_helpers import E2ERun, read_volume, run_on_local
 from test_emwrite_service import read_cloudvolume
 
@@ -81,7 +81,7 @@ def _run(
 @pytest.fixture(autouse=True)
 def on_local(local_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The runs use the local backend; so do the checks that read their outputs."""
-    monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", str(local_root))
+    point_storage(monkeypatch, str(local_root))
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def runs(
     """The 16-bit run (auto window, 16-bit lossless volume), then the 8-bit run with that
     window in 8-bit levels."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("EMPROCESS_STORAGE_ROOT", str(local_root))
+        point_storage(mp, str(local_root))
         run16 = _run(mp, dag_bag, service_pool, local_root, 16, raw_bits=16)
         init16 = json.loads(storage.read_bytes(run16.layout.process_url(layout.INIT)))
         window8 = [(v - OFFSET) / SCALE for v in init16["intensity_window"]]

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import requests
 import tensorstore as ts
-from conftest import SHARED_DATA, ServicePool, unique_bucket
+from conftest import SHARED_DATA, ServicePool, point_storage, unique_bucket
 from test_view_browser import chromium  # noqa: F401  (the fixture)
 
 from emprocess import storage
@@ -367,7 +367,7 @@ def test_real_stack_ome_zarr_equals_precomputed_and_repeats_give_the_same_bytes(
 def test_ome_zarr_alone_writes_no_precomputed_raw(
     service_pool: ServicePool, local_root: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", str(local_root))
+    point_storage(monkeypatch, str(local_root))
     service = service_pool.url("emwrite", "local")
     slices = {z: fibsem(z) for z in range(0, 5)}
     both, alone = RunLayout(unique_bucket("ozb"), "r"), RunLayout(unique_bucket("oza"), "r")
@@ -417,7 +417,7 @@ def test_16bit_anisotropic_and_colour_volumes(
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
 ) -> None:
-    monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", str(local_root))
+    point_storage(monkeypatch, str(local_root))
     service = service_pool.url("emwrite", "local")
     layout = RunLayout(unique_bucket("ozk"), "r")
     width, height, minz = 300, 260, 2
@@ -465,7 +465,7 @@ def zarr_run(airflow_db: Path, dag_bag: Any, service_pool: ServicePool, local_ro
     from emprocess.workflow import dag_id
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("EMPROCESS_STORAGE_ROOT", str(local_root))
+        point_storage(mp, str(local_root))
         source = unique_bucket("ozrun")
         storage.create_bucket(source)
         for z in range(E2E_SLICES):
@@ -491,7 +491,7 @@ def test_dag_run_writes_an_ome_zarr_equal_to_the_precomputed_volume(
 ) -> None:
     from emprocess.report import load_run
 
-    monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", str(local_root))
+    point_storage(monkeypatch, str(local_root))
     assert zarr_run.state == "success", zarr_run.task_states
     for path in ("/ngmeta", "/ngshard"):
         assert all(b["raw_format"] == "both" for b in zarr_run.bodies(path)), path
@@ -516,7 +516,7 @@ def zarr_volume(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
 
     root = tmp_path_factory.mktemp("view-zarr")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(storage.ROOT_ENV, str(root))
+        point_storage(mp, str(root))
         volume = build_test_volume(
             "viewzarr", "run1", 64, 256, 256, minz=5, write_raw=True, raw_format="ome-zarr"
         )
@@ -531,7 +531,7 @@ def test_view_and_link_show_the_ome_zarr_layer(
     from emprocess.view import DataServer, gcs_view, serve_run
 
     root, volume = zarr_volume
-    monkeypatch.setenv(storage.ROOT_ENV, str(root))
+    point_storage(monkeypatch, str(root))
     with serve_run(volume.source, volume.run_id, raw=True) as session:
         names = [layer.name for layer in session.viewer.state.layers]
         assert names == ["run1", "run1-ome-zarr"]
@@ -540,7 +540,7 @@ def test_view_and_link_show_the_ome_zarr_layer(
         r = requests.get(f"{session.data_server.url}/{RAW_OME_ZARR_PATH}/zarr.json", timeout=10)
         assert r.status_code == 200 and r.json()["attributes"]["ome"]["version"] == "0.5"
     # A public bucket (a DataServer playing GCS): the link has the zarr3:// layer.
-    monkeypatch.delenv(storage.ROOT_ENV)
+    point_storage(monkeypatch, None)
     layout = RunLayout(volume.source, volume.run_id)
     mounts = {
         f"{layout.ng}/neuroglancer/jpeg": root / layout.ng / "neuroglancer" / "jpeg",
@@ -609,7 +609,7 @@ def test_browser_shows_the_ome_zarr_volume(
     from emprocess.view import serve_run
 
     root, volume = zarr_volume
-    monkeypatch.setenv(storage.ROOT_ENV, str(root))
+    point_storage(monkeypatch, str(root))
     group = read_zarr(RunLayout(volume.source, volume.run_id).raw_ome_zarr_url, tmp_path / "z")
     with serve_run(volume.source, volume.run_id, raw=True) as session:
         with session.viewer.txn() as s:
@@ -661,7 +661,7 @@ def test_browser_shows_a_colour_ome_zarr_volume_in_colour(
     from emprocess.view import serve_run
 
     root = tmp_path_factory.mktemp("view-zarr-rgb")
-    monkeypatch.setenv(storage.ROOT_ENV, str(root))
+    point_storage(monkeypatch, str(root))
     volume = build_test_volume(
         "viewzrgb", "rgb", 8, 192, 128, colour_bands=True, write_raw=True, raw_format="ome-zarr"
     )

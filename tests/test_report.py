@@ -24,7 +24,7 @@ from typing import Any
 
 import nbformat
 import pytest
-from conftest import FinishedRun, unique_bucket
+from conftest import FinishedRun, point_storage, unique_bucket
 from dags_conftest_helpers import Answer, Request, ScriptedServer
 from nbclient import NotebookClient
 
@@ -610,9 +610,9 @@ def test_report_of_a_real_finished_run(
     gunicorn, each answering its first request with a 503) as the report sees it."""
     source, run_id, backend, root = finished_run
     if root is None:
-        monkeypatch.delenv("EMPROCESS_STORAGE_ROOT", raising=False)
+        point_storage(monkeypatch, None)
     else:
-        monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", str(root))
+        point_storage(monkeypatch, str(root))
     report = load_run(source, run_id)
     assert report.state == FINISHED, report.state_reason
     done = {s.name: (s.done, s.total) for s in report.stages}
@@ -641,9 +641,9 @@ def test_progress_bars_of_a_real_finished_run(
 
     source, run_id, _, root = finished_run
     if root is None:
-        monkeypatch.delenv("EMPROCESS_STORAGE_ROOT", raising=False)
+        point_storage(monkeypatch, None)
     else:
-        monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", str(root))
+        point_storage(monkeypatch, str(root))
     log = io.StringIO()
     with RunProgress(source, "no-such-run", Console(file=log, width=100)) as waiting:
         assert waiting.poll("queued") == "[queued] starting ..."
@@ -731,7 +731,7 @@ def test_a_damaged_complete_json_is_a_clear_error(
 ) -> None:
     from emprocess.report.load import MalformedRecord
 
-    monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", str(tmp_path))
+    point_storage(monkeypatch, str(tmp_path))
     run = RunLayout("src", "r1")
     storage.create_bucket(run.process)
     conf = {"id": "r1", "image": "img.%05d.png", "minz": 0, "maxz": 3, "source": "src"}

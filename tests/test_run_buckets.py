@@ -13,7 +13,7 @@ import subprocess
 from collections.abc import Iterator
 
 import pytest
-from conftest import _emulator_binary, unique_bucket
+from conftest import _emulator_binary, point_storage, unique_bucket
 from faultproxy import FaultProxy
 
 from emprocess import storage
@@ -46,7 +46,7 @@ def regional_emulator() -> Iterator[str]:
 def proxy(regional_emulator: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultProxy]:
     with FaultProxy(regional_emulator) as p:
         monkeypatch.setenv("STORAGE_EMULATOR_HOST", p.url)
-        monkeypatch.delenv("EMPROCESS_STORAGE_ROOT", raising=False)
+        point_storage(monkeypatch, None)
         yield p
 
 
@@ -94,7 +94,7 @@ def test_conf_location_overrides_the_source_location(proxy: FaultProxy) -> None:
 
 
 def test_a_bad_location_or_storage_class_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("EMPROCESS_STORAGE_ROOT", raising=False)
+    point_storage(monkeypatch, None)
     with pytest.raises(InvalidRunConf, match="location"):
         _info("src", location="us central/1")
     with pytest.raises(ValueError, match="storage class 'COLD' is not one of"):

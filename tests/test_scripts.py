@@ -21,7 +21,7 @@ from types import ModuleType
 import cv2
 import numpy as np
 import pytest
-from conftest import unique_bucket
+from conftest import point_storage, unique_bucket
 
 from emprocess import storage
 from emprocess.errors import InvalidInput, InvalidKey, NotFound
@@ -607,7 +607,7 @@ def test_hard_links_number_a_folder_the_storage_root_can_read(
 ) -> None:
     """--hard: what a local run needs, since links out of a bucket are refused."""
     root = tmp_path / "root"
-    monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", str(root))
+    point_storage(monkeypatch, str(root))
     bucket = unique_bucket("hard")
     storage.create_bucket(bucket)
     src = _image_folder(tmp_path / "src", ["s2.png", "s10.png"])
@@ -670,7 +670,7 @@ def test_create_symlinks_script(tmp_path: Path, capsys: pytest.CaptureFixture[st
 def test_apply_cleanup_deletes_old_objects(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / "root"
     root.mkdir()
-    monkeypatch.setenv(storage.ROOT_ENV, str(root))
+    point_storage(monkeypatch, root)
     storage.create_bucket("src_tmp_run1")
     storage.create_bucket("src_ng_run1")
     for bucket in ("src_tmp_run1", "src_ng_run1"):
@@ -685,7 +685,7 @@ def test_apply_cleanup_deletes_old_objects(tmp_path: Path, monkeypatch: pytest.M
     assert storage.list_keys("gs://src_ng_run1/") == ["new.bin", "old/tile.bin"]  # no rule
     assert apply_cleanup() == 0
 
-    monkeypatch.delenv(storage.ROOT_ENV)
+    point_storage(monkeypatch, None)
     storage.write_bytes(f"file://{root}/src_tmp_run1/late.bin", b"x")
     assert (
         apply_cleanup(
@@ -781,7 +781,7 @@ def test_ingest_from_a_gs_path(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    monkeypatch.delenv(storage.ROOT_ENV, raising=False)
+    point_storage(monkeypatch, None)
     bucket = unique_bucket("rgb")
     storage.create_bucket(bucket)
     _rgb_stack(tmp_path, range(0, 2), (20, 24), 3)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorstore as ts
-from conftest import unique_bucket
+from conftest import point_storage, unique_bucket
 from faultproxy import FaultProxy, fail_first
 
 from emprocess import storage
@@ -203,7 +203,7 @@ def test_local_lifecycle_is_applied_by_cleanup(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     root = tmp_path / "root"
-    monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", str(root))
+    point_storage(monkeypatch, str(root))
     storage.create_bucket("src_tmp_run1")
     storage.create_bucket("src_process")
     for b in ("src_tmp_run1", "src_process"):
@@ -220,7 +220,7 @@ def test_local_lifecycle_is_applied_by_cleanup(
 
 
 def test_apply_lifecycle_needs_a_local_root(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("EMPROCESS_STORAGE_ROOT", raising=False)
+    point_storage(monkeypatch, None)
     with pytest.raises(ValueError, match="EMPROCESS_STORAGE_ROOT"):
         storage.apply_lifecycle()
 
@@ -231,7 +231,7 @@ def test_the_storage_choice_is_explicit_and_refused_when_bad(
     """``storage.use`` steers this process without touching os.environ; ``environ`` hands
     the same settings to a child; a root that is a file is refused, naming the variable."""
     assert env_name(StorageEnv, "storage_root") == storage.ROOT_ENV
-    monkeypatch.delenv("EMPROCESS_STORAGE_ROOT", raising=False)
+    point_storage(monkeypatch, None)
     chosen = load(StorageEnv, storage_root=tmp_path / "sub" / ".." / "root")
     assert chosen.storage_root == tmp_path / "root"  # absolute, for children elsewhere
     before = dict(os.environ)
@@ -247,13 +247,16 @@ def test_the_storage_choice_is_explicit_and_refused_when_bad(
         "EMPROCESS_STORAGE_RETRY_S": "120.0",
     }
     monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", child["EMPROCESS_STORAGE_ROOT"])
+    storage.configure(None)  # as a new process does: the environment at its first call
     assert storage.settings() == chosen
     # Written for GCS, the root is empty: the child does not inherit its parent's root.
     assert environ(load(StorageEnv, storage_root=None))["EMPROCESS_STORAGE_ROOT"] == ""
     monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", "")
+    storage.configure(None)
     assert storage.local_root() is None
     (tmp_path / "a-file").write_bytes(b"")
     monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", str(tmp_path / "a-file"))
+    storage.configure(None)
     with pytest.raises(InvalidInput, match=r"EMPROCESS_STORAGE_ROOT='.*a-file'.* is not a folder"):
         storage.local_root()
     from emprocess.services.align import create_app
@@ -262,12 +265,52 @@ def test_the_storage_choice_is_explicit_and_refused_when_bad(
         create_app()  # a service refuses it at start-up
     monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", str(tmp_path))
     monkeypatch.setenv("EMPROCESS_STORAGE_RETRY_S", "soon")
+    storage.configure(None)
     with pytest.raises(InvalidInput, match="EMPROCESS_STORAGE_RETRY_S='soon'"):
         storage.settings()
 
 
+def test_storage_settings_are_read_once_per_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The environment is read at the process's first storage call (or where it starts:
+    ``configure``), not per call: a later variable changes nothing, bad or good."""
+    point_storage(monkeypatch, tmp_path)
+    first = storage.settings()
+    assert first.storage_root == tmp_path
+    chosen = load(StorageEnv, storage_root=tmp_path / "chosen")
+    monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", str(tmp_path / "elsewhere"))
+    monkeypatch.setenv("EMPROCESS_STORAGE_RETRY_S", "soon")  # bad, but read by nobody
+    assert storage.settings() is first and storage.local_root() == tmp_path
+    assert storage.configure(chosen) is first  # hands back the settings it replaces
+    assert storage.settings() is chosen
+    with storage.use(first):  # the explicit override still wins inside its block
+        assert storage.local_root() == tmp_path
+    assert storage.local_root() == tmp_path / "chosen"
+
+
+def test_a_service_app_configures_storage_once_at_creation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A service reads its storage settings where its app is created: the variables at
+    creation hold for every request after it (a later change is not seen)."""
+    from emprocess.sample import write_sample
+    from emprocess.services.align import create_app
+
+    point_storage(monkeypatch, tmp_path)
+    write_sample("gs://app-src", 2, 64, 64, seed=1)
+    client = create_app().test_client()
+    (tmp_path / "elsewhere").mkdir()  # an empty root: the slices are not there
+    monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", str(tmp_path / "elsewhere"))
+    answer = client.post(
+        "/", json={"pre": "gs://app-src/img.00000.png", "post": "gs://app-src/img.00001.png"}
+    )
+    assert answer.status_code == 200, answer.get_json()
+    assert storage.local_root() == tmp_path
+
+
 def test_make_public_is_a_local_noop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", str(tmp_path))
+    point_storage(monkeypatch, tmp_path)
     storage.create_bucket("src_ng_run1")
     assert "no-op" in storage.make_public("src_ng_run1")
     with pytest.raises(BucketNotFound):
@@ -328,7 +371,7 @@ def test_tensorstore_writes_where_the_url_points(bucket: str) -> None:
 
 @pytest.fixture
 def proxied(gcs_emulator: str, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.delenv("EMPROCESS_STORAGE_ROOT", raising=False)
+    point_storage(monkeypatch, None)
     with FaultProxy(gcs_emulator) as proxy:
         monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.url)
         yield proxy
@@ -361,6 +404,7 @@ def test_client_errors_are_not_retried(proxied: FaultProxy) -> None:
 
 def test_retries_can_be_turned_off(proxied: FaultProxy, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(env_name(StorageEnv, "storage_retry_s"), "0")
+    storage.configure(None)  # read again at the next call, as by a process started with it
     name = unique_bucket()
     storage.create_bucket(name)
     storage.write_bytes(f"gs://{name}/k", b"payload")
@@ -422,7 +466,7 @@ def test_an_existing_bucket_is_adopted_only_if_ours(backend: str, local_root: Pa
 def test_links_out_of_a_bucket_are_refused(
     local_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", str(local_root))
+    point_storage(monkeypatch, str(local_root))
     name = unique_bucket()
     storage.create_bucket(name)
     outside = local_root.parent / f"outside-{name}"

@@ -18,9 +18,9 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
+from conftest import point_storage
 from volumes import BuiltVolume, build_test_volume
 
-from emprocess import storage
 from emprocess.errors import InvalidInput, NotFound
 from emprocess.layout import JPEG_PATH
 from emprocess.view import (
@@ -371,14 +371,14 @@ def built_run(tmp_path_factory: pytest.TempPathFactory) -> BuiltRun:
     """A 256 x 256 x 64 run at 8 nm written by the emwrite functions (a few seconds)."""
     root = tmp_path_factory.mktemp("view-storage")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(storage.ROOT_ENV, str(root))
+        point_storage(mp, str(root))
         volume = build_test_volume("viewsrc", "run1", 64, 256, 256, write_raw=True)
     return BuiltRun(root, volume)
 
 
 @pytest.fixture
 def local_run(built_run: BuiltRun, monkeypatch: pytest.MonkeyPatch) -> BuiltVolume:
-    monkeypatch.setenv(storage.ROOT_ENV, str(built_run.root))
+    point_storage(monkeypatch, str(built_run.root))
     return built_run.volume
 
 
@@ -398,7 +398,7 @@ def test_gcs_view_link_and_could_not_check(local_run: BuiltVolume) -> None:
 
 def test_gcs_view_of_a_public_bucket(built_run: BuiltRun, monkeypatch: pytest.MonkeyPatch) -> None:
     """A DataServer plays public GCS (bucket/key paths, CORS); no storage root, no cloud."""
-    monkeypatch.delenv(storage.ROOT_ENV, raising=False)
+    point_storage(monkeypatch, None)
     volume = built_run.volume
     mounts = {f"{volume.ng_bucket}/{JPEG_PATH}": built_run.root / volume.ng_bucket / JPEG_PATH}
     with DataServer(mounts) as fake_gcs:
@@ -417,7 +417,7 @@ def test_gcs_view_of_a_public_bucket(built_run: BuiltRun, monkeypatch: pytest.Mo
 
 
 def test_gcs_view_offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(storage.ROOT_ENV, raising=False)
+    point_storage(monkeypatch, None)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         closed = f"http://127.0.0.1:{s.getsockname()[1]}"
@@ -431,7 +431,7 @@ def test_gcs_view_offline(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_serve_run_errors(local_run: BuiltVolume, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(NotFound, match="no volume at"):
         serve_run("viewsrc", "no-such-run")
-    monkeypatch.delenv(storage.ROOT_ENV)
+    point_storage(monkeypatch, None)
     with pytest.raises(InvalidInput, match="EMPROCESS_STORAGE_ROOT"):
         serve_run("viewsrc", "run1")
 
@@ -588,7 +588,7 @@ def colour_run(tmp_path_factory: pytest.TempPathFactory) -> BuiltRun:
     """A 192 x 128 x 8 RGB run of three bands (red, green, blue), one JPEG volume each."""
     root = tmp_path_factory.mktemp("view-colour")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(storage.ROOT_ENV, str(root))
+        point_storage(mp, str(root))
         volume = build_test_volume("viewrgb", "rgb", 8, 192, 128, colour_bands=True)
     return BuiltRun(root, volume)
 
@@ -617,7 +617,7 @@ def test_browser_shows_each_channel_in_its_colour(
 ) -> None:
     """jpeg_channels "each" in headless Chromium: the three channel layers, added up, show
     the bands red, green and blue, left to right, in the xy panel."""
-    monkeypatch.setenv(storage.ROOT_ENV, str(colour_run.root))
+    point_storage(monkeypatch, str(colour_run.root))
     session = serve_run(colour_run.volume.source, colour_run.volume.run_id, layout="xy")
     try:
         assert [layer.name for layer in session.viewer.state.layers] == ["rgb-c0", "rgb-c1", "rgb-c2"]  # fmt: skip

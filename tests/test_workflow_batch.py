@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import point_storage
 from dags_conftest_helpers import Answer, Request, ScriptedServer
 from tenacity import RetryCallState, Retrying
 
@@ -33,7 +34,7 @@ FAST = HttpEnv(
 
 @pytest.fixture
 def local_bucket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", str(tmp_path / "root"))
+    point_storage(monkeypatch, str(tmp_path / "root"))
     (tmp_path / "root").mkdir()
     storage.create_bucket("src_process")
     return "src_process"

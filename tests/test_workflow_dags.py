@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import DAG_FILE, airflow_environ
+from conftest import DAG_FILE, airflow_environ, point_storage
 from dags_conftest_helpers import (
     E2ERun,
     ScriptedServer,
@@ -260,7 +260,7 @@ def test_width1_dag_aligns_and_writes_a_volume_with_the_real_services(
 
     run = width1_run
     assert run.root is not None
-    monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", str(run.root))
+    point_storage(monkeypatch, str(run.root))
     dag = dagbag.dags[dag_id(1)]
     assert run.task_states == {t: "success" for t in dag.task_ids}, run.task_states
     figures = check_finished_run(run)
@@ -328,7 +328,7 @@ def test_dynamic_dag_maps_workers_from_the_conf(
     stages split the slices between two workers; no alignment service is needed."""
     from emprocess import storage
 
-    monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", str(tmp_path))
+    point_storage(monkeypatch, str(tmp_path))
     monkeypatch.setenv("AIRFLOW_CONN_IMG_WRITE", recording_emwrite.url)
     monkeypatch.delenv("AIRFLOW_CONN_ALIGN_CLOUD_RUN", raising=False)
     storage.create_bucket("dyn-src")

@@ -18,7 +18,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from conftest import ServicePool, unique_bucket
+from conftest import ServicePool, point_storage, unique_bucket
 from dags_conftest_helpers import (
     E2ERun,
     bucket_bytes,
@@ -50,14 +50,14 @@ class Stack:
 @pytest.fixture(autouse=True)
 def on_gcs(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every run here uses the GCS emulator (the session's STORAGE_EMULATOR_HOST)."""
-    monkeypatch.delenv("EMPROCESS_STORAGE_ROOT", raising=False)
+    point_storage(monkeypatch, None)
 
 
 @pytest.fixture(scope="module")
 def stack(gcs_emulator: str) -> Stack:
     """The 12-slice stack with known drift, in a bucket of the GCS emulator."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("EMPROCESS_STORAGE_ROOT", raising=False)
+        point_storage(mp, None)
         source = unique_bucket("e2e")
         storage.create_bucket(source)
         return Stack(source, write_e2e_stack(source))
@@ -88,7 +88,7 @@ def _run(
 def clean_width4(airflow_db: Any, dag_bag: Any, service_pool: ServicePool, stack: Stack) -> E2ERun:
     """The width-4 DAG on the GCS emulator, no faults: the reference output."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("EMPROCESS_STORAGE_ROOT", raising=False)
+        point_storage(mp, None)
         return _run(mp, dag_bag.dags[dag_id(4)], stack, service_pool, "clean4")
 
 

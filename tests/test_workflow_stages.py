@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import point_storage
 from dags_conftest_helpers import (
     Answer,
     Request,
@@ -36,7 +37,7 @@ SHIFT_PX = {3: (2.0, -1.0), 4: (-3.0, 0.5)}  # pair (z, z+1): translation found 
 
 @pytest.fixture
 def root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", str(tmp_path / "root"))
+    point_storage(monkeypatch, str(tmp_path / "root"))
     (tmp_path / "root").mkdir()
     return tmp_path / "root"
 

@@ -9,6 +9,7 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
+from conftest import point_storage
 from dags_conftest_helpers import write_slices
 from faultproxy import FaultProxy
 
@@ -97,7 +98,7 @@ def test_unreadable_slice_is_named(bucket: str) -> None:
 
 
 def test_gcs_listing_is_one_request(gcs_emulator: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("EMPROCESS_STORAGE_ROOT", raising=False)
+    point_storage(monkeypatch, None)
     name = f"v-{np.random.default_rng().integers(1 << 40):x}"
     storage.create_bucket(name)
     write_slices(name, TEMPLATE, range(0, 30))
@@ -127,7 +128,7 @@ def test_width_must_match_a_fixed_dag(local_root_bucket: str) -> None:
 
 @pytest.fixture
 def local_root_bucket(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setenv("EMPROCESS_STORAGE_ROOT", str(tmp_path))
+    point_storage(monkeypatch, str(tmp_path))
     storage.create_bucket("slices-v")
     return "slices-v"
 

@@ -51,29 +51,31 @@ BIG_FILE_BYTES = 1 << 30
 _BIG_FILE = threading.Lock()
 
 
-def max_pixels() -> int:
-    return load(ServiceEnv).align_max_pixels
-
-
-def read_image(url: str, channel: int | str | None = None, factor: int = 1) -> np.ndarray:
+def read_image(
+    url: str, channel: int | str | None = None, factor: int = 1, *, max_pixels: int
+) -> np.ndarray:
     """Read and decode one slice at 1/``factor`` of its resolution, within the size limits.
 
     The header is read first (one range read) and the slice refused by it before its
     file is read; the file is then decoded a band of rows at a time, so memory is the
     file's bytes and the reduced slice. With ``channel`` (colour slices), the plane of
     that channel or the mean of all.
+
+    Args:
+        max_pixels: the largest slice taken (``ServiceEnv.align_max_pixels``, read once
+            when the service starts); it bounds the decoded bytes too.
     """
-    limit = max_pixels() * DECODED_BYTES_PER_PIXEL
+    limit = max_pixels * DECODED_BYTES_PER_PIXEL
     header = storage.read_bytes(url, 0, HEADER_BYTES)
     layout, peak = _header(url, header)
-    _check_limits(url, layout, peak, limit)
+    _check_limits(url, layout, peak, limit, max_pixels)
     file_bytes = layout.decoded_bytes * 9 // 8 + FILE_SLACK_BYTES
     with _BIG_FILE if file_bytes > BIG_FILE_BYTES else contextlib.nullcontext():
         whole = len(header) < HEADER_BYTES  # a small file: the header read was all of it
         data = header if whole else storage.read_bytes(url, max_bytes=file_bytes)
         del header
         channels: Literal["all"] | None = None if channel is None else "all"
-        image = decode_image(data, url, max_pixels(), limit, channels=channels, factor=factor)
+        image = decode_image(data, url, max_pixels, limit, channels=channels, factor=factor)
         del data  # before the next big file may be read
     if channel is None:
         return image
@@ -103,12 +105,12 @@ def _header(url: str, header: bytes) -> tuple[ImageLayout, int]:
     return layout, decoder_peak_bytes(layout, header)
 
 
-def _check_limits(url: str, layout: ImageLayout, peak: int, limit: int) -> None:
+def _check_limits(url: str, layout: ImageLayout, peak: int, limit: int, max_pixels: int) -> None:
     pixels = layout.width * layout.height
-    if pixels > max_pixels():
+    if pixels > max_pixels:
         raise InvalidInput(
             f"{url} is {layout.width}x{layout.height} = {pixels} pixels, over the limit of "
-            f"{max_pixels()}"
+            f"{max_pixels}"
         )
     if peak > limit:
         raise InvalidInput(
@@ -119,17 +121,20 @@ def _check_limits(url: str, layout: ImageLayout, peak: int, limit: int) -> None:
         )
 
 
-def read_channel_files(urls: list[str], channel: int | str, factor: int = 1) -> np.ndarray:
+def read_channel_files(
+    urls: list[str], channel: int | str, factor: int = 1, *, max_pixels: int
+) -> np.ndarray:
     """A slice stored as one grey file per channel: the plane of ``channel`` (only that
-    file is read) or the mean of all files, each read at 1/``factor``."""
+    file is read) or the mean of all files, each read at 1/``factor`` (as
+    :func:`read_image`, within ``max_pixels``)."""
     if isinstance(channel, int):
-        return read_image(urls[channel], factor=factor)
+        return read_image(urls[channel], factor=factor, max_pixels=max_pixels)
     # The mean as align_plane takes it of a colour file (rint of the exact mean: sums of
     # at most 4 x 65535 are exact in float32), one file in memory at a time.
-    first = read_image(urls[0], factor=factor)
+    first = read_image(urls[0], factor=factor, max_pixels=max_pixels)
     total = first.astype(np.float32)
     for url in urls[1:]:
-        plane = read_image(url, factor=factor)
+        plane = read_image(url, factor=factor, max_pixels=max_pixels)
         if plane.shape != first.shape or plane.dtype != first.dtype:
             raise InvalidInput(
                 f"channel file {url} is {plane.shape[1]}x{plane.shape[0]} {plane.dtype}, but "
@@ -156,8 +161,9 @@ def check_sizes(pre: np.ndarray, post: np.ndarray, req: AlignRequest) -> None:
         )
 
 
-def align_request(req: AlignRequest) -> dict[str, Any]:
-    """Run one alignment request; returns the JSON-ready result."""
+def align_request(req: AlignRequest, *, max_pixels: int) -> dict[str, Any]:
+    """Run one alignment request (slices within ``max_pixels``); returns the JSON-ready
+    result."""
     params = parse(AlignParams, req.params)
     with ThreadPoolExecutor(2) as pool:
         if req.pre_channels is not None and req.post_channels is not None:
@@ -165,11 +171,15 @@ def align_request(req: AlignRequest) -> dict[str, Any]:
             assert channel is not None  # checked by the model
             files = ([req.pre, *req.pre_channels], [req.post, *req.post_channels])
             pre, post = pool.map(
-                lambda urls: read_channel_files(urls, channel, req.downsample), files
+                lambda urls: read_channel_files(
+                    urls, channel, req.downsample, max_pixels=max_pixels
+                ),
+                files,
             )
         else:
             pre, post = pool.map(
-                lambda url: read_image(url, req.channel, req.downsample), (req.pre, req.post)
+                lambda url: read_image(url, req.channel, req.downsample, max_pixels=max_pixels),
+                (req.pre, req.post),
             )
     check_sizes(pre, post, req)
     if req.intensity_window is not None:
@@ -192,18 +202,24 @@ def align_request(req: AlignRequest) -> dict[str, Any]:
 
 
 def create_app() -> Flask:
-    """The WSGI app (gunicorn: ``'emprocess.services.align:create_app()'``)."""
+    """The WSGI app (gunicorn: ``'emprocess.services.align:create_app()'``).
+
+    The service's settings are read here, once per process (a bad value stops it,
+    named), and handed to the request handlers.
+    """
     from emprocess.services.features import align_with_features, register_features
 
-    app = create_service_app("align")
+    env = load(ServiceEnv)
+    app = create_service_app("align", env)
+    max_pixels = env.align_max_pixels
 
     @app.post("/")
     def align() -> Any:
         req = AlignRequest.from_payload(json_body())
         if req.run_id is not None:  # features once per slice (services/features.py)
-            return jsonify(align_with_features(req))
-        return jsonify(align_request(req))
+            return jsonify(align_with_features(req, max_pixels=max_pixels))
+        return jsonify(align_request(req, max_pixels=max_pixels))
 
-    register_features(app)
+    register_features(app, max_pixels=max_pixels)
 
     return app

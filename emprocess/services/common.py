@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from typing import Any
 
@@ -14,7 +15,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from emprocess import __version__, answers, storage
 from emprocess.errors import EmprocessError, InvalidInput, NotFound
 from emprocess.models import describe_validation_error, parse
-from emprocess.settings import ServiceEnv, load
+from emprocess.settings import ServiceEnv, StorageEnv, load
 from emprocess.storage.failures import describe_failure
 
 __all__ = ["create_service_app", "json_body", "parse"]
@@ -109,23 +110,40 @@ def refuse_headers(hosts: frozenset[str]) -> tuple[str, int] | None:
     return None
 
 
-def create_service_app(name: str) -> Flask:
+def configure_process(env: ServiceEnv) -> None:
+    """What a service process sets once, at start-up: its storage settings, read from the
+    environment (a bad ``EMPROCESS_STORAGE_*`` stops the service here, naming it, not at
+    its first request), and OpenCV's own pixel limit.
+
+    OpenCV reads ``OPENCV_IO_MAX_IMAGE_PIXELS`` at its first decode and has no other
+    setting for it; a value already in the environment is kept.
+    """
+    storage.configure(load(StorageEnv))
+    largest = max(env.align_max_pixels, env.emwrite_max_pixels)
+    os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(largest))
+
+
+def create_service_app(name: str, env: ServiceEnv | None = None) -> Flask:
     """A Flask app with /health and JSON errors: 400 for bad requests, 500 for ours.
 
     Inputs that do not exist (a missing image or bucket named in the request)
     are the caller's fault, so they are 400 too. No traceback ever goes out;
     it is logged here instead.
+
+    Args:
+        name: the service's name, in /health and in messages.
+        env: the service's settings, read once by its ``create_app`` (None: read here).
     """
     app = Flask(name)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     started = time.time()
-    env = load(ServiceEnv)
+    env = env or load(ServiceEnv)
+    configure_process(env)
     hosts = allowed_hosts(env.allowed_hosts)
     logging.basicConfig(
         level=env.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    # A bad EMPROCESS_STORAGE_* stops the service here, naming it, not at its first request.
     log.info("%s: %s", name, storage.backend_description())
 
     @app.before_request

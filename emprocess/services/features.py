@@ -86,9 +86,9 @@ def features_url(req: FeaturesRequest, params: AlignParams) -> tuple[str, dict[s
     return f"gs://{process_bucket(loc.bucket)}/{key}", described
 
 
-def load_slice(req: FeaturesRequest) -> tuple[np.ndarray, tuple[int, int]]:
-    """The slice as a pair request sees it (read, downsampled, windowed) and its size
-    (width, height) before the downsampling."""
+def load_slice(req: FeaturesRequest, *, max_pixels: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """The slice as a pair request sees it (read within ``max_pixels``, downsampled,
+    windowed) and its size (width, height) before the downsampling."""
     size = source_size(req.img)
     if min(size) // req.downsample < 16:
         raise InvalidInput(
@@ -98,9 +98,10 @@ def load_slice(req: FeaturesRequest) -> tuple[np.ndarray, tuple[int, int]]:
     if req.channel_files is not None:
         channel = req.channel
         assert channel is not None  # checked by the model
-        image = read_channel_files([req.img, *req.channel_files], channel, req.downsample)
+        files = [req.img, *req.channel_files]
+        image = read_channel_files(files, channel, req.downsample, max_pixels=max_pixels)
     else:
-        image = read_image(req.img, req.channel, req.downsample)
+        image = read_image(req.img, req.channel, req.downsample, max_pixels=max_pixels)
     if req.intensity_window is not None:
         image = to_uint8(image, (req.intensity_window[0], req.intensity_window[1]))
     return image, size
@@ -123,9 +124,10 @@ def _read_stored(url: str, described: dict[str, Any], params: AlignParams) -> An
 
 
 def slice_features(
-    req: FeaturesRequest, params: AlignParams
+    req: FeaturesRequest, params: AlignParams, *, max_pixels: int
 ) -> tuple[SliceFeatures, dict[str, Any], bool, str]:
-    """The slice's features: read when stored, else extracted and stored.
+    """The slice's features: read when stored, else extracted (from a slice within
+    ``max_pixels``) and stored.
 
     Returns:
         (features, header, stored, url): ``stored`` is True when they were read, not
@@ -138,7 +140,7 @@ def slice_features(
     found = _read_stored(url, described, params)
     if found is not None:
         return found[0], found[1], True, url
-    image, (width, height) = load_slice(req)
+    image, (width, height) = load_slice(req, max_pixels=max_pixels)
     features = extract_features(image, params)
     del image
     header = {**described, "source_width": width, "source_height": height}
@@ -153,10 +155,10 @@ def slice_features(
     return features, header, False, url
 
 
-def features_request(req: FeaturesRequest) -> dict[str, Any]:
+def features_request(req: FeaturesRequest, *, max_pixels: int) -> dict[str, Any]:
     """POST /features: extract (or find) one slice's features; answers where and how many."""
     params = parse(AlignParams, req.params)
-    features, header, stored, url = slice_features(req, params)
+    features, header, stored, url = slice_features(req, params, max_pixels=max_pixels)
     return {
         "features": url,
         "count": len(features.xy),
@@ -179,13 +181,14 @@ def _check_source_sizes(pre: dict[str, Any], post: dict[str, Any], req: AlignReq
         )
 
 
-def align_with_features(req: AlignRequest) -> dict[str, Any]:
-    """POST / with ``run_id``: match the two slices' stored features (see the module)."""
+def align_with_features(req: AlignRequest, *, max_pixels: int) -> dict[str, Any]:
+    """POST / with ``run_id``: match the two slices' stored features (see the module);
+    slices are read within ``max_pixels``."""
     params = parse(AlignParams, req.params)
     sides = [FeaturesRequest.of_pair(req, "pre"), FeaturesRequest.of_pair(req, "post")]
     with ThreadPoolExecutor(2) as pool:
         (f_pre, h_pre, s_pre, _), (f_post, h_post, s_post, _) = pool.map(
-            lambda side: slice_features(side, params), sides
+            lambda side: slice_features(side, params, max_pixels=max_pixels), sides
         )
     _check_source_sizes(h_pre, h_post, req)
     decoded: list[bool] = []
@@ -195,7 +198,8 @@ def align_with_features(req: AlignRequest) -> dict[str, Any]:
         log.info("no model from the stored features of %s -> %s: decoding for the retries",
                  req.post, req.pre)  # fmt: skip
         with ThreadPoolExecutor(2) as pool:
-            pre, post = (image for image, _ in pool.map(load_slice, sides))
+            loaded = pool.map(lambda side: load_slice(side, max_pixels=max_pixels), sides)
+            pre, post = (image for image, _ in loaded)
         return pre, post
 
     result = align_features(f_pre, f_post, params, images)
@@ -215,9 +219,10 @@ def align_with_features(req: AlignRequest) -> dict[str, Any]:
     return answer
 
 
-def register_features(app: Flask) -> None:
-    """Add POST /features to the alignment service's app."""
+def register_features(app: Flask, *, max_pixels: int) -> None:
+    """Add POST /features to the alignment service's app (slices within ``max_pixels``)."""
 
     @app.post("/features")
     def features() -> Any:
-        return jsonify(features_request(parse(FeaturesRequest, json_body())))
+        req = parse(FeaturesRequest, json_body())
+        return jsonify(features_request(req, max_pixels=max_pixels))

@@ -58,6 +58,7 @@ __all__ = [
     "check_key",
     "check_run_id",
     "check_service_url",
+    "configure",
     "create_bucket",
     "delete",
     "delete_bucket",
@@ -116,21 +117,41 @@ class Backend(Protocol):
 
 
 _chosen: StorageEnv | None = None
+_process: StorageEnv | None = None
+
+
+def configure(chosen: StorageEnv | None) -> StorageEnv | None:
+    """Fix the storage settings of this process; returns the ones it replaces.
+
+    Called where a process starts (a service's app) with the settings it read once;
+    None forgets them, so the next storage call reads the environment again (the test
+    suite does so between tests). Without a call, the first storage call of the process
+    reads the environment, once: an Airflow task runs in a process of its own, so that
+    is at its start. The CLI chooses with :func:`use`, which wins over both.
+    """
+    global _process
+    saved, _process = _process, chosen
+    return saved
 
 
 def settings() -> StorageEnv:
-    """The storage settings in force: the caller's choice (:func:`use`), else the environment's.
+    """The storage settings in force: the caller's choice (:func:`use`), else the process's
+    (:func:`configure`, or the environment read at the first call of the process).
 
     Raises:
         InvalidInput: a bad ``EMPROCESS_STORAGE_*`` variable, named.
     """
     if _chosen is not None:
         return _chosen
-    # Here, not at import: the DAG file imports this package, and pydantic-settings
-    # would add a quarter of a second to every parse.
-    from emprocess.settings import StorageEnv, current
+    found = _process
+    if found is None:
+        # Here, not at import: the DAG file imports this package, and pydantic-settings
+        # would add a quarter of a second to every parse.
+        from emprocess.settings import StorageEnv, load
 
-    return current(StorageEnv)
+        found = load(StorageEnv)
+        configure(found)
+    return found
 
 
 @contextmanager
@@ -138,7 +159,7 @@ def use(chosen: StorageEnv) -> Iterator[StorageEnv]:
     """Storage goes where ``chosen`` says while the block runs, in every thread of the process.
 
     The CLI's explicit choice (``emprocess run FOLDER``, ``demo``): it replaces the
-    environment's settings for this process without writing ``os.environ``; processes it
+    process's settings for the block without writing ``os.environ``; processes it
     starts get the same settings through :func:`emprocess.settings.environ`.
     """
     global _chosen

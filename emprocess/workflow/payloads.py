@@ -14,6 +14,7 @@ from typing import Literal
 
 from emprocess import affine
 from emprocess.errors import EmprocessError
+from emprocess.geometry import TILE_PX
 from emprocess.layout import NGMETA, cube_name, pair_name, slice_task_name
 from emprocess.models import (
     AlignedSliceRequest,
@@ -25,7 +26,7 @@ from emprocess.models import (
 from emprocess.workflow.batch import MiniTask
 from emprocess.workflow.conf import RunConf
 
-SHARD_SIZE = 1024
+SHARD_SIZE = TILE_PX
 """Tile and cube edge in pixels (CONTRACTS.md's shard-size)."""
 
 

@@ -48,6 +48,7 @@ from emprocess.layout import (
     jpeg_channel_path,
 )
 from emprocess.models import MAX_CHANNELS
+from emprocess.volume import INFO, info_key
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
@@ -106,7 +107,7 @@ def _volumes(
 def metadata_key(prefix: str) -> str:
     """The object that says a volume exists: ``PREFIX/info``, or the OME-Zarr group's
     ``PREFIX/zarr.json``."""
-    return f"{prefix}/{ZARR_JSON if prefix == RAW_OME_ZARR_PATH else 'info'}"
+    return f"{prefix}/{ZARR_JSON}" if prefix == RAW_OME_ZARR_PATH else info_key(prefix)
 
 
 def layer_source(base_url: str, prefix: str) -> str:
@@ -342,7 +343,7 @@ class PublicCheck:
 
 def check_public_read(
     bucket: str,
-    key: str = f"{JPEG_PATH}/info",
+    key: str = info_key(JPEG_PATH),
     timeout_s: float = PUBLIC_CHECK_TIMEOUT_S,
     base_url: str = GCS_PUBLIC_URL,
     origin: str = NEUROGLANCER_APP.rstrip("/"),
@@ -404,7 +405,7 @@ class GcsView:
 
 
 def _read_info(bucket: str, key_prefix: str) -> dict[str, Any]:
-    return dict(json.loads(storage.read_bytes(storage.bucket_url(bucket, f"{key_prefix}/info"))))
+    return dict(json.loads(storage.read_bytes(storage.bucket_url(bucket, info_key(key_prefix)))))
 
 
 def gcs_view(
@@ -462,14 +463,14 @@ def gcs_view(
 
     def has_volume(path: str) -> bool | None:
         """Whether the ng bucket holds volume ``path``: anonymously, else with credentials."""
-        check = check_public_read(bucket, f"{path}/info", timeout_s, gcs_url)
+        check = check_public_read(bucket, info_key(path), timeout_s, gcs_url)
         if check.access is Access.PUBLIC:
             found.append(check)
             return True
         if check.access is Access.MISSING:
             return False
         try:
-            exists = storage.exists(storage.bucket_url(bucket, f"{path}/info"))
+            exists = storage.exists(storage.bucket_url(bucket, info_key(path)))
         except Exception as e:  # no credentials: the link shows channel 0 only
             log.debug("could not look for %s in %s: %s", path, bucket, e)
             return None
@@ -580,7 +581,7 @@ class _DataApp:
         target = self._resolve(request.path)
         if isinstance(target, int):
             return _plain(target, {400: "bad request", 403: "forbidden"}.get(target, "not found"))
-        ctype = "application/json" if target.name == "info" else None
+        ctype = "application/json" if target.name == INFO else None
         ctype = ctype or mimetypes.guess_type(target.name)[0] or "application/octet-stream"
         try:
             return send_file(target, request.environ, mimetype=ctype, conditional=True)
@@ -793,7 +794,7 @@ def serve_run(
             f"serving needs local storage ({storage.ROOT_ENV}); for gs:// outputs use gcs_view"
         )
     ng_folder = root / ng_bucket(source, run_id)
-    count = _jpeg_channel_count(lambda path: (ng_folder / path / "info").is_file())
+    count = _jpeg_channel_count(lambda path: (ng_folder / info_key(path)).is_file())
     chunk_folder = root / chunk_bucket(source, run_id)
     pre, zarr = raw_formats(lambda prefix: (chunk_folder / metadata_key(prefix)).is_file())
     volumes = _volumes(source, run_id, raw and pre, count, raw and zarr)
@@ -809,7 +810,7 @@ def serve_run(
     complete = RunLayout(source, run_id).process_url(COMPLETE)
     if not storage.exists(complete):
         log.warning("%s is missing: the run is unfinished or failed, data may be partial", complete)
-    geometry = geometry_from_info(json.loads((mounts[JPEG_PATH] / "info").read_bytes()))
+    geometry = geometry_from_info(json.loads((mounts[JPEG_PATH] / INFO).read_bytes()))
 
     neuroglancer = _import_neuroglancer()
     data_server = DataServer(mounts, port=data_port)

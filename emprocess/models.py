@@ -434,7 +434,7 @@ class AlignedSliceRequest(_Request):
     """POST /alignedslice: warp one slice into the global canvas, CLAHE, tile it.
 
     The canvas (``bbox``) is bounded here (each side 1 to ``MAX_CANVAS_PX``) and, once
-    the slice's header is read, by the slice (``emwrite.check_canvas``): each side at
+    the slice's header is read, by the slice (``sourceslice.check_canvas``): each side at
     most 4 x the slice's longer side + 1024 px, and the area at most
     (4 x sqrt(slice width x height) + 1024)^2 px, so a 7,936 x 1 px slice cannot ask for
     a 32,768^2 canvas. ``dest-tmp`` must be the tmp bucket of run (``dest``, ``run_id``)

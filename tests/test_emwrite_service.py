@@ -356,9 +356,7 @@ def read_thumbnail(process_bucket: str, img: str) -> np.ndarray:
     return thumb
 
 
-def test_large_slices_in_windows_give_the_same_tiles(
-    backend: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_large_slices_in_windows_give_the_same_tiles(backend: str) -> None:
     """In-process: 1024 px windows (3 x 2 here) stitch to exactly the one-window slice."""
     src = unique_bucket("win")
     run = RunLayout(src, RUN_ID)

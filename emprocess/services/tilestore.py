@@ -83,7 +83,7 @@ class TileReader:
         spec = storage.kvstore_spec(slices.folder_url)
         self.kv = ts.KvStore.open(spec, context=context).result()
 
-    def __call__(self, z_lo: int, z_hi: int, rect: tuple[int, int, int, int]) -> np.ndarray:
+    def __call__(self, z_lo: int, z_hi: int, rect: RectXY) -> np.ndarray:
         """Slices z_lo..z_hi-1 within ``rect`` (x0, y0, x1, y1), canvas pixels inside one
         tile, as a (z, y, x) array (a ``services.pyramid.ReadSlab``)."""
         box = RectXY(*rect)

@@ -16,8 +16,9 @@ that a stored one describes it) and its scales' URLs; both IO seams hang off the
 a volume's :meth:`~PrecomputedVolume.writer` (``services.pyramid.VolumeWriter``) and the
 tiled slices' :meth:`~TiledSlices.reader` (``services.tilestore.TileReader``) and
 :meth:`~TiledSlices.write`. :func:`request_volumes` holds the format rules: which
-volumes a request writes, with which channels and data type. A second output format is
-a second writer, plugged in at :meth:`RequestVolumes.writers`.
+volumes a request writes, with which channels and data type; which tiles feed which
+volume is :func:`emprocess.services.pyramid.write_cube`'s. A second output format is a
+second writer (as ``OmeZarrWriter`` beside ``PrecomputedWriter``), not edits across files.
 
 Only the standard library, storage and the naming modules at import: the DAG and
 ``view`` ask it for URLs; numpy and tensorstore come in with the IO seams.
@@ -51,7 +52,7 @@ if TYPE_CHECKING:
 
 INFO = "info"
 """Key of a precomputed volume's metadata, relative to the volume."""
-NUM_SCALES = 6
+NUM_SCALES = ngmeta.DEFAULT_NUM_SCALES
 """Scales of every pyramid: 0 (full resolution) to 5."""
 MAX_INFO_BYTES = 1 << 20  # an info of 6 scales is about 3 KB
 

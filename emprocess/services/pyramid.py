@@ -6,7 +6,9 @@ to each :class:`VolumeWriter`, and downsamples per :class:`~emprocess.kernels.ng
 :class:`PrecomputedWriter` writes neuroglancer precomputed shards with tensorstore;
 :class:`OmeZarrWriter` writes the OME-Zarr 0.5 multiscale of the lossless volume (sharded
 Zarr v3 through tensorstore's ``zarr3`` driver), whose metadata :class:`OmeZarrVolume`
-writes (/ngmeta) and checks (/ngshard).
+writes (/ngmeta) and checks (/ngshard). :func:`write_cube` wires one /ngshard cube: which
+tiled slices (``TiledSlices.reader``) feed which volumes of the request's
+(:func:`emprocess.volume.request_volumes`).
 """
 
 from __future__ import annotations
@@ -463,9 +465,7 @@ def write_cube(
             writers.append(ChannelsWriter(zarr.writer(layouts, minz, context), 0, len(readers)))
 
         def read(z_lo: int, z_hi: int, rect: RectXY) -> np.ndarray:
-            slab = np.empty(
-                (z_hi - z_lo, rect[3] - rect[1], rect[2] - rect[0], len(readers)), np.uint8
-            )
+            slab = np.empty((z_hi - z_lo, rect.height, rect.width, len(readers)), np.uint8)
             for c, reader in enumerate(readers):
                 slab[..., c] = reader(z_lo, z_hi, rect)
             return slab

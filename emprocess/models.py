@@ -35,6 +35,7 @@ from pydantic import (
 )
 
 from emprocess.errors import InvalidInput
+from emprocess.geometry import TILE_PX
 from emprocess.layout import process_bucket
 from emprocess.storage.names import (
     check_bucket_name,
@@ -433,7 +434,7 @@ class AlignedSliceRequest(_Request):
     """POST /alignedslice: warp one slice into the global canvas, CLAHE, tile it.
 
     The canvas (``bbox``) is bounded here (each side 1 to ``MAX_CANVAS_PX``) and, once
-    the slice's header is read, by the slice (``emwrite.check_canvas``): each side at
+    the slice's header is read, by the slice (``sourceslice.check_canvas``): each side at
     most 4 x the slice's longer side + 1024 px, and the area at most
     (4 x sqrt(slice width x height) + 1024)^2 px, so a 7,936 x 1 px slice cannot ask for
     a 32,768^2 canvas. ``dest-tmp`` must be the tmp bucket of run (``dest``, ``run_id``)
@@ -451,7 +452,7 @@ class AlignedSliceRequest(_Request):
     dest_tmp: Bucket = Field(alias="dest-tmp", description="Bucket for the tiled aligned slices.")
     slice: SliceZ = Field(description="Slice number z.")
     shard_size: ShardSize = Field(
-        default=1024, alias="shard-size", description="Tile edge in pixels; must be 1024."
+        default=TILE_PX, alias="shard-size", description="Tile edge in pixels; must be 1024."
     )
     run_id: RunId = Field(
         description="Run id; the thumbnail goes to DEST_process/RUN_ID/align/IMG."
@@ -495,8 +496,8 @@ class AlignedSliceRequest(_Request):
                 f"transform {self.transform} is singular or degenerate: it scales areas by "
                 f"{det:.3g}; allowed {MIN_TRANSFORM_DET} to {MAX_TRANSFORM_DET} in magnitude"
             )
-        if self.shard_size != 1024:
-            raise ValueError(f"shard-size must be 1024, got {self.shard_size}")
+        if self.shard_size != TILE_PX:
+            raise ValueError(f"shard-size must be {TILE_PX}, got {self.shard_size}")
         check_bucket_name(process_bucket(self.dest))  # where the thumbnail goes
         return self
 
@@ -542,7 +543,7 @@ class _VolumeRequest(_Request):
     maxz: SliceZ = Field(description="Last slice number, inclusive.")
     bbox: CanvasSize2 = Field(description="Canvas size [width, height] in pixels.")
     shard_size: ShardSize = Field(
-        default=1024, alias="shard-size", description="Cube edge in voxels; must be 1024."
+        default=TILE_PX, alias="shard-size", description="Cube edge in voxels; must be 1024."
     )
     write_raw: Annotated[bool, BeforeValidator(_legacy_bool)] = Field(
         default=True, alias="writeRaw", description="Also write the lossless pyramid."
@@ -581,8 +582,8 @@ class _VolumeRequest(_Request):
             )
         if self.write_raw and not self.dest_raw:
             raise ValueError("writeRaw is true but dest_raw names no bucket")
-        if self.shard_size != 1024:
-            raise ValueError(f"shard-size must be 1024, got {self.shard_size}")
+        if self.shard_size != TILE_PX:
+            raise ValueError(f"shard-size must be {TILE_PX}, got {self.shard_size}")
         return self
 
 

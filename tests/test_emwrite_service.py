@@ -38,6 +38,7 @@ from emprocess.layout import RunLayout
 from emprocess.models import AlignedSliceRequest
 from emprocess.sample import generate_stack
 from emprocess.services import emwrite
+from emprocess.settings import ServiceEnv, load
 
 RUN_ID = "run1"
 CLIP = 0.02
@@ -355,9 +356,7 @@ def read_thumbnail(process_bucket: str, img: str) -> np.ndarray:
     return thumb
 
 
-def test_large_slices_in_windows_give_the_same_tiles(
-    backend: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_large_slices_in_windows_give_the_same_tiles(backend: str) -> None:
     """In-process: 1024 px windows (3 x 2 here) stitch to exactly the one-window slice."""
     src = unique_bucket("win")
     run = RunLayout(src, RUN_ID)
@@ -378,8 +377,8 @@ def test_large_slices_in_windows_give_the_same_tiles(
     }
     emwrite.aligned_slice(AlignedSliceRequest.model_validate(body))
     whole = read_thumbnail(run.process, "big.png")
-    monkeypatch.setattr(emwrite, "WINDOW_PX", 1024)
-    emwrite.aligned_slice(AlignedSliceRequest.model_validate({**body, "slice": 1}))
+    small_windows = load(ServiceEnv).model_copy(update={"window_px": 1024})
+    emwrite.aligned_slice(AlignedSliceRequest.model_validate({**body, "slice": 1}), small_windows)
     tiles_of = [storage.read_bytes(emwrite.tiles_url(run.tmp, z)) for z in (0, 1)]
     assert tiles_of[0] == tiles_of[1]
     windowed = read_thumbnail(run.process, "big.png")
@@ -695,7 +694,7 @@ def test_our_own_failure_is_a_short_500(
     def broken(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("secret detail /srv/internal/path")
 
-    monkeypatch.setattr(emwrite.ngmeta, "build_info", broken)
+    monkeypatch.setattr(ngmeta, "build_info", broken)
     client = emwrite.create_app().test_client()
     r = client.post("/ngmeta", json=bad_env["volume"])
     assert r.status_code == 500

@@ -36,10 +36,11 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from emprocess.errors import InvalidInput
+from emprocess.geometry import CUBE_PX, Box
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CUBE_PX = 1024
+DEFAULT_CUBE_PX = CUBE_PX
 DEFAULT_CHUNK_PX = 64
 DEFAULT_NUM_SCALES = 6
 # A shard holds at most this many voxels per side. A shard nested in a cube still
@@ -193,7 +194,7 @@ def cube_bounds_xyz(
     scale: int,
     cube: int = DEFAULT_CUBE_PX,
     factor_xyz: Sequence[int] | None = None,
-) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+) -> Box:
     """Voxel box [lo, hi) of cube ``start`` at ``scale``, in the scale's coordinates.
 
     The coordinates include ``voxel_offset`` (so z starts at ``minz >> scale``), i.e.
@@ -226,7 +227,7 @@ def cube_bounds_xyz(
             raise InvalidInput(f"cube start {list(start)!r} is outside the volume {size_xyz}")
         lo[d] = offset[d] + c * sides[d]
         hi[d] = offset[d] + min(size_xyz[d], (c + 1) * sides[d])
-    return (lo[0], lo[1], lo[2]), (hi[0], hi[1], hi[2])
+    return Box((lo[0], lo[1], lo[2]), (hi[0], hi[1], hi[2]))
 
 
 def compressed_morton_code(grid_xyz: Sequence[int], grid_size_xyz: Sequence[int]) -> int:

@@ -20,6 +20,7 @@ import numpy as np
 
 from emprocess import affine
 from emprocess.errors import InvalidInput
+from emprocess.geometry import RectXY
 
 MEASURE_MAX_PX = 1024
 """The common area is measured with at most this many pixels per side."""
@@ -48,8 +49,8 @@ class SliceStats:
 
 def common_area(
     footprints: Sequence[tuple[float, float, float, float]],
-) -> tuple[int, int, int, int]:
-    """(x0, y0, x1, y1) canvas pixels inside every footprint's (x0, y0, x1, y1) box.
+) -> RectXY:
+    """The canvas pixels inside every footprint's (x0, y0, x1, y1) box.
 
     Raises:
         InvalidInput: when the boxes do not overlap.
@@ -62,7 +63,7 @@ def common_area(
         raise InvalidInput(
             f"the slices have no common area (intersection [{x0:g}, {y0:g}, {x1:g}, {y1:g}])"
         )
-    return math.ceil(x0), math.ceil(y0), math.floor(x1), math.floor(y1)
+    return RectXY(math.ceil(x0), math.ceil(y0), math.floor(x1), math.floor(y1))
 
 
 def footprint(

@@ -23,6 +23,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from emprocess.geometry import TILE_PX
 from emprocess.kernels import tiles
 from emprocess.kernels.clahe import clahe_source_region, clahe_window, plan_windows
 from emprocess.kernels.downsample import shrink_mean
@@ -75,7 +76,7 @@ def stream_slice(
     clip_limit: float,
     window: Window | None = None,
     *,
-    tile_px: int = 1024,
+    tile_px: int = TILE_PX,
     window_px: int = 12288,
     codec: tiles.Codec = "raw",
 ) -> StreamedTiles:
@@ -141,7 +142,7 @@ def render_slice(
     clip_limit: float,
     window: Window | None = None,
     *,
-    tile_px: int = 1024,
+    tile_px: int = TILE_PX,
     window_px: int = 12288,
     codec: tiles.Codec = "raw",
 ) -> RenderedSlice:
@@ -186,7 +187,7 @@ def stream_source_tiles(
     transform: Sequence[float],
     bbox_xy: tuple[int, int],
     *,
-    tile_px: int = 1024,
+    tile_px: int = TILE_PX,
     window_px: int = 12288,
     codec: tiles.Codec = "raw",
 ) -> StreamedTiles:
@@ -226,7 +227,7 @@ def render_source_tiles(
     transform: Sequence[float],
     bbox_xy: tuple[int, int],
     *,
-    tile_px: int = 1024,
+    tile_px: int = TILE_PX,
     window_px: int = 12288,
     codec: tiles.Codec = "raw",
 ) -> bytes:

@@ -46,6 +46,7 @@ import google_crc32c
 import numpy as np
 
 from emprocess.errors import InvalidInput
+from emprocess.geometry import TILE_PX
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ MAGIC = b"EMTS"
 VERSION = 2
 #: Checksum of each header version.
 _CHECKSUMS: dict[int, Callable[[bytes], int]] = {1: zlib.crc32, 2: google_crc32c.value}
-DEFAULT_TILE_PX = 1024
+DEFAULT_TILE_PX = TILE_PX
 _CODECS: dict[str, int] = {"raw": 0, "png": 1}
 _DTYPES: dict[np.dtype, int] = {np.dtype(np.uint8): 1, np.dtype(np.uint16): 2}
 _PREFIX = struct.Struct("<4sHBBIII")

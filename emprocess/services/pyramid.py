@@ -6,7 +6,9 @@ to each :class:`VolumeWriter`, and downsamples per :class:`~emprocess.kernels.ng
 :class:`PrecomputedWriter` writes neuroglancer precomputed shards with tensorstore;
 :class:`OmeZarrWriter` writes the OME-Zarr 0.5 multiscale of the lossless volume (sharded
 Zarr v3 through tensorstore's ``zarr3`` driver), whose metadata :class:`OmeZarrVolume`
-writes (/ngmeta) and checks (/ngshard).
+writes (/ngmeta) and checks (/ngshard). :func:`write_cube` wires one /ngshard cube: which
+tiled slices (``TiledSlices.reader``) feed which volumes of the request's
+(:func:`emprocess.volume.request_volumes`).
 """
 
 from __future__ import annotations
@@ -15,21 +17,27 @@ import itertools
 import json
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from emprocess import storage
 from emprocess.errors import InvalidInput, NotFound
-from emprocess.kernels import omezarr
+from emprocess.geometry import Box, RectXY
+from emprocess.kernels import ngmeta, omezarr
 from emprocess.kernels.downsample import downsample_mean_steps
 from emprocess.kernels.ngmeta import ScaleLayout
 from emprocess.layout import RAW_OME_ZARR_PATH
 from emprocess.models import NgMetaRequest, NgShardRequest
 from emprocess.services.shardfiles import ShardFiles
 
-Box = tuple[tuple[int, int, int], tuple[int, int, int]]
-"""[lo, hi) voxel box (x, y, z) of one scale, in the scale's coordinates."""
+if TYPE_CHECKING:
+    from emprocess.volume import RequestVolumes
+
+__all__ = ["Box", "RectXY"]  # the geometry's, re-exported for the pyramid's callers
+
+SLAB_Z = ngmeta.MAX_SHARD_PX
+"""Slices of a cube read and written at once: one z-layer of scale-0 shards."""
 
 
 class VolumeWriter(Protocol):
@@ -287,9 +295,9 @@ def ome_zarr_volume(
     return OmeZarrVolume(storage.bucket_url(req.dest_raw, RAW_OME_ZARR_PATH), documents)
 
 
-ReadSlab = Callable[[int, int, tuple[int, int, int, int]], np.ndarray]
-"""Reads scale-0 slices [z_lo, z_hi) of the cube, within (x0, y0, x1, y1), as a (z, y, x)
-or (z, y, x, channel) array."""
+ReadSlab = Callable[[int, int, RectXY], np.ndarray]
+"""Reads scale-0 slices [z_lo, z_hi) of the cube, within a rectangle (x0, y0, x1, y1), as
+a (z, y, x) or (z, y, x, channel) array (``services.tilestore.TileReader``)."""
 
 MAX_BLOCK_BYTES = 1 << 30
 """Largest scale-0 block read at once: a slab of the whole cube when it fits (a grey
@@ -300,7 +308,7 @@ tiles then read once per column)."""
 
 def plan_columns(
     box: Box, shard_xy: tuple[int, int], slab_z: int, voxel_bytes: int
-) -> list[tuple[int, int, int, int]]:
+) -> list[RectXY]:
     """The (x0, y0, x1, y1) columns each scale-0 slab of ``box`` is read and written in.
 
     The whole box when a slab of it takes at most ``MAX_BLOCK_BYTES``; else columns one
@@ -310,10 +318,10 @@ def plan_columns(
     """
     (lx, ly, _), (hx, hy, _) = box
     if slab_z * (hx - lx) * (hy - ly) * voxel_bytes <= MAX_BLOCK_BYTES:
-        return [(lx, ly, hx, hy)]
+        return [RectXY(lx, ly, hx, hy)]
     sx, sy = shard_xy
     return [
-        (x0, y0, min(hx, x0 + sx), min(hy, y0 + sy))
+        RectXY(x0, y0, min(hx, x0 + sx), min(hy, y0 + sy))
         for y0 in range(ly, hy, sy)
         for x0 in range(lx, hx, sx)
     ]
@@ -357,9 +365,10 @@ def write_pyramid(
         lo1, hi1 = boxes[1]
         shape1 = (hi1[2] - lo1[2], hi1[1] - lo1[1], hi1[0] - lo1[0])
     for z_lo in range(lz, hz, slab_z):
-        for x0, y0, x1, y1 in columns:
+        for rect in columns:
+            x0, y0 = rect.x0, rect.y0
             t = time.perf_counter()
-            block = read_slab(z_lo, min(hz, z_lo + slab_z), (x0, y0, x1, y1))
+            block = read_slab(z_lo, min(hz, z_lo + slab_z), rect)
             timings["read_s"] += time.perf_counter() - t
             t = time.perf_counter()
             for writer in writers:
@@ -411,3 +420,76 @@ def _downsample(volume: np.ndarray, step_zyx: tuple[int, int, int]) -> np.ndarra
         ],
         axis=-1,
     )
+
+
+def write_cube(
+    volumes: RequestVolumes,
+    tmp_bucket: str,
+    write_raw: bool,
+    boxes: Sequence[Box],
+    context: Any,
+    slab_z: int = SLAB_Z,
+) -> dict[str, float]:
+    """Every scale of one cube, read from the tiles of its slices, to every volume.
+
+    Grey slices take one pass per source of voxels: the 8-bit tiles feed the JPEG volume
+    (and the lossless one, unless it keeps the 16-bit tiles, read in a second pass).
+    Colour slices take one pass whose blocks are (z, y, x, channel), read from each
+    channel's tiles: the lossless volumes take every channel, each JPEG one its own.
+
+    Args:
+        volumes: what the request writes (``volume.request_volumes``), checked already.
+        tmp_bucket: the bucket of the tiled slices.
+        write_raw: whether the lossless volume(s) are written.
+        boxes: the cube's box at every scale (``VolumeGeometry.cube_boxes``).
+        context: the request's tensorstore context.
+        slab_z: scale-0 slices per slab.
+
+    Returns:
+        Seconds spent reading, writing and downsampling.
+    """
+    from emprocess.volume import TiledSlices
+
+    layouts = volumes.geometry.layouts()
+    zarr = volumes.ome_zarr
+    minz = volumes.geometry.minz
+    if volumes.channels is not None:
+        readers = [
+            t.reader(volumes.geometry.bbox_xy, context) for t in volumes.tiles(tmp_bucket, False)
+        ]
+        writers: list[VolumeWriter] = [
+            ChannelsWriter(v.writer(context), v.first_channel, v.channels)
+            for v in volumes.precomputed
+        ]
+        if zarr is not None:  # the OME-Zarr volume holds every channel
+            writers.append(ChannelsWriter(zarr.writer(layouts, minz, context), 0, len(readers)))
+
+        def read(z_lo: int, z_hi: int, rect: RectXY) -> np.ndarray:
+            slab = np.empty((z_hi - z_lo, rect.height, rect.width, len(readers)), np.uint8)
+            for c, reader in enumerate(readers):
+                slab[..., c] = reader(z_lo, z_hi, rect)
+            return slab
+
+        return write_pyramid(read, boxes, layouts, writers, slab_z, len(readers))
+    wide = volumes.wide
+    # (tiles, volumes, whether the pass feeds the lossless volume, its OME-Zarr too)
+    passes = [
+        (
+            TiledSlices.channel(tmp_bucket),
+            [v for v in volumes.precomputed if not (wide and v.encoding == "raw")],
+            not wide,
+        )
+    ]
+    if wide and write_raw:
+        lossless = [v for v in volumes.precomputed if v.encoding == "raw"]
+        passes.append((TiledSlices.wide(tmp_bucket), lossless, True))
+    timings: dict[str, float] = {}
+    for tiles, targets, feeds_lossless in passes:
+        writers = [v.writer(context) for v in targets]
+        if zarr is not None and feeds_lossless:
+            writers.append(zarr.writer(layouts, minz, context))
+        reader = tiles.reader(volumes.geometry.bbox_xy, context)
+        size = np.dtype(tiles.dtype).itemsize
+        part = write_pyramid(reader, boxes, layouts, writers, slab_z, size)
+        timings = {k: timings.get(k, 0.0) + v for k, v in part.items()}
+    return timings

@@ -39,6 +39,7 @@ import numpy as np
 from emprocess import storage
 from emprocess.errors import StorageError
 from emprocess.kernels.ngmeta import compressed_morton_code, shard_filename, shard_number
+from emprocess.volume import info_url
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class ShardFiles:
         """The volume at ``url``, from its ``info``."""
         import json
 
-        info = json.loads(storage.read_bytes(f"{url.rstrip('/')}/info"))
+        info = json.loads(storage.read_bytes(info_url(url)))
         return cls(url, info["scales"])
 
     def key(self, scale: int, lo_xyz: Sequence[int]) -> str | None:

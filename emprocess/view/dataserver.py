@@ -19,6 +19,7 @@ from werkzeug.wrappers import Request, Response
 
 from emprocess.errors import NotFound
 from emprocess.view.state import NEUROGLANCER_APP
+from emprocess.volume import INFO
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
@@ -107,7 +108,7 @@ class _DataApp:
         target = self._resolve(request.path)
         if isinstance(target, int):
             return _plain(target, {400: "bad request", 403: "forbidden"}.get(target, "not found"))
-        ctype = "application/json" if target.name == "info" else None
+        ctype = "application/json" if target.name == INFO else None
         ctype = ctype or mimetypes.guess_type(target.name)[0] or "application/octet-stream"
         try:
             return send_file(target, request.environ, mimetype=ctype, conditional=True)

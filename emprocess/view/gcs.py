@@ -34,6 +34,7 @@ from emprocess.view.state import (
     raw_formats,
     viewer_state,
 )
+from emprocess.volume import info_key
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ class PublicCheck:
 
 def check_public_read(
     bucket: str,
-    key: str = f"{JPEG_PATH}/info",
+    key: str = info_key(JPEG_PATH),
     timeout_s: float = PUBLIC_CHECK_TIMEOUT_S,
     base_url: str = GCS_PUBLIC_URL,
     origin: str = NEUROGLANCER_APP.rstrip("/"),
@@ -123,7 +124,7 @@ class GcsView:
 
 
 def _read_info(bucket: str, key_prefix: str) -> dict[str, Any]:
-    return dict(json.loads(storage.read_bytes(storage.bucket_url(bucket, f"{key_prefix}/info"))))
+    return dict(json.loads(storage.read_bytes(storage.bucket_url(bucket, info_key(key_prefix)))))
 
 
 def gcs_view(
@@ -181,14 +182,14 @@ def gcs_view(
 
     def has_volume(path: str) -> bool | None:
         """Whether the ng bucket holds volume ``path``: anonymously, else with credentials."""
-        check = check_public_read(bucket, f"{path}/info", timeout_s, gcs_url)
+        check = check_public_read(bucket, info_key(path), timeout_s, gcs_url)
         if check.access is Access.PUBLIC:
             found.append(check)
             return True
         if check.access is Access.MISSING:
             return False
         try:
-            exists = storage.exists(storage.bucket_url(bucket, f"{path}/info"))
+            exists = storage.exists(storage.bucket_url(bucket, info_key(path)))
         except Exception as e:  # no credentials: the link shows channel 0 only
             log.debug("could not look for %s in %s: %s", path, bucket, e)
             return None

@@ -34,6 +34,7 @@ from emprocess.view.state import (
     raw_formats,
     viewer_state,
 )
+from emprocess.volume import INFO, info_key
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ def serve_run(
             f"serving needs local storage ({storage.ROOT_ENV}); for gs:// outputs use gcs_view"
         )
     ng_folder = root / ng_bucket(source, run_id)
-    count = _jpeg_channel_count(lambda path: (ng_folder / path / "info").is_file())
+    count = _jpeg_channel_count(lambda path: (ng_folder / info_key(path)).is_file())
     chunk_folder = root / chunk_bucket(source, run_id)
     pre, zarr = raw_formats(lambda prefix: (chunk_folder / metadata_key(prefix)).is_file())
     volumes = _volumes(source, run_id, raw and pre, count, raw and zarr)
@@ -123,7 +124,7 @@ def serve_run(
     complete = RunLayout(source, run_id).process_url(COMPLETE)
     if not storage.exists(complete):
         log.warning("%s is missing: the run is unfinished or failed, data may be partial", complete)
-    geometry = geometry_from_info(json.loads((mounts[JPEG_PATH] / "info").read_bytes()))
+    geometry = geometry_from_info(json.loads((mounts[JPEG_PATH] / INFO).read_bytes()))
 
     neuroglancer = _import_neuroglancer()
     data_server = DataServer(mounts, port=data_port)

@@ -19,6 +19,7 @@ from emprocess.layout import (
     jpeg_channel_path,
 )
 from emprocess.models import MAX_CHANNELS
+from emprocess.volume import info_key
 
 NEUROGLANCER_APP = "https://neuroglancer-demo.appspot.com/"
 DEFAULT_RESOLUTION_NM = 8.0
@@ -69,7 +70,7 @@ def _volumes(
 def metadata_key(prefix: str) -> str:
     """The object that says a volume exists: ``PREFIX/info``, or the OME-Zarr group's
     ``PREFIX/zarr.json``."""
-    return f"{prefix}/{ZARR_JSON if prefix == RAW_OME_ZARR_PATH else 'info'}"
+    return f"{prefix}/{ZARR_JSON}" if prefix == RAW_OME_ZARR_PATH else info_key(prefix)
 
 
 def layer_source(base_url: str, prefix: str) -> str:

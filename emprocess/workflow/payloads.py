@@ -14,6 +14,7 @@ from typing import Literal
 
 from emprocess import affine
 from emprocess.errors import EmprocessError
+from emprocess.geometry import TILE_PX
 from emprocess.layout import NGMETA, cube_name, pair_name, slice_task_name
 from emprocess.models import (
     AlignedSliceRequest,
@@ -22,10 +23,11 @@ from emprocess.models import (
     NgMetaRequest,
     NgShardRequest,
 )
+from emprocess.volume import source_slice_url
 from emprocess.workflow.batch import MiniTask
 from emprocess.workflow.conf import RunConf
 
-SHARD_SIZE = 1024
+SHARD_SIZE = TILE_PX
 """Tile and cube edge in pixels (CONTRACTS.md's shard-size)."""
 
 
@@ -107,13 +109,13 @@ def plan_pair_tasks(
             name=pair_name(pre, post),
             path="/",
             payload=AlignRequest(
-                pre=f"gs://{source}/{conf.slice_name(pre)}",
-                post=f"gs://{source}/{conf.slice_name(post)}",
+                pre=source_slice_url(source, conf.slice_name(pre)),
+                post=source_slice_url(source, conf.slice_name(post)),
                 downsample=conf.downsample_factor,
                 intensity_window=_window(window),
                 channel=conf.align_channel if conf.channels > 1 else None,
-                pre_channels=_more_channels(conf, pre, f"gs://{source}/"),
-                post_channels=_more_channels(conf, post, f"gs://{source}/"),
+                pre_channels=_more_channels(conf, pre, source_slice_url(source)),
+                post_channels=_more_channels(conf, post, source_slice_url(source)),
                 run_id=conf.id,
             ).payload(),
         )
@@ -131,7 +133,7 @@ def plan_features(conf: RunConf, window: Window = None, share: Share = None) -> 
     ``share`` plans only one batch task's slices (:data:`Share`).
     """
     share = _checked(share)
-    prefix = f"gs://{conf.source}/"
+    prefix = source_slice_url(conf.source)
     return [
         MiniTask(
             index=z - conf.minz,

@@ -36,7 +36,6 @@ from emprocess.layout import (
     STAGE_NGMETA,
     STAGE_NGSHARD,
     STAGE_WRITE,
-    TILES_PREFIX,
     TRANSFORMS,
     TRANSFORMS_CSV,
     WRITE_CACHE,
@@ -55,6 +54,7 @@ from emprocess.records import (
     parse_record,
 )
 from emprocess.settings import HttpEnv
+from emprocess.volume import TiledSlices, info_url, source_slice_url
 from emprocess.workflow import DEFAULT_DYNAMIC_WIDTH, VERSION
 from emprocess.workflow.batch import (
     BatchSummary,
@@ -143,7 +143,7 @@ def check_slice_format(conf: RunConf, threads: int = 16) -> ImageHeader:
     Raises:
         SliceProblems: listing every problem found in one message.
     """
-    source = f"gs://{conf.source}/"
+    source = source_slice_url(conf.source)
     problems: list[str] = []
     present: list[str] = []
     for template in conf.templates():
@@ -712,7 +712,7 @@ def tiles_to_rewrite(
     }
     if not needed:
         return set()
-    prefix = f"gs://{conf.layout.tmp}/{TILES_PREFIX}"
+    prefix = TiledSlices.channel(conf.layout.tmp).folder_url
     present = {k.rsplit("/", 1)[-1] for k in storage.list_keys(prefix)}
     return {slice_task_name(z) for z in needed if tiles_key(z) not in present}
 
@@ -742,7 +742,7 @@ def write_ngmeta(
 ) -> dict[str, Any]:
     """``write_ngmeta``: the one /ngmeta request, through the same batch helper."""
     tasks = [ngmeta_task(info.conf, canvas["bbox"])]
-    redo = () if storage.exists(f"{info.conf.layout.jpeg_url}/info") else [NGMETA]
+    redo = () if storage.exists(info_url(info.conf.layout.jpeg_url)) else [NGMETA]
     return _send(info, tasks, STAGE_NGMETA, NG_CACHE, base_url, settings, redo=redo)
 
 
@@ -764,15 +764,15 @@ def check_written(info: RunInfo, canvas: Mapping[str, Any]) -> tuple[bool, str]:
     done = cached_keys(conf.process_url(NG_CACHE))
     tasks = [ngmeta_task(conf, canvas["bbox"]), *shard_plan(info, canvas)]
     missing = [t.name for t in tasks if t.cache_key() not in done]
-    info_url = f"{conf.layout.jpeg_url}/info"
+    jpeg_info = info_url(conf.layout.jpeg_url)
     problems = []
     if missing:
         problems.append(f"{len(missing)} of {len(tasks)} requests unanswered: {_names(missing)}")
-    if not storage.exists(info_url):
-        problems.append(f"{info_url} does not exist")
+    if not storage.exists(jpeg_info):
+        problems.append(f"{jpeg_info} does not exist")
     if problems:
         return False, "volume incomplete: " + "; ".join(problems)
-    return True, f"volume complete: {len(tasks) - 1} cubes and {info_url}"
+    return True, f"volume complete: {len(tasks) - 1} cubes and {jpeg_info}"
 
 
 def cleanup_images(info: RunInfo, age_days: int = TMP_LIFECYCLE_DAYS) -> str:

@@ -7,6 +7,7 @@ from typing import Literal
 
 from emprocess import storage
 from emprocess.errors import InvalidInput
+from emprocess.volume import source_slice_url
 from emprocess.workflow.conf import RunConf
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ def measure_window(conf: RunConf, count: int = AUTO_SAMPLE_SLICES) -> tuple[floa
     def hist_of(z: int) -> np.ndarray:
         hists = []
         for name in conf.channel_files(z):
-            url = f"gs://{conf.source}/{name}"
+            url = source_slice_url(conf.source, name)
             data = storage.read_bytes(url)
             layout = check_image(data, url, MAX_SAMPLE_PIXELS)
             step = sample_step(layout.width, layout.height, AUTO_SAMPLE_PIXELS)

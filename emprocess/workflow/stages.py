@@ -15,7 +15,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -28,7 +28,6 @@ from emprocess.layout import (
     COMPLETE,
     FEATURES_CACHE,
     FILL,
-    GAPS,
     INIT,
     NG_CACHE,
     NGMETA,
@@ -62,13 +61,9 @@ from emprocess.workflow.payloads import (
     plan_aligned_slices,
     plan_features,
     plan_ng_shards,
-    plan_pair_tasks,
     shard_slices,
 )
 from emprocess.workflow.window import decide_window, measured_channels, sample_slices
-
-if TYPE_CHECKING:
-    from emprocess.workflow.globalalign import GapPlan
 
 log = logging.getLogger(__name__)
 
@@ -423,50 +418,13 @@ def check_features(info: RunInfo) -> dict[str, Any]:
     return {"slices": len(tasks)}
 
 
-def align_across_gaps(
-    info: RunInfo,
-    results: Mapping[tuple[int, int], Mapping[str, Any]],
-    base_url: str,
-    settings: HttpSettings | None = None,
-) -> tuple[GapPlan, dict[tuple[int, int], Any]]:
-    """The second align round, run by ``collect``: pairs across runs of bad slices.
-
-    Plans them from the first round's ``results``
-    (:func:`~emprocess.workflow.globalalign.plan_gap_pairs`), records the plan in
-    align/gaps.json (the report counts its pairs among the align pairs), and sends them as
-    align mini-tasks: cached under the same prefix, retried, failures recorded, so a
-    retried ``collect`` sends only what is missing.
-
-    Returns:
-        The plan and the new pairs' answers.
-    """
-    from emprocess.workflow.globalalign import plan_gap_pairs
-
-    conf = info.conf
-    plan = plan_gap_pairs(results, conf.minz, conf.maxz, conf.downsample_factor, conf.skip_slices)
-    storage.write_bytes(
-        conf.process_url(GAPS), json.dumps(plan.to_json()).encode(), content_type="application/json"
-    )
-    log.info(
-        "second align round: %d pairs across %d gaps; %d gaps too long to match across: %s",
-        len(plan.pairs), len(plan.gaps), len(plan.too_long), plan.too_long[:SHOWN],
-    )  # fmt: skip
-    if not plan.pairs:
-        return plan, {}
-    tasks = plan_pair_tasks(conf, plan.pairs, info.intensity_window)
-    _send(info, tasks, "affine", AFFINE_CACHE, base_url, settings)
-    answers = read_cached(tasks, conf.process_url(AFFINE_CACHE))
-    return plan, {parse_pair_name(t.name): answers[t.name] for t in tasks}
-
-
-def collect_alignment(
-    info: RunInfo, base_url: str | None = None, settings: HttpSettings | None = None
-) -> dict[str, Any]:
+def collect_alignment(info: RunInfo) -> dict[str, Any]:
     """``collect``: global transforms, transforms.json/.csv, qc.csv, slices.csv, canvas.json.
 
-    With ``global_solve`` (default) all pairs of the ``neighbors`` nearest slices, and
-    the pairs across gaps of the second align round (:func:`align_across_gaps`, sent to
-    the alignment service at ``base_url``; None skips that round), are solved at once
+    Computes only; it sends nothing. With ``global_solve`` (default) all pairs of the
+    ``neighbors`` nearest slices, and the pairs across gaps of the second align round
+    (planned in align/gaps.json and answered by ``align.gap_pairs``,
+    :mod:`emprocess.workflow.gaps`; no gaps.json, no second round), are solved at once
     (:mod:`emprocess.workflow.globalalign`); bad slices are bridged and listed in
     align/slices.csv, their stand-ins in align/fill.json. Without it, the (z, z + 1)
     pairs are chained as before.
@@ -497,10 +455,10 @@ def collect_alignment(
         answers = read_cached(tasks, conf.process_url(AFFINE_CACHE))
         results = {parse_pair_name(t.name): answers[t.name] for t in tasks}
         if conf.global_solve:
-            gap_plan = None
-            if base_url is not None:
-                gap_plan, more = align_across_gaps(info, results, base_url, settings)
-                results.update(more)
+            from emprocess.workflow.gaps import read_gap_answers
+
+            gap_plan, more = read_gap_answers(info)
+            results.update(more)
             solved = global_alignment(
                 results,
                 conf.minz,

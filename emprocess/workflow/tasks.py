@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 from airflow.sdk import TriggerRule, get_current_context, task
 
 from emprocess.workflow import ALIGN_CONN_ID, EMWRITE_CONN_ID
+from emprocess.workflow.taskids import COLLECT, VALIDATE, batch_task_of
 
 if TYPE_CHECKING:
     from emprocess.workflow.stages import RunInfo
@@ -32,10 +33,6 @@ log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-VALIDATE = "validate"
-COLLECT = "align.collect"
-BATCH_TASKS = ("align.features", "align.affine", "align.write", "ngingest.write_ng_shards")
-"""Task ids (before ``_{i}``) of the batch stages; their one XCom is their timing record."""
 TIMING = "timing"
 
 
@@ -57,7 +54,7 @@ def _now() -> str:
 
 def is_batch_task(task_id: str) -> bool:
     """Whether ``task_id`` is a batch task (``align.affine_3``, mapped ``align.write``, ...)."""
-    return task_id.rstrip("0123456789").rstrip("_") in BATCH_TASKS
+    return batch_task_of(task_id) is not None
 
 
 def timed(fn: F) -> F:
@@ -193,31 +190,73 @@ def affine(worker_id: int) -> dict[str, Any]:
     return align_pairs(info, worker_id, url)
 
 
+@task(task_id="plan_gaps", multiple_outputs=False)
+@timed
+def plan_gaps() -> dict[str, Any]:
+    """Plan the second align round (pairs across bad slices) into align/gaps.json."""
+    from emprocess.workflow.gaps import plan_gaps as plan
+
+    return plan(_info())
+
+
+@task(task_id="gap_pairs", multiple_outputs=False)
+@timed
+def gap_pairs(worker_id: int) -> dict[str, Any]:
+    """Align this worker's pairs across bad slices (POST / of the alignment service)."""
+    from emprocess.workflow.gaps import align_gap_pairs, has_gap_round
+
+    info = _info()
+    url = service_url(ALIGN_CONN_ID) if has_gap_round(info.conf) else ""
+    return align_gap_pairs(info, worker_id, url)
+
+
 @task(task_id="collect", multiple_outputs=False)
 @timed
 def collect() -> dict[str, Any]:
-    """Align pairs across gaps, solve the global transforms; returns the canvas.
-
-    With ``intensity_correction`` "slice" it then measures every slice (POST /slicestats
-    of the emwrite service) and records each slice's gain and offset."""
+    """Solve the global transforms from the pairs' answers (sends nothing); returns the canvas."""
     from emprocess.workflow.stages import collect_alignment
+
+    return collect_alignment(_info())
+
+
+@task(task_id="slicestats", multiple_outputs=False)
+@timed
+def slicestats(worker_id: int) -> dict[str, Any]:
+    """Measure this worker's slices (POST /slicestats of the emwrite service) when the
+    run's ``intensity_correction`` is "slice"; otherwise return at once."""
+    from emprocess.workflow.corrections import measure_slices
+    from emprocess.workflow.stages import read_transforms
 
     info = _info()
     conf = info.conf
-    aligns = conf.global_solve and not (conf.skip_align or conf.align_from)
-    canvas = collect_alignment(info, service_url(ALIGN_CONN_ID) if aligns else None)
-    if conf.intensity_correction != "none":  # measured once the canvas is known
-        from emprocess.workflow.corrections import measure_intensity
-        from emprocess.workflow.stages import read_transforms
-
-        canvas["intensity"] = measure_intensity(
-            conf,
-            read_transforms(conf),
-            info.slice_size_xy,
-            service_url(EMWRITE_CONN_ID),
-            bbox_xy=canvas["bbox"],
+    if conf.intensity_correction == "none":
+        return measure_slices(
+            conf, {}, info.slice_size_xy, "", worker_id=worker_id, width=info.width
         )
-    return canvas
+    return measure_slices(
+        conf,
+        read_transforms(conf),
+        info.slice_size_xy,
+        service_url(EMWRITE_CONN_ID),
+        bbox_xy=_canvas()["bbox"],
+        worker_id=worker_id,
+        width=info.width,
+    )
+
+
+@task(task_id="plan_intensity", multiple_outputs=False)
+@timed
+def plan_intensity() -> dict[str, Any] | None:
+    """Each slice's gain and offset from the measurements, into align/intensity.csv
+    (None when the run does not correct)."""
+    from emprocess.workflow.corrections import record_intensity
+    from emprocess.workflow.stages import read_transforms
+
+    info = _info()
+    conf = info.conf
+    if conf.intensity_correction == "none":
+        return None
+    return record_intensity(conf, read_transforms(conf), info.slice_size_xy, _canvas()["bbox"])
 
 
 @task(task_id="write", multiple_outputs=False)

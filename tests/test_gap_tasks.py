@@ -55,7 +55,7 @@ def test_gap_round_and_slicestats_are_pooled_tasks_of_the_graph(dag_bag: Any, wi
     for task_id in ("align.plan_gaps", "align.collect", "align.plan_intensity"):
         assert dag.task_dict[task_id].pool != POOL
     batch = {t.task_id.rstrip("0123456789").rstrip("_") for t in dag.tasks if t.pool == POOL}
-    assert batch == {*BATCH_TASKS, "ngingest.write_ngmeta"}
+    assert batch == {*BATCH_TASKS, "measure_window", "ngingest.write_ngmeta"}
 
 
 def _pair(rec: Recorded) -> tuple[str, str] | None:

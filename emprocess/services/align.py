@@ -194,6 +194,7 @@ def align_request(req: AlignRequest) -> dict[str, Any]:
 def create_app() -> Flask:
     """The WSGI app (gunicorn: ``'emprocess.services.align:create_app()'``)."""
     from emprocess.services.features import align_with_features, register_features
+    from emprocess.services.histogram import register_histogram
 
     app = create_service_app("align")
 
@@ -205,5 +206,6 @@ def create_app() -> Flask:
         return jsonify(align_request(req))
 
     register_features(app)
+    register_histogram(app)
 
     return app

@@ -2,7 +2,7 @@
 
 Task graph (CONTRACTS.md), for a fixed width W::
 
-    validate -> create_env -> align.start_align -> align.features_{0..W-1}
+    validate -> measure_window -> create_env -> align.start_align -> align.features_{0..W-1}
       -> align.check_features -> align.affine_{0..W-1} -> align.plan_gaps
       -> align.gap_pairs_{0..W-1} -> align.collect -> align.slicestats_{0..W-1}
       -> align.plan_intensity -> align.write_{0..W-1} -> align.finish_align
@@ -17,7 +17,9 @@ Every request the workflow sends goes out from a batch task in the pool (issue 2
 second align round across bad slices (``align.gap_pairs_{i}``, planned by
 ``align.plan_gaps``) and the per-slice measurements of ``intensity_correction: slice``
 (``align.slicestats_{i}``, turned into gains and offsets by ``align.plan_intensity``) are
-stages of their own, so ``collect`` only computes. A run without gaps or without the
+stages of their own, so ``collect`` only computes; ``validate`` reads the slices' headers
+only, and ``measure_window`` asks the alignment service for the histograms an ``auto``
+window of 12/16-bit slices is measured on. A run without gaps or without the
 correction still has those tasks (the graph is fixed); they return at once.
 
 The dynamic DAG (``width`` None) has the same graph with the six batch stages of
@@ -138,6 +140,7 @@ def build_dag(width: int | None) -> DAG:
         max_active_tasks=max_active_tasks(width),
     ) as dag:
         validate = t.validate(dag_width=width)
+        window = t.measure_window.override(pool=POOL)()
         create_env = t.create_env()
         with TaskGroup("align"):
             start = t.start_align()
@@ -160,7 +163,7 @@ def build_dag(width: int | None) -> DAG:
         public = t.set_public_read()
         status = t.write_status()
 
-        validate >> create_env >> start
+        validate >> window >> create_env >> start
         start >> features
         features >> check_features
         check_features >> affines

@@ -63,7 +63,12 @@ from emprocess.workflow.payloads import (
     plan_ng_shards,
     shard_slices,
 )
-from emprocess.workflow.window import decide_window, measured_channels, sample_slices
+from emprocess.workflow.window import (
+    decide_window,
+    measured_channels,
+    sample_slices,
+    window_is_measured,
+)
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +95,8 @@ class RunInfo(BaseModel):
     dag_id: str
     slice_bits: int = 8
     intensity_window: tuple[float, float] | None = None
+    window_pending: bool = False
+    """An ``auto`` window still to be measured (the DAG's ``measure_window`` task)."""
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
@@ -191,7 +198,10 @@ def check_slice_format(conf: RunConf, threads: int = 16) -> ImageHeader:
 
 
 def validate_run(
-    conf_data: Mapping[str, Any] | None, dag_width: int | None, dag_id: str
+    conf_data: Mapping[str, Any] | None,
+    dag_width: int | None,
+    dag_id: str,
+    measure_window: bool = True,
 ) -> RunInfo:
     """Parse the conf, settle the width and check the slices (``validate``).
 
@@ -199,6 +209,9 @@ def validate_run(
         conf_data: ``dag_run.conf``.
         dag_width: the fixed DAG's width, or None for the dynamic DAG (conf ``width``).
         dag_id: the DAG's id, for messages and records.
+        measure_window: measure an ``auto`` window of 12/16-bit slices here, decoding
+            sampled slices; False (the DAG's ``validate``, which reads headers only)
+            leaves it to ``measure_window`` (:attr:`RunInfo.window_pending`).
 
     Raises:
         InvalidRunConf, SliceProblems, InvalidInput: naming every problem.
@@ -221,7 +234,8 @@ def validate_run(
         )
     if conf.align_from is not None:
         check_align_from(conf, (found.width, found.height))
-    window = decide_window(conf, found.bits)
+    window = decide_window(conf, found.bits, measure_window)
+    pending = not measure_window and window_is_measured(conf, found.bits)
     log.info(
         "run %s: slices %d..%d of %s are %dx%d, %d-bit; width %d; intensity window %s",
         conf.id,
@@ -232,7 +246,7 @@ def validate_run(
         found.height,
         found.bits,
         width,
-        window,
+        "to be measured" if pending else window,
     )
     return RunInfo(
         conf=conf,
@@ -241,6 +255,7 @@ def validate_run(
         dag_id=dag_id,
         slice_bits=found.bits,
         intensity_window=window,
+        window_pending=pending,
     )
 
 

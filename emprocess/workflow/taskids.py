@@ -8,6 +8,7 @@ dynamic DAG it is the mapped task ``{id}`` with map index i.
 from __future__ import annotations
 
 VALIDATE = "validate"
+MEASURE_WINDOW = "measure_window"
 COLLECT = "align.collect"
 PLAN_GAPS = "align.plan_gaps"
 PLAN_INTENSITY = "align.plan_intensity"

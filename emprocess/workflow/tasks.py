@@ -2,8 +2,9 @@
 
 Imported at parse time, so only ``airflow.sdk`` and the standard library are imported
 here at module level; each task imports what it needs when it runs. Tasks pass small
-JSON: ``validate`` returns the run info, ``align.collect`` the canvas; the others pull
-those by task id, which keeps the graph's edges exactly CONTRACTS.md's.
+JSON: ``measure_window`` returns the run info (``validate``'s, its window settled),
+``align.collect`` the canvas; the others pull those by task id, which keeps the graph's
+edges exactly CONTRACTS.md's.
 
 XComs go through the api-server, so they are few and small: a batch task writes one
 (its timing record with its batch summary, a few hundred bytes, as its return value);
@@ -24,7 +25,7 @@ from urllib.parse import urlsplit
 from airflow.sdk import TriggerRule, get_current_context, task
 
 from emprocess.workflow import ALIGN_CONN_ID, EMWRITE_CONN_ID
-from emprocess.workflow.taskids import COLLECT, VALIDATE, batch_task_of
+from emprocess.workflow.taskids import COLLECT, MEASURE_WINDOW, VALIDATE, batch_task_of
 
 if TYPE_CHECKING:
     from emprocess.workflow.stages import RunInfo
@@ -103,12 +104,12 @@ def _info() -> RunInfo:
 
     from emprocess.workflow.stages import RunInfo
 
-    data = get_current_context()["ti"].xcom_pull(task_ids=VALIDATE)
+    data = get_current_context()["ti"].xcom_pull(task_ids=MEASURE_WINDOW)
     if data is None:
         # Only tasks that run whatever happened upstream (iswritten) get here.
         raise AirflowFailException(
-            f"{VALIDATE} did not succeed, so there is no run to check: see the log of "
-            f"{VALIDATE} for what is wrong with the run's conf or slices"
+            f"{VALIDATE} or {MEASURE_WINDOW} did not succeed, so there is no run to check: "
+            f"see their logs for what is wrong with the run's conf or slices"
         )
     return RunInfo.model_validate(data)
 
@@ -136,7 +137,25 @@ def validate(dag_width: int | None) -> dict[str, Any]:
     from emprocess.workflow.stages import validate_run
 
     ctx = get_current_context()
-    return validate_run(ctx["dag_run"].conf, dag_width, ctx["dag"].dag_id).to_json()
+    conf, dag_id = ctx["dag_run"].conf, ctx["dag"].dag_id
+    return validate_run(conf, dag_width, dag_id, measure_window=False).to_json()
+
+
+@task(task_id="measure_window", multiple_outputs=False)
+@timed
+def measure_window() -> dict[str, Any]:
+    """The run info of ``validate`` with its intensity window settled: an ``auto`` window of
+    12/16-bit slices from the alignment service's histograms of sampled slices (POST
+    /histogram); any other run's info passes through unchanged, nothing sent."""
+    from emprocess.workflow.stages import RunInfo
+
+    info = RunInfo.model_validate(get_current_context()["ti"].xcom_pull(task_ids=VALIDATE))
+    if not info.window_pending:
+        return info.to_json()
+    from emprocess.workflow.window import measure_window_by_service
+
+    window = measure_window_by_service(info.conf, service_url(ALIGN_CONN_ID))
+    return info.model_copy(update={"intensity_window": window, "window_pending": False}).to_json()
 
 
 @task(task_id="create_env", multiple_outputs=False)

@@ -1,13 +1,29 @@
-"""The run's intensity window, decided once in ``validate`` from the conf and a sample of slices."""
+"""The run's intensity window, decided once before the run from the conf and a sample of slices.
+
+In the DAG, ``validate`` reads the slices' headers only; an ``auto`` window of 12/16-bit
+slices is then measured by the task ``measure_window`` (in the pool), which asks the
+alignment service for each sampled file's histogram (POST /histogram,
+:func:`measure_window_by_service`), so no slice is decoded in the Airflow worker.
+:func:`measure_window` decodes them in-process instead (the CLI, tests); both count the
+same samples and give the same window.
+"""
 
 from __future__ import annotations
 
 import logging
-from typing import Literal
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Literal
 
 from emprocess import storage
 from emprocess.errors import InvalidInput
 from emprocess.workflow.conf import RunConf
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from emprocess.models import HistogramRequest
+    from emprocess.workflow.batch import HttpSettings
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +115,90 @@ def measure_window(conf: RunConf, count: int = AUTO_SAMPLE_SLICES) -> tuple[floa
     return window
 
 
-def decide_window(conf: RunConf, slice_bits: int) -> tuple[float, float] | None:
+def histogram_requests(conf: RunConf) -> list[HistogramRequest]:
+    """The /histogram requests of the ``auto`` window: one per file of each sampled slice."""
+    from emprocess.models import HistogramRequest
+
+    colour = conf.channels > 1 and conf.channel_templates is None
+    kept = measured_channels(conf) if colour else 1
+    return [
+        HistogramRequest(
+            img=f"gs://{conf.source}/{name}", sample_pixels=AUTO_SAMPLE_PIXELS, channels=kept
+        )
+        for z in sample_slices(conf.minz, conf.maxz)
+        for name in conf.channel_files(z)
+    ]
+
+
+def summed_histogram(answers: Sequence[dict[str, Any]]) -> np.ndarray:
+    """The sum of /histogram answers (grey levels and their counts) as counts per level."""
+    import numpy as np
+
+    bins = 65536 if any(a["bits"] > 8 for a in answers) else 256
+    total = np.zeros(bins, dtype=np.int64)
+    for a in answers:
+        np.add.at(total, np.asarray(a["values"], dtype=np.int64), np.asarray(a["counts"]))
+    return total
+
+
+def measure_window_by_service(
+    conf: RunConf, base_url: str, settings: HttpSettings | None = None
+) -> tuple[float, float]:
+    """The ``auto`` window from the alignment service's histograms of the sampled slices.
+
+    The same window as :func:`measure_window`, without decoding a slice here. Each
+    request is retried as a batch's are (connection errors, 429, 5xx); answers are not
+    cached (the run's process bucket does not exist yet): a retried task asks again.
+
+    Raises:
+        ServiceError: a request kept failing (connection, 429, 5xx) after its retries.
+        InvalidInput: the service refused a sampled file (4xx, naming why: not an image,
+            over its limits), or the sample has one grey level.
+    """
+    import requests
+
+    from emprocess.kernels.intensity import window_from_histogram
+    from emprocess.workflow.auth import token_source_for
+    from emprocess.workflow.batch import HttpSettings, ServiceError, post_json
+
+    settings = settings or HttpSettings.from_env()
+    token_source = token_source_for(base_url)
+    reqs = histogram_requests(conf)
+    url = base_url.rstrip("/") + "/histogram"
+
+    def ask(req: HistogramRequest) -> dict[str, Any]:
+        with requests.Session() as session:
+            try:
+                answer, _ = post_json(session, url, req.payload(), settings, token_source)
+            except ServiceError as e:
+                if e.retryable:
+                    raise
+                raise InvalidInput(f"histogram of {req.img}: {e}") from None  # the slice's fault
+        return dict(answer)
+
+    with ThreadPoolExecutor(max_workers=max(1, min(settings.threads, len(reqs)))) as pool:
+        answers = list(pool.map(ask, reqs))
+    window = window_from_histogram(summed_histogram(answers))
+    log.info(
+        "intensity window %s from %d files of slices %s (histograms by %s)",
+        window, len(reqs), sample_slices(conf.minz, conf.maxz), url,
+    )  # fmt: skip
+    return window
+
+
+def window_is_measured(conf: RunConf, slice_bits: int) -> bool:
+    """Whether the run's window is measured on its slices: ``auto`` on 12/16-bit slices."""
+    return conf.intensity == "auto" and slice_bits > 8
+
+
+def decide_window(
+    conf: RunConf, slice_bits: int, measure: bool = True
+) -> tuple[float, float] | None:
     """The window the run applies, from conf ``intensity`` and the slices' bit depth.
+
+    Args:
+        measure: whether to measure an ``auto`` window here (:func:`measure_window`);
+            False leaves it to the DAG's ``measure_window`` task (None is returned).
 
     Returns:
         (low, high) grey levels, or None for today's mapping (``full``, and ``auto`` on
@@ -118,7 +216,7 @@ def decide_window(conf: RunConf, slice_bits: int) -> tuple[float, float] | None:
     if conf.intensity == "full":
         return None
     if conf.intensity == "auto":
-        return measure_window(conf) if slice_bits > 8 else None
+        return measure_window(conf) if measure and window_is_measured(conf, slice_bits) else None
     low, high = float(conf.intensity[0]), float(conf.intensity[1])
     top = (1 << slice_bits) - 1
     if high > top:

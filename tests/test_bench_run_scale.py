@@ -15,7 +15,8 @@ NUMBER = r"(-?\d+(?:\.\d+)?)"
 """A printed number with its sign: a negative figure is read as one and fails its bound
 (``[0-9.]+`` matched only its digits, so ``>= 0`` could not fail: issue 22 item 8)."""
 
-RUN_STAGES = ("validate", "create_env", "start_align", "align", "collect", "write",
+RUN_STAGES = ("validate", "measure_window", "create_env", "start_align", "align", "plan_gaps",
+              "gap_pairs", "collect", "slicestats", "plan_intensity", "write",
               "finish_align", "write_ngmeta", "shards", "finish_ngwrite", "iswritten",
               "cleanup_images", "set_public_read")  # fmt: skip
 """Every task of the DAG, in order; align, write and shards are the batch stages."""

@@ -104,12 +104,14 @@ def _info() -> RunInfo:
 
     from emprocess.workflow.stages import RunInfo
 
-    data = get_current_context()["ti"].xcom_pull(task_ids=MEASURE_WINDOW)
+    ti = get_current_context()["ti"]
+    data = ti.xcom_pull(task_ids=MEASURE_WINDOW)
     if data is None:
         # Only tasks that run whatever happened upstream (iswritten) get here.
+        failed = MEASURE_WINDOW if ti.xcom_pull(task_ids=VALIDATE) else VALIDATE
         raise AirflowFailException(
-            f"{VALIDATE} or {MEASURE_WINDOW} did not succeed, so there is no run to check: "
-            f"see their logs for what is wrong with the run's conf or slices"
+            f"{failed} did not succeed, so there is no run to check: see the log of "
+            f"{failed} for what is wrong with the run's conf or slices"
         )
     return RunInfo.model_validate(data)
 

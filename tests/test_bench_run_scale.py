@@ -66,9 +66,10 @@ def test_bench_run_prints_each_stage_and_each_request(tmp_path: Path) -> None:
     assert (
         "requests (peak: the gunicorn worker's VmHWM over the request, reset before each)" in text
     )
-    # Requests: each slice's features, 3 pairs (neighbours 3 of 3 slices), a slice each,
-    # one volume, one cube.
-    expected = {("align", "POST /features"): 3, ("align", "POST /"): 3,
+    # Requests: each slice's histogram (the 16-bit auto window), each slice's features,
+    # 3 pairs (neighbours 3 of 3 slices), a slice each, one volume, one cube.
+    expected = {("align", "POST /histogram"): 3,
+                ("align", "POST /features"): 3, ("align", "POST /"): 3,
                 ("emwrite", "POST /alignedslice"): 3,
                 ("emwrite", "POST /ngmeta"): 1, ("emwrite", "POST /ngshard"): 1}  # fmt: skip
     found = {}

@@ -1,6 +1,7 @@
 """The ``auto`` window without decoding in the Airflow worker: ``validate`` reads headers only,
 the alignment service's POST /histogram counts each sampled file (real gunicorn, local
-backend), and the window from its answers is the in-process one exactly."""
+backend), ``measure_window``'s answers are cached, and the window from them is the
+in-process one exactly."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ import numpy as np
 import pytest
 import requests
 from conftest import SHARED_DATA, ServicePool, unique_bucket
+from faultproxy import FaultProxy
 
 from emprocess import images, storage
-from emprocess.errors import InvalidInput
 from emprocess.workflow import window
-from emprocess.workflow.stages import validate_run
+from emprocess.workflow.batch import BatchError
+from emprocess.workflow.stages import settle_window, validate_run
 
 RNG = np.random.default_rng(8)
 
@@ -94,9 +96,15 @@ def test_validate_reads_headers_and_the_service_measures_the_same_window(
             m.setattr(images, "decode_image", no_decoding)
             info = validate_run(conf, 1, "d", measure_window=False)
         assert info.slice_bits == 16 and info.window_pending and info.intensity_window is None
-        remote = window.measure_window_by_service(info.conf, align_url)
+        with FaultProxy(align_url) as proxy:
+            settled = settle_window(info, proxy.url)  # creates the process bucket: the cache
+            assert [r.path for r in proxy.requests] == ["/histogram"] * 3
+            assert settle_window(info, proxy.url) == settled and len(proxy.requests) == 3
+        assert not settled.window_pending and settled.intensity_window is not None
+        remote = settled.intensity_window
         assert remote == window.measure_window(info.conf)
         assert validate_run(conf, 1, "d").intensity_window == remote
+        assert settle_window(settled, "http://127.0.0.1:9") == settled  # nothing pending
     low, high = remote  # the colour stack: one window over its colour channels, alpha out
     assert low == 500 and 3990 <= high <= 4000
 
@@ -111,5 +119,6 @@ def test_a_refused_sample_names_the_slice(align_url: str) -> None:
          "intensity": "auto"}, 1, "d", measure_window=False,
     )  # fmt: skip
     storage.write_bytes(f"gs://{source}/g001.png", b"\x89PNG\r\n\x1a\n broken since validate")
-    with pytest.raises(InvalidInput, match=rf"histogram of gs://{source}/g001.png: .*400"):
-        window.measure_window_by_service(info.conf, align_url)
+    with pytest.raises(BatchError, match=r"z000001: POST .*/histogram answered 400: .*g001") as e:
+        settle_window(info, align_url)
+    assert e.value.client_error

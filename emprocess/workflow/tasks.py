@@ -148,16 +148,12 @@ def validate(dag_width: int | None) -> dict[str, Any]:
 def measure_window() -> dict[str, Any]:
     """The run info of ``validate`` with its intensity window settled: an ``auto`` window of
     12/16-bit slices from the alignment service's histograms of sampled slices (POST
-    /histogram); any other run's info passes through unchanged, nothing sent."""
-    from emprocess.workflow.stages import RunInfo
+    /histogram, cached); any other run's info passes through unchanged, nothing sent."""
+    from emprocess.workflow.stages import RunInfo, settle_window
 
     info = RunInfo.model_validate(get_current_context()["ti"].xcom_pull(task_ids=VALIDATE))
-    if not info.window_pending:
-        return info.to_json()
-    from emprocess.workflow.window import measure_window_by_service
-
-    window = measure_window_by_service(info.conf, service_url(ALIGN_CONN_ID))
-    return info.model_copy(update={"intensity_window": window, "window_pending": False}).to_json()
+    url = service_url(ALIGN_CONN_ID) if info.window_pending else ""
+    return settle_window(info, url).to_json()
 
 
 @task(task_id="create_env", multiple_outputs=False)

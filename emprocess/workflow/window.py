@@ -11,8 +11,7 @@ same samples and give the same window.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from emprocess import storage
@@ -22,8 +21,7 @@ from emprocess.workflow.conf import RunConf
 if TYPE_CHECKING:
     import numpy as np
 
-    from emprocess.models import HistogramRequest
-    from emprocess.workflow.batch import HttpSettings
+    from emprocess.workflow.batch import HttpSettings, MiniTask
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +40,9 @@ a block mean would narrow it)."""
 
 MAX_SAMPLE_PIXELS = 32768 * 32768
 """The largest slice ``auto`` decodes (emwrite's limit)."""
+
+HISTOGRAM_STAGE = "histogram"
+"""Stage name of the /histogram mini-tasks (logs, failure records)."""
 
 
 def sample_slices(minz: int, maxz: int, count: int = AUTO_SAMPLE_SLICES) -> list[int]:
@@ -115,22 +116,34 @@ def measure_window(conf: RunConf, count: int = AUTO_SAMPLE_SLICES) -> tuple[floa
     return window
 
 
-def histogram_requests(conf: RunConf) -> list[HistogramRequest]:
-    """The /histogram requests of the ``auto`` window: one per file of each sampled slice."""
+def plan_histograms(conf: RunConf) -> list[MiniTask]:
+    """One POST /histogram per file of each sampled slice (``z000012``, or ``z000012c1``
+    for channel 1's file of ``channel_templates``); index = position."""
+    from emprocess.layout import slice_task_name
     from emprocess.models import HistogramRequest
+    from emprocess.workflow.batch import MiniTask
 
     colour = conf.channels > 1 and conf.channel_templates is None
     kept = measured_channels(conf) if colour else 1
-    return [
-        HistogramRequest(
-            img=f"gs://{conf.source}/{name}", sample_pixels=AUTO_SAMPLE_PIXELS, channels=kept
-        )
+    files = [
+        (slice_task_name(z) + (f"c{c}" if conf.channel_templates is not None else ""), name)
         for z in sample_slices(conf.minz, conf.maxz)
-        for name in conf.channel_files(z)
+        for c, name in enumerate(conf.channel_files(z))
+    ]
+    return [
+        MiniTask(
+            index=i,
+            name=task_name,
+            path="/histogram",
+            payload=HistogramRequest(
+                img=f"gs://{conf.source}/{name}", sample_pixels=AUTO_SAMPLE_PIXELS, channels=kept
+            ).payload(),
+        )
+        for i, (task_name, name) in enumerate(files)
     ]
 
 
-def summed_histogram(answers: Sequence[dict[str, Any]]) -> np.ndarray:
+def summed_histogram(answers: Sequence[Mapping[str, Any]]) -> np.ndarray:
     """The sum of /histogram answers (grey levels and their counts) as counts per level."""
     import numpy as np
 
@@ -146,42 +159,35 @@ def measure_window_by_service(
 ) -> tuple[float, float]:
     """The ``auto`` window from the alignment service's histograms of the sampled slices.
 
-    The same window as :func:`measure_window`, without decoding a slice here. Each
-    request is retried as a batch's are (connection errors, 429, 5xx); answers are not
-    cached (the run's process bucket does not exist yet): a retried task asks again.
+    The same window as :func:`measure_window`, without decoding a slice here. The
+    requests are a batch like every stage's: retried, answers cached under
+    ``align/window_cache/`` of the run's process bucket (which must exist), failures
+    recorded, so a retried or re-triggered run asks only what is missing.
 
     Raises:
-        ServiceError: a request kept failing (connection, 429, 5xx) after its retries.
-        InvalidInput: the service refused a sampled file (4xx, naming why: not an image,
-            over its limits), or the sample has one grey level.
+        BatchError: a request failed for good (a 4xx names what the service refused:
+            not an image, over its limits).
+        InvalidInput: the sample has one grey level.
     """
-    import requests
-
     from emprocess.kernels.intensity import window_from_histogram
-    from emprocess.workflow.auth import token_source_for
-    from emprocess.workflow.batch import HttpSettings, ServiceError, post_json
+    from emprocess.layout import WINDOW_CACHE
+    from emprocess.workflow.batch import read_cached, run_batch
 
-    settings = settings or HttpSettings.from_env()
-    token_source = token_source_for(base_url)
-    reqs = histogram_requests(conf)
-    url = base_url.rstrip("/") + "/histogram"
-
-    def ask(req: HistogramRequest) -> dict[str, Any]:
-        with requests.Session() as session:
-            try:
-                answer, _ = post_json(session, url, req.payload(), settings, token_source)
-            except ServiceError as e:
-                if e.retryable:
-                    raise
-                raise InvalidInput(f"histogram of {req.img}: {e}") from None  # the slice's fault
-        return dict(answer)
-
-    with ThreadPoolExecutor(max_workers=max(1, min(settings.threads, len(reqs)))) as pool:
-        answers = list(pool.map(ask, reqs))
-    window = window_from_histogram(summed_histogram(answers))
+    tasks = plan_histograms(conf)
+    cache = conf.process_url(WINDOW_CACHE)
+    run_batch(
+        tasks,
+        base_url=base_url,
+        cache_url=cache,
+        stage=HISTOGRAM_STAGE,
+        settings=settings,
+        failure_url=conf.layout.failure_url(HISTOGRAM_STAGE),
+    )
+    answers = read_cached(tasks, cache)
+    window = window_from_histogram(summed_histogram([answers[t.name] for t in tasks]))
     log.info(
         "intensity window %s from %d files of slices %s (histograms by %s)",
-        window, len(reqs), sample_slices(conf.minz, conf.maxz), url,
+        window, len(tasks), sample_slices(conf.minz, conf.maxz), base_url,
     )  # fmt: skip
     return window
 

@@ -22,7 +22,7 @@ from emprocess import storage
 from emprocess.errors import InvalidInput
 from emprocess.imageinfo import HEADER_BYTES, UnreadableHeader, image_layout
 from emprocess.images import decode_image
-from emprocess.kernels.intensity import histogram
+from emprocess.kernels.intensity import histogram, sample_step
 from emprocess.models import HistogramRequest
 from emprocess.services.common import json_body, parse
 
@@ -31,14 +31,6 @@ log = logging.getLogger(__name__)
 DECODED_BYTES_PER_PIXEL = 2
 """As the pair requests: a 16-bit grey slice at the pixel limit."""
 FILE_SLACK_BYTES = 1 << 20
-
-
-def sample_step(width: int, height: int, pixels: int) -> int:
-    """The smallest n such that every n-th pixel of every n-th row is at most ``pixels``."""
-    step = 1
-    while (width // step) * (height // step) > pixels:
-        step += 1
-    return step
 
 
 def slice_histogram(req: HistogramRequest, max_pixels: int) -> dict[str, Any]:

@@ -55,10 +55,9 @@ def sample_slices(minz: int, maxz: int, count: int = AUTO_SAMPLE_SLICES) -> list
 
 def sample_step(width: int, height: int, pixels: int = AUTO_SAMPLE_PIXELS) -> int:
     """The smallest n such that every n-th pixel of every n-th row is at most ``pixels``."""
-    step = 1
-    while (width // step) * (height // step) > pixels:
-        step += 1
-    return step
+    from emprocess.kernels.intensity import sample_step as step_of
+
+    return step_of(width, height, pixels)
 
 
 def measured_channels(conf: RunConf) -> int:

@@ -17,7 +17,8 @@ from faultproxy import FaultProxy
 from emprocess import images, storage
 from emprocess.workflow import window
 from emprocess.workflow.batch import BatchError
-from emprocess.workflow.stages import settle_window, validate_run
+from emprocess.workflow.stages import validate_run
+from emprocess.workflow.window import settle_window
 
 RNG = np.random.default_rng(8)
 

@@ -315,29 +315,6 @@ def run_location(conf: RunConf) -> str | None:
         return None
 
 
-def settle_window(info: RunInfo, base_url: str) -> RunInfo:
-    """``measure_window``: ``info`` with a pending ``auto`` window measured by the alignment
-    service at ``base_url`` (:func:`~emprocess.workflow.window.measure_window_by_service`);
-    any other ``info`` as it is, nothing sent.
-
-    The answers are cached in the run's process bucket, so this creates that bucket as
-    ``create_env`` does (same location and class; ``create_env`` then finds it).
-    """
-    from emprocess.workflow.window import measure_window_by_service
-
-    if not info.window_pending:
-        return info
-    conf = info.conf
-    storage.create_bucket(
-        conf.layout.process,
-        project=conf.project,
-        location=run_location(conf),
-        storage_class=RUN_STORAGE_CLASS,
-    )
-    window = measure_window_by_service(conf, base_url)
-    return info.model_copy(update={"intensity_window": window, "window_pending": False})
-
-
 def create_env(info: RunInfo, airflow_run_id: str) -> dict[str, Any]:
     """Create the run's buckets (in the source's location) and RUN_ID/init.json; repeatable."""
     conf = info.conf

@@ -149,7 +149,8 @@ def measure_window() -> dict[str, Any]:
     """The run info of ``validate`` with its intensity window settled: an ``auto`` window of
     12/16-bit slices from the alignment service's histograms of sampled slices (POST
     /histogram, cached); any other run's info passes through unchanged, nothing sent."""
-    from emprocess.workflow.stages import RunInfo, settle_window
+    from emprocess.workflow.stages import RunInfo
+    from emprocess.workflow.window import settle_window
 
     info = RunInfo.model_validate(get_current_context()["ti"].xcom_pull(task_ids=VALIDATE))
     url = service_url(ALIGN_CONN_ID) if info.window_pending else ""

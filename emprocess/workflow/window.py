@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from emprocess.workflow.batch import HttpSettings, MiniTask
+    from emprocess.workflow.stages import RunInfo
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +190,29 @@ def measure_window_by_service(
         window, len(tasks), sample_slices(conf.minz, conf.maxz), base_url,
     )  # fmt: skip
     return window
+
+
+def settle_window(info: RunInfo, base_url: str) -> RunInfo:
+    """``measure_window``: ``info`` with a pending ``auto`` window measured by the alignment
+    service at ``base_url`` (:func:`measure_window_by_service`); any other ``info`` as it
+    is, nothing sent.
+
+    The answers are cached in the run's process bucket, so this creates that bucket as
+    ``create_env`` does (same location and class; ``create_env`` then finds it).
+    """
+    from emprocess.workflow.stages import RUN_STORAGE_CLASS, run_location
+
+    if not info.window_pending:
+        return info
+    conf = info.conf
+    storage.create_bucket(
+        conf.layout.process,
+        project=conf.project,
+        location=run_location(conf),
+        storage_class=RUN_STORAGE_CLASS,
+    )
+    window = measure_window_by_service(conf, base_url)
+    return info.model_copy(update={"intensity_window": window, "window_pending": False})
 
 
 def window_is_measured(conf: RunConf, slice_bits: int) -> bool:

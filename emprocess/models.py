@@ -652,3 +652,24 @@ class FeaturesRequest(_Request):
             channel=req.channel,
             channel_files=req.pre_channels if role == "pre" else req.post_channels,
         )
+
+
+class HistogramRequest(_Request):
+    """POST /histogram of the alignment service: counts of the grey levels of a subsample of
+    slice ``img``, for the run's ``auto`` intensity window (decided once, before the run)."""
+
+    img: StorageURL = Field(description="gs:// URL of the slice (one channel's file, or colour).")
+    sample_pixels: int = Field(
+        default=4096 * 4096,
+        ge=1,
+        le=8192 * 8192,
+        description="Most pixels counted: a larger slice is subsampled (every n-th pixel of "
+        "every n-th row, which keeps the distribution of the values).",
+    )
+    channels: int = Field(
+        default=1,
+        ge=1,
+        le=4,
+        description="Channels of a colour file counted, from the first (its alpha left out "
+        "by asking one fewer); 1 counts a colour file made grey.",
+    )

@@ -24,11 +24,11 @@ from typing import Any
 from emprocess.airflow_api import AirflowApi, AirflowApiError
 from emprocess.errors import EmprocessError
 from emprocess.workflow import POOL, POOL_SLOTS
+from emprocess.workflow.taskids import BATCH_TASKS
 
 log = logging.getLogger(__name__)
 
 FINAL_STATES = ("success", "failed")
-BATCH_PREFIXES = ("align.affine", "align.write", "ngingest.write_ng_shards")
 
 
 class NotReady(EmprocessError):
@@ -214,7 +214,7 @@ def clear_run(
 
 
 def peak_concurrency(
-    task_instances: Iterable[Mapping[str, Any]], prefixes: tuple[str, ...] = BATCH_PREFIXES
+    task_instances: Iterable[Mapping[str, Any]], prefixes: tuple[str, ...] = BATCH_TASKS
 ) -> int:
     """Most task instances (of tasks starting with ``prefixes``) that ran at the same time.
 

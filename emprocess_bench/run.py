@@ -33,15 +33,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import psutil
 
+from emprocess.workflow.taskids import AFFINE, FEATURES, SHARDS, WRITE
+
 if TYPE_CHECKING:
     from emprocess.settings import StorageEnv
 
-STAGES = {
-    "features": "align.features",
-    "align": "align.affine",
-    "write": "align.write",
-    "shards": "ngingest.write_ng_shards",
-}
+STAGES = {"features": FEATURES, "align": AFFINE, "write": WRITE, "shards": SHARDS}
 """Stages whose utilisation is measured: label -> stage name in complete.json."""
 
 SOURCE = "bench-stack"

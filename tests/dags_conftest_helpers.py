@@ -292,7 +292,11 @@ class E2ERun:
 
     def bodies(self, path: str) -> list[dict[str, Any]]:
         """JSON bodies of the requests to ``path`` (``/`` for alignment), in arrival order."""
-        reqs = self.align_requests if path in ("/", "/features") else self.emwrite_requests
+        reqs = (
+            self.align_requests
+            if path in ("/", "/features", "/histogram")
+            else self.emwrite_requests
+        )
         return [json.loads(r.body) for r in reqs if r.path == path]
 
 

@@ -15,7 +15,8 @@ NUMBER = r"(-?\d+(?:\.\d+)?)"
 """A printed number with its sign: a negative figure is read as one and fails its bound
 (``[0-9.]+`` matched only its digits, so ``>= 0`` could not fail: issue 22 item 8)."""
 
-RUN_STAGES = ("validate", "create_env", "start_align", "align", "collect", "write",
+RUN_STAGES = ("validate", "measure_window", "create_env", "start_align", "align", "plan_gaps",
+              "gap_pairs", "collect", "slicestats", "plan_intensity", "write",
               "finish_align", "write_ngmeta", "shards", "finish_ngwrite", "iswritten",
               "cleanup_images", "set_public_read")  # fmt: skip
 """Every task of the DAG, in order; align, write and shards are the batch stages."""
@@ -65,9 +66,10 @@ def test_bench_run_prints_each_stage_and_each_request(tmp_path: Path) -> None:
     assert (
         "requests (peak: the gunicorn worker's VmHWM over the request, reset before each)" in text
     )
-    # Requests: each slice's features, 3 pairs (neighbours 3 of 3 slices), a slice each,
-    # one volume, one cube.
-    expected = {("align", "POST /features"): 3, ("align", "POST /"): 3,
+    # Requests: each slice's histogram (the 16-bit auto window), each slice's features,
+    # 3 pairs (neighbours 3 of 3 slices), a slice each, one volume, one cube.
+    expected = {("align", "POST /histogram"): 3,
+                ("align", "POST /features"): 3, ("align", "POST /"): 3,
                 ("emwrite", "POST /alignedslice"): 3,
                 ("emwrite", "POST /ngmeta"): 1, ("emwrite", "POST /ngshard"): 1}  # fmt: skip
     found = {}

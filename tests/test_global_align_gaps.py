@@ -15,6 +15,7 @@ from test_solve_kernel import SIZE, _answer, truth_walk
 from emprocess import affine, storage
 from emprocess.report import load_run
 from emprocess.settings import HttpEnv
+from emprocess.workflow import gaps as gaps_stage
 from emprocess.workflow import stages
 from emprocess.workflow.globalalign import global_alignment, plan_gap_pairs
 
@@ -89,10 +90,11 @@ def root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path / "root"
 
 
-def test_collect_aligns_across_gaps_once_and_the_report_counts_it(root: Path) -> None:
-    """Slices 3..10 with 2 neighbours; 6 and 7 are noise. collect asks (5, 8) and (5, 9),
-    retries the one that fails first, caches both (a second collect sends nothing) and
-    the report counts them among the align pairs."""
+def test_gap_round_aligns_across_gaps_once_and_the_report_counts_it(root: Path) -> None:
+    """Slices 3..10 with 2 neighbours; 6 and 7 are noise. plan_gaps plans (5, 8) and (5, 9),
+    the two gap_pairs workers send one each, retrying the one that fails first, and cache
+    both (a second round sends nothing); collect sends nothing and the report counts them
+    among the align pairs."""
     truth = truth_walk(8, 11)  # slice 3 + i
     bad = {3, 4}  # indices of slices 6 and 7
     failed_once: set[str] = set()
@@ -114,11 +116,20 @@ def test_collect_aligns_across_gaps_once_and_the_report_counts_it(root: Path) ->
         for w in (0, 1):
             stages.align_pairs(info, w, server.url, FAST)
         assert len(server.requests) == 7 + 6
-        canvas = stages.collect_alignment(info, server.url, FAST)
+        assert gaps_stage.plan_gaps(info) == {"pairs": 2, "gaps": [[6, 7]], "too_long": []}
+        summaries = [gaps_stage.align_gap_pairs(info, w, server.url, FAST) for w in (0, 1)]
+        assert [(s["planned"], s["sent"], s["attempts"]) for s in summaries] == [
+            (1, 1, 1),
+            (1, 1, 2),
+        ]
         sent = [(r.body["pre"][-9:-4], r.body["post"][-9:-4]) for r in server.requests[13:]]
-        assert sorted(sent) == [("00005", "00008"), ("00005", "00009"), ("00005", "00009")]
-        again = stages.collect_alignment(info, server.url, FAST)
-        assert len(server.requests) == 16 and again == canvas
+        assert sent == [("00005", "00008"), ("00005", "00009"), ("00005", "00009")]
+        canvas = stages.collect_alignment(info)
+        assert len(server.requests) == 16  # collect sends nothing
+        gaps_stage.plan_gaps(info)
+        again = [gaps_stage.align_gap_pairs(info, w, server.url, FAST) for w in (0, 1)]
+        assert [(s["cached"], s["sent"]) for s in again] == [(1, 0), (1, 0)]
+        assert len(server.requests) == 16 and stages.collect_alignment(info) == canvas
     gaps = json.loads(storage.read_bytes("gs://src_process/r1/align/gaps.json"))
     assert gaps["pairs"] == [[5, 8], [5, 9]] and gaps["gaps"] == [[6, 7]]
     quality = canvas["alignment"]

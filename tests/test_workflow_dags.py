@@ -30,8 +30,12 @@ from dags_conftest_helpers import (
 from emprocess import layout
 from emprocess.layout import RunLayout
 from emprocess.workflow import POOL, VERSION, WIDTHS, dag_id
+from emprocess.workflow.taskids import BATCH_TASKS
 
-BATCH_STAGES = ("align.features", "align.affine", "align.write", "ngingest.write_ng_shards")
+BATCH_STAGES = (
+    "align.features", "align.affine", "align.gap_pairs", "align.slicestats", "align.write",
+    "ngingest.write_ng_shards",
+)  # fmt: skip
 REQUIRED = {"id", "image", "minz", "maxz", "source"}
 
 
@@ -74,7 +78,8 @@ def dagbag(bench_process: subprocess.Popen, airflow_home: Path) -> Any:
 def contract_edges(width: int) -> set[tuple[str, str]]:
     """CONTRACTS.md's task graph for a fixed width."""
     edges = {
-        ("validate", "create_env"),
+        ("validate", "measure_window"),
+        ("measure_window", "create_env"),
         ("create_env", "align.start_align"),
         ("align.check_features", "align.affine_0"),
         ("align.finish_align", "ngingest.write_ngmeta"),
@@ -88,8 +93,12 @@ def contract_edges(width: int) -> set[tuple[str, str]]:
             ("align.start_align", f"align.features_{i}"),
             (f"align.features_{i}", "align.check_features"),
             ("align.check_features", f"align.affine_{i}"),
-            (f"align.affine_{i}", "align.collect"),
-            ("align.collect", f"align.write_{i}"),
+            (f"align.affine_{i}", "align.plan_gaps"),
+            ("align.plan_gaps", f"align.gap_pairs_{i}"),
+            (f"align.gap_pairs_{i}", "align.collect"),
+            ("align.collect", f"align.slicestats_{i}"),
+            (f"align.slicestats_{i}", "align.plan_intensity"),
+            ("align.plan_intensity", f"align.write_{i}"),
             (f"align.write_{i}", "align.finish_align"),
             ("ngingest.write_ngmeta", f"ngingest.write_ng_shards_{i}"),
             (f"ngingest.write_ng_shards_{i}", "ngingest.finish_ngwrite"),
@@ -116,13 +125,14 @@ def test_fixed_width_graph_is_the_contract(dagbag: Any, width: int) -> None:
     edges = contract_edges(width)
     assert set(dag.task_ids) == {n for e in edges for n in e}
     assert edges_of(dag) == edges
-    assert len(dag.tasks) == 12 + 4 * width
+    assert len(dag.tasks) == 15 + 6 * width
     assert dag.timetable.can_be_scheduled is False  # schedule=None
     assert {"emprocess", f"v{VERSION}", f"width{width}"} <= set(dag.tags)
     assert dag.doc_md.startswith(f"# {dag_id(width)}")
     for task in dag.tasks:
         batch = task.task_id.rstrip("0123456789").rstrip("_") in BATCH_STAGES
-        assert (task.pool == POOL) == (batch or task.task_id == "ngingest.write_ngmeta"), task
+        single = task.task_id in ("measure_window", "ngingest.write_ngmeta")  # one request task
+        assert (task.pool == POOL) == (batch or single), task
     iswritten = dag.task_dict["iswritten"]
     assert type(iswritten).__name__ == "_ShortCircuitDecoratedOperator"
     assert iswritten.trigger_rule == "all_done"
@@ -133,21 +143,28 @@ def test_fixed_width_graph_is_the_contract(dagbag: Any, width: int) -> None:
 def test_dynamic_dag_maps_the_batch_stages(dagbag: Any) -> None:
     dag = dagbag.dags[f"emprocess_v{VERSION}"]
     assert set(dag.task_ids) == {
-        "validate", "create_env", "align.start_align", "align.features",
-        "align.check_features", "align.affine", "align.collect",
+        "validate", "measure_window", "create_env", "align.start_align", "align.features",
+        "align.check_features", "align.affine", "align.plan_gaps", "align.gap_pairs",
+        "align.collect", "align.slicestats", "align.plan_intensity",
         "align.write", "align.finish_align", "ngingest.write_ngmeta",
         "ngingest.write_ng_shards", "ngingest.finish_ngwrite", "iswritten", "cleanup_images",
         "set_public_read", "write_status",
     }  # fmt: skip
     mapped = {t.task_id for t in dag.tasks if getattr(t, "is_mapped", False)}
     assert mapped == set(BATCH_STAGES)
+    assert {t.pool for t in dag.tasks if t.task_id in mapped} == {POOL}
+    assert BATCH_TASKS == BATCH_STAGES  # the one tuple the trigger and benchmarks read
     # The contract's order; each mapped stage also reads the worker ids from start_align.
     assert edges_of(dag) >= {
         ("align.start_align", "align.features"),
         ("align.features", "align.check_features"),
         ("align.check_features", "align.affine"),
-        ("align.affine", "align.collect"),
-        ("align.collect", "align.write"),
+        ("align.affine", "align.plan_gaps"),
+        ("align.plan_gaps", "align.gap_pairs"),
+        ("align.gap_pairs", "align.collect"),
+        ("align.collect", "align.slicestats"),
+        ("align.slicestats", "align.plan_intensity"),
+        ("align.plan_intensity", "align.write"),
         ("align.write", "align.finish_align"),
         ("align.finish_align", "ngingest.write_ngmeta"),
         ("ngingest.write_ngmeta", "ngingest.write_ng_shards"),
@@ -242,7 +259,7 @@ def test_parse_is_cheap_and_imports_nothing_heavy(bench_process: subprocess.Pope
     )
     assert result["heavy_modules"] == []
     assert result["import_errors"] == {}
-    assert len(result["dag_ids"]) == 6 and result["tasks"] == 5 * 12 + 4 * 229 + 16
+    assert len(result["dag_ids"]) == 6 and result["tasks"] == 5 * 15 + 6 * 229 + 21
     # Target < 1 s; the bound leaves room for a busy 2-core test machine.
     assert result["median_parse_s"] < 3.0
 

@@ -303,7 +303,13 @@ def test_dynamic_dag_retries_a_dead_write_task_from_its_cache(
         env={"EMPROCESS_HTTP_ATTEMPTS": "1"},
     )
     mapped = sorted(k for k in run.task_states if "[" in k)
-    stages = ("align.affine", "align.features", "align.write")
+    stages = (
+        "align.affine",
+        "align.features",
+        "align.gap_pairs",
+        "align.slicestats",
+        "align.write",
+    )
     assert mapped == [f"{t}[{i}]" for t in stages for i in range(3)] + [
         f"ngingest.write_ng_shards[{i}]" for i in range(3)
     ]

@@ -39,6 +39,14 @@ def check_window(window: Sequence[float], max_value: float = 65535.0) -> Window:
     return low, high
 
 
+def sample_step(width: int, height: int, pixels: int) -> int:
+    """The smallest n such that every n-th pixel of every n-th row is at most ``pixels``."""
+    step = 1
+    while (width // step) * (height // step) > pixels:
+        step += 1
+    return step
+
+
 def histogram(image: np.ndarray) -> np.ndarray:
     """Counts of every grey level of a uint8 (256 bins) or uint16 (65536 bins) image."""
     if image.dtype not in (np.uint8, np.uint16):

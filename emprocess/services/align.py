@@ -208,6 +208,7 @@ def create_app() -> Flask:
     named), and handed to the request handlers.
     """
     from emprocess.services.features import align_with_features, register_features
+    from emprocess.services.histogram import register_histogram
 
     env = load(ServiceEnv)
     app = create_service_app("align", env)
@@ -221,5 +222,6 @@ def create_app() -> Flask:
         return jsonify(align_request(req, max_pixels=max_pixels))
 
     register_features(app, max_pixels=max_pixels)
+    register_histogram(app, max_pixels=max_pixels)
 
     return app

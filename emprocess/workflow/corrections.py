@@ -1,12 +1,13 @@
 """Per-slice intensity correction of a run: measure every slice, decide the mapping once, record it.
 
-With ``intensity_correction: slice``, ``collect`` ends by measuring every slice's mean
-and spread in the canvas's common area (one POST /slicestats mini-task per slice,
-cached under ``align/stats_cache/`` like every stage's answers), plans each slice's
-gain and offset (:func:`emprocess.kernels.normalise.plan_gain_offset`) and records
-them in ``align/intensity.csv``; the write stage sends each slice's pair in its
-/alignedslice request. The measurements run inside ``collect`` (its threads), so the
-task graph is unchanged.
+With ``intensity_correction: slice``, the batch tasks ``align.slicestats_{i}`` (after
+``collect``, which fixes the transforms) measure each slice's mean and spread in the
+canvas's common area (one POST /slicestats mini-task per slice, worker i sending those
+with index % width == i, cached under ``align/stats_cache/`` like every stage's answers);
+``align.plan_intensity`` then reads the answers, plans each slice's gain and offset
+(:func:`emprocess.kernels.normalise.plan_gain_offset`) and records them in
+``align/intensity.csv``; the write stage sends each slice's pair in its /alignedslice
+request. Without the option those tasks return at once.
 """
 
 from __future__ import annotations
@@ -23,12 +24,19 @@ from emprocess.kernels.normalise import SliceStats, common_area, footprint, plan
 from emprocess.layout import INTENSITY, STAGE_SLICESTATS, STATS_CACHE, slice_task_name
 from emprocess.models import SliceStatsRequest
 from emprocess.settings import HttpEnv
-from emprocess.workflow.batch import MiniTask, read_cached, run_batch
+from emprocess.workflow.batch import (
+    BatchSummary,
+    MiniTask,
+    cached_keys,
+    read_cached,
+    run_batch,
+)
 from emprocess.workflow.conf import RunConf
 
 log = logging.getLogger(__name__)
 
 INTENSITY_COLUMNS = ["z", "mean", "std", "pixels", "gain", "offset"]
+STAGE = STAGE_SLICESTATS
 
 
 def run_common_area(
@@ -71,30 +79,65 @@ def plan_slice_stats(
     ]
 
 
-def measure_intensity(
+def measure_slices(
     conf: RunConf,
     transforms: Mapping[int, Sequence[float]],
     slice_size_xy: tuple[int, int],
     base_url: str,
     settings: HttpEnv | None = None,
     bbox_xy: Sequence[int] | None = None,
+    worker_id: int = 0,
+    width: int = 1,
 ) -> dict[str, Any]:
-    """Measure every slice, plan the gains and offsets, write align/intensity.csv.
+    """Batch task ``slicestats_{i}``: measure this worker's slices (POST /slicestats).
+
+    Nothing is sent when the run does not correct (``intensity_correction`` "none").
+
+    Returns:
+        The batch summary (:class:`~emprocess.workflow.batch.BatchSummary` as JSON).
+    """
+    if conf.intensity_correction == "none":
+        return BatchSummary(STAGE, worker_id, width, 0).to_json()
+    area = run_common_area(transforms, slice_size_xy, bbox_xy)
+    return run_batch(
+        plan_slice_stats(conf, transforms, area),
+        base_url=base_url,
+        cache_url=conf.process_url(STATS_CACHE),
+        worker_id=worker_id,
+        width=width,
+        stage=STAGE,
+        settings=settings,
+        failure_url=conf.layout.failure_url(STAGE),
+    ).to_json()
+
+
+def record_intensity(
+    conf: RunConf,
+    transforms: Mapping[int, Sequence[float]],
+    slice_size_xy: tuple[int, int],
+    bbox_xy: Sequence[int] | None = None,
+) -> dict[str, Any] | None:
+    """``plan_intensity``: plan the gains and offsets from the measurements, write
+    align/intensity.csv. Computes only; None when the run does not correct.
 
     Returns:
         ``{"area": [x0, y0, x1, y1], "gain": [min, max], "offset": [min, max]}``.
+
+    Raises:
+        EmprocessError: naming the slices that have not been measured.
     """
+    if conf.intensity_correction == "none":
+        return None
     area = run_common_area(transforms, slice_size_xy, bbox_xy)
     tasks = plan_slice_stats(conf, transforms, area)
     cache = conf.process_url(STATS_CACHE)
-    run_batch(
-        tasks,
-        base_url=base_url,
-        cache_url=cache,
-        stage=STAGE_SLICESTATS,
-        settings=settings,
-        failure_url=conf.layout.failure_url(STAGE_SLICESTATS),
-    )
+    done = cached_keys(cache)
+    missing = [t.name for t in tasks if t.cache_key() not in done]
+    if missing:
+        raise EmprocessError(
+            f"{len(missing)} of {len(tasks)} slices have not been measured in {cache}: "
+            f"{', '.join(missing[:10])}; run align.slicestats first"
+        )
     answers = read_cached(tasks, cache)
     stats = {
         z: SliceStats(
@@ -127,11 +170,25 @@ def measure_intensity(
     return summary
 
 
+def measure_intensity(
+    conf: RunConf,
+    transforms: Mapping[int, Sequence[float]],
+    slice_size_xy: tuple[int, int],
+    base_url: str,
+    settings: HttpEnv | None = None,
+    bbox_xy: Sequence[int] | None = None,
+) -> dict[str, Any] | None:
+    """Both steps in one process (tests, tools): :func:`measure_slices` as one worker,
+    then :func:`record_intensity`."""
+    measure_slices(conf, transforms, slice_size_xy, base_url, settings, bbox_xy)
+    return record_intensity(conf, transforms, slice_size_xy, bbox_xy)
+
+
 def read_gain_offset(conf: RunConf) -> dict[int, tuple[float, float]] | None:
     """Slice z -> (gain, offset) from align/intensity.csv; None when the run does not correct.
 
     Raises:
-        EmprocessError: when the run corrects but collect has not recorded the table.
+        EmprocessError: when the run corrects but align.plan_intensity has not recorded the table.
     """
     if conf.intensity_correction == "none":
         return None
@@ -139,7 +196,7 @@ def read_gain_offset(conf: RunConf) -> dict[int, tuple[float, float]] | None:
     if not storage.exists(url):
         raise EmprocessError(
             f"intensity_correction {conf.intensity_correction!r} but {url} is missing: "
-            "collect measures the slices and writes it"
+            "align.plan_intensity writes it from the slices' measurements"
         )
     rows = csv.DictReader(io.StringIO(storage.read_bytes(url).decode()))
     return {int(r["z"]): (float(r["gain"]), float(r["offset"])) for r in rows}

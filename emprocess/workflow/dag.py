@@ -2,18 +2,29 @@
 
 Task graph (CONTRACTS.md), for a fixed width W::
 
-    validate -> create_env -> align.start_align -> align.features_{0..W-1}
-      -> align.check_features -> align.affine_{0..W-1} -> align.collect
-      -> align.write_{0..W-1} -> align.finish_align -> ngingest.write_ngmeta
+    validate -> measure_window -> create_env -> align.start_align -> align.features_{0..W-1}
+      -> align.check_features -> align.affine_{0..W-1} -> align.plan_gaps
+      -> align.gap_pairs_{0..W-1} -> align.collect -> align.slicestats_{0..W-1}
+      -> align.plan_intensity -> align.write_{0..W-1} -> align.finish_align
+      -> ngingest.write_ngmeta
       -> ngingest.write_ng_shards_{0..W-1} -> ngingest.finish_ngwrite -> iswritten
       -> cleanup_images -> set_public_read -> write_status
 
 ``align.features_{i}`` (issue 19) extracts each slice's SIFT features once, so the
 pairs match stored features instead of decoding both slices each.
 
-The dynamic DAG (``width`` None) has the same graph with the four batch stages as mapped
-tasks ``align.features``, ``align.affine``, ``align.write`` and ``ngingest.write_ng_shards``,
-expanded over the worker ids that ``align.start_align`` returns for the conf's width.
+Every request the workflow sends goes out from a batch task in the pool (issue 22): the
+second align round across bad slices (``align.gap_pairs_{i}``, planned by
+``align.plan_gaps``) and the per-slice measurements of ``intensity_correction: slice``
+(``align.slicestats_{i}``, turned into gains and offsets by ``align.plan_intensity``) are
+stages of their own, so ``collect`` only computes; ``validate`` reads the slices' headers
+only, and ``measure_window`` asks the alignment service for the histograms an ``auto``
+window of 12/16-bit slices is measured on. A run without gaps or without the
+correction still has those tasks (the graph is fixed); they return at once.
+
+The dynamic DAG (``width`` None) has the same graph with the six batch stages of
+:data:`~emprocess.workflow.taskids.BATCH_TASKS` as mapped tasks, expanded over the worker
+ids that ``align.start_align`` returns for the conf's width.
 """
 
 from __future__ import annotations
@@ -75,7 +86,7 @@ def doc_md(width: int | None) -> str:
     )
     if width is None:
         shape = (
-            "Width comes from the conf key `width`: the four batch stages are mapped "
+            "Width comes from the conf key `width`: the six batch stages are mapped "
             "tasks expanded over that many workers."
         )
     else:
@@ -104,6 +115,14 @@ Legacy keys `project_id` (for `project`), `rawPyramid` (for `createRawPyramid`) 
 """
 
 
+def batch_stage(task_fn: Any, name: str, width: int | None, worker_ids: Any) -> Any:
+    """One batch stage in the pool: ``{name}_{i}`` for i < ``width``, or with ``width``
+    None the mapped task ``name`` expanded over ``worker_ids`` (start_align's XCom)."""
+    if width is None:
+        return task_fn.override(pool=POOL).expand(worker_id=worker_ids)
+    return [task_fn.override(task_id=f"{name}_{i}", pool=POOL)(worker_id=i) for i in range(width)]
+
+
 def build_dag(width: int | None) -> DAG:
     """The DAG ``emprocess_width{width}_v{VERSION}``, or with ``width`` None ``emprocess_v{VERSION}``."""
     if width is not None and width < 1:
@@ -121,56 +140,39 @@ def build_dag(width: int | None) -> DAG:
         max_active_tasks=max_active_tasks(width),
     ) as dag:
         validate = t.validate(dag_width=width)
+        window = t.measure_window.override(pool=POOL)()
         create_env = t.create_env()
         with TaskGroup("align"):
             start = t.start_align()
-            if width is None:
-                features: Any = t.features.override(pool=POOL).expand(worker_id=start)
-            else:
-                features = [
-                    t.features.override(task_id=f"features_{i}", pool=POOL)(worker_id=i)
-                    for i in range(width)
-                ]
+            features = batch_stage(t.features, "features", width, start)
             check_features = t.check_features()
-            if width is None:
-                affines: Any = t.affine.override(pool=POOL).expand(worker_id=start)
-            else:
-                affines = [
-                    t.affine.override(task_id=f"affine_{i}", pool=POOL)(worker_id=i)
-                    for i in range(width)
-                ]
+            affines = batch_stage(t.affine, "affine", width, start)
+            plan_gaps = t.plan_gaps()
+            gap_pairs = batch_stage(t.gap_pairs, "gap_pairs", width, start)
             collect = t.collect()
-            if width is None:
-                writes: Any = t.write.override(pool=POOL).expand(worker_id=start)
-            else:
-                writes = [
-                    t.write.override(task_id=f"write_{i}", pool=POOL)(worker_id=i)
-                    for i in range(width)
-                ]
+            slicestats = batch_stage(t.slicestats, "slicestats", width, start)
+            plan_intensity = t.plan_intensity()
+            writes = batch_stage(t.write, "write", width, start)
             finish_align = t.finish_align()
         with TaskGroup("ngingest"):
             ngmeta = t.write_ngmeta.override(pool=POOL)()
-            if width is None:
-                shards: Any = t.write_ng_shards.override(pool=POOL).expand(worker_id=start)
-            else:
-                shards = [
-                    t.write_ng_shards.override(task_id=f"write_ng_shards_{i}", pool=POOL)(
-                        worker_id=i
-                    )
-                    for i in range(width)
-                ]
+            shards = batch_stage(t.write_ng_shards, "write_ng_shards", width, start)
             finish_ngwrite = t.finish_ngwrite()
         iswritten = t.iswritten()
         cleanup = t.cleanup_images()
         public = t.set_public_read()
         status = t.write_status()
 
-        validate >> create_env >> start
+        validate >> window >> create_env >> start
         start >> features
         features >> check_features
         check_features >> affines
-        affines >> collect
-        collect >> writes
+        affines >> plan_gaps
+        plan_gaps >> gap_pairs
+        gap_pairs >> collect
+        collect >> slicestats
+        slicestats >> plan_intensity
+        plan_intensity >> writes
         writes >> finish_align
         finish_align >> ngmeta
         ngmeta >> shards

@@ -14,7 +14,9 @@ and fits the canvas with :func:`emprocess.workflow.compose.fit_canvas`. Slice st
 
 Before the solve, :func:`plan_gap_pairs` asks for a second align round: pairs from the
 good slices just before a run of bad slices to those just after it, so the solve has
-evidence across the gap even when the run is as long as ``neighbors`` or longer.
+evidence across the gap even when the run is as long as ``neighbors`` or longer. The DAG
+plans it in ``align.plan_gaps`` and sends it in the batch tasks ``align.gap_pairs_{i}``
+(:mod:`emprocess.workflow.gaps`); ``collect`` only reads the answers.
 """
 
 from __future__ import annotations
@@ -91,6 +93,15 @@ class GapPlan:
             "too_long": [list(g) for g in self.too_long],
             "max_gap_slices": MAX_GAP_SLICES,
         }
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> GapPlan:
+        """The plan back from align/gaps.json (:meth:`to_json`)."""
+
+        def runs(key: str) -> list[tuple[int, int]]:
+            return [(int(a), int(b)) for a, b in doc.get(key, [])]
+
+        return cls(runs("pairs"), runs("gaps"), runs("too_long"))
 
 
 @dataclass(frozen=True)

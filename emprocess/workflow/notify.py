@@ -17,10 +17,11 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from emprocess.workflow.taskids import VALIDATE
+
 log = logging.getLogger(__name__)
 
 SMTP_CONN_ID = "smtp_default"
-VALIDATE = "validate"
 MAX_ERROR_CHARS = 4000
 """The error is cut to this many characters in the message (a batch error lists 20 names)."""
 

@@ -15,7 +15,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -48,7 +48,6 @@ from emprocess.records import (
     AlignmentSummary,
     CanvasRecord,
     CompleteRecord,
-    GapsRecord,
     InitRecord,
     IntensitySample,
     parse_record,
@@ -73,13 +72,14 @@ from emprocess.workflow.payloads import (
     plan_aligned_slices,
     plan_features,
     plan_ng_shards,
-    plan_pair_tasks,
     shard_slices,
 )
-from emprocess.workflow.window import decide_window, measured_channels, sample_slices
-
-if TYPE_CHECKING:
-    from emprocess.workflow.globalalign import GapPlan
+from emprocess.workflow.window import (
+    decide_window,
+    measured_channels,
+    sample_slices,
+    window_is_measured,
+)
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,8 @@ class RunInfo(BaseModel):
     dag_id: str
     slice_bits: int = 8
     intensity_window: tuple[float, float] | None = None
+    window_pending: bool = False
+    """An ``auto`` window still to be measured (the DAG's ``measure_window`` task)."""
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
@@ -207,7 +209,10 @@ def check_slice_format(conf: RunConf, threads: int = 16) -> ImageHeader:
 
 
 def validate_run(
-    conf_data: Mapping[str, Any] | None, dag_width: int | None, dag_id: str
+    conf_data: Mapping[str, Any] | None,
+    dag_width: int | None,
+    dag_id: str,
+    measure_window: bool = True,
 ) -> RunInfo:
     """Parse the conf, settle the width and check the slices (``validate``).
 
@@ -215,6 +220,9 @@ def validate_run(
         conf_data: ``dag_run.conf``.
         dag_width: the fixed DAG's width, or None for the dynamic DAG (conf ``width``).
         dag_id: the DAG's id, for messages and records.
+        measure_window: measure an ``auto`` window of 12/16-bit slices here, decoding
+            sampled slices; False (the DAG's ``validate``, which reads headers only)
+            leaves it to ``measure_window`` (:attr:`RunInfo.window_pending`).
 
     Raises:
         InvalidRunConf, SliceProblems, InvalidInput: naming every problem.
@@ -237,7 +245,8 @@ def validate_run(
         )
     if conf.align_from is not None:
         check_align_from(conf, (found.width, found.height))
-    window = decide_window(conf, found.bits)
+    window = decide_window(conf, found.bits, measure_window)
+    pending = not measure_window and window_is_measured(conf, found.bits)
     log.info(
         "run %s: slices %d..%d of %s are %dx%d, %d-bit; width %d; intensity window %s",
         conf.id,
@@ -248,7 +257,7 @@ def validate_run(
         found.height,
         found.bits,
         width,
-        window,
+        "to be measured" if pending else window,
     )
     return RunInfo(
         conf=conf,
@@ -257,6 +266,7 @@ def validate_run(
         dag_id=dag_id,
         slice_bits=found.bits,
         intensity_window=window,
+        window_pending=pending,
     )
 
 
@@ -432,48 +442,13 @@ def check_features(info: RunInfo) -> dict[str, Any]:
     return {"slices": len(tasks)}
 
 
-def align_across_gaps(
-    info: RunInfo,
-    results: Mapping[tuple[int, int], Mapping[str, Any]],
-    base_url: str,
-    settings: HttpEnv | None = None,
-) -> tuple[GapPlan, dict[tuple[int, int], Any]]:
-    """The second align round, run by ``collect``: pairs across runs of bad slices.
-
-    Plans them from the first round's ``results``
-    (:func:`~emprocess.workflow.globalalign.plan_gap_pairs`), records the plan in
-    align/gaps.json (the report counts its pairs among the align pairs), and sends them as
-    align mini-tasks: cached under the same prefix, retried, failures recorded, so a
-    retried ``collect`` sends only what is missing.
-
-    Returns:
-        The plan and the new pairs' answers.
-    """
-    from emprocess.workflow.globalalign import plan_gap_pairs
-
-    conf = info.conf
-    plan = plan_gap_pairs(results, conf.minz, conf.maxz, conf.downsample_factor, conf.skip_slices)
-    conf.layout.records.write_gaps(GapsRecord.model_validate(plan.to_json()))
-    log.info(
-        "second align round: %d pairs across %d gaps; %d gaps too long to match across: %s",
-        len(plan.pairs), len(plan.gaps), len(plan.too_long), plan.too_long[:SHOWN],
-    )  # fmt: skip
-    if not plan.pairs:
-        return plan, {}
-    tasks = plan_pair_tasks(conf, plan.pairs, info.intensity_window)
-    _send(info, tasks, STAGE_AFFINE, AFFINE_CACHE, base_url, settings)
-    answers = read_cached(tasks, conf.process_url(AFFINE_CACHE))
-    return plan, {parse_pair_name(t.name): answers[t.name] for t in tasks}
-
-
-def collect_alignment(
-    info: RunInfo, base_url: str | None = None, settings: HttpEnv | None = None
-) -> dict[str, Any]:
+def collect_alignment(info: RunInfo) -> dict[str, Any]:
     """``collect``: global transforms, transforms.json/.csv, qc.csv, slices.csv, canvas.json.
 
-    With ``global_solve`` (default) all pairs of the ``neighbors`` nearest slices, and
-    the pairs across gaps of the second align round (:func:`align_across_gaps`, sent to
-    the alignment service at ``base_url``; None skips that round), are solved at once
+    Computes only; it sends nothing. With ``global_solve`` (default) all pairs of the
+    ``neighbors`` nearest slices, and the pairs across gaps of the second align round
+    (planned in align/gaps.json and answered by ``align.gap_pairs``,
+    :mod:`emprocess.workflow.gaps`; no gaps.json, no second round), are solved at once
     (:mod:`emprocess.workflow.globalalign`); bad slices are bridged and listed in
     align/slices.csv, their stand-ins in align/fill.json. Without it, the (z, z + 1)
     pairs are chained as before.
@@ -504,10 +479,10 @@ def collect_alignment(
         answers = read_cached(tasks, conf.process_url(AFFINE_CACHE))
         results = {parse_pair_name(t.name): answers[t.name] for t in tasks}
         if conf.global_solve:
-            gap_plan = None
-            if base_url is not None:
-                gap_plan, more = align_across_gaps(info, results, base_url, settings)
-                results.update(more)
+            from emprocess.workflow.gaps import read_gap_answers
+
+            gap_plan, more = read_gap_answers(info)
+            results.update(more)
             solved = global_alignment(
                 results,
                 conf.minz,

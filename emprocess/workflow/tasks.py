@@ -2,8 +2,9 @@
 
 Imported at parse time, so only ``airflow.sdk`` and the standard library are imported
 here at module level; each task imports what it needs when it runs. Tasks pass small
-JSON: ``validate`` returns the run info, ``align.collect`` the canvas; the others pull
-those by task id, which keeps the graph's edges exactly CONTRACTS.md's.
+JSON: ``measure_window`` returns the run info (``validate``'s, its window settled),
+``align.collect`` the canvas; the others pull those by task id, which keeps the graph's
+edges exactly CONTRACTS.md's.
 
 XComs go through the api-server, so they are few and small: a batch task writes one
 (its timing record with its batch summary, a few hundred bytes, as its return value);
@@ -24,6 +25,7 @@ from urllib.parse import urlsplit
 from airflow.sdk import TriggerRule, get_current_context, task
 
 from emprocess.workflow import ALIGN_CONN_ID, EMWRITE_CONN_ID
+from emprocess.workflow.taskids import COLLECT, MEASURE_WINDOW, VALIDATE, batch_task_of
 
 if TYPE_CHECKING:
     from emprocess.workflow.stages import RunInfo
@@ -32,10 +34,6 @@ log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-VALIDATE = "validate"
-COLLECT = "align.collect"
-BATCH_TASKS = ("align.features", "align.affine", "align.write", "ngingest.write_ng_shards")
-"""Task ids (before ``_{i}``) of the batch stages; their one XCom is their timing record."""
 TIMING = "timing"
 
 
@@ -57,7 +55,7 @@ def _now() -> str:
 
 def is_batch_task(task_id: str) -> bool:
     """Whether ``task_id`` is a batch task (``align.affine_3``, mapped ``align.write``, ...)."""
-    return task_id.rstrip("0123456789").rstrip("_") in BATCH_TASKS
+    return batch_task_of(task_id) is not None
 
 
 def timed(fn: F) -> F:
@@ -106,12 +104,14 @@ def _info() -> RunInfo:
 
     from emprocess.workflow.stages import RunInfo
 
-    data = get_current_context()["ti"].xcom_pull(task_ids=VALIDATE)
+    ti = get_current_context()["ti"]
+    data = ti.xcom_pull(task_ids=MEASURE_WINDOW)
     if data is None:
         # Only tasks that run whatever happened upstream (iswritten) get here.
+        failed = MEASURE_WINDOW if ti.xcom_pull(task_ids=VALIDATE) else VALIDATE
         raise AirflowFailException(
-            f"{VALIDATE} did not succeed, so there is no run to check: see the log of "
-            f"{VALIDATE} for what is wrong with the run's conf or slices"
+            f"{failed} did not succeed, so there is no run to check: see the log of "
+            f"{failed} for what is wrong with the run's conf or slices"
         )
     return RunInfo.model_validate(data)
 
@@ -139,7 +139,22 @@ def validate(dag_width: int | None) -> dict[str, Any]:
     from emprocess.workflow.stages import validate_run
 
     ctx = get_current_context()
-    return validate_run(ctx["dag_run"].conf, dag_width, ctx["dag"].dag_id).to_json()
+    conf, dag_id = ctx["dag_run"].conf, ctx["dag"].dag_id
+    return validate_run(conf, dag_width, dag_id, measure_window=False).to_json()
+
+
+@task(task_id="measure_window", multiple_outputs=False)
+@timed
+def measure_window() -> dict[str, Any]:
+    """The run info of ``validate`` with its intensity window settled: an ``auto`` window of
+    12/16-bit slices from the alignment service's histograms of sampled slices (POST
+    /histogram, cached); any other run's info passes through unchanged, nothing sent."""
+    from emprocess.workflow.stages import RunInfo
+    from emprocess.workflow.window import settle_window
+
+    info = RunInfo.model_validate(get_current_context()["ti"].xcom_pull(task_ids=VALIDATE))
+    url = service_url(ALIGN_CONN_ID) if info.window_pending else ""
+    return settle_window(info, url).to_json()
 
 
 @task(task_id="create_env", multiple_outputs=False)
@@ -193,31 +208,73 @@ def affine(worker_id: int) -> dict[str, Any]:
     return align_pairs(info, worker_id, url)
 
 
+@task(task_id="plan_gaps", multiple_outputs=False)
+@timed
+def plan_gaps() -> dict[str, Any]:
+    """Plan the second align round (pairs across bad slices) into align/gaps.json."""
+    from emprocess.workflow.gaps import plan_gaps as plan
+
+    return plan(_info())
+
+
+@task(task_id="gap_pairs", multiple_outputs=False)
+@timed
+def gap_pairs(worker_id: int) -> dict[str, Any]:
+    """Align this worker's pairs across bad slices (POST / of the alignment service)."""
+    from emprocess.workflow.gaps import align_gap_pairs, has_gap_round
+
+    info = _info()
+    url = service_url(ALIGN_CONN_ID) if has_gap_round(info.conf) else ""
+    return align_gap_pairs(info, worker_id, url)
+
+
 @task(task_id="collect", multiple_outputs=False)
 @timed
 def collect() -> dict[str, Any]:
-    """Align pairs across gaps, solve the global transforms; returns the canvas.
-
-    With ``intensity_correction`` "slice" it then measures every slice (POST /slicestats
-    of the emwrite service) and records each slice's gain and offset."""
+    """Solve the global transforms from the pairs' answers (sends nothing); returns the canvas."""
     from emprocess.workflow.stages import collect_alignment
+
+    return collect_alignment(_info())
+
+
+@task(task_id="slicestats", multiple_outputs=False)
+@timed
+def slicestats(worker_id: int) -> dict[str, Any]:
+    """Measure this worker's slices (POST /slicestats of the emwrite service) when the
+    run's ``intensity_correction`` is "slice"; otherwise return at once."""
+    from emprocess.workflow.corrections import measure_slices
+    from emprocess.workflow.stages import read_transforms
 
     info = _info()
     conf = info.conf
-    aligns = conf.global_solve and not (conf.skip_align or conf.align_from)
-    canvas = collect_alignment(info, service_url(ALIGN_CONN_ID) if aligns else None)
-    if conf.intensity_correction != "none":  # measured once the canvas is known
-        from emprocess.workflow.corrections import measure_intensity
-        from emprocess.workflow.stages import read_transforms
-
-        canvas["intensity"] = measure_intensity(
-            conf,
-            read_transforms(conf),
-            info.slice_size_xy,
-            service_url(EMWRITE_CONN_ID),
-            bbox_xy=canvas["bbox"],
+    if conf.intensity_correction == "none":
+        return measure_slices(
+            conf, {}, info.slice_size_xy, "", worker_id=worker_id, width=info.width
         )
-    return canvas
+    return measure_slices(
+        conf,
+        read_transforms(conf),
+        info.slice_size_xy,
+        service_url(EMWRITE_CONN_ID),
+        bbox_xy=_canvas()["bbox"],
+        worker_id=worker_id,
+        width=info.width,
+    )
+
+
+@task(task_id="plan_intensity", multiple_outputs=False)
+@timed
+def plan_intensity() -> dict[str, Any] | None:
+    """Each slice's gain and offset from the measurements, into align/intensity.csv
+    (None when the run does not correct)."""
+    from emprocess.workflow.corrections import record_intensity
+    from emprocess.workflow.stages import read_transforms
+
+    info = _info()
+    conf = info.conf
+    if conf.intensity_correction == "none":
+        return None
+    return record_intensity(conf, read_transforms(conf), info.slice_size_xy, _canvas()["bbox"])
 
 
 @task(task_id="write", multiple_outputs=False)

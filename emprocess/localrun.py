@@ -249,7 +249,7 @@ def run_dag(
 
     Args:
         conf: a validated :class:`emprocess.workflow.conf.RunConf`.
-        dag_id: e.g. ``emprocess_width4_v0.3``.
+        dag_id: e.g. ``emprocess_width4_v0.4``.
         workdir: holds ``airflow/`` (home, database, logs) and the service logs.
         progress: the bars to move, polled every ``poll_s`` seconds.
         poll_s: seconds between progress polls of the process bucket.

@@ -95,7 +95,7 @@ def test_trigger_composer_dry_run_prints_the_gcloud_command() -> None:
         "trigger",
         "--",
     ]
-    assert argv[10] == "emprocess_width32_v0.3" and argv[11:13] == ["--run-id", "run_1"]
+    assert argv[10] == "emprocess_width32_v0.4" and argv[11:13] == ["--run-id", "run_1"]
     conf = json.loads(argv[argv.index("--conf") + 1])
     assert (
         conf["id"] == "run_1"
@@ -110,7 +110,7 @@ def test_trigger_other_widths_use_the_dynamic_dag() -> None:
         app, [*TRIGGER, "--composer-env", "e", "--location", "l", "--width", "7", "--dry-run"]
     )
     argv = shlex.split(result.output.strip())
-    assert argv[10] == "emprocess_v0.3"
+    assert argv[10] == "emprocess_v0.4"
     assert json.loads(argv[argv.index("--conf") + 1])["width"] == 7
 
 
@@ -163,7 +163,7 @@ def test_trigger_rest_posts_the_dag_run(tmp_path: Path) -> None:
         )
         assert result.exit_code == 0, result.output
         path, body, auth = seen[0]
-        assert path == "/api/v2/dags/emprocess_width4_v0.3/dagRuns" and auth == "Bearer tok"
+        assert path == "/api/v2/dags/emprocess_width4_v0.4/dagRuns" and auth == "Bearer tok"
         assert body["dag_run_id"] == "run_1" and body["conf"]["source"] == "src-bucket"
         taken = list(TRIGGER)
         taken[taken.index("--id") + 1] = "taken"
@@ -385,7 +385,7 @@ def test_trigger_sends_a_whole_conf_as_given(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     argv = shlex.split(result.output.strip())
-    assert argv[10] == "emprocess_width4_v0.3" and argv[11:13] == ["--run-id", "orig_1"]
+    assert argv[10] == "emprocess_width4_v0.4" and argv[11:13] == ["--run-id", "orig_1"]
     assert json.loads(argv[argv.index("--conf") + 1]) == original  # legacy keys kept
     bad = runner.invoke(
         app, ["trigger", "--conf", '{"id": "x", "mail": 3}', "--api-url", "http://h", "--dry-run"]

@@ -49,7 +49,7 @@ def test_complete_stack_passes_with_one_listing_and_header_reads(
 ) -> None:
     write_slices(bucket, TEMPLATE, range(8, 18), size_xy=(40, 30))  # more than minz..maxz
     storage.write_bytes(f"gs://{bucket}/stack/notes.txt", b"not a slice")
-    info = validate_run(conf_for(bucket), dag_width=4, dag_id="emprocess_width4_v0.3")
+    info = validate_run(conf_for(bucket), dag_width=4, dag_id="emprocess_width4_v0.4")
     assert info.slice_size_xy == (40, 30) and info.width == 4
     assert counted["list"] == [f"gs://{bucket}/stack/img."]
     assert sorted(url.rsplit("/", 1)[1] for url, _, _ in counted["read"]) == [

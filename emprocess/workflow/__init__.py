@@ -8,7 +8,7 @@ task callables, so parsing stays cheap.
 
 from __future__ import annotations
 
-VERSION = "0.3"
+VERSION = "0.4"
 """Version of the task graph and its results; part of every DAG id (0.1 was the original)."""
 
 WIDTHS: tuple[int, ...] = (1, 4, 32, 64, 128)

@@ -31,6 +31,7 @@ from emprocess.records import (
     parse_transforms,
 )
 from emprocess.settings import HttpEnv
+from emprocess.workflow import gaps as gaps_stage
 from emprocess.workflow import stages
 from emprocess.workflow.batch import BatchError, MiniTask, run_batch
 from emprocess.workflow.stages import RunInfo
@@ -92,7 +93,10 @@ def written_run(root: Path) -> RunInfo:
     with ScriptedServer(fake_align) as server:
         for worker in (0, 1):
             stages.align_pairs(info, worker, server.url, FAST)
-        canvas = stages.collect_alignment(info, server.url, FAST)
+        gaps_stage.plan_gaps(info)
+        for worker in (0, 1):
+            gaps_stage.align_gap_pairs(info, worker, server.url, FAST)
+        canvas = stages.collect_alignment(info)
     tasks = [
         {
             "task_id": "validate",

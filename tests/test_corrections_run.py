@@ -78,7 +78,7 @@ def test_slice_correction_of_a_run_follows_the_clean_stack(
     assert summary["area"] == [x0, y0, x1, y1]
     table = read_gain_offset(conf)
     assert table is not None and sorted(table) == list(range(N))
-    record = storage.read_bytes(conf.process_url(INTENSITY))
+    record = storage.read_bytes(conf.layout.process_url(INTENSITY))
     assert record.decode().startswith("z,mean,std,pixels,gain,offset\n")
 
     want = np.array(
@@ -111,7 +111,9 @@ def test_slice_correction_of_a_run_follows_the_clean_stack(
     # Quality along z from the thumbnails just written: real neighbours correlate, none
     # is doubtful; slice 12 written 12 px off makes pairs (11, 12) and (12, 13) doubtful.
     quality = record_quality(conf, transforms, (520, 520), bbox)
-    rows = list(csv.DictReader(io.StringIO(storage.read_bytes(conf.process_url(QUALITY)).decode())))
+    rows = list(
+        csv.DictReader(io.StringIO(storage.read_bytes(conf.layout.process_url(QUALITY)).decode()))
+    )
     assert [int(r["z"]) for r in rows] == list(range(N)) and rows[-1]["ncc_next"] == ""
     assert min(float(r["ncc_next"]) for r in rows[:-1]) > 0.9
     assert quality["doubtful"] == [] and 0.5 <= quality["threshold"] < 0.95
@@ -122,10 +124,10 @@ def test_slice_correction_of_a_run_follows_the_clean_stack(
 
     # The report reads the record: doubtful slices in its summary, page and figure.
     report = RunReport(
-        source=source, run_id=conf.id, process_url=conf.process_url(), backend="test",
+        source=source, run_id=conf.id, process_url=conf.layout.process_url(), backend="test",
         generated=datetime.now(UTC), state="finished", state_reason="", last_activity=None,
         init={"conf": {"minz": 0, "maxz": N - 1}}, complete=None, bbox_xy=bbox, stages=(),
-        slice_ncc=read_quality(conf.process_url()),
+        slice_ncc=read_quality(conf.layout.process_url()),
     )  # fmt: skip
     assert report.quality is not None and report.quality["doubtful"] == [11, 12]
     assert report.to_json()["quality_along_z"]["doubtful"] == [11, 12]
@@ -135,10 +137,10 @@ def test_slice_correction_of_a_run_follows_the_clean_stack(
     assert (tmp_path / "quality.png").stat().st_size > 5000
 
     # A repeat: every answer cached, the same record.
-    before = set(storage.list_keys(conf.process_url(STATS_CACHE) + "/"))
+    before = set(storage.list_keys(conf.layout.process_url(STATS_CACHE) + "/"))
     assert len(before) == N
     measure_intensity(conf, transforms, (520, 520), "http://127.0.0.1:9")  # nothing sent
-    assert storage.read_bytes(conf.process_url(INTENSITY)) == record
+    assert storage.read_bytes(conf.layout.process_url(INTENSITY)) == record
 
 
 def test_slice_correction_is_refused_for_colour_runs_and_missing_records(backend: str) -> None:

@@ -141,7 +141,9 @@ def test_collect_names_gap_pairs_without_an_answer(monkeypatch: pytest.MonkeyPat
     info = stages.validate_run(conf, 1, "emprocess_width1_test")
     stages.create_env(info, "manual__1")
     plan = GapPlan([(2, 5)], [(3, 4)], [])
-    storage.write_bytes(info.conf.process_url(layout.GAPS), json.dumps(plan.to_json()).encode())
+    storage.write_bytes(
+        info.conf.layout.process_url(layout.GAPS), json.dumps(plan.to_json()).encode()
+    )
     assert GapPlan.from_json(plan.to_json()) == plan
     with pytest.raises(EmprocessError, match=r"1 of 1 pairs across bad slices .*z000002-000005"):
         read_gap_answers(info)

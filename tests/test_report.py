@@ -287,16 +287,18 @@ def _build(backend: str, base_url: str) -> Runs:
     run_batch(
         slices[:PARTIAL_WRITES],
         base_url=base_url,
-        cache_url=part.conf.process_url(WRITE_CACHE),
+        cache_url=part.conf.layout.process_url(WRITE_CACHE),
         stage="write",
         settings=SETTINGS,
     )
     storage.write_bytes(
-        part.conf.process_url("failures", "write", f"{slices[20].name}.json"),
+        part.conf.layout.process_url("failures", "write", f"{slices[20].name}.json"),
         json.dumps({"name": slices[20].name, "error": "POST /alignedslice answered 500"}).encode(),
     )
     # An object of an earlier trigger whose request differed: not this run's answer.
-    storage.write_bytes(part.conf.process_url(WRITE_CACHE, "z000100.0123456789ab.json"), b"{}")
+    storage.write_bytes(
+        part.conf.layout.process_url(WRITE_CACHE, "z000100.0123456789ab.json"), b"{}"
+    )
     t0 = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
     runs = Runs(backend, source, t0, fin, part, canvas, qc_before_collect)
     if backend == "local":
@@ -314,29 +316,33 @@ def _spread_local(runs: Runs) -> None:
     t0 = runs.t0
     for info in (runs.finished, runs.partial):
         conf = info.conf
-        _rewrite_json(conf.process_url(INIT), started=t0.isoformat(), first_started=t0.isoformat())
-        _set_time(conf.process_url(INIT), t0)
+        _rewrite_json(
+            conf.layout.process_url(INIT), started=t0.isoformat(), first_started=t0.isoformat()
+        )
+        _set_time(conf.layout.process_url(INIT), t0)
         pairs = [t.name for t in plan_align_pairs(conf)]
-        _spread(conf.process_url(AFFINE_CACHE), pairs, t0, *AFFINE_T)
+        _spread(conf.layout.process_url(AFFINE_CACHE), pairs, t0, *AFFINE_T)
         for name in (TRANSFORMS, TRANSFORMS_CSV, QC, CANVAS):
-            _set_time(conf.process_url(name), t0 + timedelta(seconds=300))
+            _set_time(conf.layout.process_url(name), t0 + timedelta(seconds=300))
         slices = [slice_task_name(z) for z in range(MINZ, MAXZ + 1)]
-        _spread(conf.process_url(WRITE_CACHE), slices, t0, *WRITE_T)
+        _spread(conf.layout.process_url(WRITE_CACHE), slices, t0, *WRITE_T)
     conf = runs.finished.conf
     cubes = [t.name for t in shard_plan(runs.finished, runs.canvas)]
-    _spread(conf.process_url(NG_CACHE), ["ngmeta"], t0, NGMETA_T, 0)
-    _spread(conf.process_url(NG_CACHE), cubes, t0, *NGSHARD_T)
+    _spread(conf.layout.process_url(NG_CACHE), ["ngmeta"], t0, NGMETA_T, 0)
+    _spread(conf.layout.process_url(NG_CACHE), cubes, t0, *NGSHARD_T)
     end = t0 + timedelta(seconds=620)
     _rewrite_json(
-        conf.process_url(COMPLETE),
+        conf.layout.process_url(COMPLETE),
         started=t0.isoformat(),
         finished=end.isoformat(),
         elapsed_s=620.0,
     )
-    _set_time(conf.process_url(COMPLETE), end)
+    _set_time(conf.layout.process_url(COMPLETE), end)
     part = runs.partial.conf
-    _set_time(part.process_url("failures", "write", "z000120.json"), t0 + timedelta(seconds=340))
-    _set_time(part.process_url(WRITE_CACHE, "z000100.0123456789ab.json"), t0)
+    _set_time(
+        part.layout.process_url("failures", "write", "z000120.json"), t0 + timedelta(seconds=340)
+    )
+    _set_time(part.layout.process_url(WRITE_CACHE, "z000100.0123456789ab.json"), t0)
 
 
 @pytest.fixture
@@ -454,7 +460,7 @@ def test_stalled_run_counted_by_name(runs: Runs) -> None:
     create_env(info, "manual__old")
     for task in plan_align_pairs(info.conf)[:5]:
         record = {"name": task.name, "response": align_answer(MINZ), "attempts": 1}
-        url = info.conf.process_url(AFFINE_CACHE, f"{task.name}.feedfacecafe.json")
+        url = info.conf.layout.process_url(AFFINE_CACHE, f"{task.name}.feedfacecafe.json")
         storage.write_bytes(url, json.dumps(record).encode())
     now = datetime.now(UTC) + timedelta(hours=1)
     report = load_run(runs.source, "old", now=now, stall_after_s=600)
@@ -556,7 +562,7 @@ def test_failure_records_of_the_batch_helper(runs: Runs) -> None:
         with pytest.raises(BatchError, match="1 of 20 mini-tasks failed: z000106"):
             align_pairs(info, 0, server.url, SETTINGS)
         align_pairs(info, 1, server.url, SETTINGS)
-        url = info.conf.process_url("failures", "affine", "z000106.json")
+        url = info.conf.layout.process_url("failures", "affine", "z000106.json")
         record = json.loads(storage.read_bytes(url))
         task = plan_align_pairs(info.conf)[6]
         assert record.pop("finished")
@@ -578,7 +584,7 @@ def test_failure_records_of_the_batch_helper(runs: Runs) -> None:
         summary = align_pairs(info, 0, server.url, SETTINGS)
     assert (summary["cached"], summary["sent"]) == (19, 1)
     assert not storage.exists(url)
-    assert storage.list_keys(info.conf.process_url("failures") + "/") == []
+    assert storage.list_keys(info.conf.layout.process_url("failures") + "/") == []
     report = load_run(runs.source, "flaky")
     assert report.stage("affine").complete and not report.stage("affine").failures
     assert report.failures == ()
@@ -588,9 +594,9 @@ def test_canvas_comes_from_canvas_json(runs: Runs) -> None:
     """collect's canvas.json gives the report its canvas; without it (runs made before
     collect wrote it) the canvas is recomputed from transforms.json, to the same box."""
     conf = runs.partial.conf
-    canvas_url = conf.process_url("align", "canvas.json")
+    canvas_url = conf.layout.process_url("align", "canvas.json")
     written = json.loads(storage.read_bytes(canvas_url))
-    assert written == {**runs.canvas, "transforms": conf.process_url(TRANSFORMS)}
+    assert written == {**runs.canvas, "transforms": conf.layout.process_url(TRANSFORMS)}
     assert load_run(runs.source, "part").bbox_xy == tuple(written["bbox"])
     try:
         storage.write_bytes(canvas_url, json.dumps({**written, "bbox": [7, 5]}).encode())

@@ -74,12 +74,12 @@ def test_run_buckets_go_where_the_source_is(proxy: FaultProxy) -> None:
     proxy.requests.clear()
     info = _info(source)
     stages.create_env(info, "manual__1")
-    names = info.conf.bucket_names()
+    names = info.conf.layout.bucket_names()
     assert _created(proxy) == {
         names[role]: (REGION, "STANDARD") for role in ("process", "tmp", "ng", "chunk")
     }
     assert storage.bucket_settings(names["ng"])["location"] == REGION
-    init = json.loads(storage.read_bytes(info.conf.process_url(INIT)))
+    init = json.loads(storage.read_bytes(info.conf.layout.process_url(INIT)))
     assert init["location"] == REGION
 
 

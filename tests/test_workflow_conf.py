@@ -67,7 +67,7 @@ def test_defaults_and_contract_keys() -> None:
         "jpeg_channels": "rgb",
         "channel_templates": None,
     }
-    assert c.bucket_names() == {
+    assert c.layout.bucket_names() == {
         "source": "my-slices",
         "process": "my-slices_process",
         "tmp": "my-slices_tmp_run1_0123456789ab",
@@ -75,18 +75,19 @@ def test_defaults_and_contract_keys() -> None:
         "chunk": "my-slices_chunk_run1_0123456789ab",
     }
     assert c.slice_names()[0] == "img.00010.png" and len(c.slice_names()) == 11
-    assert c.neuroglancer_source() == (
+    assert c.layout.neuroglancer_source() == (
         "precomputed://gs://my-slices_ng_run1_0123456789ab/neuroglancer/jpeg"
     )
     assert (
-        c.process_url("align", "x.json") == "gs://my-slices_process/run1_0123456789ab/align/x.json"
+        c.layout.process_url("align", "x.json")
+        == "gs://my-slices_process/run1_0123456789ab/align/x.json"
     )
 
 
 def test_legacy_aliases() -> None:
     c = parse_conf(conf(project_id="proj-1", rawPyramid=False, **{"clip-limit": 0}))
     assert (c.project, c.create_raw_pyramid, c.clip_limit) == ("proj-1", False, 0.0)
-    assert "chunk" not in c.bucket_names()
+    assert "chunk" not in c.layout.bucket_names()
     # The trigger form sends project: null alongside a legacy key; the legacy value wins.
     assert parse_conf(conf(project=None, project_id="p2")).project == "p2"
     assert parse_conf(conf(project="p2", project_id="p2")).project == "p2"

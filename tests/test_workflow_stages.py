@@ -81,10 +81,10 @@ def test_create_env_is_idempotent(root: Path) -> None:
     info = run_info("src", createRawPyramid=False, project="proj")
     first = stages.create_env(info, "manual__1")
     assert first["buckets_created"] == {"src_process": True, "src_tmp_r1": True, "src_ng_r1": True}
-    init1 = json.loads(storage.read_bytes(info.conf.process_url(layout.INIT)))
+    init1 = json.loads(storage.read_bytes(info.conf.layout.process_url(layout.INIT)))
     second = stages.create_env(info, "manual__2")
     assert set(second["buckets_created"].values()) == {False}
-    init2 = json.loads(storage.read_bytes(info.conf.process_url(layout.INIT)))
+    init2 = json.loads(storage.read_bytes(info.conf.layout.process_url(layout.INIT)))
     assert init2["first_started"] == init1["started"]
     assert init2["airflow_run_id"] == "manual__2"
     assert init2["conf"] == info.conf.to_json() and init2["slice_size_xy"] == [40, 30]
@@ -111,9 +111,13 @@ def test_align_and_collect_compose_the_cached_answers(root: Path) -> None:
         4: affine.translation(6, 0),
         5: affine.translation(0, 1),
     }
-    csv = storage.read_bytes(info.conf.process_url(layout.TRANSFORMS_CSV)).decode().splitlines()
+    csv = (
+        storage.read_bytes(info.conf.layout.process_url(layout.TRANSFORMS_CSV))
+        .decode()
+        .splitlines()
+    )
     assert csv[0] == "slice,m00,m10,m01,m11,m02,m12" and csv[2] == "4,1.0,0.0,0.0,1.0,6.0,0.0"
-    qc = storage.read_bytes(info.conf.process_url(layout.QC)).decode().splitlines()
+    qc = storage.read_bytes(info.conf.layout.process_url(layout.QC)).decode().splitlines()
     assert qc[1] == "3,4,translation,0.0,40,44,0.3,0.4"
 
 
@@ -135,7 +139,7 @@ def test_align_from_takes_an_earlier_runs_alignment(root: Path) -> None:
     assert stages.align_pairs(info, 0, "http://127.0.0.1:9", FAST)["planned"] == 0
     canvas = stages.collect_alignment(info)
     assert canvas["bbox"] == before["bbox"] and canvas["aligned_from"] == "r1"
-    assert canvas["transforms"] == info.conf.process_url(layout.TRANSFORMS)
+    assert canvas["transforms"] == info.conf.layout.process_url(layout.TRANSFORMS)
     whole = stages.read_transforms(first.conf)
     assert stages.read_transforms(info.conf) == {4: whole[4], 5: whole[5]}
     assert stages.write_plan(info, canvas)[0].payload["transform"] == whole[4]
@@ -195,7 +199,7 @@ def test_ngingest_written_check_and_status(root: Path, emwrite: ScriptedServer) 
          "finished": "2026-01-01T00:00:06+00:00", "batch": {"planned": 0, "cached": 0, "sent": 0, "attempts": 0}},
     ]  # fmt: skip
     doc = stages.write_status(info, canvas, records, "manual__1")
-    assert json.loads(storage.read_bytes(info.conf.process_url(layout.COMPLETE))) == doc
+    assert json.loads(storage.read_bytes(info.conf.layout.process_url(layout.COMPLETE))) == doc
     assert doc["stages"] == {
         "validate": {"tasks": 1, "started": records[0]["started"], "finished": records[0]["finished"], "elapsed_s": 2.0},
         "ngingest.write_ng_shards": {"tasks": 2, "started": records[2]["started"], "finished": records[1]["finished"],

@@ -204,7 +204,7 @@ def _print_outcome(conf: RunConf, doc: dict, seconds: float) -> None:
     )
     print(f"  storage:     {storage.backend_description()}")
     print(
-        f"  records:     {conf.process_url()}/  (init.json, align/transforms.json, qc.csv, complete.json)"
+        f"  records:     {conf.layout.process_url()}/  (init.json, align/transforms.json, qc.csv, complete.json)"
     )
     print(f"  neuroglancer source: {doc['neuroglancer']}")
     for name, stage in doc.get("stages", {}).items():

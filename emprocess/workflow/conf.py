@@ -552,7 +552,7 @@ class RunConf(BaseModel):
                     check_key(template % z)
                 except InvalidKey as e:
                     raise ValueError(f"image template {template!r} gives for z={z}: {e}") from None
-        for role, name in self.bucket_names().items():
+        for role, name in self.layout.bucket_names().items():
             if role == "source":
                 continue
             try:
@@ -578,15 +578,6 @@ class RunConf(BaseModel):
         """Where this run keeps its buckets, volumes and records (:mod:`emprocess.layout`)."""
         return RunLayout(self.source, self.id, self.create_raw_pyramid)
 
-    def bucket_names(self) -> dict[str, str]:
-        """The run's buckets by role: source, process, tmp, ng and (with the raw volume) chunk."""
-        return self.layout.bucket_names()
-
-    @property
-    def chunk_bucket(self) -> str:
-        """SOURCE_chunk_ID, whether or not the raw volume is written (the services want a name)."""
-        return self.layout.chunk
-
     @property
     def resolution_xyz(self) -> tuple[float, float, float]:
         """Voxel size (x, y, z) in nm."""
@@ -610,14 +601,6 @@ class RunConf(BaseModel):
         """Object keys of slice ``z``'s files, one per channel (``channel_templates``), or
         its one file."""
         return [template % z for template in self.templates()]
-
-    def process_url(self, *parts: str) -> str:
-        """``gs://SOURCE_process/ID/<parts>``."""
-        return self.layout.process_url(*parts)
-
-    def neuroglancer_source(self) -> str:
-        """The neuroglancer layer source of the JPEG pyramid."""
-        return self.layout.neuroglancer_source()
 
     def to_json(self) -> dict[str, Any]:
         """The conf with CONTRACTS.md's key names, numbers as numbers and booleans as booleans."""

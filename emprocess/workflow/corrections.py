@@ -102,7 +102,7 @@ def measure_slices(
     return run_batch(
         plan_slice_stats(conf, transforms, area),
         base_url=base_url,
-        cache_url=conf.process_url(STATS_CACHE),
+        cache_url=conf.layout.process_url(STATS_CACHE),
         worker_id=worker_id,
         width=width,
         stage=STAGE,
@@ -130,7 +130,7 @@ def record_intensity(
         return None
     area = run_common_area(transforms, slice_size_xy, bbox_xy)
     tasks = plan_slice_stats(conf, transforms, area)
-    cache = conf.process_url(STATS_CACHE)
+    cache = conf.layout.process_url(STATS_CACHE)
     done = cached_keys(cache)
     missing = [t.name for t in tasks if t.cache_key() not in done]
     if missing:
@@ -157,7 +157,7 @@ def record_intensity(
             [z, f"{s.mean:.4f}", f"{s.std:.4f}", s.pixels, f"{gain:.6f}", f"{offset:.4f}"]
         )
     storage.write_bytes(
-        conf.process_url(INTENSITY), out.getvalue().encode(), content_type="text/csv"
+        conf.layout.process_url(INTENSITY), out.getvalue().encode(), content_type="text/csv"
     )
     gains = [g for g, _ in table.values()]
     offsets = [o for _, o in table.values()]
@@ -192,7 +192,7 @@ def read_gain_offset(conf: RunConf) -> dict[int, tuple[float, float]] | None:
     """
     if conf.intensity_correction == "none":
         return None
-    url = conf.process_url(INTENSITY)
+    url = conf.layout.process_url(INTENSITY)
     if not storage.exists(url):
         raise EmprocessError(
             f"intensity_correction {conf.intensity_correction!r} but {url} is missing: "

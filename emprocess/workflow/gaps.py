@@ -62,7 +62,7 @@ def plan_gaps(info: RunInfo) -> dict[str, Any]:
         log.info("no second align round (skip_align, align_from or no global_solve)")
         return {"pairs": 0}
     tasks = plan_align_pairs(conf, info.intensity_window)
-    answers = read_cached(tasks, conf.process_url(AFFINE_CACHE))
+    answers = read_cached(tasks, conf.layout.process_url(AFFINE_CACHE))
     results = {parse_pair_name(t.name): answers[t.name] for t in tasks}
     plan = plan_gap_pairs(results, conf.minz, conf.maxz, conf.downsample_factor, conf.skip_slices)
     conf.layout.records.write_gaps(GapsRecord.model_validate(plan.to_json()))
@@ -103,7 +103,7 @@ def align_gap_pairs(
     return run_batch(
         tasks,
         base_url=base_url,
-        cache_url=conf.process_url(AFFINE_CACHE),
+        cache_url=conf.layout.process_url(AFFINE_CACHE),
         worker_id=worker_id,
         width=info.width,
         stage=STAGE,
@@ -125,7 +125,7 @@ def read_gap_answers(info: RunInfo) -> tuple[GapPlan | None, dict[tuple[int, int
     if plan is None or not plan.pairs:
         return plan, {}
     tasks = gap_pair_tasks(info, plan)
-    cache = conf.process_url(AFFINE_CACHE)
+    cache = conf.layout.process_url(AFFINE_CACHE)
     done = cached_keys(cache)
     missing = [t.name for t in tasks if t.cache_key() not in done]
     if missing:

@@ -229,7 +229,7 @@ def plan_aligned_slices(
 def _volume_fields(conf: RunConf, bbox_xy: Sequence[int]) -> dict:
     return {
         "dest": conf.layout.ng,
-        "dest_raw": conf.chunk_bucket if conf.create_raw_pyramid else None,
+        "dest_raw": conf.layout.chunk if conf.create_raw_pyramid else None,
         "minz": conf.minz,
         "maxz": conf.maxz,
         "bbox": [int(bbox_xy[0]), int(bbox_xy[1])],

@@ -105,7 +105,7 @@ def record_quality(
         v = values[z]
         writer.writerow([z, "" if v is None else f"{v:.5f}", int(z in doubtful)])
     storage.write_bytes(
-        conf.process_url(QUALITY), text.getvalue().encode(), content_type="text/csv"
+        conf.layout.process_url(QUALITY), text.getvalue().encode(), content_type="text/csv"
     )
     got = [v for v in values.values() if v is not None]
     summary = {

@@ -331,7 +331,7 @@ def create_env(info: RunInfo, airflow_run_id: str) -> dict[str, Any]:
     conf = info.conf
     created = {}
     location = run_location(conf)
-    for role, name in conf.bucket_names().items():
+    for role, name in conf.layout.bucket_names().items():
         if role == "source":
             continue
         created[name] = storage.create_bucket(
@@ -352,7 +352,7 @@ def create_env(info: RunInfo, airflow_run_id: str) -> dict[str, Any]:
         slice_bits=info.slice_bits,
         intensity_window=None if info.intensity_window is None else list(info.intensity_window),
         intensity_measured=intensity_sample(info),
-        buckets=conf.bucket_names(),
+        buckets=conf.layout.bucket_names(),
         location=location,
         started=started,
         first_started=first_started or started,
@@ -382,7 +382,7 @@ def _send(
     return run_batch(
         tasks,
         base_url=base_url,
-        cache_url=conf.process_url(cache),
+        cache_url=conf.layout.process_url(cache),
         worker_id=worker_id,
         width=width,
         stage=stage,
@@ -433,7 +433,7 @@ def check_features(info: RunInfo) -> dict[str, Any]:
     if conf.skip_align or conf.align_from is not None:
         return {"slices": 0}
     tasks = plan_features(conf, info.intensity_window)
-    done = cached_keys(conf.process_url(FEATURES_CACHE))
+    done = cached_keys(conf.layout.process_url(FEATURES_CACHE))
     missing = [t.name for t in tasks if t.cache_key() not in done]
     if missing:
         raise EmprocessError(
@@ -476,7 +476,7 @@ def collect_alignment(info: RunInfo) -> dict[str, Any]:
         qc_text = qc_csv(comp.pairs)
     else:
         tasks = plan_align_pairs(conf, info.intensity_window)
-        answers = read_cached(tasks, conf.process_url(AFFINE_CACHE))
+        answers = read_cached(tasks, conf.layout.process_url(AFFINE_CACHE))
         results = {parse_pair_name(t.name): answers[t.name] for t in tasks}
         if conf.global_solve:
             from emprocess.workflow.gaps import read_gap_answers
@@ -497,7 +497,7 @@ def collect_alignment(info: RunInfo) -> dict[str, Any]:
             qc_text = pairs_csv(comp.pairs, solved)
             fill = solved.fill(conf.bad_slice_fill)
             storage.write_bytes(
-                conf.process_url(SLICES),
+                conf.layout.process_url(SLICES),
                 slices_csv(solved.slices).encode(),
                 content_type="text/csv",
             )
@@ -510,11 +510,11 @@ def collect_alignment(info: RunInfo) -> dict[str, Any]:
         {z: comp.transforms[z] for z in sorted(comp.transforms)}
     )
     storage.write_bytes(
-        conf.process_url(TRANSFORMS_CSV),
+        conf.layout.process_url(TRANSFORMS_CSV),
         transforms_csv(comp.transforms).encode(),
         content_type="text/csv",
     )
-    storage.write_bytes(conf.process_url(QC), qc_text.encode(), content_type="text/csv")
+    storage.write_bytes(conf.layout.process_url(QC), qc_text.encode(), content_type="text/csv")
     records.write_fill(dict(sorted(fill.items())))
     models = dict(Counter(p.model for p in comp.pairs))
     log.info("canvas %dx%d; models used %s", comp.bbox_xy[0], comp.bbox_xy[1], models)
@@ -592,7 +592,7 @@ def take_alignment(conf: RunConf) -> dict[str, Any]:
     fill = {z: s for z, s in earlier.records.read_fill().items() if z in zs}
     transforms_url = records.write_transforms(transforms)
     storage.write_bytes(
-        conf.process_url(TRANSFORMS_CSV),
+        conf.layout.process_url(TRANSFORMS_CSV),
         transforms_csv(transforms).encode(),
         content_type="text/csv",
     )
@@ -600,7 +600,7 @@ def take_alignment(conf: RunConf) -> dict[str, Any]:
     for key in (QC, SLICES):
         if storage.exists(earlier.process_url(key)):
             data = storage.read_bytes(earlier.process_url(key))
-            storage.write_bytes(conf.process_url(key), data, content_type="text/csv")
+            storage.write_bytes(conf.layout.process_url(key), data, content_type="text/csv")
     canvas = earlier.records.canvas().model_copy(
         update={"transforms": transforms_url, "aligned_from": conf.align_from}
     )
@@ -675,7 +675,7 @@ def tiles_to_rewrite(
     retry, a re-triggered run), so a first run plans and lists nothing here.
     """
     conf = info.conf
-    done = cached_keys(conf.process_url(NG_CACHE))
+    done = cached_keys(conf.layout.process_url(NG_CACHE))
     cubes = shard_plan(info, canvas)
     mine = {t.index + conf.minz for t in cached}
     needed = {
@@ -700,7 +700,7 @@ def check_slices_written(info: RunInfo, canvas: Mapping[str, Any]) -> dict[str, 
     """
     conf = info.conf
     tasks = write_plan(info, canvas)
-    done = cached_keys(conf.process_url(WRITE_CACHE))
+    done = cached_keys(conf.layout.process_url(WRITE_CACHE))
     missing = [t.name for t in tasks if t.cache_key() not in done]
     if missing:
         raise EmprocessError(
@@ -736,7 +736,7 @@ def write_ng_shards(
 def check_written(info: RunInfo, canvas: Mapping[str, Any]) -> tuple[bool, str]:
     """``iswritten``: whether the volume is complete: its ``info`` and every cube answered."""
     conf = info.conf
-    done = cached_keys(conf.process_url(NG_CACHE))
+    done = cached_keys(conf.layout.process_url(NG_CACHE))
     tasks = [ngmeta_task(conf, canvas["bbox"]), *shard_plan(info, canvas)]
     missing = [t.name for t in tasks if t.cache_key() not in done]
     jpeg_info = info_url(conf.layout.jpeg_url)

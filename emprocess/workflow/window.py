@@ -176,7 +176,7 @@ def measure_window_by_service(
     from emprocess.workflow.batch import read_cached, run_batch
 
     tasks = plan_histograms(conf)
-    cache = conf.process_url(WINDOW_CACHE)
+    cache = conf.layout.process_url(WINDOW_CACHE)
     run_batch(
         tasks,
         base_url=base_url,

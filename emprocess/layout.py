@@ -226,6 +226,12 @@ class RunLayout:
         return out
 
 
+def features_url(slice_bucket: str, run_id: str, slice_key: str, digest: str) -> str:
+    """``gs://SOURCE_process/`` + :func:`features_key`: the stored features of slice object
+    ``slice_key`` of bucket ``slice_bucket`` (the run's source)."""
+    return f"gs://{process_bucket(slice_bucket)}/{features_key(run_id, slice_key, digest)}"
+
+
 def features_key(run_id: str, slice_key: str, digest: str) -> str:
     """Key in ``SOURCE_process`` of the stored features of slice object ``slice_key`` made
     by the recipe of ``digest``: ``RUN_ID/align/features/STEM.DIGEST.feat`` (STEM: the

@@ -127,7 +127,7 @@ def test_slice_correction_of_a_run_follows_the_clean_stack(
         source=source, run_id=conf.id, process_url=conf.layout.process_url(), backend="test",
         generated=datetime.now(UTC), state="finished", state_reason="", last_activity=None,
         init={"conf": {"minz": 0, "maxz": N - 1}}, complete=None, bbox_xy=bbox, stages=(),
-        slice_ncc=read_quality(conf.layout.process_url()),
+        slice_ncc=read_quality(conf.layout),
     )  # fmt: skip
     assert report.quality is not None and report.quality["doubtful"] == [11, 12]
     assert report.to_json()["quality_along_z"]["doubtful"] == [11, 12]

@@ -135,12 +135,13 @@ def _pmap(fn: Callable[[str], T], items: Sequence[str], threads: int) -> list[T]
 
 
 def _failures(
-    process: str, done: Mapping[str, set[str]], threads: int
+    layout: RunLayout, done: Mapping[str, set[str]], threads: int
 ) -> tuple[dict[str, int], list[FailureNote]]:
     """Failure records of mini-tasks that still have no answer, per stage."""
-    prefix = storage.parse_url(f"{process}/{FAILURES}/").key
+    failures = layout.process_url(FAILURES) + "/"
+    prefix = storage.parse_url(failures).key
     outstanding: dict[str, list[ObjectInfo]] = {}
-    for info in storage.list_objects(f"{process}/{FAILURES}/"):
+    for info in storage.list_objects(failures):
         stage, _, fn = info.key[len(prefix) :].partition("/")
         name = failure_name(fn)
         if stage in done and name and name not in done[stage]:
@@ -156,7 +157,7 @@ def _failures(
             log.warning("cannot read failure record %s: %s", key, e)
             return "(no message)"
 
-    bucket = storage.parse_url(process).bucket
+    bucket = layout.process
     errors = _pmap(read, [info.key for info in shown], threads)
     notes = []
     for info, error in zip(shown, errors, strict=True):
@@ -312,7 +313,7 @@ def load_run(
         times.extend(i.updated for i in counted[stage].objects.values())
 
     failure_counts, failure_notes = _failures(
-        process, {s: set(c.objects) for s, c in counted.items()}, threads
+        layout, {s: set(c.objects) for s, c in counted.items()}, threads
     )
     times.extend(f.when for f in failure_notes)
     last_activity = max(times)
@@ -327,7 +328,7 @@ def load_run(
         stage_progress(
             stage,
             label,
-            f"{process}/{prefix}/",
+            layout.process_url(prefix) + "/",
             counted[stage],
             plans[stage],
             running=state == RUNNING,
@@ -372,7 +373,7 @@ def load_run(
         failures=tuple(failure_notes),
         slice_qc=tuple(slice_qc),
         alignment=alignment,
-        slice_ncc=read_quality(process),
+        slice_ncc=read_quality(layout),
     )
     log.info(
         "run %s: %s; %s",

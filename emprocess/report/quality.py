@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from emprocess import storage
-from emprocess.layout import QUALITY
+from emprocess.layout import QUALITY, RunLayout
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -20,10 +20,10 @@ if TYPE_CHECKING:
     from emprocess.report.model import RunReport
 
 
-def read_quality(process_url: str) -> tuple[dict[str, Any], ...]:
-    """Rows of ``process_url``/align/quality.csv as {z, ncc_next (None for the last), doubtful};
+def read_quality(run: RunLayout) -> tuple[dict[str, Any], ...]:
+    """Rows of the run's align/quality.csv as {z, ncc_next (None for the last), doubtful};
     () before finish_align wrote it."""
-    url = f"{process_url}/{QUALITY}"
+    url = run.process_url(QUALITY)
     if not storage.exists(url):
         return ()
     rows = csv.DictReader(io.StringIO(storage.read_bytes(url).decode()))

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 from flask import Flask, jsonify
 
-from emprocess import storage
+from emprocess import layout, storage
 from emprocess.errors import BucketNotFound, InvalidInput, ObjectNotFound
 from emprocess.kernels.align import (
     AlignParams,
@@ -46,7 +46,6 @@ from emprocess.kernels.align import (
 )
 from emprocess.kernels.features import decode_features, encode_features, max_encoded_bytes
 from emprocess.kernels.intensity import to_uint8
-from emprocess.layout import features_key, process_bucket
 from emprocess.models import AlignRequest, FeaturesRequest
 from emprocess.services.align import MAX_SIZE_RATIO, read_channel_files, read_image, source_size
 from emprocess.services.common import json_body, parse
@@ -82,8 +81,7 @@ def features_url(req: FeaturesRequest, params: AlignParams) -> tuple[str, dict[s
     digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
     described["digest"] = digest
     loc = storage.parse_url(req.img)
-    key = features_key(req.run_id, loc.key, digest)
-    return f"gs://{process_bucket(loc.bucket)}/{key}", described
+    return layout.features_url(loc.bucket, req.run_id, loc.key, digest), described
 
 
 def load_slice(req: FeaturesRequest, *, max_pixels: int) -> tuple[np.ndarray, tuple[int, int]]:

@@ -138,7 +138,9 @@ def plan_histograms(conf: RunConf) -> list[MiniTask]:
             name=task_name,
             path="/histogram",
             payload=HistogramRequest(
-                img=f"gs://{conf.source}/{name}", sample_pixels=AUTO_SAMPLE_PIXELS, channels=kept
+                img=source_slice_url(conf.source, name),
+                sample_pixels=AUTO_SAMPLE_PIXELS,
+                channels=kept,
             ).payload(),
         )
         for i, (task_name, name) in enumerate(files)

@@ -23,6 +23,9 @@ straight into the tmp bucket with the "raw" tile codec), each in its own process
 Phase processes get ``MALLOC_ARENA_MAX=2`` as in the container (``--glibc-arenas``
 leaves glibc's default).
 
+The stack and the request bodies are made by :mod:`emprocess_bench.emwrite_stack`, the
+phase processes run and measured by :mod:`emprocess_bench.emwrite_phases`.
+
 Call the functions from a ``if __name__ == "__main__":`` block: the phases start
 ``spawn`` processes, which import the caller's main module.
 """
@@ -34,358 +37,39 @@ import functools
 import json
 import logging
 import math
-import multiprocessing
 import os
-import resource
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import cv2
 import numpy as np
 
-from emprocess import affine, storage
+from emprocess import storage
 from emprocess.layout import RunLayout
+from emprocess_bench.emwrite_phases import (
+    CONTAINER_MALLOC_ARENA_MAX,
+    _cpu_s,
+    clear_buckets,
+    phase_env,
+    run_phase,
+    storage_root,
+)
+from emprocess_bench.emwrite_stack import (
+    LAYOUT,
+    RUN_ID,
+    SOURCE,
+    _em_texture,
+    aligned_slice_payloads,
+    colour_slice,
+    global_transforms,
+    volume_payload,
+    write_stack,
+)
 
 log = logging.getLogger(__name__)
 
-SOURCE = "bench-src"
-CONTAINER_MALLOC_ARENA_MAX = 2  # as emwrite_docker/Dockerfile sets it
-RUN_ID = "bench"
-LAYOUT = RunLayout(SOURCE, RUN_ID)
-TEMPLATE = "img.%05d.png"
 MB = 1e6
-
-
-# -- set-up (parent process) ---------------------------------------------------
-
-
-def global_transforms(
-    world: dict[str, list[float]], width: int, height: int
-) -> tuple[dict[int, list[float]], tuple[int, int]]:
-    """Slice -> canvas transforms and the canvas (width, height) for a stack's world transforms.
-
-    The canvas is the bounding box of every transformed slice, shifted to start at 0, 0
-    (what the DAG's "collect" step does with the chained pairwise transforms).
-    """
-    corners = np.concatenate(
-        [affine.apply(t, affine.corners_xy(width, height)) for t in world.values()]
-    )
-    lo, hi = np.floor(corners.min(0)), np.ceil(corners.max(0))
-    shift = affine.translation(-lo[0], -lo[1])
-    transforms = {int(z): affine.compose(shift, t) for z, t in world.items()}
-    return transforms, (int(hi[0] - lo[0]), int(hi[1] - lo[1]))
-
-
-BITS16_SCALE, BITS16_OFFSET = 16, 300
-"""A 16-bit benchmark stack is the 8-bit one as v * 16 + 300 (12 bits of signal in 16),
-sent with the window that maps it back: the same pixels after the window, so the rows
-compare the cost of 16-bit slices with the same work after the intensity step."""
-
-
-def bits16_window() -> list[float]:
-    return [float(BITS16_OFFSET), float(BITS16_OFFSET + 255 * BITS16_SCALE)]
-
-
-def write_stack(
-    slices: int, size: int, seed: int = 0, bits: int = 8, channels: int = 1
-) -> dict[str, Any]:
-    """Create the run's buckets and write the synthetic stack to SOURCE.
-
-    Args:
-        bits: 8, or 16 for the stack as 16-bit PNGs (see ``BITS16_SCALE``).
-        channels: 1, or 3 for RGB PNGs (see :func:`colour_slice`), sent with ``channels``.
-
-    Returns:
-        ``{"transforms": {z: 6 numbers}, "bbox": (width, height), "minz", "maxz"}``.
-    """
-    from emprocess.images import decode_image
-    from emprocess.sample import write_sample
-
-    for bucket in RunLayout(SOURCE, RUN_ID).bucket_names().values():
-        storage.create_bucket(bucket)
-    truth = write_sample(
-        storage.bucket_url(SOURCE, ""), slices, size, size, seed, template=TEMPLATE
-    )
-    if bits == 16:
-        for z in range(slices):
-            url = storage.bucket_url(SOURCE, TEMPLATE % z)
-            image = decode_image(storage.read_bytes(url), url)
-            wide = image.astype(np.uint16) * BITS16_SCALE + BITS16_OFFSET
-            storage.write_bytes(url, cv2.imencode(".png", wide)[1].tobytes())
-    if channels == 3:
-        for z in range(slices):
-            url = storage.bucket_url(SOURCE, TEMPLATE % z)
-            rgb = colour_slice(decode_image(storage.read_bytes(url), url))
-            storage.write_bytes(url, cv2.imencode(".png", rgb[:, :, ::-1])[1].tobytes())
-    transforms, bbox = global_transforms(truth["world"], size, size)
-    return {
-        "transforms": transforms,
-        "bbox": bbox,
-        "minz": 0,
-        "maxz": slices - 1,
-        "bits": bits,
-        "channels": channels,
-    }
-
-
-def colour_slice(grey: np.ndarray) -> np.ndarray:
-    """(H, W, 3) RGB of a benchmark slice: the slice, its negative, and its half."""
-    return np.dstack([grey, 255 - grey if grey.dtype == np.uint8 else ~grey, grey // 2])
-
-
-def aligned_slice_payloads(stack: dict[str, Any], clip_limit: float = 0.02) -> list[dict]:
-    """One /alignedslice body per slice."""
-    return [
-        {
-            "img": TEMPLATE % z,
-            "transform": t,
-            "bbox": list(stack["bbox"]),
-            "dest": SOURCE,
-            "dest-tmp": LAYOUT.tmp,
-            "slice": z,
-            "run_id": RUN_ID,
-            "clip-limit": clip_limit,
-            **({"intensity_window": bits16_window()} if stack.get("bits") == 16 else {}),
-            **({"raw_dtype": "uint16"} if stack.get("raw_bits") == 16 else {}),
-            **({"channels": stack["channels"]} if stack.get("channels", 1) > 1 else {}),
-        }
-        for z, t in sorted(stack["transforms"].items())
-    ]
-
-
-def volume_payload(
-    bbox: tuple[int, int],
-    minz: int,
-    maxz: int,
-    write_raw: bool,
-    run: RunLayout = LAYOUT,
-    raw_bits: int = 8,
-    channels: int = 1,
-) -> dict[str, Any]:
-    """The /ngmeta body of ``run``'s volumes (buckets created); /ngshard adds ``source``
-    (the run's tmp bucket: emwrite takes only one run's buckets) and ``start``."""
-    body: dict[str, Any] = {
-        "dest": run.ng,
-        "minz": minz,
-        "maxz": maxz,
-        "bbox": list(bbox),
-        "writeRaw": write_raw,
-        "resolution": 8,
-        **({"raw_dtype": "uint16"} if raw_bits == 16 else {}),
-        **({"channels": channels} if channels > 1 else {}),
-    }
-    storage.create_bucket(body["dest"])
-    if write_raw:
-        body["dest_raw"] = run.chunk
-        storage.create_bucket(body["dest_raw"])
-    return body
-
-
-# -- phases (each in a fresh subprocess) ------------------------------------
-
-
-def _cpu_s() -> float:
-    total = 0.0
-    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
-        ru = resource.getrusage(who)
-        total += ru.ru_utime + ru.ru_stime
-    return total
-
-
-def _phase_alignedslice(bodies: list[dict]) -> None:
-    from emprocess.models import AlignedSliceRequest
-    from emprocess.services.emwrite import aligned_slice
-
-    for body in bodies:
-        aligned_slice(AlignedSliceRequest.model_validate(body))
-
-
-def _phase_ngshard(meta: dict, source: str) -> None:
-    from emprocess.kernels.ngmeta import plan_cubes
-    from emprocess.models import NgMetaRequest, NgShardRequest
-    from emprocess.services.emwrite import ng_meta, ng_shard
-
-    ng_meta(NgMetaRequest.model_validate(meta))
-    for start in plan_cubes(tuple(meta["bbox"]), meta["minz"], meta["maxz"]):
-        ng_shard(NgShardRequest.model_validate({**meta, "source": source, "start": list(start)}))
-
-
-_PHASES: dict[str, Callable[..., None]] = {
-    "alignedslice": _phase_alignedslice,
-    "ngshard": _phase_ngshard,
-}
-
-
-def peak_rss_mib() -> float:
-    """This process's peak resident memory in MiB.
-
-    ``VmHWM`` of /proc/self/status where it exists: Linux carries ``ru_maxrss`` over
-    ``execve``, so a process spawned by a large parent would report the parent's
-    size; the high-water mark of the process's own address space does not.
-    """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _child(name: str, args: tuple, cv_threads: int, conn: Any) -> None:
-    """Run one phase and send back its CPU, wall and peak RSS figures."""
-    try:
-        cv2.setNumThreads(cv_threads)
-        import tensorstore  # noqa: F401  (imports are not part of the measured work)
-
-        import emprocess.services.emwrite  # noqa: F401
-
-        rss0 = peak_rss_mib()
-        cpu0, wall0 = _cpu_s(), time.perf_counter()
-        _PHASES[name](*args)
-        cpu, wall = _cpu_s() - cpu0, time.perf_counter() - wall0
-        peak = peak_rss_mib()
-        conn.send({"cpu_s": cpu, "wall_s": wall, "peak_rss_mib": peak, "base_rss_mib": rss0})
-    except BaseException as e:
-        conn.send({"error": f"{type(e).__name__}: {e}"})
-        raise
-    finally:
-        conn.close()
-
-
-def clear_buckets(*buckets: str) -> None:
-    """Delete every object of these buckets (between repeats)."""
-    for bucket in buckets:
-        for key in storage.list_keys(storage.bucket_url(bucket, "")):
-            storage.delete(storage.bucket_url(bucket, key))
-
-
-@contextmanager
-def _package_importable() -> Iterator[None]:
-    """Hide sys.path folders where a lone emprocess.py (a DAG file) would shadow the package.
-
-    A spawned process starts with its parent's sys.path; once Airflow has loaded a DAG
-    folder it is first there (tests, a run on an Airflow worker), and ``import
-    emprocess_bench.emwrite`` in the child would find the DAG file instead.
-    """
-    import sys
-
-    saved = list(sys.path)
-    sys.path[:] = [
-        p
-        for p in saved
-        if not (os.path.isfile(os.path.join(p or ".", "emprocess.py")))
-        or os.path.isdir(os.path.join(p or ".", "emprocess"))
-    ]
-    try:
-        yield
-    finally:
-        sys.path[:] = saved
-
-
-def run_phase(
-    name: str,
-    *args: Any,
-    cv_threads: int = 1,
-    repeats: int = 1,
-    fresh: Callable[[], None] | None = None,
-    env: dict[str, str | None] | None = None,
-) -> dict[str, float]:
-    """Run phase ``name`` in ``repeats`` fresh spawned processes, one after the other.
-
-    ``fresh`` runs in this process before each repeat, unmeasured: it deletes what
-    the phase writes, so every repeat writes new objects as a run does (replacing a
-    4.6 MB file cost 4 ms more than creating one on this machine's disk). ``env`` is
-    the phase process's environment on top of this one's (default: :func:`phase_env`
-    of this process's storage settings).
-
-    Returns:
-        The fastest run's CPU and wall seconds (the machine may be shared) and the
-        largest peak RSS in MiB (``base_rss_mib``: after imports, before the work).
-    """
-    ctx = multiprocessing.get_context("spawn")
-    env = phase_env() if env is None else env
-    runs = []
-    for _ in range(repeats):
-        if fresh is not None:
-            fresh()
-        recv, send = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_child, args=(name, args, cv_threads, send))
-        with _package_importable(), environment(**env):
-            proc.start()
-        send.close()
-        try:
-            result = recv.recv()
-        except EOFError:
-            result = {"error": "the phase process died without an answer"}
-        proc.join()
-        if "error" in result or proc.exitcode != 0:
-            raise RuntimeError(f"phase {name} failed (exit {proc.exitcode}): {result.get('error')}")
-        runs.append(result)
-    return {
-        "cpu_s": min(r["cpu_s"] for r in runs),
-        "wall_s": min(r["wall_s"] for r in runs),
-        "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
-        "base_rss_mib": max(r["base_rss_mib"] for r in runs),
-    }
-
-
-@contextmanager
-def environment(**values: str | None) -> Iterator[None]:
-    """Set (or, for None, remove) environment variables meanwhile; children inherit them.
-
-    Only around the start of a phase process: ``multiprocessing`` has no ``env`` argument,
-    so this is how a spawned process gets its own environment (as ``Popen(env=...)``).
-    """
-    saved = {k: os.environ.get(k) for k in values}
-    try:
-        for k, v in values.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def phase_env(
-    tile_codec: str | None = None, malloc_arena_max: int | None = CONTAINER_MALLOC_ARENA_MAX
-) -> dict[str, str | None]:
-    """The environment a phase process starts with, as a service's container gets it.
-
-    The storage settings in force here (:func:`emprocess.storage.settings`, so the phase
-    reads and writes where this process does), the service settings with ``tile_codec``
-    (None: the environment's), and glibc's ``MALLOC_ARENA_MAX`` (None: glibc's default).
-    """
-    from emprocess import settings
-
-    service = settings.load(
-        settings.ServiceEnv, **({} if tile_codec is None else {"tile_codec": tile_codec})
-    )
-    env: dict[str, str | None] = {**settings.environ(storage.settings(), service)}
-    env["MALLOC_ARENA_MAX"] = None if malloc_arena_max is None else str(malloc_arena_max)
-    return env
-
-
-@contextmanager
-def storage_root(root: str | None) -> Iterator[str]:
-    """Storage under ``root`` (or a fresh temporary folder) meanwhile, in this process
-    (:func:`emprocess.storage.use`) and, through :func:`phase_env`, in the phases."""
-    from emprocess.settings import StorageEnv, load
-
-    with tempfile.TemporaryDirectory(prefix="bench-emwrite-") as tmp:
-        path = root or tmp
-        with storage.use(load(StorageEnv, storage_root=path)):
-            yield path
 
 
 def _rates(row: dict[str, float], megabytes: float, basis: str) -> dict[str, Any]:
@@ -534,21 +218,6 @@ def _run_stack(
         phases[f"end_to_end_{tag}"] = _rates(row, canvas_mb, "canvas")
         phases[f"end_to_end_{tag}_per_input"] = _rates(row, input_mb, "input")
     return {"stack": info, "phases": phases}
-
-
-def _em_texture(side: int, seed: int = 1) -> np.ndarray:
-    """A side x side EM-like image: one synthetic slice mirrored to fill the square."""
-    from emprocess.sample import generate_slice
-
-    base = min(side, 2048)
-    tile = generate_slice(0, base, base, seed)
-    reps = math.ceil(side / base)
-    rows = [
-        np.concatenate([tile[:, ::-1] if (i + j) % 2 else tile for j in range(reps)], axis=1)
-        for i in range(reps)
-    ]
-    full = np.concatenate([r[::-1] if i % 2 else r for i, r in enumerate(rows)], axis=0)
-    return np.ascontiguousarray(full[:side, :side])
 
 
 def measure_big_slice(

@@ -19,18 +19,15 @@ import numpy as np
 
 from emprocess import storage
 from emprocess.layout import RunLayout
-from emprocess_bench.emwrite import (
+from emprocess_bench.emwrite import MB
+from emprocess_bench.emwrite_phases import (
     CONTAINER_MALLOC_ARENA_MAX,
-    MB,
-    RUN_ID,
-    SOURCE,
-    _em_texture,
     clear_buckets,
     environment,
     run_phase,
     storage_root,
-    volume_payload,
 )
+from emprocess_bench.emwrite_stack import RUN_ID, SOURCE, _em_texture, volume_payload
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "jpeg only": {"writeRaw": False},

@@ -119,7 +119,7 @@ def natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
 
 
 def _check_template(template: str) -> str:
-    from emprocess.workflow.conf import check_template  # the conf's own rule for "image"
+    from emprocess.workflow.slicenames import check_template  # the conf's own rule for "image"
 
     try:
         check_template(template)

@@ -40,7 +40,8 @@ from emprocess.errors import EmprocessError, InvalidInput, NotFound
 from emprocess.imageinfo import HEADER_BYTES, image_header
 from emprocess.settings import StorageEnv, load
 from emprocess.view import geometry_from_info, viewer_state
-from emprocess.workflow.conf import RunConf, check_template, parse_conf, template_prefix
+from emprocess.workflow.conf import RunConf, parse_conf
+from emprocess.workflow.slicenames import check_template, template_prefix
 
 log = logging.getLogger("ingest_multichannel_small")
 

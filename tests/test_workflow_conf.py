@@ -7,15 +7,9 @@ from typing import Any
 import pytest
 
 from emprocess.workflow import DEFAULT_DYNAMIC_WIDTH
-from emprocess.workflow.conf import (
-    InvalidRunConf,
-    RunConf,
-    check_template,
-    conf_keys,
-    param_specs,
-    parse_conf,
-    template_prefix,
-)
+from emprocess.workflow.conf import InvalidRunConf, RunConf, conf_keys, parse_conf
+from emprocess.workflow.params import param_specs
+from emprocess.workflow.slicenames import check_template, template_prefix
 
 GOOD: dict[str, Any] = {
     "id": "run1_0123456789ab",

@@ -134,7 +134,7 @@ def cleanup(
 
 def conf_reference() -> None:
     """Print the run configuration keys as a Markdown table, from the schema."""
-    from emprocess.workflow.conf import conf_reference_markdown
+    from emprocess.workflow.params import conf_reference_markdown
 
     print(conf_reference_markdown(), end="")
 

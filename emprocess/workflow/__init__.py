@@ -1,6 +1,7 @@
 """The Airflow workflow: DAG ids, run configuration, fan-out helper and task bodies.
 
-Only :mod:`emprocess.workflow.conf`, :mod:`emprocess.workflow.tasks` and
+Only :mod:`emprocess.workflow.conf` (with :mod:`~emprocess.workflow.slicenames` and
+:mod:`~emprocess.workflow.params`), :mod:`emprocess.workflow.tasks` and
 :mod:`emprocess.workflow.dag` are imported when Airflow parses ``emprocess.py``;
 everything that needs numpy, requests or storage clients is imported inside the
 task callables, so parsing stays cheap.

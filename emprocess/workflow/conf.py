@@ -1,7 +1,7 @@
-"""The run configuration (``dag_run.conf``) as one schema, and the Airflow Params derived from it.
+"""The run configuration (``dag_run.conf``) as one schema.
 
 :class:`RunConf` is the source of truth: the DAGs build their trigger form from its
-JSON schema (:func:`param_specs`), the ``validate`` task parses the run's conf with
+JSON schema (:mod:`emprocess.workflow.params`), the ``validate`` task parses the run's conf with
 it, and the CLI reuses it. Keys are CONTRACTS.md's; the legacy names ``project_id``
 (for ``project``), ``rawPyramid`` (for ``createRawPyramid``) and ``mail`` (for
 ``email``, the original DAG's spelling) are accepted too.
@@ -12,9 +12,6 @@ string (``"12"``, ``"0.5"``, ``"true"``); nothing else is coerced (``true`` is n
 
 from __future__ import annotations
 
-import copy
-import functools
-import json
 import re
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
@@ -35,6 +32,7 @@ from emprocess.layout import RunLayout
 from emprocess.models import MAX_RESOLUTION_NM, MAX_SLICES, MAX_Z
 from emprocess.storage import check_bucket_name, check_key, check_run_id
 from emprocess.workflow import dag_id
+from emprocess.workflow.slicenames import check_template
 
 MAX_WIDTH = 1024
 MAX_DOWNSAMPLE = 64
@@ -72,12 +70,6 @@ LEGACY_KEYS: dict[str, str] = {
 }
 """Legacy conf key -> the key it stands for."""
 
-# One printf conversion: "%%", or flags, width, precision, length and a conversion letter.
-_PRINTF_FIELD = re.compile(r"%%|%(?P<spec>[#0\- +]*\d*(?:\.\d*)?[hlL]?)(?P<conv>.?)")
-_INT_CONVERSIONS = "diu"
-# Field width and precision of the template's integer field: "%0999999999d" would
-# allocate a gigabyte per slice name before anything else could refuse it.
-MAX_FIELD_WIDTH = 20
 # One address: local part, "@", a domain of dot-separated labels. No spaces, commas,
 # angle brackets or line breaks, so nothing can be added to a mail header.
 _EMAIL = re.compile(
@@ -96,46 +88,6 @@ class InvalidRunConf(InvalidInput):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("invalid run conf: " + "; ".join(problems))
         self.problems = problems
-
-
-def template_prefix(template: str) -> str:
-    """The literal text before the template's first field (a listing prefix), ``%%`` as ``%``."""
-    for m in _PRINTF_FIELD.finditer(template):
-        if m.group(0) != "%%":
-            return template[: m.start()].replace("%%", "%")
-    return template.replace("%%", "%")
-
-
-def check_template(template: str) -> str:
-    """Return ``template`` if it holds exactly one integer printf field, else raise ValueError.
-
-    Accepted fields are ``%d``, ``%i``, ``%u`` with optional flags and width, e.g.
-    ``%05d``; ``%%`` is a literal percent sign. Any other field (``%s``, ``%(z)d``) is refused.
-    """
-    ints = []
-    for m in _PRINTF_FIELD.finditer(template):
-        if m.group(0) == "%%":
-            continue
-        field = m.group(0)
-        if m.group("conv") and m.group("conv") in _INT_CONVERSIONS:
-            sizes = [int(n) for n in re.findall(r"\d+", m.group("spec") or "")]
-            if any(n > MAX_FIELD_WIDTH for n in sizes):
-                raise ValueError(
-                    f"image template {template[:100]!r} has field {field!r}; its width and "
-                    f"precision may be at most {MAX_FIELD_WIDTH}"
-                )
-            ints.append(field)
-        else:
-            raise ValueError(
-                f"image template {template!r} has field {field!r}; only one integer field "
-                "such as %05d or %d is allowed (write a literal % as %%)"
-            )
-    if len(ints) != 1:
-        raise ValueError(
-            f"image template {template!r} has {len(ints)} integer fields {ints}; it needs "
-            "exactly one, such as img.%05d.png"
-        )
-    return template
 
 
 class RunConf(BaseModel):
@@ -679,76 +631,3 @@ def parse_conf(data: Mapping[str, Any] | None) -> RunConf:
 def conf_keys() -> list[str]:
     """The conf keys as users write them (aliases), in schema order."""
     return [f.alias or name for name, f in RunConf.model_fields.items()]
-
-
-# -- Airflow Params ------------------------------------------------------------
-
-
-def _flatten_optional(prop: dict[str, Any]) -> dict[str, Any]:
-    """Turn pydantic's ``anyOf: [{X}, {null}]`` into ``type: [X, "null"]`` for Airflow's form."""
-    any_of = prop.pop("anyOf", None)
-    if any_of is None:
-        return prop
-    types: list[str] = []
-    for option in any_of:
-        option = dict(option)
-        kind = option.pop("type")
-        types.append(kind)
-        prop.update(option)
-    prop["type"] = types
-    return prop
-
-
-@functools.cache
-def _json_schema() -> dict[str, Any]:
-    return RunConf.model_json_schema(by_alias=True, mode="validation")
-
-
-def param_specs(*, dynamic: bool, default_width: int) -> dict[str, dict[str, Any]]:
-    """Keyword arguments of ``airflow.sdk.Param`` for each conf key, from :class:`RunConf`.
-
-    Each spec holds ``description``, the JSON-schema ``type``, ranges, ``title`` and,
-    for keys that have one, ``default``; required keys have no default, so the
-    trigger form asks for them. The fixed-width DAGs get no ``width`` key.
-
-    Args:
-        dynamic: whether the spec is for the dynamic DAG (adds ``width``).
-        default_width: default of ``width`` in the dynamic DAG.
-    """
-    specs: dict[str, dict[str, Any]] = {}
-    for key, prop in copy.deepcopy(_json_schema())["properties"].items():
-        if key == "width" and not dynamic:
-            continue
-        spec = _flatten_optional(dict(prop))
-        if key == "width":
-            spec["default"] = default_width
-            spec["type"] = "integer"
-        specs[key] = spec
-    return specs
-
-
-def conf_reference_markdown() -> str:
-    """The run configuration as a Markdown table, from the schema (the README embeds it)."""
-    schema = _json_schema()
-    required = set(schema.get("required", []))
-    rows = ["| key | type | default | allowed | meaning |", "| --- | --- | --- | --- | --- |"]
-    for key, raw in schema["properties"].items():
-        prop = _flatten_optional(copy.deepcopy(raw))
-        kinds = prop.get("type", "")
-        kind = " or ".join(kinds) if isinstance(kinds, list) else kinds
-        default = "required" if key in required else json.dumps(prop.get("default"))
-        bounds = []
-        for name, sign in (
-            ("minimum", ">="),
-            ("exclusiveMinimum", ">"),
-            ("maximum", "<="),
-            ("exclusiveMaximum", "<"),
-        ):
-            if name in prop:
-                bounds.append(f"{sign} {prop[name]}")
-        for name, sign in (("minLength", "length >="), ("maxLength", "length <=")):
-            if name in prop:
-                bounds.append(f"{sign} {prop[name]}")
-        description = prop.get("description", "").replace("|", "\\|")
-        rows.append(f"| `{key}` | {kind} | {default} | {', '.join(bounds)} | {description} |")
-    return "\n".join(rows) + "\n"

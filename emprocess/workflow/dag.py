@@ -44,8 +44,9 @@ from emprocess.workflow import (
     dag_id,
 )
 from emprocess.workflow import tasks as t
-from emprocess.workflow.conf import MAX_WIDTH, param_specs
+from emprocess.workflow.conf import MAX_WIDTH
 from emprocess.workflow.notify import on_task_failure
+from emprocess.workflow.params import param_specs
 
 DEFAULT_ARGS: dict[str, Any] = {
     "owner": "emprocess",

@@ -13,7 +13,8 @@ from emprocess.errors import BucketNotFound, EmprocessError, InvalidInput
 from emprocess.imageinfo import HEADER_BYTES, ImageHeader, image_header
 from emprocess.volume import source_slice_url
 from emprocess.workflow import DEFAULT_DYNAMIC_WIDTH, VERSION
-from emprocess.workflow.conf import RunConf, parse_conf, template_prefix
+from emprocess.workflow.conf import RunConf, parse_conf
+from emprocess.workflow.slicenames import template_prefix
 from emprocess.workflow.stages.alignfrom import check_align_from
 from emprocess.workflow.stages.common import RunInfo, _names
 from emprocess.workflow.window import decide_window, window_is_measured

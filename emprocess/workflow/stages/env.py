@@ -16,7 +16,6 @@ from emprocess.workflow.window import measured_channels, sample_slices
 
 log = logging.getLogger(__name__)
 
-
 PACKAGES = ("clio-ingest", "apache-airflow", "pydantic", "requests", "google-auth")
 """Whose versions init.json records."""
 

@@ -17,7 +17,6 @@ from emprocess.workflow.stages.env import package_versions
 
 log = logging.getLogger(__name__)
 
-
 TMP_LIFECYCLE_DAYS = 3
 """The tmp bucket's tiles are deleted this many days after they were written."""
 

@@ -155,11 +155,11 @@ def _demo(work: Path, slices: int, size: int, width: int, chosen: StorageEnv) ->
     from emprocess import storage
     from emprocess.errors import EmprocessError
     from emprocess.localrun import RunProgress, run_dag
-    from emprocess.sample import Drift, write_sample
+    from emprocess.sample import TRUTH_NAME, Drift, write_sample
 
     t0 = time.monotonic()
     storage.create_bucket(DEMO_SOURCE)
-    truth_url = storage.bucket_url(DEMO_SOURCE, "truth.json")
+    truth_url = storage.bucket_url(DEMO_SOURCE, TRUTH_NAME)
     if (
         storage.exists(truth_url)
         and len(storage.list_keys(storage.bucket_url(DEMO_SOURCE))) == slices + 1

@@ -205,7 +205,7 @@ def gcs_view(
     if count > 1:
         volumes = _volumes(source, run_id, raw and pre, count, zarr)
         checks = [checks[0], *found, *checks[1:]]
-    layers = [(name, layer_source(f"gs://{b}", p)) for name, b, p in volumes]
+    layers = [(name, layer_source(storage.bucket_url(b).rstrip("/"), p)) for name, b, p in volumes]
     options = _layer_options(run_id, count)
     if zarr:
         array_key = f"{RAW_OME_ZARR_PATH}/{dataset_path(0)}/{ZARR_JSON}"

@@ -7,8 +7,11 @@ in canvas.json and complete.json), :class:`CompleteRecord` (complete.json, write
 :class:`AnswerRecord` (a mini-task's cached answer, ``NAME.DIGEST.json``: keys are
 :class:`emprocess.answers.AnswerCache`'s), :class:`FailureRecord` (``failures/STAGE/NAME.json``,
 written by :class:`FailureRecords`), :class:`NotifiedRecord` (``notified/``),
-:class:`GapsRecord` (align/gaps.json), :class:`SliceRow` (a row of align/slices.csv), and
-the slice maps transforms.json and fill.json.
+:class:`GapsRecord` (align/gaps.json), and the slice maps transforms.json and fill.json.
+Every CSV record's row is a model too (:mod:`.tables`, base :class:`CsvRow`):
+:class:`QcRow` and :class:`PairRow` (align/qc.csv without and with the global solve),
+:class:`TransformRow` (align/transforms.csv), :class:`SliceRow` (align/slices.csv),
+:class:`IntensityRow` (align/intensity.csv) and :class:`QualityRow` (align/quality.csv).
 :class:`RunRecords` (``RunLayout.records``) reads and writes each of them at the key
 :mod:`emprocess.layout` names; the workflow, the report and the CLI go through it.
 
@@ -40,15 +43,23 @@ from emprocess.records.models import (
     IntensitySample,
     NotifiedRecord,
     PairResidual,
-    SliceRow,
     StageTiming,
     fill_bytes,
     parse_fill,
-    parse_slices_csv,
     parse_transforms,
     transforms_bytes,
 )
 from emprocess.records.run import RunRecords
+from emprocess.records.tables import (
+    CsvRow,
+    IntensityRow,
+    PairRow,
+    QcRow,
+    QualityRow,
+    SliceRow,
+    TransformRow,
+    parse_slices_csv,
+)
 
 __all__ = [
     "MAX_RECORD_BYTES",
@@ -56,19 +67,25 @@ __all__ = [
     "AnswerRecord",
     "CanvasRecord",
     "CompleteRecord",
+    "CsvRow",
     "FailureRecord",
     "FailureRecords",
     "FlaggedSlice",
     "GapsRecord",
     "InitRecord",
+    "IntensityRow",
     "IntensitySample",
     "MalformedRecord",
     "NotifiedRecord",
     "PairResidual",
+    "PairRow",
+    "QcRow",
+    "QualityRow",
     "Record",
     "RunRecords",
     "SliceRow",
     "StageTiming",
+    "TransformRow",
     "failure_key",
     "failure_name",
     "fill_bytes",

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from collections.abc import Iterable, Mapping
 from typing import Annotated, Any
@@ -200,41 +198,6 @@ class NotifiedRecord(Record):
     airflow_run_id: str
     task: str
     """The failed task (``task_id`` or ``task_id[map_index]``)."""
-
-
-class SliceRow(Record):
-    """One row of align/slices.csv: a slice's status after the global solve."""
-
-    z: int
-    status: str
-    """good, bridged or bad."""
-    residual_px: float
-    features: int | None = None
-    reason: str = ""
-
-    @field_validator("features", mode="before")
-    @classmethod
-    def _empty_is_none(cls, value: Any) -> Any:
-        return None if value == "" else value
-
-
-SLICES_COLUMNS = ("z", "status", "residual_px", "features", "reason")
-
-
-def parse_slices_csv(text: str, url: str) -> list[SliceRow]:
-    """align/slices.csv as rows; MalformedRecord names the line and the field."""
-    reader = csv.DictReader(io.StringIO(text))
-    missing = [c for c in SLICES_COLUMNS[:3] if c not in (reader.fieldnames or [])]
-    if missing:
-        raise MalformedRecord(f"{url} is damaged: no column {', '.join(missing)}")
-    rows = []
-    for line, row in enumerate(reader, start=2):
-        try:
-            rows.append(SliceRow.model_validate(row))
-        except ValidationError as e:
-            problem = problem_of(e.errors()[0])
-            raise MalformedRecord(f"{url} is damaged: line {line}: {problem}") from None
-    return rows
 
 
 class GapsRecord(Record):

@@ -13,9 +13,13 @@ from emprocess.layout import (
     FILL,
     GAPS,
     INIT,
+    INTENSITY,
     NOTIFIED,
+    QC,
+    QUALITY,
     SLICES,
     TRANSFORMS,
+    TRANSFORMS_CSV,
     RunLayout,
 )
 from emprocess.records.base import JSON, MAX_RECORD_BYTES, R, parse_record
@@ -25,13 +29,23 @@ from emprocess.records.models import (
     GapsRecord,
     InitRecord,
     NotifiedRecord,
-    SliceRow,
     fill_bytes,
     parse_fill,
-    parse_slices_csv,
     parse_transforms,
     transforms_bytes,
 )
+from emprocess.records.tables import (
+    CsvRow,
+    IntensityRow,
+    PairRow,
+    QcRow,
+    QualityRow,
+    Row,
+    SliceRow,
+    TransformRow,
+)
+
+CSV = "text/csv"
 
 
 class RunRecords:
@@ -67,10 +81,17 @@ class RunRecords:
         data = self._read(key)
         return None if data is None else parse_record(cls, data, self.url(key))
 
-    def _write(self, key: str, data: bytes) -> str:
+    def _write(self, key: str, data: bytes, content_type: str = JSON) -> str:
         url = self.url(key)
-        storage.write_bytes(url, data, content_type=JSON)
+        storage.write_bytes(url, data, content_type=content_type)
         return url
+
+    def _read_table(self, cls: type[Row], key: str) -> list[Row] | None:
+        data = self._read(key)
+        return None if data is None else cls.parse_csv(data.decode(), self.url(key))
+
+    def _write_table(self, cls: type[CsvRow], key: str, rows: Iterable[CsvRow]) -> str:
+        return self._write(key, cls.rows_to_csv(rows).encode(), content_type=CSV)
 
     def canvas(self) -> CanvasRecord:
         """align/canvas.json; ObjectNotFound when collect has not written it."""
@@ -124,8 +145,46 @@ class RunRecords:
 
     def read_slices(self) -> list[SliceRow] | None:
         """align/slices.csv (the global solve's status of each slice); None when absent."""
-        data = self._read(SLICES)
-        return None if data is None else parse_slices_csv(data.decode(), self.url(SLICES))
+        return self._read_table(SliceRow, SLICES)
+
+    def write_slices(self, rows: Iterable[SliceRow]) -> str:
+        return self._write_table(SliceRow, SLICES, rows)
+
+    def read_qc(self) -> list[QcRow] | None:
+        """align/qc.csv's QC columns (either form; the solve's columns are in read_pairs)."""
+        return self._read_table(QcRow, QC)
+
+    def read_pairs(self) -> list[PairRow] | None:
+        """align/qc.csv as the global solve writes it (with ``solve_residual_px``, ``used``)."""
+        return self._read_table(PairRow, QC)
+
+    def write_qc(self, rows: Iterable[QcRow]) -> str:
+        """align/qc.csv without the global solve."""
+        return self._write_table(QcRow, QC, rows)
+
+    def write_pairs(self, rows: Iterable[PairRow]) -> str:
+        """align/qc.csv with the global solve's columns."""
+        return self._write_table(PairRow, QC, rows)
+
+    def read_transforms_csv(self) -> list[TransformRow] | None:
+        return self._read_table(TransformRow, TRANSFORMS_CSV)
+
+    def write_transforms_csv(self, transforms: Mapping[int, Iterable[float]]) -> str:
+        """align/transforms.csv, ascending slice."""
+        rows = [TransformRow.of(z, transforms[z]) for z in sorted(transforms)]
+        return self._write_table(TransformRow, TRANSFORMS_CSV, rows)
+
+    def read_intensity(self) -> list[IntensityRow] | None:
+        return self._read_table(IntensityRow, INTENSITY)
+
+    def write_intensity(self, rows: Iterable[IntensityRow]) -> str:
+        return self._write_table(IntensityRow, INTENSITY, rows)
+
+    def read_quality(self) -> list[QualityRow] | None:
+        return self._read_table(QualityRow, QUALITY)
+
+    def write_quality(self, rows: Iterable[QualityRow]) -> str:
+        return self._write_table(QualityRow, QUALITY, rows)
 
     def notified_key(self, airflow_run_id: str) -> str:
         """``notified/AIRFLOW_RUN_ID.json`` (characters other than ``A-Za-z0-9_.-`` as ``_``)."""

@@ -69,7 +69,7 @@ from emprocess.report.progress import (
     plan_stages,
     stage_progress,
 )
-from emprocess.report.qc import qc_from_answers, qc_from_csv
+from emprocess.report.qc import qc_from_answers, qc_from_rows
 from emprocess.report.quality import read_quality
 from emprocess.storage import ObjectInfo
 from emprocess.workflow.conf import RunConf, parse_conf
@@ -273,10 +273,7 @@ def load_run(
     complete = _read(run_records, COMPLETE, run_records.read_complete, times)
     canvas = _read(run_records, CANVAS, run_records.read_canvas, times)
     transforms = _read(run_records, TRANSFORMS, run_records.read_transforms, times)
-    qc_text = None
-    if (qc_info := run_records.listed(QC)) is not None:
-        qc_text = storage.read_bytes(f"{process}/{QC}").decode()
-        times.append(qc_info.updated)
+    qc_rows = _read(run_records, QC, run_records.read_qc, times)
 
     slice_qc = [row.to_json() for row in run_records.read_slices() or []]
     summary = canvas.alignment if canvas is not None else None
@@ -342,8 +339,8 @@ def load_run(
 
     qc: list[PairQC] = []
     qc_source = None
-    if qc_text is not None:
-        qc, qc_source = qc_from_csv(qc_text, min_inliers, max_residual_px), "qc.csv"
+    if qc_rows is not None:
+        qc, qc_source = qc_from_rows(qc_rows, min_inliers, max_residual_px), "qc.csv"
     elif records.get(STAGE_AFFINE):
         pairs = {name: parse_pair_name(name) for name in records[STAGE_AFFINE]}
         answers = {  # the (z, z + 1) pairs, as qc.csv's first rows

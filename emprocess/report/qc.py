@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
+from emprocess.records.tables import QcRow
 from emprocess.report.model import FEW_INLIERS, LARGE_RESIDUAL, NO_MODEL, PairQC
-
-INT_COLUMNS = ("pre", "post", "affine_inliers", "translation_inliers")
-FLOAT_COLUMNS = ("m01", "affine_residual_px", "translation_residual_px")
-"""The numeric columns of qc.csv (:func:`emprocess.workflow.compose.qc_csv`)."""
 
 
 def pair_qc(row: Mapping[str, Any], min_inliers: int, max_residual_px: float) -> PairQC:
-    """Judge one pair from qc.csv's columns: the inliers and residual of the model used.
+    """Judge one pair from qc.csv's columns (:class:`QcRow`'s fields): the inliers and residual of the model used.
 
     Args:
         row: ``pre``, ``post``, ``model`` and the optional inlier and residual columns.
@@ -54,17 +49,10 @@ def pair_qc(row: Mapping[str, Any], min_inliers: int, max_residual_px: float) ->
     )
 
 
-def qc_from_csv(text: str, min_inliers: int, max_residual_px: float) -> list[PairQC]:
-    """QC rows from align/qc.csv as collect writes it (empty cells are None), ascending z."""
-    rows = []
-    for raw in csv.DictReader(io.StringIO(text)):
-        row: dict[str, Any] = {"model": raw["model"]}
-        for columns, kind in ((INT_COLUMNS, int), (FLOAT_COLUMNS, float)):
-            for col in columns:
-                v = (raw.get(col) or "").strip()
-                row[col] = kind(v) if v and v != "None" else None
-        rows.append(pair_qc(row, min_inliers, max_residual_px))
-    return sorted(rows, key=lambda p: p.pre)
+def qc_from_rows(rows: Iterable[QcRow], min_inliers: int, max_residual_px: float) -> list[PairQC]:
+    """QC rows from align/qc.csv's rows (``RunRecords.read_qc``), ascending z."""
+    judged = [pair_qc(row.model_dump(), min_inliers, max_residual_px) for row in rows]
+    return sorted(judged, key=lambda p: p.pre)
 
 
 def qc_from_answers(

@@ -6,13 +6,10 @@ imported when it is drawn.
 
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from emprocess import storage
-from emprocess.layout import QUALITY, RunLayout
+from emprocess.layout import RunLayout
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -23,18 +20,7 @@ if TYPE_CHECKING:
 def read_quality(run: RunLayout) -> tuple[dict[str, Any], ...]:
     """Rows of the run's align/quality.csv as {z, ncc_next (None for the last), doubtful};
     () before finish_align wrote it."""
-    url = run.process_url(QUALITY)
-    if not storage.exists(url):
-        return ()
-    rows = csv.DictReader(io.StringIO(storage.read_bytes(url).decode()))
-    return tuple(
-        {
-            "z": int(r["z"]),
-            "ncc_next": float(r["ncc_next"]) if r["ncc_next"] else None,
-            "doubtful": r["doubtful"] == "1",
-        }
-        for r in rows
-    )
+    return tuple(row.model_dump() for row in run.records.read_quality() or ())
 
 
 def quality_figure(report: RunReport) -> Figure:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from emprocess import affine
+from emprocess.records.tables import QcRow, TransformRow
 
 SHEAR_TRANSLATION_MAX = 0.0008
 """Use the translation model when the affine's |m01| is at most this (CONTRACTS.md)."""
@@ -187,32 +188,23 @@ def identity_alignment(minz: int, maxz: int, slice_size_xy: tuple[int, int]) -> 
 
 def transforms_csv(transforms: Mapping[int, Sequence[float]]) -> str:
     """transforms.csv: ``slice,m00,m10,m01,m11,m02,m12`` (mpicbg order), one row per slice."""
-    lines = ["slice,m00,m10,m01,m11,m02,m12"]
-    for z in sorted(transforms):
-        lines.append(",".join([str(z), *(repr(float(v)) for v in transforms[z])]))
-    return "\n".join(lines) + "\n"
+    return TransformRow.rows_to_csv(TransformRow.of(z, transforms[z]) for z in sorted(transforms))
+
+
+def qc_row(p: PairChoice) -> QcRow:
+    """qc.csv's row of one pair: model used, |m01|, inlier counts and mean residuals (px)."""
+    return QcRow(
+        pre=p.pre,
+        post=p.post,
+        model=p.model,
+        m01=p.m01,
+        affine_inliers=p.affine_inliers,
+        translation_inliers=p.translation_inliers,
+        affine_residual_px=p.affine_residual_px,
+        translation_residual_px=p.translation_residual_px,
+    )
 
 
 def qc_csv(pairs: Sequence[PairChoice]) -> str:
-    """Per-pair QC table: model used, |m01|, inlier counts and mean residuals (px)."""
-
-    def cell(v: object) -> str:
-        return "" if v is None else str(v)
-
-    lines = [
-        "pre,post,model,m01,affine_inliers,translation_inliers,"
-        "affine_residual_px,translation_residual_px"
-    ]
-    for p in pairs:
-        row = [
-            p.pre,
-            p.post,
-            p.model,
-            p.m01,
-            p.affine_inliers,
-            p.translation_inliers,
-            p.affine_residual_px,
-            p.translation_residual_px,
-        ]
-        lines.append(",".join(cell(v) for v in row))
-    return "\n".join(lines) + "\n"
+    """Per-pair QC table (align/qc.csv without the global solve), one :func:`qc_row` each."""
+    return QcRow.rows_to_csv(qc_row(p) for p in pairs)

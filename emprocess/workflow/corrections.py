@@ -12,17 +12,15 @@ request. Without the option those tasks return at once.
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from emprocess import storage
 from emprocess.errors import EmprocessError, InvalidInput
 from emprocess.kernels.normalise import SliceStats, common_area, footprint, plan_gain_offset
 from emprocess.layout import INTENSITY, STAGE_SLICESTATS, STATS_CACHE, slice_task_name
 from emprocess.models import SliceStatsRequest
+from emprocess.records.tables import IntensityRow
 from emprocess.settings import HttpEnv
 from emprocess.workflow.batch import (
     BatchSummary,
@@ -35,7 +33,6 @@ from emprocess.workflow.conf import RunConf
 
 log = logging.getLogger(__name__)
 
-INTENSITY_COLUMNS = ["z", "mean", "std", "pixels", "gain", "offset"]
 STAGE = STAGE_SLICESTATS
 
 
@@ -148,16 +145,11 @@ def record_intensity(
         for z in range(conf.minz, conf.maxz + 1)
     }
     table = plan_gain_offset(stats)
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(INTENSITY_COLUMNS)
-    for z in sorted(stats):
-        s, (gain, offset) = stats[z], table[z]
-        writer.writerow(
-            [z, f"{s.mean:.4f}", f"{s.std:.4f}", s.pixels, f"{gain:.6f}", f"{offset:.4f}"]
+    conf.layout.records.write_intensity(
+        IntensityRow(
+            z=z, mean=s.mean, std=s.std, pixels=s.pixels, gain=table[z][0], offset=table[z][1]
         )
-    storage.write_bytes(
-        conf.layout.process_url(INTENSITY), out.getvalue().encode(), content_type="text/csv"
+        for z, s in sorted(stats.items())
     )
     gains = [g for g, _ in table.values()]
     offsets = [o for _, o in table.values()]
@@ -192,11 +184,11 @@ def read_gain_offset(conf: RunConf) -> dict[int, tuple[float, float]] | None:
     """
     if conf.intensity_correction == "none":
         return None
-    url = conf.layout.process_url(INTENSITY)
-    if not storage.exists(url):
+    rows = conf.layout.records.read_intensity()
+    if rows is None:
         raise EmprocessError(
-            f"intensity_correction {conf.intensity_correction!r} but {url} is missing: "
+            f"intensity_correction {conf.intensity_correction!r} but "
+            f"{conf.layout.process_url(INTENSITY)} is missing: "
             "align.plan_intensity writes it from the slices' measurements"
         )
-    rows = csv.DictReader(io.StringIO(storage.read_bytes(url).decode()))
-    return {int(r["z"]): (float(r["gain"]), float(r["offset"])) for r in rows}
+    return {r.z: (r.gain, r.offset) for r in rows}

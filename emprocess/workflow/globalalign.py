@@ -31,6 +31,7 @@ import numpy as np
 
 from emprocess import affine
 from emprocess.kernels.solve import DEFAULT_REGULARIZATION, solve_affines
+from emprocess.records.tables import PairRow, SliceRow
 from emprocess.workflow.compose import (
     Composition,
     PairChoice,
@@ -374,20 +375,20 @@ def global_alignment(
 
 def pairs_csv(pairs: Sequence[PairChoice], align: GlobalAlignment) -> str:
     """qc.csv with the solve: qc_csv's columns plus ``solve_residual_px`` and ``used``."""
-    from emprocess.workflow.compose import qc_csv
+    from emprocess.workflow.compose import qc_row
 
-    lines = qc_csv(pairs).splitlines()
-    out = [lines[0] + ",solve_residual_px,used"]
-    for line, r, u in zip(lines[1:], align.pair_residual_px, align.pair_used, strict=True):
-        out.append(f"{line},{'' if r is None else round(r, 4)},{int(u)}")
-    return "\n".join(out) + "\n"
+    rows = (
+        PairRow(**qc_row(p).model_dump(), solve_residual_px=r, used=u)
+        for p, r, u in zip(pairs, align.pair_residual_px, align.pair_used, strict=True)
+    )
+    return PairRow.rows_to_csv(rows)
 
 
 def slices_csv(slices: Sequence[SliceQC]) -> str:
     """align/slices.csv: ``z,status,residual_px,features,reason`` (reason quoted)."""
-    lines = ["z,status,residual_px,features,reason"]
-    for s in slices:
-        feats = "" if s.features is None else str(s.features)
-        reason = s.reason.replace('"', "'")
-        lines.append(f'{s.z},{s.status},{s.residual_px:.4f},{feats},"{reason}"')
-    return "\n".join(lines) + "\n"
+    return SliceRow.rows_to_csv(
+        SliceRow(
+            z=s.z, status=s.status, residual_px=s.residual_px, features=s.features, reason=s.reason
+        )
+        for s in slices
+    )

@@ -11,8 +11,6 @@ holds one decoded thumbnail (at most 4096^2 px) and two shrunk ones at a time.
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +24,8 @@ from emprocess.errors import EmprocessError
 from emprocess.images import decode_image
 from emprocess.kernels.quality import doubtful_slices, ncc, ncc_threshold
 from emprocess.kernels.render import thumbnail_factor
-from emprocess.layout import QUALITY, thumbnail_key
+from emprocess.layout import thumbnail_key
+from emprocess.records.tables import QualityRow
 from emprocess.workflow.conf import RunConf
 from emprocess.workflow.corrections import run_common_area
 
@@ -34,7 +33,6 @@ log = logging.getLogger(__name__)
 
 QUALITY_MAX_PX = 512
 """Thumbnails are compared at most this many pixels per side (inside the common area)."""
-QUALITY_COLUMNS = ["z", "ncc_next", "doubtful"]
 
 
 def _shrunk_thumbnail(conf: RunConf, z: int, area: Sequence[int], factor: int) -> np.ndarray | None:
@@ -98,14 +96,8 @@ def record_quality(
     values = slice_ncc(conf, transforms, slice_size_xy, bbox_xy)
     limit = ncc_threshold(values)
     doubtful = set(doubtful_slices(values))
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(QUALITY_COLUMNS)
-    for z in sorted(values):
-        v = values[z]
-        writer.writerow([z, "" if v is None else f"{v:.5f}", int(z in doubtful)])
-    storage.write_bytes(
-        conf.layout.process_url(QUALITY), text.getvalue().encode(), content_type="text/csv"
+    conf.layout.records.write_quality(
+        QualityRow(z=z, ncc_next=v, doubtful=z in doubtful) for z, v in sorted(values.items())
     )
     got = [v for v in values.values() if v is not None]
     summary = {

@@ -44,6 +44,7 @@ from emprocess.workflow.compose import (
     compose_alignment,
     identity_alignment,
     qc_csv,
+    qc_row,
     transforms_csv,
 )
 from emprocess.workflow.conf import RunConf, parse_conf
@@ -53,7 +54,14 @@ from emprocess.workflow.corrections import (
     read_gain_offset,
     run_common_area,
 )
-from emprocess.workflow.globalalign import GlobalAlignment, SliceQC, global_alignment, pairs_csv
+from emprocess.workflow.globalalign import (
+    GlobalAlignment,
+    SliceQC,
+    global_alignment,
+    pair_rows,
+    pairs_csv,
+    slice_rows,
+)
 from emprocess.workflow.globalalign import slices_csv as slices_csv_of
 from emprocess.workflow.payloads import plan_align_pairs
 from emprocess.workflow.quality import record_quality, slice_ncc
@@ -250,6 +258,13 @@ def test_collect_with_the_global_solve_writes_the_old_bytes(root: Path) -> None:
     }
     assert _reads_back(TransformRow, _stored(conf, layout.TRANSFORMS_CSV)) == transforms
 
+    # RunRecords' writers, given the solve's rows, write the same bytes again.
+    before = {k: _stored(conf, k) for k in (layout.QC, layout.SLICES, layout.TRANSFORMS_CSV)}
+    records.write_pairs(pair_rows(comp.pairs, solved))
+    records.write_slices(slice_rows(solved.slices))
+    records.write_transforms_csv(comp.transforms)
+    assert {k: _stored(conf, k) for k in before} == before
+
 
 def test_collect_chaining_pairs_and_skip_align_write_the_old_bytes(root: Path) -> None:
     info = _collect(root, downsample_factor=2, global_solve=False)
@@ -261,6 +276,8 @@ def test_collect_chaining_pairs_and_skip_align_write_the_old_bytes(root: Path) -
     assert qc == old_qc_csv(comp.pairs).encode()
     assert _stored(conf, layout.TRANSFORMS_CSV) == old_transforms_csv(comp.transforms).encode()
     assert _reads_back(QcRow, qc) == conf.layout.records.read_qc()
+    conf.layout.records.write_qc([qc_row(p) for p in comp.pairs])
+    assert _stored(conf, layout.QC) == qc
 
     skip = parse_conf({**conf.model_dump(by_alias=True), "id": "r2", "skip_align": True})
     info = stages.validate_run(

@@ -38,6 +38,7 @@ from emprocess.workflow.compose import (
     choose_pair_transform,
     fit_canvas,
     model_found,
+    qc_row,
 )
 
 MIN_INLIERS = 30
@@ -373,22 +374,30 @@ def global_alignment(
     )
 
 
-def pairs_csv(pairs: Sequence[PairChoice], align: GlobalAlignment) -> str:
-    """qc.csv with the solve: qc_csv's columns plus ``solve_residual_px`` and ``used``."""
-    from emprocess.workflow.compose import qc_row
-
-    rows = (
+def pair_rows(pairs: Sequence[PairChoice], align: GlobalAlignment) -> list[PairRow]:
+    """qc.csv's rows with the solve: :func:`qc_row`'s columns plus the pair's residual in
+    the solve and whether it was used."""
+    return [
         PairRow(**qc_row(p).model_dump(), solve_residual_px=r, used=u)
         for p, r, u in zip(pairs, align.pair_residual_px, align.pair_used, strict=True)
-    )
-    return PairRow.rows_to_csv(rows)
+    ]
 
 
-def slices_csv(slices: Sequence[SliceQC]) -> str:
-    """align/slices.csv: ``z,status,residual_px,features,reason`` (reason quoted)."""
-    return SliceRow.rows_to_csv(
+def pairs_csv(pairs: Sequence[PairChoice], align: GlobalAlignment) -> str:
+    """qc.csv with the solve: qc_csv's columns plus ``solve_residual_px`` and ``used``."""
+    return PairRow.rows_to_csv(pair_rows(pairs, align))
+
+
+def slice_rows(slices: Sequence[SliceQC]) -> list[SliceRow]:
+    """align/slices.csv's rows: each slice's status after the solve."""
+    return [
         SliceRow(
             z=s.z, status=s.status, residual_px=s.residual_px, features=s.features, reason=s.reason
         )
         for s in slices
-    )
+    ]
+
+
+def slices_csv(slices: Sequence[SliceQC]) -> str:
+    """align/slices.csv: ``z,status,residual_px,features,reason`` (reason quoted)."""
+    return SliceRow.rows_to_csv(slice_rows(slices))

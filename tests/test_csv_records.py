@@ -456,3 +456,5 @@ def test_a_damaged_record_of_a_run_names_its_url(root: Path) -> None:
     assert conf.layout.records.read_intensity() is None  # absent: None, not an error
     with pytest.raises(TypeError, match="QcRow is not a QualityRow"):
         QualityRow.rows_to_csv([QcRow(pre=1, post=2, model="affine")])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="PairRow is not a QcRow"):  # a row of the other form
+        QcRow.rows_to_csv([PairRow(pre=1, post=2, model="affine", used=True)])

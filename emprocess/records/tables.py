@@ -92,7 +92,7 @@ class CsvRow(BaseModel):
         quoted = [c in cls.QUOTED for c in cls.columns()]
         lines = [",".join(cls.columns())]
         for row in rows:
-            if not isinstance(row, cls):
+            if type(row) is not cls:
                 raise TypeError(f"{type(row).__name__} is not a {cls.__name__}")
             cells = row.cells()
             lines.append(",".join(_quoted(t, q) for t, q in zip(cells, quoted, strict=True)))

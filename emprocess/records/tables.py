@@ -61,25 +61,28 @@ class CsvRow(BaseModel):
 
     QUOTED: ClassVar[tuple[str, ...]] = ()
     """Columns whose cells are always quoted (slices.csv's ``reason``)."""
+    _WRITERS: ClassVar[tuple[tuple[str, Callable[[Any], str]], ...]]
 
     @classmethod
     def columns(cls) -> tuple[str, ...]:
         return tuple(cls.model_fields)
 
     @classmethod
-    def _writers(cls) -> list[Callable[[Any], str]]:
-        out = []
-        for field in cls.model_fields.values():
-            cells = [m for m in field.metadata if isinstance(m, Cell)]
-            out.append(cells[0].text if cells else _plain)
-        return out
+    def _writers(cls) -> tuple[tuple[str, Callable[[Any], str]], ...]:
+        """(field, its cell's writer) in column order; worked out once per model."""
+        if "_WRITERS" not in cls.__dict__:
+            out = []
+            for name, field in cls.model_fields.items():
+                cells = [m for m in field.metadata if isinstance(m, Cell)]
+                out.append((name, cells[0].text if cells else _plain))
+            cls._WRITERS = tuple(out)
+        return cls._WRITERS
 
     def cells(self) -> list[str]:
         """The row's cells as written (quoting aside)."""
-        values = [getattr(self, name) for name in type(self).model_fields]
         return [
-            "" if v is None else text(v)
-            for v, text in zip(values, type(self)._writers(), strict=True)
+            "" if (v := getattr(self, name)) is None else text(v)
+            for name, text in type(self)._writers()
         ]
 
     def to_json(self) -> dict[str, Any]:

@@ -191,18 +191,24 @@ def transforms_csv(transforms: Mapping[int, Sequence[float]]) -> str:
     return TransformRow.rows_to_csv(TransformRow.of(z, transforms[z]) for z in sorted(transforms))
 
 
+def qc_fields(p: PairChoice) -> dict[str, Any]:
+    """:class:`QcRow`'s fields of one pair: model used, |m01|, inlier counts and mean
+    residuals (px)."""
+    return {
+        "pre": p.pre,
+        "post": p.post,
+        "model": p.model,
+        "m01": p.m01,
+        "affine_inliers": p.affine_inliers,
+        "translation_inliers": p.translation_inliers,
+        "affine_residual_px": p.affine_residual_px,
+        "translation_residual_px": p.translation_residual_px,
+    }
+
+
 def qc_row(p: PairChoice) -> QcRow:
-    """qc.csv's row of one pair: model used, |m01|, inlier counts and mean residuals (px)."""
-    return QcRow(
-        pre=p.pre,
-        post=p.post,
-        model=p.model,
-        m01=p.m01,
-        affine_inliers=p.affine_inliers,
-        translation_inliers=p.translation_inliers,
-        affine_residual_px=p.affine_residual_px,
-        translation_residual_px=p.translation_residual_px,
-    )
+    """qc.csv's row of one pair (:func:`qc_fields`)."""
+    return QcRow(**qc_fields(p))
 
 
 def qc_csv(pairs: Sequence[PairChoice]) -> str:

@@ -38,7 +38,7 @@ from emprocess.workflow.compose import (
     choose_pair_transform,
     fit_canvas,
     model_found,
-    qc_row,
+    qc_fields,
 )
 
 MIN_INLIERS = 30
@@ -375,10 +375,10 @@ def global_alignment(
 
 
 def pair_rows(pairs: Sequence[PairChoice], align: GlobalAlignment) -> list[PairRow]:
-    """qc.csv's rows with the solve: :func:`qc_row`'s columns plus the pair's residual in
+    """qc.csv's rows with the solve: :func:`qc_fields` plus the pair's residual in
     the solve and whether it was used."""
     return [
-        PairRow(**qc_row(p).model_dump(), solve_residual_px=r, used=u)
+        PairRow(**qc_fields(p), solve_residual_px=r, used=u)
         for p, r, u in zip(pairs, align.pair_residual_px, align.pair_used, strict=True)
     ]
 

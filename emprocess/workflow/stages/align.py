@@ -14,10 +14,8 @@ from emprocess.layout import (
     AFFINE_CACHE,
     FEATURES_CACHE,
     QC,
-    SLICES,
     STAGE_AFFINE,
     STAGE_FEATURES,
-    TRANSFORMS_CSV,
     parse_pair_name,
 )
 from emprocess.records import AlignmentSummary, CanvasRecord
@@ -99,9 +97,8 @@ def collect_alignment(info: RunInfo) -> dict[str, Any]:
         compose_alignment,
         identity_alignment,
         qc_csv,
-        transforms_csv,
     )
-    from emprocess.workflow.globalalign import global_alignment, pairs_csv, slices_csv
+    from emprocess.workflow.globalalign import global_alignment, pairs_csv, slice_rows
 
     conf = info.conf
     if conf.align_from is not None:
@@ -134,11 +131,7 @@ def collect_alignment(info: RunInfo) -> dict[str, Any]:
             comp, quality = solved.composition, solved.summary()
             qc_text = pairs_csv(comp.pairs, solved)
             fill = solved.fill(conf.bad_slice_fill)
-            storage.write_bytes(
-                conf.layout.process_url(SLICES),
-                slices_csv(solved.slices).encode(),
-                content_type="text/csv",
-            )
+            conf.layout.records.write_slices(slice_rows(solved.slices))
         else:
             chain = {pre: r for (pre, post), r in results.items() if post == pre + 1}
             comp = compose_alignment(chain, conf.minz, conf.maxz, size, conf.downsample_factor)
@@ -147,11 +140,7 @@ def collect_alignment(info: RunInfo) -> dict[str, Any]:
     transforms_url = records.write_transforms(
         {z: comp.transforms[z] for z in sorted(comp.transforms)}
     )
-    storage.write_bytes(
-        conf.layout.process_url(TRANSFORMS_CSV),
-        transforms_csv(comp.transforms).encode(),
-        content_type="text/csv",
-    )
+    records.write_transforms_csv(comp.transforms)
     storage.write_bytes(conf.layout.process_url(QC), qc_text.encode(), content_type="text/csv")
     records.write_fill(dict(sorted(fill.items())))
     models = dict(Counter(p.model for p in comp.pairs))

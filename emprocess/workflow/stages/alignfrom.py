@@ -7,7 +7,7 @@ from typing import Any
 
 from emprocess import storage
 from emprocess.errors import InvalidInput
-from emprocess.layout import CANVAS, INIT, QC, SLICES, TRANSFORMS, TRANSFORMS_CSV, RunLayout
+from emprocess.layout import CANVAS, INIT, QC, SLICES, TRANSFORMS, RunLayout
 from emprocess.records import InitRecord
 from emprocess.workflow.conf import RunConf
 
@@ -54,8 +54,6 @@ def take_alignment(conf: RunConf) -> dict[str, Any]:
     The earlier canvas is kept (a z sub-range lands in the same coordinates); the
     transforms and the fill are restricted to minz..maxz; qc.csv and slices.csv are copied.
     """
-    from emprocess.workflow.compose import transforms_csv
-
     earlier = RunLayout(conf.source, str(conf.align_from))
     records = conf.layout.records
     zs = range(conf.minz, conf.maxz + 1)
@@ -63,11 +61,7 @@ def take_alignment(conf: RunConf) -> dict[str, Any]:
     transforms = {z: every[z] for z in zs}
     fill = {z: s for z, s in earlier.records.read_fill().items() if z in zs}
     transforms_url = records.write_transforms(transforms)
-    storage.write_bytes(
-        conf.layout.process_url(TRANSFORMS_CSV),
-        transforms_csv(transforms).encode(),
-        content_type="text/csv",
-    )
+    records.write_transforms_csv(transforms)
     records.write_fill(fill)
     for key in (QC, SLICES):
         if storage.exists(earlier.process_url(key)):

@@ -282,7 +282,7 @@ def _fresh_run(conf: Any) -> None:
     """Delete the buckets of an earlier benchmark run, so nothing is taken from its caches."""
     from emprocess import storage
 
-    for role, name in conf.bucket_names().items():
+    for role, name in conf.layout.bucket_names().items():
         if role != "source" and storage.bucket_exists(name):
             storage.delete_bucket(name, force=True)
 

@@ -87,7 +87,7 @@ def fresh_run(conf: Any) -> None:
     """Delete the run buckets of an earlier benchmark run (nothing comes from old caches)."""
     from emprocess import storage
 
-    for role, name in conf.bucket_names().items():
+    for role, name in conf.layout.bucket_names().items():
         if role != "source" and storage.bucket_exists(name):
             storage.delete_bucket(name, force=True)
 

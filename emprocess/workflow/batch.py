@@ -166,6 +166,26 @@ def read_cached(tasks: Iterable[MiniTask], cache_url: str, threads: int = 16) ->
     return AnswerCache(cache_url).responses({t.name: t.cache_key() for t in tasks}, threads)
 
 
+def read_answered(
+    tasks: Sequence[MiniTask], cache_url: str, what: str, sent_by: str
+) -> dict[str, Any]:
+    """The cached answers of ``tasks`` (:func:`read_cached`), for a task that only computes
+    from what the batch task ``sent_by`` sent.
+
+    Raises:
+        EmprocessError: naming the mini-tasks with no answer yet (``what``: what they are,
+            e.g. "pairs across bad slices"): ``sent_by`` has not run, or failed.
+    """
+    done = cached_keys(cache_url)
+    missing = [t.name for t in tasks if t.cache_key() not in done]
+    if missing:
+        raise EmprocessError(
+            f"{len(missing)} of {len(tasks)} {what} have no answer in {cache_url}: "
+            f"{', '.join(missing[:10])}; run {sent_by} first"
+        )
+    return read_cached(tasks, cache_url)
+
+
 def run_batch(
     tasks: Sequence[MiniTask],
     *,

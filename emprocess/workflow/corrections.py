@@ -25,8 +25,7 @@ from emprocess.settings import HttpEnv
 from emprocess.workflow.batch import (
     BatchSummary,
     MiniTask,
-    cached_keys,
-    read_cached,
+    read_answered,
     run_batch,
 )
 from emprocess.workflow.conf import RunConf
@@ -128,14 +127,7 @@ def record_intensity(
     area = run_common_area(transforms, slice_size_xy, bbox_xy)
     tasks = plan_slice_stats(conf, transforms, area)
     cache = conf.layout.process_url(STATS_CACHE)
-    done = cached_keys(cache)
-    missing = [t.name for t in tasks if t.cache_key() not in done]
-    if missing:
-        raise EmprocessError(
-            f"{len(missing)} of {len(tasks)} slices have not been measured in {cache}: "
-            f"{', '.join(missing[:10])}; run align.slicestats first"
-        )
-    answers = read_cached(tasks, cache)
+    answers = read_answered(tasks, cache, "slices' measurements", "align.slicestats")
     stats = {
         z: SliceStats(
             float(answers[slice_task_name(z)]["mean"]),

@@ -11,17 +11,15 @@ then reads their answers (:func:`read_gap_answers`) and solves, sending nothing.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from emprocess.errors import EmprocessError
 from emprocess.layout import AFFINE_CACHE, STAGE_AFFINE, parse_pair_name
 from emprocess.records import GapsRecord
 from emprocess.settings import HttpEnv
 from emprocess.workflow.batch import (
     BatchSummary,
     MiniTask,
-    cached_keys,
+    read_answered,
     read_cached,
     run_batch,
 )
@@ -126,12 +124,5 @@ def read_gap_answers(info: RunInfo) -> tuple[GapPlan | None, dict[tuple[int, int
         return plan, {}
     tasks = gap_pair_tasks(info, plan)
     cache = conf.layout.process_url(AFFINE_CACHE)
-    done = cached_keys(cache)
-    missing = [t.name for t in tasks if t.cache_key() not in done]
-    if missing:
-        raise EmprocessError(
-            f"{len(missing)} of {len(tasks)} pairs across bad slices have no answer in "
-            f"{cache}: {', '.join(missing[:SHOWN])}; run align.gap_pairs first"
-        )
-    answers: Mapping[str, Any] = read_cached(tasks, cache)
+    answers = read_answered(tasks, cache, "pairs across bad slices", "align.gap_pairs")
     return plan, {parse_pair_name(t.name): answers[t.name] for t in tasks}

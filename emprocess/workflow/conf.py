@@ -278,8 +278,8 @@ class RunConf(BaseModel):
         title="Destreak",
         description="Remove curtaining stripes before warping (JPEG and lossless volume): "
         "false, true (vertical stripes) or the stripe angle in degrees from vertical "
-        "(-90 to 90; positive tilts their top to the left). Only frequencies where stripes "
-        "stand out of the content are damped.",
+        "(-90 to 90; positive tilts their top to the left). Only the stripe profile that "
+        "strips along the stripes agree on is removed; the content stays.",
     )
     intensity_correction: Literal["none", "slice"] = Field(
         default="none",

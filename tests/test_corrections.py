@@ -188,7 +188,9 @@ def test_destreak_takes_slices_of_any_shape() -> None:
         for dtype in (np.uint8, np.uint16):
             image = rng.integers(0, 200, shape).astype(dtype)
             for angle in (0.0, 45.0, -45.0, 60.0, -90.0, 12.3):
-                for block_px in (16, 64, DESTREAK_BLOCK_PX):
+                # Small blocks on the big slice only multiply the blocks (and the time).
+                blocks = (16, 64) if max(shape) < DESTREAK_BLOCK_PX else ()
+                for block_px in (*blocks, DESTREAK_BLOCK_PX):
                     out = destreak(image, angle, block_px=block_px)
                     assert out.shape == image.shape and out.dtype == image.dtype
     thin = rng.integers(0, 200, (15, 300)).astype(np.uint8)

@@ -208,10 +208,12 @@ def bucket(backend: str) -> str:
 
 @pytest.fixture(scope="session")
 def real_slices() -> tuple[Path, Path]:
-    """The two real adjacent FIB-SEM slices from ../shared/data (skip when absent)."""
+    """The two real adjacent FIB-SEM slices from ../shared/data (the run fails when they are absent)."""
     a, b = SHARED_DATA / "iso.03493.png", SHARED_DATA / "iso.03494.png"
     if not (a.is_file() and b.is_file()):
-        pytest.skip(f"real FIB-SEM slices not found in {SHARED_DATA}")
+        pytest.fail(
+            f"real FIB-SEM slices not found in {SHARED_DATA}: ../shared/data must sit beside the checkout"
+        )
     return a, b
 
 

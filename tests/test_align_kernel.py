@@ -68,7 +68,9 @@ def texture() -> np.ndarray:
 def real_pair() -> tuple[np.ndarray, np.ndarray]:
     paths = [DATA / "iso.03493.png", DATA / "iso.03494.png"]
     if not all(p.exists() for p in paths):
-        pytest.skip(f"real FIB-SEM slices not found in {DATA}")
+        pytest.fail(
+            f"real FIB-SEM slices not found in {DATA}: ../shared/data must sit beside the checkout"
+        )
     pre, post = (cv2.imread(str(p), cv2.IMREAD_UNCHANGED) for p in paths)
     if pre is None or post is None:
         pytest.fail(f"could not decode the slices in {DATA}")

@@ -37,7 +37,9 @@ def _world(z: int) -> np.ndarray:
     """(y, x, 3) RGB world image of slice z: FIB-SEM texture, then the two squares."""
     path = SHARED_DATA / "fibsem" / f"img.{z:05d}.png"
     if not path.is_file():
-        pytest.skip(f"real FIB-SEM stack not found in {path.parent}")
+        pytest.fail(
+            f"real FIB-SEM stack not found in {path.parent}: ../shared/data must sit beside the checkout"
+        )
     grey = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     world = np.zeros((*grey.shape, 3), np.uint8)
     world[..., 0] = grey

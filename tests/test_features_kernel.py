@@ -26,7 +26,9 @@ def stack() -> list[np.ndarray]:
     """Seven consecutive real FIB-SEM slices (520^2, 8-bit)."""
     paths = [FIBSEM / f"img.{z:05d}.png" for z in range(7)]
     if not all(p.exists() for p in paths):
-        pytest.skip(f"real FIB-SEM stack not found in {FIBSEM}")
+        pytest.fail(
+            f"real FIB-SEM stack not found in {FIBSEM}: ../shared/data must sit beside the checkout"
+        )
     return [cv2.imread(str(p), cv2.IMREAD_UNCHANGED) for p in paths]
 
 

@@ -22,7 +22,9 @@ def stack(bucket: str) -> list[str]:
     """Four real FIB-SEM slices in the bucket; the run's process bucket exists."""
     paths = [FIBSEM / f"img.{z:05d}.png" for z in range(4)]
     if not all(p.exists() for p in paths):
-        pytest.skip(f"real FIB-SEM stack not found in {FIBSEM}")
+        pytest.fail(
+            f"real FIB-SEM stack not found in {FIBSEM}: ../shared/data must sit beside the checkout"
+        )
     storage.create_bucket(layout.process_bucket(bucket))
     urls = []
     for p in paths:

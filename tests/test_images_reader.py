@@ -109,7 +109,9 @@ def test_real_pair_aligns_alike_through_the_reader() -> None:
     pair to the same transform within the pair's noise (a few hundredths of a pixel)."""
     paths = [SHARED_DATA / "iso.03493.png", SHARED_DATA / "iso.03494.png"]
     if not all(p.exists() for p in paths):
-        pytest.skip(f"real FIB-SEM slices not found in {SHARED_DATA}")
+        pytest.fail(
+            f"real FIB-SEM slices not found in {SHARED_DATA}: ../shared/data must sit beside the checkout"
+        )
     data = [Path(p).read_bytes() for p in paths]
     full = [cv2.imdecode(np.frombuffer(d, np.uint8), cv2.IMREAD_UNCHANGED) for d in data]
     old = align_pair(downsample_image(full[0], 2), downsample_image(full[1], 2))
@@ -135,7 +137,9 @@ def test_auto_window_from_a_subsample_is_the_full_one_within_two_levels(
 
     paths = [SHARED_DATA / "fibsem" / f"img.{z:05d}.png" for z in range(4)]
     if not all(p.is_file() for p in paths):
-        pytest.skip(f"real FIB-SEM stack not found in {paths[0].parent}")
+        pytest.fail(
+            f"real FIB-SEM stack not found in {paths[0].parent}: ../shared/data must sit beside the checkout"
+        )
     point_storage(monkeypatch, str(local_root))
     source = unique_bucket("subwin")
     storage.create_bucket(source)

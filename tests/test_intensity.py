@@ -42,7 +42,9 @@ def on_local(local_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def slices8() -> list[np.ndarray]:
     paths = [SHARED_DATA / "fibsem" / f"img.{z:05d}.png" for z in (0, 1)]
     if not all(p.is_file() for p in paths):
-        pytest.skip(f"real FIB-SEM stack not found in {paths[0].parent}")
+        pytest.fail(
+            f"real FIB-SEM stack not found in {paths[0].parent}: ../shared/data must sit beside the checkout"
+        )
     return [cv2.imread(str(p), cv2.IMREAD_UNCHANGED) for p in paths]
 
 

@@ -39,7 +39,9 @@ same 8-bit level as the 16-bit window does (float64 scaling by 16 is exact)."""
 def _fibsem(z: int) -> Path:
     path = SHARED_DATA / "fibsem" / f"img.{z:05d}.png"
     if not path.is_file():
-        pytest.skip(f"real FIB-SEM stack not found in {path.parent}")
+        pytest.fail(
+            f"real FIB-SEM stack not found in {path.parent}: ../shared/data must sit beside the checkout"
+        )
     return path
 
 

@@ -301,7 +301,9 @@ def write_stack(
 def fibsem(z: int) -> np.ndarray:
     path = SHARED_DATA / "fibsem" / f"img.{z:05d}.png"
     if not path.is_file():
-        pytest.skip(f"real FIB-SEM stack not found in {path.parent}")
+        pytest.fail(
+            f"real FIB-SEM stack not found in {path.parent}: ../shared/data must sit beside the checkout"
+        )
     image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     assert image is not None and image.dtype == np.uint8
     return image

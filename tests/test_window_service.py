@@ -77,7 +77,9 @@ def test_validate_reads_headers_and_the_service_measures_the_same_window(
     and the service's histograms give the in-process window exactly."""
     paths = [SHARED_DATA / "fibsem" / f"img.{z:05d}.png" for z in range(3)]
     if not all(p.is_file() for p in paths):
-        pytest.skip(f"real FIB-SEM stack not found in {paths[0].parent}")
+        pytest.fail(
+            f"real FIB-SEM stack not found in {paths[0].parent}: ../shared/data must sit beside the checkout"
+        )
     source = unique_bucket("winsvc")
     storage.create_bucket(source)
     for z, path in enumerate(paths):

@@ -175,6 +175,13 @@ def start_align() -> list[int]:
     return list(range(info.width))
 
 
+def _align_url(info: RunInfo) -> str:
+    """The alignment service's URL for a run that aligns its own pairs; "" otherwise (the
+    align tasks then send nothing: skip_align, or align_from an earlier run)."""
+    aligns = not (info.conf.skip_align or info.conf.align_from)
+    return service_url(ALIGN_CONN_ID) if aligns else ""
+
+
 @task(task_id="features", multiple_outputs=False)
 @timed
 def features(worker_id: int) -> dict[str, Any]:
@@ -182,8 +189,7 @@ def features(worker_id: int) -> dict[str, Any]:
     from emprocess.workflow.stages import extract_slice_features
 
     info = _info()
-    aligns = not (info.conf.skip_align or info.conf.align_from)
-    url = service_url(ALIGN_CONN_ID) if aligns else ""
+    url = _align_url(info)
     return extract_slice_features(info, worker_id, url)
 
 
@@ -203,8 +209,7 @@ def affine(worker_id: int) -> dict[str, Any]:
     from emprocess.workflow.stages import align_pairs
 
     info = _info()
-    aligns = not (info.conf.skip_align or info.conf.align_from)
-    url = service_url(ALIGN_CONN_ID) if aligns else ""
+    url = _align_url(info)
     return align_pairs(info, worker_id, url)
 
 

@@ -205,6 +205,21 @@ def test_destreak_refuses_bad_input() -> None:
         destreak(image.astype(np.float32))
 
 
+def test_gain_offset_holds_the_output_and_one_block_only() -> None:
+    """A lookup of the whole slice would widen every index to 8 bytes (8 GiB beside a
+    32,766^2 slice); in blocks it holds the output and 8 MiB of indices."""
+    image = np.random.default_rng(5).integers(0, 65536, (4096, 4096)).astype(np.uint16)
+    lut = np.clip(np.rint(np.arange(65536.0) * 1.05 - 3.0), 0, 65535).astype(np.uint16)
+    tracemalloc.start()
+    try:
+        out = apply_gain_offset(image, 1.05, -3.0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(out, lut[image])
+    assert peak < image.nbytes + 12 * 2**20, peak / 2**20  # 32 MiB out + 8 MiB of indices
+
+
 def test_gain_offset_known_answer_and_identity() -> None:
     image = np.array([[0, 10, 100, 250]], np.uint8)
     np.testing.assert_array_equal(apply_gain_offset(image, 1.5, -5.0), [[0, 10, 145, 255]])

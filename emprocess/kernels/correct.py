@@ -99,14 +99,24 @@ def correct_slice(image: np.ndarray, correction: SliceCorrection | None) -> np.n
     return out
 
 
+LUT_BLOCK_PIXELS = 1 << 20
+"""Pixels looked up at a time: numpy widens the indices of a lookup to 8 bytes each, so a
+whole 32,766^2 slice at once would take 8 GiB besides the slice (8 MiB a block)."""
+
+
 def apply_gain_offset(image: np.ndarray, gain: float, offset: float) -> np.ndarray:
-    """``round(gain * v + offset)`` clipped to the dtype's range, by a lookup table."""
+    """``round(gain * v + offset)`` clipped to the dtype's range, by a lookup table (in
+    blocks of rows: memory is the output and one block of widened indices)."""
     if not (math.isfinite(gain) and math.isfinite(offset) and gain > 0):
         raise InvalidInput(f"gain {gain!r} must be finite and > 0, offset {offset!r} finite")
     top = 255 if image.dtype == np.uint8 else 65535
     levels = np.arange(top + 1, dtype=np.float64)
     lut = np.clip(np.rint(levels * gain + offset), 0, top).astype(image.dtype)
-    return np.take(lut, image)
+    out = np.empty_like(image)
+    rows = max(1, LUT_BLOCK_PIXELS // max(1, image.shape[-1]))
+    for y in range(0, image.shape[0], rows):
+        np.take(lut, image[y : y + rows], out=out[y : y + rows])
+    return out
 
 
 def destreak(

@@ -224,6 +224,7 @@ def _slice_row(
     z: int,
     code: Path | None,
     data_dir: Path | None,
+    corrections: bool = False,
 ) -> dict[str, Any]:
     name = f"mem.{side}.{bits}.{z}.png"
     path = root / SOURCE / name
@@ -246,6 +247,7 @@ def _slice_row(
         "slice": z,
         "run_id": RUN_ID,
         **({"intensity_window": bits16_window()} if bits == 16 else {}),
+        **({"destreak": 0.0, "intensity_gain_offset": [1.05, -3.0]} if corrections else {}),
     }
     row = send(url, pid, "/alignedslice", body)
     decode = decode_peak_mib(path, code)
@@ -253,6 +255,7 @@ def _slice_row(
     for written in (root / LAYOUT.tmp).glob("aligned/*"):  # none if it was refused
         written.unlink()
     case = f"{side}^2 {bits}-bit" + (" window" if bits == 16 else "")
+    case += " corrected" if corrections else ""
     return {"endpoint": "/alignedslice", "case": case, "file_mb": file_bytes / 1e6,
             "decode_mib": decode, **row}  # fmt: skip
 
@@ -317,8 +320,12 @@ def run_memory_benchmark(
     cube_depth: int = 1024,
     code: Path | None = None,
     data_dir: Path | None = None,
+    corrections: bool = False,
 ) -> list[dict[str, Any]]:
     """Send each slice case (and the cube) to a fresh emwrite worker; one row per request.
+
+    ``corrections``: each /alignedslice also destreaks (vertical) and applies a gain and
+    offset, as a run with ``destreak`` and ``intensity_correction: slice`` sends it.
 
     ``data_dir`` keeps the slices made (on the storage root's file system) for the next
     run: slice i of the cases is ``mem.SIDE.BITS.i.png``, the same for the same cases.
@@ -334,7 +341,9 @@ def run_memory_benchmark(
                 storage.create_bucket(bucket)
             with emwrite_worker(root, Path(tmp) / "emwrite.log", code) as (url, pid):
                 for z, (side, bits) in enumerate(cases):
-                    rows.append(_slice_row(url, pid, root, side, bits, z, code, data_dir))
+                    rows.append(
+                        _slice_row(url, pid, root, side, bits, z, code, data_dir, corrections)
+                    )
                     print_row(rows[-1])
                 if cube_channels:
                     for row in _cube_rows(url, pid, root, cube_channels, cube_depth):

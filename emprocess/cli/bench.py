@@ -159,6 +159,9 @@ def bench_memory(
     data_dir: str = typer.Option(
         "", help="Keep the slices made here and reuse them next time (never in the repo)."
     ),
+    corrections: bool = typer.Option(
+        False, help="Each /alignedslice also destreaks and applies a gain and offset."
+    ),
 ) -> None:
     """Wall time and the emwrite worker's peak memory (VmHWM) of each request."""
     from pathlib import Path
@@ -175,6 +178,7 @@ def bench_memory(
         cube_depth,
         Path(code).resolve() if code else None,
         Path(data_dir).resolve() if data_dir else None,
+        corrections,
     )
 
 
